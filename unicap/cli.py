@@ -1,0 +1,46 @@
+"""The `unicap` command line: one subcommand per job, each module providing add_arguments/run.
+
+Modules are imported only when their subcommand runs, so `unicap --help` stays fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+# subcommand -> (module with add_arguments(parser) and run(args) -> int, one-line help)
+COMMANDS: dict[str, tuple[str, str]] = {
+    "ingest": ("datagen.ingest", "download a URL list into image shards (img2dataset)"),
+    "ingest-folder": ("datagen.folder", "shard a folder of local images"),
+    "synth": ("datagen.synth", "render the synthetic data set with ground-truth captions"),
+    "validate": ("unicap.validate_cmd", "check caption Parquet files against the caption record"),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="unicap", description="Caption-first data engine and trainer for text-to-image models."
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for name, (module, help_text) in COMMANDS.items():
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        p.set_defaults(_module=module)  # its arguments are added in main(), only when it runs
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    parser = build_parser()
+    command = next((a for a in argv if not a.startswith("-")), None)
+    if command in COMMANDS:
+        module = importlib.import_module(COMMANDS[command][0])
+        sub = parser._subparsers._group_actions[0].choices[command]  # noqa: SLF001
+        module.add_arguments(sub)
+    args = parser.parse_args(argv)
+    module = importlib.import_module(args._module)
+    return int(module.run(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
