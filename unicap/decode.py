@@ -72,6 +72,15 @@ def _to_rgb(im: Image.Image) -> Image.Image:
     return im
 
 
+def _reason_of(e: Exception) -> str:
+    msg = str(e).lower()
+    if isinstance(e, OSError | EOFError | SyntaxError) and any(
+        m in msg for m in ("truncated", "broken data stream", "premature end", "unexpected end")
+    ):
+        return "truncated"
+    return "corrupt"
+
+
 def decode_image(
     data: bytes | bytearray | memoryview | None,
     *,
@@ -89,7 +98,7 @@ def decode_image(
     except Image.DecompressionBombError as e:
         return _fail("too_many_pixels", str(e))
     except Exception as e:  # noqa: BLE001 - a broken header can raise anything
-        return _fail("corrupt", f"{type(e).__name__}: {e}")
+        return _fail(_reason_of(e), f"{type(e).__name__}: {e}")
     fmt = im.format
     w, h = im.size
     if w <= 0 or h <= 0:
@@ -108,13 +117,8 @@ def decode_image(
             rgb = _to_rgb(im)
     except Image.DecompressionBombError as e:
         return _fail("too_many_pixels", str(e), fmt, (w, h))
-    except OSError as e:
-        msg = str(e)
-        if "truncated" in msg or "broken data stream" in msg or "premature end" in msg.lower():
-            return _fail("truncated", msg, fmt, (w, h))
-        return _fail("corrupt", f"{type(e).__name__}: {msg}", fmt, (w, h))
     except Exception as e:  # noqa: BLE001 - codec errors are data here, not crashes
-        return _fail("corrupt", f"{type(e).__name__}: {e}", fmt, (w, h))
+        return _fail(_reason_of(e), f"{type(e).__name__}: {e}", fmt, (w, h))
     w, h = rgb.size
     if min(w, h) < min_side:
         flags.append("tiny")

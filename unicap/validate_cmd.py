@@ -33,10 +33,10 @@ def run(args: argparse.Namespace) -> int:
         return 1
     bad, statuses, reasons, keys = 0, Counter(), Counter(), set()
     for f in files:
-        table = pq.read_table(f)
         try:
+            table = pq.read_table(f)
             schema.validate(table)
-        except schema.SchemaError as e:
+        except (schema.SchemaError, OSError, ValueError) as e:
             bad += 1
             print(f"INVALID {f}: {e}")
             continue

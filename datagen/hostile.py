@@ -1,0 +1,99 @@
+"""Hostile images: the decoder's test set, built in memory, each with the outcome it must get.
+
+Used by the decoder tests and by every job's failure-handling tests (captioning, scoring), so
+"bad input gets a recorded failure row, never a crash" is checked against one shared set.
+"""
+
+from __future__ import annotations
+
+import io
+import struct
+import zlib
+from dataclasses import dataclass, field
+
+import numpy as np
+from PIL import Image
+
+
+@dataclass
+class HostileCase:
+    name: str
+    data: bytes
+    reason: str | None  # expected decode failure reason; None = decodes
+    size: tuple[int, int] | None = None  # expected (width, height) after decoding
+    flags: list[str] = field(default_factory=list)
+    pixel: tuple[tuple[int, int], tuple[int, int, int]] | None = None  # ((x, y), expected RGB)
+
+
+def _save(im: Image.Image, fmt: str, **kw) -> bytes:
+    buf = io.BytesIO()
+    im.save(buf, format=fmt, **kw)
+    return buf.getvalue()
+
+
+def _exif_rotated() -> bytes:
+    im = Image.new("RGB", (40, 20), (255, 0, 0))
+    im.paste((0, 0, 255), (0, 0, 20, 20))  # left half blue
+    exif = Image.Exif()
+    exif[0x0112] = 6  # orientation: rotate 90 degrees clockwise to display
+    return _save(im, "JPEG", exif=exif, quality=95)
+
+
+def _palette_transparent() -> bytes:
+    im = Image.new("P", (96, 96), 0)
+    im.putpalette([0, 0, 0, 255, 0, 0] + [0] * 762)
+    im.paste(1, (48, 0, 96, 96))  # right half red, left half index 0 (transparent)
+    return _save(im, "PNG", transparency=0)
+
+
+def _grey16() -> bytes:
+    a = np.full((96, 96), 65535, dtype=np.uint16)
+    a[:, :48] = 32768  # left half mid-grey in 16 bits: clipping to 8 bits would make it white
+    return _save(Image.fromarray(a), "PNG")
+
+
+def _animated_gif() -> bytes:
+    frames = [Image.new("RGB", (80, 80), c) for c in ((0, 200, 0), (200, 0, 0), (0, 0, 200))]
+    return _save(frames[0], "GIF", save_all=True, append_images=frames[1:], duration=50, loop=0)
+
+
+def _bomb_png(width: int = 100_000, height: int = 100_000) -> bytes:
+    """A valid PNG header declaring 10^10 pixels, with a tiny (wrong-sized) data stream."""
+
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body) & 0xFFFFFFFF)
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 1, 0, 0, 0, 0)  # 1-bit greyscale
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\x00" * 64)) + chunk(b"IEND", b"")
+
+
+def hostile_cases() -> list[HostileCase]:
+    rgb = Image.new("RGB", (120, 90), (10, 120, 230))
+    jpeg = _save(rgb, "JPEG", quality=90)
+    png = _save(Image.new("RGB", (120, 90), (10, 120, 230)), "PNG")
+    rgba = Image.new("RGBA", (64, 64), (255, 0, 0, 0))
+    rgba.paste((0, 0, 255, 255), (0, 0, 32, 64))
+    return [
+        HostileCase("exif_rotated_jpeg", _exif_rotated(), None, (20, 40), ["tiny"],
+                    pixel=((10, 5), (0, 0, 255))),
+        HostileCase("cmyk_jpeg", _save(Image.new("CMYK", (80, 80), (0, 255, 255, 0)), "JPEG"), None, (80, 80),
+                    pixel=((40, 40), (255, 0, 0))),
+        HostileCase("palette_transparent_png", _palette_transparent(), None, (96, 96),
+                    pixel=((10, 10), (255, 255, 255))),
+        HostileCase("rgba_png", _save(rgba, "PNG"), None, (64, 64), pixel=((48, 10), (255, 255, 255))),
+        HostileCase("grey16_png", _grey16(), None, (96, 96), pixel=((10, 10), (128, 128, 128))),
+        HostileCase("greyscale_jpeg", _save(Image.new("L", (70, 70), 200), "JPEG", quality=95), None, (70, 70),
+                    pixel=((5, 5), (200, 200, 200))),
+        HostileCase("webp", _save(Image.new("RGB", (100, 80), (0, 128, 0)), "WEBP", lossless=True), None, (100, 80),
+                    pixel=((50, 40), (0, 128, 0))),
+        HostileCase("animated_gif", _animated_gif(), None, (80, 80), ["animated"], pixel=((40, 40), (0, 200, 0))),
+        HostileCase("tiny_png", _save(Image.new("RGB", (8, 8), (1, 2, 3)), "PNG"), None, (8, 8), ["tiny"]),
+        HostileCase("extreme_aspect_png", _save(Image.new("RGB", (800, 100), (9, 9, 9)), "PNG"), None, (800, 100),
+                    ["extreme_aspect"]),
+        HostileCase("truncated_jpeg", jpeg[: len(jpeg) // 2], "truncated"),
+        HostileCase("truncated_png", png[: len(png) - 30], "truncated"),
+        HostileCase("zero_bytes", b"", "empty_file"),
+        HostileCase("text_file", b"<html><body>404 not found</body></html>", "not_an_image"),
+        HostileCase("pixel_limit_png", _bomb_png(9000, 9000), "too_many_pixels"),  # unicap's own limit
+        HostileCase("decompression_bomb_png", _bomb_png(), "too_many_pixels"),  # Pillow's guard too
+    ]  # fmt: skip

@@ -1,0 +1,65 @@
+"""`make demo`: the offline end-to-end run on the built-in synthetic data set.
+
+Steps run in order and each resumes (re-running `make demo` redoes only what is missing):
+  1. synth   render the synthetic data set (shards + ground-truth captions in the caption schema)
+  2. read    read every shard back through the Ray Data shard reader, decode every image
+Later steps (captioning, scoring, stages, training) join this list as they land; until then
+the demo says where it stops.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+
+NOT_YET = ["caption (Ray Data + vLLM)", "score (open_clip)", "stages", "train (DeepSpeed Next-DiT)"]
+
+
+def step_synth(work: Path, n: int) -> None:
+    from datagen.synth import synth
+
+    synth(str(work / "data"), n, seed=0, shard_size=32)
+    print(f"[synth] {n} images under {work / 'data'}; truth in {work / 'data' / 'truth'}")
+
+
+def step_read(work: Path, n: int) -> None:
+    import ray
+
+    from datagen.shards import read_shards
+    from unicap.decode import decode_image
+
+    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    try:
+        def decode(batch: dict) -> dict:
+            results = [decode_image(b) for b in batch["image"]]
+            return {"key": batch["key"], "ok": [r.ok for r in results], "width": [r.width for r in results]}
+
+        rows = read_shards(work / "data").map_batches(decode, batch_size=16).take_all()
+    finally:
+        ray.shutdown()
+    keys = {r["key"] for r in rows}
+    assert len(keys) == len(rows) == n, f"expected {n} unique images, read {len(rows)} ({len(keys)} unique)"
+    assert all(r["ok"] for r in rows), "a synthetic image failed to decode"
+    print(f"[read] Ray Data read and decoded {len(rows)} images, each once")
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--workdir", default="demo", help="where the demo writes (default ./demo)")
+    p.add_argument("--n", type=int, default=64, help="synthetic images (default 64)")
+    args = p.parse_args(argv)
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    work = Path(args.workdir)
+    t0 = time.time()
+    step_synth(work, args.n)
+    step_read(work, args.n)
+    print(f"demo: done in {time.time() - t0:.1f}s. Inspect: pandas.read_parquet({str(work / 'data' / 'truth')!r})")
+    print("demo: stops here for now; not built yet: " + ", ".join(NOT_YET))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
