@@ -14,6 +14,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "ingest": ("datagen.ingest", "download a URL list into image shards (img2dataset)"),
     "ingest-folder": ("datagen.folder", "shard a folder of local images"),
     "synth": ("datagen.synth", "render the synthetic data set with ground-truth captions"),
+    "caption": ("pipelines.caption", "caption image shards with a VLM (Ray Data + vLLM) into Parquet"),
     "validate": ("unicap.validate_cmd", "check caption Parquet files against the caption record"),
 }
 

@@ -1,0 +1,220 @@
+"""The UniCap captioning job: image shards -> caption-record Parquet, one file per shard.
+
+    unicap caption --input data/shards --output data/captions --model tiny
+    python -m pipelines.caption --input ... --output ... --model Qwen/Qwen2.5-VL-7B-Instruct
+    ray job submit --working-dir . -- python -m pipelines.caption --input ... --output ...
+
+Ray Data reads the shards (datagen.shards.read_shards), an actor pool runs the captioner
+(vLLM in each actor, or `--server URL` to call an OpenAI-compatible vLLM server), and the driver
+writes each shard's Parquet the moment it is complete (pipelines.sink). Re-running skips complete
+shards: a job killed at any moment loses nothing and writes nothing twice.
+Outputs: OUTPUT/{shard}.parquet, OUTPUT/_stats/{shard}.json, OUTPUT/_summary.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from collections import Counter
+from dataclasses import asdict
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.compute  # noqa: F401  (pa.compute)
+import pyarrow.parquet as pq
+
+from datagen.shards import list_shards, read_shards
+from pipelines.sink import STATS_DIR, ShardCollector, done_shards, expected_rows
+from unicap import schema
+from unicap.atomic import write_json
+from unicap.captioner import CaptionConfig, Captioner
+from unicap.engines import EngineConfig, has_cuda, make_engine
+
+ITEM_FIELDS = ("key", "shard", "image", "source", "original_caption", "sha256")
+
+
+class CaptionStage:
+    """Ray Data actor: one engine per actor, loaded once; batches of shard rows -> caption rows."""
+
+    def __init__(self, engine_cfg: dict, caption_cfg: dict):
+        self.captioner = Captioner(make_engine(EngineConfig(**engine_cfg)), CaptionConfig(**caption_cfg))
+
+    def __call__(self, batch: dict) -> pa.Table:
+        n = len(batch["key"])
+        items = [{f: (batch[f][i] if f in batch else None) for f in ITEM_FIELDS} for i in range(n)]
+        cfg = self.captioner.cfg
+        return schema.to_table(self.captioner.caption(items), cfg.levels, cfg.languages)
+
+
+def shard_stats(table: pa.Table) -> dict:
+    statuses = Counter(table.column("status").to_pylist())
+    reasons = Counter(schema.error_reason(e) for e in table.column("error").to_pylist() if e)
+    return {
+        "rows": table.num_rows,
+        "status": dict(statuses),
+        "failures_by_reason": dict(reasons),
+        "output_tokens": int(sum(t or 0 for t in table.column("num_output_tokens").to_pylist())),
+    }
+
+
+def repair_stats(output: Path) -> None:
+    """A kill between a shard's Parquet and its stats file: rebuild the stats from the Parquet."""
+    for shard in done_shards(output):
+        path = output / STATS_DIR / f"{shard}.json"
+        if not path.exists():
+            write_json({"shard": shard, **shard_stats(pq.read_table(output / f"{shard}.parquet"))}, path)
+
+
+def summarise(output: Path, run: dict) -> dict:
+    totals, reasons, rows, tokens = Counter(), Counter(), 0, 0
+    for p in sorted((output / STATS_DIR).glob("*.json")):
+        s = json.loads(p.read_text())
+        totals.update(s.get("status", {}))
+        reasons.update(s.get("failures_by_reason", {}))
+        rows += s.get("rows", 0)
+        tokens += s.get("output_tokens", 0)
+    summary = {
+        "output": str(output),
+        "shards": len(done_shards(output)),
+        "rows": rows,
+        "status": dict(totals),
+        "failures_by_reason": dict(reasons.most_common()),
+        "output_tokens": tokens,
+        "last_run": run,
+    }
+    write_json(summary, output / "_summary.json")
+    return summary
+
+
+def init_ray(address: str | None) -> None:
+    import ray
+
+    if ray.is_initialized():
+        return
+    if address or os.environ.get("RAY_ADDRESS"):
+        ray.init(address=address or os.environ["RAY_ADDRESS"], log_to_driver=True)
+    else:  # embedded local instance; more logical CPUs than cores so actors and read tasks both fit
+        ray.init(num_cpus=max(4, 2 * (os.cpu_count() or 1)), include_dashboard=False, configure_logging=False)
+
+
+def run_job(
+    input_dir: str | Path,
+    output: str | Path,
+    engine_cfg: EngineConfig,
+    caption_cfg: CaptionConfig,
+    *,
+    batch_size: int = 16,
+    concurrency: int = 1,
+    cpus_per_actor: float | None = None,
+    address: str | None = None,
+    limit_shards: int | None = None,
+) -> dict:
+    output = Path(output)
+    output.mkdir(parents=True, exist_ok=True)
+    repair_stats(output)
+    shards = [s for s in list_shards(input_dir) if s not in done_shards(output)]
+    if limit_shards is not None:
+        shards = shards[:limit_shards]
+    expected = expected_rows(input_dir, shards)
+    t0 = time.time()
+    images = tokens = 0
+
+    def on_shard(shard: str, stats: dict) -> None:
+        print(f"[caption] shard {shard}: {stats['rows']} rows {stats['status']} -> {output / (shard + '.parquet')}",
+              flush=True)  # fmt: skip
+
+    sink = ShardCollector(output, expected, schema.caption_schema(caption_cfg.levels, caption_cfg.languages),
+                          stats_fn=shard_stats, on_shard=on_shard)  # fmt: skip
+    pending = [s for s in shards if s in sink.expected]
+    if pending:
+        init_ray(address)
+        gpu = has_cuda() and not engine_cfg.server
+        ds = read_shards(input_dir, pending).map_batches(
+            CaptionStage,
+            fn_constructor_kwargs={"engine_cfg": asdict(engine_cfg), "caption_cfg": asdict(caption_cfg)},
+            batch_size=batch_size,
+            concurrency=concurrency,
+            num_gpus=1 if gpu else 0,
+            num_cpus=cpus_per_actor if cpus_per_actor is not None else (1 if gpu else 0.5),
+            runtime_env={"env_vars": {"VLLM_ENABLE_V1_MULTIPROCESSING": "0", "VLLM_HOST_IP": "127.0.0.1",
+                                      "TOKENIZERS_PARALLELISM": "false"}},
+        )  # fmt: skip
+        for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
+            sink.add_batch(batch)
+            images += batch.num_rows
+            tokens += int(pa.compute.sum(batch.column("num_output_tokens")).as_py() or 0)
+    sink.close()
+    wall = time.time() - t0
+    run = {
+        "shards_written": sink.written,
+        "images": images,
+        "seconds": round(wall, 2),
+        "images_per_s": round(images / wall, 2) if wall and images else 0.0,
+        "tokens_per_s": round(tokens / wall, 2) if wall and tokens else 0.0,
+        "engine": "server " + engine_cfg.server if engine_cfg.server else "vllm",
+        "model": engine_cfg.model,
+        "strategy": caption_cfg.strategy,
+    }
+    return summarise(output, run)
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--input", required=True, help="folder of image shards (ingest / ingest-folder / synth)")
+    p.add_argument("--output", required=True, help="folder for the caption Parquet files")
+    p.add_argument("--model", default="tiny", help="HF id, local folder, or 'tiny' (offline random Qwen2-VL)")
+    p.add_argument("--server", default=None, help="base URL of an OpenAI-compatible vLLM server (server mode)")
+    p.add_argument("--levels", default=",".join(schema.LEVELS), help="caption levels (default long,medium,short,tags)")
+    p.add_argument("--languages", default=",".join(schema.LANGUAGES), help="languages (default en,zh)")
+    p.add_argument("--strategy", default="direct", choices=["direct", "json"], help="prompting strategy")
+    p.add_argument("--max-pixels", type=int, default=448 * 448, help="images are downscaled to this many pixels")
+    p.add_argument("--max-tokens", default="", help="per-level token limits, e.g. long=384,tags=96")
+    p.add_argument("--batch-size", type=int, default=16, help="images per actor call (default 16)")
+    p.add_argument("--concurrency", type=int, default=1, help="engine actors (default 1; one per GPU)")
+    p.add_argument("--cpus-per-actor", type=float, default=None, help="Ray CPUs claimed per actor")
+    p.add_argument("--max-retries", type=int, default=2, help="retries of a failed caption (default 2)")
+    p.add_argument("--timeout", type=float, default=180.0, help="seconds per server request (server mode)")
+    p.add_argument("--max-concurrent-requests", type=int, default=32, help="in-flight requests per actor (server)")
+    p.add_argument("--address", default=None, help="Ray address (default: RAY_ADDRESS or a local instance)")
+    p.add_argument("--limit-shards", type=int, default=None, help="caption at most this many pending shards")
+
+
+def configs_from_args(args: argparse.Namespace) -> tuple[EngineConfig, CaptionConfig]:
+    max_tokens = {k: int(v) for k, v in (kv.split("=") for kv in args.max_tokens.split(",") if kv)}
+    engine = EngineConfig(model=args.model, server=args.server, max_pixels=args.max_pixels,
+                          timeout_s=args.timeout, max_concurrent=args.max_concurrent_requests)  # fmt: skip
+    caption = CaptionConfig(
+        levels=tuple(args.levels.split(",")),
+        languages=tuple(args.languages.split(",")),
+        strategy=args.strategy,
+        max_retries=args.max_retries,
+        max_pixels=args.max_pixels,
+        max_tokens=max_tokens,
+    )
+    schema.caption_schema(caption.levels, caption.languages)  # fail early on bad names
+    return engine, caption
+
+
+def run(args: argparse.Namespace) -> int:
+    engine, caption = configs_from_args(args)
+    s = run_job(args.input, args.output, engine, caption, batch_size=args.batch_size, concurrency=args.concurrency,
+                cpus_per_actor=args.cpus_per_actor, address=args.address, limit_shards=args.limit_shards)  # fmt: skip
+    r = s["last_run"]
+    print(f"caption: {r['images']} images in {r['seconds']}s ({r['images_per_s']} images/s, "
+          f"{r['tokens_per_s']} tokens/s); output holds {s['rows']} rows in {s['shards']} shards")  # fmt: skip
+    print(f"  status: {s['status']}  failures by reason: {s['failures_by_reason']}")
+    print(f"  open with: pandas.read_parquet({str(args.output)!r})   summary: {Path(args.output) / '_summary.json'}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m pipelines.caption", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+    add_arguments(p)
+    return run(p.parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

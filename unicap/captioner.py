@@ -1,0 +1,145 @@
+"""The captioner: decoded images -> caption-record rows, on any engine (vLLM offline or server).
+
+For each image: decode once (unicap.decode), fit into `max_pixels`, send the strategy's prompts,
+validate every caption (unicap.checks), retry the failed ones up to `max_retries` times with
+sampling on (temperature `retry_temperature`), then write one row:
+`ok` when every level x language passed, `partial` when some did, `failed` when none did or the
+image could not be decoded; `error` holds the reasons.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from PIL import Image
+
+from unicap import checks, prompts, schema
+from unicap.decode import decode_image
+from unicap.engines import GenRequest
+
+
+@dataclass
+class CaptionConfig:
+    levels: Sequence[str] = schema.LEVELS
+    languages: Sequence[str] = schema.LANGUAGES
+    strategy: str = "direct"
+    max_retries: int = 2
+    retry_temperature: float = 0.7
+    max_pixels: int = 448 * 448
+    max_tokens: dict[str, int] = field(default_factory=dict)  # per level, over prompts.DEFAULT_MAX_TOKENS
+
+
+def fit_max_pixels(image: Image.Image, max_pixels: int) -> Image.Image:
+    """Downscale (aspect kept) so width*height <= max_pixels; smaller images are left as they are."""
+    w, h = image.size
+    if w * h <= max_pixels:
+        return image
+    s = (max_pixels / (w * h)) ** 0.5
+    return image.resize((max(1, int(w * s)), max(1, int(h * s))), Image.Resampling.BICUBIC)
+
+
+def _level_lang(column: str) -> tuple[str, str]:
+    _, level, lang = column.split("_", 2)
+    return level, lang
+
+
+class Captioner:
+    def __init__(self, engine, cfg: CaptionConfig):
+        self.engine = engine
+        self.cfg = cfg
+        self.prompts = prompts.prompts_for(cfg.strategy, cfg.levels, cfg.languages, cfg.max_tokens)
+        self.columns = schema.caption_columns(cfg.levels, cfg.languages)
+
+    def caption(self, items: list[dict]) -> list[dict]:
+        """items: dicts with key, shard, image (bytes) and optional source, original_caption, sha256."""
+        n = len(items)
+        decoded = [decode_image(it["image"]) for it in items]
+        images = [fit_max_pixels(d.image, self.cfg.max_pixels) if d.ok else None for d in decoded]
+        captions: list[dict[str, str]] = [{} for _ in range(n)]
+        errors: list[dict[str, str]] = [{} for _ in range(n)]
+        tokens = [0] * n
+        pending = [(i, p) for i in range(n) if images[i] is not None for p in self.prompts]
+        for attempt in range(self.cfg.max_retries + 1):
+            if not pending:
+                break
+            reqs = [
+                GenRequest(
+                    messages=prompts.chat_messages(p, "placeholder"),
+                    image=images[i],
+                    max_tokens=p.max_tokens,
+                    # greedy first (identical in both engine modes); retries sample. No per-request
+                    # seed: vLLM's CPU backend rejects seeded sampling ("CPU Generator does not use offset")
+                    temperature=0.0 if attempt == 0 else self.cfg.retry_temperature,
+                    json_schema=p.json_schema,
+                )
+                for i, p in pending
+            ]
+            results = self.engine.generate(reqs)
+            still = []
+            for (i, p), res in zip(pending, results, strict=True):
+                tokens[i] += res.num_tokens
+                for col, (text, err) in self._judge(p, res).items():
+                    if err is None:
+                        captions[i][col] = text
+                        errors[i].pop(col, None)
+                    else:
+                        errors[i][col] = err
+                if any(col in errors[i] for col in p.fields):
+                    still.append((i, p))
+            pending = still
+        return [self._row(items[i], decoded[i], captions[i], errors[i], tokens[i]) for i in range(n)]
+
+    def _judge(self, p: prompts.Prompt, res) -> dict[str, tuple[str | None, str | None]]:
+        """Per caption column of this prompt: (cleaned text, None) if accepted, else (None, error)."""
+        if res.error:
+            return dict.fromkeys(p.fields, (None, res.error))
+        if p.json_schema is None:
+            texts, finish = {p.fields[0]: res.text}, res.finish_reason
+        elif res.finish_reason == "length":
+            return dict.fromkeys(p.fields, (None, "truncated: structured answer hit the token limit (finish_reason=length)"))
+        else:
+            try:
+                texts, finish = prompts.parse_json_captions(res.text or "", p), "stop"
+            except ValueError as e:
+                return dict.fromkeys(p.fields, (None, f"malformed_output: {e}"))
+        out = {}
+        for col, text in texts.items():
+            level, lang = _level_lang(col)
+            err = checks.check_caption(text, level, lang, finish)
+            out[col] = (checks.clean_caption(text, level), None) if err is None else (None, err)
+        return out
+
+    def _row(self, item: dict, decoded, caps: dict[str, str], errs: dict[str, str], tokens: int) -> dict:
+        row = {
+            "key": item["key"],
+            "shard": item["shard"],
+            "sha256": item.get("sha256"),
+            "width": decoded.width,
+            "height": decoded.height,
+            "source": item.get("source"),
+            "original_caption": item.get("original_caption"),
+            "model": getattr(self.engine, "model_name", None),
+            "prompt_version": prompts.PROMPT_VERSION,
+            "engine": getattr(self.engine, "name", type(self.engine).__name__),
+            "num_output_tokens": tokens,
+            "created_at": schema.utcnow(),
+        }
+        for col in self.columns:
+            row[col] = caps.get(col)
+        if not decoded.ok:
+            row.update(status="failed", error=f"undecodable_image: {decoded.error}")
+        elif not errs:
+            row.update(status="ok", error=None)
+        else:
+            ordered = [f"{_reason(e)}: {col}: {_detail(e)}" for col, e in sorted(errs.items(), key=lambda kv: self.columns.index(kv[0]))]
+            row.update(status="partial" if caps else "failed", error="; ".join(ordered)[:2000])
+        return row
+
+
+def _reason(err: str) -> str:
+    return err.split(":", 1)[0]
+
+
+def _detail(err: str) -> str:
+    return err.split(":", 1)[1].strip() if ":" in err else ""

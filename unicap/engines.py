@@ -1,0 +1,253 @@
+"""Caption engines: vLLM in-process (default) or an OpenAI-compatible vLLM server over HTTP.
+
+Both take the same chat messages and sampling settings and return the same GenResult, so the
+captioner above them is engine-agnostic and both modes give the same captions (greedy decoding,
+the same pixels: the offline engine gets the PIL image, the server the same image as lossless PNG).
+
+Model names: "tiny" builds (once, cached) the tiny random Qwen2-VL of unicap.tiny_models;
+anything else is a local folder or a Hugging Face id, e.g. Qwen/Qwen2.5-VL-7B-Instruct.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import io
+import os
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from PIL import Image
+
+
+@dataclass
+class EngineConfig:
+    model: str = "tiny"
+    server: str | None = None  # base URL of an OpenAI-compatible server, e.g. http://127.0.0.1:8000
+    max_pixels: int = 448 * 448
+    max_model_len: int = 4096
+    dtype: str = "auto"
+    kv_cache_bytes: int | None = None  # CPU: bounded KV cache (defaults to 256 MiB); GPU: use gpu_memory_utilization
+    gpu_memory_utilization: float = 0.85
+    enforce_eager: bool | None = None  # default: True on CPU (no graph capture there)
+    timeout_s: float = 180.0  # per HTTP request (server mode)
+    max_concurrent: int = 32  # in-flight HTTP requests per actor (server mode)
+    http_retries: int = 3  # transport retries with exponential backoff (server mode)
+    extra: dict = field(default_factory=dict)  # passed to vllm.LLM as is
+
+
+@dataclass
+class GenRequest:
+    messages: list[dict]  # chat messages; the image part's url is replaced per engine
+    image: Image.Image | None
+    max_tokens: int
+    temperature: float = 0.0
+    json_schema: dict | None = None
+
+
+@dataclass
+class GenResult:
+    text: str | None
+    finish_reason: str | None
+    num_tokens: int = 0
+    error: str | None = None  # "<reason>: <detail>" when the engine failed (timeout, engine_error)
+
+
+def resolve_model(name: str) -> str:
+    if name == "tiny":
+        from unicap.tiny_models import tiny_qwen2vl
+
+        return str(tiny_qwen2vl())
+    p = Path(name).expanduser()
+    return str(p.resolve()) if p.exists() else name
+
+
+def png_data_url(image: Image.Image) -> str:
+    buf = io.BytesIO()
+    image.save(buf, format="PNG", compress_level=1)
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+
+
+def _with_image(messages: list[dict], part: dict) -> list[dict]:
+    """Copy of `messages` with the image_url placeholder part replaced by `part`."""
+    out = []
+    for m in messages:
+        if isinstance(m.get("content"), list):
+            m = {**m, "content": [part if c.get("type") == "image_url" else c for c in m["content"]]}
+        out.append(m)
+    return out
+
+
+def has_cuda() -> bool:
+    try:
+        import torch
+
+        return torch.cuda.is_available()
+    except Exception:  # noqa: BLE001
+        return False
+
+
+class VLLMEngine:
+    """vllm.LLM in this process (inside a Ray Data actor in the caption job)."""
+
+    name = "vllm"
+
+    def __init__(self, cfg: EngineConfig):
+        os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # in-process engine: 2 s start on CPU
+        os.environ.setdefault("VLLM_HOST_IP", "127.0.0.1")
+        os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
+        from vllm import LLM
+
+        gpu = has_cuda()
+        kwargs = dict(
+            model=resolve_model(cfg.model),
+            max_model_len=cfg.max_model_len,
+            dtype=cfg.dtype,
+            enforce_eager=(not gpu) if cfg.enforce_eager is None else cfg.enforce_eager,
+            limit_mm_per_prompt={"image": 1, "video": 0},
+            mm_processor_kwargs={"max_pixels": cfg.max_pixels},
+            enable_prefix_caching=True,
+            seed=0,
+        )
+        if gpu:
+            kwargs["gpu_memory_utilization"] = cfg.gpu_memory_utilization
+        else:
+            kwargs["kv_cache_memory_bytes"] = cfg.kv_cache_bytes or (256 << 20)
+        kwargs.update(cfg.extra)
+        self.llm = LLM(**kwargs)
+        self.model_name = cfg.model
+
+    def generate(self, requests: list[GenRequest]) -> list[GenResult]:
+        from vllm import SamplingParams
+        from vllm.sampling_params import StructuredOutputsParams
+
+        if not requests:
+            return []
+        convs, params = [], []
+        for r in requests:
+            part = {"type": "image_pil", "image_pil": r.image} if r.image is not None else None
+            convs.append(_with_image(r.messages, part) if part else r.messages)
+            params.append(
+                SamplingParams(
+                    max_tokens=r.max_tokens,
+                    temperature=r.temperature,
+                    structured_outputs=StructuredOutputsParams(json=r.json_schema) if r.json_schema else None,
+                )
+            )
+        try:
+            outs = self.llm.chat(convs, params, use_tqdm=False)
+        except Exception as e:  # noqa: BLE001 - one bad batch must not kill the actor
+            return [GenResult(None, None, 0, f"engine_error: {type(e).__name__}: {e}"[:500]) for _ in requests]
+        results = []
+        for o in outs:
+            c = o.outputs[0]
+            results.append(GenResult(c.text, c.finish_reason, len(c.token_ids)))
+        return results
+
+
+class ServerEngine:
+    """Calls an OpenAI-compatible server (`python -m vllm.entrypoints.openai.api_server`).
+
+    Bounded concurrency (a semaphore of `max_concurrent` requests), a timeout per request, and
+    retries with exponential backoff and jitter on transport errors and 429/5xx answers.
+    """
+
+    name = "vllm-server"
+
+    def __init__(self, cfg: EngineConfig):
+        import httpx
+
+        self.cfg = cfg
+        self.base = cfg.server.rstrip("/")
+        if not self.base.endswith("/v1"):
+            self.base += "/v1"
+        self.model_name = cfg.model
+        self._httpx = httpx
+        self._served = None
+
+    def _served_model(self, client) -> str:
+        """The server's model id: the one asked for if served, else the only one it serves."""
+        if self._served is None:
+            r = client.get(f"{self.base}/models", timeout=self.cfg.timeout_s)
+            r.raise_for_status()
+            ids = [m["id"] for m in r.json()["data"]]
+            want = resolve_model(self.cfg.model) if self.cfg.model == "tiny" else self.cfg.model
+            self._served = want if want in ids else ids[0]
+        return self._served
+
+    async def _one(self, client, sem, r: GenRequest, model: str) -> GenResult:
+        part = {"type": "image_url", "image_url": {"url": png_data_url(r.image)}} if r.image is not None else None
+        body = {
+            "model": model,
+            "messages": _with_image(r.messages, part) if part else r.messages,
+            "max_tokens": r.max_tokens,
+            "temperature": r.temperature,
+        }
+        if r.json_schema:
+            body["response_format"] = {
+                "type": "json_schema",
+                "json_schema": {"name": "captions", "schema": r.json_schema},
+            }
+        last = "no attempt made"
+        for attempt in range(self.cfg.http_retries + 1):
+            if attempt:
+                await asyncio.sleep(min(0.5 * 2**attempt, 10) * (0.5 + random.random()))
+            async with sem:
+                try:
+                    resp = await client.post(f"{self.base}/chat/completions", json=body, timeout=self.cfg.timeout_s)
+                except self._httpx.TimeoutException:
+                    last = f"timeout: no answer within {self.cfg.timeout_s:.0f}s"
+                    continue
+                except self._httpx.HTTPError as e:
+                    last = f"engine_error: {type(e).__name__}: {e}"
+                    continue
+            if resp.status_code == 429 or resp.status_code >= 500:
+                last = f"engine_error: HTTP {resp.status_code}: {resp.text[:200]}"
+                continue
+            if resp.status_code != 200:
+                return GenResult(None, None, 0, f"engine_error: HTTP {resp.status_code}: {resp.text[:200]}")
+            try:
+                data = resp.json()
+                choice = data["choices"][0]
+                text = choice["message"]["content"]
+                tokens = int((data.get("usage") or {}).get("completion_tokens") or 0)
+                return GenResult(text, choice.get("finish_reason"), tokens)
+            except (ValueError, KeyError, IndexError, TypeError) as e:
+                return GenResult(None, None, 0, f"malformed_output: server answer unreadable ({type(e).__name__})")
+        return GenResult(None, None, 0, last)
+
+    def generate(self, requests: list[GenRequest]) -> list[GenResult]:
+        async def run():
+            sem = asyncio.Semaphore(self.cfg.max_concurrent)
+            limits = self._httpx.Limits(max_connections=self.cfg.max_concurrent)
+            async with self._httpx.AsyncClient(limits=limits) as client:
+                return await asyncio.gather(*(self._one(client, sem, r, model) for r in requests))
+
+        with self._httpx.Client() as c:
+            try:
+                model = self._served_model(c)
+            except Exception as e:  # noqa: BLE001 - unreachable server: every request records it
+                return [GenResult(None, None, 0, f"engine_error: server unreachable: {e}"[:300]) for _ in requests]
+        return list(asyncio.run(run()))
+
+
+def make_engine(cfg: EngineConfig):
+    return ServerEngine(cfg) if cfg.server else VLLMEngine(cfg)
+
+
+def wait_for_server(url: str, timeout_s: float = 120.0) -> None:
+    """Block until an OpenAI-compatible server answers /v1/models (used by tests and the demo)."""
+    import httpx
+
+    deadline = time.time() + timeout_s
+    base = url.rstrip("/")
+    while time.time() < deadline:
+        try:
+            if httpx.get(f"{base}/v1/models", timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.5)
+    raise TimeoutError(f"no OpenAI-compatible server at {url} after {timeout_s:.0f}s")

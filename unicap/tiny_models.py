@@ -1,0 +1,164 @@
+"""Offline builders of tiny, randomly initialised models of the real architectures.
+
+Nothing can be downloaded on the build machines, so tests and the offline demo build these
+locally, once (cached under $UNICAP_CACHE/models, default ./.cache/models), and load them through
+exactly the code path a real model id or local folder takes.
+
+- `tiny_qwen2vl()`: a Qwen2-VL (2 text layers, hidden 128; a 2-layer vision tower) with a byte-level
+  BPE tokenizer trained here, Qwen's chat template and a processor config: a complete HF folder
+  that vLLM (offline engine and OpenAI server) and transformers load as they would the real one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import uuid
+from pathlib import Path
+
+TINY_QWEN2VL_VERSION = "2"
+SPECIAL_TOKENS = [
+    "<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>",
+    "<|image_pad|>", "<|video_pad|>",
+]  # fmt: skip
+
+# Qwen2-VL's chat template (image / video / text content parts), as shipped with the real models.
+CHAT_TEMPLATE = (
+    "{% set image_count = namespace(value=0) %}{% set video_count = namespace(value=0) %}"
+    "{% for message in messages %}{% if loop.first and message['role'] != 'system' %}"
+    "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n{% endif %}"
+    "<|im_start|>{{ message['role'] }}\n{% if message['content'] is string %}{{ message['content'] }}<|im_end|>\n"
+    "{% else %}{% for content in message['content'] %}"
+    "{% if content['type'] == 'image' or 'image' in content or 'image_url' in content %}"
+    "{% set image_count.value = image_count.value + 1 %}<|vision_start|><|image_pad|><|vision_end|>"
+    "{% elif content['type'] == 'video' or 'video' in content %}"
+    "{% set video_count.value = video_count.value + 1 %}<|vision_start|><|video_pad|><|vision_end|>"
+    "{% elif 'text' in content %}{{ content['text'] }}{% endif %}{% endfor %}<|im_end|>\n{% endif %}"
+    "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("UNICAP_CACHE", Path.cwd() / ".cache")) / "models"
+
+
+def _corpus() -> list[str]:
+    """Training text for the tiny tokenizer: English and Chinese caption vocabulary, prompts, JSON."""
+    from datagen import synth
+
+    lines = []
+    for i in range(200):
+        _item, caps = synth.synth_item(seed=12345, index=i)
+        lines += list(caps.values())
+    lines += [
+        'Describe this image in detail. {"long": "...", "medium": "...", "short": "...", "tags": "..."}',
+        "请用中文详细描述这张图片。图像中有一只猫、一棵树、天空、建筑、人物、文字、风格、颜色、位置。",
+        "A photo of a cat sitting on a wooden table next to a window, soft daylight, realistic style.",
+    ]
+    return lines
+
+
+def _build_tokenizer(out: Path):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=1024,
+        special_tokens=SPECIAL_TOKENS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(_corpus(), trainer)
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        eos_token="<|im_end|>",
+        pad_token="<|endoftext|>",
+        unk_token=None,
+        additional_special_tokens=SPECIAL_TOKENS[1:],
+        model_max_length=4096,
+    )
+    fast.chat_template = CHAT_TEMPLATE
+    fast.save_pretrained(out)
+    # the real checkpoints name the Qwen2 tokenizer class; vLLM and AutoTokenizer read this field
+    cfg_path = out / "tokenizer_config.json"
+    cfg = json.loads(cfg_path.read_text())
+    cfg["tokenizer_class"] = "Qwen2Tokenizer"
+    cfg_path.write_text(json.dumps(cfg, indent=2, ensure_ascii=False))
+    return fast
+
+
+def _build_qwen2vl(out: Path, seed: int) -> None:
+    import torch
+    from transformers import (
+        AutoTokenizer,
+        Qwen2VLConfig,
+        Qwen2VLForConditionalGeneration,
+        Qwen2VLImageProcessor,
+    )
+
+    _build_tokenizer(out)
+    tokenizer = AutoTokenizer.from_pretrained(out)
+    ids = {t: tokenizer.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS}
+    hidden, heads = 128, 4
+    config = Qwen2VLConfig(
+        text_config=dict(
+            vocab_size=len(tokenizer),
+            hidden_size=hidden,
+            intermediate_size=256,
+            num_hidden_layers=2,
+            num_attention_heads=heads,
+            num_key_value_heads=2,
+            max_position_embeddings=4096,
+            rope_parameters={"rope_type": "default", "mrope_section": [4, 6, 6], "rope_theta": 1_000_000.0},
+            bos_token_id=ids["<|endoftext|>"],
+            eos_token_id=ids["<|im_end|>"],
+            pad_token_id=ids["<|endoftext|>"],
+            tie_word_embeddings=False,
+        ),
+        vision_config=dict(
+            depth=2, embed_dim=64, hidden_size=hidden, num_heads=4, mlp_ratio=2,
+            patch_size=14, spatial_merge_size=2, temporal_patch_size=2,
+        ),  # fmt: skip
+        image_token_id=ids["<|image_pad|>"],
+        video_token_id=ids["<|video_pad|>"],
+        vision_start_token_id=ids["<|vision_start|>"],
+        vision_end_token_id=ids["<|vision_end|>"],
+        bos_token_id=ids["<|endoftext|>"],
+        eos_token_id=ids["<|im_end|>"],
+        pad_token_id=ids["<|endoftext|>"],
+        tie_word_embeddings=False,
+    )
+    torch.manual_seed(seed)
+    model = Qwen2VLForConditionalGeneration(config).to(torch.bfloat16)
+    model.generation_config.eos_token_id = ids["<|im_end|>"]
+    model.generation_config.pad_token_id = ids["<|endoftext|>"]
+    model.save_pretrained(out, safe_serialization=True)
+    # vLLM sizes its encoder cache from these: keep max_pixels >= any --max-pixels a job will pass
+    Qwen2VLImageProcessor(min_pixels=56 * 56, max_pixels=1024 * 1024).save_pretrained(out)
+    (out / "chat_template.jinja").write_text(CHAT_TEMPLATE)
+    (out / "unicap_tiny.json").write_text(json.dumps({"kind": "tiny-qwen2-vl", "seed": seed}))
+
+
+def tiny_qwen2vl(seed: int = 0, root: Path | None = None) -> Path:
+    """Path of the tiny Qwen2-VL folder, built on first use (atomic: concurrent builders are safe)."""
+    tag = hashlib.sha1(f"{TINY_QWEN2VL_VERSION}:{seed}".encode()).hexdigest()[:10]
+    path = (root or cache_root()) / f"tiny-qwen2-vl-{tag}"
+    if (path / "unicap_tiny.json").exists():
+        return path
+    tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
+    tmp.mkdir(parents=True)
+    try:
+        _build_qwen2vl(tmp, seed)
+        try:
+            tmp.rename(path)
+        except OSError:  # another process finished first
+            if not (path / "unicap_tiny.json").exists():
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return path
