@@ -32,6 +32,7 @@ from unicap import schema
 from unicap.atomic import write_json
 from unicap.captioner import CaptionConfig, Captioner
 from unicap.engines import EngineConfig, has_cuda, make_engine
+from unicap.prompts import PROMPT_VERSION
 
 ITEM_FIELDS = ("key", "shard", "image", "source", "original_caption", "sha256")
 
@@ -42,11 +43,28 @@ class CaptionStage:
     def __init__(self, engine_cfg: dict, caption_cfg: dict):
         self.captioner = Captioner(make_engine(EngineConfig(**engine_cfg)), CaptionConfig(**caption_cfg))
 
-    def __call__(self, batch: dict) -> pa.Table:
-        n = len(batch["key"])
-        items = [{f: (batch[f][i] if f in batch else None) for f in ITEM_FIELDS} for i in range(n)]
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        items = batch.select([f for f in ITEM_FIELDS if f in batch.column_names]).to_pylist()
         cfg = self.captioner.cfg
         return schema.to_table(self.captioner.caption(items), cfg.levels, cfg.languages)
+
+
+def ingest_failure_rows(input_dir: str | Path, shard: str, cfg: CaptionConfig, model: str, engine: str) -> list[dict]:
+    """Caption rows for a shard's index entries that never became images (download or decode
+    failures at ingest): every input row of the index comes out of the job, as `failed`."""
+    index = pq.read_table(Path(input_dir) / f"{shard}.parquet").to_pylist()
+    rows = []
+    for r in index:
+        if r["status"] == "success":
+            continue
+        msg = r.get("error_message") or r["status"]
+        error = msg if schema.error_reason(msg) in schema.ERROR_REASONS else f"download_failed: {msg}"
+        rows.append({
+            "key": r["key"], "shard": shard, "sha256": r.get("sha256"), "source": r.get("url"),
+            "original_caption": r.get("caption"), "status": "failed", "error": error[:2000], "model": model,
+            "prompt_version": PROMPT_VERSION, "engine": engine, "num_output_tokens": 0, "created_at": schema.utcnow(),
+        })  # fmt: skip
+    return rows
 
 
 def shard_stats(table: pa.Table) -> dict:
@@ -128,6 +146,11 @@ def run_job(
 
     sink = ShardCollector(output, expected, schema.caption_schema(caption_cfg.levels, caption_cfg.languages),
                           stats_fn=shard_stats, on_shard=on_shard)  # fmt: skip
+    engine_name = "vllm-server" if engine_cfg.server else "vllm"
+    for shard in shards:
+        failed = ingest_failure_rows(input_dir, shard, caption_cfg, engine_cfg.model, engine_name)
+        if failed:
+            sink.add_batch(schema.to_table(failed, caption_cfg.levels, caption_cfg.languages))
     pending = [s for s in shards if s in sink.expected]
     if pending:
         init_ray(address)
@@ -136,6 +159,7 @@ def run_job(
             CaptionStage,
             fn_constructor_kwargs={"engine_cfg": asdict(engine_cfg), "caption_cfg": asdict(caption_cfg)},
             batch_size=batch_size,
+            batch_format="pyarrow",
             concurrency=concurrency,
             num_gpus=1 if gpu else 0,
             num_cpus=cpus_per_actor if cpus_per_actor is not None else (1 if gpu else 0.5),

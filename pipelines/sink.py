@@ -26,13 +26,10 @@ def done_shards(output: str | Path) -> set[str]:
     return {p.stem for p in Path(output).glob("*.parquet") if not p.name.startswith((".", "_"))}
 
 
-def expected_rows(input_dir: str | Path, shards: list[str]) -> dict[str, int]:
-    """Images per input shard (tar members), from each shard's _stats.json."""
-    out = {}
-    for s in shards:
-        stats = json.loads((Path(input_dir) / f"{s}_stats.json").read_text())
-        out[s] = int(stats["successes"])
-    return out
+def expected_rows(input_dir: str | Path, shards: list[str], field: str = "count") -> dict[str, int]:
+    """Rows per input shard from each shard's _stats.json: "count" = every index row (failures
+    included), "successes" = the images in the tar."""
+    return {s: int(json.loads((Path(input_dir) / f"{s}_stats.json").read_text())[field]) for s in shards}
 
 
 class ShardCollector:
