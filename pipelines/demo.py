@@ -3,8 +3,11 @@
 Steps run in order and each resumes (re-running `make demo` redoes only what is missing):
   1. synth   render the synthetic data set (shards + ground-truth captions in the caption schema)
   2. read    read every shard back through the Ray Data shard reader, decode every image
-Later steps (captioning, scoring, stages, training) join this list as they land; until then
-the demo says where it stops.
+  3. caption the captioning job (Ray Data + vLLM) with the tiny random Qwen2-VL, built offline:
+             it writes noise, so its rows are recorded failures (truncated); the ground truth in
+             data/truth stands in for good captions in later steps. Real runs: --model Qwen/...
+Later steps (scoring, stages, training) join this list as they land; until then the demo says
+where it stops.
 """
 
 from __future__ import annotations
@@ -15,7 +18,7 @@ import sys
 import time
 from pathlib import Path
 
-NOT_YET = ["caption (Ray Data + vLLM)", "score (open_clip)", "stages", "train (DeepSpeed Next-DiT)"]
+NOT_YET = ["score (open_clip)", "stages", "train (DeepSpeed Next-DiT)"]
 
 
 def step_synth(work: Path, n: int) -> None:
@@ -46,6 +49,20 @@ def step_read(work: Path, n: int) -> None:
     print(f"[read] Ray Data read and decoded {len(rows)} images, each once")
 
 
+def step_caption(work: Path) -> None:
+    from pipelines.caption import run_job
+    from unicap.captioner import CaptionConfig
+    from unicap.engines import EngineConfig
+
+    tokens = {"long": 48, "medium": 32, "short": 16, "tags": 16}  # the random model never stops by itself
+    s = run_job(work / "data", work / "captions", EngineConfig(model="tiny", max_pixels=224 * 224),
+                CaptionConfig(max_retries=0, max_pixels=224 * 224, max_tokens=tokens), batch_size=16)  # fmt: skip
+    r = s["last_run"]
+    print(f"[caption] {s['rows']} rows in {s['shards']} shards under {work / 'captions'} "
+          f"(this run: {r['images']} images, {r['images_per_s']} images/s); status {s['status']}, "
+          f"failures {s['failures_by_reason']}")  # fmt: skip
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--workdir", default="demo", help="where the demo writes (default ./demo)")
@@ -56,7 +73,9 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.time()
     step_synth(work, args.n)
     step_read(work, args.n)
-    print(f"demo: done in {time.time() - t0:.1f}s. Inspect: pandas.read_parquet({str(work / 'data' / 'truth')!r})")
+    step_caption(work)
+    print(f"demo: done in {time.time() - t0:.1f}s. Inspect: pandas.read_parquet({str(work / 'captions')!r}), "
+          f"ground truth: pandas.read_parquet({str(work / 'data' / 'truth')!r})")  # fmt: skip
     print("demo: stops here for now; not built yet: " + ", ".join(NOT_YET))
     return 0
 

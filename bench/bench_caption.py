@@ -1,0 +1,163 @@
+"""Captioning throughput: the whole job vs the bare vLLM engine vs a transformers generate() loop.
+
+Same tiny model, same images, same prompts, same token budget, measured in one run (the machines
+are noisy: only the ratios mean something). Also compares the two prompting strategies ("direct":
+one request per level x language; "json": one structured request per image) on tokens and time.
+
+    .venv/bin/python bench/bench_caption.py [--n 128] [--out bench/results/caption.json]
+
+job        read shards -> decode -> engine -> validate -> write, through Ray Data (unicap caption)
+bare       vllm.LLM.chat on pre-decoded, pre-resized images, batches of the job's batch size
+hf         transformers Qwen2VLForConditionalGeneration.generate, greedy, same batches
+The job's images/s is given end to end and marginal: (N - N/2) / (T(N) - T(N/2)) over two runs,
+so that the fixed start-up (Ray, engine actor, ~10-20 s on CPU) cancels out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tarfile
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+LEVELS, LANGS = ("long", "medium", "short", "tags"), ("en", "zh")
+MAX_TOKENS = {"long": 32, "medium": 24, "short": 16, "tags": 16}
+MAX_PIXELS = 224 * 224
+
+
+def load_images(shards: Path) -> list:
+    from unicap.captioner import fit_max_pixels
+    from unicap.decode import decode_image
+
+    out = []
+    for tar_path in sorted(shards.glob("*.tar")):
+        with tarfile.open(tar_path) as tar:
+            for m in tar.getmembers():
+                if m.name.endswith((".jpg", ".png")):
+                    out.append(fit_max_pixels(decode_image(tar.extractfile(m).read()).image, MAX_PIXELS))
+    return out
+
+
+def requests_for(images, strategy: str):
+    from unicap import prompts
+    from unicap.engines import GenRequest
+
+    ps = prompts.prompts_for(strategy, LEVELS, LANGS, MAX_TOKENS)
+    return [[GenRequest(prompts.chat_messages(p, "x"), im, p.max_tokens, json_schema=p.json_schema) for p in ps]
+            for im in images]  # fmt: skip
+
+
+def bench_bare(model: str, images, batch: int, strategy: str) -> dict:
+    from unicap.engines import EngineConfig, VLLMEngine
+
+    engine = VLLMEngine(EngineConfig(model=model, max_pixels=MAX_PIXELS))
+    per_image = requests_for(images, strategy)
+    engine.generate([r for reqs in per_image[:batch] for r in reqs])  # warm-up (not timed)
+    t0, tokens = time.perf_counter(), 0
+    for i in range(0, len(images), batch):
+        res = engine.generate([r for reqs in per_image[i : i + batch] for r in reqs])
+        tokens += sum(r.num_tokens for r in res)
+    dt = time.perf_counter() - t0
+    del engine
+    return {"images_per_s": len(images) / dt, "seconds": dt, "tokens_per_image": tokens / len(images),
+            "seconds_per_image": dt / len(images)}  # fmt: skip
+
+
+def bench_hf(model: str, images, batch: int) -> dict:
+    import torch
+    from transformers import AutoProcessor, Qwen2VLForConditionalGeneration
+
+    from unicap import prompts
+
+    proc = AutoProcessor.from_pretrained(model, max_pixels=MAX_PIXELS)
+    proc.tokenizer.padding_side = "left"
+    net = Qwen2VLForConditionalGeneration.from_pretrained(model, dtype=torch.bfloat16).eval()
+    ps = prompts.direct_prompts(LEVELS, LANGS, MAX_TOKENS)
+
+    def run(imgs):
+        n = 0
+        for p in ps:
+            msgs = prompts.chat_messages(p, "x")
+            msgs[1]["content"][0] = {"type": "image"}
+            text = proc.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False)
+            inputs = proc(text=[text] * len(imgs), images=imgs, return_tensors="pt", padding=True)
+            with torch.inference_mode():
+                out = net.generate(**inputs, max_new_tokens=p.max_tokens, do_sample=False)
+            n += (out.shape[1] - inputs["input_ids"].shape[1]) * len(imgs)
+        return n
+
+    run(images[:batch])  # warm-up
+    t0, tokens = time.perf_counter(), 0
+    for i in range(0, len(images), batch):
+        tokens += run(images[i : i + batch])
+    dt = time.perf_counter() - t0
+    return {"images_per_s": len(images) / dt, "seconds": dt, "tokens_per_image": tokens / len(images)}
+
+
+def _run_job(model: str, shards: Path, batch: int) -> tuple[float, dict]:
+    from pipelines.caption import run_job
+    from unicap.captioner import CaptionConfig
+    from unicap.engines import EngineConfig
+
+    out = Path(tempfile.mkdtemp(prefix="bench-captions-"))
+    t0 = time.time()
+    summary = run_job(shards, out, EngineConfig(model=model, max_pixels=MAX_PIXELS),
+                      CaptionConfig(levels=LEVELS, languages=LANGS, max_retries=0, max_pixels=MAX_PIXELS,
+                                    max_tokens=MAX_TOKENS), batch_size=batch)  # fmt: skip
+    return time.time() - t0, summary
+
+
+def bench_job(model: str, small: Path, big: Path, batch: int) -> dict:
+    """End to end on `big`, and marginal images/s from runs on `small` and `big` (start-up cancels)."""
+    import ray
+
+    t_small, s_small = _run_job(model, small, batch)
+    ray.shutdown()  # each run pays the same start-up: a fresh local Ray and a fresh engine actor
+    t_big, s_big = _run_job(model, big, batch)
+    ray.shutdown()
+    marginal = (s_big["rows"] - s_small["rows"]) / (t_big - t_small)
+    return {"images_per_s_end_to_end": s_big["rows"] / t_big, "images_per_s_marginal": marginal,
+            "seconds_small": t_small, "seconds_big": t_big, "startup_estimate_s": t_small - s_small["rows"] / marginal,
+            "tokens_per_image": s_big["output_tokens"] / s_big["rows"]}  # fmt: skip
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--n", type=int, default=128)
+    ap.add_argument("--batch", type=int, default=16)
+    ap.add_argument("--out", default="bench/results/caption.json")
+    args = ap.parse_args()
+    os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+    from datagen.synth import synth
+    from unicap.tiny_models import tiny_qwen2vl
+
+    model = str(tiny_qwen2vl())
+    small, shards = Path(tempfile.mkdtemp(prefix="bench-small-")), Path(tempfile.mkdtemp(prefix="bench-shards-"))
+    synth(str(small), args.n // 2, seed=1, shard_size=args.batch)
+    synth(str(shards), args.n, seed=1, shard_size=args.batch)
+    images = load_images(shards)
+    res = {"n_images": args.n, "batch": args.batch, "max_tokens": MAX_TOKENS, "max_pixels": MAX_PIXELS}
+    res["job"] = bench_job(model, small, shards, args.batch)
+    res["bare_direct"] = bench_bare(model, images, args.batch, "direct")
+    res["bare_json"] = bench_bare(model, images, args.batch, "json")
+    res["hf_generate"] = bench_hf(model, images, args.batch)
+    bare = res["bare_direct"]["images_per_s"]
+    res["ratio_job_marginal_vs_bare"] = res["job"]["images_per_s_marginal"] / bare
+    res["ratio_job_end_to_end_vs_bare"] = res["job"]["images_per_s_end_to_end"] / bare
+    res["ratio_job_marginal_vs_hf"] = res["job"]["images_per_s_marginal"] / res["hf_generate"]["images_per_s"]
+    res["ratio_bare_vs_hf"] = bare / res["hf_generate"]["images_per_s"]
+    res["ratio_json_vs_direct_time"] = res["bare_json"]["seconds"] / res["bare_direct"]["seconds"]
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(res, indent=2))
+    print(json.dumps(res, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

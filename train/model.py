@@ -1,0 +1,335 @@
+"""Unified Next-DiT (Lumina-Image 2.0): one stream of [text tokens ; image tokens], joint attention.
+
+Parameter names follow the original Lumina-Image 2.0 release (`attention.qkv`, `feed_forward.w1`,
+`adaLN_modulation.1`, `final_layer`, ...), so its checkpoints load as they are; train/convert.py
+maps them to and from diffusers' Lumina2Transformer2DModel.
+
+Per block (sandwich RMSNorm, timestep-only adaLN with scale and tanh gate, QK-norm, GQA, SwiGLU):
+    h = attention_norm1(x) * (1 + scale_msa)
+    x = x + tanh(gate_msa) * attention_norm2(Attn(h))
+    x = x + tanh(gate_mlp) * ffn_norm2(FFN(ffn_norm1(x) * (1 + scale_mlp)))
+Context-refiner blocks (text only) have no modulation; noise-refiner blocks (image only) have it.
+Multi-axis RoPE over (axis0, row, col), head_dim = sum(axes_dims): text token i at (i, 0, 0),
+image token (r, c) at (L_text, r, c), L_text being the sample's own (unpadded) caption length.
+Images of any size and aspect ratio can share one batch: pass a list of (C, H, W) latents.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+# ---------------------------------------------------------------- configs
+
+
+@dataclass(frozen=True)
+class NextDiTConfig:
+    dim: int = 2304
+    n_layers: int = 26
+    n_refiner_layers: int = 2
+    n_heads: int = 24
+    n_kv_heads: int = 8
+    patch_size: int = 2
+    in_channels: int = 16
+    multiple_of: int = 256
+    ffn_dim_multiplier: float | None = None
+    norm_eps: float = 1e-5
+    cap_feat_dim: int = 2304  # Gemma-2-2B hidden size
+    axes_dims: tuple[int, int, int] = (32, 32, 32)
+    axes_lens: tuple[int, int, int] = (300, 512, 512)
+    rope_theta: float = 10_000.0
+
+    @property
+    def head_dim(self) -> int:
+        return self.dim // self.n_heads
+
+    @property
+    def ffn_dim(self) -> int:
+        inner = 4 * self.dim
+        if self.ffn_dim_multiplier is not None:
+            inner = int(self.ffn_dim_multiplier * inner)
+        return self.multiple_of * ((inner + self.multiple_of - 1) // self.multiple_of)
+
+    def __post_init__(self):
+        assert self.dim % self.n_heads == 0 and self.n_heads % self.n_kv_heads == 0
+        assert sum(self.axes_dims) == self.head_dim, f"axes_dims {self.axes_dims} must sum to head_dim {self.head_dim}"
+        assert all(d % 2 == 0 for d in self.axes_dims)
+
+
+# The release: 2,609,769,152 parameters with Gemma-2-2B (cap_feat_dim 2304); 2.6B.
+NextDiT_configs: dict[str, NextDiTConfig] = {
+    "NextDiT_2B": NextDiTConfig(),
+    # CPU-sized: tests, demo, overfitting checks
+    "NextDiT_S": NextDiTConfig(dim=384, n_layers=6, n_heads=6, n_kv_heads=2, cap_feat_dim=64,
+                               axes_dims=(16, 24, 24), multiple_of=64),
+    "NextDiT_XS": NextDiTConfig(dim=96, n_layers=2, n_refiner_layers=1, n_heads=3, n_kv_heads=1,
+                                cap_feat_dim=32, axes_dims=(8, 12, 12), multiple_of=32, in_channels=4),
+}  # fmt: skip
+
+
+# ---------------------------------------------------------------- building blocks
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float = 1e-5, affine: bool = True):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim)) if affine else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = x * torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + self.eps).to(x.dtype)
+        return y if self.weight is None else y * self.weight.to(x.dtype)
+
+
+def timestep_embedding(t: torch.Tensor, dim: int = 256, max_period: float = 10_000.0) -> torch.Tensor:
+    """(B,) float timesteps -> (B, dim) [cos, sin] features."""
+    half = dim // 2
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
+    args = t.float()[:, None] * freqs[None]
+    return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+
+
+class TimestepEmbedder(nn.Module):
+    def __init__(self, out_dim: int, freq_dim: int = 256):
+        super().__init__()
+        self.freq_dim = freq_dim
+        self.mlp = nn.Sequential(nn.Linear(freq_dim, out_dim), nn.SiLU(), nn.Linear(out_dim, out_dim))
+
+    def forward(self, t: torch.Tensor) -> torch.Tensor:
+        return self.mlp(timestep_embedding(t, self.freq_dim).to(self.mlp[0].weight.dtype))
+
+
+class RopeND(nn.Module):
+    """Multi-axis rotary embedding: per axis a table of angles pos * theta^(-2k/d), concatenated."""
+
+    def __init__(self, axes_dims, axes_lens, theta: float):
+        super().__init__()
+        self.axes_dims = tuple(axes_dims)
+        self.theta = theta
+
+    def forward(self, pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """pos (B, S, 3) int -> cos, sin (B, S, head_dim/2), computed in float64 then cast to float32."""
+        angles = []
+        for axis, d in enumerate(self.axes_dims):
+            inv = 1.0 / (self.theta ** (torch.arange(0, d, 2, dtype=torch.float64, device=pos.device) / d))
+            angles.append(pos[..., axis : axis + 1].double() * inv)
+        a = torch.cat(angles, dim=-1)
+        return a.cos().float(), a.sin().float()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x (B, S, H, Dh), rotating interleaved pairs (x[2k], x[2k+1]); cos/sin (B, S, Dh/2)."""
+    xf = x.float().unflatten(-1, (-1, 2))
+    x0, x1 = xf[..., 0], xf[..., 1]
+    c, s = cos[:, :, None], sin[:, :, None]
+    return torch.stack([x0 * c - x1 * s, x0 * s + x1 * c], dim=-1).flatten(-2).type_as(x)
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: NextDiTConfig):
+        super().__init__()
+        self.n_heads, self.n_kv, self.hd = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+        self.qkv = nn.Linear(cfg.dim, (cfg.n_heads + 2 * cfg.n_kv_heads) * cfg.head_dim, bias=False)
+        self.out = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.dim, bias=False)
+        self.q_norm = RMSNorm(cfg.head_dim, eps=1e-5)
+        self.k_norm = RMSNorm(cfg.head_dim, eps=1e-5)
+
+    def forward(self, x, mask, cos, sin):
+        B, S, _ = x.shape  # (B, S, D)
+        q, k, v = self.qkv(x).split([self.n_heads * self.hd, self.n_kv * self.hd, self.n_kv * self.hd], dim=-1)
+        q = apply_rope(self.q_norm(q.view(B, S, self.n_heads, self.hd)), cos, sin)
+        k = apply_rope(self.k_norm(k.view(B, S, self.n_kv, self.hd)), cos, sin)
+        v = v.view(B, S, self.n_kv, self.hd)
+        attn_mask = None if mask is None else mask[:, None, None, :]  # (B, 1, 1, S) keys that exist
+        o = F.scaled_dot_product_attention(
+            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=attn_mask, enable_gqa=True
+        )  # (B, H, S, Dh)
+        return self.out(o.transpose(1, 2).reshape(B, S, self.n_heads * self.hd))
+
+
+class FeedForward(nn.Module):
+    """SwiGLU: w2(silu(w1 x) * w3 x)."""
+
+    def __init__(self, dim: int, hidden: int):
+        super().__init__()
+        self.w1 = nn.Linear(dim, hidden, bias=False)
+        self.w2 = nn.Linear(hidden, dim, bias=False)
+        self.w3 = nn.Linear(dim, hidden, bias=False)
+
+    def forward(self, x):
+        return self.w2(F.silu(self.w1(x).float()).type_as(x) * self.w3(x))
+
+
+class JointBlock(nn.Module):
+    def __init__(self, cfg: NextDiTConfig, modulation: bool):
+        super().__init__()
+        self.attention = Attention(cfg)
+        self.feed_forward = FeedForward(cfg.dim, cfg.ffn_dim)
+        self.attention_norm1 = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.attention_norm2 = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.ffn_norm1 = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.ffn_norm2 = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.modulation = modulation
+        if modulation:
+            self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(min(cfg.dim, 1024), 4 * cfg.dim))
+
+    def forward(self, x, mask, cos, sin, adaln=None):
+        if not self.modulation:
+            x = x + self.attention_norm2(self.attention(self.attention_norm1(x), mask, cos, sin))
+            return x + self.ffn_norm2(self.feed_forward(self.ffn_norm1(x)))
+        scale_msa, gate_msa, scale_mlp, gate_mlp = self.adaLN_modulation(adaln).unsqueeze(1).chunk(4, dim=-1)
+        h = self.attention(self.attention_norm1(x) * (1 + scale_msa), mask, cos, sin)
+        x = x + gate_msa.tanh() * self.attention_norm2(h)
+        h = self.feed_forward(self.ffn_norm1(x) * (1 + scale_mlp))
+        return x + gate_mlp.tanh() * self.ffn_norm2(h)
+
+
+class FinalLayer(nn.Module):
+    def __init__(self, cfg: NextDiTConfig):
+        super().__init__()
+        self.norm_final = nn.LayerNorm(cfg.dim, eps=1e-6, elementwise_affine=False)
+        self.linear = nn.Linear(cfg.dim, cfg.patch_size**2 * cfg.in_channels)
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(min(cfg.dim, 1024), cfg.dim))
+
+    def forward(self, x, adaln):
+        scale = self.adaLN_modulation(adaln)[:, None]
+        return self.linear(self.norm_final(x) * (1 + scale))
+
+
+# ---------------------------------------------------------------- the model
+
+
+class NextDiT(nn.Module):
+    def __init__(self, cfg: NextDiTConfig):
+        super().__init__()
+        self.cfg = cfg
+        p, d = cfg.patch_size, cfg.dim
+        self.x_embedder = nn.Linear(p * p * cfg.in_channels, d)
+        self.t_embedder = TimestepEmbedder(min(d, 1024))
+        self.cap_embedder = nn.Sequential(RMSNorm(cfg.cap_feat_dim, cfg.norm_eps), nn.Linear(cfg.cap_feat_dim, d))
+        self.noise_refiner = nn.ModuleList(JointBlock(cfg, modulation=True) for _ in range(cfg.n_refiner_layers))
+        self.context_refiner = nn.ModuleList(JointBlock(cfg, modulation=False) for _ in range(cfg.n_refiner_layers))
+        self.layers = nn.ModuleList(JointBlock(cfg, modulation=True) for _ in range(cfg.n_layers))
+        self.final_layer = FinalLayer(cfg)
+        self.rope = RopeND(cfg.axes_dims, cfg.axes_lens, cfg.rope_theta)
+        self.checkpoint_blocks: set[int] = set()  # indices into self.layers run with activation checkpointing
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """Xavier linears; adaLN and final projections zeroed, so every block starts as the identity."""
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.xavier_uniform_(m.weight)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+        for block in [*self.noise_refiner, *self.layers]:
+            nn.init.zeros_(block.adaLN_modulation[1].weight)
+            nn.init.zeros_(block.adaLN_modulation[1].bias)
+        nn.init.zeros_(self.final_layer.adaLN_modulation[1].weight)
+        nn.init.zeros_(self.final_layer.adaLN_modulation[1].bias)
+        nn.init.zeros_(self.final_layer.linear.weight)
+        nn.init.zeros_(self.final_layer.linear.bias)
+
+    def set_activation_checkpointing(self, blocks: bool | list[int] = True) -> None:
+        n = len(self.layers)
+        self.checkpoint_blocks = set(range(n)) if blocks is True else set() if blocks is False else set(blocks)
+
+    # ---- patchify: (C, H, W) -> (h*w, p*p*C), features ordered (p_row, p_col, C) as in the release
+    def patchify(self, x: torch.Tensor) -> torch.Tensor:
+        C, H, W = x.shape
+        p = self.cfg.patch_size
+        assert H % p == 0 and W % p == 0, f"latent {H}x{W} not divisible by patch size {p}"
+        return x.view(C, H // p, p, W // p, p).permute(1, 3, 2, 4, 0).reshape((H // p) * (W // p), p * p * C)
+
+    def unpatchify(self, tokens: torch.Tensor, H: int, W: int) -> torch.Tensor:
+        p, C = self.cfg.patch_size, self.cfg.in_channels
+        return tokens.view(H // p, W // p, p, p, C).permute(4, 0, 2, 1, 3).reshape(C, H, W)
+
+    def forward(
+        self,
+        x: torch.Tensor | list[torch.Tensor],
+        t: torch.Tensor,
+        cap_feats: torch.Tensor,
+        cap_mask: torch.Tensor,
+    ) -> torch.Tensor | list[torch.Tensor]:
+        """x: (B, C, H, W) or a list of (C, H_i, W_i); t: (B,); cap_feats: (B, L, cap_feat_dim);
+        cap_mask: (B, L) bool, a prefix mask (valid length = sum). Returns the velocity, shaped as x."""
+        as_list = isinstance(x, list | tuple)
+        xs = list(x) if as_list else list(x.unbind(0))
+        B, dev = len(xs), cap_feats.device
+        cap_mask = cap_mask.bool()
+        cap_lens = cap_mask.sum(1).tolist()
+        sizes = [tuple(xi.shape[-2:]) for xi in xs]
+        p = self.cfg.patch_size
+        grids = [(h // p, w // p) for h, w in sizes]
+        img_lens = [gh * gw for gh, gw in grids]
+
+        adaln = self.t_embedder(t)  # (B, min(D, 1024))
+        cap = self.cap_embedder(cap_feats)  # (B, L, D)
+        L, N = cap.shape[1], max(img_lens)
+
+        # image tokens, right-padded to N (B, N, D) and their positions (L_text_i, row, col)
+        img = torch.zeros(B, N, self.cfg.dim, device=dev, dtype=cap.dtype)
+        img_pos = torch.zeros(B, N, 3, dtype=torch.long, device=dev)
+        img_mask = torch.zeros(B, N, dtype=torch.bool, device=dev)
+        for i, (xi, (gh, gw)) in enumerate(zip(xs, grids, strict=True)):
+            n = gh * gw
+            img[i, :n] = self.x_embedder(self.patchify(xi).to(cap.dtype))
+            rows = torch.arange(gh, device=dev).repeat_interleave(gw)
+            cols = torch.arange(gw, device=dev).repeat(gh)
+            img_pos[i, :n] = torch.stack([torch.full_like(rows, cap_lens[i]), rows, cols], dim=-1)
+            img_mask[i, :n] = True
+        cap_pos = torch.zeros(B, L, 3, dtype=torch.long, device=dev)
+        cap_pos[..., 0] = torch.arange(L, device=dev)[None] * cap_mask  # padding positions: (0, 0, 0)
+
+        cos, sin = self.rope(cap_pos)
+        for blk in self.context_refiner:
+            cap = blk(cap, cap_mask, cos, sin)
+        cos, sin = self.rope(img_pos)
+        same_size = len(set(img_lens)) == 1
+        for blk in self.noise_refiner:
+            img = blk(img, None if same_size else img_mask, cos, sin, adaln)
+
+        # joint sequence [caption (valid) ; image (valid)], right-padded (B, S, D)
+        seq_lens = [c + n for c, n in zip(cap_lens, img_lens, strict=True)]
+        S = max(seq_lens)
+        h = torch.zeros(B, S, self.cfg.dim, device=dev, dtype=cap.dtype)
+        pos = torch.zeros(B, S, 3, dtype=torch.long, device=dev)
+        mask = torch.zeros(B, S, dtype=torch.bool, device=dev)
+        for i, (c, n) in enumerate(zip(cap_lens, img_lens, strict=True)):
+            h[i, :c], h[i, c : c + n] = cap[i, :c], img[i, :n]
+            pos[i, :c], pos[i, c : c + n] = cap_pos[i, :c], img_pos[i, :n]
+            mask[i, : c + n] = True
+        mask = None if len(set(seq_lens)) == 1 else mask
+        cos, sin = self.rope(pos)
+        for j, blk in enumerate(self.layers):
+            if j in self.checkpoint_blocks and torch.is_grad_enabled():
+                h = checkpoint(blk, h, mask, cos, sin, adaln, use_reentrant=False)
+            else:
+                h = blk(h, mask, cos, sin, adaln)
+        h = self.final_layer(h, adaln)  # (B, S, p*p*C)
+
+        out = [self.unpatchify(h[i, c : c + n], *sizes[i]) for i, (c, n) in enumerate(zip(cap_lens, img_lens, strict=True))]
+        return out if as_list else torch.stack(out)
+
+
+def build_model(name_or_cfg: str | NextDiTConfig, **overrides) -> NextDiT:
+    cfg = NextDiT_configs[name_or_cfg] if isinstance(name_or_cfg, str) else name_or_cfg
+    if overrides:
+        cfg = NextDiTConfig(**{**asdict(cfg), **overrides})
+    return NextDiT(cfg)
+
+
+def count_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+if __name__ == "__main__":
+    with torch.device("meta"):
+        m = build_model("NextDiT_2B")
+    print(f"NextDiT_2B: {count_parameters(m):,} parameters")  # 2,609,769,152
