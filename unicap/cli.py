@@ -16,6 +16,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "synth": ("datagen.synth", "render the synthetic data set with ground-truth captions"),
     "caption": ("pipelines.caption", "caption image shards with a VLM (Ray Data + vLLM) into Parquet"),
     "validate": ("unicap.validate_cmd", "check caption Parquet files against the caption record"),
+    "sample": ("train.sample", "generate images from a Next-DiT checkpoint"),
 }
 
 

@@ -7,6 +7,10 @@ exactly the code path a real model id or local folder takes.
 - `tiny_qwen2vl()`: a Qwen2-VL (2 text layers, hidden 128; a 2-layer vision tower) with a byte-level
   BPE tokenizer trained here, Qwen's chat template and a processor config: a complete HF folder
   that vLLM (offline engine and OpenAI server) and transformers load as they would the real one.
+- `tiny_gemma2()`: a Gemma-2 text encoder (hidden 32, 2 layers) with its own tiny tokenizer, the
+  family of Lumina-Image 2.0's Gemma-2-2B.
+- `tiny_flux_vae()`: a diffusers AutoencoderKL in the FLUX layout (16 latent channels, 8x down,
+  no quant convs, shift 0.1159, scale 0.3611) with 4 narrow blocks.
 """
 
 from __future__ import annotations
@@ -60,7 +64,7 @@ def _corpus() -> list[str]:
     return lines
 
 
-def _build_tokenizer(out: Path):
+def _build_tokenizer(out: Path, special_tokens: list[str] | None = None, **fast_kwargs):
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -69,11 +73,15 @@ def _build_tokenizer(out: Path):
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=1024,
-        special_tokens=SPECIAL_TOKENS,
+        special_tokens=special_tokens or SPECIAL_TOKENS,
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
     tok.train_from_iterator(_corpus(), trainer)
+    if special_tokens is not None:  # a plain text-encoder tokenizer
+        fast = PreTrainedTokenizerFast(tokenizer_object=tok, model_max_length=512, **fast_kwargs)
+        fast.save_pretrained(out)
+        return fast
     fast = PreTrainedTokenizerFast(
         tokenizer_object=tok,
         eos_token="<|im_end|>",
@@ -144,16 +152,62 @@ def _build_qwen2vl(out: Path, seed: int) -> None:
     (out / "unicap_tiny.json").write_text(json.dumps({"kind": "tiny-qwen2-vl", "seed": seed}))
 
 
+def _build_gemma2(out: Path, seed: int) -> None:
+    import torch
+    from transformers import AutoTokenizer, Gemma2Config, Gemma2Model
+
+    _build_tokenizer(out, ["<pad>", "<eos>", "<bos>", "<unk>"], pad_token="<pad>", eos_token="<eos>",
+                     bos_token="<bos>", unk_token="<unk>")  # fmt: skip
+    tok = AutoTokenizer.from_pretrained(out)
+    cfg = Gemma2Config(
+        vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+        num_key_value_heads=1, head_dim=16, query_pre_attn_scalar=16, max_position_embeddings=512,
+        sliding_window=128, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
+        bos_token_id=tok.bos_token_id,
+    )  # fmt: skip
+    torch.manual_seed(seed)
+    Gemma2Model(cfg).save_pretrained(out, safe_serialization=True)
+    (out / "unicap_tiny.json").write_text(json.dumps({"kind": "tiny-gemma2", "seed": seed}))
+
+
+def _build_flux_vae(out: Path, seed: int) -> None:
+    import torch
+    from diffusers import AutoencoderKL
+
+    torch.manual_seed(seed)
+    vae = AutoencoderKL(
+        in_channels=3, out_channels=3, latent_channels=16,
+        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+        block_out_channels=(16, 16, 32, 32), layers_per_block=1, norm_num_groups=8,
+        scaling_factor=0.3611, shift_factor=0.1159, use_quant_conv=False, use_post_quant_conv=False,
+        mid_block_add_attention=True,
+    )  # fmt: skip
+    vae.save_pretrained(out, safe_serialization=True)
+    (out / "unicap_tiny.json").write_text(json.dumps({"kind": "tiny-flux-vae", "seed": seed}))
+
+
+def tiny_gemma2(seed: int = 0, root: Path | None = None) -> Path:
+    return _cached(f"tiny-gemma2-{TINY_QWEN2VL_VERSION}-{seed}", lambda p: _build_gemma2(p, seed), root)
+
+
+def tiny_flux_vae(seed: int = 0, root: Path | None = None) -> Path:
+    return _cached(f"tiny-flux-vae-{TINY_QWEN2VL_VERSION}-{seed}", lambda p: _build_flux_vae(p, seed), root)
+
+
 def tiny_qwen2vl(seed: int = 0, root: Path | None = None) -> Path:
     """Path of the tiny Qwen2-VL folder, built on first use (atomic: concurrent builders are safe)."""
     tag = hashlib.sha1(f"{TINY_QWEN2VL_VERSION}:{seed}".encode()).hexdigest()[:10]
-    path = (root or cache_root()) / f"tiny-qwen2-vl-{tag}"
+    return _cached(f"tiny-qwen2-vl-{tag}", lambda p: _build_qwen2vl(p, seed), root)
+
+
+def _cached(name: str, build, root: Path | None = None) -> Path:
+    path = (root or cache_root()) / name
     if (path / "unicap_tiny.json").exists():
         return path
     tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
     tmp.mkdir(parents=True)
     try:
-        _build_qwen2vl(tmp, seed)
+        build(tmp)
         try:
             tmp.rename(path)
         except OSError:  # another process finished first

@@ -1,0 +1,89 @@
+"""Text and image codecs of Lumina-Image 2.0: a Gemma-2 text encoder and the FLUX VAE.
+
+Real ids (google/gemma-2-2b, black-forest-labs/FLUX.1-dev's vae) and local folders go through the
+same code as the tiny offline builds ("tiny": unicap.tiny_models).
+
+Text: system prompt + " <Prompt Start> " + caption, right padding, the second-to-last hidden state;
+an empty caption (CFG dropout / unconditional) is encoded the same way, with an empty caption.
+Latents: z = (vae.encode(image).mean - shift) * scale, shift 0.1159, scale 0.3611 (FLUX).
+"""
+
+from __future__ import annotations
+
+import torch
+
+SYSTEM_PROMPT = (
+    "You are an assistant designed to generate superior images with the superior degree of image-text "
+    "alignment based on textual prompts or user prompts."
+)
+PROMPT_START = " <Prompt Start> "
+FLUX_SHIFT, FLUX_SCALE = 0.1159, 0.3611
+
+
+def _resolve(name: str, kind: str) -> str:
+    if name != "tiny":
+        return name
+    from unicap import tiny_models
+
+    return str(tiny_models.tiny_gemma2() if kind == "text" else tiny_models.tiny_flux_vae())
+
+
+def format_prompt(caption: str, system_prompt: str = SYSTEM_PROMPT) -> str:
+    return f"{system_prompt}{PROMPT_START}{caption}"
+
+
+class TextEncoder(torch.nn.Module):
+    def __init__(self, name: str = "tiny", max_length: int = 256, system_prompt: str = SYSTEM_PROMPT,
+                 dtype: torch.dtype = torch.float32):  # fmt: skip
+        super().__init__()
+        from transformers import AutoModel, AutoTokenizer
+
+        path = _resolve(name, "text")
+        self.tokenizer = AutoTokenizer.from_pretrained(path)
+        self.tokenizer.padding_side = "right"
+        self.model = AutoModel.from_pretrained(path, dtype=dtype).eval().requires_grad_(False)
+        self.max_length = max_length
+        self.system_prompt = system_prompt
+        self.name = name
+
+    @property
+    def dim(self) -> int:
+        return self.model.config.hidden_size
+
+    @torch.no_grad()
+    def forward(self, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """captions -> features (B, L, dim) from the second-to-last layer, mask (B, L) bool (prefix)."""
+        tok = self.tokenizer([format_prompt(c, self.system_prompt) for c in captions], padding=True,
+                             truncation=True, max_length=self.max_length, return_tensors="pt")  # fmt: skip
+        dev = next(self.model.parameters()).device
+        out = self.model(input_ids=tok.input_ids.to(dev), attention_mask=tok.attention_mask.to(dev),
+                         output_hidden_states=True)  # fmt: skip
+        return out.hidden_states[-2], tok.attention_mask.to(dev).bool()
+
+
+class VAE(torch.nn.Module):
+    def __init__(self, name: str = "tiny", dtype: torch.dtype = torch.float32):
+        super().__init__()
+        from diffusers import AutoencoderKL
+
+        path = _resolve(name, "vae")
+        kw = {"subfolder": "vae"} if name != "tiny" and not name.rstrip("/").endswith("vae") else {}
+        try:
+            self.vae = AutoencoderKL.from_pretrained(path, dtype=dtype, **kw)
+        except OSError:
+            self.vae = AutoencoderKL.from_pretrained(path, dtype=dtype)
+        self.vae.eval().requires_grad_(False)
+        self.shift = self.vae.config.shift_factor if self.vae.config.shift_factor is not None else FLUX_SHIFT
+        self.scale = self.vae.config.scaling_factor or FLUX_SCALE
+        self.channels = self.vae.config.latent_channels
+        self.factor = 2 ** (len(self.vae.config.block_out_channels) - 1)
+
+    @torch.no_grad()
+    def encode(self, images: torch.Tensor) -> torch.Tensor:
+        """images (B, 3, H, W) in [-1, 1] -> latents (B, C, H/f, W/f), shifted and scaled."""
+        z = self.vae.encode(images.to(self.vae.dtype)).latent_dist.mean
+        return (z - self.shift) * self.scale
+
+    @torch.no_grad()
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        return self.vae.decode(latents.to(self.vae.dtype) / self.scale + self.shift).sample.clamp(-1, 1)
