@@ -112,22 +112,20 @@ class RopeND(nn.Module):
         self.axes_dims = tuple(axes_dims)
         self.theta = theta
 
-    def forward(self, pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """pos (B, S, 3) int -> cos, sin (B, S, head_dim/2), computed in float64 then cast to float32."""
+    def forward(self, pos: torch.Tensor) -> torch.Tensor:
+        """pos (B, S, 3) int -> unit complex rotations (B, S, 1, head_dim/2), angles in float64."""
         angles = []
         for axis, d in enumerate(self.axes_dims):
             inv = 1.0 / (self.theta ** (torch.arange(0, d, 2, dtype=torch.float64, device=pos.device) / d))
             angles.append(pos[..., axis : axis + 1].double() * inv)
-        a = torch.cat(angles, dim=-1)
-        return a.cos().float(), a.sin().float()
+        a = torch.cat(angles, dim=-1).float()
+        return torch.polar(torch.ones_like(a), a)[:, :, None]
 
 
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x (B, S, H, Dh), rotating interleaved pairs (x[2k], x[2k+1]); cos/sin (B, S, Dh/2)."""
-    xf = x.float().unflatten(-1, (-1, 2))
-    x0, x1 = xf[..., 0], xf[..., 1]
-    c, s = cos[:, :, None], sin[:, :, None]
-    return torch.stack([x0 * c - x1 * s, x0 * s + x1 * c], dim=-1).flatten(-2).type_as(x)
+def apply_rope(x: torch.Tensor, rot: torch.Tensor) -> torch.Tensor:
+    """x (B, S, H, Dh): interleaved pairs (x[2k], x[2k+1]) as complex numbers, times rot (B, S, 1, Dh/2)."""
+    xc = torch.view_as_complex(x.float().unflatten(-1, (-1, 2)))
+    return torch.view_as_real(xc * rot).flatten(-2).type_as(x)
 
 
 class Attention(nn.Module):
@@ -139,11 +137,11 @@ class Attention(nn.Module):
         self.q_norm = RMSNorm(cfg.head_dim, eps=1e-5)
         self.k_norm = RMSNorm(cfg.head_dim, eps=1e-5)
 
-    def forward(self, x, mask, cos, sin):
+    def forward(self, x, mask, rot):
         B, S, _ = x.shape  # (B, S, D)
         q, k, v = self.qkv(x).split([self.n_heads * self.hd, self.n_kv * self.hd, self.n_kv * self.hd], dim=-1)
-        q = apply_rope(self.q_norm(q.view(B, S, self.n_heads, self.hd)), cos, sin)
-        k = apply_rope(self.k_norm(k.view(B, S, self.n_kv, self.hd)), cos, sin)
+        q = apply_rope(self.q_norm(q.view(B, S, self.n_heads, self.hd)), rot)
+        k = apply_rope(self.k_norm(k.view(B, S, self.n_kv, self.hd)), rot)
         v = v.view(B, S, self.n_kv, self.hd)
         attn_mask = None if mask is None else mask[:, None, None, :]  # (B, 1, 1, S) keys that exist
         o = F.scaled_dot_product_attention(
@@ -178,12 +176,12 @@ class JointBlock(nn.Module):
         if modulation:
             self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(min(cfg.dim, 1024), 4 * cfg.dim))
 
-    def forward(self, x, mask, cos, sin, adaln=None):
+    def forward(self, x, mask, rot, adaln=None):
         if not self.modulation:
-            x = x + self.attention_norm2(self.attention(self.attention_norm1(x), mask, cos, sin))
+            x = x + self.attention_norm2(self.attention(self.attention_norm1(x), mask, rot))
             return x + self.ffn_norm2(self.feed_forward(self.ffn_norm1(x)))
         scale_msa, gate_msa, scale_mlp, gate_mlp = self.adaLN_modulation(adaln).unsqueeze(1).chunk(4, dim=-1)
-        h = self.attention(self.attention_norm1(x) * (1 + scale_msa), mask, cos, sin)
+        h = self.attention(self.attention_norm1(x) * (1 + scale_msa), mask, rot)
         x = x + gate_msa.tanh() * self.attention_norm2(h)
         h = self.feed_forward(self.ffn_norm1(x) * (1 + scale_mlp))
         return x + gate_mlp.tanh() * self.ffn_norm2(h)
@@ -287,13 +285,13 @@ class NextDiT(nn.Module):
         cap_pos = torch.zeros(B, L, 3, dtype=torch.long, device=dev)
         cap_pos[..., 0] = torch.arange(L, device=dev)[None] * cap_mask  # padding positions: (0, 0, 0)
 
-        cos, sin = self.rope(cap_pos)
+        rot = self.rope(cap_pos)
         for blk in self.context_refiner:
-            cap = blk(cap, cap_mask, cos, sin)
-        cos, sin = self.rope(img_pos)
+            cap = blk(cap, cap_mask, rot)
+        rot = self.rope(img_pos)
         same_size = len(set(img_lens)) == 1
         for blk in self.noise_refiner:
-            img = blk(img, None if same_size else img_mask, cos, sin, adaln)
+            img = blk(img, None if same_size else img_mask, rot, adaln)
 
         # joint sequence [caption (valid) ; image (valid)], right-padded (B, S, D)
         seq_lens = [c + n for c, n in zip(cap_lens, img_lens, strict=True)]
@@ -306,12 +304,12 @@ class NextDiT(nn.Module):
             pos[i, :c], pos[i, c : c + n] = cap_pos[i, :c], img_pos[i, :n]
             mask[i, : c + n] = True
         mask = None if len(set(seq_lens)) == 1 else mask
-        cos, sin = self.rope(pos)
+        rot = self.rope(pos)
         for j, blk in enumerate(self.layers):
             if j in self.checkpoint_blocks and torch.is_grad_enabled():
-                h = checkpoint(blk, h, mask, cos, sin, adaln, use_reentrant=False)
+                h = checkpoint(blk, h, mask, rot, adaln, use_reentrant=False)
             else:
-                h = blk(h, mask, cos, sin, adaln)
+                h = blk(h, mask, rot, adaln)
         h = self.final_layer(h, adaln)  # (B, S, p*p*C)
 
         out = [self.unpatchify(h[i, c : c + n], *sizes[i]) for i, (c, n) in enumerate(zip(cap_lens, img_lens, strict=True))]

@@ -1,0 +1,166 @@
+"""Next-DiT forward+backward: unicap's NextDiT vs diffusers' Lumina2Transformer2DModel, same weights.
+
+Same config, same batch (mixed caption lengths, so both take their masked-attention path), in one
+run; each model is measured in its own subprocess so that peak RSS is its own.
+
+    .venv/bin/python bench/bench_nextdit.py [--config NextDiT_S] [--batch 4] [--latent 32] [--iters 5]
+
+Reports seconds per forward+backward (median of --iters after a warm-up, the two models' steps
+alternated in one process so that machine noise hits both alike), peak RSS (each model alone in a
+fresh process), and the ratios.
+On a GPU machine it also times NextDiT_2B at 256 and 1024 px in bf16 and reports MFU against a
+bf16 matmul rate measured on the same GPU (--gpu).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+
+def make_inputs(cfg, batch: int, latent: int, device="cpu", dtype=None):
+    import torch
+
+    g = torch.Generator().manual_seed(0)
+    L = 96
+    x = torch.randn(batch, cfg.in_channels, latent, latent, generator=g)
+    t = torch.rand(batch, generator=g)
+    cap = torch.randn(batch, L, cfg.cap_feat_dim, generator=g)
+    lens = torch.tensor([L, L // 2, L // 4, (3 * L) // 4] * ((batch + 3) // 4))[:batch]
+    mask = torch.arange(L)[None] < lens[:, None]
+    dt = dtype or torch.float32
+    return x.to(device, dt), t.to(device), cap.to(device, dt), mask.to(device)
+
+
+def child(which: str, config: str, batch: int, latent: int, iters: int) -> dict:
+    import torch
+
+    from train.convert import diffusers_model_from
+    from train.model import NextDiT_configs, build_model
+
+    torch.manual_seed(0)
+    ours = build_model(config)
+    model = ours if which == "ours" else diffusers_model_from(ours)
+    del ours
+    x, t, cap, mask = make_inputs(NextDiT_configs[config], batch, latent)
+
+    def step():
+        out = model(x, t, cap, mask) if which == "ours" else model(x, t, cap, mask, return_dict=False)[0]
+        out.float().square().mean().backward()
+
+    step()  # warm-up
+    times = []
+    for _ in range(iters):
+        model.zero_grad(set_to_none=True)
+        t0 = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - t0)
+    return {"seconds": statistics.median(times), "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+
+
+def interleaved_times(config: str, batch: int, latent: int, iters: int) -> dict:
+    """Both models in one process, steps alternated: background noise hits both alike."""
+    import torch
+
+    from train.convert import diffusers_model_from
+    from train.model import NextDiT_configs, build_model
+
+    torch.manual_seed(0)
+    ours = build_model(config)
+    ref = diffusers_model_from(ours)
+    x, t, cap, mask = make_inputs(NextDiT_configs[config], batch, latent)
+    steps = {
+        "ours": lambda: ours(x, t, cap, mask).square().mean().backward(),
+        "diffusers": lambda: ref(x, t, cap, mask, return_dict=False)[0].square().mean().backward(),
+    }
+    times = {k: [] for k in steps}
+    for i in range(iters + 1):
+        for name, fn in steps.items():
+            ours.zero_grad(set_to_none=True)
+            ref.zero_grad(set_to_none=True)
+            t0 = time.perf_counter()
+            fn()
+            if i:  # first round is warm-up
+                times[name].append(time.perf_counter() - t0)
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
+def gpu_mfu(iters: int) -> dict:
+    """NextDiT_2B fwd+bwd in bf16 at 256 and 1024 px vs a bf16 matmul rate on this GPU."""
+    import torch
+
+    from train.model import build_model, count_parameters
+
+    dev = "cuda"
+    a = torch.randn(8192, 8192, device=dev, dtype=torch.bfloat16)
+    for _ in range(3):
+        a @ a
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(20):
+        a @ a
+    torch.cuda.synchronize()
+    peak = 2 * 8192**3 * 20 / (time.perf_counter() - t0)
+    model = build_model("NextDiT_2B").to(dev, torch.bfloat16)
+    n_params = count_parameters(model)
+    res = {"matmul_tflops": peak / 1e12}
+    for px, batch in ((256, 32), (1024, 4)):
+        latent = px // 8
+        x, t, cap, mask = make_inputs(model.cfg, batch, latent, dev, torch.bfloat16)
+        seq = (latent // 2) ** 2 + 96
+        for _ in range(2):
+            model(x, t, cap, mask).float().square().mean().backward()
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        for _ in range(iters):
+            model(x, t, cap, mask).float().square().mean().backward()
+        torch.cuda.synchronize()
+        dt = (time.perf_counter() - t0) / iters
+        # 6 N per token for the matmuls + attention 12 * layers * dim * seq per token (fwd+bwd)
+        flops = batch * seq * (6 * n_params + 12 * (model.cfg.n_layers + 4) * model.cfg.dim * seq)
+        res[f"{px}px"] = {"batch": batch, "seconds": dt, "tflops": flops / dt / 1e12, "mfu": flops / dt / peak}
+    return res
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--config", default="NextDiT_S")
+    ap.add_argument("--batch", type=int, default=4)
+    ap.add_argument("--latent", type=int, default=32)
+    ap.add_argument("--iters", type=int, default=5)
+    ap.add_argument("--child", choices=["ours", "diffusers"])
+    ap.add_argument("--gpu", action="store_true")
+    ap.add_argument("--out", default="bench/results/nextdit.json")
+    args = ap.parse_args()
+    if args.child:
+        print(json.dumps(child(args.child, args.config, args.batch, args.latent, args.iters)))
+        return 0
+    res = {"config": args.config, "batch": args.batch, "latent": args.latent}
+    for which in ("ours", "diffusers"):  # peak memory: each model alone in a fresh process
+        cmd = [sys.executable, __file__, "--child", which, "--config", args.config, "--batch", str(args.batch),
+               "--latent", str(args.latent), "--iters", "2"]  # fmt: skip
+        out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout.strip().splitlines()[-1]
+        res[which] = {"peak_rss_mb": json.loads(out)["peak_rss_mb"]}
+    times = interleaved_times(args.config, args.batch, args.latent, args.iters)
+    for which in ("ours", "diffusers"):
+        res[which]["seconds_fwd_bwd"] = times[which]
+    res["speedup_vs_diffusers"] = times["diffusers"] / times["ours"]
+    res["peak_rss_ratio_ours_over_diffusers"] = res["ours"]["peak_rss_mb"] / res["diffusers"]["peak_rss_mb"]
+    if args.gpu:
+        res["gpu"] = gpu_mfu(args.iters)
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(res, indent=2))
+    print(json.dumps(res, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
