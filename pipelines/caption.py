@@ -14,22 +14,16 @@ Outputs: OUTPUT/{shard}.parquet, OUTPUT/_stats/{shard}.json, OUTPUT/_summary.jso
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import sys
-import time
 from collections import Counter
 from dataclasses import asdict
 from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.compute  # noqa: F401  (pa.compute)
-import pyarrow.parquet as pq
 
-from datagen.shards import list_shards, read_shards
-from pipelines.sink import STATS_DIR, ShardCollector, done_shards, expected_rows
+from pipelines.runner import ShardJob, run_sharded, summarise
 from unicap import schema
-from unicap.atomic import write_json
 from unicap.captioner import CaptionConfig, Captioner
 from unicap.engines import EngineConfig, has_cuda, make_engine
 from unicap.prompts import PROMPT_VERSION
@@ -49,22 +43,10 @@ class CaptionStage:
         return schema.to_table(self.captioner.caption(items), cfg.levels, cfg.languages)
 
 
-def ingest_failure_rows(input_dir: str | Path, shard: str, cfg: CaptionConfig, model: str, engine: str) -> list[dict]:
-    """Caption rows for a shard's index entries that never became images (download or decode
-    failures at ingest): every input row of the index comes out of the job, as `failed`."""
-    index = pq.read_table(Path(input_dir) / f"{shard}.parquet").to_pylist()
-    rows = []
-    for r in index:
-        if r["status"] == "success":
-            continue
-        msg = r.get("error_message") or r["status"]
-        error = msg if schema.error_reason(msg) in schema.ERROR_REASONS else f"download_failed: {msg}"
-        rows.append({
-            "key": r["key"], "shard": shard, "sha256": r.get("sha256"), "source": r.get("url"),
-            "original_caption": r.get("caption"), "status": "failed", "error": error[:2000], "model": model,
-            "prompt_version": PROMPT_VERSION, "engine": engine, "num_output_tokens": 0, "created_at": schema.utcnow(),
-        })  # fmt: skip
-    return rows
+def failure_rows(failures: list[dict], cfg: CaptionConfig, model: str, engine: str) -> pa.Table:
+    rows = [{**f, "status": "failed", "model": model, "prompt_version": PROMPT_VERSION, "engine": engine,
+             "num_output_tokens": 0, "created_at": schema.utcnow()} for f in failures]  # fmt: skip
+    return schema.to_table(rows, cfg.levels, cfg.languages)
 
 
 def shard_stats(table: pa.Table) -> dict:
@@ -76,46 +58,6 @@ def shard_stats(table: pa.Table) -> dict:
         "failures_by_reason": dict(reasons),
         "output_tokens": int(sum(t or 0 for t in table.column("num_output_tokens").to_pylist())),
     }
-
-
-def repair_stats(output: Path) -> None:
-    """A kill between a shard's Parquet and its stats file: rebuild the stats from the Parquet."""
-    for shard in done_shards(output):
-        path = output / STATS_DIR / f"{shard}.json"
-        if not path.exists():
-            write_json({"shard": shard, **shard_stats(pq.read_table(output / f"{shard}.parquet"))}, path)
-
-
-def summarise(output: Path, run: dict) -> dict:
-    totals, reasons, rows, tokens = Counter(), Counter(), 0, 0
-    for p in sorted((output / STATS_DIR).glob("*.json")):
-        s = json.loads(p.read_text())
-        totals.update(s.get("status", {}))
-        reasons.update(s.get("failures_by_reason", {}))
-        rows += s.get("rows", 0)
-        tokens += s.get("output_tokens", 0)
-    summary = {
-        "output": str(output),
-        "shards": len(done_shards(output)),
-        "rows": rows,
-        "status": dict(totals),
-        "failures_by_reason": dict(reasons.most_common()),
-        "output_tokens": tokens,
-        "last_run": run,
-    }
-    write_json(summary, output / "_summary.json")
-    return summary
-
-
-def init_ray(address: str | None) -> None:
-    import ray
-
-    if ray.is_initialized():
-        return
-    if address or os.environ.get("RAY_ADDRESS"):
-        ray.init(address=address or os.environ["RAY_ADDRESS"], log_to_driver=True)
-    else:  # embedded local instance; more logical CPUs than cores so actors and read tasks both fit
-        ray.init(num_cpus=max(4, 2 * (os.cpu_count() or 1)), include_dashboard=False, configure_logging=False)
 
 
 def run_job(
@@ -130,59 +72,34 @@ def run_job(
     address: str | None = None,
     limit_shards: int | None = None,
 ) -> dict:
-    output = Path(output)
-    output.mkdir(parents=True, exist_ok=True)
-    repair_stats(output)
-    shards = [s for s in list_shards(input_dir) if s not in done_shards(output)]
-    if limit_shards is not None:
-        shards = shards[:limit_shards]
-    expected = expected_rows(input_dir, shards)
-    t0 = time.time()
-    images = tokens = 0
-
-    def on_shard(shard: str, stats: dict) -> None:
-        print(f"[caption] shard {shard}: {stats['rows']} rows {stats['status']} -> {output / (shard + '.parquet')}",
-              flush=True)  # fmt: skip
-
-    sink = ShardCollector(output, expected, schema.caption_schema(caption_cfg.levels, caption_cfg.languages),
-                          stats_fn=shard_stats, on_shard=on_shard)  # fmt: skip
+    gpu = has_cuda() and not engine_cfg.server
     engine_name = "vllm-server" if engine_cfg.server else "vllm"
-    for shard in shards:
-        failed = ingest_failure_rows(input_dir, shard, caption_cfg, engine_cfg.model, engine_name)
-        if failed:
-            sink.add_batch(schema.to_table(failed, caption_cfg.levels, caption_cfg.languages))
-    pending = [s for s in shards if s in sink.expected]
-    if pending:
-        init_ray(address)
-        gpu = has_cuda() and not engine_cfg.server
-        ds = read_shards(input_dir, pending).map_batches(
-            CaptionStage,
-            fn_constructor_kwargs={"engine_cfg": asdict(engine_cfg), "caption_cfg": asdict(caption_cfg)},
-            batch_size=batch_size,
-            batch_format="pyarrow",
-            concurrency=concurrency,
-            num_gpus=1 if gpu else 0,
-            num_cpus=cpus_per_actor if cpus_per_actor is not None else (1 if gpu else 0.5),
-            runtime_env={"env_vars": {"VLLM_ENABLE_V1_MULTIPROCESSING": "0", "VLLM_HOST_IP": "127.0.0.1",
-                                      "TOKENIZERS_PARALLELISM": "false"}},
-        )  # fmt: skip
-        for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
-            sink.add_batch(batch)
-            images += batch.num_rows
-            tokens += int(pa.compute.sum(batch.column("num_output_tokens")).as_py() or 0)
-    sink.close()
-    wall = time.time() - t0
-    run = {
-        "shards_written": sink.written,
-        "images": images,
-        "seconds": round(wall, 2),
-        "images_per_s": round(images / wall, 2) if wall and images else 0.0,
-        "tokens_per_s": round(tokens / wall, 2) if wall and tokens else 0.0,
-        "engine": "server " + engine_cfg.server if engine_cfg.server else "vllm",
-        "model": engine_cfg.model,
-        "strategy": caption_cfg.strategy,
-    }
-    return summarise(output, run)
+    job = ShardJob(
+        name="caption",
+        stage_cls=CaptionStage,
+        stage_kwargs={"engine_cfg": asdict(engine_cfg), "caption_cfg": asdict(caption_cfg)},
+        schema=schema.caption_schema(caption_cfg.levels, caption_cfg.languages),
+        stats_fn=shard_stats,
+        failure_table=lambda f: failure_rows(f, caption_cfg, engine_cfg.model, engine_name),
+        num_gpus=1 if gpu else 0,
+        num_cpus=cpus_per_actor if cpus_per_actor is not None else (1 if gpu else 0.5),
+        env_vars={"VLLM_ENABLE_V1_MULTIPROCESSING": "0", "VLLM_HOST_IP": "127.0.0.1"},
+    )
+    tokens = 0
+
+    def count_tokens(batch: pa.Table) -> None:
+        nonlocal tokens
+        tokens += int(pa.compute.sum(batch.column("num_output_tokens")).as_py() or 0)
+
+    run = run_sharded(job, input_dir, output, batch_size=batch_size, concurrency=concurrency, address=address,
+                      limit_shards=limit_shards, on_batch=count_tokens)  # fmt: skip
+    run.update(
+        tokens_per_s=round(tokens / run["seconds"], 2) if run["seconds"] and tokens else 0.0,
+        engine="server " + engine_cfg.server if engine_cfg.server else "vllm",
+        model=engine_cfg.model,
+        strategy=caption_cfg.strategy,
+    )
+    return summarise(Path(output), run)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:

@@ -42,6 +42,7 @@ class ShardCollector:
         schema: pa.Schema,
         stats_fn: Callable[[pa.Table], dict] | None = None,
         on_shard: Callable[[str, dict], None] | None = None,
+        write_fn: Callable[[Path, str, pa.Table], None] | None = None,
     ):
         self.output = Path(output)
         self.output.mkdir(parents=True, exist_ok=True)
@@ -50,6 +51,7 @@ class ShardCollector:
         self.schema = schema
         self.stats_fn = stats_fn or (lambda t: {"rows": t.num_rows})
         self.on_shard = on_shard
+        self.write_fn = write_fn  # custom writer; must write OUTPUT/{shard}.parquet last (the completion mark)
         self.rows: dict[str, dict[str, dict]] = defaultdict(dict)  # shard -> key -> row
         self.written: list[str] = []
         self.t0 = time.time()
@@ -68,7 +70,10 @@ class ShardCollector:
     def _write(self, shard: str) -> None:
         rows = sorted(self.rows.pop(shard, {}).values(), key=lambda r: r["key"])
         table = pa.Table.from_pylist(rows, schema=self.schema)
-        write_parquet(table, self.output / f"{shard}.parquet")
+        if self.write_fn:
+            self.write_fn(self.output, shard, table)
+        else:
+            write_parquet(table, self.output / f"{shard}.parquet")
         stats = {"shard": shard, **self.stats_fn(table), "written_at": time.time()}
         write_json(stats, self.output / STATS_DIR / f"{shard}.json")
         self.written.append(shard)

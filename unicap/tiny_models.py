@@ -216,3 +216,44 @@ def _cached(name: str, build, root: Path | None = None) -> Path:
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return path
+
+
+TINY_CLIP_NAME = "unicap-tiny-clip"
+TINY_CLIP_CONFIG = {
+    "embed_dim": 64,
+    "vision_cfg": {"image_size": 64, "layers": 2, "width": 64, "patch_size": 16, "head_width": 32},
+    "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 64, "heads": 2, "layers": 2},
+}
+
+
+def _build_clip(out: Path, seed: int) -> None:
+    import open_clip
+    import torch
+    from safetensors.torch import save_file
+
+    (out / f"{TINY_CLIP_NAME}.json").write_text(json.dumps(TINY_CLIP_CONFIG))
+    open_clip.add_model_config(out)
+    torch.manual_seed(seed)
+    model = open_clip.create_model(TINY_CLIP_NAME, pretrained=None)
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(out / "open_clip_model.safetensors"))
+    (out / "unicap_tiny.json").write_text(json.dumps({"kind": "tiny-clip", "seed": seed}))
+
+
+def tiny_clip(seed: int = 0, root: Path | None = None) -> Path:
+    """Folder with an open_clip model config (`unicap-tiny-clip.json`) and random weights."""
+    return _cached(f"tiny-clip-{TINY_QWEN2VL_VERSION}-{seed}", lambda p: _build_clip(p, seed), root)
+
+
+def tiny_aesthetic_head(dim: int, seed: int = 0, root: Path | None = None) -> Path:
+    """A LAION-style aesthetic MLP head with random weights, saved as a state_dict file."""
+
+    def build(p: Path) -> None:
+        import torch
+
+        from unicap.clip import AestheticHead
+
+        torch.manual_seed(seed)
+        torch.save(AestheticHead(dim).state_dict(), p / "aesthetic.pt")
+        (p / "unicap_tiny.json").write_text(json.dumps({"kind": "tiny-aesthetic", "dim": dim, "seed": seed}))
+
+    return _cached(f"tiny-aesthetic-{dim}-{seed}", build, root) / "aesthetic.pt"

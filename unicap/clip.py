@@ -1,0 +1,144 @@
+"""CLIP scoring with open_clip: image and text embeddings, long captions, the aesthetic head.
+
+Model specs: "tiny" (random small config built offline, unicap.tiny_models), "NAME:TAG" (an
+open_clip pretrained tag, e.g. ViT-L-14:datacomp_xl_s13b_b90k; downloads, so not on these
+machines), "NAME:/path/to/checkpoint.(pt|safetensors)" (local weights), or "NAME" (random).
+
+Long captions: CLIP's text tower reads 77 tokens. A caption longer than that is split at sentence
+boundaries (and, for an over-long sentence, at word boundaries) into chunks that each fit; every
+chunk is embedded, the unit embeddings are averaged weighted by chunk token count and renormalised.
+The score is the cosine between that and the image embedding, so every part of a long caption
+counts and nothing is silently cut off.
+"""
+
+from __future__ import annotations
+
+import re
+
+import numpy as np
+import torch
+from PIL import Image
+
+SENTENCE = re.compile(r"(?<=[.!?。！？;；])\s*")
+
+
+class AestheticHead(torch.nn.Module):
+    """LAION aesthetic-predictor MLP over a unit CLIP image embedding -> a score (about 1-10 when trained)."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.layers = torch.nn.Sequential(
+            torch.nn.Linear(dim, 1024), torch.nn.Dropout(0.2), torch.nn.Linear(1024, 128), torch.nn.Dropout(0.2),
+            torch.nn.Linear(128, 64), torch.nn.Dropout(0.1), torch.nn.Linear(64, 16), torch.nn.Linear(16, 1),
+        )  # fmt: skip
+
+    def forward(self, emb: torch.Tensor) -> torch.Tensor:
+        return self.layers(emb).squeeze(-1)
+
+
+def load_clip(spec: str, device: str = "cpu"):
+    """(model, preprocess, tokenizer, name) for a model spec (see module docstring)."""
+    import open_clip
+
+    if spec == "tiny":
+        from unicap.tiny_models import TINY_CLIP_NAME, tiny_clip
+
+        folder = tiny_clip()
+        open_clip.add_model_config(folder)
+        name, pretrained = TINY_CLIP_NAME, str(folder / "open_clip_model.safetensors")
+    else:
+        name, _, pretrained = spec.partition(":")
+        pretrained = pretrained or None
+    model, _, preprocess = open_clip.create_model_and_transforms(name, pretrained=pretrained, device=device)
+    return model.eval(), preprocess, open_clip.get_tokenizer(name), name
+
+
+class ClipScorer:
+    def __init__(self, spec: str = "tiny", aesthetic: str | None = None, device: str = "cpu", autocast: bool = True):
+        self.model, self.preprocess, self.tokenizer, self.name = load_clip(spec, device)
+        self.spec, self.device = spec, device
+        self.context = getattr(self.model, "context_length", 77) or 77
+        self.autocast = autocast and device == "cpu" and torch.backends.mkldnn.is_available()
+        dim = self.model.text_projection.shape[-1] if hasattr(self.model, "text_projection") else None
+        self.aesthetic = None
+        if aesthetic:
+            state = torch.load(aesthetic, map_location="cpu", weights_only=True)
+            dim = state["layers.0.weight"].shape[1]
+            self.aesthetic = AestheticHead(dim).eval()
+            self.aesthetic.load_state_dict(state)
+
+    def _ctx(self):
+        return torch.autocast("cpu", dtype=torch.bfloat16) if self.autocast else torch.autocast("cpu", enabled=False)
+
+    @torch.no_grad()
+    def embed_images(self, images: list[Image.Image]) -> np.ndarray:
+        if not images:
+            return np.zeros((0, 0), np.float32)
+        x = torch.stack([self.preprocess(im) for im in images]).to(self.device)
+        with self._ctx():
+            e = self.model.encode_image(x).float()
+        return torch.nn.functional.normalize(e, dim=-1).cpu().numpy()
+
+    def n_tokens(self, text: str) -> int:
+        ids = self.tokenizer([text], context_length=10_000)[0] if _takes_context(self.tokenizer) else None
+        if ids is None:
+            return len(text.split()) + 2
+        return int((ids != 0).sum())
+
+    def chunks(self, text: str) -> list[str]:
+        """Split a caption into pieces that each fit the text tower (sentence, then word boundaries)."""
+        limit = self.context - 2  # start / end tokens
+        if self.n_tokens(text) - 2 <= limit:
+            return [text]
+        pieces, out, cur = [s for s in SENTENCE.split(text) if s.strip()], [], ""
+        for s in pieces:
+            if self.n_tokens(s) - 2 > limit:  # one sentence too long on its own: split by words
+                words, part = s.split(), ""
+                for w in words:
+                    cand = f"{part} {w}".strip()
+                    if part and self.n_tokens(cand) - 2 > limit:
+                        out.append(part)
+                        cand = w
+                    part = cand
+                s = part
+            cand = f"{cur} {s}".strip()
+            if cur and self.n_tokens(cand) - 2 > limit:
+                out.append(cur)
+                cand = s
+            cur = cand
+        if cur:
+            out.append(cur)
+        return out
+
+    @torch.no_grad()
+    def embed_texts(self, texts: list[str]) -> np.ndarray:
+        """Unit text embeddings; long texts are chunked and the chunk embeddings averaged (module docstring)."""
+        if not texts:
+            return np.zeros((0, 0), np.float32)
+        all_chunks, owner, weight = [], [], []
+        for i, t in enumerate(texts):
+            for c in self.chunks(t):
+                all_chunks.append(c)
+                owner.append(i)
+                weight.append(max(self.n_tokens(c) - 2, 1))
+        tok = self.tokenizer(all_chunks).to(self.device)
+        with self._ctx():
+            e = torch.nn.functional.normalize(self.model.encode_text(tok).float(), dim=-1)
+        w = torch.tensor(weight, dtype=torch.float32)[:, None]
+        out = torch.zeros(len(texts), e.shape[1])
+        out.index_add_(0, torch.tensor(owner), e.cpu() * w)
+        return torch.nn.functional.normalize(out, dim=-1).numpy()
+
+    @torch.no_grad()
+    def aesthetic_scores(self, image_emb: np.ndarray) -> np.ndarray | None:
+        if self.aesthetic is None or len(image_emb) == 0:
+            return None
+        return self.aesthetic(torch.from_numpy(image_emb).float()).numpy()
+
+
+def _takes_context(tokenizer) -> bool:
+    try:
+        tokenizer(["a"], context_length=8)
+        return True
+    except TypeError:
+        return False
