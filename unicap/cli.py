@@ -15,6 +15,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "ingest-folder": ("datagen.folder", "shard a folder of local images"),
     "synth": ("datagen.synth", "render the synthetic data set with ground-truth captions"),
     "caption": ("pipelines.caption", "caption image shards with a VLM (Ray Data + vLLM) into Parquet"),
+    "score": ("pipelines.score", "CLIP / aesthetic scores, embeddings and duplicates per shard (Ray Data + open_clip)"),
+    "stages": ("pipelines.stages", "cut the scored pool into the stage1 / stage2 / stage3 manifests"),
     "validate": ("unicap.validate_cmd", "check caption Parquet files against the caption record"),
     "sample": ("train.sample", "generate images from a Next-DiT checkpoint"),
 }
