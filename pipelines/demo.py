@@ -6,8 +6,10 @@ Steps run in order and each resumes (re-running `make demo` redoes only what is 
   3. caption the captioning job (Ray Data + vLLM) with the tiny random Qwen2-VL, built offline:
              it writes noise, so its rows are recorded failures (truncated); the ground truth in
              data/truth stands in for good captions in later steps. Real runs: --model Qwen/...
-Later steps (scoring, stages, training) join this list as they land; until then the demo says
-where it stops.
+  4. score   CLIP scores of the ground-truth captions (the stand-in for good captions), a random
+             aesthetic head, embeddings, exact duplicates (tiny random CLIP: near-dedup off)
+  5. stages  stage1 / stage2 / stage3 manifests and the funnel (DuckDB)
+Training (DeepSpeed Next-DiT) joins this list when the trainer lands.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ import sys
 import time
 from pathlib import Path
 
-NOT_YET = ["score (open_clip)", "stages", "train (DeepSpeed Next-DiT)"]
+NOT_YET = ["train (DeepSpeed Next-DiT on the stages)"]
 
 
 def step_synth(work: Path, n: int) -> None:
@@ -63,6 +65,28 @@ def step_caption(work: Path) -> None:
           f"failures {s['failures_by_reason']}")  # fmt: skip
 
 
+def step_score(work: Path) -> None:
+    from PIL import Image
+
+    from pipelines.score import run_job
+    from unicap.clip import ClipScorer
+    from unicap.tiny_models import tiny_aesthetic_head
+
+    dim = ClipScorer("tiny").embed_images([Image.new("RGB", (32, 32))]).shape[1]
+    s = run_job(work / "data", work / "data" / "truth", work / "scores", "tiny", str(tiny_aesthetic_head(dim)),
+                batch_size=32, near_dedup=False)  # fmt: skip
+    print(f"[score] {s['rows']} rows in {s['shards']} shards under {work / 'scores'}; "
+          f"duplicates {s['last_run'].get('duplicates')}")  # fmt: skip
+
+
+def step_stages(work: Path, n: int) -> None:
+    from pipelines.stages import print_funnel, select_stages
+
+    f = select_stages(work / "scores", work / "stages", "1.0", "0.5", "0.5", shards_dir=str(work / "data"))
+    print_funnel(f)
+    print(f"[stages] manifests under {work / 'stages'}")
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--workdir", default="demo", help="where the demo writes (default ./demo)")
@@ -74,6 +98,8 @@ def main(argv: list[str] | None = None) -> int:
     step_synth(work, args.n)
     step_read(work, args.n)
     step_caption(work)
+    step_score(work)
+    step_stages(work, args.n)
     print(f"demo: done in {time.time() - t0:.1f}s. Inspect: pandas.read_parquet({str(work / 'captions')!r}), "
           f"ground truth: pandas.read_parquet({str(work / 'data' / 'truth')!r})")  # fmt: skip
     print("demo: stops here for now; not built yet: " + ", ".join(NOT_YET))
