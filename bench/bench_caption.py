@@ -16,7 +16,6 @@ so that the fixed start-up (Ray, engine actor, ~10-20 s on CPU) cancels out.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import tarfile
@@ -25,6 +24,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from bench._results import save  # noqa: E402
 
 LEVELS, LANGS = ("long", "medium", "short", "tags"), ("en", "zh")
 MAX_TOKENS = {"long": 32, "medium": 24, "short": 16, "tags": 16}
@@ -153,9 +153,7 @@ def main() -> int:
     res["ratio_job_marginal_vs_hf"] = res["job"]["images_per_s_marginal"] / res["hf_generate"]["images_per_s"]
     res["ratio_bare_vs_hf"] = bare / res["hf_generate"]["images_per_s"]
     res["ratio_json_vs_direct_time"] = res["bare_json"]["seconds"] / res["bare_direct"]["seconds"]
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(res, indent=2))
-    print(json.dumps(res, indent=2))
+    save(res, args.out)
     return 0
 
 

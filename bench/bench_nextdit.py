@@ -24,6 +24,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from bench._results import save  # noqa: E402
 
 
 def make_inputs(cfg, batch: int, latent: int, device="cpu", dtype=None):
@@ -156,9 +157,7 @@ def main() -> int:
     res["peak_rss_ratio_ours_over_diffusers"] = res["ours"]["peak_rss_mb"] / res["diffusers"]["peak_rss_mb"]
     if args.gpu:
         res["gpu"] = gpu_mfu(args.iters)
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(res, indent=2))
-    print(json.dumps(res, indent=2))
+    save(res, args.out)
     return 0
 
 

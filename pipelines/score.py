@@ -194,12 +194,7 @@ def _blank():
     return Image.new("RGB", (64, 64))
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m pipelines.score", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
-    add_arguments(p)
-    return run(p.parse_args(argv))
-
-
 if __name__ == "__main__":
-    sys.exit(main())
+    from unicap.cli import module_main
+
+    sys.exit(module_main("pipelines.score"))

@@ -46,5 +46,14 @@ def main(argv: list[str] | None = None) -> int:
     return int(module.run(args) or 0)
 
 
+def module_main(module_name: str, argv: list[str] | None = None) -> int:
+    """`python -m MODULE ...` for a job module: its own parser (add_arguments) and run(args)."""
+    module = importlib.import_module(module_name)
+    p = argparse.ArgumentParser(prog=f"python -m {module_name}", description=module.__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+    module.add_arguments(p)
+    return int(module.run(p.parse_args(argv)) or 0)
+
+
 if __name__ == "__main__":
     sys.exit(main())

@@ -38,11 +38,14 @@ def kill_tree(pid: int) -> None:
         root = psutil.Process(pid)
     except psutil.NoSuchProcess:
         return
-    procs = [root, *root.children(recursive=True)]
+    kill_all([root, *root.children(recursive=True)])
+
+
+def kill_all(procs: list) -> None:
     for p in procs:
         try:
             p.kill()
-        except psutil.NoSuchProcess:
+        except psutil.Error:
             pass
     psutil.wait_procs(procs, timeout=20)
 

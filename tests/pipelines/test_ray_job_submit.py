@@ -15,7 +15,7 @@ import psutil
 import pytest
 
 from tests.conftest import free_port
-from tests.pipelines.conftest import TINY_MAX_TOKENS
+from tests.pipelines.conftest import TINY_MAX_TOKENS, kill_all
 
 REPO = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
@@ -44,12 +44,7 @@ def ray_head():
                     procs.append(p)
             except psutil.Error:
                 pass
-        for p in procs:
-            try:
-                p.kill()
-            except psutil.Error:
-                pass
-        psutil.wait_procs(procs, timeout=20)
+        kill_all(procs)
         shutil.rmtree(temp, ignore_errors=True)
 
 

@@ -1,0 +1,106 @@
+"""Scoring throughput: the whole score job vs a plain loop (PIL decode + open_clip forward), one run.
+
+Same model (--clip, default the tiny offline config), same images. Also the achieved model FLOP/s
+of the plain loop against a bf16 and an fp32 matrix-multiply rate measured on this machine.
+
+    .venv/bin/python bench/bench_score.py [--n 512] [--clip tiny]
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tarfile
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from bench._results import save  # noqa: E402
+
+
+def matmul_rate(dtype) -> float:
+    import torch
+
+    a = torch.randn(2048, 2048, dtype=dtype)
+    for _ in range(2):
+        a @ a
+    t0, n = time.perf_counter(), 10
+    for _ in range(n):
+        a @ a
+    return 2 * 2048**3 * n / (time.perf_counter() - t0)
+
+
+def image_flops(model, size: int) -> float:
+    """FLOPs of one encode_image forward, counted by torch's FlopCounterMode."""
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as fc, torch.no_grad():
+        model.encode_image(torch.randn(1, 3, size, size))
+    return fc.get_total_flops()
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--n", type=int, default=512)
+    ap.add_argument("--clip", default="tiny")
+    ap.add_argument("--batch", type=int, default=64)
+    ap.add_argument("--out", default="bench/results/score.json")
+    args = ap.parse_args()
+    import ray
+    import torch
+
+    from datagen.synth import synth
+    from pipelines.score import run_job
+    from unicap.clip import ClipScorer
+    from unicap.decode import decode_image
+
+    shards = Path(tempfile.mkdtemp(prefix="bench-score-"))
+    synth(str(shards), args.n, seed=3, shard_size=128)
+    small = Path(tempfile.mkdtemp(prefix="bench-score-small-"))
+    synth(str(small), args.n // 2, seed=3, shard_size=128)
+
+    # the plain loop: decode with PIL, preprocess, open_clip forward, batch by batch
+    scorer = ClipScorer(args.clip)
+    raw = []
+    for tar_path in sorted(shards.glob("*.tar")):
+        with tarfile.open(tar_path) as tar:
+            raw += [tar.extractfile(m).read() for m in tar.getmembers() if m.name.endswith((".jpg", ".png"))]
+    scorer.embed_images([decode_image(raw[0]).image])  # warm-up
+    t0 = time.perf_counter()
+    for i in range(0, len(raw), args.batch):
+        scorer.embed_images([decode_image(b).image for b in raw[i : i + args.batch]])
+    loop_s = time.perf_counter() - t0
+
+    def job(src):
+        out = Path(tempfile.mkdtemp(prefix="bench-scores-"))
+        t = time.time()
+        run_job(src, src / "truth", out, args.clip, None, batch_size=args.batch, near_dedup=False)
+        ray.shutdown()
+        return time.time() - t
+
+    t_small, t_big = job(small), job(shards)
+    marginal = (args.n - args.n // 2) / (t_big - t_small)
+    size = scorer.model.visual.image_size
+    size = size[0] if isinstance(size, tuple | list) else size
+    flops = image_flops(scorer.model.float(), size)
+    loop_rate = len(raw) / loop_s
+    res = {
+        "n": args.n, "clip": args.clip,
+        "plain_loop_images_per_s": loop_rate,
+        "job_images_per_s_end_to_end": args.n / t_big, "job_images_per_s_marginal": marginal,
+        "ratio_job_marginal_vs_loop": marginal / loop_rate,
+        "ratio_job_end_to_end_vs_loop": (args.n / t_big) / loop_rate,
+        "model_gflop_per_image": flops / 1e9,
+        "loop_model_gflop_per_s": flops * loop_rate / 1e9,
+        "matmul_gflop_per_s_bf16": matmul_rate(torch.bfloat16) / 1e9,
+        "matmul_gflop_per_s_fp32": matmul_rate(torch.float32) / 1e9,
+    }  # fmt: skip
+    res["loop_fraction_of_bf16_matmul"] = res["loop_model_gflop_per_s"] / res["matmul_gflop_per_s_bf16"]
+    save(res, args.out)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

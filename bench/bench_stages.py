@@ -1,0 +1,69 @@
+"""Stage selection at scale: wall time and peak memory on generated score tables of growing size.
+
+    .venv/bin/python bench/bench_stages.py [--sizes 1M,5M,20M] [--workdir /tmp/unicap-bench-stages]
+
+Each size runs in its own process (peak RSS of that process, DuckDB included), targets in the
+paper's proportions (stage1 = all, stage2 = 10%, stage3 = 1%); the growth from the smallest size
+is reported, so the 100M figure can be read off (or run with --sizes 100M where disk allows:
+~1.1 GB of Parquet per 10M rows).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from bench._results import save  # noqa: E402
+
+
+def child(rows: int, workdir: Path) -> dict:
+    from datagen.score_tables import write_score_table
+    from pipelines.stages import select_stages
+
+    src = workdir / f"scores_{rows}"
+    t0 = time.time()
+    write_score_table(src, rows)
+    gen_s = time.time() - t0
+    rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    t0 = time.time()
+    f = select_stages(src, workdir / f"stages_{rows}", "1.0", "0.1", "0.1", threads=2)
+    return {"rows": rows, "seconds": time.time() - t0, "generate_seconds": gen_s,
+            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+            "rss_before_select_mb": rss_before / 1024, "selected": [f[s]["selected"] for s in ("stage1", "stage2", "stage3")]}  # fmt: skip
+
+
+def main() -> int:
+    from pipelines.stages import parse_target
+
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--sizes", default="1M,5M,20M")
+    ap.add_argument("--workdir", default="/tmp/unicap-bench-stages")
+    ap.add_argument("--child", type=int)
+    ap.add_argument("--out", default="bench/results/stages.json")
+    args = ap.parse_args()
+    if args.child:
+        print(json.dumps(child(args.child, Path(args.workdir))))
+        return 0
+    results = []
+    for size in args.sizes.split(","):
+        n = int(parse_target(size)[1])
+        out = subprocess.run([sys.executable, __file__, "--child", str(n), "--workdir", args.workdir],
+                             capture_output=True, text=True, check=True).stdout.strip().splitlines()[-1]  # fmt: skip
+        results.append(json.loads(out))
+        print(results[-1], flush=True)
+    base = results[0]
+    for r in results:
+        r["time_ratio_vs_smallest"] = r["seconds"] / base["seconds"]
+        r["rows_ratio_vs_smallest"] = r["rows"] / base["rows"]
+    save(results, args.out)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
