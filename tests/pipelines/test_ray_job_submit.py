@@ -27,12 +27,16 @@ def ray_head():
     (never `ray stop`, which would kill every Ray on the machine)."""
     temp = tempfile.mkdtemp(prefix="rh", dir="/tmp")  # short: Ray's unix socket paths are length-limited
     dash, gcs = free_port(), free_port()
+    # every agent on its own free port: another Ray on this machine (the suite's embedded one) holds the defaults
+    agent_ports = [f"--{name}={free_port()}" for name in ("dashboard-agent-listen-port", "dashboard-agent-grpc-port",
+                   "metrics-export-port", "runtime-env-agent-port", "node-manager-port", "object-manager-port",
+                   "ray-client-server-port")]  # fmt: skip
     # as after `source .venv/bin/activate`: the job entrypoint `python` is the project venv's
     env = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0",
            "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"}  # fmt: skip
     cmd = [str(BIN / "ray"), "start", "--head", "--node-ip-address=127.0.0.1", f"--port={gcs}",
            "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}", "--num-cpus=4", f"--temp-dir={temp}",
-           "--disable-usage-stats", "--include-dashboard=true"]  # fmt: skip
+           "--disable-usage-stats", "--include-dashboard=true", *agent_ports]  # fmt: skip
     subprocess.run(cmd, env=env, check=True, capture_output=True, timeout=120)
     try:
         yield f"http://127.0.0.1:{dash}", env
@@ -56,7 +60,7 @@ def test_caption_job_through_ray_job_submit(ray_head, tiny_vlm, synth_shards, tm
            "--model", str(tiny_vlm), "--batch-size", "8", "--max-retries", "0", "--max-pixels", str(112 * 112),
            "--max-tokens", ",".join(f"{k}={v}" for k, v in TINY_MAX_TOKENS.items())]  # fmt: skip
     t0 = time.time()
-    for _ in range(30):  # the head's job agent comes up a few seconds after `ray start` returns
+    for _ in range(15):  # the head's job agent comes up a few seconds after `ray start` returns
         r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
         if "No available agent to submit job" not in r.stderr + r.stdout:
             break
