@@ -1,7 +1,8 @@
 """Scoring throughput: the whole score job vs a plain loop (PIL decode + open_clip forward), one run.
 
-Same model (--clip, default the tiny offline config), same images. Also the achieved model FLOP/s
-of the plain loop against a bf16 and an fp32 matrix-multiply rate measured on this machine.
+Same model (--clip), same images, same work: the loop also embeds the same English captions of
+every level (chunked the same way), as the job does. Also the achieved model FLOP/s of the plain
+loop against a bf16 and an fp32 matrix-multiply rate measured on this machine.
 
     .venv/bin/python bench/bench_score.py [--n 512] [--clip tiny]
 """
@@ -31,14 +32,17 @@ def matmul_rate(dtype) -> float:
     return 2 * 2048**3 * n / (time.perf_counter() - t0)
 
 
-def image_flops(model, size: int) -> float:
-    """FLOPs of one encode_image forward, counted by torch's FlopCounterMode."""
+def forward_flops(model, size: int, tokenizer) -> tuple[float, float]:
+    """FLOPs of one encode_image and one encode_text (77 tokens) forward, by torch's FlopCounterMode."""
     import torch
     from torch.utils.flop_counter import FlopCounterMode
 
     with FlopCounterMode(display=False) as fc, torch.no_grad():
         model.encode_image(torch.randn(1, 3, size, size))
-    return fc.get_total_flops()
+    img = fc.get_total_flops()
+    with FlopCounterMode(display=False) as fc, torch.no_grad():
+        model.encode_text(tokenizer(["a photo"]))
+    return img, fc.get_total_flops()
 
 
 def main() -> int:
@@ -63,14 +67,23 @@ def main() -> int:
 
     # the plain loop: decode with PIL, preprocess, open_clip forward, batch by batch
     scorer = ClipScorer(args.clip)
-    raw = []
+    import pandas as pd
+
+    truth = pd.read_parquet(shards / "truth").set_index("key")
+    raw, caps = [], []
     for tar_path in sorted(shards.glob("*.tar")):
         with tarfile.open(tar_path) as tar:
-            raw += [tar.extractfile(m).read() for m in tar.getmembers() if m.name.endswith((".jpg", ".png"))]
+            for m in tar.getmembers():
+                if m.name.endswith((".jpg", ".png")):
+                    raw.append(tar.extractfile(m).read())
+                    caps.append([truth.loc[m.name.split(".")[0], f"caption_{lv}_en"] for lv in ("long", "medium", "short", "tags")])
     scorer.embed_images([decode_image(raw[0]).image])  # warm-up
     t0 = time.perf_counter()
     for i in range(0, len(raw), args.batch):
-        scorer.embed_images([decode_image(b).image for b in raw[i : i + args.batch]])
+        img = scorer.embed_images([decode_image(b).image for b in raw[i : i + args.batch]])
+        for lv in range(4):
+            txt = scorer.embed_texts([c[lv] for c in caps[i : i + args.batch]])
+            (img * txt).sum(1)
     loop_s = time.perf_counter() - t0
 
     def job(src):
@@ -84,7 +97,9 @@ def main() -> int:
     marginal = (args.n - args.n // 2) / (t_big - t_small)
     size = scorer.model.visual.image_size
     size = size[0] if isinstance(size, tuple | list) else size
-    flops = image_flops(scorer.model.float(), size)
+    img_flops, txt_flops = forward_flops(scorer.model.float(), size, scorer.tokenizer)
+    chunks = sum(len(scorer.chunks(c)) for cs in caps for c in cs) / len(caps)
+    flops = img_flops + chunks * txt_flops  # per image: one image forward + its caption chunks
     loop_rate = len(raw) / loop_s
     res = {
         "n": args.n, "clip": args.clip,
@@ -92,7 +107,7 @@ def main() -> int:
         "job_images_per_s_end_to_end": args.n / t_big, "job_images_per_s_marginal": marginal,
         "ratio_job_marginal_vs_loop": marginal / loop_rate,
         "ratio_job_end_to_end_vs_loop": (args.n / t_big) / loop_rate,
-        "model_gflop_per_image": flops / 1e9,
+        "model_gflop_per_image": flops / 1e9, "text_chunks_per_image": chunks,
         "loop_model_gflop_per_s": flops * loop_rate / 1e9,
         "matmul_gflop_per_s_bf16": matmul_rate(torch.bfloat16) / 1e9,
         "matmul_gflop_per_s_fp32": matmul_rate(torch.float32) / 1e9,
