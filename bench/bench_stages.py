@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import resource
+import shutil
 import subprocess
 import sys
 import time
@@ -31,8 +32,10 @@ def child(rows: int, workdir: Path) -> dict:
     write_score_table(src, rows)
     gen_s = time.time() - t0
     rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    out = workdir / f"stages_{rows}"
+    shutil.rmtree(out, ignore_errors=True)  # else select_stages finds it up to date and does nothing
     t0 = time.time()
-    f = select_stages(src, workdir / f"stages_{rows}", "1.0", "0.1", "0.1", threads=2)
+    f = select_stages(src, out, "1.0", "0.1", "0.1", threads=2)
     return {"rows": rows, "seconds": time.time() - t0, "generate_seconds": gen_s,
             "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
             "rss_before_select_mb": rss_before / 1024, "selected": [f[s]["selected"] for s in ("stage1", "stage2", "stage3")]}  # fmt: skip
