@@ -10,6 +10,8 @@ Latents: z = (vae.encode(image).mean - shift) * scale, shift 0.1159, scale 0.361
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 
 SYSTEM_PROMPT = (
@@ -67,11 +69,9 @@ class VAE(torch.nn.Module):
         from diffusers import AutoencoderKL
 
         path = _resolve(name, "vae")
-        kw = {"subfolder": "vae"} if name != "tiny" and not name.rstrip("/").endswith("vae") else {}
-        try:
-            self.vae = AutoencoderKL.from_pretrained(path, dtype=dtype, **kw)
-        except OSError:
-            self.vae = AutoencoderKL.from_pretrained(path, dtype=dtype)
+        # a VAE folder itself, or a pipeline repo / folder holding it under vae/ (as FLUX.1 does)
+        sub = {} if (Path(path) / "config.json").exists() else {"subfolder": "vae"}
+        self.vae = AutoencoderKL.from_pretrained(path, dtype=dtype, **sub)
         self.vae.eval().requires_grad_(False)
         self.shift = self.vae.config.shift_factor if self.vae.config.shift_factor is not None else FLUX_SHIFT
         self.scale = self.vae.config.scaling_factor or FLUX_SCALE
