@@ -17,13 +17,13 @@ from pathlib import Path
 
 import pyarrow as pa
 
-from unicap.atomic import remove_stale_temporaries, write_json, write_parquet
+from unicap.atomic import remove_stale_temporaries, visible_parquet_files, write_json, write_parquet
 
 STATS_DIR = "_stats"  # "_" prefix: ignored by pandas/pyarrow readers of the output folder
 
 
 def done_shards(output: str | Path) -> set[str]:
-    return {p.stem for p in Path(output).glob("*.parquet") if not p.name.startswith((".", "_"))}
+    return {p.stem for p in visible_parquet_files(output)}
 
 
 def expected_rows(input_dir: str | Path, shards: list[str], field: str = "count") -> dict[str, int]:

@@ -31,7 +31,7 @@ import sys
 import time
 from pathlib import Path
 
-from unicap.atomic import atomic_path, write_json
+from unicap.atomic import atomic_path, visible_parquet_files, write_json
 
 DEFAULT_RULES = {
     "stage1": {"min_side": 256, "max_aspect": 4.0, "caption_status": ["ok"], "drop_duplicates": True},
@@ -105,7 +105,7 @@ def select_stages(scores: str | Path, output: str | Path, stage1="1.0", stage2="
     scores, output = Path(scores), Path(output)
     rules = rules or copy.deepcopy(DEFAULT_RULES)
     targets = [parse_target(t) for t in (stage1, stage2, stage3)]
-    files = sorted(str(p) for p in scores.glob("*.parquet") if not p.name.startswith((".", "_")))
+    files = [str(p) for p in visible_parquet_files(scores)]
     if not files:
         raise FileNotFoundError(f"no score Parquet files in {scores}")
     dup_file = scores / "_dedup" / "duplicates.parquet"

@@ -49,6 +49,11 @@ def write_json(obj, path: str | os.PathLike) -> Path:
     return Path(path)
 
 
+def visible_parquet_files(directory: str | os.PathLike) -> list[Path]:
+    """The Parquet files a reader of `directory` sees: hidden (".") and private ("_") names excluded."""
+    return sorted(p for p in Path(directory).glob("*.parquet") if not p.name.startswith((".", "_")))
+
+
 def remove_stale_temporaries(directory: str | os.PathLike) -> int:
     """Delete temporaries left by a killed run; returns how many were removed."""
     n = 0

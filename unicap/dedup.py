@@ -19,12 +19,14 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from unicap.atomic import visible_parquet_files
+
 DUP_SCHEMA = pa.schema([("key", pa.string()), ("duplicate_of", pa.string()), ("kind", pa.string()),
                         ("similarity", pa.float32())])  # fmt: skip
 
 
 def _score_files(score_dir: Path) -> list[str]:
-    return sorted(str(p) for p in score_dir.glob("*.parquet") if not p.name.startswith((".", "_")))
+    return [str(p) for p in visible_parquet_files(score_dir)]
 
 
 def exact_duplicates(score_dir: Path) -> list[dict]:

@@ -9,6 +9,7 @@ from pathlib import Path
 import pyarrow.parquet as pq
 
 from unicap import schema
+from unicap.atomic import visible_parquet_files
 
 
 def parquet_files(paths: list[str]) -> list[Path]:
@@ -16,7 +17,7 @@ def parquet_files(paths: list[str]) -> list[Path]:
     files: list[Path] = []
     for p in map(Path, paths):
         if p.is_dir():
-            files += sorted(f for f in p.glob("*.parquet") if not f.name.startswith((".", "_")))
+            files += visible_parquet_files(p)
         else:
             files.append(p)
     return files
