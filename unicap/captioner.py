@@ -132,13 +132,9 @@ class Captioner:
         elif not errs:
             row.update(status="ok", error=None)
         else:
-            ordered = [f"{_reason(e)}: {col}: {_detail(e)}" for col, e in sorted(errs.items(), key=lambda kv: self.columns.index(kv[0]))]
+            ordered = [f"{schema.error_reason(e)}: {col}: {_detail(e)}" for col, e in sorted(errs.items(), key=lambda kv: self.columns.index(kv[0]))]
             row.update(status="partial" if caps else "failed", error="; ".join(ordered)[:2000])
         return row
-
-
-def _reason(err: str) -> str:
-    return err.split(":", 1)[0]
 
 
 def _detail(err: str) -> str:
