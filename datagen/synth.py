@@ -13,6 +13,7 @@ from its own `random.Random(f"{seed}:{index}")`, tar members carry fixed metadat
 from __future__ import annotations
 
 import argparse
+import datetime as dt
 import hashlib
 import io
 import random
@@ -28,7 +29,7 @@ from unicap.atomic import write_parquet
 
 TRUTH_MODEL = "synthetic-ground-truth"
 TRUTH_PROMPT_VERSION = "truth-v1"
-TRUTH_CREATED_AT = "2025-03-27T00:00:00+00:00"  # fixed, so the truth files are byte-stable
+TRUTH_CREATED_AT = dt.datetime(2025, 3, 27, tzinfo=dt.UTC)  # fixed: truth files are byte-stable
 
 # name -> (RGB, Chinese)
 COLORS = {
@@ -286,7 +287,7 @@ def write_synth_shard(out: str, shard_id: int, seed: int, start: int, stop: int)
             "prompt_version": TRUTH_PROMPT_VERSION,
             "engine": "synth",
             "num_output_tokens": 0,
-            "created_at": _truth_time(),
+            "created_at": TRUTH_CREATED_AT,
         }
         for it, caps in pairs
     ]
@@ -296,12 +297,6 @@ def write_synth_shard(out: str, shard_id: int, seed: int, start: int, stop: int)
     write_parquet(table, out_dir / "truth" / f"{shard}.parquet")
     write_shard(out_dir, shard, (it for it, _ in pairs))
     return shard
-
-
-def _truth_time():
-    import datetime as dt
-
-    return dt.datetime.fromisoformat(TRUTH_CREATED_AT)
 
 
 def synth(out: str, n: int, seed: int = 0, shard_size: int = 1000, processes: int = 1) -> list[str]:

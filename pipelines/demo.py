@@ -79,7 +79,7 @@ def step_score(work: Path) -> None:
           f"duplicates {s['last_run'].get('duplicates')}")  # fmt: skip
 
 
-def step_stages(work: Path, n: int) -> None:
+def step_stages(work: Path) -> None:
     from pipelines.stages import print_funnel, select_stages
 
     f = select_stages(work / "scores", work / "stages", "1.0", "0.5", "0.5", shards_dir=str(work / "data"))
@@ -99,7 +99,7 @@ def main(argv: list[str] | None = None) -> int:
     step_read(work, args.n)
     step_caption(work)
     step_score(work)
-    step_stages(work, args.n)
+    step_stages(work)
     print(f"demo: done in {time.time() - t0:.1f}s. Inspect: pandas.read_parquet({str(work / 'captions')!r}), "
           f"ground truth: pandas.read_parquet({str(work / 'data' / 'truth')!r})")  # fmt: skip
     print("demo: stops here for now; not built yet: " + ", ".join(NOT_YET))

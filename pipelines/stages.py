@@ -176,7 +176,7 @@ def select_stages(scores: str | Path, output: str | Path, stage1="1.0", stage2="
     con.execute("ALTER TABLE pool ADD COLUMN composite DOUBLE")
     con.execute(f"UPDATE pool SET composite = {w['clip']} * {z('clip_score', mc, sc)} + {w['aesthetic']} * {z('aes', ma, sa)}")
     location = (f"'{Path(shards_dir).resolve()}/' || shard || '.tar'" if shards_dir else "shard") + " AS location"
-    select = f"key, shard, {location}, caption_levels_ok, width, height, min_side, aspect_ratio, aesthetic, clip_score, composite"
+    select = ", ".join(location if c == "location" else c for c in MANIFEST_COLUMNS)
 
     want = [0, 0, 0]
     want[0] = requested(targets[0], pool)

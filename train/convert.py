@@ -116,10 +116,6 @@ def from_original(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return out
 
 
-def to_original(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    return dict(state)
-
-
 def diffusers_model_from(model: NextDiT):
     from diffusers import Lumina2Transformer2DModel
 

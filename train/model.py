@@ -107,7 +107,7 @@ class TimestepEmbedder(nn.Module):
 class RopeND(nn.Module):
     """Multi-axis rotary embedding: per axis a table of angles pos * theta^(-2k/d), concatenated."""
 
-    def __init__(self, axes_dims, axes_lens, theta: float):
+    def __init__(self, axes_dims, theta: float):
         super().__init__()
         self.axes_dims = tuple(axes_dims)
         self.theta = theta
@@ -214,7 +214,7 @@ class NextDiT(nn.Module):
         self.context_refiner = nn.ModuleList(JointBlock(cfg, modulation=False) for _ in range(cfg.n_refiner_layers))
         self.layers = nn.ModuleList(JointBlock(cfg, modulation=True) for _ in range(cfg.n_layers))
         self.final_layer = FinalLayer(cfg)
-        self.rope = RopeND(cfg.axes_dims, cfg.axes_lens, cfg.rope_theta)
+        self.rope = RopeND(cfg.axes_dims, cfg.rope_theta)
         self.checkpoint_blocks: set[int] = set()  # indices into self.layers run with activation checkpointing
         self.reset_parameters()
 

@@ -126,9 +126,3 @@ def decode_image(
         flags.append("extreme_aspect")
     return Decoded(rgb, None, w, h, fmt, flags)
 
-
-def encode_jpeg(image: Image.Image, quality: int = 92) -> bytes:
-    """RGB image -> baseline JPEG bytes (deterministic for the same Pillow build)."""
-    buf = io.BytesIO()
-    image.save(buf, format="JPEG", quality=quality, optimize=False)
-    return buf.getvalue()
