@@ -9,7 +9,8 @@ Reports seconds per forward+backward (median of --iters after a warm-up, the two
 alternated in one process so that machine noise hits both alike), peak RSS (each model alone in a
 fresh process), and the ratios.
 On a GPU machine it also times NextDiT_2B at 256 and 1024 px in bf16 and reports MFU against a
-bf16 matmul rate measured on the same GPU (--gpu).
+bf16 matmul rate measured on the same GPU (--gpu), per attention backend; --cpu-mfu does the same
+for --config on this CPU.
 """
 
 from __future__ import annotations
@@ -94,40 +95,62 @@ def interleaved_times(config: str, batch: int, latent: int, iters: int) -> dict:
     return {k: statistics.median(v) for k, v in times.items()}
 
 
-def gpu_mfu(iters: int) -> dict:
-    """NextDiT_2B fwd+bwd in bf16 at 256 and 1024 px vs a bf16 matmul rate on this GPU."""
+def matmul_rate(device: str, n: int, iters: int = 20) -> float:
+    """bf16 FLOP/s of an n x n x n matmul on this device: the MFU denominator, measured, not a datasheet."""
     import torch
 
-    from train.model import build_model, count_parameters
-
-    dev = "cuda"
-    a = torch.randn(8192, 8192, device=dev, dtype=torch.bfloat16)
+    a = torch.randn(n, n, device=device, dtype=torch.bfloat16)
     for _ in range(3):
         a @ a
-    torch.cuda.synchronize()
+    sync(device)
     t0 = time.perf_counter()
-    for _ in range(20):
+    for _ in range(iters):
         a @ a
-    torch.cuda.synchronize()
-    peak = 2 * 8192**3 * 20 / (time.perf_counter() - t0)
-    model = build_model("NextDiT_2B").to(dev, torch.bfloat16)
-    n_params = count_parameters(model)
-    res = {"matmul_tflops": peak / 1e12}
-    for px, batch in ((256, 32), (1024, 4)):
-        latent = px // 8
-        x, t, cap, mask = make_inputs(model.cfg, batch, latent, dev, torch.bfloat16)
-        seq = (latent // 2) ** 2 + 96
-        for _ in range(2):
-            model(x, t, cap, mask).float().square().mean().backward()
+    sync(device)
+    return 2 * n**3 * iters / (time.perf_counter() - t0)
+
+
+def sync(device: str) -> None:
+    import torch
+
+    if device == "cuda":
         torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        for _ in range(iters):
-            model(x, t, cap, mask).float().square().mean().backward()
-        torch.cuda.synchronize()
-        dt = (time.perf_counter() - t0) / iters
-        # 6 N per token for the matmuls + attention 12 * layers * dim * seq per token (fwd+bwd)
-        flops = batch * seq * (6 * n_params + 12 * (model.cfg.n_layers + 4) * model.cfg.dim * seq)
-        res[f"{px}px"] = {"batch": batch, "seconds": dt, "tflops": flops / dt / 1e12, "mfu": flops / dt / peak}
+
+
+def mfu(config: str, device: str, cases: list[tuple[int, int]], backends: list[str], iters: int) -> dict:
+    """bf16 fwd+bwd of `config` at each (pixels, batch) and attention backend, as a fraction of the
+    measured bf16 matmul rate. FLOPs: train.flops (useful work only: valid tokens, no recompute)."""
+    import torch
+
+    from train.flops import train_step_flops
+    from train.model import build_model
+
+    peak = matmul_rate(device, 8192 if device == "cuda" else 2048, 20 if device == "cuda" else 5)
+    torch.manual_seed(0)
+    model = build_model(config).to(device, torch.bfloat16)
+    res = {"config": config, "device": device, "matmul_tflops": peak / 1e12}
+    for px, batch in cases:
+        latent = px // 8  # FLUX VAE: 8x down
+        x, t, cap, mask = make_inputs(model.cfg, batch, latent, device, torch.bfloat16)
+        flops = train_step_flops(model.cfg, mask.sum(1).tolist(), [(latent // model.cfg.patch_size) ** 2] * batch)
+        for backend in backends:
+            model.set_attention_backend(backend)
+            try:
+                for _ in range(2):
+                    model(x, t, cap, mask).float().square().mean().backward()
+                sync(device)
+                t0 = time.perf_counter()
+                for _ in range(iters):
+                    model(x, t, cap, mask).float().square().mean().backward()
+                sync(device)
+            except RuntimeError as e:  # e.g. flash_varlen without flash-attn installed
+                res[f"{px}px_{backend}"] = {"error": str(e).splitlines()[0]}
+                continue
+            dt = (time.perf_counter() - t0) / iters
+            res[f"{px}px_{backend}"] = {"batch": batch, "seconds": dt, "tflops": flops / dt / 1e12,
+                                        "mfu": flops / dt / peak}  # fmt: skip
+            print(f"{config} {px}px batch {batch} {backend}: {dt * 1e3:.1f} ms, mfu {flops / dt / peak:.3f}", flush=True)
+        model.zero_grad(set_to_none=True)
     return res
 
 
@@ -138,7 +161,8 @@ def main() -> int:
     ap.add_argument("--latent", type=int, default=32)
     ap.add_argument("--iters", type=int, default=5)
     ap.add_argument("--child", choices=["ours", "diffusers"])
-    ap.add_argument("--gpu", action="store_true")
+    ap.add_argument("--gpu", action="store_true", help="also NextDiT_2B at 256 and 1024 px on CUDA, bf16, with MFU")
+    ap.add_argument("--cpu-mfu", action="store_true", help="also --config in bf16 at 256 px with MFU on this CPU")
     ap.add_argument("--out", default="bench/results/nextdit.json")
     args = ap.parse_args()
     if args.child:
@@ -155,8 +179,11 @@ def main() -> int:
         res[which]["seconds_fwd_bwd"] = times[which]
     res["speedup_vs_diffusers"] = times["diffusers"] / times["ours"]
     res["peak_rss_ratio_ours_over_diffusers"] = res["ours"]["peak_rss_mb"] / res["diffusers"]["peak_rss_mb"]
+    backends = ["sdpa", "torch_varlen", "flash_varlen"]
+    if args.cpu_mfu:
+        res["cpu_mfu"] = mfu(args.config, "cpu", [(8 * args.latent, args.batch)], backends[:2], args.iters)
     if args.gpu:
-        res["gpu"] = gpu_mfu(args.iters)
+        res["gpu"] = mfu("NextDiT_2B", "cuda", [(256, 32), (1024, 4)], backends, args.iters)
     save(res, args.out)
     return 0
 

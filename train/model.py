@@ -24,6 +24,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
+from train.attention import SeqBatch, resolve_backend
+
 # ---------------------------------------------------------------- configs
 
 
@@ -137,17 +139,13 @@ class Attention(nn.Module):
         self.q_norm = RMSNorm(cfg.head_dim, eps=1e-5)
         self.k_norm = RMSNorm(cfg.head_dim, eps=1e-5)
 
-    def forward(self, x, mask, rot):
+    def forward(self, x, seqs: SeqBatch, rot):
         B, S, _ = x.shape  # (B, S, D)
         q, k, v = self.qkv(x).split([self.n_heads * self.hd, self.n_kv * self.hd, self.n_kv * self.hd], dim=-1)
         q = apply_rope(self.q_norm(q.view(B, S, self.n_heads, self.hd)), rot)
         k = apply_rope(self.k_norm(k.view(B, S, self.n_kv, self.hd)), rot)
-        v = v.view(B, S, self.n_kv, self.hd)
-        attn_mask = None if mask is None else mask[:, None, None, :]  # (B, 1, 1, S) keys that exist
-        o = F.scaled_dot_product_attention(
-            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=attn_mask, enable_gqa=True
-        )  # (B, H, S, Dh)
-        return self.out(o.transpose(1, 2).reshape(B, S, self.n_heads * self.hd))
+        o = seqs.attend(q, k, v.view(B, S, self.n_kv, self.hd))  # (B, S, H, Dh)
+        return self.out(o.reshape(B, S, self.n_heads * self.hd))
 
 
 class FeedForward(nn.Module):
@@ -176,12 +174,12 @@ class JointBlock(nn.Module):
         if modulation:
             self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(min(cfg.dim, 1024), 4 * cfg.dim))
 
-    def forward(self, x, mask, rot, adaln=None):
+    def forward(self, x, seqs: SeqBatch, rot, adaln=None):
         if not self.modulation:
-            x = x + self.attention_norm2(self.attention(self.attention_norm1(x), mask, rot))
+            x = x + self.attention_norm2(self.attention(self.attention_norm1(x), seqs, rot))
             return x + self.ffn_norm2(self.feed_forward(self.ffn_norm1(x)))
         scale_msa, gate_msa, scale_mlp, gate_mlp = self.adaLN_modulation(adaln).unsqueeze(1).chunk(4, dim=-1)
-        h = self.attention(self.attention_norm1(x) * (1 + scale_msa), mask, rot)
+        h = self.attention(self.attention_norm1(x) * (1 + scale_msa), seqs, rot)
         x = x + gate_msa.tanh() * self.attention_norm2(h)
         h = self.feed_forward(self.ffn_norm1(x) * (1 + scale_mlp))
         return x + gate_mlp.tanh() * self.ffn_norm2(h)
@@ -216,6 +214,7 @@ class NextDiT(nn.Module):
         self.final_layer = FinalLayer(cfg)
         self.rope = RopeND(cfg.axes_dims, cfg.rope_theta)
         self.checkpoint_blocks: set[int] = set()  # indices into self.layers run with activation checkpointing
+        self.attention_backend = "auto"  # see train/attention.py
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -236,6 +235,12 @@ class NextDiT(nn.Module):
     def set_activation_checkpointing(self, blocks: bool | list[int] = True) -> None:
         n = len(self.layers)
         self.checkpoint_blocks = set(range(n)) if blocks is True else set() if blocks is False else set(blocks)
+
+    def set_attention_backend(self, backend: str) -> None:
+        """'auto' (flash-attn varlen on CUDA bf16/fp16 when installed, else SDPA), 'sdpa', 'flash_varlen',
+        'torch_varlen'; all give the same output."""
+        resolve_backend(backend, torch.device("cpu"), torch.float32)  # validates the name
+        self.attention_backend = backend
 
     # ---- patchify: (C, H, W) -> (h*w, p*p*C), features ordered (p_row, p_col, C) as in the release
     def patchify(self, x: torch.Tensor) -> torch.Tensor:
@@ -262,6 +267,8 @@ class NextDiT(nn.Module):
         B, dev = len(xs), cap_feats.device
         cap_mask = cap_mask.bool()
         cap_lens = cap_mask.sum(1).tolist()
+        prefix = torch.arange(cap_mask.shape[1], device=dev)[None] < cap_mask.sum(1, keepdim=True)
+        assert torch.equal(cap_mask, prefix), "cap_mask must be a prefix mask: valid tokens first, padding after"
         sizes = [tuple(xi.shape[-2:]) for xi in xs]
         p = self.cfg.patch_size
         grids = [(h // p, w // p) for h, w in sizes]
@@ -270,46 +277,44 @@ class NextDiT(nn.Module):
         adaln = self.t_embedder(t)  # (B, min(D, 1024))
         cap = self.cap_embedder(cap_feats)  # (B, L, D)
         L, N = cap.shape[1], max(img_lens)
+        backend = resolve_backend(self.attention_backend, cap.device, cap.dtype)
 
         # image tokens, right-padded to N (B, N, D) and their positions (L_text_i, row, col)
         img = torch.zeros(B, N, self.cfg.dim, device=dev, dtype=cap.dtype)
         img_pos = torch.zeros(B, N, 3, dtype=torch.long, device=dev)
-        img_mask = torch.zeros(B, N, dtype=torch.bool, device=dev)
         for i, (xi, (gh, gw)) in enumerate(zip(xs, grids, strict=True)):
             n = gh * gw
             img[i, :n] = self.x_embedder(self.patchify(xi).to(cap.dtype))
             rows = torch.arange(gh, device=dev).repeat_interleave(gw)
             cols = torch.arange(gw, device=dev).repeat(gh)
             img_pos[i, :n] = torch.stack([torch.full_like(rows, cap_lens[i]), rows, cols], dim=-1)
-            img_mask[i, :n] = True
         cap_pos = torch.zeros(B, L, 3, dtype=torch.long, device=dev)
         cap_pos[..., 0] = torch.arange(L, device=dev)[None] * cap_mask  # padding positions: (0, 0, 0)
 
         rot = self.rope(cap_pos)
+        seqs = SeqBatch.build(cap_lens, L, dev, backend)
         for blk in self.context_refiner:
-            cap = blk(cap, cap_mask, rot)
+            cap = blk(cap, seqs, rot)
         rot = self.rope(img_pos)
-        same_size = len(set(img_lens)) == 1
+        seqs = SeqBatch.build(img_lens, N, dev, backend)
         for blk in self.noise_refiner:
-            img = blk(img, None if same_size else img_mask, rot, adaln)
+            img = blk(img, seqs, rot, adaln)
 
         # joint sequence [caption (valid) ; image (valid)], right-padded (B, S, D)
         seq_lens = [c + n for c, n in zip(cap_lens, img_lens, strict=True)]
         S = max(seq_lens)
         h = torch.zeros(B, S, self.cfg.dim, device=dev, dtype=cap.dtype)
         pos = torch.zeros(B, S, 3, dtype=torch.long, device=dev)
-        mask = torch.zeros(B, S, dtype=torch.bool, device=dev)
         for i, (c, n) in enumerate(zip(cap_lens, img_lens, strict=True)):
             h[i, :c], h[i, c : c + n] = cap[i, :c], img[i, :n]
             pos[i, :c], pos[i, c : c + n] = cap_pos[i, :c], img_pos[i, :n]
-            mask[i, : c + n] = True
-        mask = None if len(set(seq_lens)) == 1 else mask
         rot = self.rope(pos)
+        seqs = SeqBatch.build(seq_lens, S, dev, backend)
         for j, blk in enumerate(self.layers):
             if j in self.checkpoint_blocks and torch.is_grad_enabled():
-                h = checkpoint(blk, h, mask, rot, adaln, use_reentrant=False)
+                h = checkpoint(blk, h, seqs, rot, adaln, use_reentrant=False)
             else:
-                h = blk(h, mask, rot, adaln)
+                h = blk(h, seqs, rot, adaln)
         h = self.final_layer(h, adaln)  # (B, S, p*p*C)
 
         out = [self.unpatchify(h[i, c : c + n], *sizes[i]) for i, (c, n) in enumerate(zip(cap_lens, img_lens, strict=True))]
