@@ -22,7 +22,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.compute  # noqa: F401  (pa.compute)
 
-from pipelines.runner import ShardJob, run_sharded, summarise
+from pipelines.runner import ShardJob, cpu_threads_per_actor, run_sharded, summarise
 from unicap import schema
 from unicap.captioner import CaptionConfig, Captioner
 from unicap.engines import EngineConfig, has_cuda, make_engine
@@ -84,6 +84,7 @@ def run_job(
         num_gpus=1 if gpu else 0,
         num_cpus=cpus_per_actor if cpus_per_actor is not None else (1 if gpu else 0.5),
         env_vars={"VLLM_ENABLE_V1_MULTIPROCESSING": "0", "VLLM_HOST_IP": "127.0.0.1"},
+        threads=None if gpu else cpu_threads_per_actor(concurrency),
     )
     tokens = 0
 

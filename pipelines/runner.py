@@ -39,6 +39,18 @@ class ShardJob:
     num_cpus: float = 0.5
     num_gpus: float = 0
     env_vars: dict = field(default_factory=dict)
+    # OpenMP/torch threads per actor. Ray sets OMP_NUM_THREADS to an actor's num_cpus (1 for a
+    # fractional claim), which starves CPU inference; None keeps Ray's choice (GPU actors).
+    threads: int | None = None
+
+
+def cpu_threads_per_actor(concurrency: int) -> int:
+    """This machine's cores shared among `concurrency` CPU actors: the compute threads each may use."""
+    return max(1, (os.cpu_count() or 1) // max(1, concurrency))
+
+
+def threads_env(threads: int | None) -> dict[str, str]:
+    return {} if threads is None else {v: str(threads) for v in ("OMP_NUM_THREADS", "MKL_NUM_THREADS")}
 
 
 def index_failures(input_dir: str | Path, shard: str) -> list[dict]:
@@ -128,7 +140,7 @@ def run_sharded(
             concurrency=concurrency,
             num_cpus=job.num_cpus,
             num_gpus=job.num_gpus,
-            runtime_env={"env_vars": {"TOKENIZERS_PARALLELISM": "false", **job.env_vars}},
+            runtime_env={"env_vars": {"TOKENIZERS_PARALLELISM": "false", **threads_env(job.threads), **job.env_vars}},
         )
         for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
             sink.add_batch(batch)

@@ -16,7 +16,6 @@ Captions in other languages than English are scored with --clip-multilingual whe
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from collections import Counter
 from pathlib import Path
@@ -25,7 +24,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pipelines.runner import ShardJob, run_sharded, summarise
+from pipelines.runner import ShardJob, cpu_threads_per_actor, run_sharded, summarise
 from unicap import schema
 from unicap.atomic import write_parquet
 from unicap.decode import decode_image
@@ -50,13 +49,8 @@ class ScoreStage:
     """Ray Data actor: one open_clip model per actor; batches of shard rows -> score rows."""
 
     def __init__(self, clip: str, aesthetic: str | None, captions: str | None, levels, languages,
-                 multilingual: str | None = None, precision: str = "bf16", threads: int | None = None):  # fmt: skip
-        import torch
-
+                 multilingual: str | None = None, precision: str = "bf16"):  # fmt: skip
         from unicap.clip import ClipScorer
-
-        if threads:  # Ray pins OMP_NUM_THREADS to the actor's num_cpus; on CPU give torch the cores it owns
-            torch.set_num_threads(threads)
 
         bf16 = precision == "bf16"
         self.scorer = ClipScorer(clip, aesthetic, autocast=bf16)
@@ -142,12 +136,13 @@ def run_job(input_dir, captions, output, clip: str = "tiny", aesthetic: str | No
         stage_cls=ScoreStage,
         stage_kwargs=dict(clip=clip, aesthetic=aesthetic, captions=str(captions) if captions else None,
                           levels=list(levels), languages=list(languages), multilingual=multilingual,
-                          precision=precision, threads=max(1, (os.cpu_count() or 1) // concurrency)),  # fmt: skip
+                          precision=precision),  # fmt: skip
         schema=score_schema(levels, languages),
         stats_fn=shard_stats,
         failure_table=lambda f: failure_table(f, levels, languages),
         write_fn=write_scores,
         num_cpus=1,
+        threads=cpu_threads_per_actor(concurrency),
     )
     run = run_sharded(job, input_dir, output, batch_size=batch_size, concurrency=concurrency, address=address)
     if dedup:
