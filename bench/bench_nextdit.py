@@ -117,7 +117,8 @@ def sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def mfu(config: str, device: str, cases: list[tuple[int, int]], backends: list[str], iters: int) -> dict:
+def mfu(config: str, device: str, cases: list[tuple[int, int]], backends: list[str], iters: int,
+        compile_blocks: bool = False) -> dict:
     """bf16 fwd+bwd of `config` at each (pixels, batch) and attention backend, as a fraction of the
     measured bf16 matmul rate. FLOPs: train.flops (useful work only: valid tokens, no recompute)."""
     import torch
@@ -128,7 +129,9 @@ def mfu(config: str, device: str, cases: list[tuple[int, int]], backends: list[s
     peak = matmul_rate(device, 8192 if device == "cuda" else 2048, 20 if device == "cuda" else 5)
     torch.manual_seed(0)
     model = build_model(config).to(device, torch.bfloat16)
-    res = {"config": config, "device": device, "matmul_tflops": peak / 1e12}
+    if compile_blocks:
+        model.compile_blocks()
+    res = {"config": config, "device": device, "matmul_tflops": peak / 1e12, "compiled": compile_blocks}
     for px, batch in cases:
         latent = px // 8  # FLUX VAE: 8x down
         x, t, cap, mask = make_inputs(model.cfg, batch, latent, device, torch.bfloat16)
@@ -163,6 +166,7 @@ def main() -> int:
     ap.add_argument("--child", choices=["ours", "diffusers"])
     ap.add_argument("--gpu", action="store_true", help="also NextDiT_2B at 256 and 1024 px on CUDA, bf16, with MFU")
     ap.add_argument("--cpu-mfu", action="store_true", help="also --config in bf16 at 256 px with MFU on this CPU")
+    ap.add_argument("--compile", action="store_true", help="MFU runs also with torch.compile'd blocks (inductor)")
     ap.add_argument("--out", default="bench/results/nextdit.json")
     args = ap.parse_args()
     if args.child:
@@ -181,9 +185,15 @@ def main() -> int:
     res["peak_rss_ratio_ours_over_diffusers"] = res["ours"]["peak_rss_mb"] / res["diffusers"]["peak_rss_mb"]
     backends = ["sdpa", "torch_varlen", "flash_varlen"]
     if args.cpu_mfu:
-        res["cpu_mfu"] = mfu(args.config, "cpu", [(8 * args.latent, args.batch)], backends[:2], args.iters)
+        case = [(8 * args.latent, args.batch)]
+        res["cpu_mfu"] = mfu(args.config, "cpu", case, backends[:2], args.iters)
+        if args.compile:
+            res["cpu_mfu_compiled"] = mfu(args.config, "cpu", case, backends[:1], args.iters, compile_blocks=True)
     if args.gpu:
         res["gpu"] = mfu("NextDiT_2B", "cuda", [(256, 32), (1024, 4)], backends, args.iters)
+        if args.compile:
+            res["gpu_compiled"] = mfu("NextDiT_2B", "cuda", [(256, 32), (1024, 4)], backends[:1] + backends[2:],
+                                      args.iters, compile_blocks=True)  # fmt: skip
     save(res, args.out)
     return 0
 

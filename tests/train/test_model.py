@@ -92,3 +92,20 @@ def test_bad_latent_size_is_a_clear_error():
     m = build_model(SMALL)
     with pytest.raises(AssertionError, match="not divisible by patch size"):
         m(torch.randn(1, 4, 5, 4), torch.rand(1), torch.randn(1, 3, 32), torch.ones(1, 3, dtype=torch.bool))
+
+
+def test_blocks_compile_as_whole_graphs():
+    """torch.compile of every block with fullgraph=True: a graph break (a .tolist(), a data-dependent
+    branch) added to a block fails here. aot_eager traces like inductor without compiling C++."""
+    m = randomised(SMALL).train()
+    xs = [torch.randn(4, 6, 8), torch.randn(4, 10, 4)]
+    t, cap = torch.rand(2), torch.randn(2, 5, 32)
+    mask = torch.tensor([[1] * 5, [1] * 3 + [0] * 2], dtype=torch.bool)
+    m.set_attention_backend("sdpa")
+    ref = m(xs, t, cap, mask)
+    m.compile_blocks(backend="aot_eager")
+    out = m(xs, t, cap, mask)
+    sum(o.square().mean() for o in out).backward()
+    for a, b in zip(out, ref, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    assert all(p.grad is not None for p in m.layers.parameters())
