@@ -28,6 +28,7 @@ from pipelines.runner import ShardJob, cpu_threads_per_actor, run_sharded, summa
 from unicap import schema
 from unicap.atomic import write_parquet
 from unicap.decode import decode_image
+from unicap.engines import has_cuda
 
 EMBED_DIR = "_embeddings"  # "_": not read by pandas.read_parquet(OUTPUT)
 DEDUP_DIR = "_dedup"
@@ -49,12 +50,12 @@ class ScoreStage:
     """Ray Data actor: one open_clip model per actor; batches of shard rows -> score rows."""
 
     def __init__(self, clip: str, aesthetic: str | None, captions: str | None, levels, languages,
-                 multilingual: str | None = None, precision: str = "bf16"):  # fmt: skip
+                 multilingual: str | None = None, precision: str = "bf16", device: str = "cpu"):  # fmt: skip
         from unicap.clip import ClipScorer
 
         bf16 = precision == "bf16"
-        self.scorer = ClipScorer(clip, aesthetic, autocast=bf16)
-        self.multi = ClipScorer(multilingual, autocast=bf16) if multilingual else None
+        self.scorer = ClipScorer(clip, aesthetic, device=device, autocast=bf16)
+        self.multi = ClipScorer(multilingual, device=device, autocast=bf16) if multilingual else None
         self.captions = Path(captions) if captions else None
         self.levels, self.languages = tuple(levels), tuple(languages)
         self.schema = score_schema(self.levels, self.languages)
@@ -128,21 +129,27 @@ def shard_stats(table: pa.Table) -> dict:
 def run_job(input_dir, captions, output, clip: str = "tiny", aesthetic: str | None = None, *,
             levels=schema.LEVELS, languages=schema.LANGUAGES, multilingual: str | None = None,
             batch_size: int = 64, concurrency: int = 1, address: str | None = None, dedup: bool = True,
-            near_threshold: float = 0.95, near_dedup: bool = True, precision: str = "bf16") -> dict:  # fmt: skip
+            near_threshold: float = 0.95, near_dedup: bool = True, precision: str = "bf16",
+            device: str = "auto", gpus_per_actor: float = 1.0) -> dict:  # fmt: skip
     from unicap.dedup import find_duplicates
 
+    assert device in ("auto", "cpu", "cuda"), f"device {device!r}: auto, cpu or cuda"
+    if device == "auto":
+        device = "cuda" if has_cuda() else "cpu"
+    gpu = device == "cuda"
     job = ShardJob(
         name="score",
         stage_cls=ScoreStage,
         stage_kwargs=dict(clip=clip, aesthetic=aesthetic, captions=str(captions) if captions else None,
                           levels=list(levels), languages=list(languages), multilingual=multilingual,
-                          precision=precision),  # fmt: skip
+                          precision=precision, device=device),  # fmt: skip
         schema=score_schema(levels, languages),
         stats_fn=shard_stats,
         failure_table=lambda f: failure_table(f, levels, languages),
         write_fn=write_scores,
         num_cpus=1,
-        threads=cpu_threads_per_actor(concurrency),
+        num_gpus=gpus_per_actor if gpu else 0,
+        threads=None if gpu else cpu_threads_per_actor(concurrency),
     )
     run = run_sharded(job, input_dir, output, batch_size=batch_size, concurrency=concurrency, address=address)
     if dedup:
@@ -166,7 +173,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--near-threshold", type=float, default=0.95, help="cosine (centred) for near duplicates")
     p.add_argument("--no-near-dedup", action="store_true",
                    help="exact duplicates only (e.g. with --clip tiny, whose random embeddings cannot tell images apart)")
-    p.add_argument("--precision", default="bf16", choices=["bf16", "fp32"], help="CPU autocast (bf16 uses AMX)")
+    p.add_argument("--precision", default="bf16", choices=["bf16", "fp32"], help="autocast (on CPU, bf16 uses AMX)")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="auto: cuda when present")
+    p.add_argument("--gpus-per-actor", type=float, default=1.0,
+                   help="GPU share per CLIP actor (0.5: two actors per GPU; --concurrency sets how many)")
     p.add_argument("--address", default=None, help="Ray address (default: RAY_ADDRESS or a local instance)")
 
 
@@ -181,7 +191,7 @@ def run(args: argparse.Namespace) -> int:
                 languages=args.languages.split(","), multilingual=args.clip_multilingual,
                 batch_size=args.batch_size, concurrency=args.concurrency, address=args.address,
                 near_threshold=args.near_threshold, near_dedup=not args.no_near_dedup,
-                precision=args.precision)  # fmt: skip
+                precision=args.precision, device=args.device, gpus_per_actor=args.gpus_per_actor)  # fmt: skip
     r = s["last_run"]
     print(f"score: {r['images']} rows in {r['seconds']}s; output holds {s['rows']} rows in {s['shards']} shards; "
           f"duplicates {r.get('duplicates')}")  # fmt: skip

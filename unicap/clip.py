@@ -58,7 +58,8 @@ class ClipScorer:
         self.model, self.preprocess, self.tokenizer, self.name = load_clip(spec, device)
         self.spec, self.device = spec, device
         self.context = getattr(self.model, "context_length", 77) or 77
-        self.autocast = autocast and device == "cpu" and torch.backends.mkldnn.is_available()
+        # bf16 autocast: on CUDA always when asked; on CPU where oneDNN can run it (AMX)
+        self.autocast = autocast and (device != "cpu" or torch.backends.mkldnn.is_available())
         dim = self.model.text_projection.shape[-1] if hasattr(self.model, "text_projection") else None
         self.aesthetic = None
         if aesthetic:
@@ -68,7 +69,8 @@ class ClipScorer:
             self.aesthetic.load_state_dict(state)
 
     def _ctx(self):
-        return torch.autocast("cpu", dtype=torch.bfloat16) if self.autocast else torch.autocast("cpu", enabled=False)
+        kind = torch.device(self.device).type
+        return torch.autocast(kind, dtype=torch.bfloat16) if self.autocast else torch.autocast(kind, enabled=False)
 
     @torch.no_grad()
     def embed_images(self, images: list[Image.Image]) -> np.ndarray:
