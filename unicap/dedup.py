@@ -224,6 +224,8 @@ def find_duplicates(score_dir: Path, near_threshold: float | None = 0.95) -> pa.
     if near_threshold is None or not (score_dir / "_embeddings").is_dir():
         return exact
     (score_dir / "_dedup").mkdir(exist_ok=True)
+    for stale in (score_dir / "_dedup").glob(".work-*"):  # left by a killed run
+        shutil.rmtree(stale, ignore_errors=True)
     workdir = Path(tempfile.mkdtemp(prefix=".work-", dir=score_dir / "_dedup"))
     try:
         pool = _Pool(score_dir, exact.column("key").combine_chunks(), workdir)

@@ -86,6 +86,7 @@ def test_find_duplicates_over_a_score_folder(tmp_path):
     min_side = [256] * len(emb)
     min_side[1501] = 512  # the copy of row 1 is larger: it is kept
     write_pool(tmp_path, emb, sha, min_side)
+    (tmp_path / "_dedup" / ".work-killed").mkdir(parents=True)  # what a killed run leaves
     dups = find_duplicates(tmp_path, 0.95).to_pandas()
     got = {(r.key, r.duplicate_of, r.kind) for r in dups.itertuples()}
     assert got == {("k01500", "k00000", "near"), ("k00001", "k01501", "near"), ("k01502", "k00002", "near"),
