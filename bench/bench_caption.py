@@ -9,6 +9,7 @@ one request per level x language; "json": one structured request per image) on t
 job        read shards -> decode -> engine -> validate -> write, through Ray Data (unicap caption)
 bare       vllm.LLM.chat on pre-decoded, pre-resized images, batches of the job's batch size
 hf         transformers Qwen2VLForConditionalGeneration.generate, greedy, same batches
+ray_data_llm  ray.data.llm's vLLM processor over the same requests as rows (no validation/retry)
 The job's images/s is given end to end and steady: rows after the first shard over the time
 between the first and the last shard's write, so that the fixed start-up (Ray, engine actor,
 ~10-20 s on CPU) and the warm-up drop out, as they do for bare and hf. Run with the engine
@@ -105,6 +106,60 @@ def bench_hf(model: str, images, batch: int) -> dict:
     return {"images_per_s": len(images) / dt, "seconds": dt, "tokens_per_image": tokens / len(images)}
 
 
+def bench_ray_data_llm(model: str, images, batch: int) -> dict:
+    """ray.data.llm's vLLM processor on the same requests: one row per request (the model's chat
+    template applied here, the image as multimodal_data), fresh local Ray, the engine arguments of
+    the job's engine. Steady state from the arrival times of output batches (first batch excluded)."""
+    import numpy as np
+    import ray
+    from ray.data.llm import build_processor, vLLMEngineProcessorConfig
+    from transformers import AutoProcessor
+
+    from pipelines.runner import cpu_threads_per_actor, init_ray, threads_env
+    from unicap import prompts
+    from unicap.engines import EngineConfig, vllm_engine_kwargs
+
+    proc = AutoProcessor.from_pretrained(model)
+    ps = prompts.prompts_for("direct", LEVELS, LANGS, MAX_TOKENS)
+    rows = []
+    for n, im in enumerate(images):
+        for p in ps:
+            msgs = prompts.chat_messages(p, "x")
+            msgs[1]["content"][0] = {"type": "image"}
+            text = proc.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False)
+            rows.append({"image_id": n, "prompt": text, "image": np.asarray(im), "max_tokens": p.max_tokens})
+    init_ray(None)
+    config = vLLMEngineProcessorConfig(
+        model_source=model,
+        engine_kwargs=vllm_engine_kwargs(EngineConfig(model=model, max_pixels=MAX_PIXELS)),
+        batch_size=batch * len(ps),  # the job's batch: `batch` images x their requests
+        concurrency=1,
+        chat_template_stage=False,
+        tokenize_stage=False,
+        detokenize_stage=False,
+        log_engine_metrics=False,  # its Prometheus logger imports ray.serve, which ray[data] lacks
+        placement_group_config={"bundles": [{"CPU": 1}]},  # CPU vLLM (else it asks for a GPU)
+        runtime_env={"env_vars": {"VLLM_ENABLE_V1_MULTIPROCESSING": "0", "VLLM_HOST_IP": "127.0.0.1",
+                                  **threads_env(cpu_threads_per_actor(1))}},  # fmt: skip
+    )
+    processor = build_processor(
+        config,
+        preprocess=lambda r: {"image_id": r["image_id"], "prompt": r["prompt"], "multimodal_data": {"image": r["image"]},
+                              "sampling_params": {"max_tokens": int(r["max_tokens"]), "temperature": 0.0}},
+        postprocess=lambda r: {"image_id": r["image_id"], "tokens": r["num_generated_tokens"]},
+    )  # fmt: skip
+    t0, arrivals, tokens = time.time(), [], 0
+    for b in processor(ray.data.from_items(rows)).iter_batches(batch_size=None, batch_format="pandas"):
+        arrivals.append((time.time(), len(b)))
+        tokens += int(b["tokens"].sum())
+    wall = time.time() - t0
+    ray.shutdown()
+    n_req = sum(k for _, k in arrivals)
+    steady = (n_req - arrivals[0][1]) / (arrivals[-1][0] - arrivals[0][0]) / len(ps)
+    return {"images_per_s_end_to_end": len(images) / wall, "images_per_s_steady": steady, "seconds": wall,
+            "tokens_per_image": tokens / len(images), "output_batches": len(arrivals)}  # fmt: skip
+
+
 def _run_job(model: str, shards: Path, batch: int, threads: int | None) -> dict:
     """One job on a fresh local Ray; steady-state images/s from the times its shards were written."""
     import ray
@@ -135,6 +190,7 @@ def main() -> int:
     ap.add_argument("--n", type=int, default=128)
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--out", default="bench/results/caption.json")
+    ap.add_argument("--only", default=None, help="run one leg (job, ray_data_llm, bare, hf) and print it")
     args = ap.parse_args()
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
     from datagen.synth import synth
@@ -144,15 +200,24 @@ def main() -> int:
     shards = Path(tempfile.mkdtemp(prefix="bench-shards-"))
     synth(str(shards), args.n, seed=1, shard_size=args.batch)
     images = load_images(shards)
+    legs = {"job": lambda: _run_job(model, shards, args.batch, None),
+            "ray_data_llm": lambda: bench_ray_data_llm(model, images, args.batch),
+            "bare": lambda: bench_bare(model, images, args.batch, "direct"), "hf": lambda: bench_hf(model, images, args.batch)}  # fmt: skip
+    if args.only:
+        print(legs[args.only]())
+        return 0
     res = {"n_images": args.n, "batch": args.batch, "max_tokens": MAX_TOKENS, "max_pixels": MAX_PIXELS}
     res["job"] = _run_job(model, shards, args.batch, None)
     res["job_1_thread"] = _run_job(model, shards, args.batch, 1)  # what Ray gave the actor before the fix
+    res["ray_data_llm"] = bench_ray_data_llm(model, images, args.batch)
     res["bare_direct"] = bench_bare(model, images, args.batch, "direct")
     res["bare_json"] = bench_bare(model, images, args.batch, "json")
     res["hf_generate"] = bench_hf(model, images, args.batch)
     bare = res["bare_direct"]["images_per_s"]
     res["ratio_job_steady_vs_bare"] = res["job"]["images_per_s_steady"] / bare
     res["ratio_job_1_thread_steady_vs_bare"] = res["job_1_thread"]["images_per_s_steady"] / bare
+    res["ratio_ray_data_llm_steady_vs_bare"] = res["ray_data_llm"]["images_per_s_steady"] / bare
+    res["ratio_job_steady_vs_ray_data_llm"] = res["job"]["images_per_s_steady"] / res["ray_data_llm"]["images_per_s_steady"]
     res["ratio_job_end_to_end_vs_bare"] = res["job"]["images_per_s_end_to_end"] / bare
     res["ratio_job_steady_vs_hf"] = res["job"]["images_per_s_steady"] / res["hf_generate"]["images_per_s"]
     res["ratio_bare_vs_hf"] = bare / res["hf_generate"]["images_per_s"]

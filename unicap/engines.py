@@ -89,6 +89,26 @@ def has_cuda() -> bool:
         return False
 
 
+def vllm_engine_kwargs(cfg: EngineConfig) -> dict:
+    """vLLM engine arguments (everything but the model) for this machine: one place for the job's
+    engine and for benchmarks that build engines another way (ray.data.llm)."""
+    gpu = has_cuda()
+    kwargs = dict(
+        max_model_len=cfg.max_model_len,
+        dtype=cfg.dtype,
+        enforce_eager=(not gpu) if cfg.enforce_eager is None else cfg.enforce_eager,
+        limit_mm_per_prompt={"image": 1, "video": 0},
+        mm_processor_kwargs={"max_pixels": cfg.max_pixels},
+        enable_prefix_caching=True,
+        seed=0,
+    )
+    if gpu:
+        kwargs["gpu_memory_utilization"] = cfg.gpu_memory_utilization
+    else:
+        kwargs["kv_cache_memory_bytes"] = cfg.kv_cache_bytes or (256 << 20)
+    return {**kwargs, **cfg.extra}
+
+
 class VLLMEngine:
     """vllm.LLM in this process (inside a Ray Data actor in the caption job)."""
 
@@ -100,23 +120,7 @@ class VLLMEngine:
         os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
         from vllm import LLM
 
-        gpu = has_cuda()
-        kwargs = dict(
-            model=resolve_model(cfg.model),
-            max_model_len=cfg.max_model_len,
-            dtype=cfg.dtype,
-            enforce_eager=(not gpu) if cfg.enforce_eager is None else cfg.enforce_eager,
-            limit_mm_per_prompt={"image": 1, "video": 0},
-            mm_processor_kwargs={"max_pixels": cfg.max_pixels},
-            enable_prefix_caching=True,
-            seed=0,
-        )
-        if gpu:
-            kwargs["gpu_memory_utilization"] = cfg.gpu_memory_utilization
-        else:
-            kwargs["kv_cache_memory_bytes"] = cfg.kv_cache_bytes or (256 << 20)
-        kwargs.update(cfg.extra)
-        self.llm = LLM(**kwargs)
+        self.llm = LLM(model=resolve_model(cfg.model), **vllm_engine_kwargs(cfg))
         self.model_name = cfg.model
 
     def generate(self, requests: list[GenRequest]) -> list[GenResult]:
