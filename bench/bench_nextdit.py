@@ -117,10 +117,23 @@ def sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
+def timed_steps(model, inputs, iters: int, device: str) -> float:
+    """Seconds per fwd+bwd step, after two warm-up steps (compilation, allocator)."""
+    for _ in range(2):
+        model(*inputs).float().square().mean().backward()
+    sync(device)
+    t0 = time.perf_counter()
+    for _ in range(iters):
+        model(*inputs).float().square().mean().backward()
+    sync(device)
+    return (time.perf_counter() - t0) / iters
+
+
 def mfu(config: str, device: str, cases: list[tuple[int, int]], backends: list[str], iters: int,
         compile_blocks: bool = False) -> dict:
     """bf16 fwd+bwd of `config` at each (pixels, batch) and attention backend, as a fraction of the
-    measured bf16 matmul rate. FLOPs: train.flops (useful work only: valid tokens, no recompute)."""
+    measured bf16 matmul rate. FLOPs: train.flops (useful work only: valid tokens, no recompute, so a
+    run that falls back to activation checkpointing on OOM reports the lower, honest MFU)."""
     import torch
 
     from train.flops import train_step_flops
@@ -138,21 +151,23 @@ def mfu(config: str, device: str, cases: list[tuple[int, int]], backends: list[s
         flops = train_step_flops(model.cfg, mask.sum(1).tolist(), [(latent // model.cfg.patch_size) ** 2] * batch)
         for backend in backends:
             model.set_attention_backend(backend)
+            model.set_activation_checkpointing(False)
             try:
-                for _ in range(2):
-                    model(x, t, cap, mask).float().square().mean().backward()
-                sync(device)
-                t0 = time.perf_counter()
-                for _ in range(iters):
-                    model(x, t, cap, mask).float().square().mean().backward()
-                sync(device)
+                try:
+                    dt = timed_steps(model, (x, t, cap, mask), iters, device)
+                except torch.OutOfMemoryError:  # 2B at 1024 px on an 80 GB card: recompute instead
+                    model.zero_grad(set_to_none=True)
+                    torch.cuda.empty_cache()
+                    model.set_activation_checkpointing(True)
+                    dt = timed_steps(model, (x, t, cap, mask), iters, device)
             except RuntimeError as e:  # e.g. flash_varlen without flash-attn installed
                 res[f"{px}px_{backend}"] = {"error": str(e).splitlines()[0]}
                 continue
-            dt = (time.perf_counter() - t0) / iters
+            ckpt = bool(model.checkpoint_blocks)
             res[f"{px}px_{backend}"] = {"batch": batch, "seconds": dt, "tflops": flops / dt / 1e12,
-                                        "mfu": flops / dt / peak}  # fmt: skip
-            print(f"{config} {px}px batch {batch} {backend}: {dt * 1e3:.1f} ms, mfu {flops / dt / peak:.3f}", flush=True)
+                                        "mfu": flops / dt / peak, "activation_checkpointing": ckpt}  # fmt: skip
+            print(f"{config} {px}px batch {batch} {backend}{' ckpt' if ckpt else ''}: {dt * 1e3:.1f} ms, "
+                  f"mfu {flops / dt / peak:.3f}", flush=True)  # fmt: skip
         model.zero_grad(set_to_none=True)
     return res
 
