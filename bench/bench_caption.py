@@ -164,17 +164,15 @@ def _run_job(model: str, shards: Path, batch: int, threads: int | None) -> dict:
     """One job on a fresh local Ray; steady-state images/s from the times its shards were written."""
     import ray
 
-    import pipelines.caption as job
+    from pipelines.caption import run_job
     from unicap.captioner import CaptionConfig
     from unicap.engines import EngineConfig
 
-    if threads is not None:  # the compute threads the engine actor gets (default: cores / actors)
-        job.cpu_threads_per_actor = lambda concurrency: threads
     out = Path(tempfile.mkdtemp(prefix="bench-captions-"))
     t0 = time.time()
-    summary = job.run_job(shards, out, EngineConfig(model=model, max_pixels=MAX_PIXELS),
-                          CaptionConfig(levels=LEVELS, languages=LANGS, max_retries=0, max_pixels=MAX_PIXELS,
-                                        max_tokens=MAX_TOKENS), batch_size=batch)  # fmt: skip
+    summary = run_job(shards, out, EngineConfig(model=model, max_pixels=MAX_PIXELS),
+                      CaptionConfig(levels=LEVELS, languages=LANGS, max_retries=0, max_pixels=MAX_PIXELS,
+                                    max_tokens=MAX_TOKENS), batch_size=batch, threads_per_actor=threads)  # fmt: skip
     wall = time.time() - t0
     ray.shutdown()  # each run pays the same start-up: a fresh local Ray and a fresh engine actor
     files = sorted(out.glob("*.parquet"), key=lambda p: p.stat().st_mtime)

@@ -22,7 +22,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.compute  # noqa: F401  (pa.compute)
 
-from pipelines.runner import ShardJob, cpu_threads_per_actor, run_sharded, summarise
+from pipelines.runner import ShardJob, run_sharded, summarise
 from unicap import schema
 from unicap.captioner import CaptionConfig, Captioner
 from unicap.engines import EngineConfig, has_cuda, make_engine
@@ -69,6 +69,7 @@ def run_job(
     batch_size: int = 16,
     concurrency: int = 1,
     cpus_per_actor: float | None = None,
+    threads_per_actor: int | None = None,
     address: str | None = None,
     limit_shards: int | None = None,
 ) -> dict:
@@ -84,7 +85,7 @@ def run_job(
         num_gpus=1 if gpu else 0,
         num_cpus=cpus_per_actor if cpus_per_actor is not None else (1 if gpu else 0.5),
         env_vars={"VLLM_ENABLE_V1_MULTIPROCESSING": "0", "VLLM_HOST_IP": "127.0.0.1"},
-        threads=None if gpu else cpu_threads_per_actor(concurrency),
+        threads=threads_per_actor,
     )
     tokens = 0
 
@@ -116,6 +117,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=int, default=16, help="images per actor call (default 16)")
     p.add_argument("--concurrency", type=int, default=1, help="engine actors (default 1; one per GPU)")
     p.add_argument("--cpus-per-actor", type=float, default=None, help="Ray CPUs claimed per actor")
+    p.add_argument("--threads-per-actor", type=int, default=None, help="compute threads per CPU actor (default: cores / actors)")
     p.add_argument("--max-retries", type=int, default=2, help="retries of a failed caption (default 2)")
     p.add_argument("--timeout", type=float, default=180.0, help="seconds per server request (server mode)")
     p.add_argument("--max-concurrent-requests", type=int, default=32, help="in-flight requests per actor (server)")
@@ -142,7 +144,7 @@ def configs_from_args(args: argparse.Namespace) -> tuple[EngineConfig, CaptionCo
 def run(args: argparse.Namespace) -> int:
     engine, caption = configs_from_args(args)
     s = run_job(args.input, args.output, engine, caption, batch_size=args.batch_size, concurrency=args.concurrency,
-                cpus_per_actor=args.cpus_per_actor, address=args.address, limit_shards=args.limit_shards)  # fmt: skip
+                cpus_per_actor=args.cpus_per_actor, threads_per_actor=args.threads_per_actor, address=args.address, limit_shards=args.limit_shards)  # fmt: skip
     r = s["last_run"]
     print(f"caption: {r['images']} images in {r['seconds']}s ({r['images_per_s']} images/s, "
           f"{r['tokens_per_s']} tokens/s); output holds {s['rows']} rows in {s['shards']} shards")  # fmt: skip

@@ -40,13 +40,20 @@ class ShardJob:
     num_gpus: float = 0
     env_vars: dict = field(default_factory=dict)
     # OpenMP/torch threads per actor. Ray sets OMP_NUM_THREADS to an actor's num_cpus (1 for a
-    # fractional claim), which starves CPU inference; None keeps Ray's choice (GPU actors).
+    # fractional claim), which starves CPU inference. None: CPU actors (num_gpus 0) get their share
+    # of the cores (cpu_threads_per_actor), GPU actors keep Ray's choice.
     threads: int | None = None
 
 
 def cpu_threads_per_actor(concurrency: int) -> int:
     """This machine's cores shared among `concurrency` CPU actors: the compute threads each may use."""
     return max(1, (os.cpu_count() or 1) // max(1, concurrency))
+
+
+def actor_threads(job: ShardJob, concurrency: int) -> int | None:
+    if job.threads is not None:
+        return job.threads
+    return cpu_threads_per_actor(concurrency) if not job.num_gpus else None
 
 
 def threads_env(threads: int | None) -> dict[str, str]:
@@ -140,7 +147,8 @@ def run_sharded(
             concurrency=concurrency,
             num_cpus=job.num_cpus,
             num_gpus=job.num_gpus,
-            runtime_env={"env_vars": {"TOKENIZERS_PARALLELISM": "false", **threads_env(job.threads), **job.env_vars}},
+            runtime_env={"env_vars": {"TOKENIZERS_PARALLELISM": "false", **threads_env(actor_threads(job, concurrency)),
+                                      **job.env_vars}},
         )
         for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
             sink.add_batch(batch)

@@ -24,7 +24,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pipelines.runner import ShardJob, cpu_threads_per_actor, run_sharded, summarise
+from pipelines.runner import ShardJob, run_sharded, summarise
 from unicap import schema
 from unicap.atomic import write_parquet
 from unicap.decode import decode_image
@@ -149,7 +149,6 @@ def run_job(input_dir, captions, output, clip: str = "tiny", aesthetic: str | No
         write_fn=write_scores,
         num_cpus=1,
         num_gpus=gpus_per_actor if gpu else 0,
-        threads=None if gpu else cpu_threads_per_actor(concurrency),
     )
     run = run_sharded(job, input_dir, output, batch_size=batch_size, concurrency=concurrency, address=address)
     if dedup:

@@ -23,6 +23,7 @@ backends and unspecified (finite) in sdpa. Nothing downstream reads them.
 from __future__ import annotations
 
 import functools
+import itertools
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -89,7 +90,7 @@ class SeqBatch:
         if not full:
             mask = torch.arange(S, device=device)[None] < torch.tensor(lens, device=device)[:, None]
         if backend != "sdpa":
-            cu = torch.tensor([0, *torch.tensor(lens).cumsum(0).tolist()], dtype=torch.int32, device=device)
+            cu = torch.tensor([0, *itertools.accumulate(lens)], dtype=torch.int32, device=device)
             idx = None if full else torch.cat([torch.arange(n, device=device) + i * S for i, n in enumerate(lens)])
         return cls(lens, S, backend, mask, cu, idx)
 

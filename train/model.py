@@ -24,7 +24,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from train.attention import SeqBatch, resolve_backend
+from train.attention import BACKENDS, SeqBatch, resolve_backend
 
 # ---------------------------------------------------------------- configs
 
@@ -251,7 +251,7 @@ class NextDiT(nn.Module):
     def set_attention_backend(self, backend: str) -> None:
         """'auto' (flash-attn varlen on CUDA bf16/fp16 when installed, else SDPA), 'sdpa', 'flash_varlen',
         'torch_varlen'; all give the same output."""
-        resolve_backend(backend, torch.device("cpu"), torch.float32)  # validates the name
+        assert backend in BACKENDS, f"attention backend {backend!r} not one of {BACKENDS}"
         self.attention_backend = backend
 
     # ---- patchify: (C, H, W) -> (h*w, p*p*C), features ordered (p_row, p_col, C) as in the release

@@ -182,7 +182,7 @@ class _Pool:
         n, dim = int(self.offsets[-1]), self._dim()
         self.valid = np.zeros(n, bool)
         self.emb = np.lib.format.open_memmap(workdir / "emb.npy", "w+", np.float16, (max(n, 1), max(dim, 1)))[:n]
-        for f, s in zip(self.files, self.offsets[:-1], strict=False):
+        for f, s in zip(self.files, self.offsets[:-1], strict=True):
             t = pq.read_table(f)
             col = t.column("embedding").combine_chunks()
             null = pc.is_null(col).to_numpy(zero_copy_only=False)

@@ -24,7 +24,7 @@ def test_cpu_actors_get_their_share_of_the_cores(ray_local, synth_shards, tmp_pa
     until the runner passed the actor its share of the cores (caption job 0.76x -> see bench)."""
     job = ShardJob(name="threads", stage_cls=ThreadsStage, stage_kwargs={}, schema=SCHEMA,
                    stats_fn=lambda t: {"rows": t.num_rows}, failure_table=lambda f: SCHEMA.empty_table(),
-                   num_cpus=0.5, threads=cpu_threads_per_actor(1))  # fmt: skip
+                   num_cpus=0.5)  # fmt: skip  (no threads=: the runner's default for a CPU actor)
     run_sharded(job, synth_shards, tmp_path, batch_size=4, limit_shards=1)
     threads = set(pq.read_table(tmp_path).column("threads").to_pylist())
     assert threads == {max(1, os.cpu_count() or 1)}
