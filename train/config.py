@@ -1,0 +1,175 @@
+"""The trainer's configuration: one typed dataclass, read from YAML, overridable from the command line.
+
+    deepspeed --module train.trainer --config train/configs/stage1_cpu.yaml optim.lr=1e-4 run.steps=50
+
+Defaults below are the paper's / the release's settings (Lumina-Image 2.0 `finetune.py`: AdamW lr 2e-4,
+betas (0.9, 0.95), eps 1e-15, weight decay 0, no schedule, grad clip 2.0, EMA every step, 4x-pooled
+auxiliary loss, 10% caption dropout). `train/configs/*.yaml` change what a stage or a machine needs,
+with the batch arithmetic written beside them. The DeepSpeed config is derived from this object
+(`deepspeed_config`), never kept as a second file; the resolved config is saved into the run folder
+and into every checkpoint.
+
+Batch arithmetic: global batch = data.micro_batch x grad_accum x world size. Set `data.global_batch`
+and grad_accum follows from the world size (so a run resumed on another number of ranks keeps its
+global batch and sees exactly the samples the uninterrupted run would have), or leave it unset and
+set `optim.grad_accum`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from unicap import config as uconfig
+
+STAGES = ("stage1", "stage2", "stage3")
+
+
+@dataclass
+class ModelConfig:
+    name: str = "NextDiT_2B"  # a key of train.model.NextDiT_configs
+    attention: str = "auto"  # auto | sdpa | flash_varlen | torch_varlen
+    activation_checkpointing: bool = False
+    compile: bool = False  # regional torch.compile of every block
+    text_encoder: str = "google/gemma-2-2b"  # hub id, local folder, or "tiny" (built offline)
+    vae: str = "black-forest-labs/FLUX.1-dev"
+    text_max_length: int = 256
+
+
+@dataclass
+class DataConfig:
+    packed: str = ""  # the stage's packed training shards (pipelines.pack output)
+    resolution: int = 256  # buckets hold about resolution^2 pixels
+    micro_batch: int = 4  # per rank, per forward
+    global_batch: int | None = None  # if set: grad_accum = global_batch / (micro_batch x world)
+    num_workers: int = 2  # DataLoader worker processes per rank
+    prefetch_factor: int = 2
+    # a caption per sample: level drawn with these weights, then language; missing ones are redrawn
+    level_weights: dict[str, float] = field(
+        default_factory=lambda: {"long": 0.4, "medium": 0.3, "short": 0.2, "tags": 0.1})
+    language_weights: dict[str, float] = field(default_factory=lambda: {"en": 0.5, "zh": 0.5})
+    original_caption_weight: float = 0.0  # share of samples trained on the alt text instead
+    caption_dropout: float = 0.1  # empty caption (the system prompt stays) for classifier-free guidance
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 2e-4
+    betas: tuple[float, float] = (0.9, 0.95)
+    eps: float = 1e-15
+    weight_decay: float = 0.0
+    warmup_steps: int = 0  # linear warmup, then constant (the release has no schedule)
+    grad_accum: int = 1  # used when data.global_batch is unset
+    grad_clip: float = 2.0
+    ema_decay: float = 0.9999
+    load_optimizer: bool = False  # when starting from the previous stage: keep its optimizer state too
+
+
+@dataclass
+class LossConfig:
+    time_dist: str = "logit_normal"  # logit_normal | uniform
+    time_loc: float = 0.0
+    time_scale: float = 1.0
+    time_shift: bool = True  # resolution-dependent shift from the image token count
+    lowres_weight: float = 1.0  # + the loss on 4x average-pooled velocities (the release adds it)
+
+
+@dataclass
+class DeepSpeedConfig:
+    zero_stage: int = 2  # 2 (default) or 3 (parameters sharded too)
+    precision: str = "bf16"  # bf16 | fp32
+    overlap_comm: bool = True
+    reduce_bucket_size: int = 200_000_000
+
+
+@dataclass
+class RunConfig:
+    stage: str = "stage1"
+    out: str = "runs"  # the stage's run folder is out/stage
+    init_from: str | None = None  # consolidated weights to start from; "auto": the previous stage's final
+    steps: int = 1000  # optimizer steps
+    seed: int = 0
+    save_every: int = 500  # steps between checkpoints (also on SIGTERM/SIGINT and at the end)
+    keep_last: int = 3
+    log_every: int = 10
+    sample_every: int = 0  # steps between sample grids (0: only at the end)
+    sample_prompts: list[str] = field(default_factory=lambda: [
+        "a red circle on a white background", "两个蓝色的正方形", "a small green triangle in the top left"])
+    sample_steps: int = 20
+    sample_cfg: float = 4.0
+    max_nonfinite: int = 5  # consecutive non-finite losses/gradients before the run stops
+    resume: str = "auto"  # auto (latest checkpoint of the run, if any) | never | a checkpoint folder
+    progress: bool = True
+    tensorboard: bool = True
+
+
+@dataclass
+class TrainConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+
+    def __post_init__(self):
+        if self.run.stage not in STAGES:
+            raise ValueError(f"run.stage {self.run.stage!r}: one of {STAGES}")
+        if self.deepspeed.zero_stage not in (0, 1, 2, 3):
+            raise ValueError(f"deepspeed.zero_stage {self.deepspeed.zero_stage}: 0, 1, 2 or 3")
+        if self.deepspeed.precision not in ("bf16", "fp32"):
+            raise ValueError(f"deepspeed.precision {self.deepspeed.precision!r}: bf16 or fp32")
+        for name, v in (("data.micro_batch", self.data.micro_batch), ("run.steps", self.run.steps),
+                        ("run.save_every", self.run.save_every), ("run.keep_last", self.run.keep_last),
+                        ("optim.grad_accum", self.optim.grad_accum), ("data.resolution", self.data.resolution)):
+            if v < 1:
+                raise ValueError(f"{name} must be >= 1, got {v}")
+        if not 0.0 <= self.data.caption_dropout < 1.0:
+            raise ValueError(f"data.caption_dropout {self.data.caption_dropout}: in [0, 1)")
+        if not 0.0 <= self.optim.ema_decay < 1.0:
+            raise ValueError(f"optim.ema_decay {self.optim.ema_decay}: in [0, 1)")
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.run.out) / self.run.stage
+
+    def grad_accum(self, world_size: int) -> int:
+        """Micro-batches per rank per optimizer step; refuses a global batch the ranks cannot split."""
+        if self.data.global_batch is None:
+            return self.optim.grad_accum
+        per_step = self.data.micro_batch * world_size
+        if self.data.global_batch % per_step:
+            raise ValueError(f"data.global_batch {self.data.global_batch} is not a multiple of micro_batch "
+                             f"{self.data.micro_batch} x world size {world_size} = {per_step}")  # fmt: skip
+        return self.data.global_batch // per_step
+
+    def global_batch(self, world_size: int) -> int:
+        return self.data.micro_batch * self.grad_accum(world_size) * world_size
+
+
+def load(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> TrainConfig:
+    return uconfig.load(TrainConfig, path, overrides)
+
+
+def deepspeed_config(cfg: TrainConfig, world_size: int) -> dict:
+    """The DeepSpeed config, derived from the TrainConfig (never a second hand-kept file).
+
+    The optimizer is a torch AdamW built by the trainer (no JIT-compiled fused optimizer on CPU);
+    gradient clipping and accumulation are DeepSpeed's."""
+    ds = cfg.deepspeed
+    accum = cfg.grad_accum(world_size)
+    zero: dict = {"stage": ds.zero_stage, "overlap_comm": ds.overlap_comm,
+                  "reduce_bucket_size": ds.reduce_bucket_size, "contiguous_gradients": True}  # fmt: skip
+    if ds.zero_stage == 3:
+        zero |= {"stage3_gather_16bit_weights_on_model_save": False, "stage3_param_persistence_threshold": 0}
+    return {
+        "train_micro_batch_size_per_gpu": cfg.data.micro_batch,
+        "gradient_accumulation_steps": accum,
+        "train_batch_size": cfg.data.micro_batch * accum * world_size,
+        "gradient_clipping": cfg.optim.grad_clip,
+        "bf16": {"enabled": ds.precision == "bf16"},
+        "zero_optimization": zero,
+        "zero_allow_untested_optimizer": True,
+        "steps_per_print": 10**9,
+        "wall_clock_breakdown": False,
+    }

@@ -1,0 +1,1 @@
+"""The data contract: one module per table every job writes and every reader imports."""

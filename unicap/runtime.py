@@ -1,0 +1,82 @@
+"""Where work runs: the one place that decides devices, dtypes, threads per actor and how Ray starts.
+
+Every job, the trainer, the demo and the tests ask here instead of probing torch or Ray themselves:
+
+    device = runtime.resolve_device("auto")        # "cuda" when a GPU is visible, else "cpu"
+    dtype = runtime.resolve_dtype("bf16", device)  # torch.bfloat16
+    runtime.init_ray(address)                      # embedded local Ray, or the cluster at address
+"""
+
+from __future__ import annotations
+
+import os
+
+DEVICES = ("auto", "cpu", "cuda")
+DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
+
+
+def has_cuda() -> bool:
+    """True when torch sees a CUDA device (False where torch is a CPU build)."""
+    try:
+        import torch
+
+        return torch.cuda.is_available()
+    except Exception:  # noqa: BLE001 - a broken CUDA install means "no GPU" here
+        return False
+
+
+def resolve_device(device: str = "auto") -> str:
+    """"auto" -> "cuda" when present, else "cpu"; "cuda" without a GPU is a clear error."""
+    if device not in DEVICES and not device.startswith("cuda:"):
+        raise ValueError(f"device {device!r}: use one of {DEVICES} (or cuda:N)")
+    if device == "auto":
+        return "cuda" if has_cuda() else "cpu"
+    if device.startswith("cuda") and not has_cuda():
+        raise ValueError(f"device {device!r} asked for, but torch sees no CUDA device on this machine")
+    return device
+
+
+def resolve_dtype(name: str, device: str = "cpu"):
+    """"fp32" | "bf16" | "fp16" -> torch dtype; fp16 on CPU is refused (no fast kernels there)."""
+    import torch
+
+    if name not in DTYPES:
+        raise ValueError(f"dtype {name!r}: use one of {sorted(DTYPES)}")
+    if name == "fp16" and not device.startswith("cuda"):
+        raise ValueError("fp16 needs a CUDA device; use bf16 or fp32 on CPU")
+    return getattr(torch, DTYPES[name])
+
+
+def autocast_enabled(device: str, wanted: bool = True) -> bool:
+    """bf16 autocast where it is fast: CUDA, and CPUs with oneDNN (AMX/AVX512-bf16)."""
+    import torch
+
+    return wanted and (device != "cpu" or torch.backends.mkldnn.is_available())
+
+
+def cpu_threads_per_actor(concurrency: int) -> int:
+    """This machine's cores shared among `concurrency` CPU actors: the compute threads each may use."""
+    return max(1, (os.cpu_count() or 1) // max(1, concurrency))
+
+
+def threads_env(threads: int | None) -> dict[str, str]:
+    """Environment that gives a worker process `threads` OpenMP/MKL threads (nothing for None)."""
+    return {} if threads is None else {v: str(threads) for v in ("OMP_NUM_THREADS", "MKL_NUM_THREADS")}
+
+
+def init_ray(address: str | None = None, *, quiet: bool = False) -> None:
+    """Connect to the cluster at `address` / $RAY_ADDRESS, else start an embedded local instance.
+
+    The local instance declares more logical CPUs than cores, so that fractional actor pools and
+    Ray Data's read tasks both fit on small machines (see ENVIRONMENT.md: pools claiming every CPU
+    deadlock against the reads)."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    address = address or os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address, log_to_driver=not quiet)
+    else:
+        ray.init(num_cpus=max(4, 2 * (os.cpu_count() or 1)), include_dashboard=False, configure_logging=False,
+                 log_to_driver=not quiet)  # fmt: skip
