@@ -43,6 +43,11 @@ class ShardJob:
     # fractional claim), which starves CPU inference. None: CPU actors (num_gpus 0) get their share
     # of the cores (cpu_threads_per_actor), GPU actors keep Ray's choice.
     threads: int | None = None
+    # Jobs whose output rows are not the input index's rows (pack: a stage manifest's rows of a shard):
+    # rows each shard will output (default: its index rows), and rows the driver writes itself
+    # before reading (default: failure_table(index failures)); the actor drops rows it does not own.
+    expected_rows: Callable[[list[str]], dict[str, int]] | None = None
+    initial_rows: Callable[[str], pa.Table | None] | None = None
 
 
 def cpu_threads_per_actor(concurrency: int) -> int:
@@ -116,12 +121,14 @@ def run_sharded(
     address: str | None = None,
     limit_shards: int | None = None,
     on_batch: Callable[[pa.Table], None] | None = None,
+    shards: list[str] | None = None,
 ) -> dict:
-    """Run `job` over the pending shards of `input_dir`; returns this run's numbers."""
+    """Run `job` over the pending shards of `input_dir` (or of `shards`); returns this run's numbers."""
     output = Path(output)
     output.mkdir(parents=True, exist_ok=True)
     repair_stats(output, job.stats_fn)
-    shards = [s for s in list_shards(input_dir) if s not in done_shards(output)]
+    shards = list_shards(input_dir) if shards is None else shards
+    shards = [s for s in shards if s not in done_shards(output)]
     if limit_shards is not None:
         shards = shards[:limit_shards]
     t0, rows = time.time(), 0
@@ -130,12 +137,17 @@ def run_sharded(
         status = stats.get("status", {})
         print(f"[{job.name}] shard {shard}: {stats['rows']} rows {status} -> {output / (shard + '.parquet')}", flush=True)
 
-    sink = ShardCollector(output, expected_rows(input_dir, shards), job.schema, stats_fn=job.stats_fn,
-                          on_shard=on_shard, write_fn=job.write_fn)  # fmt: skip
+    expected = job.expected_rows(shards) if job.expected_rows else expected_rows(input_dir, shards)
+    sink = ShardCollector(output, expected, job.schema, stats_fn=job.stats_fn, on_shard=on_shard,
+                          write_fn=job.write_fn)  # fmt: skip
     for shard in shards:
-        failures = index_failures(input_dir, shard)
-        if failures:
-            sink.add_batch(job.failure_table(failures))
+        if job.initial_rows:
+            first = job.initial_rows(shard)
+        else:
+            failures = index_failures(input_dir, shard)
+            first = job.failure_table(failures) if failures else None
+        if first is not None and first.num_rows:
+            sink.add_batch(first)
     pending = [s for s in shards if s in sink.expected]
     if pending:
         init_ray(address)
