@@ -46,7 +46,8 @@ class DataConfig:
     prefetch_factor: int = 2
     # a caption per sample: level drawn with these weights, then language; missing ones are redrawn
     level_weights: dict[str, float] = field(
-        default_factory=lambda: {"long": 0.4, "medium": 0.3, "short": 0.2, "tags": 0.1})
+        default_factory=lambda: {"long": 0.4, "medium": 0.3, "short": 0.2, "tags": 0.1}
+    )
     language_weights: dict[str, float] = field(default_factory=lambda: {"en": 0.5, "zh": 0.5})
     original_caption_weight: float = 0.0  # share of samples trained on the alt text instead
     caption_dropout: float = 0.1  # empty caption (the system prompt stays) for classifier-free guidance
@@ -93,13 +94,19 @@ class RunConfig:
     keep_last: int = 3
     log_every: int = 10
     sample_every: int = 0  # steps between sample grids (0: only at the end)
-    sample_prompts: list[str] = field(default_factory=lambda: [
-        "a red circle on a white background", "两个蓝色的正方形", "a small green triangle in the top left"])
+    sample_prompts: list[str] = field(
+        default_factory=lambda: [
+            "a red circle on a white background",
+            "两个蓝色的正方形",
+            "a small green triangle in the top left",
+        ]
+    )
     sample_steps: int = 20
     sample_cfg: float = 4.0
     max_nonfinite: int = 5  # consecutive non-finite losses/gradients before the run stops
     resume: str = "auto"  # auto (latest checkpoint of the run, if any) | never | a checkpoint folder
     progress: bool = True
+    log_keys: bool = False  # write the keys each rank trains on to run_dir/keys/ (coverage audits, tests)
     tensorboard: bool = True
 
 
@@ -119,9 +126,14 @@ class TrainConfig:
             raise ValueError(f"deepspeed.zero_stage {self.deepspeed.zero_stage}: 0, 1, 2 or 3")
         if self.deepspeed.precision not in ("bf16", "fp32"):
             raise ValueError(f"deepspeed.precision {self.deepspeed.precision!r}: bf16 or fp32")
-        for name, v in (("data.micro_batch", self.data.micro_batch), ("run.steps", self.run.steps),
-                        ("run.save_every", self.run.save_every), ("run.keep_last", self.run.keep_last),
-                        ("optim.grad_accum", self.optim.grad_accum), ("data.resolution", self.data.resolution)):
+        for name, v in (
+            ("data.micro_batch", self.data.micro_batch),
+            ("run.steps", self.run.steps),
+            ("run.save_every", self.run.save_every),
+            ("run.keep_last", self.run.keep_last),
+            ("optim.grad_accum", self.optim.grad_accum),
+            ("data.resolution", self.data.resolution),
+        ):
             if v < 1:
                 raise ValueError(f"{name} must be >= 1, got {v}")
         if not 0.0 <= self.data.caption_dropout < 1.0:

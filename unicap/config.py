@@ -67,7 +67,9 @@ def _coerce(tp: Any, value: Any, where: str) -> Any:
         if origin is tuple and args and args[-1] is not Ellipsis:
             if len(items) != len(args):
                 raise ConfigError(f"{where}: expected {len(args)} items, got {len(items)}")
-            return tuple(_coerce(a, v, f"{where}[{i}]") for i, (a, v) in enumerate(zip(args, items, strict=True)))
+            return tuple(
+                _coerce(a, v, f"{where}[{i}]") for i, (a, v) in enumerate(zip(args, items, strict=True))
+            )
         item_tp = args[0] if args else Any
         out = [_coerce(item_tp, v, f"{where}[{i}]") for i, v in enumerate(items)]
         return tuple(out) if origin is tuple else out
@@ -217,7 +219,9 @@ def add_arguments(parser: argparse.ArgumentParser, cls: type, *, skip: Iterable[
             elif text.lower() in ("none", "null") and type(None) in typing.get_args(tp):
                 value = None
             try:
-                return _coerce(tp, _parse_scalar(text) if isinstance(value, str) and tp is not str else value, name)
+                return _coerce(
+                    tp, _parse_scalar(text) if isinstance(value, str) and tp is not str else value, name
+                )
             except ConfigError as e:
                 raise argparse.ArgumentTypeError(str(e)) from None
 

@@ -26,7 +26,7 @@ def has_cuda() -> bool:
 
 
 def resolve_device(device: str = "auto") -> str:
-    """"auto" -> "cuda" when present, else "cpu"; "cuda" without a GPU is a clear error."""
+    """ "auto" -> "cuda" when present, else "cpu"; "cuda" without a GPU is a clear error."""
     if device not in DEVICES and not device.startswith("cuda:"):
         raise ValueError(f"device {device!r}: use one of {DEVICES} (or cuda:N)")
     if device == "auto":
@@ -37,7 +37,7 @@ def resolve_device(device: str = "auto") -> str:
 
 
 def resolve_dtype(name: str, device: str = "cpu"):
-    """"fp32" | "bf16" | "fp16" -> torch dtype; fp16 on CPU is refused (no fast kernels there)."""
+    """ "fp32" | "bf16" | "fp16" -> torch dtype; fp16 on CPU is refused (no fast kernels there)."""
     import torch
 
     if name not in DTYPES:

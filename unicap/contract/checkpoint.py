@@ -1,0 +1,94 @@
+"""The trainer's checkpoint folder: what is in it, and the metadata every reader may rely on.
+
+A run folder (train.config.TrainConfig.run_dir, e.g. runs/stage1):
+
+    config.yaml                        the resolved TrainConfig of the run
+    checkpoints/step-00000500/         one per save; written under a hidden temporary name, then renamed
+        model.safetensors              fp32 master weights, consolidated, our (release) parameter names
+        ema.safetensors                EMA of the master weights, same names
+        optimizer.safetensors          AdamW moments "exp_avg.<name>" / "exp_avg_sq.<name>", consolidated
+        state.json                     STATE_KEYS below
+    final/                             the stage's output, what the next stage starts from
+        model.safetensors              EMA weights (what samples and the export use by default)
+        model_raw.safetensors          the master weights themselves
+        optimizer.safetensors          kept so a next stage may continue the optimizer (optim.load_optimizer)
+        state.json
+        diffusers/                     a folder Lumina2Transformer2DModel.from_pretrained loads
+    samples/step-00000500.png          sample grids from fixed prompts
+    tb/                                TensorBoard scalars
+
+Everything is consolidated (full tensors per parameter name), so a checkpoint resumes on any number of
+ranks and under ZeRO-2 or ZeRO-3 alike. Nothing is unpickled to read it: tensors are safetensors, the
+rest is JSON.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+CHECKPOINT_VERSION = 1
+CHECKPOINTS_DIR = "checkpoints"
+FINAL_DIR = "final"
+MODEL_FILE, EMA_FILE, RAW_FILE, OPTIMIZER_FILE, STATE_FILE = (
+    "model.safetensors", "ema.safetensors", "model_raw.safetensors", "optimizer.safetensors", "state.json")  # fmt: skip
+DIFFUSERS_DIR = "diffusers"
+
+# state.json: every key is required; values are JSON.
+STATE_KEYS: dict[str, type | tuple[type, ...]] = {
+    "version": int,
+    "stage": str,
+    "step": int,  # optimizer steps taken
+    "batches_consumed": int,  # global micro-batches consumed: the data position (world-size independent)
+    "samples_seen": int,
+    "skipped_samples": int,  # undecodable / uncaptioned samples skipped so far
+    "skipped_steps": int,  # steps skipped for a non-finite loss or gradient
+    "world_size": int,  # at save time (informative: resuming on another world size is supported)
+    "zero_stage": int,
+    "model_config": dict,  # train.model.NextDiTConfig fields
+    "text_encoder": str,
+    "vae": str,
+    "config": dict,  # the resolved TrainConfig
+}
+
+
+class CheckpointError(ValueError):
+    """A checkpoint folder is missing, incomplete, or not one of ours; the message says which."""
+
+
+def step_dir_name(step: int) -> str:
+    return f"step-{step:08d}"
+
+
+def validate_state(state: dict, where: str = "state.json") -> dict:
+    problems = [f"missing {k}" for k in STATE_KEYS if k not in state]
+    problems += [f"{k} is {type(state[k]).__name__}, expected {t}" for k, t in STATE_KEYS.items()
+                 if k in state and not isinstance(state[k], t)]  # fmt: skip
+    if not problems and state["version"] != CHECKPOINT_VERSION:
+        problems.append(f"version {state['version']} != {CHECKPOINT_VERSION}")
+    if problems:
+        raise CheckpointError(f"{where}: " + "; ".join(problems))
+    return state
+
+
+def read_state(folder: str | Path) -> dict:
+    path = Path(folder) / STATE_FILE
+    if not path.is_file():
+        raise CheckpointError(f"{folder} is not a complete checkpoint: no {STATE_FILE}")
+    try:
+        return validate_state(json.loads(path.read_text()), str(path))
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{path}: not JSON ({e})") from None
+
+
+def complete_checkpoints(run_dir: str | Path) -> list[Path]:
+    """The run's complete checkpoint folders, oldest first (hidden temporaries are ignored)."""
+    root = Path(run_dir) / CHECKPOINTS_DIR
+    if not root.is_dir():
+        return []
+    return sorted(p for p in root.glob("step-*") if p.is_dir() and (p / STATE_FILE).is_file())
+
+
+def latest_checkpoint(run_dir: str | Path) -> Path | None:
+    found = complete_checkpoints(run_dir)
+    return found[-1] if found else None
