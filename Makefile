@@ -31,9 +31,10 @@ ifneq ($(HAS_CUDA),1)
   export DS_ACCELERATOR := cpu
 endif
 
-.PHONY: install test lint demo bench clean-demo help
+.PHONY: install test lint demo bench clean-demo help stage1 stage2 stage3
 help:
 	@echo "make demo   run the offline end-to-end job on the synthetic data set"
+	@echo "make stage1|stage2|stage3  train Next-DiT on a stage (CONFIG, DATA, NPROC, HOSTFILE, ARGS)"
 	@echo "make test   ruff + pytest (what CI runs)"
 	@echo "make install  create or update $(VENV) ($(FLAVOUR) stack)"
 
@@ -65,6 +66,18 @@ demo: $(STAMP)
 
 bench: $(STAMP)
 	@for b in bench/bench_*.py; do echo "== $$b"; $(PY) $$b || exit 1; done
+
+# Training: each stage packs its manifest (once) and launches DeepSpeed ranks; stage2/3 start from the
+# previous stage's final weights. Defaults: CPU-sized configs on the demo's data (built when missing), 2 ranks.
+#   make stage1 CONFIG=train/configs/stage1_2b.yaml DATA=/data/unicap NPROC=8 HOSTFILE=hosts ARGS="optim.lr=1e-4"
+DATA ?= demo
+NPROC ?= 2
+HOSTFILE ?=
+ARGS ?=
+stage1 stage2 stage3: $(STAMP)
+	@test -f $(DATA)/stages/$@.parquet || { test "$(DATA)" = demo && $(MAKE) --no-print-directory demo; }
+	$(PY) -m train.launch --stage $@ --config $(or $(CONFIG),train/configs/$@_cpu.yaml) --data $(DATA) \
+		--nproc $(NPROC) $(if $(HOSTFILE),--hostfile $(HOSTFILE)) -- $(ARGS)
 
 clean-demo:
 	rm -rf demo

@@ -104,6 +104,19 @@ def export_diffusers(folder: str | Path, weights: str = contract.MODEL_FILE) -> 
     return out
 
 
+def save_weights(folder: str | Path, model: NextDiT, text_encoder: str, vae: str, *, step: int = 0,
+                 stage: str = "stage1") -> Path:  # fmt: skip
+    """A weights folder (model.safetensors + state.json) for a model trained or converted outside the
+    DeepSpeed trainer; `load_weights`, `unicap sample` and the next stage read it like a final/ folder."""
+    state = {"version": contract.CHECKPOINT_VERSION, "stage": stage, "step": step, "batches_consumed": 0,
+             "samples_seen": 0, "skipped_samples": 0, "skipped_steps": 0, "world_size": 1, "zero_stage": 0,
+             "model_config": asdict(model.cfg), "text_encoder": text_encoder, "vae": vae, "config": {}}  # fmt: skip
+    tensors = {k: v.detach().float().cpu() for k, v in model.state_dict().items()}
+    folder = Path(folder)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    return _write_folder(folder, {contract.MODEL_FILE: tensors}, state)
+
+
 def model_config(state: dict) -> NextDiTConfig:
     cfg = dict(state["model_config"])
     cfg["axes_dims"], cfg["axes_lens"] = tuple(cfg["axes_dims"]), tuple(cfg["axes_lens"])

@@ -4,8 +4,12 @@ unicap's NextDiT uses the original release's parameter names, so a release check
 `from_original` (which only strips a ComfyUI prefix and the release's unused `norm_final.weight`).
 diffusers renames most keys and splits the fused qkv projection into to_q / to_k / to_v.
 
-    python -m train.convert --to diffusers ours.pt out_dir/      # a diffusers model folder
-    python -m train.convert --to unicap diffusers_dir/ ours.pt
+    python -m train.convert --to diffusers runs/stage3/final out_dir/   # a diffusers model folder
+    python -m train.convert --to diffusers release.safetensors out_dir/ --config NextDiT_2B
+    python -m train.convert --to unicap diffusers_dir/ weights_dir/
+
+Sources are read without unpickling: weights folders and .safetensors files as they are, a release
+`.pth` with torch.load(weights_only=True) (tensors only; a file that needs more is refused).
 """
 
 from __future__ import annotations
@@ -131,24 +135,43 @@ def nextdit_from_diffusers(ref) -> NextDiT:
     return model
 
 
+def _release_state(path: str) -> dict[str, torch.Tensor]:
+    if path.endswith(".safetensors"):
+        from safetensors.torch import load_file
+
+        return load_file(path)
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    return state.get("model", state) if isinstance(state, dict) else state
+
+
 def main(argv: list[str] | None = None) -> int:
+    from pathlib import Path
+
+    from train.checkpoint import load_weights, save_weights
+    from train.model import NextDiT_configs
+
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--to", choices=["diffusers", "unicap"], required=True)
+    p.add_argument("--config", default="NextDiT_2B", choices=sorted(NextDiT_configs),
+                   help="model config of a release weights file (weights folders carry their own)")
+    p.add_argument("--weights", default="model.safetensors", help="file inside a weights folder")
+    p.add_argument("--text-encoder", default="google/gemma-2-2b", help="recorded with --to unicap")
+    p.add_argument("--vae", default="black-forest-labs/FLUX.1-dev", help="recorded with --to unicap")
     p.add_argument("src")
     p.add_argument("dst")
     args = p.parse_args(argv)
     if args.to == "diffusers":
-        ckpt = torch.load(args.src, map_location="cpu", weights_only=False)
-        model = NextDiT(NextDiTConfig(**ckpt["config"]))
-        model.load_state_dict(from_original(ckpt["model"]))
+        if Path(args.src).is_dir():
+            model, _ = load_weights(args.src, args.weights)
+        else:
+            model = NextDiT(NextDiT_configs[args.config])
+            model.load_state_dict(from_original(_release_state(args.src)))
         diffusers_model_from(model).save_pretrained(args.dst)
     else:
-        from dataclasses import asdict
-
         from diffusers import Lumina2Transformer2DModel
 
         model = nextdit_from_diffusers(Lumina2Transformer2DModel.from_pretrained(args.src))
-        torch.save({"config": asdict(model.cfg), "model": model.state_dict()}, args.dst)
+        save_weights(args.dst, model, args.text_encoder, args.vae)
     print(f"wrote {args.dst}")
     return 0
 

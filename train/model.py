@@ -69,6 +69,9 @@ NextDiT_configs: dict[str, NextDiTConfig] = {
     # CPU-sized: tests, demo, overfitting checks
     "NextDiT_S": NextDiTConfig(dim=384, n_layers=6, n_heads=6, n_kv_heads=2, cap_feat_dim=64,
                                axes_dims=(16, 24, 24), multiple_of=64),
+    # the CPU trainer configs and the demo: fits the tiny offline codecs (16 latent channels, 32-d text)
+    "NextDiT_tiny": NextDiTConfig(dim=128, n_layers=4, n_refiner_layers=1, n_heads=4, n_kv_heads=2, cap_feat_dim=32,
+                                  axes_dims=(8, 12, 12), multiple_of=64, in_channels=16),
     "NextDiT_XS": NextDiTConfig(dim=96, n_layers=2, n_refiner_layers=1, n_heads=3, n_kv_heads=1,
                                 cap_feat_dim=32, axes_dims=(8, 12, 12), multiple_of=32, in_channels=4),
 }  # fmt: skip

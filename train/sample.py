@@ -1,45 +1,29 @@
 """`unicap sample`: images from a Next-DiT checkpoint.
 
-    unicap sample --ckpt ckpt.pt --prompt "a red circle" --prompt "两个蓝色方块" --out samples/ \
+    unicap sample --ckpt runs/stage3/final --prompt "a red circle" --prompt "两个蓝色方块" --out samples/ \
         --steps 30 --cfg 4.0 --renorm-cfg 1.0 --cfg-trunc 1.0 --size 1024x1024 --seed 0
 
-A checkpoint is a torch file {"config": NextDiTConfig fields, "model": state_dict, "text_encoder":
-id/folder/"tiny", "vae": id/folder/"tiny", ...}; `save_checkpoint` writes one.
+--ckpt is a weights folder (unicap.contract.checkpoint): a stage's final/ (EMA weights by default), a
+checkpoint step folder, or one `train.checkpoint.save_weights` wrote. It holds safetensors and JSON only:
+nothing is unpickled, so a folder from anywhere cannot run code when loaded.
 """
 
 from __future__ import annotations
 
 import argparse
 import re
-from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image
 
+from train.checkpoint import load_weights
 from train.codecs import VAE, TextEncoder
 from train.flow import shift_mu
-from train.model import NextDiT, NextDiTConfig
+from train.model import NextDiT
 from train.sampler import sample
-
-
-def save_checkpoint(path: str | Path, model: NextDiT, text_encoder: str, vae: str, **extra) -> Path:
-    from unicap.atomic import atomic_path
-
-    with atomic_path(path) as tmp:
-        torch.save({"config": asdict(model.cfg), "model": model.state_dict(), "text_encoder": text_encoder,
-                    "vae": vae, **extra}, tmp)  # fmt: skip
-    return Path(path)
-
-
-def load_checkpoint(path: str | Path) -> tuple[NextDiT, dict]:
-    ckpt = torch.load(path, map_location="cpu", weights_only=False)
-    cfg = dict(ckpt["config"])
-    cfg["axes_dims"], cfg["axes_lens"] = tuple(cfg["axes_dims"]), tuple(cfg["axes_lens"])
-    model = NextDiT(NextDiTConfig(**cfg))
-    model.load_state_dict(ckpt["model"])
-    return model.eval(), ckpt
+from unicap.contract import checkpoint as contract
 
 
 def slug(text: str) -> str:
@@ -66,9 +50,8 @@ def generate(
 ) -> list[Image.Image]:
     """One image per prompt; seed s gives image i the noise of torch.Generator(s + i)."""
     f = vae.factor
-    assert width % (f * model.cfg.patch_size) == 0 and height % (f * model.cfg.patch_size) == 0, (
-        f"size must be a multiple of {f * model.cfg.patch_size}"
-    )
+    if width % (f * model.cfg.patch_size) or height % (f * model.cfg.patch_size):
+        raise ValueError(f"image size {width}x{height}: both sides must be multiples of {f * model.cfg.patch_size}")
     shape = (model.cfg.in_channels, height // f, width // f)
     noise = torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(seed + i)) for i in range(len(prompts))])
     cond, cond_mask = text_encoder(prompts)
@@ -86,7 +69,9 @@ def generate(
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--ckpt", required=True, help="checkpoint file written by the trainer / save_checkpoint")
+    p.add_argument("--ckpt", required=True, help="weights folder: a stage's final/, a checkpoint step-N/ folder")
+    p.add_argument("--weights", default=None, choices=[contract.MODEL_FILE, contract.EMA_FILE, contract.RAW_FILE],
+                   help="which tensors (default: ema.safetensors in a checkpoint folder, else model.safetensors)")
     p.add_argument("--prompt", action="append", required=True, help="a prompt (repeat for a batch)")
     p.add_argument("--out", required=True, help="folder for the PNGs")
     p.add_argument("--size", default="256x256", help="WIDTHxHEIGHT in pixels (default 256x256)")
@@ -101,7 +86,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    model, ckpt = load_checkpoint(args.ckpt)
+    folder = Path(args.ckpt)
+    default = contract.EMA_FILE if (folder / contract.EMA_FILE).exists() else contract.MODEL_FILE
+    model, ckpt = load_weights(folder, args.weights or default)
     te, vae = TextEncoder(ckpt["text_encoder"]), VAE(ckpt["vae"])
     width, height = (int(v) for v in args.size.lower().split("x"))
     images = generate(model, te, vae, args.prompt, width=width, height=height, steps=args.steps,

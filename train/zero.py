@@ -3,19 +3,14 @@
 Under ZeRO-1/2 every rank holds the whole low-precision model and a fragment of each parameter's fp32
 master copy and optimizer moments (`param._hp_mapping`); under ZeRO-3 a rank holds a partition of
 everything (`param.ds_id`). DeepSpeed's `safe_get_full_*` / `safe_set_full_*` assemble and scatter full
-tensors (collectives: every rank must call them, in the same order). With them a checkpoint is a set of
+tensors (collectives: every rank must call them, in the same order). deepspeed is imported only when used,
+so reading weights (`unicap sample`) does not load it. With them a checkpoint is a set of
 full tensors per parameter name: it resumes on any number of ranks and any ZeRO stage.
 """
 
 from __future__ import annotations
 
 import torch
-from deepspeed.utils import (
-    safe_get_full_fp32_param,
-    safe_get_full_optimizer_state,
-    safe_set_full_fp32_param,
-    safe_set_full_optimizer_state,
-)
 
 OPTIMIZER_KEYS = ("exp_avg", "exp_avg_sq")  # torch AdamW's moments
 
@@ -31,6 +26,8 @@ def trainable(module: torch.nn.Module) -> list[tuple[str, torch.nn.Parameter]]:
 
 def full_master(param: torch.nn.Parameter) -> torch.Tensor:
     """The full fp32 master tensor of a parameter, on CPU (collective)."""
+    from deepspeed.utils import safe_get_full_fp32_param
+
     t = safe_get_full_fp32_param(param)
     if t is None:
         raise RuntimeError("parameter has no fp32 master copy: is the engine running ZeRO?")
@@ -40,14 +37,20 @@ def full_master(param: torch.nn.Parameter) -> torch.Tensor:
 def set_full_master(param: torch.nn.Parameter, value: torch.Tensor) -> None:
     """Overwrite the fp32 master (this rank's part of it) from a full tensor. The low-precision weights
     follow at the next optimizer step; load them into the module before deepspeed.initialize too."""
+    from deepspeed.utils import safe_set_full_fp32_param
+
     safe_set_full_fp32_param(param, value.to(torch.float32))
 
 
 def full_optimizer_state(param: torch.nn.Parameter, key: str) -> torch.Tensor:
+    from deepspeed.utils import safe_get_full_optimizer_state
+
     return safe_get_full_optimizer_state(param, key).detach().float().cpu()
 
 
 def set_full_optimizer_state(param: torch.nn.Parameter, value: torch.Tensor, key: str) -> None:
+    from deepspeed.utils import safe_set_full_optimizer_state
+
     safe_set_full_optimizer_state(param, value.to(torch.float32), key)
 
 

@@ -13,9 +13,9 @@ from PIL import Image
 
 from datagen.synth import synth_item
 from train import flow
+from train.checkpoint import save_weights
 from train.codecs import VAE, TextEncoder
 from train.model import NextDiTConfig, build_model
-from train.sample import save_checkpoint
 
 UNICAP = str(Path(sys.executable).with_name("unicap"))
 CFG = NextDiTConfig(dim=128, n_layers=4, n_refiner_layers=1, n_heads=4, n_kv_heads=2, cap_feat_dim=32,
@@ -53,7 +53,7 @@ def overfit(tmp_path_factory):
         loss.backward()
         opt.step()
         sched.step()
-    ckpt = save_checkpoint(tmp_path_factory.mktemp("ckpt") / "tiny.pt", model, "tiny", "tiny", step=STEPS)
+    ckpt = save_weights(tmp_path_factory.mktemp("ckpt") / "tiny", model, "tiny", "tiny", step=STEPS)
     return before, eval_loss(), ckpt, [caps["caption_short_en"] for _, caps in items]
 
 
