@@ -17,6 +17,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "caption": ("pipelines.caption", "caption image shards with a VLM (Ray Data + vLLM) into Parquet"),
     "score": ("pipelines.score", "CLIP / aesthetic scores, embeddings and duplicates per shard (Ray Data + open_clip)"),
     "stages": ("pipelines.stages", "cut the scored pool into the stage1 / stage2 / stage3 manifests"),
+    "pack": ("pipelines.pack", "pack a stage's images (resized to its buckets) and captions into training shards"),
     "validate": ("unicap.validate_cmd", "check caption Parquet files against the caption record"),
     "sample": ("train.sample", "generate images from a Next-DiT checkpoint"),
 }

@@ -1,0 +1,341 @@
+"""The pack job: a stage manifest -> the stage's own training shards (resized images + their captions).
+
+    unicap pack --manifest data/stages/stage1.parquet --captions data/captions --shards data/shards \\
+        --output data/packed/stage1 --resolution 256
+    python -m pipelines.pack ... (also under `ray job submit`)
+
+Why pack each stage: at stage scale the trainer would otherwise read originals (a 256 px JPEG is
+~50x fewer bytes and decode time than a multi-megapixel original), join captions at train time,
+and index the whole 100M-row pool to train on a 1M subset. A packed stage holds, per input shard,
+only the manifest's rows: images resized and centre-cropped to their aspect-ratio bucket, the
+captions beside them, rows sorted by bucket, so the loader (train.data) knows every batch's shape
+from a small index and reads each sample with one pread. Format: unicap.contract.packed.
+
+Per input shard, through the shared per-shard driver (pipelines.runner: one output per shard,
+atomically; a killed run re-run redoes only the missing shards):
+    OUTPUT/{shard}.tar, OUTPUT/{shard}.parquet, OUTPUT/_stats/{shard}.json
+and OUTPUT/_pack.json (bucket table, manifest fingerprint, counts), OUTPUT/_summary.json.
+Every manifest row comes out: failures (undecodable image, key missing in the tar, shard missing,
+no caption row, no usable caption) are index rows with status "failed" and a reason, counted.
+
+Only the manifest's shards are read. The manifest is first split by shard with DuckDB (bounded
+memory, spills to disk) into OUTPUT/_work/, so the driver and each actor read one shard's keys,
+never the 100M-row manifest.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import io
+import json
+import shutil
+import sys
+import tarfile
+import time
+from collections import Counter
+from functools import lru_cache
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from datagen.shards import list_shards
+from pipelines.runner import ShardJob, run_sharded, summarise
+from pipelines.sink import done_shards
+from train.buckets import assign_bucket, bucket_table, resize_to_bucket
+from unicap.atomic import atomic_path, write_json, write_parquet
+from unicap.contract import caption as caption_record
+from unicap.contract import packed, shards
+from unicap.decode import decode_image
+
+WORK_DIR = "_work"  # "_": invisible to readers of OUTPUT; removed when the pack is complete
+
+
+# ---------------------------------------------------------------- schema of the rows in flight
+
+
+def row_schema(levels, languages) -> pa.Schema:
+    """A packed index row plus its JPEG bytes: what the actors return and the writer consumes."""
+    return packed.packed_schema(levels, languages).append(pa.field("image", pa.binary()))
+
+
+def failed_rows(keys: list[str], shard: str, error: str, schema: pa.Schema) -> pa.Table:
+    row = {"shard": shard, "bucket": packed.FAILED_BUCKET, "status": "failed", "error": error[:2000]}
+    return pa.Table.from_pylist([{"key": k, **row} for k in keys], schema=schema)
+
+
+# ---------------------------------------------------------------- the manifest, split by shard
+
+
+def fingerprint(path: str | Path) -> str:
+    """Identity of the manifest file(s): path, size and mtime (a changed manifest is a different pack)."""
+    p = Path(path)
+    files = sorted(p.glob("*.parquet")) if p.is_dir() else [p]
+    h = hashlib.sha256()
+    for f in files:
+        st = f.stat()
+        h.update(f"{f.resolve()}:{st.st_size}:{st.st_mtime_ns}".encode())
+    return h.hexdigest()
+
+
+def _parquet_glob(path: Path) -> str:
+    return str(path / "*.parquet") if path.is_dir() else str(path)
+
+
+def split_manifest(manifest: str | Path, work: Path, fp: str) -> dict[str, int]:
+    """Rows per shard, and work/manifest/shard=S/*.parquet with each shard's keys (DuckDB, out of core)."""
+    import duckdb
+
+    done = work / "split.json"
+    if done.exists() and json.loads(done.read_text())["fingerprint"] == fp:
+        return json.loads(done.read_text())["rows_per_shard"]
+    shutil.rmtree(work / "manifest", ignore_errors=True)
+    work.mkdir(parents=True, exist_ok=True)
+    con = duckdb.connect()
+    con.execute("SET memory_limit='2GB'")
+    con.execute(f"SET temp_directory='{work / 'duckdb_tmp'}'")
+    src = f"read_parquet('{_parquet_glob(Path(manifest))}')"
+    counts = dict(con.execute(f"SELECT shard, count(*) FROM {src} GROUP BY shard ORDER BY shard").fetchall())
+    con.execute(
+        f"COPY (SELECT key, shard FROM {src}) TO '{work / 'manifest'}' (FORMAT PARQUET, PARTITION_BY (shard))"
+    )
+    con.close()
+    shutil.rmtree(work / "duckdb_tmp", ignore_errors=True)
+    write_json({"fingerprint": fp, "rows_per_shard": counts}, done)
+    return counts
+
+
+def manifest_keys(work: Path, shard: str) -> list[str]:
+    part = work / "manifest" / f"shard={shard}"
+    return pq.read_table(part, columns=["key"]).column("key").to_pylist() if part.exists() else []
+
+
+def shards_dir_of(manifest: str | Path) -> Path:
+    """The image shard folder, from the manifest's location column (tar paths, when stages had --shards)."""
+    loc = pq.read_table(manifest, columns=["location"]).slice(0, 1).column("location").to_pylist()
+    if not loc or not str(loc[0]).endswith(".tar"):
+        raise ValueError("the manifest's location column holds shard names, not tar paths: give --shards DIR")
+    return Path(loc[0]).parent
+
+
+def caption_levels(captions: Path, names: list[str]) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """Levels and languages declared by the caption files (the first one found), else the defaults."""
+    for s in names:
+        p = captions / f"{s}.parquet"
+        if p.exists():
+            return caption_record.levels_languages(pq.read_schema(p))
+    return caption_record.LEVELS, caption_record.LANGUAGES
+
+
+# ---------------------------------------------------------------- the actor
+
+
+class PackStage:
+    """Ray Data actor: shard rows -> packed rows (bucket, resized JPEG, captions) for the manifest's keys."""
+
+    def __init__(self, work: str, captions: str, buckets: list, levels: list, languages: list):
+        self.work, self.captions = Path(work), Path(captions)
+        self.buckets = [tuple(b) for b in buckets]
+        self.text_columns = packed.text_columns(levels, languages)
+        self.schema = row_schema(levels, languages)
+        self._keys = lru_cache(maxsize=4)(lambda shard: frozenset(manifest_keys(self.work, shard)))
+        self._caps = lru_cache(maxsize=2)(self._load_captions)
+
+    def _load_captions(self, shard: str) -> dict[str, dict] | None:
+        path = self.captions / f"{shard}.parquet"
+        if not path.exists():
+            return None
+        names = pq.read_schema(path).names
+        cols = ["key", *(c for c in self.text_columns if c in names)]
+        return {r["key"]: r for r in pq.read_table(path, columns=cols).to_pylist()}
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        rows = []
+        for it in batch.select(["key", "shard", "image", "original_caption"]).to_pylist():
+            if it["key"] in self._keys(it["shard"]):
+                rows.append(self.pack_one(it))
+        return pa.Table.from_pylist(rows, schema=self.schema)
+
+    def pack_one(self, it: dict) -> dict:
+        key, shard = it["key"], it["shard"]
+        failed = {"key": key, "shard": shard, "bucket": packed.FAILED_BUCKET, "status": "failed"}
+        caps = self._caps(shard)
+        if caps is None or key not in caps:
+            where = f"captions/{shard}.parquet" + ("" if caps is not None else " (no such file)")
+            return failed | {"error": f"no_caption_row: {key} not in {where}"}
+        text = {c: caps[key].get(c) for c in self.text_columns}
+        if not text.get("original_caption"):
+            text["original_caption"] = it.get("original_caption")  # the shard's alt text
+        if not any(v and v.strip() for v in text.values()):
+            return failed | text | {"error": "no_usable_caption: no caption and no original caption"}
+        d = decode_image(it["image"], min_side=1, max_aspect=1e9)
+        if not d.ok:
+            return failed | text | {"error": f"undecodable_image: {d.error}"}
+        b = int(assign_bucket(d.width, d.height, self.buckets))
+        w, h = self.buckets[b]
+        buf = io.BytesIO()
+        resize_to_bucket(d.image, (w, h)).save(buf, format="JPEG", quality=packed.JPEG_QUALITY)
+        return {"key": key, "shard": shard, "bucket": b, "width": w, "height": h, "status": "ok", **text,
+                "image": buf.getvalue()}  # fmt: skip
+
+
+# ---------------------------------------------------------------- the writer
+
+
+def _add(tar: tarfile.TarFile, name: str, data: bytes) -> int:
+    """Append a member; returns the byte offset of its data in the tar (TarInfo.offset_data on read)."""
+    info = tarfile.TarInfo(name)
+    info.size, info.mtime, info.mode = len(data), 0, 0o644
+    tar.addfile(info, io.BytesIO(data))
+    return tar.offset - -(-len(data) // tarfile.BLOCKSIZE) * tarfile.BLOCKSIZE  # data padded to 512 bytes
+
+
+def write_packed_shard(output: Path, shard: str, table: pa.Table) -> None:
+    """Rows of `row_schema` -> OUTPUT/{shard}.tar (image, then captions json, per ok row), then the
+    index OUTPUT/{shard}.parquet (the completion mark), rows sorted by (bucket, key)."""
+    table = table.sort_by([("bucket", "ascending"), ("key", "ascending")])
+    levels, languages = packed.levels_languages(table.schema)
+    text_columns = packed.text_columns(levels, languages)
+    d = table.select(["key", "status", "image", *text_columns]).to_pydict()
+    n = table.num_rows
+    offset, size, json_offset, json_size = [None] * n, [None] * n, [None] * n, [None] * n
+    with (
+        atomic_path(packed.tar_path(output, shard)) as tmp,
+        tarfile.open(tmp, "w", format=tarfile.PAX_FORMAT) as tar,
+    ):
+        for i, key in enumerate(d["key"]):
+            if d["status"][i] != "ok":
+                continue
+            image = d["image"][i]
+            offset[i], size[i] = _add(tar, f"{key}.jpg", image), len(image)
+            text = json.dumps({"key": key, **{c: d[c][i] for c in text_columns}}, ensure_ascii=False).encode()
+            json_offset[i], json_size[i] = _add(tar, f"{key}.json", text), len(text)
+    for name, values in (
+        ("offset", offset),
+        ("size", size),
+        ("json_offset", json_offset),
+        ("json_size", json_size),
+    ):
+        i = table.schema.get_field_index(name)
+        table = table.set_column(i, table.schema.field(i), pa.array(values, table.schema.field(i).type))
+    write_parquet(table.drop_columns(["image"]), packed.index_path(output, shard))
+
+
+def shard_stats(table: pa.Table) -> dict:
+    reasons = Counter(packed.error_reason(e) for e in table.column("error").to_pylist() if e)
+    return {"rows": table.num_rows, "status": dict(Counter(table.column("status").to_pylist())),
+            "failures_by_reason": dict(reasons)}  # fmt: skip
+
+
+# ---------------------------------------------------------------- the job
+
+
+def pack_stage(manifest: str | Path, captions: str | Path, output: str | Path, *, shards_dir: str | Path | None = None,
+               resolution: int = 256, multiple: int = 16, batch_size: int = 32, concurrency: int = 1,
+               address: str | None = None) -> dict:  # fmt: skip
+    """Pack the manifest's rows into OUTPUT; returns _pack.json's content. Re-running with nothing
+    left to do writes nothing."""
+    manifest, captions, output = Path(manifest), Path(captions), Path(output)
+    shards_dir = Path(shards_dir) if shards_dir else shards_dir_of(manifest)
+    fp, buckets = fingerprint(manifest), bucket_table(resolution, multiple)
+    meta_path = output / packed.PACK_META
+    meta = json.loads(meta_path.read_text()) if meta_path.exists() else None
+    if meta and [meta["manifest_fingerprint"], meta["resolution"], meta["multiple"]] != [
+        fp,
+        resolution,
+        multiple,
+    ]:
+        raise ValueError(f"{output} was packed from {meta['manifest']} at {meta['resolution']} px (multiple "
+                         f"{meta['multiple']}); this run asks {manifest} at {resolution} px: use another --output")  # fmt: skip
+    if meta and meta["complete"] and set(meta["shards"]) <= done_shards(output):
+        print(f"pack: {output} is up to date with {manifest}; nothing written")
+        return meta
+    work = output / WORK_DIR
+    rows_per_shard = split_manifest(manifest, work, fp)
+    names = sorted(rows_per_shard)
+    levels, languages = caption_levels(captions, names)
+    meta = {"version": packed.PACKED_VERSION, "resolution": resolution, "multiple": multiple,
+            "buckets": [list(b) for b in buckets],
+            "manifest": str(manifest.resolve()), "manifest_fingerprint": fp, "captions": str(captions.resolve()),
+            "shards_dir": str(shards_dir.resolve()), "levels": list(levels), "languages": list(languages),
+            "shards": names, "complete": False}  # fmt: skip
+    if not meta_path.exists():
+        write_json(meta, meta_path)  # the bucket table is known before any shard is written
+    schema = row_schema(levels, languages)
+    available = set(list_shards(shards_dir))
+
+    def initial_rows(shard: str) -> pa.Table | None:
+        """Manifest rows no actor will see: the whole shard if it is missing, keys absent from its tar."""
+        keys = manifest_keys(work, shard)
+        if shard not in available:
+            return failed_rows(keys, shard, f"missing_shard: no complete {shard} in {shards_dir}", schema)
+        index = pq.read_table(shards.index_path(shards_dir, shard), columns=["key", "status"]).to_pydict()
+        in_tar = {k for k, s in zip(index["key"], index["status"], strict=True) if s == shards.SUCCESS}
+        lost = [k for k in keys if k not in in_tar]
+        return failed_rows(
+            lost, shard, f"missing_in_tar: not in {shards.tar_path(shards_dir, shard)}", schema
+        )
+
+    job = ShardJob(
+        name="pack",
+        stage_cls=PackStage,
+        stage_kwargs={
+            "work": str(work),
+            "captions": str(captions),
+            "buckets": buckets,
+            "levels": list(levels),
+            "languages": list(languages),
+        },  # fmt: skip
+        schema=schema,
+        stats_fn=shard_stats,
+        failure_table=lambda f: schema.empty_table(),  # unused: initial_rows replaces the index failures
+        write_fn=write_packed_shard,
+        expected_rows=lambda pending: {s: rows_per_shard[s] for s in pending},
+        initial_rows=initial_rows,
+    )
+    t0 = time.time()
+    run = run_sharded(job, shards_dir, output, batch_size=batch_size, concurrency=concurrency, address=address,
+                      shards=names)  # fmt: skip
+    summary = summarise(output, run)
+    meta |= {"complete": True, "seconds": round(time.time() - t0, 2),
+             "counts": {"rows": summary.get("rows", 0), "status": summary["status"],
+                        "failures_by_reason": summary["failures_by_reason"]}}  # fmt: skip
+    write_json(meta, meta_path)
+    shutil.rmtree(work, ignore_errors=True)
+    return meta
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--manifest", required=True, help="the stage manifest (unicap stages output: stage1.parquet)"
+    )
+    p.add_argument("--captions", required=True, help="caption Parquet folder ({shard}.parquet)")
+    p.add_argument(
+        "--shards", default=None, help="image shard folder (default: the manifest's location column)"
+    )
+    p.add_argument("--output", required=True, help="folder for the packed training shards")
+    p.add_argument("--resolution", type=int, default=256, help="buckets hold about resolution^2 pixels")
+    p.add_argument("--patch-multiple", type=int, default=16, help="bucket sides: multiples of VAE x patch")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--concurrency", type=int, default=1, help="packing actors")
+    p.add_argument("--address", default=None, help="Ray address (default: RAY_ADDRESS or a local instance)")
+
+
+def run(args: argparse.Namespace) -> int:
+    meta = pack_stage(args.manifest, args.captions, args.output, shards_dir=args.shards, resolution=args.resolution,
+                      multiple=args.patch_multiple, batch_size=args.batch_size, concurrency=args.concurrency,
+                      address=args.address)  # fmt: skip
+    c = meta.get("counts", {})
+    print(f"pack: {c.get('rows')} rows {c.get('status')} in {len(meta['shards'])} shards -> {args.output}; "
+          f"failures {c.get('failures_by_reason')}")  # fmt: skip
+    print(
+        f"  index: unicap.contract.packed.read_index({str(args.output)!r}).to_pandas(); buckets {meta['buckets']}"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    from unicap.cli import module_main
+
+    sys.exit(module_main("pipelines.pack"))

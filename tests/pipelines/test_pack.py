@@ -1,0 +1,140 @@
+"""The pack job on a real Ray instance: synthetic shards + captions + a stage manifest -> packed shards."""
+
+import io
+import json
+import shutil
+import tarfile
+
+import pandas as pd
+import pyarrow.parquet as pq
+import pytest
+from PIL import Image
+
+from datagen.shards import ShardItem, write_shard
+from datagen.synth import synth, synth_item
+from pipelines.pack import pack_stage
+from tests.conftest import snapshot
+from train.buckets import bucket_table
+from unicap.atomic import write_parquet
+from unicap.contract import caption as caption_record
+from unicap.contract import packed
+
+
+def _truth_row(item, caps: dict, shard: str) -> dict:
+    return {"key": item.key, "shard": shard, "width": item.width, "height": item.height, "source": item.source,
+            "original_caption": item.caption, **caps, "status": "ok"}  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def stage(tmp_path_factory):
+    """4 synthetic shards of 6 (00003 not in the manifest) + shard 00004 with a broken image and a row
+    without usable captions; captions with one row removed; a manifest with a ghost key and a missing shard."""
+    data = tmp_path_factory.mktemp("data")
+    synth(str(data), 24, seed=3, shard_size=6)
+    captions = data / "captions"
+    shutil.copytree(data / "truth", captions)
+    t = pd.read_parquet(captions / "00001.parquet")
+    dropped = t.key.iloc[2]
+    write_parquet(caption_record.to_table(t[t.key != dropped].to_dict("records")), captions / "00001.parquet")
+    pairs = [synth_item(3, 100 + i) for i in range(3)]
+    items = [it for it, _ in pairs]
+    items[1] = ShardItem(
+        key=items[1].key, source="broken", image=b"\xff\xd8\xff\xe0 not really a jpeg", ext="jpg"
+    )
+    items[2].caption = None  # no alt text in the shard either: nothing to train on
+    write_shard(data, "00004", items)
+    rows = [_truth_row(it, caps, "00004") for it, caps in pairs]
+    rows[2] = {"key": items[2].key, "shard": "00004", "status": "failed", "error": "empty_output: synthetic"}
+    write_parquet(caption_record.to_table(rows), captions / "00004.parquet")
+    index = pd.concat(
+        [pd.read_parquet(data / f"0000{i}.parquet").assign(shard=f"0000{i}") for i in (0, 1, 2, 4)]
+    )
+    index = index[index.key != index.key.iloc[5]]  # a shard row left out of the stage
+    ghosts = pd.DataFrame(
+        {"key": ["s3_ghost", "s9_lost_a", "s9_lost_b"], "shard": ["00000", "00099", "00099"]}
+    )
+    manifest = pd.concat([index[["key", "shard", "width", "height"]], ghosts], ignore_index=True)
+    manifest["location"] = manifest.shard.map(lambda s: str(data / f"{s}.tar"))
+    manifest.to_parquet(data / "stage1.parquet")
+    return data, captions, manifest, dropped, items
+
+
+@pytest.fixture(scope="module")
+def packed_stage(ray_local, stage, tmp_path_factory):
+    data, captions, *_ = stage
+    out = tmp_path_factory.mktemp("packed")
+    meta = pack_stage(data / "stage1.parquet", captions, out, resolution=256, batch_size=4)
+    return out, meta
+
+
+def test_every_manifest_row_is_packed_or_failed_with_a_reason(stage, packed_stage):
+    data, captions, manifest, dropped, items = stage
+    out, meta = packed_stage
+    buckets = bucket_table(256)
+    assert meta["buckets"] == [list(b) for b in buckets] and meta["complete"]
+    assert sorted(p.stem for p in out.glob("*.parquet")) == ["00000", "00001", "00002", "00004", "00099"]
+    assert not (out / "00003.tar").exists() and not (out / "_work").exists()  # only the manifest's shards
+    for p in sorted(out.glob("*.parquet")):
+        packed.validate(pq.read_table(p), buckets)
+    df = packed.read_index(out).to_pandas()
+    assert sorted(df.key) == sorted(manifest.key)
+    reasons = df.set_index("key").error.str.split(":").str[0]
+    assert reasons["s3_ghost"] == "missing_in_tar"
+    assert reasons["s9_lost_a"] == reasons["s9_lost_b"] == "missing_shard"
+    assert reasons[dropped] == "no_caption_row"
+    assert reasons[items[1].key] == "undecodable_image"
+    assert reasons[items[2].key] == "no_usable_caption"
+    assert (df.status == "failed").sum() == 6 and df[df.status == "failed"].bucket.eq(-1).all()
+    counts = meta["counts"]
+    assert counts["rows"] == len(manifest) and counts["status"] == {"ok": len(manifest) - 6, "failed": 6}
+    assert counts["failures_by_reason"] == {"missing_in_tar": 1, "missing_shard": 2, "no_caption_row": 1,
+                                            "undecodable_image": 1, "no_usable_caption": 1}  # fmt: skip
+    truth = pd.read_parquet(captions).set_index("key")
+    ok = df[df.status == "ok"].set_index("key")
+    assert (ok.caption_long_en == truth.caption_long_en.reindex(ok.index)).all()
+
+
+def test_tar_offsets_images_and_captions_match_the_index(packed_stage):
+    out, meta = packed_stage
+    buckets = [tuple(b) for b in meta["buckets"]]
+    for shard in ("00000", "00004"):
+        index = pd.read_parquet(out / f"{shard}.parquet")
+        with tarfile.open(out / f"{shard}.tar") as tar:
+            members = {m.name: m for m in tar.getmembers()}
+        assert set(members) == {f"{k}.{e}" for k in index.key[index.status == "ok"] for e in ("jpg", "json")}
+        raw = (out / f"{shard}.tar").read_bytes()
+        for r in index[index.status == "ok"].itertuples():
+            m = members[f"{r.key}.jpg"]
+            offset, size, json_offset, json_size = (
+                int(r.offset),
+                int(r.size),
+                int(r.json_offset),
+                int(r.json_size),
+            )
+            assert (m.offset_data, m.size) == (offset, size)
+            im = Image.open(io.BytesIO(raw[offset : offset + size]))
+            assert (
+                im.format == "JPEG"
+                and im.mode == "RGB"
+                and im.size == (r.width, r.height) == buckets[r.bucket]
+            )
+            text = json.loads(raw[json_offset : json_offset + json_size])
+            assert text["key"] == r.key and text["caption_short_zh"] == r.caption_short_zh
+            assert r.json_offset > r.offset  # image then captions: one pread covers both
+
+
+def test_rerun_writes_nothing_and_a_lost_shard_is_redone(stage, packed_stage):
+    data, captions, *_ = stage
+    out, _ = packed_stage
+    before = snapshot(out)
+    pack_stage(data / "stage1.parquet", captions, out, resolution=256, batch_size=4)
+    assert snapshot(out) == before
+    index = pd.read_parquet(out / "00001.parquet")
+    (out / "00001.parquet").unlink()  # as if killed before shard 00001 was complete
+    pack_stage(data / "stage1.parquet", captions, out, resolution=256, batch_size=4)
+    after = snapshot(out)
+    assert after["00000.parquet"] == before["00000.parquet"] and after["00000.tar"] == before["00000.tar"]
+    assert "00001.parquet" in after and after["00001.tar"] != before["00001.tar"]
+    assert pd.read_parquet(out / "00001.parquet").equals(index)  # the same bytes at the same offsets
+    with pytest.raises(ValueError, match="another --output"):
+        pack_stage(data / "stage1.parquet", captions, out, resolution=512)
