@@ -115,9 +115,9 @@ def bench_ray_data_llm(model: str, images, batch: int) -> dict:
     from ray.data.llm import build_processor, vLLMEngineProcessorConfig
     from transformers import AutoProcessor
 
-    from pipelines.runner import cpu_threads_per_actor, init_ray, threads_env
     from unicap import prompts
     from unicap.engines import EngineConfig, vllm_engine_kwargs
+    from unicap.runtime import cpu_threads_per_actor, init_ray, threads_env
 
     proc = AutoProcessor.from_pretrained(model)
     ps = prompts.prompts_for("direct", LEVELS, LANGS, MAX_TOKENS)
@@ -192,7 +192,7 @@ def main() -> int:
     args = ap.parse_args()
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
     from datagen.synth import synth
-    from unicap.tiny_models import tiny_qwen2vl
+    from unicap.tiny_vlm import tiny_qwen2vl
 
     model = str(tiny_qwen2vl())
     shards = Path(tempfile.mkdtemp(prefix="bench-shards-"))

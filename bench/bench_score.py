@@ -56,8 +56,9 @@ def main() -> int:
     import torch
 
     from datagen.synth import synth
-    from pipelines.score import run_job
+    from pipelines.score import ScoreConfig, run_job
     from unicap.clip import ClipScorer
+    from unicap.contract.caption import caption_column
     from unicap.decode import decode_image
 
     shards = Path(tempfile.mkdtemp(prefix="bench-score-"))
@@ -76,7 +77,7 @@ def main() -> int:
             for m in tar.getmembers():
                 if m.name.endswith((".jpg", ".png")):
                     raw.append(tar.extractfile(m).read())
-                    caps.append([truth.loc[m.name.split(".")[0], f"caption_{lv}_en"] for lv in ("long", "medium", "short", "tags")])
+                    caps.append([truth.loc[m.name.split(".")[0], caption_column(lv, "en")] for lv in ("long", "medium", "short", "tags")])
     scorer.embed_images([decode_image(raw[0]).image])  # warm-up
     t0 = time.perf_counter()
     for i in range(0, len(raw), args.batch):
@@ -89,7 +90,7 @@ def main() -> int:
     def job(src):
         out = Path(tempfile.mkdtemp(prefix="bench-scores-"))
         t = time.time()
-        run_job(src, src / "truth", out, args.clip, None, batch_size=args.batch, near_dedup=False)
+        run_job(src, src / "truth", out, ScoreConfig(clip=args.clip, batch_size=args.batch, near_dedup=False))
         ray.shutdown()
         return time.time() - t
 

@@ -42,7 +42,7 @@ def child(rows: int, workdir: Path) -> dict:
 
 
 def main() -> int:
-    from pipelines.stages import parse_target
+    from unicap.stage_rules import parse_count
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--sizes", default="1M,5M,20M")
@@ -55,7 +55,7 @@ def main() -> int:
         return 0
     results = []
     for size in args.sizes.split(","):
-        n = int(parse_target(size)[1])
+        n = parse_count(size)
         out = subprocess.run([sys.executable, __file__, "--child", str(n), "--workdir", args.workdir],
                              capture_output=True, text=True, check=True).stdout.strip().splitlines()[-1]  # fmt: skip
         results.append(json.loads(out))

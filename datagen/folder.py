@@ -16,8 +16,9 @@ import hashlib
 import json
 from pathlib import Path
 
-from datagen.shards import IMAGE_EXTENSIONS, ShardItem, is_complete, shard_name, write_shard
+from datagen.shards import ShardItem, is_complete, shard_name, write_shard
 from unicap.atomic import write_json
+from unicap.contract.shards import IMAGE_EXTENSIONS
 from unicap.decode import decode_image
 
 MANIFEST = "_ingest.json"

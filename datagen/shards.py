@@ -1,6 +1,6 @@
-"""The image shard format, shared by URL ingest (img2dataset), folder ingest and the synthetic set.
+"""Writing and reading image shards, shared by URL ingest (img2dataset), folder ingest and the synthetic set.
 
-One shard = three files, img2dataset's webdataset layout:
+The format (tar + Parquet index + stats file written last) is the contract unicap.contract.shards:
 
     DIR/00000.tar          members {key}.{jpg|png|webp|...}, {key}.txt (caption), {key}.json (metadata)
     DIR/00000.parquet      the index: one row per input item, failures included (status, error_message)
@@ -24,32 +24,19 @@ import pandas as pd
 import pyarrow as pa
 
 from unicap.atomic import atomic_path, write_json, write_parquet
-
-IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "gif", "bmp", "tif", "tiff")
-SUCCESS = "success"  # img2dataset's status vocabulary: success | failed_to_download | failed_to_resize
-
-INDEX_SCHEMA = pa.schema(
-    [
-        pa.field("key", pa.string()),
-        pa.field("url", pa.string()),  # URL or local path: the caption record's `source`
-        pa.field("caption", pa.string()),  # alt text / original caption
-        pa.field("status", pa.string()),
-        pa.field("error_message", pa.string()),
-        pa.field("width", pa.int64()),
-        pa.field("height", pa.int64()),
-        pa.field("original_width", pa.int64()),
-        pa.field("original_height", pa.int64()),
-        pa.field("sha256", pa.string()),
-    ]
+from unicap.contract.shards import (
+    IMAGE_EXTENSIONS,
+    INDEX_SCHEMA,
+    STATS_SUFFIX,
+    SUCCESS,
+    index_path,
+    stats_path,
+    tar_path,
 )
 
 
 def shard_name(shard_id: int) -> str:
     return f"{shard_id:05d}"
-
-
-def stats_path(directory: str | Path, shard: str) -> Path:
-    return Path(directory) / f"{shard}_stats.json"
 
 
 def is_complete(directory: str | Path, shard: str) -> bool:
@@ -58,7 +45,7 @@ def is_complete(directory: str | Path, shard: str) -> bool:
 
 def list_shards(directory: str | Path) -> list[str]:
     """Names of the complete shards in a folder, sorted."""
-    return sorted(p.name[: -len("_stats.json")] for p in Path(directory).glob("*_stats.json"))
+    return sorted(p.name[: -len(STATS_SUFFIX)] for p in Path(directory).glob(f"*{STATS_SUFFIX}"))
 
 
 @dataclass
@@ -90,7 +77,7 @@ def write_shard(directory: str | Path, shard: str, items: Iterable[ShardItem]) -
     directory = Path(directory)
     rows, counts = [], Counter()
     with (
-        atomic_path(directory / f"{shard}.tar") as tmp,
+        atomic_path(tar_path(directory, shard)) as tmp,
         tarfile.open(tmp, "w", format=tarfile.USTAR_FORMAT) as tar,
     ):
         for it in items:
@@ -119,7 +106,7 @@ def write_shard(directory: str | Path, shard: str, items: Iterable[ShardItem]) -
             _add_member(tar, f"{it.key}.{it.ext}", it.image)
             _add_member(tar, f"{it.key}.txt", (it.caption or "").encode())
             _add_member(tar, f"{it.key}.json", json.dumps(meta, sort_keys=True).encode())
-    write_parquet(pa.Table.from_pylist(rows, schema=INDEX_SCHEMA), directory / f"{shard}.parquet")
+    write_parquet(pa.Table.from_pylist(rows, schema=INDEX_SCHEMA), index_path(directory, shard))
     stats = {"shard": shard, "count": len(rows), "successes": counts[SUCCESS], "status": dict(counts)}
     write_json(stats, stats_path(directory, shard))
     return stats
@@ -129,7 +116,7 @@ def read_index(directory: str | Path) -> pd.DataFrame:
     """Every input row of every complete shard (failures included), with a `shard` column."""
     frames = []
     for shard in list_shards(directory):
-        df = pd.read_parquet(Path(directory) / f"{shard}.parquet")
+        df = pd.read_parquet(index_path(directory, shard))
         df["shard"] = shard
         frames.append(df)
     if not frames:
@@ -166,7 +153,7 @@ def _normalise_batch(batch: dict) -> dict:
 
 def shard_paths(directory: str | Path, shards: Iterable[str] | None = None) -> list[str]:
     names = list_shards(directory) if shards is None else list(shards)
-    return [str(Path(directory).resolve() / f"{s}.tar") for s in names]
+    return [str(tar_path(Path(directory).resolve(), s)) for s in names]
 
 
 def read_shards(directory: str | Path, shards: Iterable[str] | None = None, **read_kwargs):

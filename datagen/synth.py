@@ -3,7 +3,7 @@
 Each image is a flat illustration: 1-2 groups of identical coloured shapes (shape, colour, size,
 count) placed in the cells of a 3x3 grid on a plain background, optionally a word written along
 the bottom row. The truth is exact, so captions at every level and in every language follow from
-it, and `DIR/truth/` holds them in the caption schema. Same seed, same bytes: every image draws
+it, and `DIR/truth/` holds them as caption records (unicap.contract.caption). Same seed, same bytes: every image draws
 from its own `random.Random(f"{seed}:{index}")`, tar members carry fixed metadata.
 
     unicap synth --out data/synth --n 64 --seed 0
@@ -24,8 +24,8 @@ from pathlib import Path
 from PIL import Image, ImageDraw, ImageFont
 
 from datagen.shards import ShardItem, is_complete, shard_name, write_shard
-from unicap import schema
 from unicap.atomic import write_parquet
+from unicap.contract import caption as caption_record
 
 TRUTH_MODEL = "synthetic-ground-truth"
 TRUTH_PROMPT_VERSION = "truth-v1"
@@ -217,15 +217,16 @@ def captions(scene: SynthScene) -> dict[str, str]:
     if scene.text:
         tags_en.append(f'text "{scene.text}"')
         tags_zh.append(f"文字“{scene.text}”")
+    col = caption_record.caption_column
     return {
-        "caption_long_en": " ".join(long_en),
-        "caption_long_zh": "".join(long_zh),
-        "caption_medium_en": medium_en,
-        "caption_medium_zh": f"{bg_zh}背景上有{_zh_join(zh_groups)}{text_zh}。",
-        "caption_short_en": short_en,
-        "caption_short_zh": f"{bg_zh}背景上的{_zh_join([f'{ZH_NUM[len(o)]}个{COLORS[c][1]}{SHAPES[sh]}' for _, c, sh, o in groups])}。",
-        "caption_tags_en": ", ".join(tags_en),
-        "caption_tags_zh": ", ".join(tags_zh),
+        col("long", "en"): " ".join(long_en),
+        col("long", "zh"): "".join(long_zh),
+        col("medium", "en"): medium_en,
+        col("medium", "zh"): f"{bg_zh}背景上有{_zh_join(zh_groups)}{text_zh}。",
+        col("short", "en"): short_en,
+        col("short", "zh"): f"{bg_zh}背景上的{_zh_join([f'{ZH_NUM[len(o)]}个{COLORS[c][1]}{SHAPES[sh]}' for _, c, sh, o in groups])}。",
+        col("tags", "en"): ", ".join(tags_en),
+        col("tags", "zh"): ", ".join(tags_zh),
     }
 
 
@@ -258,7 +259,7 @@ def synth_item(seed: int, index: int) -> tuple[ShardItem, dict[str, str]]:
     item = ShardItem(
         key=synth_key(seed, index),
         source=f"synth://seed={seed}/index={index}",
-        caption=caps["caption_short_en"],
+        caption=caps[caption_record.caption_column("short", "en")],
         image=data,
         ext=ext,
         width=scene.width,
@@ -291,8 +292,8 @@ def write_synth_shard(out: str, shard_id: int, seed: int, start: int, stop: int)
         }
         for it, caps in pairs
     ]
-    table = schema.to_table(truth)
-    schema.validate(table)
+    table = caption_record.to_table(truth)
+    caption_record.validate(table)
     # truth first: the shard's stats file (written last by write_shard) marks both complete
     write_parquet(table, out_dir / "truth" / f"{shard}.parquet")
     write_shard(out_dir, shard, (it for it, _ in pairs))

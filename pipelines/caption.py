@@ -16,19 +16,58 @@ from __future__ import annotations
 import argparse
 import sys
 from collections import Counter
-from dataclasses import asdict
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Literal
 
 import pyarrow as pa
 import pyarrow.compute  # noqa: F401  (pa.compute)
 
 from pipelines.runner import ShardJob, run_sharded, summarise
-from unicap import schema
+from unicap import config, runtime
 from unicap.captioner import CaptionConfig, Captioner
-from unicap.engines import EngineConfig, has_cuda, make_engine
+from unicap.contract import caption as caption_record
+from unicap.engines import EngineConfig, make_engine
 from unicap.prompts import PROMPT_VERSION
 
 ITEM_FIELDS = ("key", "shard", "image", "source", "original_caption", "sha256")
+
+
+def _help(text: str) -> dict:
+    return {"help": text}
+
+
+@dataclass
+class CaptionJobConfig:
+    """The `unicap caption` command line. Engine and captioner defaults are EngineConfig's and
+    CaptionConfig's (referred to, not repeated); run options are run_job's defaults."""
+
+    input: str = field(metadata=_help("folder of image shards (ingest / ingest-folder / synth)"))
+    output: str = field(metadata=_help("folder for the caption Parquet files"))
+    model: str = field(default=EngineConfig.model, metadata=_help("HF id, local folder, or 'tiny' (offline random Qwen2-VL)"))
+    server: str | None = field(default=None, metadata=_help("base URL of an OpenAI-compatible vLLM server (server mode)"))
+    levels: tuple[str, ...] = field(default=CaptionConfig.levels, metadata=_help("caption levels"))
+    languages: tuple[str, ...] = field(default=CaptionConfig.languages, metadata=_help("caption languages"))
+    strategy: Literal["direct", "json"] = field(default=CaptionConfig.strategy, metadata=_help("prompting strategy"))
+    max_pixels: int = field(default=EngineConfig.max_pixels, metadata=_help("images are downscaled to this many pixels"))
+    max_tokens: dict[str, int] = field(default_factory=dict, metadata=_help("per-level token limits, e.g. long=384,tags=96"))
+    batch_size: int = field(default=16, metadata=_help("images per actor call"))
+    concurrency: int = field(default=1, metadata=_help("engine actors (one per GPU)"))
+    cpus_per_actor: float | None = field(default=None, metadata=_help("Ray CPUs claimed per actor (default: 1 on GPU, 0.5 on CPU)"))
+    threads_per_actor: int | None = field(default=None, metadata=_help("compute threads per CPU actor (default: cores / actors)"))
+    max_retries: int = field(default=CaptionConfig.max_retries, metadata=_help("retries of a failed caption"))
+    timeout: float = field(default=EngineConfig.timeout_s, metadata=_help("seconds per server request (server mode)"))
+    max_concurrent_requests: int = field(default=EngineConfig.max_concurrent, metadata=_help("in-flight requests per actor (server mode)"))
+    address: str | None = field(default=None, metadata=_help("Ray address (default: RAY_ADDRESS or a local instance)"))
+    limit_shards: int | None = field(default=None, metadata=_help("caption at most this many pending shards"))
+
+    def configs(self) -> tuple[EngineConfig, CaptionConfig]:
+        """The engine's and the captioner's configs; max_pixels goes to both, so they agree."""
+        engine = EngineConfig(model=self.model, server=self.server, max_pixels=self.max_pixels,
+                              timeout_s=self.timeout, max_concurrent=self.max_concurrent_requests)  # fmt: skip
+        caption = CaptionConfig(levels=self.levels, languages=self.languages, strategy=self.strategy,
+                                max_retries=self.max_retries, max_pixels=self.max_pixels, max_tokens=self.max_tokens)  # fmt: skip
+        return engine, caption
 
 
 class CaptionStage:
@@ -40,18 +79,18 @@ class CaptionStage:
     def __call__(self, batch: pa.Table) -> pa.Table:
         items = batch.select([f for f in ITEM_FIELDS if f in batch.column_names]).to_pylist()
         cfg = self.captioner.cfg
-        return schema.to_table(self.captioner.caption(items), cfg.levels, cfg.languages)
+        return caption_record.to_table(self.captioner.caption(items), cfg.levels, cfg.languages)
 
 
 def failure_rows(failures: list[dict], cfg: CaptionConfig, model: str, engine: str) -> pa.Table:
     rows = [{**f, "status": "failed", "model": model, "prompt_version": PROMPT_VERSION, "engine": engine,
-             "num_output_tokens": 0, "created_at": schema.utcnow()} for f in failures]  # fmt: skip
-    return schema.to_table(rows, cfg.levels, cfg.languages)
+             "num_output_tokens": 0, "created_at": caption_record.utcnow()} for f in failures]  # fmt: skip
+    return caption_record.to_table(rows, cfg.levels, cfg.languages)
 
 
 def shard_stats(table: pa.Table) -> dict:
     statuses = Counter(table.column("status").to_pylist())
-    reasons = Counter(schema.error_reason(e) for e in table.column("error").to_pylist() if e)
+    reasons = Counter(caption_record.error_reason(e) for e in table.column("error").to_pylist() if e)
     return {
         "rows": table.num_rows,
         "status": dict(statuses),
@@ -66,20 +105,20 @@ def run_job(
     engine_cfg: EngineConfig,
     caption_cfg: CaptionConfig,
     *,
-    batch_size: int = 16,
-    concurrency: int = 1,
+    batch_size: int = CaptionJobConfig.batch_size,
+    concurrency: int = CaptionJobConfig.concurrency,
     cpus_per_actor: float | None = None,
     threads_per_actor: int | None = None,
     address: str | None = None,
     limit_shards: int | None = None,
 ) -> dict:
-    gpu = has_cuda() and not engine_cfg.server
+    gpu = runtime.has_cuda() and not engine_cfg.server
     engine_name = "vllm-server" if engine_cfg.server else "vllm"
     job = ShardJob(
         name="caption",
         stage_cls=CaptionStage,
         stage_kwargs={"engine_cfg": asdict(engine_cfg), "caption_cfg": asdict(caption_cfg)},
-        schema=schema.caption_schema(caption_cfg.levels, caption_cfg.languages),
+        schema=caption_record.caption_schema(caption_cfg.levels, caption_cfg.languages),
         stats_fn=shard_stats,
         failure_table=lambda f: failure_rows(f, caption_cfg, engine_cfg.model, engine_name),
         num_gpus=1 if gpu else 0,
@@ -105,51 +144,20 @@ def run_job(
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--input", required=True, help="folder of image shards (ingest / ingest-folder / synth)")
-    p.add_argument("--output", required=True, help="folder for the caption Parquet files")
-    p.add_argument("--model", default="tiny", help="HF id, local folder, or 'tiny' (offline random Qwen2-VL)")
-    p.add_argument("--server", default=None, help="base URL of an OpenAI-compatible vLLM server (server mode)")
-    p.add_argument("--levels", default=",".join(schema.LEVELS), help="caption levels (default long,medium,short,tags)")
-    p.add_argument("--languages", default=",".join(schema.LANGUAGES), help="languages (default en,zh)")
-    p.add_argument("--strategy", default="direct", choices=["direct", "json"], help="prompting strategy")
-    p.add_argument("--max-pixels", type=int, default=448 * 448, help="images are downscaled to this many pixels")
-    p.add_argument("--max-tokens", default="", help="per-level token limits, e.g. long=384,tags=96")
-    p.add_argument("--batch-size", type=int, default=16, help="images per actor call (default 16)")
-    p.add_argument("--concurrency", type=int, default=1, help="engine actors (default 1; one per GPU)")
-    p.add_argument("--cpus-per-actor", type=float, default=None, help="Ray CPUs claimed per actor")
-    p.add_argument("--threads-per-actor", type=int, default=None, help="compute threads per CPU actor (default: cores / actors)")
-    p.add_argument("--max-retries", type=int, default=2, help="retries of a failed caption (default 2)")
-    p.add_argument("--timeout", type=float, default=180.0, help="seconds per server request (server mode)")
-    p.add_argument("--max-concurrent-requests", type=int, default=32, help="in-flight requests per actor (server)")
-    p.add_argument("--address", default=None, help="Ray address (default: RAY_ADDRESS or a local instance)")
-    p.add_argument("--limit-shards", type=int, default=None, help="caption at most this many pending shards")
-
-
-def configs_from_args(args: argparse.Namespace) -> tuple[EngineConfig, CaptionConfig]:
-    max_tokens = {k: int(v) for k, v in (kv.split("=") for kv in args.max_tokens.split(",") if kv)}
-    engine = EngineConfig(model=args.model, server=args.server, max_pixels=args.max_pixels,
-                          timeout_s=args.timeout, max_concurrent=args.max_concurrent_requests)  # fmt: skip
-    caption = CaptionConfig(
-        levels=tuple(args.levels.split(",")),
-        languages=tuple(args.languages.split(",")),
-        strategy=args.strategy,
-        max_retries=args.max_retries,
-        max_pixels=args.max_pixels,
-        max_tokens=max_tokens,
-    )
-    schema.caption_schema(caption.levels, caption.languages)  # fail early on bad names
-    return engine, caption
+    config.add_arguments(p, CaptionJobConfig)
 
 
 def run(args: argparse.Namespace) -> int:
-    engine, caption = configs_from_args(args)
-    s = run_job(args.input, args.output, engine, caption, batch_size=args.batch_size, concurrency=args.concurrency,
-                cpus_per_actor=args.cpus_per_actor, threads_per_actor=args.threads_per_actor, address=args.address, limit_shards=args.limit_shards)  # fmt: skip
+    job = config.from_args(CaptionJobConfig, args)
+    engine, caption = job.configs()
+    s = run_job(job.input, job.output, engine, caption, batch_size=job.batch_size, concurrency=job.concurrency,
+                cpus_per_actor=job.cpus_per_actor, threads_per_actor=job.threads_per_actor, address=job.address,
+                limit_shards=job.limit_shards)  # fmt: skip
     r = s["last_run"]
     print(f"caption: {r['images']} images in {r['seconds']}s ({r['images_per_s']} images/s, "
           f"{r['tokens_per_s']} tokens/s); output holds {s['rows']} rows in {s['shards']} shards")  # fmt: skip
     print(f"  status: {s['status']}  failures by reason: {s['failures_by_reason']}")
-    print(f"  open with: pandas.read_parquet({str(args.output)!r})   summary: {Path(args.output) / '_summary.json'}")
+    print(f"  open with: pandas.read_parquet({str(job.output)!r})   summary: {Path(job.output) / '_summary.json'}")
     return 0
 
 

@@ -34,9 +34,10 @@ def step_read(work: Path, n: int) -> None:
     import ray
 
     from datagen.shards import read_shards
+    from unicap import runtime
     from unicap.decode import decode_image
 
-    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    runtime.init_ray(quiet=True)
     try:
         def decode(batch: dict) -> dict:
             results = [decode_image(b) for b in batch["image"]]
@@ -46,19 +47,21 @@ def step_read(work: Path, n: int) -> None:
     finally:
         ray.shutdown()
     keys = {r["key"] for r in rows}
-    assert len(keys) == len(rows) == n, f"expected {n} unique images, read {len(rows)} ({len(keys)} unique)"
-    assert all(r["ok"] for r in rows), "a synthetic image failed to decode"
+    if not len(keys) == len(rows) == n:
+        raise RuntimeError(f"expected {n} unique images, read {len(rows)} ({len(keys)} unique): remove {work} and rerun")
+    if not all(r["ok"] for r in rows):
+        raise RuntimeError(f"a synthetic image failed to decode: remove {work} and rerun")
     print(f"[read] Ray Data read and decoded {len(rows)} images, each once")
 
 
 def step_caption(work: Path) -> None:
-    from pipelines.caption import run_job
-    from unicap.captioner import CaptionConfig
-    from unicap.engines import EngineConfig
+    from pipelines.caption import CaptionJobConfig, run_job
 
     tokens = {"long": 48, "medium": 32, "short": 16, "tags": 16}  # the random model never stops by itself
-    s = run_job(work / "data", work / "captions", EngineConfig(model="tiny", max_pixels=224 * 224),
-                CaptionConfig(max_retries=0, max_pixels=224 * 224, max_tokens=tokens), batch_size=16)  # fmt: skip
+    job = CaptionJobConfig(input=str(work / "data"), output=str(work / "captions"), model="tiny",
+                           max_pixels=224 * 224, max_retries=0, max_tokens=tokens)  # fmt: skip
+    engine, caption = job.configs()
+    s = run_job(job.input, job.output, engine, caption, batch_size=job.batch_size)
     r = s["last_run"]
     print(f"[caption] {s['rows']} rows in {s['shards']} shards under {work / 'captions'} "
           f"(this run: {r['images']} images, {r['images_per_s']} images/s); status {s['status']}, "
@@ -68,13 +71,12 @@ def step_caption(work: Path) -> None:
 def step_score(work: Path) -> None:
     from PIL import Image
 
-    from pipelines.score import run_job
-    from unicap.clip import ClipScorer
-    from unicap.tiny_models import tiny_aesthetic_head
+    from pipelines.score import ScoreConfig, run_job
+    from unicap.clip import ClipScorer, tiny_aesthetic_head
 
     dim = ClipScorer("tiny").embed_images([Image.new("RGB", (32, 32))]).shape[1]
-    s = run_job(work / "data", work / "data" / "truth", work / "scores", "tiny", str(tiny_aesthetic_head(dim)),
-                batch_size=32, near_dedup=False)  # fmt: skip
+    cfg = ScoreConfig(clip="tiny", aesthetic=str(tiny_aesthetic_head(dim)), batch_size=32, near_dedup=False)
+    s = run_job(work / "data", work / "data" / "truth", work / "scores", cfg)
     print(f"[score] {s['rows']} rows in {s['shards']} shards under {work / 'scores'}; "
           f"duplicates {s['last_run'].get('duplicates')}")  # fmt: skip
 

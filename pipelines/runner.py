@@ -11,7 +11,6 @@ job's own failure rows by `job.failure_table`, so every input row comes out exac
 from __future__ import annotations
 
 import json
-import os
 import time
 from collections import Counter
 from collections.abc import Callable
@@ -23,8 +22,10 @@ import pyarrow.parquet as pq
 
 from datagen.shards import list_shards, read_shards
 from pipelines.sink import STATS_DIR, ShardCollector, done_shards, expected_rows
-from unicap import schema
+from unicap import runtime
 from unicap.atomic import write_json
+from unicap.contract import caption as caption_record
+from unicap.contract.shards import SUCCESS, index_path
 
 
 @dataclass
@@ -41,7 +42,7 @@ class ShardJob:
     env_vars: dict = field(default_factory=dict)
     # OpenMP/torch threads per actor. Ray sets OMP_NUM_THREADS to an actor's num_cpus (1 for a
     # fractional claim), which starves CPU inference. None: CPU actors (num_gpus 0) get their share
-    # of the cores (cpu_threads_per_actor), GPU actors keep Ray's choice.
+    # of the cores (runtime.cpu_threads_per_actor), GPU actors keep Ray's choice.
     threads: int | None = None
     # Jobs whose output rows are not the input index's rows (pack: a stage manifest's rows of a shard):
     # rows each shard will output (default: its index rows), and rows the driver writes itself
@@ -50,43 +51,23 @@ class ShardJob:
     initial_rows: Callable[[str], pa.Table | None] | None = None
 
 
-def cpu_threads_per_actor(concurrency: int) -> int:
-    """This machine's cores shared among `concurrency` CPU actors: the compute threads each may use."""
-    return max(1, (os.cpu_count() or 1) // max(1, concurrency))
-
-
 def actor_threads(job: ShardJob, concurrency: int) -> int | None:
     if job.threads is not None:
         return job.threads
-    return cpu_threads_per_actor(concurrency) if not job.num_gpus else None
-
-
-def threads_env(threads: int | None) -> dict[str, str]:
-    return {} if threads is None else {v: str(threads) for v in ("OMP_NUM_THREADS", "MKL_NUM_THREADS")}
+    return runtime.cpu_threads_per_actor(concurrency) if not job.num_gpus else None
 
 
 def index_failures(input_dir: str | Path, shard: str) -> list[dict]:
     """The shard's index rows that are not images: key, shard, sha256, source, original_caption, error."""
     out = []
-    for r in pq.read_table(Path(input_dir) / f"{shard}.parquet").to_pylist():
-        if r["status"] == "success":
+    for r in pq.read_table(index_path(input_dir, shard)).to_pylist():
+        if r["status"] == SUCCESS:
             continue
         msg = r.get("error_message") or r["status"]
-        error = msg if schema.error_reason(msg) in schema.ERROR_REASONS else f"download_failed: {msg}"
+        error = msg if caption_record.error_reason(msg) in caption_record.ERROR_REASONS else f"download_failed: {msg}"
         out.append({"key": r["key"], "shard": shard, "sha256": r.get("sha256"), "source": r.get("url"),
                     "original_caption": r.get("caption"), "error": error[:2000]})  # fmt: skip
     return out
-
-
-def init_ray(address: str | None) -> None:
-    import ray
-
-    if ray.is_initialized():
-        return
-    if address or os.environ.get("RAY_ADDRESS"):
-        ray.init(address=address or os.environ["RAY_ADDRESS"], log_to_driver=True)
-    else:  # embedded local instance; more logical CPUs than cores so actors and read tasks both fit
-        ray.init(num_cpus=max(4, 2 * (os.cpu_count() or 1)), include_dashboard=False, configure_logging=False)
 
 
 def repair_stats(output: Path, stats_fn: Callable[[pa.Table], dict]) -> None:
@@ -150,7 +131,7 @@ def run_sharded(
             sink.add_batch(first)
     pending = [s for s in shards if s in sink.expected]
     if pending:
-        init_ray(address)
+        runtime.init_ray(address)
         ds = read_shards(input_dir, pending).map_batches(
             job.stage_cls,
             fn_constructor_kwargs=job.stage_kwargs,
@@ -159,7 +140,7 @@ def run_sharded(
             concurrency=concurrency,
             num_cpus=job.num_cpus,
             num_gpus=job.num_gpus,
-            runtime_env={"env_vars": {"TOKENIZERS_PARALLELISM": "false", **threads_env(actor_threads(job, concurrency)),
+            runtime_env={"env_vars": {"TOKENIZERS_PARALLELISM": "false", **runtime.threads_env(actor_threads(job, concurrency)),
                                       **job.env_vars}},
         )
         for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):

@@ -10,6 +10,7 @@ Per shard (written by the shared per-shard driver, pipelines.runner):
                                        with new rules, or re-run dedup, without the model
 After all shards: OUTPUT/_dedup/duplicates.parquet (key, duplicate_of, kind exact|near, similarity),
 from sha256 (exact) and LSH over centred CLIP embeddings (near, unicap.dedup).
+Tables: unicap.contract.scores (score files, embeddings) and unicap.contract.dedup (duplicates).
 Captions in other languages than English are scored with --clip-multilingual when given, else null.
 """
 
@@ -18,32 +19,53 @@ from __future__ import annotations
 import argparse
 import sys
 from collections import Counter
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipelines.runner import ShardJob, run_sharded, summarise
-from unicap import schema
+from unicap import config, runtime
 from unicap.atomic import write_parquet
+from unicap.contract import caption as caption_record
+from unicap.contract import scores
+from unicap.contract.dedup import duplicates_path
 from unicap.decode import decode_image
-from unicap.engines import has_cuda
-
-EMBED_DIR = "_embeddings"  # "_": not read by pandas.read_parquet(OUTPUT)
-DEDUP_DIR = "_dedup"
 
 
-def score_schema(levels, languages) -> pa.Schema:
-    clip_cols = [pa.field(f"clip_{lv}_{lang}", pa.float32()) for lv in levels for lang in languages]
-    return pa.schema([
-        pa.field("key", pa.string(), nullable=False), pa.field("shard", pa.string(), nullable=False),
-        pa.field("width", pa.int32()), pa.field("height", pa.int32()), pa.field("min_side", pa.int32()),
-        pa.field("aspect_ratio", pa.float32()), pa.field("sha256", pa.string()), pa.field("source", pa.string()),
-        pa.field("caption_status", pa.string()), pa.field("caption_levels_ok", pa.string()),
-        pa.field("decode_error", pa.string()), *clip_cols, pa.field("aesthetic", pa.float32()),
-        pa.field("clip_model", pa.string()), pa.field("embedding", pa.list_(pa.float16())),
-    ])  # fmt: skip
+def _help(text: str) -> dict:
+    return {"help": text}
+
+
+@dataclass
+class ScoreConfig:
+    """What the score job computes and how it runs; `unicap score` options and run_job's defaults."""
+
+    clip: str = field(default="tiny", metadata=_help("'tiny', NAME:PRETRAINED_TAG, or NAME:/path/to/checkpoint"))
+    aesthetic: str | None = field(default=None, metadata=_help("LAION-style aesthetic head weights (state_dict file), or 'tiny'"))
+    clip_multilingual: str | None = field(default=None, metadata=_help("open_clip spec of a multilingual text tower"))
+    levels: tuple[str, ...] = field(default=caption_record.LEVELS, metadata=_help("caption levels to score"))
+    languages: tuple[str, ...] = field(default=caption_record.LANGUAGES, metadata=_help("caption languages to score"))
+    batch_size: int = field(default=64, metadata=_help("images per actor call"))
+    concurrency: int = field(default=1, metadata=_help("open_clip actors"))
+    dedup: bool = field(default=True, metadata=_help("find duplicates after the last shard"))
+    near_threshold: float = field(default=0.95, metadata=_help("cosine (centred) for near duplicates"))
+    near_dedup: bool = field(default=True, metadata=_help(
+        "near duplicates too (off: exact only, e.g. with --clip tiny, whose random embeddings cannot tell images apart)"))
+    precision: Literal["bf16", "fp32"] = field(default="bf16", metadata=_help("autocast (on CPU, bf16 uses AMX)"))
+    device: str = field(default="auto", metadata=_help("auto | cpu | cuda (auto: cuda when present)"))
+    gpus_per_actor: float = field(default=1.0, metadata=_help(
+        "GPU share per CLIP actor (0.5: two actors per GPU; --concurrency sets how many)"))
+    address: str | None = field(default=None, metadata=_help("Ray address (default: RAY_ADDRESS or a local instance)"))
+
+    def __post_init__(self) -> None:
+        self.levels, self.languages = tuple(self.levels), tuple(self.languages)
+        scores.score_schema(self.levels, self.languages)  # names usable as columns, else ValueError
+        if self.gpus_per_actor <= 0 or (self.gpus_per_actor > 1 and not float(self.gpus_per_actor).is_integer()):
+            raise ValueError(f"gpus_per_actor {self.gpus_per_actor}: a share of one GPU (0, 1] or a whole number")
 
 
 class ScoreStage:
@@ -58,7 +80,7 @@ class ScoreStage:
         self.multi = ClipScorer(multilingual, device=device, autocast=bf16) if multilingual else None
         self.captions = Path(captions) if captions else None
         self.levels, self.languages = tuple(levels), tuple(languages)
-        self.schema = score_schema(self.levels, self.languages)
+        self.schema = scores.with_embedding(scores.score_schema(self.levels, self.languages))
         self._cache: dict[str, dict[str, dict]] = {}
 
     def _captions_of(self, shard: str) -> dict[str, dict]:
@@ -78,7 +100,8 @@ class ScoreStage:
         for it, d in zip(items, decoded, strict=True):
             cap = self._captions_of(it["shard"]).get(it["key"], {})
             w, h = d.width, d.height
-            levels_ok = [lv for lv in self.levels if all(cap.get(f"caption_{lv}_{g}") for g in self.languages)]
+            levels_ok = [lv for lv in self.levels
+                         if all(cap.get(caption_record.caption_column(lv, g)) for g in self.languages)]  # fmt: skip
             rows.append({
                 "key": it["key"], "shard": it["shard"], "width": w, "height": h,
                 "min_side": min(w, h) if w else None, "aspect_ratio": (max(w, h) / min(w, h)) if w else None,
@@ -99,61 +122,58 @@ class ScoreStage:
                 continue  # no multilingual tower configured: those columns stay null
             img = emb if scorer is self.scorer else scorer.embed_images([decode_image(items[i]["image"]).image for i in ok])
             for lv in self.levels:
-                col = f"caption_{lv}_{lang}"
+                col = caption_record.caption_column(lv, lang)
                 texts = [(j, self._captions_of(items[i]["shard"]).get(items[i]["key"], {}).get(col)) for j, i in enumerate(ok)]
                 texts = [(j, t) for j, t in texts if t]
                 if not texts:
                     continue
                 te = scorer.embed_texts([t for _, t in texts])
                 for (j, _), e in zip(texts, te, strict=True):
-                    rows[ok[j]][f"clip_{lv}_{lang}"] = float(img[j] @ e)
+                    rows[ok[j]][scores.clip_column(lv, lang)] = float(img[j] @ e)
 
 
 def failure_table(failures: list[dict], levels, languages) -> pa.Table:
     rows = [{"key": f["key"], "shard": f["shard"], "sha256": f["sha256"], "source": f["source"],
              "caption_status": "failed", "caption_levels_ok": "", "decode_error": f["error"]} for f in failures]  # fmt: skip
-    return pa.Table.from_pylist(rows, schema=score_schema(levels, languages))
+    return pa.Table.from_pylist(rows, schema=scores.with_embedding(scores.score_schema(levels, languages)))
 
 
 def write_scores(output: Path, shard: str, table: pa.Table) -> None:
     """Embeddings first, the score file last: its presence marks the shard complete."""
-    write_parquet(table.select(["key", "embedding"]), output / EMBED_DIR / f"{shard}.parquet")
-    write_parquet(table.drop_columns(["embedding"]), output / f"{shard}.parquet")
+    write_parquet(table.select(scores.EMBEDDINGS_SCHEMA.names), scores.embeddings_path(output, shard))
+    write_parquet(table.drop_columns([scores.EMBEDDING_FIELD.name]), output / f"{shard}.parquet")
 
 
 def shard_stats(table: pa.Table) -> dict:
-    decoded = Counter("ok" if e is None else schema.error_reason(e) for e in table.column("decode_error").to_pylist())
+    decoded = Counter("ok" if e is None else caption_record.error_reason(e) for e in table.column("decode_error").to_pylist())
     return {"rows": table.num_rows, "status": dict(decoded)}
 
 
-def run_job(input_dir, captions, output, clip: str = "tiny", aesthetic: str | None = None, *,
-            levels=schema.LEVELS, languages=schema.LANGUAGES, multilingual: str | None = None,
-            batch_size: int = 64, concurrency: int = 1, address: str | None = None, dedup: bool = True,
-            near_threshold: float = 0.95, near_dedup: bool = True, precision: str = "bf16",
-            device: str = "auto", gpus_per_actor: float = 1.0) -> dict:  # fmt: skip
+def run_job(input_dir: str | Path, captions: str | Path | None, output: str | Path,
+            cfg: ScoreConfig | None = None) -> dict:  # fmt: skip
+    """Score the pending shards of `input_dir` (captions from `captions`, a caption folder, or none)."""
     from unicap.dedup import find_duplicates
 
-    assert device in ("auto", "cpu", "cuda"), f"device {device!r}: auto, cpu or cuda"
-    if device == "auto":
-        device = "cuda" if has_cuda() else "cpu"
-    gpu = device == "cuda"
+    cfg = cfg or ScoreConfig()
+    device = runtime.resolve_device(cfg.device)
+    gpu = device.startswith("cuda")
     job = ShardJob(
         name="score",
         stage_cls=ScoreStage,
-        stage_kwargs=dict(clip=clip, aesthetic=aesthetic, captions=str(captions) if captions else None,
-                          levels=list(levels), languages=list(languages), multilingual=multilingual,
-                          precision=precision, device=device),  # fmt: skip
-        schema=score_schema(levels, languages),
+        stage_kwargs=dict(clip=cfg.clip, aesthetic=cfg.aesthetic, captions=str(captions) if captions else None,
+                          levels=list(cfg.levels), languages=list(cfg.languages), multilingual=cfg.clip_multilingual,
+                          precision=cfg.precision, device=device),  # fmt: skip
+        schema=scores.with_embedding(scores.score_schema(cfg.levels, cfg.languages)),
         stats_fn=shard_stats,
-        failure_table=lambda f: failure_table(f, levels, languages),
+        failure_table=lambda f: failure_table(f, cfg.levels, cfg.languages),
         write_fn=write_scores,
         num_cpus=1,
-        num_gpus=gpus_per_actor if gpu else 0,
+        num_gpus=cfg.gpus_per_actor if gpu else 0,
     )
-    run = run_sharded(job, input_dir, output, batch_size=batch_size, concurrency=concurrency, address=address)
-    if dedup:
-        dups = find_duplicates(Path(output), near_threshold=near_threshold if near_dedup else None)
-        write_parquet(dups, Path(output) / DEDUP_DIR / "duplicates.parquet")
+    run = run_sharded(job, input_dir, output, batch_size=cfg.batch_size, concurrency=cfg.concurrency, address=cfg.address)
+    if cfg.dedup:
+        dups = find_duplicates(Path(output), near_threshold=cfg.near_threshold if cfg.near_dedup else None)
+        write_parquet(dups, duplicates_path(output))
         run["duplicates"] = dict(Counter(dups.column("kind").to_pylist()))
     return summarise(Path(output), run)
 
@@ -162,35 +182,17 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--input", required=True, help="folder of image shards")
     p.add_argument("--captions", default=None, help="caption Parquet folder (unicap caption output or synth truth/)")
     p.add_argument("--output", required=True, help="folder for the score Parquet files")
-    p.add_argument("--clip", default="tiny", help="'tiny', NAME:PRETRAINED_TAG, or NAME:/path/to/checkpoint")
-    p.add_argument("--clip-multilingual", default=None, help="open_clip spec of a multilingual text tower")
-    p.add_argument("--aesthetic", default=None, help="LAION-style aesthetic head weights (state_dict file)")
-    p.add_argument("--levels", default=",".join(schema.LEVELS))
-    p.add_argument("--languages", default=",".join(schema.LANGUAGES))
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--concurrency", type=int, default=1, help="open_clip actors")
-    p.add_argument("--near-threshold", type=float, default=0.95, help="cosine (centred) for near duplicates")
-    p.add_argument("--no-near-dedup", action="store_true",
-                   help="exact duplicates only (e.g. with --clip tiny, whose random embeddings cannot tell images apart)")
-    p.add_argument("--precision", default="bf16", choices=["bf16", "fp32"], help="autocast (on CPU, bf16 uses AMX)")
-    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="auto: cuda when present")
-    p.add_argument("--gpus-per-actor", type=float, default=1.0,
-                   help="GPU share per CLIP actor (0.5: two actors per GPU; --concurrency sets how many)")
-    p.add_argument("--address", default=None, help="Ray address (default: RAY_ADDRESS or a local instance)")
+    config.add_arguments(p, ScoreConfig)
 
 
 def run(args: argparse.Namespace) -> int:
-    aesthetic = args.aesthetic
-    if aesthetic == "tiny":
-        from unicap.clip import ClipScorer
-        from unicap.tiny_models import tiny_aesthetic_head
+    cfg = config.from_args(ScoreConfig, args)
+    if cfg.aesthetic == "tiny":
+        from unicap.clip import ClipScorer, tiny_aesthetic_head
 
-        aesthetic = str(tiny_aesthetic_head(ClipScorer(args.clip).embed_images([_blank()]).shape[1]))
-    s = run_job(args.input, args.captions, args.output, args.clip, aesthetic, levels=args.levels.split(","),
-                languages=args.languages.split(","), multilingual=args.clip_multilingual,
-                batch_size=args.batch_size, concurrency=args.concurrency, address=args.address,
-                near_threshold=args.near_threshold, near_dedup=not args.no_near_dedup,
-                precision=args.precision, device=args.device, gpus_per_actor=args.gpus_per_actor)  # fmt: skip
+        dim = ClipScorer(cfg.clip).embed_images([_blank()]).shape[1]
+        cfg = config.from_dict(ScoreConfig, {**asdict(cfg), "aesthetic": str(tiny_aesthetic_head(dim))})
+    s = run_job(args.input, args.captions, args.output, cfg)
     r = s["last_run"]
     print(f"score: {r['images']} rows in {r['seconds']}s; output holds {s['rows']} rows in {s['shards']} shards; "
           f"duplicates {r.get('duplicates')}")  # fmt: skip

@@ -18,6 +18,7 @@ from pathlib import Path
 import pyarrow as pa
 
 from unicap.atomic import remove_stale_temporaries, visible_parquet_files, write_json, write_parquet
+from unicap.contract.shards import stats_path
 
 STATS_DIR = "_stats"  # "_" prefix: ignored by pandas/pyarrow readers of the output folder
 
@@ -29,7 +30,7 @@ def done_shards(output: str | Path) -> set[str]:
 def expected_rows(input_dir: str | Path, shards: list[str], field: str = "count") -> dict[str, int]:
     """Rows per input shard from each shard's _stats.json: "count" = every index row (failures
     included), "successes" = the images in the tar."""
-    return {s: int(json.loads((Path(input_dir) / f"{s}_stats.json").read_text())[field]) for s in shards}
+    return {s: int(json.loads(stats_path(input_dir, s).read_text())[field]) for s in shards}
 
 
 class ShardCollector:

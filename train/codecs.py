@@ -1,7 +1,7 @@
 """Text and image codecs of Lumina-Image 2.0: a Gemma-2 text encoder and the FLUX VAE.
 
 Real ids (google/gemma-2-2b, black-forest-labs/FLUX.1-dev's vae) and local folders go through the
-same code as the tiny offline builds ("tiny": unicap.tiny_models).
+same code as the tiny offline builds ("tiny": train.tiny_codecs).
 
 Text: system prompt + " <Prompt Start> " + caption, right padding, the second-to-last hidden state;
 an empty caption (CFG dropout / unconditional) is encoded the same way, with an empty caption.
@@ -25,9 +25,9 @@ FLUX_SHIFT, FLUX_SCALE = 0.1159, 0.3611
 def _resolve(name: str, kind: str) -> str:
     if name != "tiny":
         return name
-    from unicap import tiny_models
+    from train import tiny_codecs
 
-    return str(tiny_models.tiny_gemma2() if kind == "text" else tiny_models.tiny_flux_vae())
+    return str(tiny_codecs.tiny_gemma2() if kind == "text" else tiny_codecs.tiny_flux_vae())
 
 
 def format_prompt(caption: str, system_prompt: str = SYSTEM_PROMPT) -> str:

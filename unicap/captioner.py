@@ -9,25 +9,37 @@ image could not be decoded; `error` holds the reasons.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Literal
 
 from PIL import Image
 
-from unicap import checks, prompts, schema
+from unicap import checks, prompts
+from unicap.contract import caption as caption_record
 from unicap.decode import decode_image
-from unicap.engines import GenRequest
+from unicap.engines import MAX_PIXELS, GenRequest
 
 
 @dataclass
 class CaptionConfig:
-    levels: Sequence[str] = schema.LEVELS
-    languages: Sequence[str] = schema.LANGUAGES
-    strategy: str = "direct"
+    levels: tuple[str, ...] = caption_record.LEVELS
+    languages: tuple[str, ...] = caption_record.LANGUAGES
+    strategy: Literal["direct", "json"] = "direct"
     max_retries: int = 2
     retry_temperature: float = 0.7
-    max_pixels: int = 448 * 448
+    max_pixels: int = MAX_PIXELS  # keep equal to the engine's (EngineConfig.max_pixels)
     max_tokens: dict[str, int] = field(default_factory=dict)  # per level, over prompts.DEFAULT_MAX_TOKENS
+
+    def __post_init__(self) -> None:
+        self.levels, self.languages = tuple(self.levels), tuple(self.languages)
+        caption_record.caption_schema(self.levels, self.languages)  # names usable as columns, else ValueError
+        if self.max_retries < 0:
+            raise ValueError(f"max_retries must be >= 0, got {self.max_retries}")
+        if self.max_pixels <= 0:
+            raise ValueError(f"max_pixels must be positive, got {self.max_pixels}")
+        unknown = set(self.max_tokens) - set(prompts.LEVEL_INSTRUCTIONS)
+        if unknown:
+            raise ValueError(f"max_tokens for unknown level(s) {sorted(unknown)}; known: {sorted(prompts.LEVEL_INSTRUCTIONS)}")
 
 
 def fit_max_pixels(image: Image.Image, max_pixels: int) -> Image.Image:
@@ -39,17 +51,12 @@ def fit_max_pixels(image: Image.Image, max_pixels: int) -> Image.Image:
     return image.resize((max(1, int(w * s)), max(1, int(h * s))), Image.Resampling.BICUBIC)
 
 
-def _level_lang(column: str) -> tuple[str, str]:
-    _, level, lang = column.split("_", 2)
-    return level, lang
-
-
 class Captioner:
     def __init__(self, engine, cfg: CaptionConfig):
         self.engine = engine
         self.cfg = cfg
         self.prompts = prompts.prompts_for(cfg.strategy, cfg.levels, cfg.languages, cfg.max_tokens)
-        self.columns = schema.caption_columns(cfg.levels, cfg.languages)
+        self.columns = caption_record.caption_columns(cfg.levels, cfg.languages)
 
     def caption(self, items: list[dict]) -> list[dict]:
         """items: dicts with key, shard, image (bytes) and optional source, original_caption, sha256."""
@@ -105,7 +112,7 @@ class Captioner:
                 return dict.fromkeys(p.fields, (None, f"malformed_output: {e}"))
         out = {}
         for col, text in texts.items():
-            level, lang = _level_lang(col)
+            level, lang = caption_record.parse_caption_column(col)
             err = checks.check_caption(text, level, lang, finish)
             out[col] = (checks.clean_caption(text, level), None) if err is None else (None, err)
         return out
@@ -123,7 +130,7 @@ class Captioner:
             "prompt_version": prompts.PROMPT_VERSION,
             "engine": getattr(self.engine, "name", type(self.engine).__name__),
             "num_output_tokens": tokens,
-            "created_at": schema.utcnow(),
+            "created_at": caption_record.utcnow(),
         }
         for col in self.columns:
             row[col] = caps.get(col)
@@ -132,7 +139,7 @@ class Captioner:
         elif not errs:
             row.update(status="ok", error=None)
         else:
-            ordered = [f"{schema.error_reason(e)}: {col}: {_detail(e)}" for col, e in sorted(errs.items(), key=lambda kv: self.columns.index(kv[0]))]
+            ordered = [f"{caption_record.error_reason(e)}: {col}: {_detail(e)}" for col, e in sorted(errs.items(), key=lambda kv: self.columns.index(kv[0]))]
             row.update(status="partial" if caps else "failed", error="; ".join(ordered)[:2000])
         return row
 

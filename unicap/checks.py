@@ -1,6 +1,6 @@
 """Validation of every caption a model writes: returns None (keep) or "<reason>: <detail>".
 
-Reasons (unicap.schema.ERROR_REASONS): empty_output, truncated (finish reason "length"), refusal,
+Reasons (unicap.contract.caption.ERROR_REASONS): empty_output, truncated (finish reason "length"), refusal,
 repetition_loop, wrong_language (a Chinese caption without CJK text, an English one with it).
 Tags are normalised to one comma-separated line.
 """

@@ -1,6 +1,6 @@
 """CLIP scoring with open_clip: image and text embeddings, long captions, the aesthetic head.
 
-Model specs: "tiny" (random small config built offline, unicap.tiny_models), "NAME:TAG" (an
+Model specs: "tiny" (random small config built offline, `tiny_clip` below), "NAME:TAG" (an
 open_clip pretrained tag, e.g. ViT-L-14:datacomp_xl_s13b_b90k; downloads, so not on these
 machines), "NAME:/path/to/checkpoint.(pt|safetensors)" (local weights), or "NAME" (random).
 
@@ -13,11 +13,16 @@ counts and nothing is silently cut off.
 
 from __future__ import annotations
 
+import json
 import re
+from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image
+
+from unicap import runtime
+from unicap.tiny_build import DONE_MARK, cached
 
 SENTENCE = re.compile(r"(?<=[.!?。！？;；])\s*")
 
@@ -41,8 +46,6 @@ def load_clip(spec: str, device: str = "cpu"):
     import open_clip
 
     if spec == "tiny":
-        from unicap.tiny_models import TINY_CLIP_NAME, tiny_clip
-
         folder = tiny_clip()
         open_clip.add_model_config(folder)
         name, pretrained = TINY_CLIP_NAME, str(folder / "open_clip_model.safetensors")
@@ -59,7 +62,7 @@ class ClipScorer:
         self.spec, self.device = spec, device
         self.context = getattr(self.model, "context_length", 77) or 77
         # bf16 autocast: on CUDA always when asked; on CPU where oneDNN can run it (AMX)
-        self.autocast = autocast and (device != "cpu" or torch.backends.mkldnn.is_available())
+        self.autocast = runtime.autocast_enabled(device, autocast)
         dim = self.model.text_projection.shape[-1] if hasattr(self.model, "text_projection") else None
         self.aesthetic = None
         if aesthetic:
@@ -144,3 +147,44 @@ def _takes_context(tokenizer) -> bool:
         return True
     except TypeError:
         return False
+
+
+# ---------------------------------------------------------------- offline tiny builds (unicap.tiny_build)
+
+TINY_CLIP_VERSION = "2"  # bump when a build below changes
+TINY_AESTHETIC_VERSION = "1"
+TINY_CLIP_NAME = "unicap-tiny-clip"
+TINY_CLIP_CONFIG = {
+    "embed_dim": 64,
+    "vision_cfg": {"image_size": 64, "layers": 2, "width": 64, "patch_size": 16, "head_width": 32},
+    "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 64, "heads": 2, "layers": 2},
+}
+
+
+def _build_clip(out: Path, seed: int) -> None:
+    import open_clip
+    from safetensors.torch import save_file
+
+    (out / f"{TINY_CLIP_NAME}.json").write_text(json.dumps(TINY_CLIP_CONFIG))
+    open_clip.add_model_config(out)
+    torch.manual_seed(seed)
+    model = open_clip.create_model(TINY_CLIP_NAME, pretrained=None)
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(out / "open_clip_model.safetensors"))
+    (out / DONE_MARK).write_text(json.dumps({"kind": "tiny-clip", "version": TINY_CLIP_VERSION, "seed": seed}))
+
+
+def tiny_clip(seed: int = 0, root: Path | None = None) -> Path:
+    """Folder with an open_clip model config (`unicap-tiny-clip.json`) and random weights."""
+    return cached(f"tiny-clip-{TINY_CLIP_VERSION}-{seed}", lambda p: _build_clip(p, seed), root)
+
+
+def tiny_aesthetic_head(dim: int, seed: int = 0, root: Path | None = None) -> Path:
+    """A LAION-style aesthetic MLP head with random weights, saved as a state_dict file."""
+
+    def build(p: Path) -> None:
+        torch.manual_seed(seed)
+        torch.save(AestheticHead(dim).state_dict(), p / "aesthetic.pt")
+        (p / DONE_MARK).write_text(json.dumps({"kind": "tiny-aesthetic", "version": TINY_AESTHETIC_VERSION,
+                                               "dim": dim, "seed": seed}))  # fmt: skip
+
+    return cached(f"tiny-aesthetic-{TINY_AESTHETIC_VERSION}-{dim}-{seed}", build, root) / "aesthetic.pt"

@@ -196,36 +196,55 @@ def save(obj: Any, path: str | Path) -> Path:
 def add_arguments(parser: argparse.ArgumentParser, cls: type, *, skip: Iterable[str] = ()) -> None:
     """argparse options `--field-name` for a flat dataclass; defaults and types come from the dataclass.
 
-    Booleans become `--x/--no-x`; list/tuple fields take comma-separated values; help text comes from
-    `field(metadata={"help": ...})`."""
+    Booleans become `--x/--no-x`; list/tuple fields take comma-separated values; dict fields take
+    `k=v,k=v`; a field without a default is a required option; text fields are taken as typed (never
+    parsed as YAML); help text comes from `field(metadata={"help": ...})`."""
     hints = _hints(cls)
     for f in dataclasses.fields(cls):
         if f.name in skip or not f.init:
             continue
         flag = "--" + f.name.replace("_", "-")
-        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
-        help_ = f.metadata.get("help", "") + f" (default: {default})"
+        required = f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+        default = None if required else f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+        help_ = f.metadata.get("help", "") + ("" if required else f" (default: {_show(default)})")
         tp = hints[f.name]
         if tp is bool:
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, help=help_)
             continue
+        metavar = "{" + ",".join(map(str, typing.get_args(tp))) + "}" if typing.get_origin(tp) is typing.Literal else None
 
         def convert(text: str, tp=tp, name=f.name):
-            origin = typing.get_origin(tp)
+            origin, args = typing.get_origin(tp), typing.get_args(tp)
+            options = args if origin in (typing.Union, types.UnionType) else (tp,)
             value: Any = text
-            if origin in (list, tuple) or (origin in (typing.Union, types.UnionType) and any(
-                    typing.get_origin(a) in (list, tuple) for a in typing.get_args(tp))):  # fmt: skip
+            if any(typing.get_origin(a) in (list, tuple) for a in options):
                 value = [v.strip() for v in text.split(",") if v.strip()]
-            elif text.lower() in ("none", "null") and type(None) in typing.get_args(tp):
+            elif any(typing.get_origin(a) is dict for a in options):
+                value = {}
+                for item in (kv for kv in text.split(",") if kv.strip()):
+                    k, sep, v = item.partition("=")
+                    if not sep:
+                        raise argparse.ArgumentTypeError(f"{name}: use key=value[,key=value] (got {item!r})")
+                    value[k.strip()] = _parse_scalar(v.strip())
+            elif text.lower() in ("none", "null") and type(None) in args:
                 value = None
+            elif str not in options:
+                value = _parse_scalar(text)
             try:
-                return _coerce(
-                    tp, _parse_scalar(text) if isinstance(value, str) and tp is not str else value, name
-                )
+                return _coerce(tp, value, name)
             except ConfigError as e:
                 raise argparse.ArgumentTypeError(str(e)) from None
 
-        parser.add_argument(flag, type=convert, default=default, help=help_, dest=f.name)
+        parser.add_argument(flag, type=convert, default=default, required=required, help=help_, dest=f.name,
+                            metavar=metavar)  # fmt: skip
+
+
+def _show(default: Any) -> Any:
+    if isinstance(default, tuple | list):
+        return ",".join(map(str, default)) or "none"
+    if isinstance(default, dict):
+        return ",".join(f"{k}={v}" for k, v in default.items()) or "none"
+    return default
 
 
 def from_args(cls: type[T], args: argparse.Namespace) -> T:

@@ -31,9 +31,9 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from unicap.atomic import visible_parquet_files
+from unicap.contract.dedup import DEDUP_DIR, DUP_SCHEMA
+from unicap.contract.scores import EMBED_DIR
 
-DUP_SCHEMA = pa.schema([("key", pa.string()), ("duplicate_of", pa.string()), ("kind", pa.string()),
-                        ("similarity", pa.float32())])  # fmt: skip
 CHUNK = 1 << 13  # rows per step of a pass: 8k x 768 x 4 bytes = 25 MB of float32 (and 8k x 24 x 20 bits)
 PAIR_CHUNK = 1 << 14  # candidate pairs verified per step: 2 x 16k x 768 x 4 bytes = 100 MB
 
@@ -175,7 +175,7 @@ class _Pool:
     """The score folder's embeddings as one float16 memmap; rows addressed by position."""
 
     def __init__(self, score_dir: Path, dropped: pa.Array, workdir: Path):
-        self.files = sorted((score_dir / "_embeddings").glob("*.parquet"))
+        self.files = sorted((score_dir / EMBED_DIR).glob("*.parquet"))
         self.score_files = [score_dir / f.name for f in self.files]
         counts = [pq.read_metadata(f).num_rows for f in self.files]
         self.offsets = np.r_[0, np.cumsum(counts)].astype(np.int64)
@@ -221,12 +221,12 @@ def find_duplicates(score_dir: Path, near_threshold: float | None = 0.95) -> pa.
     near_threshold None: exact duplicates only."""
     score_dir = Path(score_dir)
     exact = exact_duplicates(score_dir)
-    if near_threshold is None or not (score_dir / "_embeddings").is_dir():
+    if near_threshold is None or not (score_dir / EMBED_DIR).is_dir():
         return exact
-    (score_dir / "_dedup").mkdir(exist_ok=True)
-    for stale in (score_dir / "_dedup").glob(".work-*"):  # left by a killed run
+    (score_dir / DEDUP_DIR).mkdir(exist_ok=True)
+    for stale in (score_dir / DEDUP_DIR).glob(".work-*"):  # left by a killed run
         shutil.rmtree(stale, ignore_errors=True)
-    workdir = Path(tempfile.mkdtemp(prefix=".work-", dir=score_dir / "_dedup"))
+    workdir = Path(tempfile.mkdtemp(prefix=".work-", dir=score_dir / DEDUP_DIR))
     try:
         pool = _Pool(score_dir, exact.column("key").combine_chunks(), workdir)
         i, j, sim = near_duplicate_pairs(pool.emb, near_threshold, valid=pool.valid, workdir=workdir)

@@ -4,7 +4,7 @@ Both take the same chat messages and sampling settings and return the same GenRe
 captioner above them is engine-agnostic and both modes give the same captions (greedy decoding,
 the same pixels: the offline engine gets the PIL image, the server the same image as lossless PNG).
 
-Model names: "tiny" builds (once, cached) the tiny random Qwen2-VL of unicap.tiny_models;
+Model names: "tiny" builds (once, cached) the tiny random Qwen2-VL of unicap.tiny_vlm;
 anything else is a local folder or a Hugging Face id, e.g. Qwen/Qwen2.5-VL-7B-Instruct.
 """
 
@@ -21,12 +21,18 @@ from pathlib import Path
 
 from PIL import Image
 
+from unicap import runtime
+
+# The VLM's image budget in pixels: the captioner fits every image into it and vLLM's processor is
+# given the same number, so the two never disagree. The one default; jobs and configs refer to it.
+MAX_PIXELS = 448 * 448
+
 
 @dataclass
 class EngineConfig:
     model: str = "tiny"
     server: str | None = None  # base URL of an OpenAI-compatible server, e.g. http://127.0.0.1:8000
-    max_pixels: int = 448 * 448
+    max_pixels: int = MAX_PIXELS
     max_model_len: int = 4096
     dtype: str = "auto"
     kv_cache_bytes: int | None = None  # CPU: bounded KV cache (defaults to 256 MiB); GPU: use gpu_memory_utilization
@@ -57,7 +63,7 @@ class GenResult:
 
 def resolve_model(name: str) -> str:
     if name == "tiny":
-        from unicap.tiny_models import tiny_qwen2vl
+        from unicap.tiny_vlm import tiny_qwen2vl
 
         return str(tiny_qwen2vl())
     p = Path(name).expanduser()
@@ -80,19 +86,10 @@ def _with_image(messages: list[dict], part: dict) -> list[dict]:
     return out
 
 
-def has_cuda() -> bool:
-    try:
-        import torch
-
-        return torch.cuda.is_available()
-    except Exception:  # noqa: BLE001
-        return False
-
-
 def vllm_engine_kwargs(cfg: EngineConfig) -> dict:
     """vLLM engine arguments (everything but the model) for this machine: one place for the job's
     engine and for benchmarks that build engines another way (ray.data.llm)."""
-    gpu = has_cuda()
+    gpu = runtime.has_cuda()
     kwargs = dict(
         max_model_len=cfg.max_model_len,
         dtype=cfg.dtype,

@@ -18,6 +18,8 @@ import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from unicap.contract.caption import caption_column, parse_caption_column
+
 PROMPT_VERSION = "unicap-v1"
 SYSTEM_PROMPT = "You are an expert image captioner. You describe exactly what is visible, without speculation."
 
@@ -62,34 +64,47 @@ def language_name(language: str) -> str:
         raise ValueError(f"unknown language {language!r}; known: {sorted(LANGUAGE_NAMES)}") from None
 
 
+def check_levels(levels: Sequence[str]) -> Sequence[str]:
+    """The levels, if every one has an instruction; else a ValueError naming the unknown one."""
+    for level in levels:
+        if level not in LEVEL_INSTRUCTIONS:
+            raise ValueError(f"unknown level {level!r}; known: {sorted(LEVEL_INSTRUCTIONS)}")
+    return levels
+
+
+def json_key(level: str, language: str) -> str:
+    """The structured strategy's JSON key for a caption ("long_en")."""
+    return f"{level}_{language}"
+
+
 def direct_prompts(
     levels: Sequence[str], languages: Sequence[str], max_tokens: dict[str, int] | None = None
 ) -> list[Prompt]:
     max_tokens = {**DEFAULT_MAX_TOKENS, **(max_tokens or {})}
     out = []
-    for level in levels:
-        if level not in LEVEL_INSTRUCTIONS:
-            raise ValueError(f"unknown level {level!r}; known: {sorted(LEVEL_INSTRUCTIONS)}")
+    for level in check_levels(levels):
         for lang in languages:
             text = f"{LEVEL_INSTRUCTIONS[level]} Answer in {language_name(lang)} only, with no preamble."
-            out.append(Prompt(f"{level}_{lang}", text, max_tokens[level], fields=(f"caption_{level}_{lang}",)))
+            out.append(Prompt(f"{level}_{lang}", text, max_tokens[level], fields=(caption_column(level, lang),)))
     return out
 
 
 def json_prompt(levels: Sequence[str], languages: Sequence[str], max_tokens: dict[str, int] | None = None) -> Prompt:
     max_tokens = {**DEFAULT_MAX_TOKENS, **(max_tokens or {})}
-    keys = [f"{lv}_{lang}" for lv in levels for lang in languages]
+    check_levels(levels)
+    keys = [json_key(lv, lang) for lv in levels for lang in languages]
     schema = {
         "type": "object",
         "properties": {k: {"type": "string"} for k in keys},
         "required": keys,
         "additionalProperties": False,
     }
-    parts = [f'"{lv}_{lang}": {LEVEL_INSTRUCTIONS[lv]} Written in {language_name(lang)}.'
+    parts = [f'"{json_key(lv, lang)}": {LEVEL_INSTRUCTIONS[lv]} Written in {language_name(lang)}.'
              for lv in levels for lang in languages]  # fmt: skip
     text = "Caption this image at several levels of detail. Return one JSON object with these keys:\n" + "\n".join(parts)
     budget = sum(max_tokens[lv] for lv in levels for _ in languages) + 16 * len(keys)
-    return Prompt("json", text, budget, json_schema=schema, fields=tuple(f"caption_{k}" for k in keys))
+    fields = tuple(caption_column(lv, lang) for lv in levels for lang in languages)
+    return Prompt("json", text, budget, json_schema=schema, fields=fields)
 
 
 def prompts_for(
@@ -126,6 +141,6 @@ def parse_json_captions(text: str, prompt: Prompt) -> dict[str, str]:
         raise ValueError("JSON is not an object")
     out = {}
     for col in prompt.fields:
-        v = obj.get(col.removeprefix("caption_"))
+        v = obj.get(json_key(*parse_caption_column(col)))
         out[col] = v if isinstance(v, str) else None
     return out

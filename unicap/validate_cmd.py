@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 
-from unicap import schema
 from unicap.atomic import visible_parquet_files
+from unicap.contract import caption as caption_record
 
 
 def parquet_files(paths: list[str]) -> list[Path]:
@@ -36,8 +36,8 @@ def run(args: argparse.Namespace) -> int:
     for f in files:
         try:
             table = pq.read_table(f)
-            schema.validate(table)
-        except (schema.SchemaError, OSError, ValueError) as e:
+            caption_record.validate(table)
+        except (caption_record.SchemaError, OSError, ValueError) as e:
             bad += 1
             print(f"INVALID {f}: {e}")
             continue
@@ -47,7 +47,7 @@ def run(args: argparse.Namespace) -> int:
             print(f"INVALID {f}: keys also present in another file, e.g. {sorted(keys & file_keys)[:3]}")
         keys |= file_keys
         statuses.update(table.column("status").to_pylist())
-        reasons.update(schema.error_reason(e) for e in table.column("error").to_pylist() if e)
+        reasons.update(caption_record.error_reason(e) for e in table.column("error").to_pylist() if e)
     print(f"validate: {len(files) - bad}/{len(files)} files valid, {len(keys)} rows, status {dict(statuses)}")
     if reasons:
         print(f"  failures by reason: {dict(reasons.most_common())}")

@@ -9,7 +9,7 @@ from scipy import ndimage
 
 from datagen import synth
 from datagen.shards import read_index
-from unicap import schema
+from unicap.contract import caption as caption_record
 from unicap.decode import decode_image
 
 N, SHARD = 64, 16
@@ -52,12 +52,12 @@ def test_same_seed_same_bytes_other_seed_other_bytes(synth_dir, tmp_path):
 
 def test_truth_is_valid_caption_schema_and_readable_with_pandas(synth_dir):
     for f in sorted((synth_dir / "truth").glob("*.parquet")):
-        schema.validate(pq.read_table(f))
+        caption_record.validate(pq.read_table(f))
     df = pd.read_parquet(synth_dir / "truth")
     assert len(df) == N and df.key.is_unique and (df.status == "ok").all()
     assert set(df.key) == set(read_index(synth_dir).key)
     cjk = re.compile(r"[\u4e00-\u9fff]")
-    for col in schema.caption_columns():
+    for col in caption_record.caption_columns():
         assert df[col].str.len().min() > 0
         assert df[col].map(lambda s: bool(cjk.search(s))).all() == col.endswith("_zh"), col
         if col.endswith("_en"):

@@ -18,7 +18,7 @@ TINY_MAX_TOKENS = {"long": 24, "medium": 16, "short": 12, "tags": 12}  # the ran
 
 @pytest.fixture(scope="session")
 def tiny_vlm() -> Path:
-    from unicap.tiny_models import tiny_qwen2vl
+    from unicap.tiny_vlm import tiny_qwen2vl
 
     return tiny_qwen2vl()
 

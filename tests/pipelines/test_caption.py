@@ -20,8 +20,8 @@ from pipelines.caption import run_job
 from tests.conftest import snapshot
 from tests.pipelines.conftest import TINY_MAX_TOKENS, kill_tree
 from tests.pipelines.standin_server import BEHAVIOURS, StandInServer
-from unicap import schema
 from unicap.captioner import CaptionConfig
+from unicap.contract import caption as caption_record
 from unicap.engines import EngineConfig
 
 REPO = Path(__file__).resolve().parents[2]
@@ -33,7 +33,7 @@ def caption_cfg(**kw) -> CaptionConfig:
 
 def read_output(out: Path) -> pd.DataFrame:
     for f in sorted(out.glob("*.parquet")):
-        schema.validate(pq.read_table(f))
+        caption_record.validate(pq.read_table(f))
     return pd.read_parquet(out)
 
 
@@ -44,8 +44,8 @@ def test_offline_job_captions_every_key_once(ray_local, tiny_vlm, synth_shards, 
     df = read_output(out)
     truth = pd.read_parquet(synth_shards / "truth")
     assert sorted(df.key) == sorted(truth.key) and df.key.is_unique
-    assert list(df.columns) == schema.caption_schema().names
-    assert set(df.status) <= set(schema.STATUSES)
+    assert list(df.columns) == caption_record.caption_schema().names
+    assert set(df.status) <= set(caption_record.STATUSES)
     assert (df.prompt_version == "unicap-v1").all() and (df.engine == "vllm").all()
     assert (df.num_output_tokens > 0).all()  # the engine really generated for every image
     # the random model never emits EOS within the tiny budget: every caption is recorded as truncated
@@ -137,7 +137,7 @@ def test_hostile_images_and_model_outputs_are_recorded(ray_local, tmp_path):
             assert row.caption_short_en and row.caption_short_zh is None
         else:
             assert row.status == "failed", (behaviour, row.error)
-            assert schema.error_reason(row.error) == reason[behaviour], (behaviour, row.error)
+            assert caption_record.error_reason(row.error) == reason[behaviour], (behaviour, row.error)
     assert "undecodable_image: truncated" in df.loc[folder_key("hostile_truncated_jpeg.bin.png"), "error"]
     assert df.loc[folder_key("hostile_tiny_png.bin.png"), "status"] == "ok"
     summary = json.loads((out / "_summary.json").read_text())

@@ -3,7 +3,8 @@ import os
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pipelines.runner import ShardJob, cpu_threads_per_actor, run_sharded
+from pipelines.runner import ShardJob, run_sharded
+from unicap.runtime import cpu_threads_per_actor
 
 SCHEMA = pa.schema([pa.field("key", pa.string()), pa.field("shard", pa.string()), pa.field("threads", pa.int32())])
 

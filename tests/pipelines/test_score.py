@@ -12,10 +12,10 @@ from PIL import Image
 
 from datagen.folder import folder_key, ingest_folder
 from datagen.synth import synth
-from pipelines.score import run_job
+from pipelines.score import ScoreConfig, run_job
 from tests.conftest import snapshot
+from unicap.clip import TINY_CLIP_NAME, tiny_aesthetic_head, tiny_clip
 from unicap.decode import decode_image
-from unicap.tiny_models import TINY_CLIP_NAME, tiny_aesthetic_head, tiny_clip
 
 
 @pytest.fixture(scope="module")
@@ -24,7 +24,8 @@ def scored(ray_local, tmp_path_factory):
     synth(str(data), 12, seed=2, shard_size=6)
     out = tmp_path_factory.mktemp("scores")
     head = tiny_aesthetic_head(64)
-    run_job(data, data / "truth", out, "tiny", str(head), batch_size=8, precision="fp32", near_dedup=False)
+    run_job(data, data / "truth", out, ScoreConfig(clip="tiny", aesthetic=str(head), batch_size=8, precision="fp32",
+                                                  near_dedup=False))  # fmt: skip
     return data, out, head
 
 
@@ -63,14 +64,14 @@ def test_scores_equal_an_independent_open_clip_cosine(scored):
 def test_rerun_writes_nothing_and_a_lost_shard_is_redone(scored):
     data, out, head = scored
     before = snapshot(out)
-    run_job(data, data / "truth", out, "tiny", str(head), batch_size=8, precision="fp32", dedup=False)
+    run_job(data, data / "truth", out, ScoreConfig(aesthetic=str(head), batch_size=8, precision="fp32", dedup=False))
     after = snapshot(out)
     assert {k: v for k, v in after.items() if not k.startswith("_")} == {
         k: v for k, v in before.items() if not k.startswith("_")
     }
     (out / "00001.parquet").unlink()  # as if killed before shard 00001 was complete
     (out / ".00001.parquet.tmp-0000dead").write_bytes(b"half")
-    run_job(data, data / "truth", out, "tiny", str(head), batch_size=8, precision="fp32", dedup=False)
+    run_job(data, data / "truth", out, ScoreConfig(aesthetic=str(head), batch_size=8, precision="fp32", dedup=False))
     redone = snapshot(out)
     assert redone["00000.parquet"] == before["00000.parquet"] and "00001.parquet" in redone
     assert not (out / ".00001.parquet.tmp-0000dead").exists()
@@ -99,7 +100,7 @@ def test_planted_near_and_exact_copies_are_found(ray_local, tmp_path):
     (root / "copy_exact.png").write_bytes((root / "img03.png").read_bytes())
     ingest_folder(root, tmp_path / "shards", shard_size=16)
     out = tmp_path / "scores"
-    run_job(tmp_path / "shards", None, out, "tiny", None, batch_size=16, near_threshold=0.9)
+    run_job(tmp_path / "shards", None, out, ScoreConfig(clip="tiny", batch_size=16, near_threshold=0.9))
     dups = pd.read_parquet(out / "_dedup" / "duplicates.parquet")
     found = {(r.key, r.duplicate_of, r.kind) for r in dups.itertuples()}
     k = folder_key

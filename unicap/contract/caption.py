@@ -1,6 +1,7 @@
 """The caption record: the Parquet contract every job reads and writes.
 
-One row per image, one file per input shard. Columns (see README "The caption record"):
+One row per image, one file per input shard (`captions/{shard}.parquet`). Columns (see README
+"The caption record"):
 
 - identity:   key, shard, sha256, width, height, source, original_caption
 - captions:   caption_{level}_{lang} for every configured level x language
@@ -17,6 +18,8 @@ import datetime as dt
 from collections.abc import Iterable, Sequence
 
 import pyarrow as pa
+
+from unicap.contract.base import SchemaError, check_names, key_problems, missing_or_mistyped
 
 SCHEMA_VERSION = "1"
 LEVELS: tuple[str, ...] = ("long", "medium", "short", "tags")
@@ -59,12 +62,16 @@ PROVENANCE_FIELDS: tuple[pa.Field, ...] = (
 )
 
 
-class SchemaError(ValueError):
-    """A table does not follow the caption record; the message lists every problem found."""
-
-
 def caption_column(level: str, language: str) -> str:
     return f"caption_{level}_{language}"
+
+
+def parse_caption_column(column: str) -> tuple[str, str]:
+    """"caption_long_en" -> ("long", "en")."""
+    prefix, level, language = column.split("_", 2)
+    if prefix != "caption" or not level or not language:
+        raise ValueError(f"{column!r} is not a caption column (caption_{{level}}_{{language}})")
+    return level, language
 
 
 def caption_columns(levels: Sequence[str] = LEVELS, languages: Sequence[str] = LANGUAGES) -> list[str]:
@@ -74,9 +81,7 @@ def caption_columns(levels: Sequence[str] = LEVELS, languages: Sequence[str] = L
 
 def caption_schema(levels: Sequence[str] = LEVELS, languages: Sequence[str] = LANGUAGES) -> pa.Schema:
     """The Arrow schema of a caption file for these levels and languages, version in the metadata."""
-    for name in (*levels, *languages):
-        if not name.isidentifier() or "_" in name:
-            raise ValueError(f"level/language names must be simple identifiers without '_': {name!r}")
+    check_names((*levels, *languages))
     fields = [*IDENTITY_FIELDS, *(pa.field(c, pa.string()) for c in caption_columns(levels, languages))]
     fields += PROVENANCE_FIELDS
     meta = {
@@ -128,26 +133,14 @@ def validate(table: pa.Table) -> None:
     meta = table.schema.metadata or {}
     if meta.get(META_VERSION) != SCHEMA_VERSION.encode():
         problems.append(f"schema version {meta.get(META_VERSION)!r} != {SCHEMA_VERSION!r}")
-    try:
-        levels, languages = levels_languages(table.schema)
-    except SchemaError as e:
-        raise SchemaError(str(e)) from None
-    expected = caption_schema(levels, languages)
-    for f in expected:
-        if f.name not in table.schema.names:
-            problems.append(f"missing column {f.name}")
-        elif not table.schema.field(f.name).type.equals(f.type):
-            problems.append(f"column {f.name} has type {table.schema.field(f.name).type}, expected {f.type}")
+    levels, languages = levels_languages(table.schema)
+    problems += missing_or_mistyped(table.schema, caption_schema(levels, languages))
     if problems:
         raise SchemaError("; ".join(problems))
 
     d = table.select(["key", "status", "error", *caption_columns(levels, languages)]).to_pydict()
     keys = d["key"]
-    if any(not k for k in keys):
-        problems.append("empty or null key")
-    if len(set(keys)) != len(keys):
-        dup = sorted({k for k in keys if keys.count(k) > 1})[:5]
-        problems.append(f"duplicate keys, e.g. {dup}")
+    problems += key_problems(keys)
     caps = caption_columns(levels, languages)
     for i, (key, status, error) in enumerate(zip(keys, d["status"], d["error"], strict=True)):
         if status not in STATUSES:

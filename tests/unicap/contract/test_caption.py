@@ -3,35 +3,35 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from unicap import schema
 from unicap.atomic import atomic_path, remove_stale_temporaries, write_parquet
+from unicap.contract import caption as caption_record
 
 
 def row(key: str, status: str = "ok", error: str | None = None, fill: bool = True, **kw) -> dict:
-    caps = {c: f"text for {c}" if fill else None for c in schema.caption_columns()}
+    caps = {c: f"text for {c}" if fill else None for c in caption_record.caption_columns()}
     return {"key": key, "shard": "00000", "status": status, "error": error, **caps, **kw}
 
 
 def test_schema_columns_and_metadata():
-    s = schema.caption_schema(levels=("long", "tags"), languages=("en", "zh", "ja"))
+    s = caption_record.caption_schema(levels=("long", "tags"), languages=("en", "zh", "ja"))
     assert [c for c in s.names if c.startswith("caption_")] == [
         "caption_long_en", "caption_long_zh", "caption_long_ja", "caption_tags_en", "caption_tags_zh", "caption_tags_ja",
     ]  # fmt: skip
     for name in ("key", "shard", "sha256", "width", "height", "source", "original_caption", "status", "error",
                  "model", "prompt_version", "engine", "num_output_tokens", "created_at"):  # fmt: skip
         assert name in s.names
-    assert s.metadata[schema.META_VERSION] == schema.SCHEMA_VERSION.encode()
-    assert schema.levels_languages(s) == (("long", "tags"), ("en", "zh", "ja"))
+    assert s.metadata[caption_record.META_VERSION] == caption_record.SCHEMA_VERSION.encode()
+    assert caption_record.levels_languages(s) == (("long", "tags"), ("en", "zh", "ja"))
 
 
 def test_valid_table_roundtrips_through_parquet_and_pandas(tmp_path):
-    t = schema.to_table([row("a"), row("b", "failed", "undecodable_image: truncated: cut", fill=False),
+    t = caption_record.to_table([row("a"), row("b", "failed", "undecodable_image: truncated: cut", fill=False),
                          row("c", "partial", "wrong_language: caption_long_zh has no CJK",
                              caption_long_zh=None)])  # fmt: skip
-    schema.validate(t)
+    caption_record.validate(t)
     write_parquet(t, tmp_path / "00000.parquet")
     back = pq.read_table(tmp_path / "00000.parquet")
-    schema.validate(back)  # metadata survives the file
+    caption_record.validate(back)  # metadata survives the file
     df = pd.read_parquet(tmp_path)
     assert list(df.key) == ["a", "b", "c"]
     assert df.error.str.split(":").str[0].tolist()[1:] == ["undecodable_image", "wrong_language"]
@@ -51,23 +51,23 @@ def test_valid_table_roundtrips_through_parquet_and_pandas(tmp_path):
     ],
 )
 def test_validate_names_each_violation(rows, message):
-    with pytest.raises(schema.SchemaError, match=None) as e:
-        schema.validate(schema.to_table(rows))
+    with pytest.raises(caption_record.SchemaError, match=None) as e:
+        caption_record.validate(caption_record.to_table(rows))
     assert message in str(e.value)
 
 
 def test_validate_rejects_structural_problems():
-    t = schema.to_table([row("a")])
-    with pytest.raises(schema.SchemaError, match="missing column caption_tags_zh"):
-        schema.validate(t.drop(["caption_tags_zh"]))
-    with pytest.raises(schema.SchemaError, match="has type int64"):
-        schema.validate(t.set_column(t.schema.get_field_index("width"), "width", pa.array([1], pa.int64())))
-    with pytest.raises(schema.SchemaError, match="schema version"):
-        schema.validate(t.replace_schema_metadata({**t.schema.metadata, schema.META_VERSION: b"0"}))
-    with pytest.raises(schema.SchemaError, match="not a unicap caption file"):
-        schema.validate(pa.table({"key": ["a"]}))
-    with pytest.raises(schema.SchemaError, match="unknown caption-record columns"):
-        schema.to_table([row("a", caption_long_fr="x")])
+    t = caption_record.to_table([row("a")])
+    with pytest.raises(caption_record.SchemaError, match="missing column caption_tags_zh"):
+        caption_record.validate(t.drop(["caption_tags_zh"]))
+    with pytest.raises(caption_record.SchemaError, match="has type int64"):
+        caption_record.validate(t.set_column(t.schema.get_field_index("width"), "width", pa.array([1], pa.int64())))
+    with pytest.raises(caption_record.SchemaError, match="schema version"):
+        caption_record.validate(t.replace_schema_metadata({**t.schema.metadata, caption_record.META_VERSION: b"0"}))
+    with pytest.raises(caption_record.SchemaError, match="not a unicap caption file"):
+        caption_record.validate(pa.table({"key": ["a"]}))
+    with pytest.raises(caption_record.SchemaError, match="unknown caption-record columns"):
+        caption_record.to_table([row("a", caption_long_fr="x")])
 
 
 def test_atomic_write_leaves_nothing_visible_on_failure(tmp_path):
@@ -80,7 +80,7 @@ def test_atomic_write_leaves_nothing_visible_on_failure(tmp_path):
 
 
 def test_readers_ignore_a_killed_writers_temporary(tmp_path):
-    write_parquet(schema.to_table([row("a")]), tmp_path / "00000.parquet")
+    write_parquet(caption_record.to_table([row("a")]), tmp_path / "00000.parquet")
     (tmp_path / ".00001.parquet.tmp-deadbeef").write_bytes(b"PAR1 garbage from a kill -9")
     assert list(pd.read_parquet(tmp_path).key) == ["a"]
     assert remove_stale_temporaries(tmp_path) == 1

@@ -1,0 +1,48 @@
+"""The stage manifests: the images each training stage reads, best first.
+
+    stages/stage1.parquet, stage2.parquet, stage3.parquet   MANIFEST_SCHEMA, one row per selected image,
+                                                           ordered by composite (descending), then key
+    stages/funnel.json                                     rows removed per rule, per stage, shortfalls
+
+`location` is where the image lives: `{shards}/{shard}.tar` when the selection was given the shard
+folder, else the shard name. `clip_score` is the mean of the rules' clip columns; `composite` the
+weighted sum of the z-scored clip and aesthetic scores the selection ranked by (pipelines.stages).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pyarrow as pa
+
+from unicap.contract.base import key_problems, missing_or_mistyped, raise_if
+
+STAGES = ("stage1", "stage2", "stage3")
+FUNNEL_FILE = "funnel.json"
+MANIFEST_SCHEMA = pa.schema([
+    pa.field("key", pa.string(), nullable=False), pa.field("shard", pa.string()), pa.field("location", pa.string()),
+    pa.field("caption_levels_ok", pa.string()), pa.field("width", pa.int32()), pa.field("height", pa.int32()),
+    pa.field("min_side", pa.int32()), pa.field("aspect_ratio", pa.float32()), pa.field("aesthetic", pa.float32()),
+    pa.field("clip_score", pa.float32()), pa.field("composite", pa.float64()),
+])  # fmt: skip
+MANIFEST_COLUMNS: list[str] = MANIFEST_SCHEMA.names
+
+
+def manifest_path(stages_dir: str | Path, stage: str) -> Path:
+    if stage not in STAGES:
+        raise ValueError(f"stage {stage!r}: use one of {STAGES}")
+    return Path(stages_dir) / f"{stage}.parquet"
+
+
+def validate(table: pa.Table) -> None:
+    """Check a manifest: columns and types, unique keys, a composite on every row, best first."""
+    raise_if(missing_or_mistyped(table.schema, MANIFEST_SCHEMA), "stage manifest")
+    problems = key_problems(table.column("key").to_pylist())
+    composite = table.column("composite").to_pylist()
+    if any(c is None for c in composite):
+        problems.append("rows without a composite score")
+    else:
+        order = list(zip([-c for c in composite], table.column("key").to_pylist(), strict=True))
+        if order != sorted(order):
+            problems.append("rows are not ordered by composite (descending), then key")
+    raise_if(problems, "stage manifest")

@@ -1,0 +1,66 @@
+"""What every offline tiny-model builder shares: a build-once cache and a byte-level BPE tokenizer.
+
+Nothing can be downloaded on the build machines, so tests and the offline demo build tiny, randomly
+initialised models of the real architectures locally, once, and load them through exactly the code
+path a real model id or local folder takes. Each builder sits beside the loader of its kind:
+
+- `unicap.tiny_vlm.tiny_qwen2vl()`     the captioning VLM (loaded by unicap.engines)
+- `unicap.clip.tiny_clip()`, `tiny_aesthetic_head()`   open_clip and the aesthetic head (unicap.clip)
+- `train.tiny_codecs.tiny_gemma2()`, `tiny_flux_vae()` the trainer's text encoder and VAE (train.codecs)
+
+Each build names its folder with its own version stamp: bump it when the build changes, and the next
+run builds afresh instead of loading a stale folder. Cache: $UNICAP_CACHE/models (default ./.cache/models).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import uuid
+from collections.abc import Callable, Iterable
+from pathlib import Path
+
+DONE_MARK = "unicap_tiny.json"  # written last by every builder: its presence marks a complete folder
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("UNICAP_CACHE", Path.cwd() / ".cache")) / "models"
+
+
+def cached(name: str, build: Callable[[Path], None], root: Path | None = None) -> Path:
+    """The folder `name` under the cache, built by `build(tmp_folder)` on first use.
+
+    Atomic: the build goes to a temporary folder renamed into place, so concurrent builders are safe
+    and a killed build leaves nothing that looks complete."""
+    path = (root or cache_root()) / name
+    if (path / DONE_MARK).exists():
+        return path
+    tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
+    tmp.mkdir(parents=True)
+    try:
+        build(tmp)
+        try:
+            tmp.rename(path)
+        except OSError:  # another process finished first
+            if not (path / DONE_MARK).exists():
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return path
+
+
+def train_bpe(corpus: Iterable[str], special_tokens: list[str], vocab_size: int = 1024):
+    """A byte-level BPE `tokenizers.Tokenizer` trained on `corpus` (every byte encodable)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=special_tokens,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(list(corpus), trainer)
+    return tok
