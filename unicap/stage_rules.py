@@ -63,7 +63,9 @@ class CompositeRules:
 
     clip: float = 0.5
     aesthetic: float = 0.5
-    clip_columns: list[str] = field(default_factory=lambda: ["clip_long_en", "clip_medium_en", "clip_short_en"])
+    clip_columns: list[str] = field(
+        default_factory=lambda: ["clip_long_en", "clip_medium_en", "clip_short_en"]
+    )
 
     def __post_init__(self) -> None:
         for name in ("clip", "aesthetic"):
@@ -103,7 +105,7 @@ def load_rules(path: str | None = None, overrides: list[str] | tuple[str, ...] =
 
 
 def parse_count(text: str | float | int) -> int:
-    """"10M" -> 10_000_000; "5000" -> 5000; "2.5k" -> 2500."""
+    """ "10M" -> 10_000_000; "5000" -> 5000; "2.5k" -> 2500."""
     kind, value = parse_target(text)
     if kind != "count":
         raise ValueError(f"{text!r}: use a count (5000, 10k, 10M), not a fraction")
@@ -111,7 +113,7 @@ def parse_count(text: str | float | int) -> int:
 
 
 def parse_target(text: str | float | int) -> tuple[str, float]:
-    """"10M" -> ("count", 1e7); "0.1" -> ("fraction", 0.1); "5000" -> ("count", 5000)."""
+    """ "10M" -> ("count", 1e7); "0.1" -> ("fraction", 0.1); "5000" -> ("count", 5000)."""
     s = str(text).strip().lower()
     m = re.fullmatch(r"(\d+(?:\.\d+)?)([kmb]?)", s)
     if not m:

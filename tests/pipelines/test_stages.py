@@ -1,15 +1,20 @@
 """Stage selection (DuckDB) on generated score tables: exact sizes, nesting, funnel, rules, resume."""
 
 import json
+import shutil
 
 import pandas as pd
 import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 
 from datagen.score_tables import write_score_table
 from pipelines.stages import load_rules, parse_target, select_stages
 from tests.conftest import snapshot
 from unicap.atomic import write_parquet
+from unicap.cli import main as unicap
+from unicap.contract import dedup, manifest
+from unicap.contract import scores as score_contract
 
 
 @pytest.fixture(scope="module")
@@ -22,7 +27,15 @@ def scores(tmp_path_factory):
     near = good.key.iloc[:25].tolist()
     write_parquet(pa.table({"key": near, "duplicate_of": good.key.iloc[25:50].tolist(), "kind": ["near"] * 25,
                             "similarity": [0.99] * 25}), d / "_dedup" / "duplicates.parquet")  # fmt: skip
+    dedup.validate(pq.read_table(dedup.duplicates_path(d)).cast(dedup.DUP_SCHEMA))
     return d, near
+
+
+def validate_manifests(out) -> list[pd.DataFrame]:
+    """Every manifest follows unicap.contract.manifest; returns them as DataFrames."""
+    for stage in manifest.STAGES:
+        manifest.validate(pq.read_table(manifest.manifest_path(out, stage)))
+    return [pd.read_parquet(manifest.manifest_path(out, s)) for s in manifest.STAGES]
 
 
 def composite(df: pd.DataFrame) -> pd.Series:
@@ -41,6 +54,7 @@ def test_sizes_nesting_funnel_and_an_independent_selection(scores, tmp_path):
     d, near = scores
     f = select_stages(d, tmp_path, "3000", "0.1", "50", shards_dir="/data/shards")
     s1, s2, s3 = (pd.read_parquet(tmp_path / f"stage{i}.parquet") for i in (1, 2, 3))
+    validate_manifests(tmp_path)
     assert (len(s1), len(s2), len(s3)) == (3000, 300, 50)  # exactly the targets
     assert set(s3.key) <= set(s2.key) <= set(s1.key)
     assert (s2.min_side >= 1024).all() and s1.key.is_unique
@@ -97,3 +111,25 @@ def test_rerun_writes_nothing_and_an_interrupted_run_is_redone(scores, tmp_path)
     select_stages(d, tmp_path, "3000", "0.1", "50")
     assert len(pd.read_parquet(tmp_path / "stage3.parquet")) == 50
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+
+
+def test_paths_with_quotes_and_the_command_line_rule_overrides(scores, tmp_path):
+    """Paths reach DuckDB as parameters: a quote in a folder name is just a character."""
+    d, _ = scores
+    quoted = tmp_path / "it's scores"
+    shutil.copytree(d, quoted)
+    for f in sorted(quoted.glob("*.parquet")):
+        score_contract.validate(pq.read_table(f))
+    out = tmp_path / "o'stages"
+    shards_dir = (tmp_path / "x'shards").resolve()
+    f = select_stages(quoted, out, "3000", "0.1", "50", shards_dir=str(shards_dir))
+    s1, s2, s3 = validate_manifests(out)
+    assert (len(s1), len(s2), len(s3)) == (3000, 300, 50)
+    assert s1.location.iloc[0] == f"{shards_dir}/{s1.shard.iloc[0]}.tar"
+    plain = select_stages(d, tmp_path / "plain", "3000", "0.1", "50")  # the same selection as without quotes
+    assert f["stage1_rules"] == plain["stage1_rules"] and f["stage1_rules"]["near_duplicate"]["removed"] > 0
+    assert unicap(["stages", "--scores", str(quoted), "--output", str(tmp_path / "cli"), "--stage1", "1.0",
+                   "--rule", "stage1.min_side=512", "--rule", "composite.clip_columns=[clip_short_en]"]) == 0  # fmt: skip
+    s1_cli, _, _ = validate_manifests(tmp_path / "cli")
+    state = json.loads((tmp_path / "cli" / "_stages.json").read_text())
+    assert (s1_cli.min_side >= 512).all() and state["rules"]["composite"]["clip_columns"] == ["clip_short_en"]
