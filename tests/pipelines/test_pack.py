@@ -138,3 +138,22 @@ def test_rerun_writes_nothing_and_a_lost_shard_is_redone(stage, packed_stage):
     assert pd.read_parquet(out / "00001.parquet").equals(index)  # the same bytes at the same offsets
     with pytest.raises(ValueError, match="another --output"):
         pack_stage(data / "stage1.parquet", captions, out, resolution=512)
+
+
+def test_the_loader_serves_every_ok_row_of_the_packed_stage(packed_stage):
+    from train.config import DataConfig
+    from train.data import BatchPlanner, PackedBatches, PackedStage
+
+    out, meta = packed_stage
+    stage = PackedStage(out)
+    assert stage.missing == [] and stage.complete and stage.buckets == [tuple(b) for b in meta["buckets"]]
+    ds = PackedBatches(stage, DataConfig(packed=str(out), micro_batch=3, caption_dropout=0.0), seed=0)
+    batches = [ds[g] for g in range(BatchPlanner(stage, 3, 0).batches_per_epoch)]
+    df = packed.read_index(out).to_pandas().set_index("key")
+    assert sorted(k for b in batches for k in b["keys"]) == sorted(df.index[df.status == "ok"])
+    for b in batches:
+        assert b["skipped"] == 0 and b["images"].shape[2:] == b["bucket"][::-1]
+        for key, caption in zip(b["keys"], b["captions"], strict=True):
+            assert caption in set(
+                df.loc[key, [c for c in df.columns if c.startswith(("caption_", "original"))]]
+            )

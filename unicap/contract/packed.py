@@ -6,7 +6,10 @@ Written by `pipelines.pack` (one pair per input image shard), read by `train.dat
                              JPEG quality 95) and {key}.json (the row's captions, for the loader)
     PACKDIR/{shard}.parquet  the index: one row per manifest row of the shard, failures included,
                              sorted by (bucket, key); written after the tar, it marks the shard complete
-    PACKDIR/_pack.json       bucket table, resolution, manifest path and fingerprint, counts
+    PACKDIR/_pack.json       written before the first shard, completed at the end: version,
+                             resolution, multiple, buckets ([[w, h], ...]), levels, languages,
+                             shards (every shard of the manifest, sorted: a file's id is its
+                             position here), manifest, manifest_fingerprint, complete, counts
 
 Index columns: key, shard, bucket (int16 index into the bucket table; -1 for failed rows, which
 therefore sort first and never share a run with images), width, height (the bucket's size),
