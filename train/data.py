@@ -41,6 +41,7 @@ from pathlib import Path
 from typing import NamedTuple
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 from PIL import Image
@@ -72,6 +73,10 @@ def _file_runs(path: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
     return b[starts][keep].astype(np.int16), starts[keep].astype(np.int64), lengths[keep].astype(np.int64)
 
 
+def _cat(arrays: list[np.ndarray], dtype) -> np.ndarray:
+    return np.concatenate(arrays).astype(dtype, copy=False) if arrays else np.zeros(0, dtype)
+
+
 class PackedStage:
     """A packed stage's layout: file list, bucket table, and its bucket runs (one per file x bucket).
 
@@ -82,7 +87,7 @@ class PackedStage:
         meta_path = self.packdir / packed.PACK_META
         if not meta_path.exists():
             raise FileNotFoundError(
-                f"{self.packdir} is not a packed stage (no {packed.PACK_META}): run unicap pack"
+                f"{self.packdir} is not a packed stage (no {packed.PACK_META}): unicap pack"
             )
         meta = json.loads(meta_path.read_text())
         self.resolution: int = meta["resolution"]
@@ -94,15 +99,13 @@ class PackedStage:
         paths = [packed.index_path(self.packdir, s) for s in self.files]
         with ThreadPoolExecutor(threads) as pool:  # Parquet reads release the GIL
             found = list(pool.map(lambda p: _file_runs(p) if p.exists() else None, paths))
+        pa.default_memory_pool().release_unused()  # the read buffers: a rank keeps only the run table
         self.missing: list[str] = [s for s, r in zip(self.files, found, strict=True) if r is None]
-        runs = [(i, *r) for i, r in enumerate(found) if r is not None]
-        empty = [(0, np.zeros(0, np.int16), np.zeros(0, np.int64), np.zeros(0, np.int64))]
-        self.run_file = np.concatenate([np.full(len(b), i, np.int32) for i, b, _, _ in runs or empty])  # (R,)
-        self.run_bucket = np.concatenate([b for _, b, _, _ in runs or empty])  # (R,) int16
-        self.run_start = np.concatenate(
-            [s for _, _, s, _ in runs or empty]
-        )  # (R,) int64 first row in the file
-        self.run_length = np.concatenate([n for _, _, _, n in runs or empty])  # (R,) int64 rows
+        runs = [(i, r) for i, r in enumerate(found) if r is not None]
+        self.run_file = _cat([np.full(len(r[0]), i, np.int32) for i, r in runs], np.int32)  # (R,) file id
+        self.run_bucket = _cat([r[0] for _, r in runs], np.int16)  # (R,)
+        self.run_start = _cat([r[1] for _, r in runs], np.int64)  # (R,) first row in the file
+        self.run_length = _cat([r[2] for _, r in runs], np.int64)  # (R,) rows
         self.rows = int(self.run_length.sum())  # ok rows, the samples of one epoch
         if self.missing:
             log.warning("packed stage %s: %d of %d files missing or unreadable, skipped: %s", self.packdir,
@@ -123,16 +126,16 @@ class PackedStage:
 
 
 class BatchRef(NamedTuple):
-    """Everything a worker needs to read global batch g: rows [chunk, chunk+count) of the run's
+    """Everything a worker needs to read global batch g: rows [chunk_start, +count) of the run's
     permutation (seeded by seed, epoch, file, bucket), offset by the run's first row in the file."""
 
     g: int
     epoch: int
     file: int
     bucket: int
-    run_start: int
+    run_start: int  # first row of the run in the file's index
     run_length: int
-    chunk: int
+    chunk_start: int  # position of the batch's first row in the run's permutation
     count: int
 
 
@@ -167,27 +170,30 @@ class BatchPlanner:
         self.stage, self.micro_batch, self.seed = stage, micro_batch, seed
         self.batches_per_epoch = int((-(-stage.run_length // micro_batch)).sum())
         self._plan: EpochPlan | None = None
-        self._epoch = -1
+        self._epoch: int | None = None
 
     def plan(self, epoch: int) -> EpochPlan:
         if epoch != self._epoch:
+            self._plan = None  # free the old plan first: one epoch's plan in memory at a time
             self._plan, self._epoch = EpochPlan(self.stage, self.micro_batch, self.seed, epoch), epoch
         return self._plan
 
     def ref(self, g: int) -> BatchRef:
+        if g < 0:
+            raise ValueError(f"global batch index {g} < 0")
         epoch, position = divmod(int(g), self.batches_per_epoch)
         run, chunk = self.plan(epoch).locate(position)
         s, mb = self.stage, self.micro_batch
         length = int(s.run_length[run])
         return BatchRef(g=int(g), epoch=epoch, file=int(s.run_file[run]), bucket=int(s.run_bucket[run]),
-                        run_start=int(s.run_start[run]), run_length=length, chunk=chunk * mb,
+                        run_start=int(s.run_start[run]), run_length=length, chunk_start=chunk * mb,
                         count=min(mb, length - chunk * mb))  # fmt: skip
 
 
 def batch_rows(ref: BatchRef, seed: int) -> np.ndarray:
     """The file rows of a batch: (count,) int64, from the run's permutation for (seed, epoch, file, bucket)."""
     perm = np.random.default_rng([seed, ref.epoch, ref.file, ref.bucket]).permutation(ref.run_length)
-    return ref.run_start + perm[ref.chunk : ref.chunk + ref.count]
+    return ref.run_start + perm[ref.chunk_start : ref.chunk_start + ref.count]
 
 
 class RankBatchSampler(torch.utils.data.Sampler):
@@ -263,13 +269,17 @@ class CaptionPicker:
             return original
         if self.levels and self.languages:
             col = caption_record.caption_column(
-                self.levels[int(np.searchsorted(self.level_cdf, u[2], side="right"))],
-                self.languages[int(np.searchsorted(self.language_cdf, u[3], side="right"))],
+                self.levels[_draw(self.level_cdf, u[2])], self.languages[_draw(self.language_cdf, u[3])]
             )
             if (text.get(col) or "").strip():
                 return text[col].strip()
         cdf = np.cumsum([w for _, w in have])  # the drawn caption is missing: redraw among those present
-        return text[have[int(np.searchsorted(cdf, u[4] * cdf[-1], side="right"))][0]].strip()
+        return text[have[_draw(cdf / cdf[-1], u[4])][0]].strip()
+
+
+def _draw(cdf: np.ndarray, u: float) -> int:
+    """Index drawn by the uniform `u` from a normalised cumulative distribution."""
+    return min(int(np.searchsorted(cdf, u, side="right")), len(cdf) - 1)
 
 
 # ---------------------------------------------------------------- reading batches
@@ -326,21 +336,21 @@ class PackedBatches(torch.utils.data.Dataset):
                 "skip_reasons": dict(reasons)}  # fmt: skip
 
     def _read_sample(self, fd: int, pos: np.ndarray, size: tuple[int, int]) -> tuple[np.ndarray, dict] | str:
-        """One pread covers the image and its captions json (written right after it); a reason on failure."""
+        """One pread covers the image and its captions json (the pack writes them adjacent); a reason on failure."""
         offset, nbytes, json_offset, json_size = (int(v) for v in pos)
-        end = json_offset + json_size
+        lo, hi = min(offset, json_offset), max(offset + nbytes, json_offset + json_size)
         try:
-            buf = os.pread(fd, end - offset, offset)
+            buf = os.pread(fd, hi - lo, lo)
         except OSError:
             return "unreadable_tar"
-        if len(buf) < end - offset:
+        if len(buf) < hi - lo:
             return "truncated_tar"
         try:
-            text = json.loads(buf[json_offset - offset : end])
+            text = json.loads(buf[json_offset - lo : json_offset - lo + json_size])
         except ValueError:
             return "bad_caption_json"
         try:
-            with Image.open(io.BytesIO(buf[:nbytes])) as im:
+            with Image.open(io.BytesIO(buf[offset - lo : offset - lo + nbytes])) as im:
                 im = im.convert("RGB")
         except Exception:  # noqa: BLE001 - any decoder error is a skipped sample, never a crash
             return "undecodable_image"
@@ -390,8 +400,11 @@ def _to_tensor(images: list[np.ndarray], w: int, h: int) -> torch.Tensor:
     """(B, H, W, 3) uint8 -> (B, 3, H, W) float32 in [-1, 1]; B may be 0 when every sample was skipped."""
     if not images:
         return torch.zeros(0, 3, h, w)
-    x = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2)
-    return x.to(torch.float32, memory_format=torch.contiguous_format).div_(127.5).sub_(1.0)
+    # numpy, not torch ops: torch's intra-op threads on a busy CPU made this 30x slower (16 vs 0.5 ms)
+    x = np.ascontiguousarray(np.stack(images).transpose(0, 3, 1, 2)).astype(np.float32)  # (B, 3, H, W)
+    np.divide(x, 127.5, out=x)
+    x -= 1.0
+    return torch.from_numpy(x)
 
 
 def _worker_init(_: int) -> None:

@@ -202,9 +202,11 @@ def test_bad_data_is_skipped_and_counted(tmp_path, caplog):
     root = write_stage(tmp_path / "packed", rows_per_file=[12, 12, 12])
     index = pq.read_table(packed.index_path(root, "00000")).to_pylist()
     bad = next(r for r in index if r["status"] == "ok")
-    with open(packed.tar_path(root, "00000"), "r+b") as f:  # corrupt one image's bytes
+    last = max((r for r in index if r["status"] == "ok"), key=lambda r: r["offset"])
+    with open(packed.tar_path(root, "00000"), "r+b") as f:
         f.seek(bad["offset"])
-        f.write(b"\0" * bad["size"])
+        f.write(b"\0" * bad["size"])  # one image's bytes corrupted
+        f.truncate(last["offset"] + 100)  # and the tar cut in the last image
     packed.index_path(root, "00002").unlink()  # a lost shard, known at start-up
     stage = PackedStage(root)
     assert stage.missing == ["00002"] and stage.rows == 24
@@ -217,9 +219,10 @@ def test_bad_data_is_skipped_and_counted(tmp_path, caplog):
     for b in batches:
         reasons.update(b["skip_reasons"])
         assert b["skipped"] == sum(b["skip_reasons"].values()) and b["images"].shape[0] == len(b["keys"])
-    assert reasons == {"undecodable_image": 1, "missing_file": 12}
+    assert reasons == {"undecodable_image": 1, "truncated_tar": 1, "missing_file": 12}
     served = {k for b in batches for k in b["keys"]}
-    assert bad["key"] not in served and len(served) == 11 and all(k.startswith("f00000") for k in served)
+    assert not {bad["key"], last["key"]} & served and len(served) == 10
+    assert all(k.startswith("f00000") for k in served)
     assert any("00001.tar" in r.message for r in caplog.records)
 
 
