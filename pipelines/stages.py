@@ -60,7 +60,7 @@ class StagesConfig:
     rules: str | None = field(default=None, metadata={"help": "YAML/JSON file overriding the default StageRules"})
     rule: list[str] = field(default_factory=list, metadata={"help": "a rule override, e.g. stage1.min_side=512 (repeat)"})
     shards: str | None = field(default=None, metadata={"help": "image shard folder, for the manifests' location column"})
-    threads: int | None = field(default=None, metadata={"help": "DuckDB threads (default: all cores)"})
+    threads: int | None = field(default=None, metadata={"help": "DuckDB threads (none: all cores)"})
 
 
 def ident(name: str) -> str:

@@ -5,8 +5,9 @@ from PIL import Image
 
 from datagen.folder import MANIFEST, folder_key, ingest_folder
 from datagen.hostile import hostile_cases
-from datagen.shards import read_index
+from datagen.shards import list_shards, read_index
 from tests.conftest import snapshot
+from unicap.contract import shards
 
 
 @pytest.fixture
@@ -29,6 +30,8 @@ def photo_folder(tmp_path):
 def test_folder_ingest_records_every_image_with_stable_keys(photo_folder, tmp_path):
     res = ingest_folder(photo_folder, tmp_path / "a", shard_size=3)
     assert res == {"images": 7, "shards": 3, "skipped_files": ["notes.md"]}
+    for shard in list_shards(tmp_path / "a"):
+        shards.validate_shard(tmp_path / "a", shard)
     index = read_index(tmp_path / "a").set_index("key")
     assert len(index) == 7
     assert index.loc[folder_key("p0.png"), "caption"] == "a caption from a sidecar file"

@@ -6,9 +6,10 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from datagen.shards import read_index
+from datagen.shards import list_shards, read_index
 from tests.conftest import free_port, snapshot
 from unicap.cli import main as unicap
+from unicap.contract import shards
 
 
 @pytest.fixture
@@ -44,6 +45,8 @@ def test_every_url_accounted_for_and_rerun_writes_nothing(url_list, tmp_path):
     path, good, bad = url_list
     out = tmp_path / "shards"
     _ingest(path, out, "--allow-private")
+    for shard in list_shards(out):
+        shards.validate_shard(out, shard)  # img2dataset's index keeps the shard contract
     index = read_index(out)
     assert sorted(index.url) == sorted(good + list(bad))  # every URL exactly once
     assert index.key.is_unique

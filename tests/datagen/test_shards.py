@@ -6,6 +6,7 @@ import pandas as pd
 
 from datagen import synth
 from datagen.shards import read_index, read_shards
+from unicap.contract.shards import READ_COLUMNS
 from unicap.decode import decode_image
 
 
@@ -14,6 +15,7 @@ def test_ray_read_returns_every_image_once(ray_local, tmp_path):
     rows = read_shards(tmp_path).take_all()
     truth = pd.read_parquet(tmp_path / "truth").set_index("key")
     assert len(rows) == 40 and len({r["key"] for r in rows}) == 40
+    assert all(list(r) == list(READ_COLUMNS) for r in rows)  # the reader's contract
     assert {r["key"] for r in rows} == set(truth.index)
     assert {r["shard"] for r in rows} == {f"{i:05d}" for i in range(5)}
     for r in rows:

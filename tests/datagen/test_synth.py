@@ -8,8 +8,9 @@ import pytest
 from scipy import ndimage
 
 from datagen import synth
-from datagen.shards import read_index
+from datagen.shards import list_shards, read_index
 from unicap.contract import caption as caption_record
+from unicap.contract import shards
 from unicap.decode import decode_image
 
 N, SHARD = 64, 16
@@ -53,6 +54,9 @@ def test_same_seed_same_bytes_other_seed_other_bytes(synth_dir, tmp_path):
 def test_truth_is_valid_caption_schema_and_readable_with_pandas(synth_dir):
     for f in sorted((synth_dir / "truth").glob("*.parquet")):
         caption_record.validate(pq.read_table(f))
+    assert list_shards(synth_dir) == [f"{i:05d}" for i in range(N // SHARD)]
+    for shard in list_shards(synth_dir):
+        shards.validate_shard(synth_dir, shard)  # the shard format's contract
     df = pd.read_parquet(synth_dir / "truth")
     assert len(df) == N and df.key.is_unique and (df.status == "ok").all()
     assert set(df.key) == set(read_index(synth_dir).key)

@@ -6,6 +6,7 @@ import tarfile
 import numpy as np
 import open_clip
 import pandas as pd
+import pyarrow.parquet as pq
 import pytest
 import torch
 from PIL import Image
@@ -14,8 +15,22 @@ from datagen.folder import folder_key, ingest_folder
 from datagen.synth import synth
 from pipelines.score import ScoreConfig, run_job
 from tests.conftest import snapshot
+from unicap.atomic import visible_parquet_files
 from unicap.clip import TINY_CLIP_NAME, tiny_aesthetic_head, tiny_clip
+from unicap.contract import dedup, scores
 from unicap.decode import decode_image
+
+
+def validate_output(out) -> None:
+    """Every score file, its embeddings and the duplicates table follow unicap.contract."""
+    files = visible_parquet_files(out)
+    assert files
+    for f in files:
+        table = pq.read_table(f)
+        scores.validate(table)
+        scores.validate_embeddings(pq.read_table(scores.embeddings_path(out, f.stem)), table)
+    if dedup.duplicates_path(out).exists():
+        dedup.validate(pq.read_table(dedup.duplicates_path(out)))
 
 
 @pytest.fixture(scope="module")
@@ -31,6 +46,7 @@ def scored(ray_local, tmp_path_factory):
 
 def test_scores_equal_an_independent_open_clip_cosine(scored):
     data, out, head = scored
+    validate_output(out)
     df = pd.read_parquet(out).set_index("key")
     truth = pd.read_parquet(data / "truth").set_index("key")
     assert sorted(df.index) == sorted(truth.index)
@@ -101,6 +117,7 @@ def test_planted_near_and_exact_copies_are_found(ray_local, tmp_path):
     ingest_folder(root, tmp_path / "shards", shard_size=16)
     out = tmp_path / "scores"
     run_job(tmp_path / "shards", None, out, ScoreConfig(clip="tiny", batch_size=16, near_threshold=0.9))
+    validate_output(out)
     dups = pd.read_parquet(out / "_dedup" / "duplicates.parquet")
     found = {(r.key, r.duplicate_of, r.kind) for r in dups.itertuples()}
     k = folder_key

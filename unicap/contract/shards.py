@@ -13,9 +13,11 @@ ingest and the synthetic set write exactly INDEX_SCHEMA. The shard reader yields
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pyarrow as pa
+import pyarrow.parquet as pq
 
 from unicap.contract.base import key_problems, raise_if
 
@@ -89,3 +91,10 @@ def validate_stats(stats: dict, index: pa.Table) -> None:
     if stats.get("successes") != statuses.count(SUCCESS):
         problems.append(f"successes {stats.get('successes')} != {statuses.count(SUCCESS)} success rows")
     raise_if(problems, "shard stats")
+
+
+def validate_shard(directory: str | Path, shard: str) -> None:
+    """Check one complete shard on disk: its index, and its stats file against the index."""
+    index = pq.read_table(index_path(directory, shard))
+    validate_index(index)
+    validate_stats(json.loads(stats_path(directory, shard).read_text()), index)
