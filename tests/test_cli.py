@@ -1,8 +1,7 @@
+import argparse
 import subprocess
 import sys
 from pathlib import Path
-
-import argparse
 
 import pandas as pd
 import pytest
