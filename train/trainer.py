@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import json
 import math
 import os
 import signal
@@ -144,6 +145,13 @@ def flow_batch(codecs: Codecs, batch: dict, cfg: TrainConfig, device: str):
     return xt, t, feats, mask, v
 
 
+def placeholder_batch(batch: dict, cfg: TrainConfig) -> dict:
+    """One grey image of the batch's bucket with an empty caption, for a batch whose samples were all
+    unreadable: its loss is multiplied by 0, so the step's gradients come from the other ranks only."""
+    w, h = batch.get("bucket") or (cfg.data.resolution, cfg.data.resolution)
+    return {**batch, "images": torch.zeros(1, 3, h, w), "captions": [""], "keys": []}
+
+
 def _all_reduce(values: list[float], op=None) -> list[float]:
     if not (dist.is_available() and dist.is_initialized()):
         return values
@@ -188,7 +196,10 @@ def train_step(engine, codecs: Codecs, micro_batches: list[dict], cfg: TrainConf
     weights stay as they were; the caller counts it and stops after run.max_nonfinite in a row."""
     dtype = next(engine.module.parameters()).dtype
     losses, samples, skipped, nonfinite = [], 0, 0, 0.0
-    for batch in micro_batches:
+    for i, batch in enumerate(micro_batches):
+        empty = len(batch["captions"]) == 0  # every sample of it was unreadable: still join the collectives
+        if empty:
+            batch = placeholder_batch(batch, cfg)
         xt, t, feats, mask, v = flow_batch(codecs, batch, cfg, device)
         pred = engine(xt.to(dtype), t, feats.to(dtype), mask)
         loss = flow.flow_loss(pred, v, lowres_weight=cfg.loss.lowres_weight)
@@ -196,13 +207,14 @@ def train_step(engine, codecs: Codecs, micro_batches: list[dict], cfg: TrainConf
             [0.0 if torch.isfinite(loss) else 1.0], dist.ReduceOp.MAX if dist.is_initialized() else None
         )[0]
         nonfinite = max(nonfinite, bad)
-        engine.backward(loss * 0.0 if bad else loss)
-        losses.append(float(loss))
-        samples += len(batch["captions"])
+        engine.backward(loss * 0.0 if (bad or empty) else loss)
+        if not empty:
+            losses.append(loss.item())
+            samples += len(batch["captions"])
         if key_log is not None:
             key_log.write(" ".join(batch["keys"]) + "\n")
         skipped += int(batch.get("skipped", 0))
-        if micro_batches[-1] is not batch:
+        if i < len(micro_batches) - 1:
             engine.step()  # DeepSpeed counts micro-steps; only the boundary one updates
     grad_bad = _all_reduce(
         [1.0 if guard.take() else 0.0], dist.ReduceOp.MAX if dist.is_initialized() else None
@@ -290,19 +302,21 @@ def train(cfg: TrainConfig) -> int:
     from train.data import make_loader
 
     device = runtime.resolve_device("auto")
-    rank, world = setup_distributed(device)
     run_dir = cfg.run_dir
     final = run_dir / contract.FINAL_DIR
+    # refusals first: before any rank starts a process group or loads a model
+    if not ((final / contract.STATE_FILE).is_file() and contract.read_state(final)["step"] >= cfg.run.steps):
+        resume = resume_folder(cfg)
+        init = None if resume else previous_stage_final(cfg)
+        if not cfg.data.packed or not Path(cfg.data.packed).is_dir():
+            raise TrainingError(
+                f"data.packed {cfg.data.packed!r} is not a folder: pack the stage first (unicap pack)"
+            )
+    rank, world = setup_distributed(device)
     if (final / contract.STATE_FILE).is_file() and contract.read_state(final)["step"] >= cfg.run.steps:
         if rank == 0:
             print(f"[{cfg.run.stage}] already trained: {final} (delete it to train again)")
         return 0
-    resume = resume_folder(cfg)
-    init = None if resume else previous_stage_final(cfg)
-    if not cfg.data.packed or not Path(cfg.data.packed).is_dir():
-        raise TrainingError(
-            f"data.packed {cfg.data.packed!r} is not a folder: pack the stage first (unicap pack)"
-        )
 
     codecs = load_codecs(cfg, device)
     model = build_model(cfg, codecs.text.dim)
@@ -343,6 +357,7 @@ def train(cfg: TrainConfig) -> int:
     )
     batches = iter(loader)
     writer = _tensorboard(cfg, run_dir) if rank == 0 else None
+    metrics = open(run_dir / "metrics.jsonl", "a") if rank == 0 else None  # noqa: SIM115 - one line per step
     bar = _progress(cfg, start_step) if rank == 0 else None
     stop = StopFlag()
     key_log = None
@@ -379,7 +394,7 @@ def train(cfg: TrainConfig) -> int:
         now = time.time()
         if rank == 0:
             rate = res.samples / max(now - t_last, 1e-9)
-            _log(writer, bar, step, res, rate, engine.get_lr()[0], counters)
+            _log(writer, bar, step, res, rate, engine.get_lr()[0], counters, metrics)
         t_last = now
         if cfg.run.sample_every and step % cfg.run.sample_every == 0 and step < cfg.run.steps:
             _samples(cfg, ema, engine, codecs, run_dir, step, writer, rank)
@@ -436,7 +451,11 @@ def _progress(cfg: TrainConfig, start_step: int):
                 file=sys.stdout)  # fmt: skip
 
 
-def _log(writer, bar, step: int, res: StepResult, rate: float, lr: float, counters: dict) -> None:
+def _log(writer, bar, step: int, res: StepResult, rate: float, lr: float, counters: dict, metrics) -> None:
+    metrics.write(json.dumps({"step": step, "loss": res.loss if res.finite else None, "grad_norm": res.grad_norm
+                              if math.isfinite(res.grad_norm) else None, "lr": lr, "samples_per_s": round(rate, 3),
+                              "samples": res.samples, "finite": res.finite, **counters}) + "\n")  # fmt: skip
+    metrics.flush()
     if bar is not None:
         bar.update(1)
         bar.set_postfix(loss=f"{res.loss:.4f}", samples_s=f"{rate:.1f}", refresh=False)

@@ -1,0 +1,100 @@
+"""Fixtures of the trainer tests: a packed synthetic stage and a runner for real DeepSpeed ranks."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from tests.conftest import free_port
+
+PY = sys.executable
+BIN = Path(sys.executable).parent
+CPU_CONFIG = "train/configs/stage1_cpu.yaml"
+# a small, fast run: 64 px, micro 2, global batch 4, no sample grids unless a test asks
+FAST = ["data.resolution=64", "data.micro_batch=2", "data.global_batch=4", "data.num_workers=0",
+        "run.sample_prompts=[]", "run.progress=false", "run.tensorboard=false", "run.save_every=1000"]  # fmt: skip
+N_IMAGES = 24
+
+
+@pytest.fixture(scope="session")
+def packed_stage(tmp_path_factory) -> Path:
+    """24 synthetic images (3 shards), a manifest of all of them, packed at 64 px (real Ray job)."""
+    import ray
+
+    from datagen.shards import read_index
+    from datagen.synth import synth
+    from pipelines.pack import pack_stage
+
+    root = tmp_path_factory.mktemp("stage")
+    synth(str(root / "shards"), N_IMAGES, seed=3, shard_size=8)
+    index = read_index(root / "shards")
+    manifest = pd.DataFrame({"key": index.key, "shard": index["shard"],
+                             "location": [str(root / "shards" / f"{s}.tar") for s in index["shard"]],
+                             "width": index.width, "height": index.height})  # fmt: skip
+    (root / "stages").mkdir()
+    manifest.to_parquet(root / "stages" / "stage1.parquet")
+    try:
+        pack_stage(root / "stages" / "stage1.parquet", root / "shards" / "truth", root / "packed",
+                   shards_dir=root / "shards", resolution=64)  # fmt: skip
+    finally:
+        ray.shutdown()
+    corrupt_one_image(root / "packed")
+    return root / "packed"
+
+
+def corrupt_one_image(packed: Path) -> str:
+    """Zero the bytes of the first ok image of the first packed shard (an undecodable sample at train time)."""
+    import pyarrow.parquet as pq
+
+    index = sorted(p for p in packed.glob("*.parquet") if not p.name.startswith(("_", ".")))[0]
+    row = next(r for r in pq.read_table(index).to_pylist() if r["status"] == "ok")
+    with open(index.with_suffix(".tar"), "r+b") as f:
+        f.seek(row["offset"])
+        f.write(b"\0" * row["size"])
+    return row["key"]
+
+
+def env() -> dict:
+    cwd = str(Path(__file__).resolve().parents[2])
+    return {**os.environ, "DS_ACCELERATOR": "cpu", "PYTHONPATH": cwd, "OMP_NUM_THREADS": "1",
+            "TOKENIZERS_PARALLELISM": "false"}  # fmt: skip
+
+
+def trainer_cmd(packed: Path, out: Path, overrides: list[str], *, nproc: int = 2, config: str = CPU_CONFIG,
+                nnodes: int = 1, node_rank: int = 0, port: int | None = None) -> list[str]:  # fmt: skip
+    return [str(BIN / "torchrun"), "--nnodes", str(nnodes), "--node_rank", str(node_rank),
+            "--nproc_per_node", str(nproc), "--master_addr", "127.0.0.1", "--master_port", str(port or free_port()),
+            "-m", "train.trainer", "--config", config, f"data.packed={packed}", f"run.out={out}", *FAST,
+            *overrides]  # fmt: skip
+
+
+def run_trainer(
+    packed: Path, out: Path, overrides: list[str], timeout: int = 600, **kw
+) -> subprocess.CompletedProcess:
+    r = subprocess.run(trainer_cmd(packed, out, overrides, **kw), env=env(), capture_output=True, text=True,
+                       timeout=timeout, cwd=Path(__file__).resolve().parents[2])  # fmt: skip
+    assert r.returncode == 0, (r.stdout[-3000:], r.stderr[-6000:])
+    return r
+
+
+def metrics(run_dir: Path) -> dict[int, dict]:
+    """step -> the last metrics line logged for it (a resumed run may re-log steps after a hard kill)."""
+    out = {}
+    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
+        m = json.loads(line)
+        out[m["step"]] = m
+    return out
+
+
+def keys_seen(run_dir: Path) -> list[str]:
+    keys = []
+    for f in sorted((run_dir / "keys").glob("*.txt")):
+        for line in f.read_text().splitlines():
+            keys += line.split()
+    return keys
