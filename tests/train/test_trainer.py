@@ -112,7 +112,7 @@ def test_zero3_gives_the_losses_of_zero2(reference, packed_stage, tmp_path):
     z2, z3 = losses(reference), losses(tmp_path / "stage1")
     assert z3[1] == pytest.approx(z2[1], rel=1e-6)  # same initial weights, same batch
     for s in range(2, 5):  # bf16 weights updated through differently sharded reductions
-        assert z3[s] == pytest.approx(z2[s], rel=2e-2), (s, z2, z3)
+        assert z3[s] == pytest.approx(z2[s], rel=1e-4), (s, z2, z3)  # measured: 1e-5
 
 
 def _sigterm_at(cmd: list[str], run_dir: Path, step: int) -> int:
@@ -152,7 +152,7 @@ def test_sigterm_then_resume_on_the_same_and_another_world_size(reference, packe
     other = losses(tmp_path / "b" / "stage1")
     assert Counter(keys_seen(tmp_path / "b" / "stage1")) == ref_keys
     for s in range(1, REF_STEPS + 1):
-        assert other[s] == pytest.approx(ref_losses[s], rel=2e-2), (s, other, ref_losses)
+        assert other[s] == pytest.approx(ref_losses[s], rel=1e-4), (s, other, ref_losses)  # measured: equal
 
 
 def test_two_launchers_of_one_rank_train_like_one_launcher_of_two(reference, packed_stage, tmp_path):
