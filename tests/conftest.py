@@ -26,7 +26,9 @@ def ray_local():
     """One embedded Ray instance for the session (more logical CPUs than cores: see ENVIRONMENT.md)."""
     import ray
 
-    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    from unicap.runtime import init_ray
+
+    init_ray(quiet=True)
     yield ray
     ray.shutdown()
 

@@ -118,7 +118,8 @@ class SeqBatch:
 
 def resolve_backend(backend: str, device: torch.device, dtype: torch.dtype) -> str:
     """'auto' -> flash_varlen on CUDA fp16/bf16 with flash-attn installed, else sdpa."""
-    assert backend in BACKENDS, f"attention backend {backend!r} not one of {BACKENDS}"
+    if backend not in BACKENDS:
+        raise ValueError(f"attention backend {backend!r} not one of {BACKENDS}")
     if backend != "auto":
         return backend
     fast = device.type == "cuda" and dtype in (torch.float16, torch.bfloat16)

@@ -73,35 +73,15 @@ def save_checkpoint(engine, ema, run_dir: str | Path, state: dict, keep_last: in
 
 def save_final(engine, ema, run_dir: str | Path, state: dict) -> Path:
     """The stage's output (collective): EMA weights as model.safetensors, the master as model_raw,
-    the optimizer moments, the state, and a diffusers folder."""
+    the optimizer moments and the state (the trainer adds the diffusers export: train.convert)."""
     tensors = gather_training_state(engine, ema)
     folder = Path(run_dir) / contract.FINAL_DIR
     if _rank() == 0:
         files = {contract.MODEL_FILE: tensors["ema"], contract.RAW_FILE: tensors["model"],
                  contract.OPTIMIZER_FILE: tensors["optimizer"]}  # fmt: skip
         _write_folder(folder, files, state)
-        export_diffusers(folder)
     _barrier()
     return folder
-
-
-def export_diffusers(folder: str | Path, weights: str = contract.MODEL_FILE) -> Path:
-    """`folder`/diffusers: a Lumina2Transformer2DModel folder (config.json + safetensors)."""
-    from train.convert import diffusers_config, to_diffusers
-
-    folder = Path(folder)
-    model, _ = load_weights(folder, weights)
-    out = folder / contract.DIFFUSERS_DIR
-    tmp = folder / f".{contract.DIFFUSERS_DIR}.tmp-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir()
-    (tmp / "config.json").write_text(json.dumps({"_class_name": "Lumina2Transformer2DModel",
-                                                 **diffusers_config(model.cfg)}, indent=1))  # fmt: skip
-    save_file({k: v.contiguous() for k, v in to_diffusers(model.state_dict(), model.cfg).items()},
-              str(tmp / "diffusion_pytorch_model.safetensors"))  # fmt: skip
-    if out.exists():
-        shutil.rmtree(out)
-    tmp.rename(out)
-    return out
 
 
 def save_weights(folder: str | Path, model: NextDiT, text_encoder: str, vae: str, *, step: int = 0,

@@ -179,7 +179,9 @@ def deepspeed_config(cfg: TrainConfig, world_size: int) -> dict:
         "gradient_accumulation_steps": accum,
         "train_batch_size": cfg.data.micro_batch * accum * world_size,
         "gradient_clipping": cfg.optim.grad_clip,
-        "bf16": {"enabled": ds.precision == "bf16"},
+        # non-finite gradients are caught by the trainer's own guard (train.trainer.GradGuard) under every
+        # ZeRO stage; DeepSpeed's bf16 overflow check would be a second pass over the gradients
+        "bf16": {"enabled": ds.precision == "bf16", "check_grad_overflow": False},
         "zero_optimization": zero,
         "zero_allow_untested_optimizer": True,
         "steps_per_print": 10**9,

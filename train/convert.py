@@ -15,11 +15,18 @@ Sources are read without unpickling: weights folders and .safetensors files as t
 from __future__ import annotations
 
 import argparse
+import json
 import re
+import shutil
+import uuid
+from pathlib import Path
 
 import torch
+from safetensors.torch import save_file
 
+from train.checkpoint import load_weights, save_weights
 from train.model import NextDiT, NextDiTConfig
+from unicap.contract import checkpoint as contract
 
 # (ours, diffusers) key fragments, applied in order; block-level renames work for every block kind
 _TOP = [
@@ -55,7 +62,9 @@ def diffusers_config(cfg: NextDiTConfig) -> dict:
 
 def config_from_diffusers(config) -> NextDiTConfig:
     c = dict(config)
-    assert c.get("out_channels") in (None, c["in_channels"]), "NextDiT predicts as many channels as it reads"
+    if c.get("out_channels") not in (None, c["in_channels"]):
+        raise ValueError(f"out_channels {c['out_channels']} != in_channels {c['in_channels']}: NextDiT predicts "
+                         "as many channels as it reads")  # fmt: skip
     return NextDiTConfig(
         dim=c["hidden_size"], n_layers=c["num_layers"], n_refiner_layers=c["num_refiner_layers"],
         n_heads=c["num_attention_heads"], n_kv_heads=c["num_kv_heads"], patch_size=c["patch_size"],
@@ -135,6 +144,24 @@ def nextdit_from_diffusers(ref) -> NextDiT:
     return model
 
 
+def export_diffusers(folder: str | Path, weights: str = contract.MODEL_FILE) -> Path:
+    """`folder`/diffusers: a Lumina2Transformer2DModel folder (config.json + safetensors), written atomically
+    beside the weights folder's own files; what `Lumina2Transformer2DModel.from_pretrained` loads."""
+    folder = Path(folder)
+    model, _ = load_weights(folder, weights)
+    out = folder / contract.DIFFUSERS_DIR
+    tmp = folder / f".{contract.DIFFUSERS_DIR}.tmp-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir()
+    (tmp / "config.json").write_text(json.dumps({"_class_name": "Lumina2Transformer2DModel",
+                                                 **diffusers_config(model.cfg)}, indent=1))  # fmt: skip
+    save_file({k: v.contiguous() for k, v in to_diffusers(model.state_dict(), model.cfg).items()},
+              str(tmp / "diffusion_pytorch_model.safetensors"))  # fmt: skip
+    if out.exists():
+        shutil.rmtree(out)
+    tmp.rename(out)
+    return out
+
+
 def _release_state(path: str) -> dict[str, torch.Tensor]:
     if path.endswith(".safetensors"):
         from safetensors.torch import load_file
@@ -145,15 +172,16 @@ def _release_state(path: str) -> dict[str, torch.Tensor]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from pathlib import Path
-
-    from train.checkpoint import load_weights, save_weights
     from train.model import NextDiT_configs
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--to", choices=["diffusers", "unicap"], required=True)
-    p.add_argument("--config", default="NextDiT_2B", choices=sorted(NextDiT_configs),
-                   help="model config of a release weights file (weights folders carry their own)")
+    p.add_argument(
+        "--config",
+        default="NextDiT_2B",
+        choices=sorted(NextDiT_configs),
+        help="model config of a release weights file (weights folders carry their own)",
+    )
     p.add_argument("--weights", default="model.safetensors", help="file inside a weights folder")
     p.add_argument("--text-encoder", default="google/gemma-2-2b", help="recorded with --to unicap")
     p.add_argument("--vae", default="black-forest-labs/FLUX.1-dev", help="recorded with --to unicap")

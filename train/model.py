@@ -58,9 +58,13 @@ class NextDiTConfig:
         return self.multiple_of * ((inner + self.multiple_of - 1) // self.multiple_of)
 
     def __post_init__(self):
-        assert self.dim % self.n_heads == 0 and self.n_heads % self.n_kv_heads == 0
-        assert sum(self.axes_dims) == self.head_dim, f"axes_dims {self.axes_dims} must sum to head_dim {self.head_dim}"
-        assert all(d % 2 == 0 for d in self.axes_dims)
+        if self.dim % self.n_heads or self.n_heads % self.n_kv_heads:
+            raise ValueError(f"NextDiTConfig: dim {self.dim} must divide into n_heads {self.n_heads}, and n_heads "
+                             f"into n_kv_heads {self.n_kv_heads}")  # fmt: skip
+        if sum(self.axes_dims) != self.head_dim:
+            raise ValueError(f"NextDiTConfig: axes_dims {self.axes_dims} must sum to head_dim {self.head_dim}")
+        if any(d % 2 for d in self.axes_dims):
+            raise ValueError(f"NextDiTConfig: every RoPE axis needs an even size, got {self.axes_dims}")
 
 
 # The release: 2,609,769,152 parameters with Gemma-2-2B (cap_feat_dim 2304); 2.6B.
@@ -254,14 +258,16 @@ class NextDiT(nn.Module):
     def set_attention_backend(self, backend: str) -> None:
         """'auto' (flash-attn varlen on CUDA bf16/fp16 when installed, else SDPA), 'sdpa', 'flash_varlen',
         'torch_varlen'; all give the same output."""
-        assert backend in BACKENDS, f"attention backend {backend!r} not one of {BACKENDS}"
+        if backend not in BACKENDS:
+            raise ValueError(f"attention backend {backend!r} not one of {BACKENDS}")
         self.attention_backend = backend
 
     # ---- patchify: (C, H, W) -> (h*w, p*p*C), features ordered (p_row, p_col, C) as in the release
     def patchify(self, x: torch.Tensor) -> torch.Tensor:
         C, H, W = x.shape
         p = self.cfg.patch_size
-        assert H % p == 0 and W % p == 0, f"latent {H}x{W} not divisible by patch size {p}"
+        if H % p or W % p:
+            raise ValueError(f"latent {H}x{W} not divisible by patch size {p}")
         return x.view(C, H // p, p, W // p, p).permute(1, 3, 2, 4, 0).reshape((H // p) * (W // p), p * p * C)
 
     def unpatchify(self, tokens: torch.Tensor, H: int, W: int) -> torch.Tensor:
@@ -283,7 +289,8 @@ class NextDiT(nn.Module):
         cap_mask = cap_mask.bool()
         cap_lens = cap_mask.sum(1).tolist()
         prefix = torch.arange(cap_mask.shape[1], device=dev)[None] < cap_mask.sum(1, keepdim=True)
-        assert torch.equal(cap_mask, prefix), "cap_mask must be a prefix mask: valid tokens first, padding after"
+        if not torch.equal(cap_mask, prefix):
+            raise ValueError("cap_mask must be a prefix mask: valid tokens first, padding after")
         sizes = [tuple(xi.shape[-2:]) for xi in xs]
         p = self.cfg.patch_size
         grids = [(h // p, w // p) for h, w in sizes]

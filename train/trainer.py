@@ -410,6 +410,10 @@ def train(cfg: TrainConfig) -> int:
         bar.close()
     ckpt.save_checkpoint(engine, ema, run_dir, state(), cfg.run.keep_last)
     out = ckpt.save_final(engine, ema, run_dir, state())
+    if rank == 0:
+        from train.convert import export_diffusers
+
+        export_diffusers(out)
     _samples(cfg, ema, engine, codecs, run_dir, step, writer, rank)
     if rank == 0:
         print(f"[{cfg.run.stage}] done: {step} steps, {counters['samples_seen']} samples "

@@ -90,7 +90,7 @@ def test_fresh_model_starts_as_zero_velocity():
 
 def test_bad_latent_size_is_a_clear_error():
     m = build_model(SMALL)
-    with pytest.raises(AssertionError, match="not divisible by patch size"):
+    with pytest.raises(ValueError, match="not divisible by patch size"):
         m(torch.randn(1, 4, 5, 4), torch.rand(1), torch.randn(1, 3, 32), torch.ones(1, 3, dtype=torch.bool))
 
 
