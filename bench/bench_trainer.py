@@ -1,0 +1,179 @@
+"""The trainer's overhead and its appetite: DeepSpeed step vs a plain PyTorch loop, loader vs consumption.
+
+    .venv/bin/python bench/bench_trainer.py [--rounds 3] [--steps 6] [--resolution 128] [--micro 8]
+
+One process, one rank (started under torchrun by itself), legs interleaved per round, median ratio and
+spread reported (these machines are noisy: see ENVIRONMENT.md):
+  plain      VAE + text encoder + Next-DiT forward/backward + torch AdamW, fp32 weights under bf16
+             autocast: the loop one would write without DeepSpeed
+  deepspeed  train.trainer.train_step on the same model, batch and codecs: ZeRO-2, bf16 weights with an
+             fp32 master, gradient clipping, the non-finite guard (goal: plain/deepspeed time >= 0.9)
+  loader     train.data.make_loader alone on a packed synthetic stage at the same resolution and micro
+             batch, 1 worker (goal: loader samples/s >= 3x the deepspeed leg's samples/s)
+Model: a 27M-parameter Next-DiT (dim 384, 6 layers: where compute, not overhead, dominates on CPU)
+with the tiny offline codecs; fixed shapes, so every step does the same work.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from bench._results import save  # noqa: E402
+
+BENCH_MODEL = dict(dim=384, n_layers=6, n_refiner_layers=2, n_heads=6, n_kv_heads=2, cap_feat_dim=32,
+                   axes_dims=(16, 24, 24), multiple_of=64, in_channels=16)  # fmt: skip
+
+
+def packed_stage(workdir: Path, images: int, resolution: int) -> Path:
+    import pandas as pd
+    import ray
+
+    from datagen.shards import read_index
+    from datagen.synth import synth
+    from pipelines.pack import pack_stage
+
+    data = workdir / f"synth_{images}"
+    synth(str(data), images, seed=21, shard_size=128)
+    index = read_index(data)
+    manifest = data / "stage.parquet"
+    if not manifest.exists():
+        pd.DataFrame({"key": index.key, "shard": index["shard"], "width": index.width, "height": index.height,
+                      "location": [str(data / f"{s}.tar") for s in index["shard"]]}).to_parquet(manifest)  # fmt: skip
+    out = workdir / f"packed_{images}_{resolution}"
+    try:
+        pack_stage(manifest, data / "truth", out, resolution=resolution)
+    finally:
+        ray.shutdown()
+    return out
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--steps", type=int, default=6, help="timed steps per leg per round")
+    p.add_argument("--resolution", type=int, default=128)
+    p.add_argument("--micro", type=int, default=8)
+    p.add_argument("--images", type=int, default=256)
+    p.add_argument("--workdir", default="/tmp/unicap-bench-trainer")
+    p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        help="trainer config overrides (e.g. deepspeed.overlap_comm=false)",
+    )
+    p.add_argument(
+        "--no-guard", action="store_true", help="remove the non-finite gradient hooks (to price them)"
+    )
+    args = p.parse_args()
+    if "LOCAL_RANK" not in os.environ:  # re-run under torchrun: DeepSpeed wants a process group
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+        cmd = [str(Path(sys.executable).parent / "torchrun"), "--nproc_per_node", "1", "--master_addr", "127.0.0.1",
+               "--master_port", "29731", __file__, *sys.argv[1:]]  # fmt: skip
+        return subprocess.call(
+            cmd, env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+        )
+
+    import deepspeed
+    import torch
+
+    from train import flow, trainer
+    from train.config import deepspeed_config, load
+    from train.data import make_loader
+    from train.model import NextDiT, NextDiTConfig
+
+    packed = packed_stage(Path(args.workdir), args.images, args.resolution)
+    cfg = load("train/configs/stage1_cpu.yaml", [f"data.packed={packed}", f"data.resolution={args.resolution}",
+               f"data.micro_batch={args.micro}", f"data.global_batch={args.micro}", "loss.lowres_weight=1.0", *args.set])  # fmt: skip
+    trainer.setup_distributed("cpu")
+    torch.set_num_threads(os.cpu_count() or 1)
+    codecs = trainer.load_codecs(cfg, "cpu")
+    mcfg = NextDiTConfig(**BENCH_MODEL)
+
+    def fresh_model() -> NextDiT:
+        torch.manual_seed(0)
+        return NextDiT(mcfg)
+
+    # the batches: read once, the same for both training legs (so they measure training, not reading)
+    it = iter(make_loader(cfg.data, seed=0, rank=0, world_size=1))
+    batches = []
+    while len(batches) < args.steps:
+        b = next(it)
+        if len(b["captions"]) == args.micro:  # full batches only: every step the same work
+            batches.append(b)
+
+    plain = fresh_model()
+    popt = torch.optim.AdamW(plain.parameters(), lr=1e-4, betas=(0.9, 0.95), eps=1e-15, weight_decay=0.0)
+
+    def plain_step(batch):
+        xt, t, feats, mask, v = trainer.flow_batch(codecs, batch, cfg, "cpu")
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.deepspeed.precision == "bf16"):
+            pred = plain(xt, t, feats, mask)
+        loss = flow.flow_loss(pred, v, lowres_weight=cfg.loss.lowres_weight)
+        popt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(plain.parameters(), cfg.optim.grad_clip)
+        popt.step()
+
+    ds_model = fresh_model()
+    dopt = torch.optim.AdamW(ds_model.parameters(), lr=1e-4, betas=(0.9, 0.95), eps=1e-15, weight_decay=0.0)
+    engine, *_ = deepspeed.initialize(model=ds_model, optimizer=dopt, config=deepspeed_config(cfg, 1))
+    guard = trainer.GradGuard(engine.module)
+    if args.no_guard:
+        for h in guard.handles:
+            h.remove()
+
+    def ds_step(batch):
+        trainer.train_step(engine, codecs, [batch], cfg, "cpu", guard)
+
+    def timed(fn, items) -> float:
+        t0 = time.perf_counter()
+        for x in items:
+            fn(x)
+        return time.perf_counter() - t0
+
+    loader_cfg = load("train/configs/stage1_cpu.yaml", [f"data.packed={packed}", f"data.resolution={args.resolution}",
+                      f"data.micro_batch={args.micro}", "data.num_workers=1"]).data  # fmt: skip
+
+    def loader_rate(n_batches: int) -> float:
+        it = iter(make_loader(loader_cfg, seed=1, rank=0, world_size=1))
+        next(it)  # worker start-up is not throughput
+        t0, samples = time.perf_counter(), 0
+        for _ in range(n_batches):
+            samples += len(next(it)["captions"])
+        return samples / (time.perf_counter() - t0)
+
+    timed(plain_step, batches[:2])  # warm-up (allocator, oneDNN kernels)
+    timed(ds_step, batches[:2])
+    rounds = []
+    for r in range(args.rounds):
+        tp = timed(plain_step, batches)
+        td = timed(ds_step, batches)
+        lr = loader_rate(60)
+        ds_rate = args.steps * args.micro / td
+        rounds.append({"round": r, "plain_s_per_step": round(tp / args.steps, 4), "ds_s_per_step": round(td / args.steps, 4),
+                       "plain_over_ds": round(tp / td, 3), "trainer_samples_per_s": round(ds_rate, 2),
+                       "loader_samples_per_s": round(lr, 1), "loader_over_trainer": round(lr / ds_rate, 1)})  # fmt: skip
+        print(rounds[-1], flush=True)
+
+    def summary(key):
+        vals = [r[key] for r in rounds]
+        return {"median": statistics.median(vals), "min": min(vals), "max": max(vals)}
+
+    n_params = sum(p.numel() for p in plain.parameters())
+    save({"model_params": n_params, "resolution": args.resolution, "micro_batch": args.micro, "steps": args.steps,
+          "threads": torch.get_num_threads(), "rounds": rounds,
+          "plain_over_deepspeed_time": summary("plain_over_ds"), "loader_over_trainer": summary("loader_over_trainer"),
+          "goals": {"plain_over_deepspeed_time": ">= 0.9", "loader_over_trainer": ">= 3"}},
+         str(Path(__file__).parent / "results" / "trainer.json"))  # fmt: skip
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
