@@ -100,9 +100,13 @@ def main(argv: list[str] | None = None) -> int:
     paths = layout(data, args.stage, args.captions)
     overrides = [f"run.stage={args.stage}", f"data.packed={paths['packed']}", f"run.out={paths['runs']}",
                  *args.overrides]  # fmt: skip
-    cfg = load_config(args.config, overrides)  # fails here, before any pack or launch, on a bad config
-    if not args.no_pack and not args.dry_run:
-        ensure_packed(paths, cfg.data.resolution)
+    try:
+        cfg = load_config(args.config, overrides)  # fails here, before any pack or launch, on a bad config
+        if not args.no_pack and not args.dry_run:
+            ensure_packed(paths, cfg.data.resolution)
+    except ValueError as e:  # ConfigError, a missing manifest, a refused pack: one line, no traceback
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     cmd = launcher_command(args, ["--config", args.config, *overrides])
     print("[launch] " + shlex.join(cmd), flush=True)
     if args.dry_run:
