@@ -45,8 +45,8 @@ def layout(data: Path, stage: str, captions: str | None) -> dict[str, Path]:
 
 def ensure_packed(paths: dict[str, Path], resolution: int) -> None:
     if not paths["manifest"].is_file():
-        raise SystemExit(
-            f"error: no stage manifest {paths['manifest']}: run `unicap stages` (or `make demo`) first"
+        raise ValueError(
+            f"no stage manifest {paths['manifest']}: run `unicap stages` (or `make demo`) first"
         )
     from pipelines.pack import pack_stage
 
