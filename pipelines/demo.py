@@ -9,18 +9,24 @@ Steps run in order and each resumes (re-running `make demo` redoes only what is 
   4. score   CLIP scores of the ground-truth captions (the stand-in for good captions), a random
              aesthetic head, embeddings, exact duplicates (tiny random CLIP: near-dedup off)
   5. stages  stage1 / stage2 / stage3 manifests and the funnel (DuckDB)
-Training (DeepSpeed Next-DiT) joins this list when the trainer lands.
+  6. stage1, stage2, stage3   pack each stage and train Next-DiT on it with DeepSpeed (2 ranks, the CPU
+             configs in train/configs/), each from the previous stage's final weights; sample grids
+             from fixed prompts land in runs/<stage>/samples/
+Quiet by default: one line per step on the terminal, each step's full log (Ray, vLLM, DeepSpeed) in
+<workdir>/logs/<step>.log; VERBOSE=1 shows everything.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import subprocess
 import sys
 import time
 from pathlib import Path
 
-NOT_YET = ["train (DeepSpeed Next-DiT on the stages)"]
+STEPS = ("synth", "read", "caption", "score", "stages", "stage1", "stage2", "stage3")
+NOT_YET = ["a trained captioner (the captions above are the tiny random model's)", "unicap report"]
 
 
 def step_synth(work: Path, n: int) -> None:
@@ -89,22 +95,75 @@ def step_stages(work: Path) -> None:
     print(f"[stages] manifests under {work / 'stages'}")
 
 
+def step_train(work: Path, stage: str) -> None:
+    """`make <stage>`'s path: train.launch packs the stage and starts 2 DeepSpeed ranks (torchrun)."""
+    import json
+
+    final = work / "runs" / stage / "final" / "state.json"
+    if final.exists():
+        print(f"[{stage}] already trained: {final.parent}")
+        return
+    cmd = [sys.executable, "-m", "train.launch", "--stage", stage, "--config", f"train/configs/{stage}_cpu.yaml",
+           "--data", str(work), "--nproc", "2", "--", "run.progress=false"]  # fmt: skip
+    r = subprocess.run(cmd, env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])})
+    if r.returncode != 0 or not final.exists():
+        raise RuntimeError(f"{stage}: training failed (exit {r.returncode})")
+    state = json.loads(final.read_text())
+    loss = [json.loads(line)["loss"] for line in (work / "runs" / stage / "metrics.jsonl").read_text().splitlines()]
+    loss = [x for x in loss if x is not None]
+    print(f"[{stage}] {state['step']} steps, {state['samples_seen']} samples ({state['skipped_samples']} skipped), "
+          f"loss {loss[0]:.3f} -> {loss[-1]:.3f}; weights {final.parent}, samples {work / 'runs' / stage / 'samples'}")  # fmt: skip
+
+
+def run_step(work: Path, step: str, n: int) -> None:
+    {"synth": lambda: step_synth(work, n), "read": lambda: step_read(work, n), "caption": lambda: step_caption(work),
+     "score": lambda: step_score(work), "stages": lambda: step_stages(work)}.get(step, lambda: step_train(work, step))()  # fmt: skip
+
+
+def run_quietly(work: Path, step: str, n: int) -> float:
+    """The step in a child process, its output to logs/<step>.log; the terminal gets its [step] lines."""
+    t0 = time.time()
+    log = work / "logs" / f"{step}.log"
+    log.parent.mkdir(parents=True, exist_ok=True)
+    cmd = [sys.executable, "-m", "pipelines.demo", "--workdir", str(work), "--n", str(n), "--step", step]
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    with open(log, "w") as f:
+        r = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, env=env)
+    lines = log.read_text(errors="replace").splitlines()
+    funnel = ("stages:", "  - ", "  stage") if step == "stages" else ()
+    shown = [ln for ln in lines if ln.startswith((f"[{step}]", *funnel)) and f"[{step}] done:" not in ln]
+    for ln in shown:
+        print(ln)
+    if r.returncode != 0:
+        tail = "\n".join(lines[-15:])
+        raise SystemExit(f"demo: step {step} failed (exit {r.returncode}); log {log}:\n{tail}")
+    dt = time.time() - t0
+    print(f"  ({step}: {dt:.1f}s, log {log})", flush=True)
+    return dt
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--workdir", default="demo", help="where the demo writes (default ./demo)")
     p.add_argument("--n", type=int, default=64, help="synthetic images (default 64)")
+    p.add_argument("--step", choices=STEPS, default=None, help="run one step only (what the quiet mode does)")
     args = p.parse_args(argv)
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     work = Path(args.workdir)
+    if args.step:
+        run_step(work, args.step, args.n)
+        return 0
     t0 = time.time()
-    step_synth(work, args.n)
-    step_read(work, args.n)
-    step_caption(work)
-    step_score(work)
-    step_stages(work)
+    verbose = os.environ.get("VERBOSE", "") not in ("", "0")
+    for step in STEPS:
+        if verbose:
+            run_step(work, step, args.n)
+        else:
+            run_quietly(work, step, args.n)
     print(f"demo: done in {time.time() - t0:.1f}s. Inspect: pandas.read_parquet({str(work / 'captions')!r}), "
-          f"ground truth: pandas.read_parquet({str(work / 'data' / 'truth')!r})")  # fmt: skip
-    print("demo: stops here for now; not built yet: " + ", ".join(NOT_YET))
+          f"ground truth: pandas.read_parquet({str(work / 'data' / 'truth')!r}), "
+          f"trained weights {work / 'runs' / 'stage3' / 'final'}")  # fmt: skip
+    print("demo: not built yet: " + "; ".join(NOT_YET))
     return 0
 
 
