@@ -5,6 +5,8 @@ count) placed in the cells of a 3x3 grid on a plain background, optionally a wor
 the bottom row. The truth is exact, so captions at every level and in every language follow from
 it, and `DIR/truth/` holds them as caption records (unicap.contract.caption). Same seed, same bytes: every image draws
 from its own `random.Random(f"{seed}:{index}")`, tar members carry fixed metadata.
+The scene graph of every image is its answer key: in the shard's `{key}.json`, and regenerated from a truth
+row's `source` (synth://seed=S/index=I) by `scene_from_source` (`unicap eval-captions` reads it so).
 
     unicap synth --out data/synth --n 64 --seed 0
     pandas.read_parquet("data/synth/truth")
@@ -17,6 +19,7 @@ import datetime as dt
 import hashlib
 import io
 import random
+import re
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -237,6 +240,31 @@ def synth_key(seed: int, index: int) -> str:
     return f"s{seed}_{index:08d}"
 
 
+def synth_source(seed: int, index: int) -> str:
+    """The `source` of a synthetic image: names the (seed, index) its scene is drawn from."""
+    return f"synth://seed={seed}/index={index}"
+
+
+SOURCE = re.compile(r"synth://seed=(-?\d+)/index=(\d+)")
+
+
+def scene_of(seed: int, index: int) -> SynthScene:
+    """The scene graph of image `index` of `seed`, without rendering it: the answer key of that image."""
+    return make_scene(random.Random(f"{seed}:{index}"))
+
+
+def scene_from_source(source: str) -> SynthScene | None:
+    """The scene graph of a truth row by its `source` (synth://seed=S/index=I); None if not synthetic."""
+    m = SOURCE.fullmatch(source or "")
+    return scene_of(int(m.group(1)), int(m.group(2))) if m else None
+
+
+def scene_dict(scene: SynthScene) -> dict:
+    """The scene graph as plain JSON data (what the shards' {key}.json holds, plus the canvas size)."""
+    return {"width": scene.width, "height": scene.height, "background": scene.background, "text": scene.text,
+            "objects": [asdict(o) for o in scene.objects]}  # fmt: skip
+
+
 def _encode(im: Image.Image, rng: random.Random) -> tuple[bytes, str]:
     buf = io.BytesIO()
     if rng.random() < 0.2:
@@ -258,7 +286,7 @@ def synth_item(seed: int, index: int) -> tuple[ShardItem, dict[str, str]]:
     }
     item = ShardItem(
         key=synth_key(seed, index),
-        source=f"synth://seed={seed}/index={index}",
+        source=synth_source(seed, index),
         caption=caps[caption_record.caption_column("short", "en")],
         image=data,
         ext=ext,

@@ -19,6 +19,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "stages": ("pipelines.stages", "cut the scored pool into the stage1 / stage2 / stage3 manifests"),
     "pack": ("pipelines.pack", "pack a stage's images (resized to its buckets) and captions into training shards"),
     "validate": ("unicap.validate_cmd", "check caption Parquet files against the caption record"),
+    "eval-captions": ("datagen.answer_key", "score captions against the synthetic answer key (recall, hallucination)"),
     "sample": ("train.sample", "generate images from a Next-DiT checkpoint"),
 }
 
