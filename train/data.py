@@ -35,6 +35,7 @@ import io
 import json
 import logging
 import os
+import signal
 from collections import Counter, OrderedDict
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -409,6 +410,10 @@ def _to_tensor(images: list[np.ndarray], w: int, h: int) -> torch.Tensor:
 
 def _worker_init(_: int) -> None:
     torch.set_num_threads(1)  # workers decode with Pillow; the rank's threads belong to the model
+    # a scheduler signals every process of the job: the rank saves a checkpoint and shuts its workers
+    # down; a worker that died first would fail the batch fetch the rank still needs before it can save
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 def make_loader(

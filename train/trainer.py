@@ -364,7 +364,7 @@ def train(cfg: TrainConfig) -> int:
     if cfg.run.log_keys:  # every sample key this rank trained on, one line per micro-batch (audits coverage)
         (run_dir / "keys").mkdir(parents=True, exist_ok=True)
         key_log = open(run_dir / "keys" / f"rank{rank}-of{world}-from{start_step}.txt", "a")  # noqa: SIM115
-    bad_in_row, step, t_last = 0, start_step, time.time()
+    bad_in_row, step, t_last, last_saved = 0, start_step, time.time(), start_step
 
     def state() -> dict:
         return {**base, "step": step, **counters}
@@ -401,6 +401,7 @@ def train(cfg: TrainConfig) -> int:
         stopping = stop.agreed()
         if step % cfg.run.save_every == 0 or stopping:
             folder = ckpt.save_checkpoint(engine, ema, run_dir, state(), cfg.run.keep_last)
+            last_saved = step
             if rank == 0 and stopping:
                 print(f"[{cfg.run.stage}] stopped by signal at step {step}; checkpoint {folder}; "
                       "run the same command to resume", flush=True)  # fmt: skip
@@ -408,7 +409,8 @@ def train(cfg: TrainConfig) -> int:
                 return 0
     if bar is not None:
         bar.close()
-    ckpt.save_checkpoint(engine, ema, run_dir, state(), cfg.run.keep_last)
+    if last_saved != step:
+        ckpt.save_checkpoint(engine, ema, run_dir, state(), cfg.run.keep_last)
     out = ckpt.save_final(engine, ema, run_dir, state())
     if rank == 0:
         from train.convert import export_diffusers

@@ -108,11 +108,13 @@ def test_a_finished_stage_is_not_trained_again(reference, packed_stage):
 
 
 def test_zero3_gives_the_losses_of_zero2(reference, packed_stage, tmp_path):
-    run_trainer(packed_stage, tmp_path, ["run.steps=4", "deepspeed.zero_stage=3"])
+    run_trainer(packed_stage, tmp_path, [f"run.steps={REF_STEPS}", "deepspeed.zero_stage=3"])
     z2, z3 = losses(reference), losses(tmp_path / "stage1")
     assert z3[1] == pytest.approx(z2[1], rel=1e-6)  # same initial weights, same batch
-    for s in range(2, 5):  # bf16 weights updated through differently sharded reductions
+    for s in range(2, REF_STEPS + 1):  # bf16 weights updated through differently sharded reductions
         assert z3[s] == pytest.approx(z2[s], rel=1e-4), (s, z2, z3)  # measured: 1e-5
+    # (weights: Adam turns tiny gradient differences of near-zero entries into lr-sized steps, so the
+    # master weights differ by up to ~lr x steps; the EMA's sharding is checked exactly below)
 
 
 def _sigterm_at(cmd: list[str], run_dir: Path, step: int) -> int:
@@ -208,3 +210,49 @@ def test_a_non_finite_loss_skips_the_step_without_touching_the_weights(packed_st
     r = subprocess.run(cmd, env=env(), capture_output=True, text=True, timeout=600,
                        cwd=Path(__file__).resolve().parents[2])  # fmt: skip
     assert r.returncode == 0 and "NAN-OK" in r.stdout, (r.stdout[-2000:], r.stderr[-4000:])
+
+
+EMA_SCRIPT = r"""
+import sys, torch, deepspeed
+from train import trainer, zero
+from train.config import load, deepspeed_config
+from train.ema import ShardedEMA, ema_decay
+stage = int(sys.argv[2])
+cfg = load("train/configs/stage1_cpu.yaml", ["data.micro_batch=2", "data.global_batch=4", f"data.packed={sys.argv[1]}",
+                                             f"deepspeed.zero_stage={stage}"])
+_, world = trainer.setup_distributed("cpu")
+codecs = trainer.load_codecs(cfg, "cpu")
+model = trainer.build_model(cfg, codecs.text.dim)
+opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+engine, *_ = deepspeed.initialize(model=model, optimizer=opt, config=deepspeed_config(cfg, world))
+guard, ema = trainer.GradGuard(engine.module), ShardedEMA(engine.module, decay=0.9)
+params = zero.trainable(engine.module)
+reference = {n: zero.full_master(p) for n, p in params}  # a full, unsharded EMA kept beside it
+g = torch.Generator().manual_seed(torch.distributed.get_rank())
+for step in range(1, 4):
+    batch = {"images": torch.rand(2, 3, 64, 64, generator=g) * 2 - 1, "captions": ["a red circle", "两个方块"],
+             "keys": ["a", "b"], "g": step}
+    assert trainer.train_step(engine, codecs, [batch], cfg, "cpu", guard).finite
+    ema.update(step)
+    d = ema_decay(0.9, step)
+    for n, p in params:
+        reference[n] = reference[n].lerp(zero.full_master(p), 1 - d)
+full = ema.full_state()
+worst = max(float((full[n] - reference[n]).abs().max()) for n, _ in params)
+moved = max(float((full[n] - zero.full_master(p)).abs().max()) for n, p in params)
+assert worst < 1e-6 and moved > 1e-4, (worst, moved)
+ema.load_full_state(reference)
+assert all(torch.equal(ema.full_state()[n], reference[n]) for n, _ in params)
+print("EMA-OK", stage, world, worst)
+"""
+
+
+@pytest.mark.parametrize("zero_stage", [2, 3])
+def test_sharded_ema_equals_a_full_ema(packed_stage, tmp_path, zero_stage):
+    script = tmp_path / "ema.py"
+    script.write_text(EMA_SCRIPT)
+    cmd = [str(Path(sys.executable).parent / "torchrun"), "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+           "--master_port", str(free_port()), str(script), str(packed_stage), str(zero_stage)]  # fmt: skip
+    r = subprocess.run(cmd, env=env(), capture_output=True, text=True, timeout=600,
+                       cwd=Path(__file__).resolve().parents[2])  # fmt: skip
+    assert r.returncode == 0 and "EMA-OK" in r.stdout, (r.stdout[-2000:], r.stderr[-4000:])
