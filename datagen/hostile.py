@@ -97,3 +97,41 @@ def hostile_cases() -> list[HostileCase]:
         HostileCase("pixel_limit_png", _bomb_png(9000, 9000), "too_many_pixels"),  # unicap's own limit
         HostileCase("decompression_bomb_png", _bomb_png(), "too_many_pixels"),  # Pillow's guard too
     ]  # fmt: skip
+
+
+# ---------------------------------------------------------------- pixel data and memory (decode limits)
+# PNGs whose zlib stream is complete but short (Pillow returns the missing rows as zeros, no error),
+# and large valid PNGs built row by row (a 64M-pixel image in ~190 KB without holding its pixels).
+
+
+def _png(width: int, height: int, bit_depth: int, colour_type: int, idat: bytes) -> bytes:
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body) & 0xFFFFFFFF)
+
+    ihdr = struct.pack(">IIBBBBB", width, height, bit_depth, colour_type, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", idat) + chunk(b"IEND", b"")
+
+
+def short_stream_png(width: int = 7999, height: int = 7999, rows: int = 2, noise: bool = False) -> bytes:
+    """An RGB PNG declaring width x height whose complete zlib stream holds only `rows` rows."""
+    rng = np.random.default_rng(0)
+    line = lambda: b"\x00" + (rng.integers(0, 256, width * 3, np.uint8).tobytes() if noise else bytes(width * 3))  # noqa: E731
+    return _png(width, height, 8, 2, zlib.compress(b"".join(line() for _ in range(rows)), 9))
+
+
+def large_png(width: int = 7999, height: int = 7999, grey: int = 90) -> bytes:
+    """A complete, valid greyscale PNG of width x height (one colour), compressed row by row."""
+    z, row, parts = zlib.compressobj(9), b"\x00" + bytes([grey]) * width, []
+    for _ in range(height):
+        parts.append(z.compress(row))
+    parts.append(z.flush())
+    return _png(width, height, 8, 0, b"".join(parts))
+
+
+def pixel_data_cases() -> list[HostileCase]:
+    """Truncated pixel data the decoder must refuse, and a large valid image it must deliver reduced."""
+    return [
+        HostileCase("short_stream_png_7999", short_stream_png(), "truncated"),  # ~130 bytes declaring 64M pixels
+        HostileCase("half_rows_png", short_stream_png(600, 400, rows=200, noise=True), "truncated"),
+        HostileCase("large_valid_png_7999", large_png(), None, (7999, 7999), pixel=((100, 100), (90, 90, 90))),
+    ]  # fmt: skip

@@ -7,7 +7,8 @@ The format (tar + Parquet index + stats file written last) is the contract unica
     DIR/00000_stats.json   counts per status; written LAST, so its presence marks the shard complete
 
 Readers: `read_index(DIR)` (pandas) and `read_shards(DIR)` (Ray Data: key, shard, image bytes,
-metadata), the one reader every later job uses.
+metadata), the one reader every later job uses. A tar is read against its index (`iter_shard`): a
+truncated tar, a key the index lacks, an invalid {key}.json each cost their own items, never the shard.
 """
 
 from __future__ import annotations
@@ -16,17 +17,25 @@ import io
 import json
 import tarfile
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import pandas as pd
 import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
 
 from unicap.atomic import atomic_path, write_json, write_parquet
 from unicap.contract.shards import (
     IMAGE_EXTENSIONS,
     INDEX_SCHEMA,
+    MAX_MEMBER_BYTES,
+    MISSING_FROM_TAR,
+    READ_COLUMNS,
+    READ_ERROR,
+    READER_SCHEMA,
+    REFUSED,
     STATS_SUFFIX,
     SUCCESS,
     index_path,
@@ -124,51 +133,144 @@ def read_index(directory: str | Path) -> pd.DataFrame:
     return pd.concat(frames, ignore_index=True)
 
 
-def _bytes(v) -> bytes | None:
-    """A tar member's bytes, or None where the sample lacks it (Ray fills those cells with NaN)."""
-    return bytes(v) if isinstance(v, bytes | bytearray | memoryview) else None
+# ---------------------------------------------------------------- reading a shard against its index
 
 
-def _normalise_batch(batch: dict) -> dict:
-    """read_webdataset columns (__key__, __url__, jpg/png/..., txt, json) -> the reader's columns."""
-    n = len(batch["__key__"])
-    images: list[bytes | None] = [None] * n
-    for ext in IMAGE_EXTENSIONS:
-        for i, v in enumerate(batch.get(ext, ())):
-            if images[i] is None:
-                images[i] = _bytes(v)
-    metas = [json.loads(m) if (m := _bytes(v)) else {} for v in batch.get("json", [None] * n)]
-    txts = [(t := _bytes(v)) and t.decode(errors="replace") for v in batch.get("txt", [None] * n)]
-    return {
-        "key": [str(k) for k in batch["__key__"]],
-        "shard": [Path(str(u)).stem for u in batch["__url__"]],
-        "image": images,
-        "source": [m.get("url") for m in metas],
-        "original_caption": [t or m.get("caption") for t, m in zip(txts, metas, strict=True)],
-        "sha256": [m.get("sha256") for m in metas],
-        "width": [m.get("width") for m in metas],
-        "height": [m.get("height") for m in metas],
-    }
+def _str(v) -> str | None:
+    return v if isinstance(v, str) else None
 
 
-def shard_paths(directory: str | Path, shards: Iterable[str] | None = None) -> list[str]:
-    names = list_shards(directory) if shards is None else list(shards)
-    return [str(tar_path(Path(directory).resolve(), s)) for s in names]
+def _int(v) -> int | None:
+    return v if isinstance(v, int) and not isinstance(v, bool) and -(2**63) <= v < 2**63 else None
 
 
-def read_shards(directory: str | Path, shards: Iterable[str] | None = None, **read_kwargs):
-    """Ray Dataset over the complete shards of `directory` (or the named `shards`).
+class _ShardReader:
+    """Reads one shard's tar as a stream of samples (consecutive members sharing a key) and turns each
+    into a reader row; remembers what it saw, so that the index rows the tar lacks come out too."""
+
+    def __init__(self, directory: Path, shard: str):
+        self.shard = shard
+        index = pq.read_table(index_path(directory, shard)).to_pylist()
+        self.index = {r["key"]: r for r in index if r.get("status") == SUCCESS}  # the images the tar must hold
+        self.listed = {r["key"] for r in index}
+        self.seen: set[str] = set()
+
+    def row(self, key: str, members: dict[str, bytes | str]) -> dict:
+        """One sample -> a reader row; members: extension -> bytes, or -> the reason it was not read."""
+        row = {"key": key, "shard": self.shard, "image": None, "source": None, "original_caption": None,
+               "sha256": None, "width": None, "height": None, READ_ERROR: None}  # fmt: skip
+        if key not in self.listed:
+            return row | {READ_ERROR: f"{REFUSED}: {key!r} is in {self.shard}.tar but not in its index"}
+        if key in self.seen:
+            return row | {"key": f"{key}/second-sample", READ_ERROR: f"{REFUSED}: a second sample of {key!r} in the tar"}
+        if key not in self.index:
+            return row | {"key": f"{key}/index-failed", READ_ERROR: f"{REFUSED}: the index lists {key!r} as failed"}
+        self.seen.add(key)
+        too_large = [f"{key}.{ext} {v}" for ext, v in members.items() if isinstance(v, str)]
+        if too_large:
+            return row | {READ_ERROR: f"undecodable_image: {'; '.join(too_large)}"}
+        try:
+            meta = json.loads(members["json"]) if "json" in members else {}
+            if not isinstance(meta, dict):
+                raise ValueError(f"a JSON {type(meta).__name__}, not an object")
+        except ValueError as e:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+            return row | {READ_ERROR: f"undecodable_image: invalid {key}.json: {e}"[:2000]}
+        image = next((members[ext] for ext in IMAGE_EXTENSIONS if ext in members), None)
+        if image is None:
+            return row | {READ_ERROR: f"undecodable_image: no image member ({', '.join(sorted(members)) or 'none'})"}
+        txt, listed = members.get("txt"), self.index[key]  # the index fills in what the sample lacks
+        first = lambda name, cast: next((v for v in (cast(meta.get(name)), cast(listed.get(name))) if v is not None), None)  # noqa: E731
+        return row | {"image": image, "source": first("url", _str), "sha256": first("sha256", _str),
+                      "original_caption": (txt.decode(errors="replace") if txt else None) or first("caption", _str),
+                      "width": first("width", _int), "height": first("height", _int)}  # fmt: skip
+
+    def missing(self, why: str | None) -> list[dict]:
+        """The index's images the tar did not deliver, as problem rows (metadata from the index)."""
+        detail = MISSING_FROM_TAR + (f" ({why})" if why else "")
+        return [{"key": k, "shard": self.shard, "image": None, "source": _str(r.get("url")),
+                 "original_caption": _str(r.get("caption")), "sha256": _str(r.get("sha256")),
+                 "width": _int(r.get("width")), "height": _int(r.get("height")), READ_ERROR: detail}
+                for k, r in sorted(self.index.items()) if k not in self.seen]  # fmt: skip
+
+
+def _samples(path: Path):
+    """(key, {extension: bytes | reason}) per sample of a webdataset tar, streamed; then (None, why)
+    where why says how the tar ended early (None: it ended well). When the tar is cut off, the samples
+    read before the cut stand and the one in progress is dropped (its key comes out as missing).
+    Opening the file may raise OSError: a shard that cannot be read at all is the job's error."""
+    key, members, count = None, {}, 0
+    with open(path, "rb") as f:
+        try:
+            tar = tarfile.open(fileobj=f, mode="r|")
+            for m in tar:
+                if not m.isfile():
+                    continue
+                base = m.name.rsplit("/", 1)[-1]
+                k = m.name[: len(m.name) - len(base)] + base.split(".", 1)[0]
+                ext = base.split(".", 1)[1].lower() if "." in base else ""
+                if k != key and key is not None:
+                    yield key, members
+                    members = {}
+                key = k
+                members[ext] = (tar.extractfile(m).read() if m.size <= MAX_MEMBER_BYTES
+                                else f"is {m.size} bytes (limit {MAX_MEMBER_BYTES})")  # fmt: skip
+                count += 1
+        except (tarfile.TarError, EOFError) as e:  # cut off or garbled: what was read before stands
+            yield None, f"{path.name} is truncated or corrupt after {count} members: {type(e).__name__}: {e}"
+            return
+    if key is not None:
+        yield key, members
+    yield None, None
+
+
+def iter_shard(directory: str | Path, shard: str, *, problems: bool = False, batch_rows: int = 64,
+               batch_bytes: int = 64 << 20) -> Iterator[pa.Table]:  # fmt: skip
+    """One shard, read against its index, as tables of READER_SCHEMA (problems=True) or READ_COLUMNS.
+
+    Every success row of the index comes out exactly once: as its image, or (problems=True) as a row
+    with `read_error` and no image: missing from the tar (also when the tar is cut off: the samples
+    before the cut stand), an invalid {key}.json, no image member, a member over MAX_MEMBER_BYTES.
+    Tar samples that belong to no input row come out with the REFUSED reason, for the jobs to refuse
+    and count. With problems=False those rows are left out (the index keeps every input row)."""
+    reader, rows, size = _ShardReader(Path(directory), shard), [], 0
+
+    def flush() -> pa.Table:
+        table = pa.Table.from_pylist(rows, schema=READER_SCHEMA)
+        if not problems:
+            table = table.filter(pc.is_null(table.column(READ_ERROR))).select(list(READ_COLUMNS))
+        rows.clear()
+        return table
+
+    for key, members in _samples(tar_path(directory, shard)):
+        if key is None:
+            rows.extend(reader.missing(members))
+            break
+        rows.append(reader.row(key, members))
+        size += len(rows[-1]["image"] or b"")
+        if len(rows) >= batch_rows or size >= batch_bytes:
+            yield flush()
+            size = 0
+    if rows:
+        yield flush()
+
+
+def _read_shard_batches(batch: pa.Table, problems: bool) -> Iterator[pa.Table]:
+    for directory, shard in zip(batch.column("directory").to_pylist(), batch.column("shard").to_pylist(), strict=True):
+        yield from iter_shard(directory, shard, problems=problems)
+
+
+def read_shards(directory: str | Path, shards: Iterable[str] | None = None, *, problems: bool = False):
+    """Ray Dataset over the complete shards of `directory` (or the named `shards`), one read task per shard.
 
     Columns: key, shard, image (raw bytes, undecoded: decode with unicap.decode.decode_image in
     the consuming stage), source, original_caption, sha256, width, height. Failed index rows have
-    no tar member and do not appear; read them with `read_index`.
-    """
+    no tar member and do not appear; read them with `read_index`. problems=True (the jobs): also
+    `read_error`, and a row for every item the tar could not deliver (see `iter_shard`)."""
     import ray
 
-    paths = shard_paths(directory, shards)
-    if not paths:
+    names = list_shards(directory) if shards is None else list(shards)
+    if not names:
         raise FileNotFoundError(f"no complete shards (*_stats.json) in {directory}")
-    ds = ray.data.read_webdataset(
-        paths, decoder=None, file_extensions=["tar"], include_paths=True, **read_kwargs
-    )
-    return ds.map_batches(_normalise_batch, batch_format="default")
+    root = str(Path(directory).resolve())
+    items = ray.data.from_items([{"directory": root, "shard": s} for s in names], override_num_blocks=len(names))
+    return items.map_batches(_read_shard_batches, batch_size=1, batch_format="pyarrow", fn_kwargs={"problems": problems})

@@ -41,10 +41,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from datagen.shards import list_shards
-from pipelines.runner import ShardJob, run_sharded, summarise
+from pipelines.runner import IncompleteJobError, ShardJob, exit_status, run_sharded, summarise
 from pipelines.sink import done_shards
 from train.buckets import assign_bucket, bucket_table, resize_to_bucket
-from unicap.atomic import atomic_path, write_json, write_parquet
+from unicap.atomic import atomic_path, visible_parquet_files, write_json, write_parquet
 from unicap.contract import caption as caption_record
 from unicap.contract import packed, shards
 from unicap.decode import decode_image
@@ -70,21 +70,22 @@ def failed_rows(keys: list[str], shard: str, error: str, schema: pa.Schema) -> p
 
 def fingerprint(path: str | Path) -> str:
     """Identity of the manifest file(s): path, size and mtime (a changed manifest is a different pack)."""
-    p = Path(path)
-    files = sorted(p.glob("*.parquet")) if p.is_dir() else [p]
     h = hashlib.sha256()
-    for f in files:
+    for f in map(Path, manifest_files(path)):
         st = f.stat()
         h.update(f"{f.resolve()}:{st.st_size}:{st.st_mtime_ns}".encode())
     return h.hexdigest()
 
 
-def _parquet_glob(path: Path) -> str:
-    return str(path / "*.parquet") if path.is_dir() else str(path)
+def manifest_files(path: str | Path) -> list[str]:
+    """The manifest's Parquet file(s): the file, or a folder's visible files."""
+    p = Path(path)
+    return [str(f) for f in visible_parquet_files(p)] if p.is_dir() else [str(p)]
 
 
 def split_manifest(manifest: str | Path, work: Path, fp: str) -> dict[str, int]:
-    """Rows per shard, and work/manifest/shard=S/*.parquet with each shard's keys (DuckDB, out of core)."""
+    """Rows per shard, and work/manifest/shard=S/*.parquet with each shard's keys (DuckDB, out of core).
+    Paths reach DuckDB as a relation built in Python and as parameters, never as SQL text."""
     import duckdb
 
     done = work / "split.json"
@@ -93,13 +94,16 @@ def split_manifest(manifest: str | Path, work: Path, fp: str) -> dict[str, int]:
     shutil.rmtree(work / "manifest", ignore_errors=True)
     work.mkdir(parents=True, exist_ok=True)
     con = duckdb.connect()
-    con.execute("SET memory_limit='2GB'")
-    con.execute(f"SET temp_directory='{work / 'duckdb_tmp'}'")
-    src = f"read_parquet('{_parquet_glob(Path(manifest))}')"
-    counts = dict(con.execute(f"SELECT shard, count(*) FROM {src} GROUP BY shard ORDER BY shard").fetchall())
-    con.execute(
-        f"COPY (SELECT key, shard FROM {src}) TO '{work / 'manifest'}' (FORMAT PARQUET, PARTITION_BY (shard))"
-    )
+    con.execute("SET memory_limit = ?", ["2GB"])
+    con.execute("SET temp_directory = ?", [str(work / "duckdb_tmp")])
+    con.read_parquet(manifest_files(manifest)).project("key, shard").create_view("manifest")
+    counts = dict(con.execute("SELECT shard, count(*) FROM manifest GROUP BY shard ORDER BY shard").fetchall())
+    bad = [s for s in counts if not shards.shard_name_ok(s)]
+    if bad:
+        con.close()
+        raise ValueError(f"{manifest}: rows name shards {bad[:5]!r}, which are not shard names (a file name "
+                         "without '/' and not starting with '.'): the manifest is not unicap stages output")  # fmt: skip
+    con.execute("COPY manifest TO $path (FORMAT PARQUET, PARTITION_BY (shard))", {"path": str(work / "manifest")})
     con.close()
     shutil.rmtree(work / "duckdb_tmp", ignore_errors=True)
     write_json({"fingerprint": fp, "rows_per_shard": counts}, done)
@@ -129,6 +133,35 @@ def caption_levels(captions: Path, names: list[str]) -> tuple[tuple[str, ...], t
 
 
 # ---------------------------------------------------------------- the actor
+
+
+class PackFailures:
+    """Failure records (items the reader could not deliver, items that raised) -> packed failed rows,
+    for the manifest's keys only (the actor drops the rest); reasons in the packed contract's words."""
+
+    def __init__(self, work: str, schema: pa.Schema):
+        self.work, self.schema = Path(work), schema
+        self.keys: dict[str, frozenset[str]] = {}  # the last shards' manifest keys (shards arrive in order)
+
+    def _keys(self, shard: str) -> frozenset[str]:
+        if shard not in self.keys:
+            self.keys = {**dict(list(self.keys.items())[-3:]), shard: frozenset(manifest_keys(self.work, shard))}
+        return self.keys[shard]
+
+    def __call__(self, records: list[dict]) -> pa.Table:
+        rows = []
+        for r in records:
+            if r["key"] not in self._keys(r["shard"]):
+                continue
+            error = r["error"]
+            if error.startswith(shards.MISSING_FROM_TAR):
+                error = "missing_in_tar: " + error[len("undecodable_image: ") :]
+            elif packed.error_reason(error) not in packed.ERROR_REASONS:
+                error = f"undecodable_image: {error}"
+            rows.append({"key": r["key"], "shard": r["shard"], "bucket": packed.FAILED_BUCKET, "status": "failed",
+                         "error": error[:2000]})  # fmt: skip
+        return pa.Table.from_pylist(rows, schema=self.schema)
+
 
 
 class PackStage:
@@ -289,9 +322,9 @@ def pack_stage(manifest: str | Path, captions: str | Path, output: str | Path, *
         },  # fmt: skip
         schema=schema,
         stats_fn=shard_stats,
-        failure_table=lambda f: schema.empty_table(),  # unused: initial_rows replaces the index failures
+        failure_table=PackFailures(str(work), schema),  # initial_rows replaces the index failures
         write_fn=write_packed_shard,
-        expected_rows=lambda pending: {s: rows_per_shard[s] for s in pending},
+        expected_keys=lambda shard: set(manifest_keys(work, shard)),
         initial_rows=initial_rows,
     )
     t0 = time.time()
@@ -323,9 +356,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    meta = pack_stage(args.manifest, args.captions, args.output, shards_dir=args.shards, resolution=args.resolution,
-                      multiple=args.patch_multiple, batch_size=args.batch_size, concurrency=args.concurrency,
-                      address=args.address)  # fmt: skip
+    try:
+        meta = pack_stage(args.manifest, args.captions, args.output, shards_dir=args.shards,
+                          resolution=args.resolution, multiple=args.patch_multiple, batch_size=args.batch_size,
+                          concurrency=args.concurrency, address=args.address)  # fmt: skip
+    except IncompleteJobError as e:
+        return exit_status(e)
     c = meta.get("counts", {})
     print(f"pack: {c.get('rows')} rows {c.get('status')} in {len(meta['shards'])} shards -> {args.output}; "
           f"failures {c.get('failures_by_reason')}")  # fmt: skip

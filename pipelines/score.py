@@ -17,6 +17,7 @@ Captions in other languages than English are scored with --clip-multilingual whe
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 from collections import Counter
 from dataclasses import asdict, dataclass, field
@@ -27,7 +28,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pipelines.runner import ShardJob, run_sharded, summarise
+from pipelines.runner import IncompleteJobError, ShardJob, exit_status, run_sharded, summarise
 from unicap import config, runtime
 from unicap.atomic import write_parquet
 from unicap.contract import caption as caption_record
@@ -109,9 +110,10 @@ class ScoreStage:
                 "caption_levels_ok": ",".join(levels_ok), "decode_error": d.error, "clip_model": self.scorer.spec,
             })  # fmt: skip
         for j, i in enumerate(ok):
-            rows[i]["embedding"] = emb[j].astype(np.float16).tolist()
+            if np.isfinite(emb[j]).all():  # a NaN embedding is no embedding: no score derives from it
+                rows[i]["embedding"] = emb[j].astype(np.float16).tolist()
             if aes is not None:
-                rows[i]["aesthetic"] = float(aes[j])
+                rows[i]["aesthetic"] = finite(aes[j])
         self._score_captions(rows, ok, emb, items)
         return pa.Table.from_pylist(rows, schema=self.schema)
 
@@ -129,7 +131,14 @@ class ScoreStage:
                     continue
                 te = scorer.embed_texts([t for _, t in texts])
                 for (j, _), e in zip(texts, te, strict=True):
-                    rows[ok[j]][scores.clip_column(lv, lang)] = float(img[j] @ e)
+                    rows[ok[j]][scores.clip_column(lv, lang)] = finite(img[j] @ e)
+
+
+def finite(value) -> float | None:
+    """A score as a float, or None (missing) when it is NaN or infinite: a NaN in a score file would
+    make every statistic over its column NaN downstream (stage selection treats it as missing too)."""
+    value = float(value)
+    return value if math.isfinite(value) else None
 
 
 def failure_table(failures: list[dict], levels, languages) -> pa.Table:
@@ -192,7 +201,10 @@ def run(args: argparse.Namespace) -> int:
 
         dim = ClipScorer(cfg.clip).embed_images([_blank()]).shape[1]
         cfg = config.from_dict(ScoreConfig, {**asdict(cfg), "aesthetic": str(tiny_aesthetic_head(dim))})
-    s = run_job(args.input, args.captions, args.output, cfg)
+    try:
+        s = run_job(args.input, args.captions, args.output, cfg)
+    except IncompleteJobError as e:
+        return exit_status(e)
     r = s["last_run"]
     print(f"score: {r['images']} rows in {r['seconds']}s; output holds {s['rows']} rows in {s['shards']} shards; "
           f"duplicates {r.get('duplicates')}")  # fmt: skip

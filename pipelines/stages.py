@@ -9,11 +9,16 @@ shortfall is reported in the funnel. Rules (unicap.stage_rules.StageRules; a YAM
 `--rule section.key=value` override its defaults):
 - stage1: every row that decodes, has ok captions, a short side >= stage1.min_side, an aspect
   ratio <= stage1.max_aspect, and is not a duplicate (exact or near, from the score job); if the
-  stage1 target is smaller than that pool, the best by composite score are kept.
+  stage1 target is smaller than that pool, the best by composite score are kept. A key found in
+  several score files (ingested twice) keeps one row, its first shard's (`duplicate_key` in the
+  funnel); a row without sha256 is nobody's exact duplicate (NULLs never form a group).
 - stage2: among stage1 rows with short side >= stage2.min_side, the best by composite score.
 - stage3: the best of stage2 (nested, the default), or of stage1's stage2-eligible rows if not.
 Composite = w_clip * z(mean CLIP score over the configured caption columns) + w_aesthetic *
 z(aesthetic), z-scored over the stage1 pool; ties are broken by key, so selection is deterministic.
+NaN and +-inf scores are missing values (as null: 0 in the mean), counted per column in the funnel
+(`non_finite_scores`); statistics that are still not finite, or a non-finite composite, are an error:
+a NaN composite would rank the pool in key order.
 
 Engine: DuckDB, chosen because selection over a 100M-row table needs out-of-core sorting and
 top-K with a hard memory cap: `memory_limit` bounds it, and DuckDB spills to `temp_directory`.
@@ -29,6 +34,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import math
 import re
 import sys
 import time
@@ -66,6 +72,11 @@ class StagesConfig:
 def ident(name: str) -> str:
     """A quoted SQL identifier."""
     return '"' + name.replace('"', '""') + '"'
+
+
+def finite(name: str) -> str:
+    """SQL for a score column with NaN and +-inf read as NULL (missing)."""
+    return f"CASE WHEN isfinite({ident(name)}) THEN {ident(name)} END"
 
 
 def _sql(con, sql: str, params: dict | None = None):
@@ -132,9 +143,11 @@ def select_stages(scores: str | Path, output: str | Path, stage1: str = StagesCo
     cols = set(con.execute("SELECT * FROM scores LIMIT 0").fetchdf().columns)
     # clip columns are checked against the score-column pattern (StageRules) and quoted
     clip_cols = [c for c in rules.composite.clip_columns if c in cols]
-    clip_expr = (f"({' + '.join(f'coalesce({ident(c)}, 0)' for c in clip_cols)}) / {len(clip_cols)}"
+    score_cols = clip_cols + (["aesthetic"] if "aesthetic" in cols else [])
+    # NaN and inf are missing values (one NaN made every composite NaN and the ranking key order)
+    clip_expr = (f"({' + '.join(f'coalesce({finite(c)}, 0)' for c in clip_cols)}) / {len(clip_cols)}"
                  if clip_cols else "0.0")  # fmt: skip
-    aes_expr = "coalesce(aesthetic, 0.0)" if "aesthetic" in cols else "0.0"
+    aes_expr = f"coalesce({finite('aesthetic')}, 0.0)" if "aesthetic" in cols else "0.0"
     r1 = rules.stage1
     p = {"statuses": list(r1.caption_status), "min_side1": int(r1.min_side), "max_aspect": float(r1.max_aspect),
          "min_side2": int(rules.stage2.min_side), "min_side3": rules.stage3.min_side,
@@ -146,23 +159,38 @@ def select_stages(scores: str | Path, output: str | Path, stage1: str = StagesCo
         ("extreme_aspect", "aspect_ratio <= $max_aspect"),
     ]
     cumulative = [" AND ".join(c for _, c in conditions[: i + 1]) for i in range(len(conditions))]
+    non_finite = [f"count(*) FILTER (WHERE NOT isfinite({ident(c)}))" for c in score_cols]
     counts = _sql(con, "SELECT count(*), " + ", ".join(f"count(*) FILTER (WHERE {c})" for c in cumulative)
-                  + " FROM scores", p).fetchone()  # fmt: skip
-    total, remaining = counts[0], list(counts[1:])
-    _sql(con, f"""CREATE TABLE pool AS SELECT key, shard, sha256, caption_levels_ok, width, height, min_side,
-                  aspect_ratio, aesthetic, {clip_expr} AS clip_score, {aes_expr} AS aes
+                  + "".join(f", {n}" for n in non_finite) + " FROM scores", p).fetchone()  # fmt: skip
+    total, remaining = counts[0], list(counts[1 : 1 + len(cumulative)])
+    bad_values = dict(zip(score_cols, counts[1 + len(cumulative) :], strict=True))
+    aesthetic = finite("aesthetic") if "aesthetic" in cols else "NULL::FLOAT"
+    _sql(con, f"""CREATE TABLE pool AS SELECT key, shard, nullif(sha256, '') AS sha256, caption_levels_ok, width,
+                  height, min_side, aspect_ratio, {aesthetic} AS aesthetic, {clip_expr} AS clip_score, {aes_expr} AS aes
                   FROM scores WHERE {cumulative[-1]}""", p)  # fmt: skip
+    # a key in two shards' score files (ingested twice): one row, the first shard's, so a manifest never
+    # names a key twice; the full order makes the choice deterministic
+    con.execute("""DELETE FROM pool WHERE rowid IN (SELECT rowid FROM (SELECT rowid, row_number() OVER
+                   (PARTITION BY key ORDER BY shard, min_side DESC, width, height, sha256, caption_levels_ok,
+                    aspect_ratio, aesthetic, clip_score) AS rn FROM pool) WHERE rn > 1)""")  # fmt: skip
+    conditions.append(("duplicate_key", ""))
+    remaining.append(con.execute("SELECT count(*) FROM pool").fetchone()[0])
+    null_sha256 = con.execute("SELECT count(*) FROM pool WHERE sha256 IS NULL").fetchone()[0]
     if r1.drop_duplicates:
-        # exact: among rows that pass the filters above, keep one per sha256 (largest short side, then key)
+        # exact: among rows that pass the filters above, keep one per sha256 (largest short side, then key);
+        # a row without a sha256 is nobody's copy (NULLs would otherwise form one big group)
         con.execute("""DELETE FROM pool WHERE key IN (SELECT key FROM (SELECT key, row_number() OVER
-                       (PARTITION BY sha256 ORDER BY min_side DESC, key) AS rn FROM pool) WHERE rn > 1)""")  # fmt: skip
+                       (PARTITION BY sha256 ORDER BY min_side DESC, key) AS rn FROM pool WHERE sha256 IS NOT NULL)
+                       WHERE rn > 1)""")  # fmt: skip
         conditions.append(("exact_duplicate", ""))
         remaining.append(con.execute("SELECT count(*) FROM pool").fetchone()[0])
         # near: the score job's clusters (unicap.dedup)
         con.execute("DELETE FROM pool WHERE key IN (SELECT key FROM dups WHERE kind = 'near')")
         conditions.append(("near_duplicate", ""))
         remaining.append(con.execute("SELECT count(*) FROM pool").fetchone()[0])
-    funnel = {"total": total, "stage1_rules": {}, "targets": [str(t) for t in (stage1, stage2, stage3)]}
+    funnel = {"total": total, "stage1_rules": {}, "targets": [str(t) for t in (stage1, stage2, stage3)],
+              "non_finite_scores": {c: n for c, n in bad_values.items() if n},  # rows, per column: read as missing
+              "pool_rows_without_sha256": null_sha256}  # kept, never exact duplicates of each other  # fmt: skip
     prev = total
     for (name, _), n in zip(conditions, remaining, strict=True):
         funnel["stage1_rules"][name] = {"removed": prev - n, "remaining": n}
@@ -171,6 +199,11 @@ def select_stages(scores: str | Path, output: str | Path, stage1: str = StagesCo
     mc, sc, ma, sa = con.execute(
         "SELECT avg(clip_score), coalesce(stddev_pop(clip_score), 0), avg(aes), coalesce(stddev_pop(aes), 0) FROM pool"
     ).fetchone()
+    for name, mean, std in (("clip", mc, sc), ("aesthetic", ma, sa)):
+        if not all(v is None or math.isfinite(v) for v in (mean, std)):
+            con.close()
+            raise ValueError(f"stages: the {name} scores of the pool have mean {mean} and std {std}: not finite "
+                             f"(values too large to rank by); check the score files in {scores}")  # fmt: skip
     w = rules.composite
     p.update(w_clip=float(w.clip), w_aes=float(w.aesthetic), clip_mean=float(mc or 0), clip_std=float(sc or 0),
              aes_mean=float(ma or 0), aes_std=float(sa or 0))  # fmt: skip
@@ -178,6 +211,10 @@ def select_stages(scores: str | Path, output: str | Path, stage1: str = StagesCo
     z_aes = "((aes - $aes_mean) / $aes_std)" if sa and sa > 0 else "0.0"
     con.execute("ALTER TABLE pool ADD COLUMN composite DOUBLE")
     _sql(con, f"UPDATE pool SET composite = $w_clip * {z_clip} + $w_aes * {z_aes}", p)
+    unranked = con.execute("SELECT count(*) FROM pool WHERE NOT isfinite(composite)").fetchone()[0]
+    if unranked:  # cannot happen with finite inputs and statistics; never rank by NaN silently
+        con.close()
+        raise ValueError(f"stages: {unranked} pool rows have a non-finite composite score; check {scores}")
 
     want = [0, 0, 0]
     want[0] = requested(targets[0], pool)
@@ -216,6 +253,10 @@ def select_stages(scores: str | Path, output: str | Path, stage1: str = StagesCo
 
 def print_funnel(f: dict) -> None:
     print(f"stages: {f['total']} scored rows")
+    if f.get("non_finite_scores"):
+        print(f"  ! non-finite scores (NaN/inf), read as missing: {f['non_finite_scores']}")
+    if f.get("pool_rows_without_sha256"):
+        print(f"  ! {f['pool_rows_without_sha256']} pool rows without sha256: kept, not exact-deduplicated")
     for name, r in f["stage1_rules"].items():
         print(f"  - {name:16s} removed {r['removed']:>10}  remaining {r['remaining']:>10}")
     print(f"  stage1: {f['stage1']['selected']} (target {f['stage1']['target']})")

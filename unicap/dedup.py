@@ -50,13 +50,14 @@ def exact_duplicates(score_dir: Path) -> pa.Table:
     if not files:
         return DUP_SCHEMA.empty_table()
     con = duckdb.connect()
+    # a missing sha256 (null or empty) is nobody's copy; a key in two score files is listed once
     return con.sql(
         """
         SELECT key, keep AS duplicate_of, 'exact' AS kind, 1.0::FLOAT AS similarity FROM (
             SELECT key, first(key ORDER BY min_side DESC NULLS LAST, key) OVER (PARTITION BY sha256) AS keep
-            FROM read_parquet(?) WHERE sha256 IS NOT NULL AND decode_error IS NULL
+            FROM read_parquet(?) WHERE nullif(sha256, '') IS NOT NULL AND decode_error IS NULL
             QUALIFY count(*) OVER (PARTITION BY sha256) > 1
-        ) WHERE key <> keep ORDER BY key
+        ) WHERE key <> keep QUALIFY row_number() OVER (PARTITION BY key ORDER BY keep) = 1 ORDER BY key
         """,
         params=[files],
     ).to_arrow_table().cast(DUP_SCHEMA)
@@ -190,8 +191,10 @@ class _Pool:
             ok = ~null & ~gone  # exact duplicates already have their kept copy
             rows = np.flatnonzero(ok)
             if len(rows):
-                flat = pc.list_flatten(col.filter(pa.array(ok))).to_numpy(zero_copy_only=False)
-                self.emb[s + rows] = flat.reshape(len(rows), dim)
+                block = pc.list_flatten(col.filter(pa.array(ok))).to_numpy(zero_copy_only=False).reshape(len(rows), dim)
+                finite = np.isfinite(block).all(axis=1)  # a NaN embedding is no embedding
+                rows, block = rows[finite], block[finite]
+                self.emb[s + rows] = block
             self.valid[s + rows] = True
         self.emb.flush()
 
@@ -240,11 +243,12 @@ def find_duplicates(score_dir: Path, near_threshold: float | None = 0.95) -> pa.
                 if s > best.get(x, (-2.0, None))[0]:
                     best[x] = (s, y)
         pair_sim = {(a, b): s for a, b, s in zip(i.tolist(), j.tolist(), sim.tolist(), strict=True)}
-        near = []
+        near, listed = [], set(exact.column("key").to_pylist())
         for comp in comps:
             keep = min(comp, key=lambda r: (-(side[r] or 0), keys[r]))
-            for m in comp:
-                if m != keep:
+            for m in sorted(comp, key=lambda r: keys[r]):
+                if keys[m] != keys[keep] and keys[m] not in listed:  # a key in two shards: listed once
+                    listed.add(keys[m])
                     s = pair_sim.get((min(m, keep), max(m, keep)), best[m][0])
                     near.append({"key": keys[m], "duplicate_of": keys[keep], "kind": "near", "similarity": s})
         del pool

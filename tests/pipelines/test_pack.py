@@ -157,3 +157,22 @@ def test_the_loader_serves_every_ok_row_of_the_packed_stage(packed_stage):
             assert caption in set(
                 df.loc[key, [c for c in df.columns if c.startswith(("caption_", "original"))]]
             )
+
+
+def test_paths_with_quotes_reach_duckdb_as_parameters_and_bad_shard_names_are_refused(stage, packed_stage, tmp_path):
+    """The manifest split pasted paths into DuckDB SQL (read_parquet('{glob}'), COPY ... TO '{dir}',
+    SET temp_directory='{dir}'): a quote in a folder name broke it (or rewrote the statement)."""
+    data, captions, manifest, *_ = stage
+    _, meta = packed_stage
+    quoted = tmp_path / "it's stages"
+    quoted.mkdir()
+    shutil.copy(data / "stage1.parquet", quoted / "stage1.parquet")
+    out = tmp_path / "o'packed"
+    got = pack_stage(quoted / "stage1.parquet", captions, out, shards_dir=data, resolution=256, batch_size=8)
+    assert got["complete"] and got["counts"] == meta["counts"]
+    assert sorted(packed.read_index(out).column("key").to_pylist()) == sorted(manifest.key)
+    hostile = manifest.assign(shard=manifest.shard.where(manifest.index % 7 != 3, "../escaped"))
+    hostile.to_parquet(quoted / "stage1.parquet")
+    with pytest.raises(ValueError, match=r"shards \[.\.\./escaped.\], which are not shard names"):
+        pack_stage(quoted / "stage1.parquet", captions, tmp_path / "other", shards_dir=data)
+    assert not (tmp_path / "escaped.parquet").exists()

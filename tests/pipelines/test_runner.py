@@ -1,9 +1,19 @@
+import io
+import json
 import os
+from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
+import pytest
+from PIL import Image
 
-from pipelines.runner import ShardJob, run_sharded
+from datagen.hostile_data import tar_members, write_tar
+from datagen.shards import ShardItem, write_shard
+from pipelines.runner import IncompleteJobError, ShardJob, run_sharded, summarise
+from tests.conftest import snapshot
+from unicap.contract.shards import tar_path
+from unicap.decode import decode_image
 from unicap.runtime import cpu_threads_per_actor
 
 SCHEMA = pa.schema([pa.field("key", pa.string()), pa.field("shard", pa.string()), pa.field("threads", pa.int32())])
@@ -30,3 +40,117 @@ def test_cpu_actors_get_their_share_of_the_cores(ray_local, synth_shards, tmp_pa
     threads = set(pq.read_table(tmp_path).column("threads").to_pylist())
     assert threads == {max(1, os.cpu_count() or 1)}
     assert cpu_threads_per_actor(2) == max(1, (os.cpu_count() or 1) // 2)
+
+
+# ---------------------------------------------------------------- hostile shards: every input row exactly once
+
+ROW = pa.schema([pa.field("key", pa.string()), pa.field("shard", pa.string()), pa.field("status", pa.string()),
+                 pa.field("error", pa.string())])  # fmt: skip
+
+
+class DecodeStage:
+    """Decodes every image; an image whose bytes start with RAISE raises (a bug that one input triggers)."""
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        rows = []
+        for it in batch.select(["key", "shard", "image"]).to_pylist():
+            if it["image"].startswith(b"RAISE"):
+                raise ValueError(f"cannot handle {it['key']}")
+            d = decode_image(it["image"])
+            rows.append({"key": it["key"], "shard": it["shard"], "status": "ok" if d.ok else "failed",
+                         "error": None if d.ok else f"undecodable_image: {d.error}"})  # fmt: skip
+        return pa.Table.from_pylist(rows, schema=ROW)
+
+
+def failures(records: list[dict]) -> pa.Table:
+    return pa.Table.from_pylist([{"key": r["key"], "shard": r["shard"], "status": "failed", "error": r["error"]}
+                                 for r in records], schema=ROW)  # fmt: skip
+
+
+DECODE_JOB = ShardJob(name="decode", stage_cls=DecodeStage, stage_kwargs={}, schema=ROW,
+                      stats_fn=lambda t: {"rows": t.num_rows}, failure_table=failures)  # fmt: skip
+
+
+def _png(colour) -> bytes:
+    buf = io.BytesIO()
+    Image.new("RGB", (70, 70), colour).save(buf, "PNG")
+    return buf.getvalue()
+
+
+def _shard(directory: Path, shard: str, keys: list[str], **images: bytes) -> list[tuple[str, bytes]]:
+    items = [ShardItem(key=k, source=k, image=images.get(k, _png((9 * i, 90, 200))), ext="png", width=70, height=70)
+             for i, k in enumerate(keys)]  # fmt: skip
+    write_shard(directory, shard, items)
+    return tar_members(tar_path(directory, shard))
+
+
+def outputs(out: Path) -> dict[str, tuple[str, str | None]]:
+    t = pq.read_table(out).to_pylist() if list(out.glob("*.parquet")) else []
+    assert len({(r["shard"], r["key"]) for r in t}) == len(t)  # nothing twice
+    return {r["key"]: (r["status"], r["error"]) for r in t}
+
+
+def test_a_shard_completes_against_its_index_keys_not_a_row_count(ray_local, tmp_path):
+    """A tar sample the index does not list used to count as one of the shard's rows: the shard was
+    written before its last real row arrived, and a re-run thought it complete (row lost for good)."""
+    data, out = tmp_path / "shards", tmp_path / "out"
+    members = _shard(data, "00000", ["a", "b", "c"])
+    ghost = [("ghost.png", _png((1, 2, 3))), ("ghost.json", b"{}")]
+    write_tar(tar_path(data, "00000"), members[:3] + ghost + members[3:] + [members[0], members[2]])  # and a second "a"
+    summary = summarise(out, run_sharded(DECODE_JOB, data, out, batch_size=1))
+    assert outputs(out) == {"a": ("ok", None), "b": ("ok", None), "c": ("ok", None)}
+    stats = json.loads((out / "_stats" / "00000.json").read_text())
+    assert stats["refused_samples"] == 2 and stats["refused_examples"] == ["a/second-sample", "ghost"]
+    assert summary["refused_samples"] == 2 and summary["rows"] == 3
+
+
+def test_a_truncated_tar_keeps_its_rows_and_names_the_missing_keys(ray_local, tmp_path):
+    """A cut-off tar failed the whole job, threw away the rows already done, and failed the same way on
+    every re-run without naming the keys. Now: the rows before the cut stand, the rest are failed rows."""
+    data, out = tmp_path / "shards", tmp_path / "out"
+    _shard(data, "00000", ["a", "b"])
+    spans = write_tar(tar_path(data, "00001"), _shard(data, "00001", ["c", "d", "e", "f"]))
+    inside_e = next(start for name, start, _ in spans if name == "e.png") + 600
+    tar_path(data, "00001").write_bytes(tar_path(data, "00001").read_bytes()[:inside_e])  # cut inside e's image
+    run_sharded(DECODE_JOB, data, out, batch_size=2)
+    got = outputs(out)
+    assert {k: s for k, (s, _) in got.items()} == {"a": "ok", "b": "ok", "c": "ok", "d": "ok", "e": "failed", "f": "failed"}
+    assert got["e"][1].startswith("undecodable_image: missing from tar (00001.tar is truncated or corrupt after 6 members")
+    before = snapshot(out)
+    run_sharded(DECODE_JOB, data, out, batch_size=2)  # nothing pending: nothing rewritten
+    assert {k: v for k, v in snapshot(out).items() if not k.startswith("_")} == {
+        k: v for k, v in before.items() if not k.startswith("_")
+    }
+
+
+def test_one_bad_item_costs_only_itself(ray_local, tmp_path):
+    """An invalid {key}.json aborted the whole job (json.loads in the reader); an exception in a stage
+    on one item failed its whole batch, and the job with it."""
+    data, out = tmp_path / "shards", tmp_path / "out"
+    members = _shard(data, "00000", ["a", "b", "c", "d"], c=b"RAISE: this input trips a bug")
+    write_tar(tar_path(data, "00000"), [(n, b"{not json" if n == "b.json" else d) for n, d in members])
+    run_sharded(DECODE_JOB, data, out, batch_size=4)
+    got = outputs(out)
+    assert got["a"] == ("ok", None) and got["d"] == ("ok", None)
+    assert got["b"][0] == "failed" and got["b"][1].startswith("undecodable_image: invalid b.json: Expecting")
+    assert got["c"] == ("failed", "processing_error: ValueError: cannot handle c")
+
+
+def test_a_shard_that_fails_as_a_whole_is_named_and_the_job_exits_non_zero(ray_local, tmp_path):
+    data, out = tmp_path / "shards", tmp_path / "out"
+    for shard, keys in (("00000", ["a"]), ("00001", ["b", "c"]), ("00002", ["d"])):
+        _shard(data, shard, keys)
+    broken = tar_path(data, "00001")
+    saved = broken.read_bytes()
+    broken.unlink()
+    broken.mkdir()  # the tar cannot be opened at all (IsADirectoryError): not the rows' fault, the shard's
+    with pytest.raises(IncompleteJobError, match=r"1 of 3 shards could not be completed .*00001: 2 of 2 rows never arrived \(e\.g\. b, c\)"):
+        run_sharded(DECODE_JOB, data, out, batch_size=1)
+    assert set(outputs(out)) == {"a", "d"}
+    summary = json.loads((out / "_summary.json").read_text())
+    assert list(summary["failed_shards"]) == ["00001"] and summary["shards"] == 2
+    broken.rmdir()
+    broken.write_bytes(saved)
+    run = run_sharded(DECODE_JOB, data, out, batch_size=1)  # fixed: the re-run completes exactly that shard
+    assert run["shards_written"] == ["00001"] and set(outputs(out)) == {"a", "b", "c", "d"}
+    assert summarise(out, run)["failed_shards"] == {}

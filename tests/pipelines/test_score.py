@@ -1,6 +1,7 @@
 """The scoring job on a real Ray instance with real open_clip (tiny random config built offline)."""
 
 import io
+import json
 import tarfile
 
 import numpy as np
@@ -128,3 +129,25 @@ def test_planted_near_and_exact_copies_are_found(ray_local, tmp_path):
     assert {(a, b) for a, b, kind in found if kind == "exact"} == {tuple(sorted([k("copy_exact.png"), k("img03.png")],
             key=lambda x: x == min(k("copy_exact.png"), k("img03.png"))))}  # fmt: skip
     assert len(dups) == 4  # and nothing else: 60 unrelated textures stay apart
+
+
+def test_a_shard_that_cannot_be_read_makes_the_command_exit_non_zero(ray_local, tmp_path, capsys):
+    """A job that could not finish said nothing and exited 0; now the other shards are written, the
+    summary and the command name the shard that failed, the exit status is 1, a re-run finishes it."""
+    from unicap.cli import main as unicap
+
+    synth(str(tmp_path / "data"), 6, seed=4, shard_size=3)
+    broken = tmp_path / "data" / "00001.tar"
+    saved = broken.read_bytes()
+    broken.unlink()
+    broken.mkdir()  # cannot be opened: the shard fails as a whole
+    args = ["score", "--input", str(tmp_path / "data"), "--output", str(tmp_path / "out"), "--clip", "tiny",
+            "--batch-size", "4", "--no-near-dedup"]  # fmt: skip
+    assert unicap(args) == 1
+    err = capsys.readouterr().err
+    assert "1 of 2 shards could not be completed" in err and "00001: 3 of 3 rows never arrived" in err
+    assert [p.stem for p in visible_parquet_files(tmp_path / "out")] == ["00000"]
+    assert list(json.loads((tmp_path / "out" / "_summary.json").read_text())["failed_shards"]) == ["00001"]
+    broken.rmdir()
+    broken.write_bytes(saved)
+    assert unicap(args) == 0 and len(pd.read_parquet(tmp_path / "out")) == 6

@@ -3,6 +3,7 @@
 import json
 import shutil
 
+import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -133,3 +134,63 @@ def test_paths_with_quotes_and_the_command_line_rule_overrides(scores, tmp_path)
     s1_cli, _, _ = validate_manifests(tmp_path / "cli")
     state = json.loads((tmp_path / "cli" / "_stages.json").read_text())
     assert (s1_cli.min_side >= 512).all() and state["rules"]["composite"]["clip_columns"] == ["clip_short_en"]
+
+
+# ---------------------------------------------------------------- hostile score tables
+
+
+def _hostile_scores(d, rows=400):
+    """A clean generated table, then: NaN / inf scores, null sha256 on a quarter of the rows, and the
+    last 10 keys of file 0 again in file 1 (with other scores)."""
+    write_score_table(d, 2 * rows, rows_per_file=rows, seed=8)
+    t0, t1 = pd.read_parquet(d / "00000.parquet"), pd.read_parquet(d / "00001.parquet")
+    t0.loc[5:9, "clip_long_en"] = float("nan")
+    t0.loc[10:12, "aesthetic"] = float("inf")
+    t1.loc[0:2, "clip_short_en"] = float("-inf")
+    t0.loc[t0.index % 4 == 1, "sha256"] = None
+    t1.loc[t1.index % 4 == 1, "sha256"] = None
+    t1.loc[rows - 10 :, "key"] = t0.key.iloc[rows - 10 :].to_numpy()
+    t0["shard"], t1["shard"] = "00000", "00001"
+    schema = score_contract.score_schema(("long", "medium", "short"), ("en",))
+    for name, t in (("00000", t0), ("00001", t1)):  # from_pandas=False: a NaN stays a NaN, not a null
+        cols = [pa.array(t[f.name].tolist(), f.type, from_pandas=False) for f in schema]
+        write_parquet(pa.Table.from_arrays(cols, schema=schema), d / f"{name}.parquet")
+    return pd.concat([t0, t1], ignore_index=True)
+
+
+def test_non_finite_scores_null_sha256_and_repeated_keys_do_not_break_the_ranking(tmp_path):
+    """Before: one NaN made every composite NaN, the stages were cut in key order (NaN rows included)
+    and exit 0; rows without sha256 formed one exact-duplicate group (all but one removed); a key in two
+    shards went into stage1 twice."""
+    df = _hostile_scores(tmp_path / "scores")
+    f = select_stages(tmp_path / "scores", tmp_path / "out", "1.0", "0.5", "0.5")
+    s1, s2, s3 = validate_manifests(tmp_path / "out")  # unique keys, finite composite, best first
+    assert f["non_finite_scores"] == {"clip_long_en": 5, "clip_short_en": 3, "aesthetic": 3}
+    assert s1.composite.notna().all() and s1.key.is_unique and len(s3) > 0
+    assert f["stage1_rules"]["duplicate_key"]["removed"] > 0
+    assert f["pool_rows_without_sha256"] > 50  # all kept (the key set below): none is a copy of another
+    # the same selection as if the NaN/inf were null (missing), computed independently
+    clean = df.copy()
+    for c in ("clip_long_en", "clip_short_en", "aesthetic"):
+        clean.loc[~np.isfinite(clean[c]), c] = np.nan
+    clean = clean[clean.decode_error.isna() & (clean.caption_status == "ok") & (clean.min_side >= 256)
+                  & (clean.aspect_ratio <= 4)].drop_duplicates("key")  # file 0 comes first: its rows stay
+    dup = clean.sha256.notna() & clean.sort_values(["min_side", "key"], ascending=[False, True]).duplicated("sha256").reindex(clean.index)
+    clean = clean[~dup]
+    assert sorted(clean.key) == sorted(s1.key)
+    clip = clean[["clip_long_en", "clip_medium_en", "clip_short_en"]].fillna(0).mean(axis=1)
+    aes = clean.aesthetic.fillna(0)
+    c = 0.5 * (clip - clip.mean()) / clip.std(ddof=0) + 0.5 * (aes - aes.mean()) / aes.std(ddof=0)
+    best = clean.assign(c=c).sort_values(["c", "key"], ascending=[False, True])
+    eligible = best[best.min_side >= 1024]
+    assert set(s2.key) == set(eligible.key.head(len(s2))) and len(s2) == min(len(eligible), round(0.5 * len(s1)))
+
+
+def test_scores_whose_statistics_are_not_finite_are_an_error(tmp_path):
+    d = tmp_path / "scores"
+    write_score_table(d, 300, rows_per_file=300, seed=9)
+    t = pd.read_parquet(d / "00000.parquet")
+    t["aesthetic"] = np.where(t.index % 2, 1e308, -1e308)  # finite values whose variance overflows
+    t.to_parquet(d / "00000.parquet")
+    with pytest.raises(ValueError, match="aesthetic scores of the pool have mean .* not finite"):
+        select_stages(d, tmp_path / "out", "1.0", "0.5", "0.5")

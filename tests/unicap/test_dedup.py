@@ -96,3 +96,26 @@ def test_find_duplicates_over_a_score_folder(tmp_path):
     exact_only = find_duplicates(tmp_path, None).to_pandas()
     assert list(exact_only.key) == ["k00021"]
     assert pd.api.types.is_float_dtype(dups.similarity)
+
+
+def test_missing_sha256_nan_embeddings_and_a_key_in_two_shards(tmp_path):
+    """Rows without sha256 all shared one exact group (null = null): 242 of 243 such rows were dropped.
+    A NaN embedding must not join any cluster; a key found in two shards must not be its own copy."""
+    emb = planted(n=600, copies=2)  # rows 600, 601 copy rows 0, 1
+    sha = [None if r % 3 else "" if r % 2 else f"h{r}" for r in range(len(emb))]  # two thirds null, some ""
+    emb[30] = np.nan
+    write_pool(tmp_path, emb, sha, [256] * len(emb), shard_size=301)
+    # shard 00001 also holds k00000 (the same image, ingested twice) and the copy of row 1
+    t = pq.read_table(tmp_path / "00001.parquet").to_pandas()
+    e = pq.read_table(tmp_path / "_embeddings" / "00001.parquet").to_pandas()
+    t.loc[0, "key"] = e.loc[0, "key"] = "k00000"
+    e.at[0, "embedding"] = emb[0].tolist()
+    pq.write_table(pa.Table.from_pandas(t, preserve_index=False), tmp_path / "00001.parquet")
+    pq.write_table(pa.Table.from_pandas(e, preserve_index=False).cast(pa.schema([("key", pa.string()),
+                   ("embedding", pa.list_(pa.float16()))])), tmp_path / "_embeddings" / "00001.parquet")  # fmt: skip
+    dups = find_duplicates(tmp_path, 0.95)
+    from unicap.contract import dedup as dedup_contract
+
+    dedup_contract.validate(dups)  # each key once, never its own duplicate_of
+    got = {(r["key"], r["duplicate_of"], r["kind"]) for r in dups.to_pylist()}
+    assert got == {("k00600", "k00000", "near"), ("k00601", "k00001", "near")}, got

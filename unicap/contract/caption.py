@@ -36,6 +36,7 @@ ERROR_REASONS: tuple[str, ...] = (
     "malformed_output",  # structured output that does not parse
     "timeout",
     "engine_error",
+    "processing_error",  # an exception while a job handled this one item (detail: the exception); the rest go on
 )
 
 META_VERSION = b"unicap.schema_version"

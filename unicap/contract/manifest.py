@@ -11,6 +11,7 @@ weighted sum of the z-scored clip and aesthetic scores the selection ranked by (
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import pyarrow as pa
@@ -35,12 +36,14 @@ def manifest_path(stages_dir: str | Path, stage: str) -> Path:
 
 
 def validate(table: pa.Table) -> None:
-    """Check a manifest: columns and types, unique keys, a composite on every row, best first."""
+    """Check a manifest: columns and types, unique keys, a finite composite on every row, best first."""
     raise_if(missing_or_mistyped(table.schema, MANIFEST_SCHEMA), "stage manifest")
     problems = key_problems(table.column("key").to_pylist())
     composite = table.column("composite").to_pylist()
     if any(c is None for c in composite):
         problems.append("rows without a composite score")
+    elif not all(math.isfinite(c) for c in composite):
+        problems.append("rows with a non-finite composite score (NaN/inf): the ranking is meaningless")
     else:
         order = list(zip([-c for c in composite], table.column("key").to_pylist(), strict=True))
         if order != sorted(order):

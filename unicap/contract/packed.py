@@ -41,6 +41,7 @@ ERROR_REASONS: tuple[str, ...] = (
     "missing_shard",  # the manifest names a shard that the shard folder does not hold (complete)
     "no_caption_row",  # the caption folder has no row (or no file) for this key
     "no_usable_caption",  # the caption row has neither a caption nor an original caption
+    "processing_error",  # an exception while packing this one item (detail: the exception)
 )
 FAILED_BUCKET = -1
 PACK_META = "_pack.json"

@@ -104,7 +104,8 @@ def levels_languages(schema: pa.Schema) -> tuple[tuple[str, ...], tuple[str, ...
 
 def validate(table: pa.Table) -> None:
     """Check a score table: columns and types (clip columns a full level x language grid), unique keys,
-    caption statuses from the vocabulary, sizes consistent, cosines within [-1, 1]."""
+    caption statuses from the vocabulary, sizes consistent, scores finite (missing is null), cosines
+    within [-1, 1]."""
     try:
         levels, languages = levels_languages(table.schema)
     except ValueError as e:
@@ -130,7 +131,12 @@ def validate(table: pa.Table) -> None:
         problems.append(f"{pc.sum(wrong_side).as_py()} rows with min_side != min(width, height)")
     if pc.any(pc.fill_null(pc.less(table.column("aspect_ratio"), 1 - 1e-6), False)).as_py():
         problems.append("aspect_ratio below 1 (it is the long side over the short side)")
-    for col in clip_columns(levels, languages):
+    for col in [*clip_columns(levels, languages), "aesthetic"]:
+        bad = pc.sum(pc.invert(pc.is_finite(table.column(col)))).as_py()  # nulls count as missing, not bad
+        if bad:
+            problems.append(f"{bad} non-finite values (NaN/inf) in {col}: a missing score is null")
+        if col == "aesthetic":
+            continue
         lo, hi = pc.min_max(table.column(col)).values()
         if lo.is_valid and (lo.as_py() < -1 - COSINE_SLACK or hi.as_py() > 1 + COSINE_SLACK):
             problems.append(f"{col} outside [-1, 1]: {lo.as_py()}..{hi.as_py()}")
@@ -149,8 +155,11 @@ def validate_embeddings(embeddings: pa.Table, scores: pa.Table | None = None) ->
     if len(lengths) and pc.count_distinct(lengths).as_py() != 1:
         problems.append(f"embeddings of several dimensions: {sorted(set(lengths.to_pylist()))[:5]}")
     elif len(lengths):
-        flat = pc.list_flatten(col.drop_null()).to_numpy(zero_copy_only=False).astype("float32")
+        values = pc.list_flatten(col.drop_null()).cast(pa.float32())
+        flat = values.to_numpy(zero_copy_only=False)
         norms = (flat.reshape(len(lengths), -1) ** 2).sum(1) ** 0.5
-        if len(norms) and abs(norms - 1).max() > 1e-2:
+        if pc.sum(pc.invert(pc.is_finite(values))).as_py():
+            problems.append("embeddings with NaN/inf values")
+        elif len(norms) and abs(norms - 1).max() > 1e-2:
             problems.append(f"embeddings are not unit vectors (norms {norms.min():.3f}..{norms.max():.3f})")
     raise_if(problems, "embeddings")

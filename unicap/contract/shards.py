@@ -44,6 +44,27 @@ REQUIRED_INDEX_COLUMNS = ("key", "status", "error_message")
 # what `datagen.shards.read_shards` yields per image (image: the raw, undecoded bytes)
 READ_COLUMNS = ("key", "shard", "image", "source", "original_caption", "sha256", "width", "height")
 
+# The jobs' reader (`read_shards(..., problems=True)`) reads each tar against its index and also yields
+# the items it could not deliver, with `read_error` set ("<reason>: <detail>", reasons from the caption
+# record's vocabulary) and no image: every success row of the index comes out once, as an image or as
+# a problem. A tar sample that belongs to no input row (a key the index does not list, a second sample
+# of a key, a sample of a row the index lists as failed) is yielded with the REFUSED reason and a key no
+# index can hold (keys have no "/": "k1/second-sample"): the jobs refuse it and count it in the shard's stats.
+READ_ERROR = "read_error"
+READER_SCHEMA = pa.schema([
+    pa.field("key", pa.string()), pa.field("shard", pa.string()), pa.field("image", pa.binary()),
+    pa.field("source", pa.string()), pa.field("original_caption", pa.string()), pa.field("sha256", pa.string()),
+    pa.field("width", pa.int64()), pa.field("height", pa.int64()), pa.field(READ_ERROR, pa.string()),
+])  # fmt: skip
+MISSING_FROM_TAR = "undecodable_image: missing from tar"  # an index success row with no sample in the tar
+REFUSED = "refused"  # reason of a tar sample that belongs to no input row (never written as a row)
+MAX_MEMBER_BYTES = 256 << 20  # a tar member larger than this is not read (its item fails: too large)
+
+
+def shard_name_ok(name: object) -> bool:
+    """A shard name is a plain file name: no "/", no leading "." (outputs are named after it)."""
+    return isinstance(name, str) and bool(name) and "/" not in name and "\\" not in name and not name.startswith(".")
+
 
 def tar_path(directory: str | Path, shard: str) -> Path:
     return Path(directory) / f"{shard}.tar"

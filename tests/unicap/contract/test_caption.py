@@ -56,6 +56,11 @@ def test_validate_names_each_violation(rows, message):
     assert message in str(e.value)
 
 
+def test_an_item_that_raised_is_a_valid_failure():
+    """Jobs record an exception on one item as that item's row (reason processing_error), not a crash."""
+    caption_record.validate(caption_record.to_table([row("a", "failed", "processing_error: ValueError: x", fill=False)]))
+
+
 def test_validate_rejects_structural_problems():
     t = caption_record.to_table([row("a")])
     with pytest.raises(caption_record.SchemaError, match="missing column caption_tags_zh"):

@@ -56,6 +56,13 @@ def test_index_violations_are_named(index, column, values, message):
         shards.validate_index(replace(index, column, values))
 
 
+def test_shard_names_are_plain_file_names():
+    """Outputs are named after shards: a manifest's "../x" must never become a path."""
+    assert shards.shard_name_ok("00000") and shards.shard_name_ok("part-7")
+    for bad in ("", "../x", "a/b", ".hidden", "a\\b", None, 3):
+        assert not shards.shard_name_ok(bad)
+
+
 def test_index_structure_and_stats(index):
     with pytest.raises(SchemaError, match="missing column status"):
         shards.validate_index(index.drop(["status"]))
@@ -87,6 +94,8 @@ def test_the_score_table_generator_keeps_the_score_contract(tmp_path):
         ("min_side", 1, "min_side != min(width, height)"),
         ("aspect_ratio", 0.5, "aspect_ratio below 1"),
         ("shard", "", "empty or null shard"),
+        ("clip_short_en", float("nan"), "50 non-finite values (NaN/inf) in clip_short_en"),
+        ("aesthetic", float("-inf"), "50 non-finite values (NaN/inf) in aesthetic"),
     ],
 )
 def test_score_violations_are_named(column, fill, message):
@@ -121,6 +130,8 @@ def test_embeddings_contract():
         scores.validate_embeddings(replace(emb, "embedding", [list(r * 2) for r in unit]))
     with pytest.raises(SchemaError, match="several dimensions"):
         scores.validate_embeddings(replace(emb, "embedding", [[1.0], [1.0, 0.0], None]))
+    with pytest.raises(SchemaError, match="NaN/inf"):
+        scores.validate_embeddings(replace(emb, "embedding", [[float("nan"), 0, 0, 0], *[list(r) for r in unit[1:]]]))
 
 
 # ---------------------------------------------------------------- duplicates and manifests
@@ -151,6 +162,8 @@ def test_manifest_contract():
         manifest.validate(manifest_table([1.0, 2.0]))
     with pytest.raises(SchemaError, match="without a composite"):
         manifest.validate(manifest_table([1.0, None]))
+    with pytest.raises(SchemaError, match="non-finite composite"):  # NaN sorts anywhere: no ranking at all
+        manifest.validate(manifest_table([float("nan"), float("nan")]))
     with pytest.raises(SchemaError, match="column width has type int64"):
         t = manifest_table([1.0])
         manifest.validate(t.set_column(t.schema.get_field_index("width"), "width", pa.array([1], pa.int64())))
