@@ -116,18 +116,33 @@ class ShardCollector:
                 late = self.late.setdefault(shard, [0, []])
                 late[0], late[1] = late[0] + 1, _examples(late[1], [row["key"]])
             else:
-                self.stray_rows += 1
+                self.stray_rows += 1  # a failed shard's, or one this job was not asked for
             return
-        state = self._touch(shard)
+        state = self._touch_or_fail(shard)
+        if state is None:
+            return
         self._accept(state, row)
         if len(state.rows) == len(state.keys):
             self._write(shard)
+
+    def _touch_or_fail(self, shard: str) -> _OpenShard | None:
+        """The shard's state; None when its keys or initial rows cannot be read (an unreadable index):
+        that shard fails as a whole, the others go on."""
+        try:
+            return self._touch(shard)
+        except Exception as e:  # noqa: BLE001 - one shard's broken input is that shard's failure
+            self.open.pop(shard, None)
+            self.pending.discard(shard)
+            self.failed[shard] = f"its expected keys could not be read: {type(e).__name__}: {e}"[:500]
+            return None
 
     def settle(self, shard: str) -> bool:
         """The input of `shard` has ended: write it if complete, else record why not. True if written."""
         if shard not in self.pending:
             return shard in self.written
-        state = self._touch(shard)
+        state = self._touch_or_fail(shard)
+        if state is None:
+            return False
         if len(state.rows) == len(state.keys):
             self._write(shard)
             return True

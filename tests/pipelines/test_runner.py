@@ -12,7 +12,7 @@ from datagen.hostile_data import tar_members, write_tar
 from datagen.shards import ShardItem, write_shard
 from pipelines.runner import IncompleteJobError, ShardJob, run_sharded, summarise
 from tests.conftest import snapshot
-from unicap.contract.shards import tar_path
+from unicap.contract.shards import index_path, tar_path
 from unicap.decode import decode_image
 from unicap.runtime import cpu_threads_per_actor
 
@@ -136,21 +136,28 @@ def test_one_bad_item_costs_only_itself(ray_local, tmp_path):
     assert got["c"] == ("failed", "processing_error: ValueError: cannot handle c")
 
 
-def test_a_shard_that_fails_as_a_whole_is_named_and_the_job_exits_non_zero(ray_local, tmp_path):
+@pytest.mark.parametrize("broken", ["tar", "index"])
+def test_a_shard_that_fails_as_a_whole_is_named_and_the_job_exits_non_zero(ray_local, tmp_path, broken):
     data, out = tmp_path / "shards", tmp_path / "out"
     for shard, keys in (("00000", ["a"]), ("00001", ["b", "c"]), ("00002", ["d"])):
         _shard(data, shard, keys)
-    broken = tar_path(data, "00001")
-    saved = broken.read_bytes()
-    broken.unlink()
-    broken.mkdir()  # the tar cannot be opened at all (IsADirectoryError): not the rows' fault, the shard's
-    with pytest.raises(IncompleteJobError, match=r"1 of 3 shards could not be completed .*00001: 2 of 2 rows never arrived \(e\.g\. b, c\)"):
+    path = tar_path(data, "00001") if broken == "tar" else index_path(data, "00001")
+    saved = path.read_bytes()
+    if broken == "tar":  # the tar cannot be opened at all (IsADirectoryError): not the rows' fault, the shard's
+        path.unlink()
+        path.mkdir()
+        why = r"00001: 2 of 2 rows never arrived \(e\.g\. b, c\)"
+    else:  # the index is garbage: the shard's keys are unknown
+        path.write_bytes(b"not parquet")
+        why = r"00001: its expected keys could not be read: ArrowInvalid"
+    with pytest.raises(IncompleteJobError, match=rf"1 of 3 shards could not be completed .*{why}"):
         run_sharded(DECODE_JOB, data, out, batch_size=1)
     assert set(outputs(out)) == {"a", "d"}
     summary = json.loads((out / "_summary.json").read_text())
     assert list(summary["failed_shards"]) == ["00001"] and summary["shards"] == 2
-    broken.rmdir()
-    broken.write_bytes(saved)
+    if broken == "tar":
+        path.rmdir()
+    path.write_bytes(saved)
     run = run_sharded(DECODE_JOB, data, out, batch_size=1)  # fixed: the re-run completes exactly that shard
     assert run["shards_written"] == ["00001"] and set(outputs(out)) == {"a", "b", "c", "d"}
     assert summarise(out, run)["failed_shards"] == {}
