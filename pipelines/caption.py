@@ -9,6 +9,8 @@ Ray Data reads the shards (datagen.shards.read_shards), an actor pool runs the c
 writes each shard's Parquet the moment it is complete (pipelines.sink). Re-running skips complete
 shards: a job killed at any moment loses nothing and writes nothing twice.
 Outputs: OUTPUT/{shard}.parquet, OUTPUT/_stats/{shard}.json, OUTPUT/_summary.json.
+Before Ray or an engine starts, the options, the input (complete shards) and the output folder (new,
+empty or this job's own) are checked: a bad one is a one-line error (unicap.preflight.UsageError).
 """
 
 from __future__ import annotations
@@ -23,8 +25,10 @@ from typing import Literal
 import pyarrow as pa
 import pyarrow.compute  # noqa: F401  (pa.compute)
 
+from datagen.shards import list_shards
 from pipelines.runner import ShardJob, run_sharded, summarise
-from unicap import config, runtime
+from pipelines.sink import STATS_DIR
+from unicap import config, preflight, runtime
 from unicap.captioner import CaptionConfig, Captioner
 from unicap.contract import caption as caption_record
 from unicap.engines import EngineConfig, make_engine
@@ -56,10 +60,17 @@ class CaptionJobConfig:
     cpus_per_actor: float | None = field(default=None, metadata=_help("Ray CPUs claimed per actor (default: 1 on GPU, 0.5 on CPU)"))
     threads_per_actor: int | None = field(default=None, metadata=_help("compute threads per CPU actor (default: cores / actors)"))
     max_retries: int = field(default=CaptionConfig.max_retries, metadata=_help("retries of a failed caption"))
-    timeout: float = field(default=EngineConfig.timeout_s, metadata=_help("seconds per server request (server mode)"))
+    timeout: float = field(default=EngineConfig.timeout_s, metadata=_help("deadline in seconds of each server request, answer read in full (server mode)"))
     max_concurrent_requests: int = field(default=EngineConfig.max_concurrent, metadata=_help("in-flight requests per actor (server mode)"))
     address: str | None = field(default=None, metadata=_help("Ray address (default: RAY_ADDRESS or a local instance)"))
     limit_shards: int | None = field(default=None, metadata=_help("caption at most this many pending shards"))
+
+    def __post_init__(self) -> None:
+        check_run_options(self.batch_size, self.concurrency, self.cpus_per_actor, self.threads_per_actor,
+                          self.limit_shards)  # fmt: skip
+        for name in ("input", "output"):
+            if not str(getattr(self, name)).strip():
+                raise preflight.UsageError(f"--{name} is empty")
 
     def configs(self) -> tuple[EngineConfig, CaptionConfig]:
         """The engine's and the captioner's configs; max_pixels goes to both, so they agree."""
@@ -68,6 +79,34 @@ class CaptionJobConfig:
         caption = CaptionConfig(levels=self.levels, languages=self.languages, strategy=self.strategy,
                                 max_retries=self.max_retries, max_pixels=self.max_pixels, max_tokens=self.max_tokens)  # fmt: skip
         return engine, caption
+
+
+def check_run_options(batch_size, concurrency, cpus_per_actor, threads_per_actor, limit_shards) -> None:
+    preflight.at_least("batch_size", batch_size, 1)
+    preflight.at_least("concurrency", concurrency, 1)
+    preflight.above("cpus_per_actor", cpus_per_actor, 0, optional=True)
+    preflight.at_least("threads_per_actor", threads_per_actor, 1, optional=True)
+    preflight.at_least("limit_shards", limit_shards, 0, optional=True)
+
+
+def _is_caption_output(rel: str, is_dir: bool) -> bool:
+    """What the caption job writes: {shard}.parquet, _stats/{shard}.json, _summary.json."""
+    if is_dir:
+        return rel == STATS_DIR
+    parent, _, name = rel.rpartition("/")
+    if parent == STATS_DIR:
+        return name.endswith(".json") and not name.startswith(".")
+    return not parent and (rel == "_summary.json" or rel.endswith(".parquet") and not rel.startswith((".", "_")))
+
+
+def check_folders(input_dir: str | Path, output: str | Path) -> None:
+    """The input holds complete shards; the output is new, empty, or the caption job's own."""
+    inp = Path(input_dir)
+    if not inp.is_dir():
+        raise FileNotFoundError(f"--input {inp} is not a folder of image shards")
+    if not list_shards(inp):
+        raise preflight.UsageError(f"--input {inp} holds no complete shard (*_stats.json): ingest, ingest-folder or synth write them")
+    preflight.check_output_folder(output, _is_caption_output, "caption")
 
 
 class CaptionStage:
@@ -112,6 +151,8 @@ def run_job(
     address: str | None = None,
     limit_shards: int | None = None,
 ) -> dict:
+    check_run_options(batch_size, concurrency, cpus_per_actor, threads_per_actor, limit_shards)
+    check_folders(input_dir, output)  # before Ray or an engine starts
     gpu = runtime.has_cuda() and not engine_cfg.server
     engine_name = "vllm-server" if engine_cfg.server else "vllm"
     job = ShardJob(

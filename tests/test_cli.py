@@ -1,4 +1,5 @@
 import argparse
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -86,3 +87,55 @@ def test_bad_names_are_clear_errors_not_asserts():
         ScoreConfig(gpus_per_actor=1.5)
     with pytest.raises(ValueError, match="device 'tpu'"):
         runtime.resolve_device("tpu")
+
+
+def _shards(tmp_path: Path) -> Path:
+    from datagen.synth import synth
+
+    out = tmp_path / "shards"
+    synth(str(out), 4, seed=1, shard_size=4)
+    return out
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--max-retries", "-1"], "--max-retries must be"),
+        (["--batch-size", "0"], "--batch-size must be"),
+        (["--concurrency", "0"], "--concurrency must be"),
+        (["--levels", "long,poem"], "unknown level 'poem'"),
+        (["--languages", "en,xx"], "unknown language 'xx'"),
+        (["--timeout", "0"], "--timeout must be"),
+        (["--server", "ftp://127.0.0.1:8000"], "--server must be"),
+        (["--input", "{tmp}/missing"], "is not a folder of image shards"),
+        (["--input", "{tmp}/empty"], "holds no complete shard"),
+        (["--output", "{tmp}/theirs"], "'thesis.tex'"),
+        (["--output", "{shards}"], "that caption does not write"),
+    ],
+)
+def test_caption_user_errors_are_one_line_exit_2_before_ray_starts(extra, message, tmp_path, capsys):
+    import ray
+
+    from unicap.cli import main
+
+    shards = _shards(tmp_path)
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "theirs").mkdir()
+    (tmp_path / "theirs" / "thesis.tex").write_text("a user's file")
+    argv = ["caption", "--input", str(shards), "--output", str(tmp_path / "captions"), "--model", "tiny", *extra]
+    argv = [a.format(tmp=tmp_path, shards=shards) for a in argv]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("unicap caption: error: ") and message in err and err.count("\n") == 1, err
+    assert not ray.is_initialized() and not (tmp_path / "captions").exists()
+
+
+def test_user_errors_from_the_command_line_and_unicap_debug(tmp_path):
+    argv = [UNICAP, "ingest-folder", str(tmp_path / "missing"), "--out", str(tmp_path / "o")]
+    r = subprocess.run(argv, capture_output=True, text=True)
+    assert r.returncode == 2 and r.stderr.startswith("unicap ingest-folder: error: ") and "Traceback" not in r.stderr
+    r = subprocess.run(argv, capture_output=True, text=True, env={**os.environ, "UNICAP_DEBUG": "1"})
+    assert r.returncode == 1 and "Traceback" in r.stderr and "NotADirectoryError" in r.stderr
+    r = subprocess.run([sys.executable, "-m", "pipelines.caption", "--input", str(tmp_path), "--output", str(tmp_path / "c"),
+                        "--batch-size", "0"], capture_output=True, text=True, cwd=Path(__file__).resolve().parents[1])  # fmt: skip
+    assert r.returncode == 2 and "--batch-size must be" in r.stderr and "Traceback" not in r.stderr

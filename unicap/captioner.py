@@ -14,10 +14,10 @@ from typing import Literal
 
 from PIL import Image
 
-from unicap import checks, prompts
+from unicap import checks, preflight, prompts
 from unicap.contract import caption as caption_record
 from unicap.decode import decode_image
-from unicap.engines import MAX_PIXELS, GenRequest
+from unicap.engines import MAX_PIXELS, MAX_TOKENS_COUNT, GenRequest, GenResult
 
 
 @dataclass
@@ -32,14 +32,21 @@ class CaptionConfig:
 
     def __post_init__(self) -> None:
         self.levels, self.languages = tuple(self.levels), tuple(self.languages)
+        for name, values in (("levels", self.levels), ("languages", self.languages)):
+            if not values:
+                raise preflight.UsageError(f"--{name} is empty: give at least one")
+            if len(set(values)) != len(values):
+                raise preflight.UsageError(f"--{name} {','.join(values)} names one twice")
         caption_record.caption_schema(self.levels, self.languages)  # names usable as columns, else ValueError
-        if self.max_retries < 0:
-            raise ValueError(f"max_retries must be >= 0, got {self.max_retries}")
-        if self.max_pixels <= 0:
-            raise ValueError(f"max_pixels must be positive, got {self.max_pixels}")
+        preflight.at_least("max_retries", self.max_retries, 0)
+        preflight.at_least("retry_temperature", self.retry_temperature, 0)
+        preflight.above("max_pixels", self.max_pixels, 0)
         unknown = set(self.max_tokens) - set(prompts.LEVEL_INSTRUCTIONS)
         if unknown:
             raise ValueError(f"max_tokens for unknown level(s) {sorted(unknown)}; known: {sorted(prompts.LEVEL_INSTRUCTIONS)}")
+        for level, n in self.max_tokens.items():
+            preflight.at_least(f"max_tokens {level}", n, 1)
+        prompts.prompts_for(self.strategy, self.levels, self.languages, self.max_tokens)  # unknown level/language
 
 
 def fit_max_pixels(image: Image.Image, max_pixels: int) -> Image.Image:
@@ -59,10 +66,19 @@ class Captioner:
         self.columns = caption_record.caption_columns(cfg.levels, cfg.languages)
 
     def caption(self, items: list[dict]) -> list[dict]:
-        """items: dicts with key, shard, image (bytes) and optional source, original_caption, sha256."""
+        """items: dicts with key, shard, image (bytes) and optional source, original_caption, sha256.
+
+        One row per item, always: whatever goes wrong with one item (its image, the engine's answer
+        to one of its requests) is that item's error, never the batch's exception."""
         n = len(items)
-        decoded = [decode_image(it["image"]) for it in items]
-        images = [fit_max_pixels(d.image, self.cfg.max_pixels) if d.ok else None for d in decoded]
+        decoded = [self._decode(it) for it in items]
+        images = [None] * n
+        for i, d in enumerate(decoded):
+            if d.ok:
+                try:
+                    images[i] = fit_max_pixels(d.image, self.cfg.max_pixels)
+                except Exception as e:  # noqa: BLE001
+                    decoded[i] = _Undecodable(f"corrupt: {type(e).__name__}: {e}"[:300], d.width, d.height)
         captions: list[dict[str, str]] = [{} for _ in range(n)]
         errors: list[dict[str, str]] = [{} for _ in range(n)]
         tokens = [0] * n
@@ -82,11 +98,11 @@ class Captioner:
                 )
                 for i, p in pending
             ]
-            results = self.engine.generate(reqs)
+            results = self._generate(reqs)
             still = []
             for (i, p), res in zip(pending, results, strict=True):
-                tokens[i] += res.num_tokens
-                for col, (text, err) in self._judge(p, res).items():
+                tokens[i] += _token_count(res)
+                for col, (text, err) in self._judge_safely(p, res).items():
                     if err is None:
                         captions[i][col] = text
                         errors[i].pop(col, None)
@@ -96,6 +112,36 @@ class Captioner:
                     still.append((i, p))
             pending = still
         return [self._row(items[i], decoded[i], captions[i], errors[i], tokens[i]) for i in range(n)]
+
+    @staticmethod
+    def _decode(item: dict):
+        data = item.get("image")
+        if not isinstance(data, bytes | bytearray | memoryview):
+            return _Undecodable("empty_file: no image bytes")
+        try:
+            return decode_image(bytes(data))
+        except Exception as e:  # noqa: BLE001 - the decoder's own failure is this image's
+            return _Undecodable(f"corrupt: {type(e).__name__}: {e}"[:300])
+
+    def _generate(self, reqs: list[GenRequest]) -> list:
+        """The engine's results, one per request; an engine exception or a short answer list becomes
+        engine_error results."""
+        try:
+            results = list(self.engine.generate(reqs))
+            if len(results) == len(reqs):
+                return results
+            why = f"{len(results)} results for {len(reqs)} requests"
+        except Exception as e:  # noqa: BLE001
+            why = f"{type(e).__name__}: {e}"
+        return [GenResult(None, None, 0, f"engine_error: {why}"[:300]) for _ in reqs]
+
+    def _judge_safely(self, p: prompts.Prompt, res) -> dict[str, tuple[str | None, str | None]]:
+        try:
+            if res.text is not None and not isinstance(res.text, str):
+                raise TypeError(f"engine returned {type(res.text).__name__}, not text")
+            return self._judge(p, res)
+        except Exception as e:  # noqa: BLE001
+            return dict.fromkeys(p.fields, (None, f"malformed_output: {type(e).__name__}: {e}"[:300]))
 
     def _judge(self, p: prompts.Prompt, res) -> dict[str, tuple[str | None, str | None]]:
         """Per caption column of this prompt: (cleaned text, None) if accepted, else (None, error)."""
@@ -134,6 +180,11 @@ class Captioner:
         }
         for col in self.columns:
             row[col] = caps.get(col)
+        errs = dict(errs)
+        for col in self.columns:  # no caption and no recorded failure: never "ok" by omission
+            if col not in caps and col not in errs:
+                errs[col] = "engine_error: no answer was received for this caption"
+        row["num_output_tokens"] = min(tokens, MAX_TOKENS_COUNT)
         if not decoded.ok:
             row.update(status="failed", error=f"undecodable_image: {decoded.error}")
         elif not errs:
@@ -142,6 +193,22 @@ class Captioner:
             ordered = [f"{caption_record.error_reason(e)}: {col}: {_detail(e)}" for col, e in sorted(errs.items(), key=lambda kv: self.columns.index(kv[0]))]
             row.update(status="partial" if caps else "failed", error="; ".join(ordered)[:2000])
         return row
+
+
+@dataclass
+class _Undecodable:
+    """A decode outcome for an item the decoder could not even be asked about (no bytes, a crash)."""
+
+    error: str
+    width: int | None = None
+    height: int | None = None
+    ok: bool = False
+    image: None = None
+
+
+def _token_count(res) -> int:
+    n = getattr(res, "num_tokens", 0)
+    return n if isinstance(n, int) and not isinstance(n, bool) and n > 0 else 0
 
 
 def _detail(err: str) -> str:

@@ -1,13 +1,28 @@
 """The `unicap` command line: one subcommand per job, each module providing add_arguments/run.
 
 Modules are imported only when their subcommand runs, so `unicap --help` stays fast.
+A user's error (a bad value, a missing file, a config or table that does not fit its contract) is
+printed as one line, `error: ...`, with exit status 2, as argparse does for bad options;
+`UNICAP_DEBUG=1` raises it with its traceback instead.
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
+
+# exceptions that mean "the user asked for something wrong": ValueError covers unicap.config.ConfigError,
+# unicap.preflight.UsageError, unicap.contract.base.SchemaError and unicap.contract.checkpoint.CheckpointError
+USER_ERRORS: tuple[type[BaseException], ...] = (
+    ValueError,
+    FileNotFoundError,
+    FileExistsError,
+    NotADirectoryError,
+    IsADirectoryError,
+    PermissionError,
+)
 
 # subcommand -> (module with add_arguments(parser) and run(args) -> int, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -35,6 +50,18 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def run_reporting_user_errors(prog: str, run, args: argparse.Namespace) -> int:
+    """run(args), with a user's error printed as `prog: error: ...` (one line) and exit status 2."""
+    try:
+        return int(run(args) or 0)
+    except USER_ERRORS as e:
+        if os.environ.get("UNICAP_DEBUG", "") not in ("", "0"):
+            raise
+        message = " ".join(str(e).split()) or type(e).__name__
+        print(f"{prog}: error: {message}", file=sys.stderr)
+        return 2
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     parser = build_parser()
@@ -45,7 +72,7 @@ def main(argv: list[str] | None = None) -> int:
         module.add_arguments(sub)
     args = parser.parse_args(argv)
     module = importlib.import_module(args._module)
-    return int(module.run(args) or 0)
+    return run_reporting_user_errors(f"unicap {args.command}", module.run, args)
 
 
 def module_main(module_name: str, argv: list[str] | None = None) -> int:
@@ -54,7 +81,7 @@ def module_main(module_name: str, argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog=f"python -m {module_name}", description=module.__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
     module.add_arguments(p)
-    return int(module.run(p.parse_args(argv)) or 0)
+    return run_reporting_user_errors(f"python -m {module_name}", module.run, p.parse_args(argv))
 
 
 if __name__ == "__main__":

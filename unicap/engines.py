@@ -13,15 +13,17 @@ from __future__ import annotations
 import asyncio
 import base64
 import io
+import json
 import os
 import random
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from urllib.parse import urlsplit
 
 from PIL import Image
 
-from unicap import runtime
+from unicap import preflight, runtime
 
 # The VLM's image budget in pixels: the captioner fits every image into it and vLLM's processor is
 # given the same number, so the two never disagree. The one default; jobs and configs refer to it.
@@ -38,10 +40,30 @@ class EngineConfig:
     kv_cache_bytes: int | None = None  # CPU: bounded KV cache (defaults to 256 MiB); GPU: use gpu_memory_utilization
     gpu_memory_utilization: float = 0.85
     enforce_eager: bool | None = None  # default: True on CPU (no graph capture there)
-    timeout_s: float = 180.0  # per HTTP request (server mode)
+    timeout_s: float = 180.0  # deadline of one HTTP request, answer fully read (server mode; per attempt)
     max_concurrent: int = 32  # in-flight HTTP requests per actor (server mode)
     http_retries: int = 3  # transport retries with exponential backoff (server mode)
+    max_answer_bytes: int = 4 << 20  # a larger server answer is malformed_output, not read on (server mode)
     extra: dict = field(default_factory=dict)  # passed to vllm.LLM as is
+
+    def __post_init__(self) -> None:
+        preflight.above("max_pixels", self.max_pixels, 0)
+        preflight.above("max_model_len", self.max_model_len, 0)
+        preflight.above("kv_cache_bytes", self.kv_cache_bytes, 0, optional=True)
+        preflight.above("timeout", self.timeout_s, 0)
+        preflight.at_least("max_concurrent_requests", self.max_concurrent, 1)
+        preflight.at_least("http_retries", self.http_retries, 0)
+        preflight.above("max_answer_bytes", self.max_answer_bytes, 0)
+        if not 0 < self.gpu_memory_utilization <= 1:
+            raise preflight.UsageError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")
+        if self.server is not None:
+            try:
+                parts = urlsplit(self.server)
+                ok = parts.scheme in ("http", "https") and bool(parts.hostname) and (parts.port or 1) > 0
+            except ValueError:
+                ok = False
+            if not ok:
+                raise preflight.UsageError(f"--server must be an http(s) URL such as http://127.0.0.1:8000, got {self.server!r}")
 
 
 @dataclass
@@ -141,6 +163,9 @@ class VLLMEngine:
             outs = self.llm.chat(convs, params, use_tqdm=False)
         except Exception as e:  # noqa: BLE001 - one bad batch must not kill the actor
             return [GenResult(None, None, 0, f"engine_error: {type(e).__name__}: {e}"[:500]) for _ in requests]
+        if len(outs) != len(requests):
+            return [GenResult(None, None, 0, f"engine_error: {len(outs)} outputs for {len(requests)} requests")
+                    for _ in requests]  # fmt: skip
         results = []
         for o in outs:
             c = o.outputs[0]
@@ -148,11 +173,45 @@ class VLLMEngine:
         return results
 
 
+MAX_TOKENS_COUNT = 2**31 - 1  # the record's num_output_tokens is int32
+
+
+def parse_chat_answer(raw: bytes) -> GenResult:
+    """An OpenAI chat-completion answer -> GenResult; anything that is not one is malformed_output."""
+
+    def malformed(why: str) -> GenResult:
+        return GenResult(None, None, 0, f"malformed_output: server answer {why}")
+
+    try:
+        data = json.loads(raw)
+    except (ValueError, RecursionError) as e:
+        return malformed(f"is not JSON ({type(e).__name__})")
+    choices = data.get("choices") if isinstance(data, dict) else None
+    if not isinstance(choices, list) or not choices or not isinstance(choices[0], dict):
+        return malformed("has no choices")
+    message = choices[0].get("message")
+    content = message.get("content") if isinstance(message, dict) else None
+    if not isinstance(content, str):
+        return malformed(f"content is {type(content).__name__}, not text")
+    try:
+        content.encode("utf-8")
+    except UnicodeEncodeError:
+        return malformed("content is not valid Unicode text (lone surrogates)")
+    finish = choices[0].get("finish_reason")
+    usage = data.get("usage")
+    tokens = usage.get("completion_tokens") if isinstance(usage, dict) else None
+    tokens = tokens if isinstance(tokens, int) and not isinstance(tokens, bool) else 0
+    return GenResult(content, finish if isinstance(finish, str) else None, max(0, min(tokens, MAX_TOKENS_COUNT)))
+
+
 class ServerEngine:
     """Calls an OpenAI-compatible server (`python -m vllm.entrypoints.openai.api_server`).
 
-    Bounded concurrency (a semaphore of `max_concurrent` requests), a timeout per request, and
-    retries with exponential backoff and jitter on transport errors and 429/5xx answers.
+    Bounded concurrency (a semaphore of `max_concurrent` requests); a deadline of `timeout_s` for each
+    attempt as a whole, from connecting to the last byte of the answer (a server that trickles bytes
+    is cut off, not waited on); answers over `max_answer_bytes` are not read on; retries with
+    exponential backoff and jitter on transport errors, timeouts and 429/5xx answers. Every failure
+    is that request's GenResult error, never an exception.
     """
 
     name = "vllm-server"
@@ -168,12 +227,29 @@ class ServerEngine:
         self._httpx = httpx
         self._served = None
 
-    def _served_model(self, client) -> str:
+    async def _read(self, client, method: str, url: str, **kw) -> tuple[int, bytes]:
+        """(status, body) of one request; the body is read up to max_answer_bytes + 1 bytes."""
+        async with client.stream(method, url, timeout=self.cfg.timeout_s, **kw) as resp:
+            chunks, size = [], 0
+            async for chunk in resp.aiter_bytes():
+                chunks.append(chunk)
+                size += len(chunk)
+                if size > self.cfg.max_answer_bytes:
+                    break
+            return resp.status_code, b"".join(chunks)
+
+    async def _served_model(self, client) -> str:
         """The server's model id: the one asked for if served, else the only one it serves."""
         if self._served is None:
-            r = client.get(f"{self.base}/models", timeout=self.cfg.timeout_s)
-            r.raise_for_status()
-            ids = [m["id"] for m in r.json()["data"]]
+            status, raw = await asyncio.wait_for(self._read(client, "GET", f"{self.base}/models"), self.cfg.timeout_s)
+            if status != 200:
+                raise RuntimeError(f"GET /v1/models answered HTTP {status}")
+            try:
+                ids = [m["id"] for m in json.loads(raw)["data"] if isinstance(m["id"], str)]
+            except (ValueError, KeyError, TypeError, RecursionError) as e:
+                raise RuntimeError(f"GET /v1/models answer unreadable ({type(e).__name__})") from None
+            if not ids:
+                raise RuntimeError("the server serves no model")
             want = resolve_model(self.cfg.model) if self.cfg.model == "tiny" else self.cfg.model
             self._served = want if want in ids else ids[0]
         return self._served
@@ -191,47 +267,54 @@ class ServerEngine:
                 "type": "json_schema",
                 "json_schema": {"name": "captions", "schema": r.json_schema},
             }
-        last = "no attempt made"
+        url = f"{self.base}/chat/completions"
+        last = "engine_error: no attempt made"
         for attempt in range(self.cfg.http_retries + 1):
             if attempt:
                 await asyncio.sleep(min(0.5 * 2**attempt, 10) * (0.5 + random.random()))
             async with sem:
                 try:
-                    resp = await client.post(f"{self.base}/chat/completions", json=body, timeout=self.cfg.timeout_s)
-                except self._httpx.TimeoutException:
-                    last = f"timeout: no answer within {self.cfg.timeout_s:.0f}s"
+                    status, raw = await asyncio.wait_for(self._read(client, "POST", url, json=body), self.cfg.timeout_s)
+                except (TimeoutError, self._httpx.TimeoutException):
+                    last = f"timeout: no complete answer within {self.cfg.timeout_s:g}s"
                     continue
                 except self._httpx.HTTPError as e:
-                    last = f"engine_error: {type(e).__name__}: {e}"
+                    last = f"engine_error: {type(e).__name__}: {e}"[:300]
                     continue
-            if resp.status_code == 429 or resp.status_code >= 500:
-                last = f"engine_error: HTTP {resp.status_code}: {resp.text[:200]}"
+            if len(raw) > self.cfg.max_answer_bytes:
+                return GenResult(None, None, 0, f"malformed_output: server answer over {self.cfg.max_answer_bytes} bytes")
+            if status == 429 or status >= 500:
+                last = f"engine_error: HTTP {status}: {raw[:200].decode('utf-8', 'replace')}"
                 continue
-            if resp.status_code != 200:
-                return GenResult(None, None, 0, f"engine_error: HTTP {resp.status_code}: {resp.text[:200]}")
-            try:
-                data = resp.json()
-                choice = data["choices"][0]
-                text = choice["message"]["content"]
-                tokens = int((data.get("usage") or {}).get("completion_tokens") or 0)
-                return GenResult(text, choice.get("finish_reason"), tokens)
-            except (ValueError, KeyError, IndexError, TypeError) as e:
-                return GenResult(None, None, 0, f"malformed_output: server answer unreadable ({type(e).__name__})")
+            if status != 200:
+                return GenResult(None, None, 0, f"engine_error: HTTP {status}: {raw[:200].decode('utf-8', 'replace')}")
+            return parse_chat_answer(raw)
         return GenResult(None, None, 0, last)
 
     def generate(self, requests: list[GenRequest]) -> list[GenResult]:
-        async def run():
+        if not requests:
+            return []
+
+        async def run() -> list:
             sem = asyncio.Semaphore(self.cfg.max_concurrent)
             limits = self._httpx.Limits(max_connections=self.cfg.max_concurrent)
             async with self._httpx.AsyncClient(limits=limits) as client:
-                return await asyncio.gather(*(self._one(client, sem, r, model) for r in requests))
+                try:
+                    model = await self._served_model(client)
+                except Exception as e:  # noqa: BLE001 - unreachable server: every request records it
+                    why = "no answer within the timeout" if isinstance(e, TimeoutError) else f"{type(e).__name__}: {e}"
+                    return [GenResult(None, None, 0, f"engine_error: server unreachable: {why}"[:300])] * len(requests)
+                return await asyncio.gather(*(self._one(client, sem, r, model) for r in requests),
+                                            return_exceptions=True)  # fmt: skip
 
-        with self._httpx.Client() as c:
-            try:
-                model = self._served_model(c)
-            except Exception as e:  # noqa: BLE001 - unreachable server: every request records it
-                return [GenResult(None, None, 0, f"engine_error: server unreachable: {e}"[:300]) for _ in requests]
-        return list(asyncio.run(run()))
+        try:
+            results = asyncio.run(run())
+        except Exception as e:  # noqa: BLE001 - the batch's requests record it; the actor lives on
+            results = [e] * len(requests)
+        return [
+            GenResult(None, None, 0, f"engine_error: {type(r).__name__}: {r}"[:300]) if isinstance(r, BaseException) else r
+            for r in results
+        ]
 
 
 def make_engine(cfg: EngineConfig):

@@ -75,3 +75,75 @@ def test_private_addresses_refused_by_default(url_list, tmp_path):
     assert (index.status == "failed_to_download").all()
     assert index.error_message.str.startswith("refused: host '127.0.0.1' resolves to").all()
     assert index.error_message.str.contains("--allow-private").all()
+
+
+def test_hostile_urls_each_get_their_row_and_redirects_are_checked(local_web, tmp_path):
+    """One shard holding a bad IDNA host, redirects to file:// / ftp:// / another local address, data:
+    and overlong URLs: img2dataset used to lose the whole shard on the first, and follow the others."""
+    a, b = local_web
+    to = f"{a.url}/to?u="
+    rows = {
+        f"{a.url}/img/ok.png": ("success", None),
+        "http://" + "x" * 70 + ".example/a.png": ("failed_to_download", "refused: host"),
+        "http://exa mple.com/a.png": ("failed_to_download", "refused"),
+        to + f"{b.url}/img/moved.png": ("success", None),
+        to + "file:///etc/passwd": ("failed_to_download", "refused: scheme 'file'"),
+        to + "ftp://127.0.0.1/a.png": ("failed_to_download", "refused: scheme 'ftp'"),
+        "data:image/png;base64,iVBORw0KGgo=": ("failed_to_download", "refused: scheme 'data'"),
+        f"{a.url}/img/{'a' * 9000}.png": ("failed_to_download", "refused: URL longer"),
+        f"{a.url}/loop": ("failed_to_download", "more than 5 redirects"),
+        f"{a.url}/img/with,comma.png": ("success", None),
+    }
+    path = tmp_path / "urls.txt"
+    path.write_text("\n".join(rows) + "\n")
+    out = tmp_path / "shards"
+    assert unicap(["ingest", str(path), "--out", str(out), "--allow-private", "--threads", "4"]) == 0
+    index = read_index(out).set_index("url")
+    assert sorted(index.index) == sorted(rows)  # every URL once, in one shard
+    for url, (status, message) in rows.items():
+        assert index.loc[url, "status"] == status, (url, index.loc[url, "error_message"])
+        if message:
+            assert message in index.loc[url, "error_message"], (url, index.loc[url, "error_message"])
+    # without --allow-private nothing local is contacted at all
+    hits = len(a.hits) + len(b.hits)
+    assert unicap(["ingest", str(path), "--out", str(tmp_path / "refused"), "--threads", "4"]) == 0
+    assert len(a.hits) + len(b.hits) == hits
+    assert (read_index(tmp_path / "refused").status == "failed_to_download").all()
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [(["--shard-size", "0"], "--shard-size must be"), (["--threads", "0"], "--threads must be"),
+     (["--timeout", "0"], "--timeout must be"), (["--retries", "-1"], "--retries must be"),
+     (["--url-col", "link"], "no column 'link'")],
+)  # fmt: skip
+def test_bad_arguments_are_one_line_errors_before_any_download(extra, message, tmp_path, capsys):
+    path = tmp_path / "urls.csv"
+    pd.DataFrame({"url": ["http://127.0.0.1:9/a.png"]}).to_csv(path, index=False)
+    assert unicap(["ingest", str(path), "--out", str(tmp_path / "out"), *extra]) == 2
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1 and "Traceback" not in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_missing_or_unsupported_lists_and_foreign_output_folders_are_refused(tmp_path, capsys):
+    assert unicap(["ingest", str(tmp_path / "nope.csv"), "--out", str(tmp_path / "o")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    (tmp_path / "urls.xlsx").write_text("x")
+    assert unicap(["ingest", str(tmp_path / "urls.xlsx"), "--out", str(tmp_path / "o")]) == 2
+    assert "unsupported URL list" in capsys.readouterr().err
+    (tmp_path / "urls.txt").write_text("http://127.0.0.1:9/a.png\n")
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.json").write_text("{}")  # img2dataset would parse its name as a shard id
+    before = snapshot(tmp_path / "mine")
+    assert unicap(["ingest", str(tmp_path / "urls.txt"), "--out", str(tmp_path / "mine")]) == 2
+    assert "notes.json" in capsys.readouterr().err and snapshot(tmp_path / "mine") == before
+
+
+def test_incomplete_shards_are_named(tmp_path):
+    from datagen.ingest import incomplete_shards
+
+    (tmp_path / "00000_stats.json").write_text('{"count": 4}')
+    (tmp_path / "00001_stats.json").write_text('{"count": 3}')  # a shard that lost a row
+    assert incomplete_shards(tmp_path, 10, 4) == {1: "3 rows, expected 4", 2: "no _stats.json (2 URLs not recorded)"}
+    assert incomplete_shards(tmp_path, 7, 4) == {}

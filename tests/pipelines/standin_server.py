@@ -33,12 +33,25 @@ BEHAVIOURS = {  # odd values, so that no hostile test image hits one by accident
     (1, 201, 201): "timeout",
     (121, 61, 1): "flaky",  # HTTP 500 once per request text, then good: exercises retry with backoff
     (61, 1, 121): "zh_wrong",  # good English, English again for Chinese: a partial row
+    (31, 31, 201): "trickle",  # a good answer, one byte every `trickle_s`: only a whole-request deadline ends it
+    (31, 201, 31): "null_content",  # "content": null
+    (31, 31, 31): "list_content",  # "content": ["a", "list"]
+    (61, 121, 1): "number_content",  # "content": 42
+    (1, 61, 121): "huge",  # a 5 MiB caption
+    (121, 1, 61): "empty_body",  # HTTP 200 with no body at all
+    (1, 121, 61): "surrogate",  # "content": "\ud800": JSON, but not text that UTF-8 can hold
 }
+HUGE_BYTES = 5 << 20
+
+
+class Trickle(str):
+    """An answer body the handler sends one byte at a time."""
 
 
 class StandInServer:
-    def __init__(self, hang_s: float = 5.0):
+    def __init__(self, hang_s: float = 5.0, trickle_s: float = 0.25):
         self.hang_s = hang_s
+        self.trickle_s = trickle_s
         self.calls: list[str] = []
         self._seen_flaky: set[str] = set()
         self._lock = threading.Lock()
@@ -80,6 +93,14 @@ class StandInServer:
             out = "I'm sorry, but I can't help with describing this image."
         elif behaviour == "malformed":
             return 200, "<html>this is not the JSON you asked for</html>"
+        elif behaviour == "empty_body":
+            return 200, ""
+        elif behaviour == "huge":
+            out = "a" * HUGE_BYTES
+        elif behaviour in ("null_content", "list_content", "number_content"):
+            out = {"null_content": None, "list_content": ["a", "list"], "number_content": 42}[behaviour]
+        elif behaviour == "surrogate":
+            out = "\ud800"
         elif behaviour == "timeout":
             time.sleep(self.hang_s)
             out = good
@@ -92,13 +113,14 @@ class StandInServer:
             out = good
         else:
             out = good
-        return 200, {
+        answer = {
             "id": "standin",
             "object": "chat.completion",
             "model": body["model"],
             "choices": [{"index": 0, "message": {"role": "assistant", "content": out}, "finish_reason": finish}],
-            "usage": {"prompt_tokens": 10, "completion_tokens": max(1, len(out) // 4), "total_tokens": 0},
+            "usage": {"prompt_tokens": 10, "completion_tokens": max(1, len(str(out)) // 4), "total_tokens": 0},
         }
+        return 200, Trickle(json.dumps(answer)) if behaviour == "trickle" else answer
 
     def _handler(server_self):  # noqa: N805 - closes over the StandInServer
         class Handler(BaseHTTPRequestHandler):
@@ -112,7 +134,13 @@ class StandInServer:
                 self.send_header("Content-Length", str(len(data)))
                 self.end_headers()
                 try:
-                    self.wfile.write(data)
+                    if isinstance(payload, Trickle):
+                        for i in range(len(data)):
+                            self.wfile.write(data[i : i + 1])
+                            self.wfile.flush()
+                            time.sleep(server_self.trickle_s)
+                    else:
+                        self.wfile.write(data)
                 except (BrokenPipeError, ConnectionResetError):
                     pass  # the client gave up (timeout test)
 

@@ -125,7 +125,9 @@ def test_hostile_images_and_model_outputs_are_recorded(ray_local, tmp_path):
     reason = {
         "empty": "empty_output", "loop": "repetition_loop", "wrong_language": "wrong_language",
         "truncated": "truncated", "refusal": "refusal", "malformed": "malformed_output", "timeout": "timeout",
-        "undecodable": "undecodable_image",
+        "undecodable": "undecodable_image", "trickle": "timeout",  # a deadline per request, not per read
+        "null_content": "malformed_output", "list_content": "malformed_output", "number_content": "malformed_output",
+        "surrogate": "malformed_output", "empty_body": "malformed_output", "huge": "malformed_output",
     }  # fmt: skip
     for key, behaviour in expected.items():
         row = df.loc[key]
@@ -141,7 +143,7 @@ def test_hostile_images_and_model_outputs_are_recorded(ray_local, tmp_path):
     assert "undecodable_image: truncated" in df.loc[folder_key("hostile_truncated_jpeg.bin.png"), "error"]
     assert df.loc[folder_key("hostile_tiny_png.bin.png"), "status"] == "ok"
     summary = json.loads((out / "_summary.json").read_text())
-    assert summary["failures_by_reason"]["timeout"] == 1 and summary["rows"] == len(expected)
+    assert summary["failures_by_reason"]["timeout"] == 2 and summary["rows"] == len(expected)
 
 
 def test_kill_9_mid_job_then_rerun_loses_nothing_and_duplicates_nothing(ray_local, tiny_vlm, tmp_path):

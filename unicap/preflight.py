@@ -1,0 +1,91 @@
+"""Checks a job makes before it starts anything (a cluster, an engine, a download): arguments and folders.
+
+Each failure is a UsageError (a ValueError) whose one-line message says what was wrong and what to
+do; `unicap` prints it as `error: ...` and exits with status 2.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Callable
+from pathlib import Path
+
+from unicap.atomic import final_name
+
+
+class UsageError(ValueError):
+    """A user's argument or folder that a job refuses before it starts."""
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def at_least(name: str, value, minimum, *, optional: bool = False) -> None:
+    """`value` (an option named `name`) is a finite number >= minimum (or None when optional)."""
+    if value is None and optional:
+        return
+    ok = (
+        isinstance(value, int | float)
+        and not isinstance(value, bool)
+        and math.isfinite(value)
+        and value >= minimum
+    )
+    if not ok:
+        raise UsageError(f"{_flag(name)} must be a number >= {minimum}, got {value!r}")
+
+
+def above(name: str, value, minimum, *, optional: bool = False) -> None:
+    """`value` is a finite number > minimum (or None when optional)."""
+    if value is None and optional:
+        return
+    ok = (
+        isinstance(value, int | float)
+        and not isinstance(value, bool)
+        and math.isfinite(value)
+        and value > minimum
+    )
+    if not ok:
+        raise UsageError(f"{_flag(name)} must be a number > {minimum}, got {value!r}")
+
+
+# (path relative to the output folder, is a folder) -> whether the job writes such an entry
+IsOurs = Callable[[str, bool], bool]
+
+
+def foreign_entries(directory: str | os.PathLike, is_ours: IsOurs) -> list[str]:
+    """Entries of `directory` that the job would not have written (temporaries of its files count as
+    its own); folders it owns are searched too. Sorted, relative paths."""
+    directory = Path(directory)
+    out: list[str] = []
+
+    def walk(d: Path, prefix: str) -> None:
+        for entry in sorted(os.scandir(d), key=lambda e: e.name):
+            rel = prefix + entry.name
+            is_dir = entry.is_dir(follow_symlinks=False)
+            final = None if is_dir else final_name(entry.name)
+            if not is_ours(prefix + final if final else rel, is_dir):
+                out.append(rel + ("/" if is_dir else ""))
+            elif is_dir:
+                walk(Path(entry.path), rel + "/")
+
+    walk(directory, "")
+    return out
+
+
+def check_output_folder(directory: str | os.PathLike, is_ours: IsOurs, job: str) -> None:
+    """Refuse an output path that is a file, or a folder holding entries `job` does not write: the job
+    resumes by the names it finds there, and cleans its own temporaries, so it must be alone in it."""
+    p = Path(directory)
+    if p.exists() and not p.is_dir():
+        raise UsageError(f"output {p} exists and is not a folder")
+    if not p.is_dir():
+        return
+    foreign = foreign_entries(p, is_ours)
+    if foreign:
+        shown = ", ".join(repr(f) for f in foreign[:3]) + (", ..." if len(foreign) > 3 else "")
+        raise UsageError(
+            f"output folder {p} holds {len(foreign)} entr{'y' if len(foreign) == 1 else 'ies'} that {job} does not "
+            f"write ({shown}): give {job} an empty or new folder, or one that only {job} wrote"
+        )
