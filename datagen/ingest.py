@@ -284,7 +284,7 @@ def run(args: argparse.Namespace) -> int:
             retries=args.retries,
         )
     except IngestIncomplete as e:
-        print(f"ingest: {e}", file=sys.stderr)
+        print(f"error: {e}", file=sys.stderr)
         return 1
     print(f"ingest: {sum(counts.values())} URLs -> {args.out}: {counts}")
     print(f"  index: datagen.shards.read_index({str(args.out)!r})")

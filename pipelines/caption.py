@@ -26,7 +26,7 @@ import pyarrow as pa
 import pyarrow.compute  # noqa: F401  (pa.compute)
 
 from datagen.shards import list_shards
-from pipelines.runner import ShardJob, run_sharded, summarise
+from pipelines.runner import IncompleteJobError, ShardJob, exit_status, run_sharded, summarise
 from pipelines.sink import STATS_DIR
 from unicap import config, preflight, runtime
 from unicap.captioner import CaptionConfig, Captioner
@@ -191,9 +191,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     job = config.from_args(CaptionJobConfig, args)
     engine, caption = job.configs()
-    s = run_job(job.input, job.output, engine, caption, batch_size=job.batch_size, concurrency=job.concurrency,
-                cpus_per_actor=job.cpus_per_actor, threads_per_actor=job.threads_per_actor, address=job.address,
-                limit_shards=job.limit_shards)  # fmt: skip
+    try:
+        s = run_job(job.input, job.output, engine, caption, batch_size=job.batch_size, concurrency=job.concurrency,
+                    cpus_per_actor=job.cpus_per_actor, threads_per_actor=job.threads_per_actor, address=job.address,
+                    limit_shards=job.limit_shards)  # fmt: skip
+    except IncompleteJobError as e:  # the shards that could be written are; the message names the others
+        return exit_status(e)
     r = s["last_run"]
     print(f"caption: {r['images']} images in {r['seconds']}s ({r['images_per_s']} images/s, "
           f"{r['tokens_per_s']} tokens/s); output holds {s['rows']} rows in {s['shards']} shards")  # fmt: skip
