@@ -25,6 +25,17 @@ from unicap.atomic import remove_stale_temporaries, visible_parquet_files, write
 from unicap.contract.shards import shard_name_ok
 
 STATS_DIR = "_stats"  # "_" prefix: ignored by pandas/pyarrow readers of the output folder
+
+
+def _written_by_a_shard_job(rel: str) -> bool:
+    """The files a per-shard job writes (relative to its output): {shard}.parquet / .tar, _stats/{shard}.json,
+    _summary.json. Only temporaries of these are cleaned up after a kill; a user's look-alike is left alone."""
+    parts = rel.split("/")
+    if len(parts) == 2:
+        return parts[0] == STATS_DIR and parts[1].endswith(".json") and shard_name_ok(parts[1][: -len(".json")])
+    name = parts[0]
+    stem, _, ext = name.rpartition(".")
+    return name == "_summary.json" or (ext in ("parquet", "tar") and shard_name_ok(stem))
 EXAMPLES = 5  # keys named per problem in stats and messages
 
 
@@ -70,7 +81,7 @@ class ShardCollector:
             raise ValueError(f"not shard names (outputs are named after them): {bad[:5]!r}")
         self.output = Path(output)
         self.output.mkdir(parents=True, exist_ok=True)
-        remove_stale_temporaries(self.output)
+        remove_stale_temporaries(self.output, _written_by_a_shard_job)
         self.pending = set(shards)  # neither written nor failed yet
         self.keys_of = keys_of
         self.initial_rows = initial_rows

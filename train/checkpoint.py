@@ -9,6 +9,7 @@ Loading reads safetensors (no unpickling) and scatters into whatever ZeRO stage 
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import uuid
 from dataclasses import asdict
@@ -21,6 +22,8 @@ from safetensors.torch import load_file, save_file
 from train import zero
 from train.model import NextDiT, NextDiTConfig
 from unicap.contract import checkpoint as contract
+
+STALE_SAVE = re.compile(r"\.step-\d{8}\.tmp-[0-9a-f]{8}")  # what _write_folder names a save in progress
 
 
 def _rank() -> int:
@@ -65,8 +68,9 @@ def save_checkpoint(engine, ema, run_dir: str | Path, state: dict, keep_last: in
         _write_folder(folder, files, state)
         for old in contract.complete_checkpoints(run_dir)[:-keep_last]:
             shutil.rmtree(old, ignore_errors=True)
-        for stale in folder.parent.glob(".step-*.tmp-*"):  # temporaries of killed saves (names we create)
-            shutil.rmtree(stale, ignore_errors=True)
+        for stale in folder.parent.glob(".step-*.tmp-*"):  # temporaries of killed saves: exactly our names
+            if STALE_SAVE.fullmatch(stale.name) and stale.is_dir() and not stale.is_symlink():
+                shutil.rmtree(stale, ignore_errors=True)
     _barrier()
     return folder
 
