@@ -36,6 +36,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "validate": ("unicap.validate_cmd", "check caption Parquet files against the caption record"),
     "eval-captions": ("datagen.answer_key", "score captions against the synthetic answer key (recall, hallucination)"),
     "sample": ("train.sample", "generate images from a Next-DiT checkpoint"),
+    "train-captioner": ("train.captioner.launch", "fine-tune a Qwen2-VL captioner on caption Parquet (DeepSpeed)"),
 }
 
 

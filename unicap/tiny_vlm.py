@@ -10,6 +10,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 from unicap import prompts
@@ -68,11 +71,54 @@ def tokenizer_corpus() -> list[str]:
     return lines
 
 
-def _build_tokenizer(out: Path):
+@dataclass(frozen=True)
+class Qwen2VLArch:
+    """The sizes of a tiny Qwen2-VL. The defaults are `tiny_qwen2vl()`'s (the caption tests' random model);
+    the trained tiny captioner (train.captioner) picks its own. mRoPE sections follow Qwen2-VL's split of
+    head_dim / 2 (1/4 temporal, 3/8 height, 3/8 width: [16, 24, 24] at head_dim 128), which vLLM asserts."""
+
+    hidden: int = 128
+    heads: int = 4
+    kv_heads: int = 2
+    layers: int = 2
+    intermediate: int = 256
+    vision_depth: int = 2
+    vision_dim: int = 64
+    vision_heads: int = 4
+    vision_mlp_ratio: int = 2
+    vocab_size: int = 1024  # of the BPE tokenizer (special tokens included)
+
+    def mrope_section(self) -> list[int]:
+        half = self.hidden // self.heads // 2
+        t = half // 4
+        h = (half - t) // 2
+        return [t, h, half - t - h]
+
+
+def _word_bpe(corpus: Sequence[str], words: Sequence[str], vocab_size: int):
+    """A byte-level BPE whose merges never cross the given words, nor any other CJK character: Chinese
+    text then tokenizes into words (as in a real Qwen tokenizer), not into whole memorised phrases."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    alternation = "|".join(sorted(map(re.escape, words), key=len, reverse=True))
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(f"{alternation}|[\u3400-\u9fff]"), behavior="isolated"),
+        pre_tokenizers.ByteLevel(add_prefix_space=False),
+    ])  # fmt: skip
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)  # fmt: skip
+    tok.train_from_iterator(list(corpus), trainer)
+    return tok
+
+
+def _build_tokenizer(out: Path, extra_corpus: Sequence[str] = (), vocab_size: int = 1024, words: Sequence[str] = ()):
     from transformers import PreTrainedTokenizerFast
 
+    corpus = [*tokenizer_corpus(), *extra_corpus]
     fast = PreTrainedTokenizerFast(
-        tokenizer_object=train_bpe(tokenizer_corpus(), SPECIAL_TOKENS),
+        tokenizer_object=_word_bpe(corpus, words, vocab_size) if words else train_bpe(corpus, SPECIAL_TOKENS, vocab_size),
         eos_token="<|im_end|>",
         pad_token="<|endoftext|>",
         unk_token=None,
@@ -89,7 +135,13 @@ def _build_tokenizer(out: Path):
     return fast
 
 
-def _build_qwen2vl(out: Path, seed: int) -> None:
+def build_qwen2vl(
+    out: Path, seed: int, arch: Qwen2VLArch = Qwen2VLArch(), extra_corpus: Sequence[str] = (),
+    max_pixels: int = 1024 * 1024, mark: dict | None = None, words: Sequence[str] = (),
+) -> None:  # fmt: skip
+    """Write a complete random-weight Qwen2-VL folder (weights, tokenizer, chat template, processor and
+    generation configs) into `out`; the done mark (unicap.tiny_build.DONE_MARK) is written last.
+    `extra_corpus` adds tokenizer training text; `words` (e.g. Chinese words) are kept whole by it."""
     import torch
     from transformers import (
         AutoTokenizer,
@@ -98,28 +150,27 @@ def _build_qwen2vl(out: Path, seed: int) -> None:
         Qwen2VLImageProcessor,
     )
 
-    _build_tokenizer(out)
+    _build_tokenizer(out, extra_corpus, arch.vocab_size, words)
     tokenizer = AutoTokenizer.from_pretrained(out)
     ids = {t: tokenizer.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS}
-    hidden, heads = 128, 4
     config = Qwen2VLConfig(
         text_config=dict(
             vocab_size=len(tokenizer),
-            hidden_size=hidden,
-            intermediate_size=256,
-            num_hidden_layers=2,
-            num_attention_heads=heads,
-            num_key_value_heads=2,
+            hidden_size=arch.hidden,
+            intermediate_size=arch.intermediate,
+            num_hidden_layers=arch.layers,
+            num_attention_heads=arch.heads,
+            num_key_value_heads=arch.kv_heads,
             max_position_embeddings=4096,
-            rope_parameters={"rope_type": "default", "mrope_section": [4, 6, 6], "rope_theta": 1_000_000.0},
+            rope_parameters={"rope_type": "default", "mrope_section": arch.mrope_section(), "rope_theta": 1_000_000.0},
             bos_token_id=ids["<|endoftext|>"],
             eos_token_id=ids["<|im_end|>"],
             pad_token_id=ids["<|endoftext|>"],
             tie_word_embeddings=False,
         ),
         vision_config=dict(
-            depth=2, embed_dim=64, hidden_size=hidden, num_heads=4, mlp_ratio=2,
-            patch_size=14, spatial_merge_size=2, temporal_patch_size=2,
+            depth=arch.vision_depth, embed_dim=arch.vision_dim, hidden_size=arch.hidden, num_heads=arch.vision_heads,
+            mlp_ratio=arch.vision_mlp_ratio, patch_size=14, spatial_merge_size=2, temporal_patch_size=2,
         ),  # fmt: skip
         image_token_id=ids["<|image_pad|>"],
         video_token_id=ids["<|video_pad|>"],
@@ -136,12 +187,13 @@ def _build_qwen2vl(out: Path, seed: int) -> None:
     model.generation_config.pad_token_id = ids["<|endoftext|>"]
     model.save_pretrained(out, safe_serialization=True)
     # vLLM sizes its encoder cache from these: keep max_pixels >= any --max-pixels a job will pass
-    Qwen2VLImageProcessor(min_pixels=56 * 56, max_pixels=1024 * 1024).save_pretrained(out)
+    Qwen2VLImageProcessor(min_pixels=56 * 56, max_pixels=max_pixels).save_pretrained(out)
     (out / "chat_template.jinja").write_text(CHAT_TEMPLATE)
-    (out / DONE_MARK).write_text(json.dumps({"kind": "tiny-qwen2-vl", "version": TINY_QWEN2VL_VERSION, "seed": seed}))
+    mark = mark or {"kind": "tiny-qwen2-vl", "version": TINY_QWEN2VL_VERSION, "seed": seed}
+    (out / DONE_MARK).write_text(json.dumps(mark))
 
 
 def tiny_qwen2vl(seed: int = 0, root: Path | None = None) -> Path:
     """Path of the tiny Qwen2-VL folder, built on first use (atomic: concurrent builders are safe)."""
     tag = hashlib.sha1(f"{TINY_QWEN2VL_VERSION}:{seed}".encode()).hexdigest()[:10]
-    return cached(f"tiny-qwen2-vl-{tag}", lambda p: _build_qwen2vl(p, seed), root)
+    return cached(f"tiny-qwen2-vl-{tag}", lambda p: build_qwen2vl(p, seed), root)

@@ -1,0 +1,163 @@
+"""The captioner trainer's configuration: one typed dataclass, from YAML, overridden with key=value.
+
+    unicap train-captioner --config train/configs/captioner_tiny.yaml run.steps=50 optim.lr=1e-3
+
+Batch arithmetic: one sample is one image with all its turns (turns_per_image of its level x language
+captions, all by default, packed in one row: train.captioner.data); global batch = data.micro_batch x
+grad_accum x world size images. Set data.global_batch and grad_accum follows from the world size, so a run
+resumed on another number of ranks sees the same samples in the same steps.
+
+The DeepSpeed config is derived from this object (`deepspeed_config`); the optimizer is a torch AdamW built
+by the trainer (no JIT-compiled fused optimizer on CPU). The resolved config is saved into the run folder,
+every checkpoint and the exported model folder.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from unicap import config as uconfig
+from unicap.contract import caption as caption_record
+from unicap.engines import MAX_PIXELS
+from unicap.tiny_vlm import Qwen2VLArch
+
+
+@dataclass
+class ModelConfig:
+    init: str = (
+        "tiny"  # a model folder, a hub id (e.g. Qwen/Qwen2-VL-2B-Instruct), or "tiny" (built from arch)
+    )
+    arch: Qwen2VLArch = field(default_factory=Qwen2VLArch)  # sizes of the tiny model (init: tiny only)
+    seed: int = 0  # the tiny model's initial weights
+    freeze_vision: bool = False  # train the language model (and merger) only
+    grounding: bool = False  # per-token grounding heads on the vision tower (synthetic data only)
+    cell_layer: int = 0  # the LM layer whose image-token states the `cell` grounding head reads
+    attn_implementation: str = "sdpa"
+    export_dtype: str = (
+        "bfloat16"  # dtype of the exported weights (float32 for tiny models: exact greedy parity)
+    )
+
+
+@dataclass
+class DataConfig:
+    source: str = "synth"  # synth: made on the fly from data.synth_seed | folder: data.captions + data.shards
+    captions: str = ""  # folder source: caption Parquet folder (ok and partial rows; every caption present)
+    shards: str = ""  # folder source: the image shards the captions were made from
+    synth_seed: int = 1000  # synthetic source: images 0, 1, 2, ... of this seed (hold out another seed)
+    canonical_order: bool = True  # synthetic source: groups named by (colour, shape, size), not drawing order
+    single_group_until: int = 0  # synthetic source: curriculum, samples before this hold one group only
+    max_pixels: int = MAX_PIXELS  # images fitted to this, as `unicap caption --max-pixels` does
+    levels: tuple[str, ...] = caption_record.LEVELS
+    languages: tuple[str, ...] = caption_record.LANGUAGES
+    turns_per_image: int = 0  # caption turns per image and step (0: all of them)
+    micro_batch: int = 8  # images per rank per forward
+    global_batch: int | None = None  # if set: grad_accum = global_batch / (micro_batch x world)
+    num_workers: int = 1  # DataLoader worker processes per rank
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 2e-5  # for a pretrained model; the tiny configs set their own
+    betas: tuple[float, float] = (0.9, 0.95)
+    eps: float = 1e-8
+    weight_decay: float = 0.0
+    warmup_steps: int = 20
+    schedule: str = "cosine"  # cosine (to min_lr_ratio x lr at run.steps) | constant
+    min_lr_ratio: float = 0.05
+    grad_accum: int = 1  # used when data.global_batch is unset
+    grad_clip: float = 1.0
+    ground_weight: float = 1.0  # weight of the grounding losses (model.grounding)
+
+
+@dataclass
+class DeepSpeedConfig:
+    zero_stage: int = 2
+    precision: str = "bf16"  # bf16 | fp32
+
+
+@dataclass
+class RunConfig:
+    out: str = "runs/captioner"
+    steps: int = 1000  # optimizer steps
+    seed: int = 0
+    save_every: int = 200  # steps between checkpoints (also on SIGTERM/SIGINT and at the end)
+    keep_last: int = 2
+    log_every: int = 10
+    resume: str = "auto"  # auto (the run's latest checkpoint) | never | a checkpoint folder
+    progress: bool = True
+    threads: int = 0  # torch threads per rank (0: cores / ranks)
+
+
+@dataclass
+class CaptionerConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+
+    def __post_init__(self):
+        if self.data.source not in ("synth", "folder"):
+            raise ValueError(f"data.source {self.data.source!r}: synth or folder")
+        if self.data.source == "folder" and not (self.data.captions and self.data.shards):
+            raise ValueError(
+                "data.source folder needs data.captions (caption Parquet) and data.shards (its images)"
+            )
+        if self.model.grounding and self.data.source != "synth":
+            raise ValueError("model.grounding needs the synthetic source (its scene graphs are the targets)")
+        if self.deepspeed.zero_stage not in (1, 2, 3):
+            raise ValueError(f"deepspeed.zero_stage {self.deepspeed.zero_stage}: 1, 2 or 3")
+        if self.deepspeed.precision not in ("bf16", "fp32"):
+            raise ValueError(f"deepspeed.precision {self.deepspeed.precision!r}: bf16 or fp32")
+        if self.model.export_dtype not in ("bfloat16", "float16", "float32"):
+            raise ValueError(f"model.export_dtype {self.model.export_dtype!r}: bfloat16, float16 or float32")
+        if self.optim.schedule not in ("cosine", "constant"):
+            raise ValueError(f"optim.schedule {self.optim.schedule!r}: cosine or constant")
+        caption_record.caption_schema(self.data.levels, self.data.languages)  # usable names, else ValueError
+        for name, v in (("data.micro_batch", self.data.micro_batch), ("run.steps", self.run.steps),
+                        ("run.save_every", self.run.save_every), ("run.keep_last", self.run.keep_last),
+                        ("optim.grad_accum", self.optim.grad_accum), ("data.max_pixels", self.data.max_pixels)):  # fmt: skip
+            if v < 1:
+                raise ValueError(f"{name} must be >= 1, got {v}")
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.run.out)
+
+    def grad_accum(self, world_size: int) -> int:
+        if self.data.global_batch is None:
+            return self.optim.grad_accum
+        per_step = self.data.micro_batch * world_size
+        if self.data.global_batch % per_step:
+            raise ValueError(f"data.global_batch {self.data.global_batch} is not a multiple of micro_batch "
+                             f"{self.data.micro_batch} x world size {world_size} = {per_step}")  # fmt: skip
+        return self.data.global_batch // per_step
+
+    def global_batch(self, world_size: int) -> int:
+        return self.data.micro_batch * self.grad_accum(world_size) * world_size
+
+
+def load(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> CaptionerConfig:
+    return uconfig.load(CaptionerConfig, path, overrides)
+
+
+def deepspeed_config(cfg: CaptionerConfig, world_size: int) -> dict:
+    """The DeepSpeed config, derived from the CaptionerConfig (never a second hand-kept file)."""
+    accum = cfg.grad_accum(world_size)
+    return {
+        "train_micro_batch_size_per_gpu": cfg.data.micro_batch,
+        "gradient_accumulation_steps": accum,
+        "train_batch_size": cfg.data.micro_batch * accum * world_size,
+        "gradient_clipping": cfg.optim.grad_clip,
+        "bf16": {"enabled": cfg.deepspeed.precision == "bf16"},
+        "zero_optimization": {
+            "stage": cfg.deepspeed.zero_stage,
+            "contiguous_gradients": True,
+            "overlap_comm": False,
+            "reduce_bucket_size": 50_000_000,
+        },  # fmt: skip
+        "zero_allow_untested_optimizer": True,
+        "steps_per_print": 10**9,
+        "wall_clock_breakdown": False,
+    }

@@ -1,0 +1,87 @@
+"""The captioner's training forward: a Qwen2-VL on packed rows (train.captioner.data), and its loss.
+
+The vision tower runs once per image; its merged tokens replace the <|image_pad|> embeddings; the language
+model runs on rows whose turns share the image prefix (a branch mask instead of the causal one) with each
+turn's own 3D rope positions, so the result equals running every turn alone (tests/train/captioner).
+Loss: cross-entropy on the answer tokens and their end token only, averaged over those tokens.
+
+Grounding (optional, synthetic data): small linear heads read the vision tower's merged tokens and predict,
+per token, the colour / shape / size class of the object under it, the background and the written word; a
+`cell` head reads the language model's hidden state at the image tokens after layer `cell_layer` and
+predicts the 3x3 cell of the token (the vision tower has no absolute positions; the LM's 3D rope has).
+The heads are training aids: they are not part of the exported model.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from train.captioner.data import GROUND_HEADS, IGNORE, branch_mask
+
+VISION_HEADS = ("colour", "shape", "size", "background", "word")
+
+
+class GroundingHeads(nn.Module):
+    def __init__(self, hidden: int, heads: dict[str, int] = GROUND_HEADS):
+        super().__init__()
+        self.heads = nn.ModuleDict({k: nn.Linear(hidden, n) for k, n in heads.items()})
+
+    def forward(self, name: str, x: torch.Tensor) -> torch.Tensor:
+        return self.heads[name](x)
+
+
+class CaptionerModule(nn.Module):
+    """The Qwen2-VL being trained and (optionally) its grounding heads, as one module for DeepSpeed."""
+
+    def __init__(self, vlm: nn.Module, grounding: bool = False, cell_layer: int = 0):
+        super().__init__()
+        self.vlm = vlm
+        hidden = vlm.config.text_config.hidden_size
+        self.ground = GroundingHeads(hidden) if grounding else None
+        self.cell_layer = cell_layer
+
+    def forward(self, batch: dict) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        return packed_loss(self.vlm, batch, self.ground, self.cell_layer)
+
+
+def packed_forward(vlm, batch: dict, cell_layer: int = -1):
+    """-> (final hidden states (B, L, D), vision tokens (sum N, D), hidden at image tokens after layer
+    `cell_layer` (sum N, D) or None)."""
+    inner = vlm.model
+    lm = inner.language_model
+    dtype = lm.embed_tokens.weight.dtype
+    vision = inner.visual(batch["pixel_values"].to(dtype), grid_thw=batch["image_grid_thw"]).pooler_output
+    ids = batch["input_ids"]
+    image = ids == vlm.config.image_token_id
+    emb = lm.embed_tokens(ids)
+    emb = emb.masked_scatter(image[..., None], vision.to(emb.dtype))
+    pe = lm.rotary_emb(emb, batch["positions"])
+    mask = branch_mask(batch["segment"]).to(emb.device)
+    h, at_cell = emb, None
+    for i, layer in enumerate(lm.layers):
+        h = layer(h, attention_mask=mask, position_embeddings=pe)
+        if i == cell_layer:
+            at_cell = h[image]
+    return lm.norm(h), vision, at_cell
+
+
+def packed_loss(vlm, batch: dict, ground: GroundingHeads | None = None, cell_layer: int = 0):
+    """Mean cross-entropy over answer tokens (+ their end token), and the grounding losses (a dict)."""
+    use_cell = ground is not None and "ground" in batch
+    h, vision, at_cell = packed_forward(vlm, batch, cell_layer if use_cell else -1)
+    labels = batch["labels"]
+    sel = labels != IGNORE
+    logits = vlm.lm_head(h[sel]).float()
+    caption = F.cross_entropy(logits, labels[sel])
+    parts: dict[str, torch.Tensor] = {}
+    if use_cell:
+        targets = batch["ground"]
+        for name in VISION_HEADS:
+            parts[name] = F.cross_entropy(ground(name, vision).float(), targets[name].to(vision.device))
+        if at_cell is not None:
+            parts["cell"] = F.cross_entropy(
+                ground("cell", at_cell).float(), targets["cell"].to(vision.device)
+            )
+    return caption, parts

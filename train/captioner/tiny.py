@@ -1,0 +1,99 @@
+"""The tiny captioner trained on this machine: trained once, cached, reused by the demo, tests and benchmarks.
+
+    python -m train.captioner.tiny              # the folder's path; trains it first if absent (~15 min, 2 cores)
+    python -m train.captioner.tiny --no-train   # the path if cached, else exit code 1
+
+The recipe is train/configs/captioner_tiny.yaml; the cache key is its text (plus `overrides`), so editing the
+recipe trains a new model. The run folder beside the cached model keeps its checkpoints: an interrupted
+training resumes where it stopped. Evaluate it at the resolution it was trained at (`max_pixels`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+from train.captioner.config import load as load_config
+from unicap.tiny_build import DONE_MARK, cache_root, cached
+
+CONFIG = Path(__file__).resolve().parents[1] / "configs" / "captioner_tiny.yaml"
+TINY_CAPTIONER_VERSION = "1"
+
+
+def _tag(config: Path, overrides: tuple[str, ...]) -> str:
+    text = f"{TINY_CAPTIONER_VERSION}\n{config.read_text()}\n{json.dumps(list(overrides))}"
+    return hashlib.sha1(text.encode()).hexdigest()[:10]
+
+
+def cached_captioner(
+    config: Path = CONFIG, overrides: tuple[str, ...] = (), root: Path | None = None
+) -> Path | None:
+    """The cached folder of this recipe, or None if it was not trained on this machine yet."""
+    path = (root or cache_root()) / f"tiny-captioner-{_tag(config, overrides)}"
+    return path if (path / DONE_MARK).exists() else None
+
+
+def max_pixels(config: Path = CONFIG, overrides: tuple[str, ...] = ()) -> int:
+    """The resolution the recipe trains at: give it to `unicap caption --max-pixels`."""
+    return load_config(config, list(overrides)).data.max_pixels
+
+
+def tiny_captioner(config: Path = CONFIG, overrides: tuple[str, ...] = (), root: Path | None = None,
+                   nproc: int = 1) -> Path:  # fmt: skip
+    """The tiny captioner's model folder, trained (through `unicap train-captioner`'s launcher) if absent."""
+    name = f"tiny-captioner-{_tag(config, overrides)}"
+    run_dir = (root or cache_root()) / f"{name}.run"
+
+    def build(tmp: Path) -> None:
+        cmd = [sys.executable, "-m", "train.captioner.launch", "--config", str(config), "--nproc", str(nproc),
+               f"run.out={run_dir}", *overrides]  # fmt: skip
+        env = {
+            **os.environ,
+            "PYTHONPATH": os.pathsep.join(
+                filter(None, [str(CONFIG.parents[2]), os.environ.get("PYTHONPATH")])
+            ),
+        }
+        if subprocess.call(cmd, env=env) != 0:
+            raise RuntimeError(
+                f"training the tiny captioner failed; its run folder {run_dir} resumes on a re-run"
+            )
+        final = run_dir / "final"
+        for f in final.iterdir():
+            shutil.copy(f, tmp / f.name)
+        provenance = json.loads((final / "unicap_captioner.json").read_text())
+        (tmp / DONE_MARK).write_text(json.dumps({"kind": "tiny-captioner", "version": TINY_CAPTIONER_VERSION,
+                                                 "steps": provenance["step"], "train_seconds": provenance["train_seconds"],
+                                                 "overrides": list(overrides)}))  # fmt: skip
+
+    return cached(name, build, root)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--no-train", action="store_true", help="only report the cached folder")
+    p.add_argument("--nproc", type=int, default=1)
+    p.add_argument("overrides", nargs="*", help="key=value overrides of the recipe (a different cache entry)")
+    args = p.parse_args(argv)
+    overrides = tuple(args.overrides)
+    path = (
+        cached_captioner(overrides=overrides)
+        if args.no_train
+        else tiny_captioner(overrides=overrides, nproc=args.nproc)
+    )
+    if path is None:
+        print(
+            "no tiny captioner cached for this recipe: run `python -m train.captioner.tiny`", file=sys.stderr
+        )
+        return 1
+    print(path)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,393 @@
+"""The captioner trainer: supervised fine-tuning of a Qwen2-VL on caption turns, with DeepSpeed.
+
+    unicap train-captioner --config train/configs/captioner_tiny.yaml [--nproc 2] [key=value ...]
+    torchrun --nproc_per_node 2 -m train.captioner.trainer --config train/configs/captioner_tiny.yaml run.steps=20
+    deepspeed --num_gpus 8 --module train.captioner.trainer --config my_qwen2vl_2b.yaml
+
+Per optimizer step: grad_accum micro-batches per rank, each `data.micro_batch` images with their caption turns
+packed per image (train.captioner.data); loss on the answers and their end token only (train.captioner.model),
+plus the grounding losses when configured; ZeRO with a torch AdamW, gradient clipping, bf16 or fp32; warmup,
+then cosine or constant. The data position is one global count of images consumed, every sample a pure
+function of its index, so a resumed run (also on another number of ranks) continues exactly.
+
+Run folder (run.out):
+    config.yaml                          the resolved config
+    metrics.jsonl                        one line per logged step
+    checkpoints/step-00000200/           model.safetensors (fp32 master weights, module names), optimizer.safetensors
+                                         (AdamW moments), state.json: written under a hidden name, then renamed
+    final/                               the trained model: a folder vLLM and transformers load as they are
+                                         (train.captioner.export), with unicap_captioner.json (provenance)
+A re-run resumes from the latest checkpoint; a run whose final/ holds run.steps is not trained twice.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import math
+import os
+import shutil
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from train import zero
+from train.captioner import data as cdata
+from train.captioner.base import resolve_base
+from train.captioner.config import CaptionerConfig, deepspeed_config
+from train.captioner.config import load as load_config
+from train.captioner.model import CaptionerModule
+from train.trainer import StopFlag, _all_reduce, setup_distributed
+from unicap import config as uconfig
+from unicap import runtime
+
+CHECKPOINTS_DIR, FINAL_DIR = "checkpoints", "final"
+MODEL_FILE, OPTIMIZER_FILE, STATE_FILE = "model.safetensors", "optimizer.safetensors", "state.json"
+STATE_VERSION = 1
+
+
+class TrainingError(RuntimeError):
+    """The run cannot go on; the message says why and what to do."""
+
+
+# ---------------------------------------------------------------- checkpoints (safetensors + JSON, no pickle)
+
+
+def complete_checkpoints(run_dir: Path) -> list[Path]:
+    root = run_dir / CHECKPOINTS_DIR
+    return sorted(p for p in root.glob("step-*") if (p / STATE_FILE).is_file()) if root.is_dir() else []
+
+
+def read_state(folder: Path) -> dict:
+    path = Path(folder) / STATE_FILE
+    if not path.is_file():
+        raise TrainingError(f"{folder} is not a complete captioner checkpoint: no {STATE_FILE}")
+    state = json.loads(path.read_text())
+    missing = [
+        k
+        for k in ("version", "step", "samples_consumed", "train_seconds", "base", "config")
+        if k not in state
+    ]
+    if missing or state["version"] != STATE_VERSION:
+        raise TrainingError(
+            f"{path}: not a captioner checkpoint state (missing {missing}, version {state.get('version')})"
+        )
+    return state
+
+
+def save_checkpoint(engine, run_dir: Path, state: dict, keep_last: int) -> Path:
+    """checkpoints/step-N (collective: full tensors gathered from ZeRO's shards); rank 0 writes."""
+    from safetensors.torch import save_file
+
+    params = zero.trainable(engine.module)
+    model = {n: zero.full_master(p) for n, p in params}
+    moments = {f"{k}.{n}": zero.full_optimizer_state(p, k) for n, p in params for k in zero.OPTIMIZER_KEYS}
+    folder = run_dir / CHECKPOINTS_DIR / f"step-{state['step']:08d}"
+    if dist.get_rank() == 0:
+        tmp = folder.parent / f".{folder.name}.tmp-{uuid.uuid4().hex[:8]}"
+        tmp.mkdir(parents=True)
+        save_file({k: v.contiguous() for k, v in model.items()}, str(tmp / MODEL_FILE))
+        save_file({k: v.contiguous() for k, v in moments.items()}, str(tmp / OPTIMIZER_FILE))
+        (tmp / STATE_FILE).write_text(
+            json.dumps({"version": STATE_VERSION, **state}, indent=1, sort_keys=True)
+        )
+        if folder.exists():
+            shutil.rmtree(folder)
+        tmp.rename(folder)
+        for old in complete_checkpoints(run_dir)[:-keep_last]:
+            shutil.rmtree(old, ignore_errors=True)
+        for stale in folder.parent.glob(".step-*.tmp-*"):
+            shutil.rmtree(stale, ignore_errors=True)
+    dist.barrier()
+    return folder
+
+
+def load_checkpoint(engine, folder: Path) -> dict:
+    """Restore master weights and AdamW moments (collective); the module's weights were loaded before
+    deepspeed.initialize (`checkpoint_weights`)."""
+    from safetensors.torch import load_file
+
+    state = read_state(folder)
+    master = load_file(str(folder / MODEL_FILE))
+    moments = load_file(str(folder / OPTIMIZER_FILE))
+    params = zero.trainable(engine.module)
+    missing = [n for n, _ in params if n not in master]
+    if missing:
+        raise TrainingError(f"{folder} lacks {missing[:3]}...: another model or grounding setting?")
+    zero.ensure_optimizer_state(engine)
+    for n, p in params:
+        zero.set_full_master(p, master[n])
+        for k in zero.OPTIMIZER_KEYS:
+            zero.set_full_optimizer_state(p, moments[f"{k}.{n}"], k)
+    zero.set_optimizer_step_count(engine, state["step"])
+    return state
+
+
+def checkpoint_weights(folder: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return load_file(str(Path(folder) / MODEL_FILE))
+
+
+# ---------------------------------------------------------------- setup
+
+
+def load_vlm(path: str, cfg: CaptionerConfig):
+    from transformers import Qwen2VLForConditionalGeneration
+
+    return Qwen2VLForConditionalGeneration.from_pretrained(
+        path, dtype=torch.float32, attn_implementation=cfg.model.attn_implementation
+    )
+
+
+def make_source(cfg: CaptionerConfig):
+    d = cfg.data
+    if d.source == "synth":
+        return cdata.SynthSource(d.synth_seed, d.max_pixels, d.canonical_order, d.single_group_until)
+    cols = [c for lv in d.levels for c in (f"caption_{lv}_{lang}" for lang in d.languages)]
+    return cdata.FolderSource(d.captions, d.shards, cfg.run.seed, d.max_pixels, cols)
+
+
+class TurnDataset(torch.utils.data.Dataset):
+    """Global sample index -> a packed row (every sample a pure function of its index)."""
+
+    def __init__(self, cfg: CaptionerConfig, base: str):
+        from transformers import AutoImageProcessor, AutoTokenizer
+
+        self.cfg = cfg
+        tokenizer = AutoTokenizer.from_pretrained(base)
+        processor = AutoImageProcessor.from_pretrained(base, max_pixels=cfg.data.max_pixels)
+        self.encoder = cdata.ChatEncoder(tokenizer, processor, cfg.data.levels, cfg.data.languages)
+        self.source = make_source(cfg)
+
+    def __len__(self) -> int:
+        return len(self.source)
+
+    def __getitem__(self, g: int) -> cdata.Row:
+        sample = self.source.sample(g)
+        columns = [c for c in self.encoder.branch if c in sample.captions]
+        return self.encoder.encode(
+            sample, cdata.pick_columns(columns, self.cfg.data.turns_per_image, self.cfg.run.seed, g)
+        )
+
+
+class RankBatches(torch.utils.data.Sampler):
+    """This rank's micro-batches of global sample indices, from global micro-batch `start_micro` on:
+    micro-batch j covers images [j x world x mb, (j + 1) x world x mb), rank r the r-th mb of them."""
+
+    def __init__(self, micro_batch: int, rank: int, world: int, start_micro: int, count: int):
+        self.mb, self.rank, self.world, self.start, self.count = micro_batch, rank, world, start_micro, count
+
+    def __iter__(self):
+        for j in range(self.start, self.start + self.count):
+            first = j * self.world * self.mb + self.rank * self.mb
+            yield list(range(first, first + self.mb))
+
+    def __len__(self) -> int:
+        return self.count
+
+
+def lr_factor(cfg: CaptionerConfig, step: int) -> float:
+    """Warmup then cosine (to min_lr_ratio) or constant, as a function of the global step."""
+    o = cfg.optim
+    if step < o.warmup_steps:
+        return (step + 1) / o.warmup_steps
+    if o.schedule == "constant":
+        return 1.0
+    done = min(1.0, (step - o.warmup_steps) / max(1, cfg.run.steps - o.warmup_steps))
+    return o.min_lr_ratio + (1 - o.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * done))
+
+
+# ---------------------------------------------------------------- the step
+
+
+def train_step(engine, micro_batches: list[dict], cfg: CaptionerConfig) -> dict:
+    """One optimizer step over this rank's micro-batches; returns global mean losses."""
+    device = next(engine.module.parameters()).device
+    sums: dict[str, float] = {}
+    for i, batch in enumerate(micro_batches):
+        batch = _to(batch, device)
+        caption, parts = engine(batch)
+        loss = caption + cfg.optim.ground_weight * sum(parts.values()) if parts else caption
+        engine.backward(loss)
+        for k, v in {"loss": caption, **parts}.items():
+            sums[k] = sums.get(k, 0.0) + float(v.detach())
+        if i < len(micro_batches) - 1:
+            engine.step()
+    engine.step()
+    keys = sorted(sums)
+    totals = _all_reduce([sums[k] for k in keys] + [float(len(micro_batches))])
+    out = {k: totals[i] / totals[-1] for i, k in enumerate(keys)}
+    norm = engine.get_global_grad_norm()
+    out["grad_norm"] = float(norm) if norm is not None else math.nan
+    return out
+
+
+def _to(batch: dict, device) -> dict:
+    out = {}
+    for k, v in batch.items():
+        out[k] = {kk: vv.to(device) for kk, vv in v.items()} if isinstance(v, dict) else v.to(device)
+    return out
+
+
+# ---------------------------------------------------------------- the run
+
+
+def train(cfg: CaptionerConfig) -> int:
+    import deepspeed
+
+    from train.captioner.export import export_folder
+
+    device = runtime.resolve_device("auto")
+    run_dir = cfg.run_dir
+    final = run_dir / FINAL_DIR
+    done = final / "unicap_captioner.json"
+    if done.is_file() and json.loads(done.read_text())["step"] >= cfg.run.steps:
+        print(f"[captioner] already trained: {final} (delete it to train again)")
+        return 0
+    resume = None
+    if cfg.run.resume == "auto":
+        found = complete_checkpoints(run_dir)
+        resume = found[-1] if found else None
+    elif cfg.run.resume != "never":
+        resume = Path(cfg.run.resume)
+        read_state(resume)
+    rank, world = setup_distributed(device)
+    if cfg.run.threads and not device.startswith("cuda"):
+        torch.set_num_threads(cfg.run.threads)
+    base = (
+        read_state(resume)["base"] if resume else resolve_base(cfg.model.init, cfg.model.arch, cfg.model.seed)
+    )
+    torch.manual_seed(cfg.run.seed)  # the same grounding-head init on every rank
+    module = CaptionerModule(
+        load_vlm(base, cfg), grounding=cfg.model.grounding, cell_layer=cfg.model.cell_layer
+    )
+    if resume:
+        module.load_state_dict(checkpoint_weights(resume))
+    if cfg.model.freeze_vision:
+        for p in module.vlm.model.visual.blocks.parameters():
+            p.requires_grad_(False)
+        module.vlm.model.visual.patch_embed.requires_grad_(False)
+    module.to(device)
+    accum = cfg.grad_accum(world)
+    state = read_state(resume) if resume else {"step": 0, "samples_consumed": 0, "train_seconds": 0.0}
+    trainable = [p for p in module.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(trainable, lr=cfg.optim.lr, betas=cfg.optim.betas, eps=cfg.optim.eps,
+                            weight_decay=cfg.optim.weight_decay)  # fmt: skip
+    start_step = state["step"]
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: lr_factor(cfg, start_step + i))
+    engine, _, _, _ = deepspeed.initialize(model=module, optimizer=opt, lr_scheduler=sched,
+                                           config=deepspeed_config(cfg, world))  # fmt: skip
+    if resume:
+        load_checkpoint(engine, resume)
+    dataset = TurnDataset(cfg, base)
+    per_rank_micro = (cfg.run.steps - start_step) * accum
+    start_micro = state["samples_consumed"] // (cfg.data.micro_batch * world)
+    if state["samples_consumed"] % (cfg.data.micro_batch * world):
+        raise TrainingError(f"{resume}: {state['samples_consumed']} samples consumed is not a whole number of "
+                            f"micro-batches of {cfg.data.micro_batch} x {world} ranks: resume with the same micro_batch")  # fmt: skip
+    loader = torch.utils.data.DataLoader(
+        dataset, batch_sampler=RankBatches(cfg.data.micro_batch, rank, world, start_micro, per_rank_micro),
+        collate_fn=functools.partial(cdata.collate, pad_id=dataset.encoder.pad), num_workers=cfg.data.num_workers,
+        persistent_workers=False, multiprocessing_context="spawn" if cfg.data.num_workers else None,
+    )  # fmt: skip
+    batches = iter(loader)
+    fixed = {"base": base, "world_size": world, "config": uconfig.to_dict(cfg)}
+    if rank == 0:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        uconfig.save(cfg, run_dir / "config.yaml")
+        n_params = sum(p.numel() for p in module.vlm.parameters())
+        how = f"resuming {resume}" if resume else f"from {base}"
+        print(f"[captioner] {n_params / 1e6:.2f}M-parameter Qwen2-VL on {world} rank(s) ({device}), global batch "
+              f"{cfg.data.micro_batch} x {accum} x {world} = {cfg.global_batch(world)} images, ZeRO-{cfg.deepspeed.zero_stage}, "
+              f"{cfg.deepspeed.precision}; steps {start_step} -> {cfg.run.steps}; {how}", flush=True)  # fmt: skip
+    metrics = open(run_dir / "metrics.jsonl", "a") if rank == 0 else None  # noqa: SIM115 - one line per log
+    bar = None
+    if rank == 0 and cfg.run.progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=cfg.run.steps, initial=start_step, desc="captioner", unit="step", dynamic_ncols=True,
+                   file=sys.stdout)  # fmt: skip
+    stop = StopFlag()
+    step, t_last = start_step, time.time()
+    seconds = state["train_seconds"]
+
+    def current() -> dict:
+        return {
+            **fixed,
+            "step": step,
+            "samples_consumed": state["samples_consumed"],
+            "train_seconds": round(seconds, 1),
+        }
+
+    while step < cfg.run.steps:
+        micro = [next(batches) for _ in range(accum)]
+        res = train_step(engine, micro, cfg)
+        step += 1
+        state["samples_consumed"] += cfg.global_batch(world)
+        now = time.time()
+        seconds += now - t_last
+        t_last = now
+        if rank == 0:
+            if not math.isfinite(res["loss"]):
+                raise TrainingError(f"step {step}: non-finite loss; lower optim.lr")
+            if step % cfg.run.log_every == 0 or step == cfg.run.steps:
+                metrics.write(json.dumps({"step": step, "lr": engine.get_lr()[0], "seconds": round(seconds, 1),
+                                          **{k: round(v, 5) for k, v in res.items()}}) + "\n")  # fmt: skip
+                metrics.flush()
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix(loss=f"{res['loss']:.3f}", refresh=False)
+            elif step % cfg.run.log_every == 0:
+                print(f"step {step} loss {res['loss']:.4f} ({seconds:.0f}s)", flush=True)
+        stopping = stop.agreed()
+        if step % cfg.run.save_every == 0 or stopping:
+            folder = save_checkpoint(engine, run_dir, current(), cfg.run.keep_last)
+            if stopping:
+                if rank == 0:
+                    print(
+                        f"[captioner] stopped by signal at step {step}; checkpoint {folder}; rerun to resume",
+                        flush=True,
+                    )
+                return 0
+    if bar is not None:
+        bar.close()
+    save_checkpoint(engine, run_dir, current(), cfg.run.keep_last)
+    params = {n: zero.full_master(p) for n, p in zero.trainable(engine.module)}
+    if rank == 0:
+        full = {n: t.detach().float().cpu() for n, t in module.state_dict().items()} | params
+        out = export_folder(base, {k.removeprefix("vlm."): v for k, v in full.items() if k.startswith("vlm.")},
+                            final, provenance=current(), dtype=cfg.model.export_dtype)  # fmt: skip
+        print(f"[captioner] done: {step} steps, {state['samples_consumed']} images, {seconds:.0f}s of training; "
+              f"model folder {out}", flush=True)  # fmt: skip
+    dist.barrier()
+    return 0
+
+
+def parse_args(argv: list[str] | None = None) -> CaptionerConfig:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument(
+        "--config", help="a YAML file (train/configs/captioner_*.yaml); key=value arguments override it"
+    )
+    p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
+    p.add_argument("overrides", nargs="*", help="key=value, e.g. optim.lr=1e-4 run.steps=50")
+    args = p.parse_args(argv)
+    return load_config(args.config, args.overrides)
+
+
+def main(argv: list[str] | None = None) -> int:
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    try:
+        return train(parse_args(argv))
+    except (TrainingError, uconfig.ConfigError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
