@@ -113,10 +113,15 @@ def _shards(tmp_path: Path) -> Path:
         (["--output", "{shards}"], "that caption does not write"),
     ],
 )
-def test_caption_user_errors_are_one_line_exit_2_before_ray_starts(extra, message, tmp_path, capsys):
+def test_caption_user_errors_are_one_line_exit_2_before_ray_starts(extra, message, tmp_path, capsys, monkeypatch):
     import ray
 
+    from unicap import runtime
     from unicap.cli import main
+
+    started = []  # (another test's session Ray may be up already: record calls rather than the state)
+    monkeypatch.setattr(runtime, "init_ray", lambda *a, **k: started.append("runtime.init_ray"))
+    monkeypatch.setattr(ray, "init", lambda *a, **k: started.append("ray.init"))
 
     shards = _shards(tmp_path)
     (tmp_path / "empty").mkdir()
@@ -127,7 +132,7 @@ def test_caption_user_errors_are_one_line_exit_2_before_ray_starts(extra, messag
     assert main(argv) == 2
     err = capsys.readouterr().err
     assert err.startswith("unicap caption: error: ") and message in err and err.count("\n") == 1, err
-    assert not ray.is_initialized() and not (tmp_path / "captions").exists()
+    assert started == [] and not (tmp_path / "captions").exists()
 
 
 def test_user_errors_from_the_command_line_and_unicap_debug(tmp_path):
