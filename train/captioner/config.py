@@ -68,6 +68,9 @@ class OptimConfig:
     grad_accum: int = 1  # used when data.global_batch is unset
     grad_clip: float = 1.0
     ground_weight: float = 1.0  # weight of the grounding losses (model.grounding)
+    ground_first_steps: int = (
+        0  # the first steps train the vision tower on the grounding targets alone (no LM)
+    )
 
 
 @dataclass
@@ -104,6 +107,10 @@ class CaptionerConfig:
             raise ValueError(
                 "data.source folder needs data.captions (caption Parquet) and data.shards (its images)"
             )
+        if self.optim.ground_first_steps and not self.model.grounding:
+            raise ValueError("optim.ground_first_steps needs model.grounding")
+        if not 0 <= self.optim.ground_first_steps < self.run.steps:
+            raise ValueError(f"optim.ground_first_steps {self.optim.ground_first_steps}: in [0, run.steps)")
         if self.model.grounding and self.data.source != "synth":
             raise ValueError("model.grounding needs the synthetic source (its scene graphs are the targets)")
         if self.deepspeed.zero_stage not in (1, 2, 3):

@@ -48,8 +48,18 @@ GROUND_SHAPES = list(synth.SHAPES)
 GROUND_SIZES = list(synth.SIZES)
 GROUND_BACKGROUNDS = list(synth.BACKGROUNDS)
 GROUND_WORDS = list(synth.WORDS)
+GROUND_PAIRS = [(c, s) for c in GROUND_COLOURS for s in GROUND_SHAPES]
+GROUND_TRIPLES = [(z, c, s) for z in GROUND_SIZES for c, s in GROUND_PAIRS]
+MAX_OBJECTS = 6  # synth draws 1-2 groups of 1-3 objects
+# per image token: classes (0 = none); "image_*": the image's content as multi-hot sets (which colours, shapes,
+# (colour, shape) pairs, (size, colour, shape) groups are present) and its object count, predicted from EVERY
+# image token: the vision tower learns to broadcast what the image holds, which a language model can read
+# before it learns where to look
 GROUND_HEADS = {"colour": 1 + len(GROUND_COLOURS), "shape": 1 + len(GROUND_SHAPES), "size": 1 + len(GROUND_SIZES),
-                "background": len(GROUND_BACKGROUNDS), "word": 1 + len(GROUND_WORDS), "cell": 9}  # fmt: skip
+                "background": len(GROUND_BACKGROUNDS), "word": 1 + len(GROUND_WORDS), "cell": 9,
+                "image_colours": len(GROUND_COLOURS), "image_shapes": len(GROUND_SHAPES),
+                "image_pairs": len(GROUND_PAIRS), "image_triples": len(GROUND_TRIPLES), "image_total": 1 + MAX_OBJECTS}  # fmt: skip
+IMAGE_SETS = ("image_colours", "image_shapes", "image_pairs", "image_triples")
 
 
 @dataclass
@@ -257,7 +267,8 @@ def ground_targets(
 ) -> dict:
     """Per image token (row-major over the merged grid): the colour / shape / size class of the object
     covering most of it (0: none), the background, the word (tokens of the bottom third, when one is
-    written) and the 3x3 cell its centre falls in. Boxes are in the original canvas' pixels; the processor
+    written) and the 3x3 cell its centre falls in; per image (IMAGE_SETS, (1, K) multi-hot): the colours,
+    shapes, pairs and groups present, and the number of objects. Boxes are in the original canvas' pixels; the processor
     resized the fitted image to the grid, so a token covers width / w x height / h of the canvas."""
     width, height = size
     h, w = grid
@@ -285,6 +296,12 @@ def ground_targets(
     if scene.get("text"):
         word[cell >= 6] = 1 + GROUND_WORDS.index(scene["text"])
     background = np.full(n, GROUND_BACKGROUNDS.index(scene["background"]), dtype=np.int64)
+    sets = {k: np.zeros((1, GROUND_HEADS[k]), dtype=np.float32) for k in IMAGE_SETS}
+    for o in scene["objects"]:
+        sets["image_colours"][0, GROUND_COLOURS.index(o["color"])] = 1
+        sets["image_shapes"][0, GROUND_SHAPES.index(o["shape"])] = 1
+        sets["image_pairs"][0, GROUND_PAIRS.index((o["color"], o["shape"]))] = 1
+        sets["image_triples"][0, GROUND_TRIPLES.index((o["size"], o["color"], o["shape"]))] = 1
     return {
         "colour": colour,
         "shape": shape,
@@ -292,6 +309,8 @@ def ground_targets(
         "background": background,
         "word": word,
         "cell": cell,
+        **sets,
+        "image_total": np.array([len(scene["objects"])], dtype=np.int64),
     }
 
 

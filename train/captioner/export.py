@@ -36,14 +36,14 @@ def generation_config(tokenizer):
 def export_folder(base: str, weights: dict[str, torch.Tensor], out: str | Path, provenance: dict,
                   dtype: str = "bfloat16") -> Path:  # fmt: skip
     """Write the folder `out` from the base model folder / hub id and trained weights (HF parameter names)."""
-    from transformers import AutoConfig, AutoImageProcessor, AutoTokenizer, Qwen2VLForConditionalGeneration
+    from transformers import AutoConfig, AutoImageProcessor, AutoModelForImageTextToText, AutoTokenizer
 
     out = Path(out)
     tmp = out.parent / f".{out.name}.tmp-{uuid.uuid4().hex[:8]}"
     tmp.mkdir(parents=True)
     try:
         config = AutoConfig.from_pretrained(base)
-        model = Qwen2VLForConditionalGeneration(config)
+        model = AutoModelForImageTextToText.from_config(config)
         missing, unexpected = model.load_state_dict(weights, strict=False)
         missing = [k for k in missing if not k.endswith("lm_head.weight") or not config.tie_word_embeddings]
         if missing or unexpected:

@@ -138,9 +138,10 @@ def checkpoint_weights(folder: Path) -> dict[str, torch.Tensor]:
 
 
 def load_vlm(path: str, cfg: CaptionerConfig):
-    from transformers import Qwen2VLForConditionalGeneration
+    """The Qwen2-VL-family model of a folder or hub id (its own class: Qwen2-VL, Qwen2.5-VL), fp32 master."""
+    from transformers import AutoModelForImageTextToText
 
-    return Qwen2VLForConditionalGeneration.from_pretrained(
+    return AutoModelForImageTextToText.from_pretrained(
         path, dtype=torch.float32, attn_implementation=cfg.model.attn_implementation
     )
 
@@ -193,29 +194,36 @@ class RankBatches(torch.utils.data.Sampler):
 
 
 def lr_factor(cfg: CaptionerConfig, step: int) -> float:
-    """Warmup then cosine (to min_lr_ratio) or constant, as a function of the global step."""
+    """Warmup then cosine (to min_lr_ratio) or constant, as a function of the global step. With
+    optim.ground_first_steps G, steps < G (vision grounding alone) warm up and stay constant, and the
+    language model's schedule runs over steps G .. run.steps."""
     o = cfg.optim
+    ground = o.ground_first_steps
+    if step < ground:
+        return min(1.0, (step + 1) / max(1, min(o.warmup_steps, ground)))
+    step, total = step - ground, cfg.run.steps - ground
     if step < o.warmup_steps:
         return (step + 1) / o.warmup_steps
     if o.schedule == "constant":
         return 1.0
-    done = min(1.0, (step - o.warmup_steps) / max(1, cfg.run.steps - o.warmup_steps))
+    done = min(1.0, (step - o.warmup_steps) / max(1, total - o.warmup_steps))
     return o.min_lr_ratio + (1 - o.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * done))
 
 
 # ---------------------------------------------------------------- the step
 
 
-def train_step(engine, micro_batches: list[dict], cfg: CaptionerConfig) -> dict:
-    """One optimizer step over this rank's micro-batches; returns global mean losses."""
+def train_step(engine, micro_batches: list[dict], cfg: CaptionerConfig, ground_only: bool = False) -> dict:
+    """One optimizer step over this rank's micro-batches; returns global mean losses (`loss`: the captions';
+    nan in a grounding-only step)."""
     device = next(engine.module.parameters()).device
     sums: dict[str, float] = {}
     for i, batch in enumerate(micro_batches):
         batch = _to(batch, device)
-        caption, parts = engine(batch)
-        loss = caption + cfg.optim.ground_weight * sum(parts.values()) if parts else caption
-        engine.backward(loss)
-        for k, v in {"loss": caption, **parts}.items():
+        caption, parts = engine(batch, ground_only=ground_only)
+        ground = cfg.optim.ground_weight * sum(parts.values()) if parts else 0.0
+        engine.backward(ground if caption is None else caption + ground)
+        for k, v in {"loss": caption if caption is not None else torch.tensor(math.nan), **parts}.items():
             sums[k] = sums.get(k, 0.0) + float(v.detach())
         if i < len(micro_batches) - 1:
             engine.step()
@@ -327,22 +335,27 @@ def train(cfg: CaptionerConfig) -> int:
 
     while step < cfg.run.steps:
         micro = [next(batches) for _ in range(accum)]
-        res = train_step(engine, micro, cfg)
+        res = train_step(engine, micro, cfg, ground_only=step < cfg.optim.ground_first_steps)
         step += 1
         state["samples_consumed"] += cfg.global_batch(world)
         now = time.time()
         seconds += now - t_last
         t_last = now
         if rank == 0:
-            if not math.isfinite(res["loss"]):
+            if not math.isfinite(res["loss"]) and step > cfg.optim.ground_first_steps:
                 raise TrainingError(f"step {step}: non-finite loss; lower optim.lr")
             if step % cfg.run.log_every == 0 or step == cfg.run.steps:
                 metrics.write(json.dumps({"step": step, "lr": engine.get_lr()[0], "seconds": round(seconds, 1),
-                                          **{k: round(v, 5) for k, v in res.items()}}) + "\n")  # fmt: skip
+                                          **{k: round(v, 5) if math.isfinite(v) else None for k, v in res.items()}}) + "\n")  # fmt: skip
                 metrics.flush()
             if bar is not None:
                 bar.update(1)
-                bar.set_postfix(loss=f"{res['loss']:.3f}", refresh=False)
+                shown = (
+                    res["loss"]
+                    if math.isfinite(res["loss"])
+                    else sum(v for k, v in res.items() if k not in ("loss", "grad_norm"))
+                )
+                bar.set_postfix(loss=f"{shown:.3f}", refresh=False)
             elif step % cfg.run.log_every == 0:
                 print(f"step {step} loss {res['loss']:.4f} ({seconds:.0f}s)", flush=True)
         stopping = stop.agreed()

@@ -127,3 +127,44 @@ def test_pick_columns_and_config_checks():
         ccfg.load(None, ["data.source=folder"])
     with pytest.raises(ValueError, match="unknown key"):
         ccfg.load(None, ["optim.learning_rate=1"])
+
+
+def test_qwen2_5_vl_packs_the_same_way(tiny):
+    """Qwen2.5-VL (windowed vision tower, same 3D rope for images) runs through the same packed forward."""
+    import json
+
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+
+    from train.captioner.base import tiny_base
+
+    encoder, _ = tiny
+    cfg = json.loads((tiny_base() / "config.json").read_text())
+    text = cfg["text_config"]
+    vision = dict(depth=2, hidden_size=64, intermediate_size=128, num_heads=4, out_hidden_size=text["hidden_size"],
+                  patch_size=14, spatial_merge_size=2, temporal_patch_size=2, window_size=56, fullatt_block_indexes=[1])  # fmt: skip
+    ids = {
+        k: cfg[k]
+        for k in ("image_token_id", "video_token_id", "vision_start_token_id", "vision_end_token_id")
+    }
+    torch.manual_seed(0)
+    model = Qwen2_5_VLForConditionalGeneration(
+        Qwen2_5_VLConfig(text_config=text, vision_config=vision, **ids)
+    ).eval()
+    src = cdata.SynthSource(seed=3, max_pixels=PX)
+    rows = [encoder.encode(src.sample(g), list(encoder.branch)[:3]) for g in range(2)]
+    with torch.no_grad():
+        packed, _ = packed_loss(model, cdata.collate(rows, encoder.pad))
+    total, count = 0.0, 0
+    for r in rows:
+        for b in range(len(r.columns)):
+            idx = [i for i, s in enumerate(r.segment) if s in (0, b + 1)]
+            tokens = torch.tensor([[r.input_ids[i] for i in idx]])
+            mm = (tokens == model.config.image_token_id).int()
+            with torch.no_grad():
+                logits = model(input_ids=tokens, pixel_values=r.pixel_values, image_grid_thw=torch.tensor([r.grid_thw]),
+                               mm_token_type_ids=mm).logits[0]  # fmt: skip
+            labels = torch.tensor([r.labels[i] for i in idx])
+            sel = labels != cdata.IGNORE
+            total += torch.nn.functional.cross_entropy(logits[sel], labels[sel], reduction="sum").item()
+            count += int(sel.sum())
+    assert packed.item() == pytest.approx(total / count, rel=1e-5)
