@@ -68,9 +68,8 @@ class OptimConfig:
     grad_accum: int = 1  # used when data.global_batch is unset
     grad_clip: float = 1.0
     ground_weight: float = 1.0  # weight of the grounding losses (model.grounding)
-    ground_first_steps: int = (
-        0  # the first steps train the vision tower on the grounding targets alone (no LM)
-    )
+    ground_first_steps: int = 0  # the first steps train the vision tower on grounding alone (no LM)
+    vision_lr_scale: float = 1.0  # the vision tower (and grounding heads) learn at lr x this
 
 
 @dataclass
@@ -90,6 +89,7 @@ class RunConfig:
     resume: str = "auto"  # auto (the run's latest checkpoint) | never | a checkpoint folder
     progress: bool = True
     threads: int = 0  # torch threads per rank (0: cores / ranks)
+    max_minutes: float = 0.0  # a wall-clock cap on training (0: none): stop there, save and export what there is
 
 
 @dataclass

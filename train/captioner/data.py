@@ -267,7 +267,8 @@ def ground_targets(
 ) -> dict:
     """Per image token (row-major over the merged grid): the colour / shape / size class of the object
     covering most of it (0: none), the background, the word (tokens of the bottom third, when one is
-    written) and the 3x3 cell its centre falls in; per image (IMAGE_SETS, (1, K) multi-hot): the colours,
+    written) and the 3x3 cell its centre falls in, and which object it is labelled with (`object`, -1: none);
+    per object: its colour, shape and size classes; per image (IMAGE_SETS, (1, K) multi-hot): the colours,
     shapes, pairs and groups present, and the number of objects. Boxes are in the original canvas' pixels; the processor
     resized the fitted image to the grid, so a token covers width / w x height / h of the canvas."""
     width, height = size
@@ -276,15 +277,17 @@ def ground_targets(
     n = h * w
     colour, shape, sz = (np.zeros(n, dtype=np.int64) for _ in range(3))
     best = np.zeros(n)
+    owner = np.full(n, -1, dtype=np.int64)  # the object each token is labelled with
     r, c = np.divmod(np.arange(n), w)
     x0, y0 = c * tw, r * th
-    for o in scene["objects"]:
+    for j, o in enumerate(scene["objects"]):
         bx0, by0, bx1, by1 = o["bbox"]
         ox = np.clip(np.minimum(x0 + tw, bx1) - np.maximum(x0, bx0), 0, None)
         oy = np.clip(np.minimum(y0 + th, by1) - np.maximum(y0, by0), 0, None)
         frac = ox * oy / (tw * th)
         take = (frac > best) & (frac >= 0.2)
         best = np.where(take, frac, best)
+        owner[take] = j
         colour[take] = 1 + GROUND_COLOURS.index(o["color"])
         shape[take] = 1 + GROUND_SHAPES.index(o["shape"])
         sz[take] = 1 + GROUND_SIZES.index(o["size"])
@@ -311,6 +314,10 @@ def ground_targets(
         "cell": cell,
         **sets,
         "image_total": np.array([len(scene["objects"])], dtype=np.int64),
+        "object": owner,
+        **{f"object_{k}": np.array([1 + vocab.index(o[key]) for o in scene["objects"]], dtype=np.int64)
+           for k, key, vocab in (("colour", "color", GROUND_COLOURS), ("shape", "shape", GROUND_SHAPES),
+                                 ("size", "size", GROUND_SIZES))},
     }
 
 
@@ -346,9 +353,10 @@ def collate(rows: list[Row], pad_id: int) -> dict:
         "image_grid_thw": torch.tensor([r.grid_thw for r in rows], dtype=torch.long),
     }
     if rows and all(r.ground for r in rows):
-        out["ground"] = {
-            k: torch.from_numpy(np.concatenate([r.ground[k] for r in rows])) for k in rows[0].ground
-        }
+        ground = {k: [r.ground[k] for r in rows] for k in rows[0].ground}
+        offsets = np.cumsum([0] + [len(g) for g in ground["object_shape"][:-1]])
+        ground["object"] = [np.where(o >= 0, o + off, -1) for o, off in zip(ground["object"], offsets, strict=True)]
+        out["ground"] = {k: torch.from_numpy(np.concatenate(v)) for k, v in ground.items()}
     return out
 
 

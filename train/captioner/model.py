@@ -82,6 +82,18 @@ def vision_ground_losses(
     (multi-label for the sets, positives weighted up: most of the 72 groups are absent from any image)."""
     targets = {k: v.to(vision.device) for k, v in batch["ground"].items()}
     parts = {name: F.cross_entropy(ground(name, vision).float(), targets[name]) for name in VISION_HEADS}
+    # per object: the mean of its tokens names its colour, shape and size (a cleaner signal than edge tokens)
+    owner = targets["object"]
+    n_objects = targets["object_shape"].shape[0]
+    mine = owner >= 0
+    if mine.any():
+        sums = torch.zeros(n_objects, vision.shape[-1], device=vision.device, dtype=vision.dtype)
+        sums = sums.index_add(0, owner[mine], vision[mine])
+        counts = torch.bincount(owner[mine], minlength=n_objects)
+        seen = counts > 0
+        pooled = sums[seen] / counts[seen, None].to(vision.dtype)
+        for name in ("colour", "shape", "size"):
+            parts[f"object_{name}"] = F.cross_entropy(ground(name, pooled).float(), targets[f"object_{name}"][seen])
     sizes = (batch["image_grid_thw"].prod(-1) // MERGE**2).to(vision.device)
     image_of_token = torch.repeat_interleave(torch.arange(len(sizes), device=vision.device), sizes)
     for name in IMAGE_SETS:

@@ -284,13 +284,20 @@ def train(cfg: CaptionerConfig) -> int:
     module.to(device)
     accum = cfg.grad_accum(world)
     state = read_state(resume) if resume else {"step": 0, "samples_consumed": 0, "train_seconds": 0.0}
+    vision = {id(p) for p in module.vlm.model.visual.parameters()}
+    vision |= {id(p) for p in module.ground.parameters()} if module.ground is not None else set()
     trainable = [p for p in module.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(trainable, lr=cfg.optim.lr, betas=cfg.optim.betas, eps=cfg.optim.eps,
+    groups = [{"params": [p for p in trainable if id(p) not in vision], "lr": cfg.optim.lr},
+              {"params": [p for p in trainable if id(p) in vision], "lr": cfg.optim.lr * cfg.optim.vision_lr_scale}]  # fmt: skip
+    opt = torch.optim.AdamW([g for g in groups if g["params"]], betas=cfg.optim.betas, eps=cfg.optim.eps,
                             weight_decay=cfg.optim.weight_decay)  # fmt: skip
     start_step = state["step"]
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: lr_factor(cfg, start_step + i))
     engine, _, _, _ = deepspeed.initialize(model=module, optimizer=opt, lr_scheduler=sched,
                                            config=deepspeed_config(cfg, world))  # fmt: skip
+    # AdamW's state exists from the start and is linked to ZeRO's fragments now: a parameter group without
+    # gradients at the first step (the language model during optim.ground_first_steps) would stay unlinked
+    zero.ensure_optimizer_state(engine)
     if resume:
         load_checkpoint(engine, resume)
     dataset = TurnDataset(cfg, base)
@@ -358,6 +365,13 @@ def train(cfg: CaptionerConfig) -> int:
                 bar.set_postfix(loss=f"{shown:.3f}", refresh=False)
             elif step % cfg.run.log_every == 0:
                 print(f"step {step} loss {res['loss']:.4f} ({seconds:.0f}s)", flush=True)
+        out_of_time = bool(cfg.run.max_minutes) and seconds - state["train_seconds"] > cfg.run.max_minutes * 60
+        if _all_reduce([1.0 if out_of_time else 0.0], dist.ReduceOp.MAX)[0]:
+            if rank == 0:
+                print(f"[captioner] run.max_minutes {cfg.run.max_minutes} reached at step {step}: stopping, "
+                      "exporting what there is", flush=True)  # fmt: skip
+            fixed["stopped_early"] = True
+            break
         stopping = stop.agreed()
         if step % cfg.run.save_every == 0 or stopping:
             folder = save_checkpoint(engine, run_dir, current(), cfg.run.keep_last)
