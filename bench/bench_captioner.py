@@ -29,12 +29,12 @@ sys.path.insert(0, str(ROOT))
 from bench._results import save  # noqa: E402
 
 
-def caption_and_eval(model: str, data: Path, out: Path, max_pixels: int) -> dict:
+def caption_and_eval(model: str, data: Path, out: Path, max_pixels: int, *extra: str) -> dict:
     from datagen.answer_key import evaluate_folder
     from unicap import eval_captions
 
     cmd = [str(Path(sys.executable).with_name("unicap")), "caption", "--input", str(data), "--output", str(out),
-           "--model", model, "--max-pixels", str(max_pixels), "--batch-size", "32"]  # fmt: skip
+           "--model", model, "--max-pixels", str(max_pixels), "--batch-size", "32", *extra]  # fmt: skip
     t0 = time.time()
     r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
     seconds = time.time() - t0
