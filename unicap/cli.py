@@ -35,6 +35,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "pack": ("pipelines.pack", "pack a stage's images (resized to its buckets) and captions into training shards"),
     "validate": ("unicap.validate_cmd", "check caption Parquet files against the caption record"),
     "eval-captions": ("datagen.answer_key", "score captions against the synthetic answer key (recall, hallucination)"),
+    "report": ("unicap.report", "one self-contained HTML page about a run folder (funnel, captions, scores, training)"),
     "sample": ("train.sample", "generate images from a Next-DiT checkpoint"),
     "train-captioner": ("train.captioner.launch", "fine-tune a Qwen2-VL captioner on caption Parquet (DeepSpeed)"),
 }
