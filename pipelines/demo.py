@@ -1,42 +1,85 @@
-"""`make demo`: the offline end-to-end run on the built-in synthetic data set.
+"""`make demo`: the whole Lumina-Image 2.0 recipe, offline, on the built-in synthetic data set.
 
-Steps run in order and each resumes (re-running `make demo` redoes only what is missing):
-  1. synth   render the synthetic data set (shards + ground-truth captions in the caption schema)
-  2. read    read every shard back through the Ray Data shard reader, decode every image
-  3. caption the captioning job (Ray Data + vLLM) with the tiny random Qwen2-VL, built offline:
-             it writes noise, so its rows are recorded failures (truncated); the ground truth in
-             data/truth stands in for good captions in later steps. Real runs: --model Qwen/...
-  4. score   CLIP scores of the ground-truth captions (the stand-in for good captions), a random
-             aesthetic head, embeddings, exact duplicates (tiny random CLIP: near-dedup off)
-  5. stages  stage1 / stage2 / stage3 manifests and the funnel (DuckDB)
-  6. stage1, stage2, stage3   pack each stage and train Next-DiT on it with DeepSpeed (2 ranks, the CPU
-             configs in train/configs/), each from the previous stage's final weights; sample grids
-             from fixed prompts land in runs/<stage>/samples/
-Quiet by default: one line per step on the terminal, each step's full log (Ray, vLLM, DeepSpeed) in
-<workdir>/logs/<step>.log; VERBOSE=1 shows everything.
+Steps run in order; each one resumes, and a re-run of `make demo` redoes only what is missing:
+  synth      render a training pool (data/) and a held-out set (heldout/), both with their answer key (*/truth)
+  read       read every pool shard back through the Ray Data shard reader and decode every image
+  captioner  the tiny UniCap: a Qwen2-VL trained here on synthetic images (train.captioner.tiny; cached per machine)
+  caption    caption the pool and the held-out set with it: the real job (Ray Data + vLLM) -> captions/, heldout_captions/
+  eval       eval-captions: the held-out captions against the answer key (recall, hallucination, language)
+  score      CLIP / aesthetic scores of the model's captions, embeddings, duplicates (tiny random CLIP)
+  stages     stage1 / stage2 / stage3 manifests and the funnel (DuckDB)
+  stage1..3  pack each stage and train Next-DiT on it with DeepSpeed (2 ranks, train/configs/stage*_cpu.yaml),
+             each from the previous stage's final weights; sample grids in runs/<stage>/samples/
+  adherence  prompt adherence (GenEval-style, judged against the answer key) of stage1 and stage3 weights
+  report     report.html: funnel, caption statistics and accuracy, scores, gallery, loss curves, samples, adherence
+Quiet by default: one line per step on the terminal (a progress bar while training), each step's full log (Ray,
+vLLM, DeepSpeed) in <workdir>/logs/<step>.log; VERBOSE=1 shows everything. `--preset quick` is the same flow on
+less data and shorter training (what the test suite runs).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import subprocess
 import sys
+import threading
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
-STEPS = ("synth", "read", "caption", "score", "stages", "stage1", "stage2", "stage3")
-NOT_YET = ["a trained captioner (the captions above are the tiny random model's)", "unicap report"]
+ROOT = Path(__file__).resolve().parents[1]
+STEPS = ("synth", "read", "captioner", "caption", "eval", "score", "stages", "stage1", "stage2", "stage3",
+         "adherence", "report")  # fmt: skip
+POOL_SEED, HELDOUT_SEED = 0, 7777  # the tiny captioner trains on seed 1000's images: both sets are new to it
+# The demo trains at 64 / 128 px (train/configs/stage*_cpu.yaml), a quarter of the paper's 256 / 1024 px, so
+# stage2's minimum side is scaled down too (the default 1024 would leave stage2 a handful of images).
+STAGE_RULES = {"stage2": {"min_side": 480}}
 
 
-def step_synth(work: Path, n: int) -> None:
+@dataclass(frozen=True)
+class Preset:
+    pool: int  # synthetic training images
+    heldout: int  # held-out images (caption accuracy, adherence prompts)
+    captioner: tuple[str, ...] = ()  # overrides of train/configs/captioner_tiny.yaml (a separate cache entry)
+    train: dict[str, tuple[str, ...]] = field(default_factory=dict)  # trainer overrides per stage
+    adherence: int = 32  # held-out prompts judged per weights
+
+
+def _quick_captioner() -> tuple[str, ...]:
+    from train.captioner.tiny import SHORT_RECIPE
+
+    return SHORT_RECIPE
+
+
+PRESETS = {
+    "full": lambda: Preset(pool=160, heldout=40),
+    "quick": lambda: Preset(
+        pool=48,
+        heldout=16,
+        captioner=_quick_captioner(),
+        adherence=8,
+        train={
+            s: ("run.steps=6", "run.save_every=3", "run.log_every=2") for s in ("stage1", "stage2", "stage3")
+        },
+    ),  # fmt: skip
+}
+
+
+# ---------------------------------------------------------------- steps
+
+
+def step_synth(work: Path, p: Preset) -> None:
     from datagen.synth import synth
 
-    synth(str(work / "data"), n, seed=0, shard_size=32)
-    print(f"[synth] {n} images under {work / 'data'}; truth in {work / 'data' / 'truth'}")
+    synth(str(work / "data"), p.pool, seed=POOL_SEED, shard_size=64)
+    synth(str(work / "heldout"), p.heldout, seed=HELDOUT_SEED, shard_size=64)
+    print(f"[synth] {p.pool} pool images under {work / 'data'}, {p.heldout} held-out under {work / 'heldout'}; "
+          "answer keys in */truth")  # fmt: skip
 
 
-def step_read(work: Path, n: int) -> None:
+def step_read(work: Path, p: Preset) -> None:
     import ray
 
     from datagen.shards import read_shards
@@ -45,36 +88,76 @@ def step_read(work: Path, n: int) -> None:
 
     runtime.init_ray(quiet=True)
     try:
+
         def decode(batch: dict) -> dict:
             results = [decode_image(b) for b in batch["image"]]
-            return {"key": batch["key"], "ok": [r.ok for r in results], "width": [r.width for r in results]}
+            return {"key": batch["key"], "ok": [r.ok for r in results]}
 
         rows = read_shards(work / "data").map_batches(decode, batch_size=16).take_all()
     finally:
         ray.shutdown()
     keys = {r["key"] for r in rows}
-    if not len(keys) == len(rows) == n:
-        raise RuntimeError(f"expected {n} unique images, read {len(rows)} ({len(keys)} unique): remove {work} and rerun")
+    if not len(keys) == len(rows) == p.pool:
+        raise RuntimeError(
+            f"expected {p.pool} unique images, read {len(rows)} ({len(keys)} unique): remove {work} and rerun"
+        )
     if not all(r["ok"] for r in rows):
         raise RuntimeError(f"a synthetic image failed to decode: remove {work} and rerun")
     print(f"[read] Ray Data read and decoded {len(rows)} images, each once")
 
 
-def step_caption(work: Path) -> None:
+def step_captioner(work: Path, p: Preset) -> None:
+    from train.captioner import tiny
+
+    cached = tiny.cached_captioner(overrides=p.captioner)
+    folder = cached or tiny.tiny_captioner(overrides=p.captioner)
+    mark = json.loads((folder / "unicap_tiny.json").read_text())
+    (work / "captioner.json").write_text(json.dumps({"model": str(folder), "max_pixels": tiny.max_pixels(overrides=p.captioner),
+                                                    "recipe": str(tiny.CONFIG.relative_to(ROOT)), **mark}, indent=1))  # fmt: skip
+    how = "cached" if cached else "trained now"
+    print(
+        f"[captioner] tiny UniCap ({how}): {mark['steps']} steps, {mark['train_seconds']:.0f}s of training; {folder}"
+    )
+
+
+def _captioner(work: Path) -> dict:
+    path = work / "captioner.json"
+    if not path.exists():
+        raise RuntimeError("the captioner step has not run: run the demo without --step, or --step captioner")
+    return json.loads(path.read_text())
+
+
+def step_caption(work: Path, p: Preset) -> None:
     from pipelines.caption import CaptionJobConfig, run_job
 
-    tokens = {"long": 48, "medium": 32, "short": 16, "tags": 16}  # the random model never stops by itself
-    job = CaptionJobConfig(input=str(work / "data"), output=str(work / "captions"), model="tiny",
-                           max_pixels=224 * 224, max_retries=0, max_tokens=tokens)  # fmt: skip
-    engine, caption = job.configs()
-    s = run_job(job.input, job.output, engine, caption, batch_size=job.batch_size)
-    r = s["last_run"]
-    print(f"[caption] {s['rows']} rows in {s['shards']} shards under {work / 'captions'} "
-          f"(this run: {r['images']} images, {r['images_per_s']} images/s); status {s['status']}, "
-          f"failures {s['failures_by_reason']}")  # fmt: skip
+    cap = _captioner(work)
+    for src, dst in (("data", "captions"), ("heldout", "heldout_captions")):
+        job = CaptionJobConfig(input=str(work / src), output=str(work / dst), model=cap["model"],
+                               max_pixels=cap["max_pixels"], batch_size=16)  # fmt: skip
+        engine, caption = job.configs()
+        s = run_job(job.input, job.output, engine, caption, batch_size=job.batch_size)
+        r = s["last_run"]
+        print(f"[caption] {src}: {s['rows']} rows under {work / dst} (this run: {r['images']} images, "
+              f"{r['images_per_s']} images/s); status {s['status']}, failures {s['failures_by_reason'] or 'none'}")  # fmt: skip
 
 
-def step_score(work: Path) -> None:
+def step_eval(work: Path, p: Preset) -> None:
+    from datagen.answer_key import evaluate_folder
+    from unicap.atomic import write_json
+    from unicap.eval_captions import format_table
+
+    m = evaluate_folder(work / "heldout_captions", work / "heldout")
+    write_json(m, work / "heldout_captions" / "_eval.json")
+    print(format_table(m))
+    cols = m["columns"].values()
+    low = {k: min(c["kinds"][k]["recall"] or 0.0 for c in cols) for k in ("colour", "shape", "background")}
+    chair = max(c["hallucination"]["instance_rate"] or 0.0 for c in cols)
+    print(f"[eval] held-out captions vs the answer key: ok {m['ok_share']:.2f}; lowest recall over level x language: "
+          + ", ".join(f"{k} {v:.2f}" for k, v in low.items())
+          + f"; object hallucination up to {chair:.2f}; {work / 'heldout_captions' / '_eval.json'}")  # fmt: skip
+
+
+def step_score(work: Path, p: Preset) -> None:
     from PIL import Image
 
     from pipelines.score import ScoreConfig, run_job
@@ -82,61 +165,178 @@ def step_score(work: Path) -> None:
 
     dim = ClipScorer("tiny").embed_images([Image.new("RGB", (32, 32))]).shape[1]
     cfg = ScoreConfig(clip="tiny", aesthetic=str(tiny_aesthetic_head(dim)), batch_size=32, near_dedup=False)
-    s = run_job(work / "data", work / "data" / "truth", work / "scores", cfg)
-    print(f"[score] {s['rows']} rows in {s['shards']} shards under {work / 'scores'}; "
+    s = run_job(work / "data", work / "captions", work / "scores", cfg)
+    print(f"[score] the model's captions: {s['rows']} rows under {work / 'scores'}; "
           f"duplicates {s['last_run'].get('duplicates')}")  # fmt: skip
 
 
-def step_stages(work: Path) -> None:
+def step_stages(work: Path, p: Preset) -> None:
     from pipelines.stages import print_funnel, select_stages
 
-    f = select_stages(work / "scores", work / "stages", "1.0", "0.5", "0.5", shards_dir=str(work / "data"))
+    f = select_stages(work / "scores", work / "stages", "1.0", "0.5", "0.5", rules=STAGE_RULES,
+                      shards_dir=str(work / "data"))  # fmt: skip
     print_funnel(f)
     print(f"[stages] manifests under {work / 'stages'}")
 
 
-def step_train(work: Path, stage: str) -> None:
+def step_train(work: Path, p: Preset, stage: str) -> None:
     """`make <stage>`'s path: train.launch packs the stage and starts 2 DeepSpeed ranks (torchrun)."""
-    import json
-
     final = work / "runs" / stage / "final" / "state.json"
     if final.exists():
         print(f"[{stage}] already trained: {final.parent}")
         return
+    quiet = os.environ.get("VERBOSE", "") in ("", "0")
     cmd = [sys.executable, "-m", "train.launch", "--stage", stage, "--config", f"train/configs/{stage}_cpu.yaml",
-           "--data", str(work), "--nproc", "2", "--", "run.progress=false"]  # fmt: skip
-    r = subprocess.run(cmd, env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])})
+           "--data", str(work), "--nproc", "2", "--", f"run.progress={str(not quiet).lower()}",
+           *p.train.get(stage, ())]  # fmt: skip
+    r = subprocess.run(cmd, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)})
     if r.returncode != 0 or not final.exists():
         raise RuntimeError(f"{stage}: training failed (exit {r.returncode})")
     state = json.loads(final.read_text())
-    loss = [json.loads(line)["loss"] for line in (work / "runs" / stage / "metrics.jsonl").read_text().splitlines()]
+    loss = [
+        json.loads(line)["loss"]
+        for line in (work / "runs" / stage / "metrics.jsonl").read_text().splitlines()
+    ]
     loss = [x for x in loss if x is not None]
     print(f"[{stage}] {state['step']} steps, {state['samples_seen']} samples ({state['skipped_samples']} skipped), "
           f"loss {loss[0]:.3f} -> {loss[-1]:.3f}; weights {final.parent}, samples {work / 'runs' / stage / 'samples'}")  # fmt: skip
 
 
-def run_step(work: Path, step: str, n: int) -> None:
-    {"synth": lambda: step_synth(work, n), "read": lambda: step_read(work, n), "caption": lambda: step_caption(work),
-     "score": lambda: step_score(work), "stages": lambda: step_stages(work)}.get(step, lambda: step_train(work, step))()  # fmt: skip
+def step_adherence(work: Path, p: Preset) -> None:
+    cmd = [sys.executable, "-m", "train.adherence", "--truth", str(work / "heldout"), "--out", str(work / "adherence"),
+           "--n", str(p.adherence)]  # fmt: skip
+    for stage in ("stage1", "stage3"):
+        cmd += ["--weights", f"{stage}={work / 'runs' / stage / 'final'}"]
+    r = subprocess.run(
+        cmd, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)}, capture_output=True, text=True
+    )
+    print(r.stdout + r.stderr, end="")
+    if r.returncode != 0:
+        raise RuntimeError(f"adherence failed (exit {r.returncode})")
+    rows = json.loads((work / "adherence" / "adherence.json").read_text())["rows"]
+    for name, accs in rows.items():
+        shown = ", ".join(f"{k} {v:.2f}" for k, v in accs.items() if v is not None)
+        print(f"[adherence] {name}: {shown}")
+    print(f"[adherence] {work / 'adherence' / 'adherence.json'}")
 
 
-def run_quietly(work: Path, step: str, n: int) -> float:
+def step_report(work: Path, p: Preset) -> None:
+    out = work / "report.html"
+    r = subprocess.run([sys.executable, "-m", "unicap.cli", "report", "--data", str(work), "--truth", str(work / "heldout"),
+                        "--out", str(out)], cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)})  # fmt: skip
+    if r.returncode != 0 or not out.exists():
+        raise RuntimeError(f"report failed (exit {r.returncode})")
+    print(f"[report] {out.resolve()} ({out.stat().st_size // 1024} KiB): open it in a browser")
+
+
+def run_step(work: Path, step: str, p: Preset) -> None:
+    fn = globals().get(f"step_{step}")
+    fn(work, p) if fn else step_train(work, p, step)
+
+
+# ---------------------------------------------------------------- running quietly
+
+
+# Each step's outputs: present (and the step's own log says it finished) -> the step is skipped on a re-run
+# without starting a process. A step whose outputs are missing runs, and the job inside resumes by itself.
+def outputs(work: Path, step: str) -> list[Path]:
+    return {
+        "synth": [work / "data" / "truth", work / "heldout" / "truth"],
+        "read": [],
+        "captioner": [work / "captioner.json"],
+        "caption": [work / "captions" / "_summary.json", work / "heldout_captions" / "_summary.json"],
+        "eval": [work / "heldout_captions" / "_eval.json"],
+        "score": [work / "scores" / "_summary.json"],
+        "stages": [work / "stages" / "funnel.json"],
+        "adherence": [work / "adherence" / "adherence.json"],
+        "report": [work / "report.html"],
+    }.get(step, [work / "runs" / step / "final" / "state.json"])
+
+
+def _done_file(work: Path, step: str) -> Path:
+    return work / "logs" / f"{step}.done"
+
+
+def is_done(work: Path, step: str, preset: str) -> bool:
+    done = _done_file(work, step)
+    return (
+        done.exists() and done.read_text().strip() == preset and all(o.exists() for o in outputs(work, step))
+    )
+
+
+def progress_source(work: Path, step: str, p: Preset) -> tuple[Path, int] | None:
+    """(metrics.jsonl, total steps) of a training step, for the progress line; None for other steps."""
+    if step == "captioner":
+        from train.captioner import tiny
+
+        return tiny.run_folder(overrides=p.captioner) / "metrics.jsonl", tiny.total_steps(
+            overrides=p.captioner
+        )
+    if step.startswith("stage"):
+        from train.config import load
+
+        cfg = load(ROOT / "train" / "configs" / f"{step}_cpu.yaml", list(p.train.get(step, ())))
+        return work / "runs" / step / "metrics.jsonl", cfg.run.steps
+    return None
+
+
+def _watch(stop: threading.Event, metrics: Path, total: int, step: str) -> None:
+    """A progress line from the step's metrics.jsonl while the child runs (the child's own bar is in its log).
+
+    On a terminal the line is rewritten in place; otherwise (a log, CI) a line at each quarter of the steps."""
+    t0, last, tty, quarter = time.time(), "", sys.stderr.isatty(), 0
+    while not stop.wait(2.0):
+        try:
+            lines = metrics.read_text().splitlines()
+            row = json.loads(lines[-1]) if lines else {}
+        except (OSError, ValueError):
+            row = {}
+        n = row.get("step")
+        if n is None:
+            continue
+        loss = f", loss {row['loss']:.4f}" if isinstance(row.get("loss"), float) else ""
+        eta = f", ~{(time.time() - t0) / n * (total - n):.0f}s left" if total and n else ""
+        line = f"  [{step}] step {n}/{total or '?'}{loss}, {time.time() - t0:.0f}s{eta}"
+        if tty:
+            print("\r" + line.ljust(len(last)), end="", file=sys.stderr, flush=True)
+            last = line
+        elif total and n * 4 >= (quarter + 1) * total:
+            quarter = n * 4 // total
+            print(line, file=sys.stderr, flush=True)
+    if last:
+        print(file=sys.stderr)
+
+
+def run_quietly(work: Path, step: str, preset: str) -> float:
     """The step in a child process, its output to logs/<step>.log; the terminal gets its [step] lines."""
     t0 = time.time()
     log = work / "logs" / f"{step}.log"
     log.parent.mkdir(parents=True, exist_ok=True)
-    cmd = [sys.executable, "-m", "pipelines.demo", "--workdir", str(work), "--n", str(n), "--step", step]
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    _done_file(work, step).unlink(missing_ok=True)
+    cmd = [sys.executable, "-m", "pipelines.demo", "--workdir", str(work), "--preset", preset, "--step", step]
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    source = progress_source(work, step, PRESETS[preset]())
+    stop = threading.Event()
+    watcher = threading.Thread(target=_watch, args=(stop, *source, step), daemon=True) if source else None
     with open(log, "w") as f:
-        r = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, env=env)
+        child = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
+        if watcher:
+            watcher.start()
+        rc = child.wait()
+    stop.set()
+    if watcher:
+        watcher.join()
     lines = log.read_text(errors="replace").splitlines()
     funnel = ("stages:", "  - ", "  stage") if step == "stages" else ()
     shown = [ln for ln in lines if ln.startswith((f"[{step}]", *funnel)) and f"[{step}] done:" not in ln]
+    if step == "eval":  # its table, as `unicap eval-captions` prints it
+        shown = lines
     for ln in shown:
         print(ln)
-    if r.returncode != 0:
+    if rc != 0:
         tail = "\n".join(lines[-15:])
-        raise SystemExit(f"demo: step {step} failed (exit {r.returncode}); log {log}:\n{tail}")
+        raise SystemExit(f"demo: step {step} failed (exit {rc}); log {log}:\n{tail}")
+    _done_file(work, step).write_text(preset)
     dt = time.time() - t0
     print(f"  ({step}: {dt:.1f}s, log {log})", flush=True)
     return dt
@@ -145,25 +345,38 @@ def run_quietly(work: Path, step: str, n: int) -> float:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--workdir", default="demo", help="where the demo writes (default ./demo)")
-    p.add_argument("--n", type=int, default=64, help="synthetic images (default 64)")
+    p.add_argument("--preset", choices=sorted(PRESETS), default="full",
+                   help="full (default): the demo; quick: less data and training (the test suite's)")  # fmt: skip
     p.add_argument("--step", choices=STEPS, default=None, help="run one step only (what the quiet mode does)")
     args = p.parse_args(argv)
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    work = Path(args.workdir)
+    os.environ.setdefault("UNICAP_CACHE", str(ROOT / ".cache"))
+    work = Path(args.workdir).resolve()
+    preset = PRESETS[args.preset]()
     if args.step:
-        run_step(work, args.step, args.n)
+        run_step(work, args.step, preset)
         return 0
     t0 = time.time()
     verbose = os.environ.get("VERBOSE", "") not in ("", "0")
+    times = {}
     for step in STEPS:
+        if not verbose and is_done(work, step, args.preset):
+            print(
+                f"[{step}] done before: {', '.join(str(o) for o in outputs(work, step)) or 'nothing to redo'}"
+            )
+            continue
+        t = time.time()
         if verbose:
-            run_step(work, step, args.n)
+            run_step(work, step, preset)
         else:
-            run_quietly(work, step, args.n)
-    print(f"demo: done in {time.time() - t0:.1f}s. Inspect: pandas.read_parquet({str(work / 'captions')!r}), "
-          f"ground truth: pandas.read_parquet({str(work / 'data' / 'truth')!r}), "
-          f"trained weights {work / 'runs' / 'stage3' / 'final'}")  # fmt: skip
-    print("demo: not built yet: " + "; ".join(NOT_YET))
+            run_quietly(work, step, args.preset)
+        times[step] = round(time.time() - t, 1)
+    total = time.time() - t0
+    (work / "logs").mkdir(parents=True, exist_ok=True)
+    (work / "logs" / "times.json").write_text(json.dumps({"preset": args.preset, "seconds": round(total, 1),
+                                                          "steps": times}, indent=1))  # fmt: skip
+    print(f"demo: done in {total:.1f}s. Open {work / 'report.html'}; captions: pandas.read_parquet({str(work / 'captions')!r}); "
+          f"answer key: pandas.read_parquet({str(work / 'data' / 'truth')!r}); weights {work / 'runs' / 'stage3' / 'final'}")  # fmt: skip
     return 0
 
 

@@ -344,6 +344,8 @@ def train(cfg: TrainConfig) -> int:
         for k in ("batches_consumed", "samples_seen", "skipped_samples", "skipped_steps")
     }
     base = ckpt.base_state(cfg, engine.module, world)
+    # the weights this stage started from (kept across resumes): the stage chain is auditable from state.json
+    base["initialised_from"] = start.get("initialised_from") if start else (str(init.resolve()) if init else None)
     if rank == 0:
         run_dir.mkdir(parents=True, exist_ok=True)
         uconfig.save(cfg, run_dir / "config.yaml")

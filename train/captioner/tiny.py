@@ -24,6 +24,9 @@ from unicap.tiny_build import DONE_MARK, cache_root, cached
 
 CONFIG = Path(__file__).resolve().parents[1] / "configs" / "captioner_tiny.yaml"
 TINY_CAPTIONER_VERSION = "1"
+# A short version of the recipe (a few minutes on 2 cores): the test suite and `make demo --preset quick` train it,
+# and share its cache entry. Its accuracy is far below the full recipe's (see tests/train/captioner/test_tiny.py).
+SHORT_RECIPE = ("run.steps=400", "optim.ground_first_steps=100", "data.single_group_until=3200")
 
 
 def _tag(config: Path, overrides: tuple[str, ...]) -> str:
@@ -39,6 +42,15 @@ def cached_captioner(
     return path if (path / DONE_MARK).exists() else None
 
 
+def run_folder(config: Path = CONFIG, overrides: tuple[str, ...] = (), root: Path | None = None) -> Path:
+    """Where the recipe trains (checkpoints, metrics.jsonl): an interrupted training resumes from here."""
+    return (root or cache_root()) / f"tiny-captioner-{_tag(config, overrides)}.run"
+
+
+def total_steps(config: Path = CONFIG, overrides: tuple[str, ...] = ()) -> int:
+    return load_config(config, list(overrides)).run.steps
+
+
 def max_pixels(config: Path = CONFIG, overrides: tuple[str, ...] = ()) -> int:
     """The resolution the recipe trains at: give it to `unicap caption --max-pixels`."""
     return load_config(config, list(overrides)).data.max_pixels
@@ -48,7 +60,7 @@ def tiny_captioner(config: Path = CONFIG, overrides: tuple[str, ...] = (), root:
                    nproc: int = 1) -> Path:  # fmt: skip
     """The tiny captioner's model folder, trained (through `unicap train-captioner`'s launcher) if absent."""
     name = f"tiny-captioner-{_tag(config, overrides)}"
-    run_dir = (root or cache_root()) / f"{name}.run"
+    run_dir = run_folder(config, overrides, root)
 
     def build(tmp: Path) -> None:
         cmd = [sys.executable, "-m", "train.captioner.launch", "--config", str(config), "--nproc", str(nproc),

@@ -50,6 +50,10 @@ STATE_KEYS: dict[str, type | tuple[type, ...]] = {
     "vae": str,
     "config": dict,  # the resolved TrainConfig
 }
+# written by the trainer, optional when reading (folders from train.convert / save_weights lack it)
+OPTIONAL_STATE_KEYS: dict[str, type | tuple[type, ...]] = {
+    "initialised_from": (str, type(None)),  # the final/ folder the stage started from (null: random init)
+}
 
 
 class CheckpointError(ValueError):

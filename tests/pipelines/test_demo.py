@@ -1,0 +1,105 @@
+"""`make demo` end to end (PRESET=quick: the same flow on less data and training), then a re-run that redoes nothing.
+
+The real target through make: synth -> read -> the tiny captioner (the short recipe, shared with
+tests/train/captioner/test_tiny.py through the machine's cache) -> the caption job on the pool and the held-out set ->
+eval-captions -> scores of the model's captions -> stages -> stage1/2/3 with DeepSpeed -> adherence -> report.
+"""
+
+import json
+import os
+import subprocess
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+
+from unicap.contract import caption as caption_record
+
+ROOT = Path(__file__).resolve().parents[2]
+STEPS = ("synth", "read", "captioner", "caption", "eval", "score", "stages", "stage1", "stage2", "stage3",
+         "adherence", "report")  # fmt: skip
+
+
+def make_demo(work: Path) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if k not in ("MAKEFLAGS", "MFLAGS", "VERBOSE")}
+    return subprocess.run(["make", "--no-print-directory", "demo", "PRESET=quick", f"DEMO_DIR={work}"], cwd=ROOT,
+                          env=env, capture_output=True, text=True, timeout=1800)  # fmt: skip
+
+
+def rows(folder: Path) -> int:
+    return sum(pq.read_metadata(f).num_rows for f in sorted(folder.glob("*.parquet")))
+
+
+def outputs_and_mtimes(work: Path) -> dict[str, float]:
+    skip = ("logs",)
+    return {str(p.relative_to(work)): p.stat().st_mtime for p in work.rglob("*")
+            if p.is_file() and p.relative_to(work).parts[0] not in skip}  # fmt: skip
+
+
+@pytest.mark.slow
+def test_make_demo_end_to_end_then_nothing_redone(tmp_path):
+    work = tmp_path / "demo"
+    r = make_demo(work)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    out = r.stdout
+    for step in STEPS:  # one line per step with its time and log, quiet otherwise
+        assert f"({step}: " in out, (step, out[-2000:])
+    assert len(out.splitlines()) < 150, out  # the Ray / vLLM / DeepSpeed logs went to files
+    assert (work / "logs" / "stage1.log").stat().st_size > 0
+
+    # synth and captions: every image once, captions written by the trained model, valid records
+    assert rows(work / "data") == 48 and rows(work / "heldout") == 16
+    for folder, n in (("captions", 48), ("heldout_captions", 16)):
+        table = pq.read_table(work / folder)
+        caption_record.validate(table)
+        assert table.num_rows == n and len(set(table.column("key").to_pylist())) == n
+        models = set(table.column("model").to_pylist())
+        assert len(models) == 1 and "tiny-captioner" in models.pop()
+        statuses = table.column("status").to_pylist()
+        assert statuses.count("ok") >= 0.7 * n, (
+            statuses
+        )  # the short recipe: 1.0 measured on 16 held-out images
+
+    # caption accuracy on the held-out set, above what an untrained model reaches (test_tiny.py's floors)
+    m = json.loads((work / "heldout_captions" / "_eval.json").read_text())
+    assert m["rows"] == 16 and m["ok_share"] >= 0.7
+    for column in m["columns"].values():
+        assert column["right_language"] >= 0.85 and column["kinds"]["background"]["recall"] >= 0.7, column
+
+    # scores are of the model's captions, stages nest and are not empty
+    scores = pq.read_table(work / "scores")
+    assert scores.num_rows == 48
+    stage = {s: set(pq.read_table(work / "stages" / f"{s}.parquet").column("key").to_pylist())
+             for s in ("stage1", "stage2", "stage3")}  # fmt: skip
+    assert stage["stage3"] and stage["stage3"] <= stage["stage2"] <= stage["stage1"], {
+        k: len(v) for k, v in stage.items()
+    }
+    assert len(stage["stage2"]) >= 8, len(stage["stage2"])
+
+    # each stage trained from the previous one's final weights, with samples
+    for name, parent in (("stage1", None), ("stage2", "stage1"), ("stage3", "stage2")):
+        run = work / "runs" / name
+        state = json.loads((run / "final" / "state.json").read_text())
+        assert state["step"] == 6
+        init = state["initialised_from"]
+        assert (
+            (init is None)
+            if parent is None
+            else Path(init).resolve() == (work / "runs" / parent / "final").resolve()
+        )
+        assert list((run / "samples").glob("*.png")), name
+
+    adherence = json.loads((work / "adherence" / "adherence.json").read_text())
+    assert set(adherence["rows"]) >= {"truth images", "stage1", "stage3"}
+    assert adherence["rows"]["truth images"]["background"] >= 0.9  # the judge sees what was drawn
+    html = (work / "report.html").read_text()
+    assert "<img" in html and "stage3" in html
+
+    # a second run redoes nothing and writes nothing
+    before = outputs_and_mtimes(work)
+    r2 = make_demo(work)
+    assert r2.returncode == 0, r2.stdout[-3000:] + r2.stderr[-3000:]
+    for step in STEPS:
+        assert f"[{step}] done before" in r2.stdout, (step, r2.stdout)
+    assert json.loads((work / "logs" / "times.json").read_text())["steps"] == {}
+    assert outputs_and_mtimes(work) == before
