@@ -59,6 +59,7 @@ lint: $(STAMP)
 
 test: $(STAMP)
 	$(VENV)/bin/ruff check .
+	bash tools/ensure_chromium.sh
 	$(PY) -m pytest -q -ra $(PYTEST_ARGS)
 
 demo: $(STAMP)

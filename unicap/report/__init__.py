@@ -1,7 +1,7 @@
 """`unicap report`: one self-contained HTML page about a run folder.
 
     unicap report --data demo --out report.html
-    unicap report --data /data/run1 --out run1.html --truth /data/run1/data   # score the pool's captions too
+    unicap report --data demo --out report.html --truth demo/heldout --truth demo/data  # score captions here
 
 The page (images inlined as data URIs, no script, nothing loaded from elsewhere) shows the funnel from
 ingest to stage3 with the reason for every drop, caption statuses, lengths and failures, caption accuracy
@@ -13,8 +13,9 @@ captions, training loss curves, sample grids and prompt adherence. It reads the 
 
 A part that is missing becomes a section that says so and how to produce it. The report only reads:
 collect.py reads the folders into plain dicts, plots.py draws the figures (matplotlib), page.py writes
-the HTML. `--truth DIR` (a synthetic set: `unicap synth --out DIR`'s DIR or DIR/truth) scores DIR/captions
-with unicap.eval_captions, as `unicap eval-captions` does.
+the HTML. `--truth T` (a synthetic set: `unicap synth --out T`'s T or T/truth) scores each caption folder of
+the run whose keys are in T's answer key (heldout_captions/, captions/) with unicap.eval_captions, as
+`unicap eval-captions` does; without it, the folders' `_eval.json` are shown.
 """
 
 from __future__ import annotations
@@ -22,29 +23,31 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from collections.abc import Iterable
 from pathlib import Path
 
-from unicap.atomic import atomic_path
+from unicap.atomic import atomic_path, visible_parquet_files
+from unicap.report import collect, page
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", required=True, help="the run folder (e.g. the demo's `demo`)")
     p.add_argument("--out", required=True, help="the HTML file to write (e.g. report.html)")
-    p.add_argument("--truth", default=None, help="a synthetic set (synth's DIR or DIR/truth): score the run's "
-                   "captions against its answer key")  # fmt: skip
+    p.add_argument("--truth", action="append", default=[], metavar="DIR",
+                   help="a synthetic set's answer key (synth's DIR or DIR/truth), e.g. DIR/heldout or DIR/data: the "
+                   "run's caption folders with keys in it are scored against it (repeat for several)")  # fmt: skip
 
 
-def build(data: str | Path, truth: str | Path | None = None, on_error=None) -> tuple[str, dict]:
+def build(data: str | Path, truth: Iterable[str | Path] = (), on_error=None) -> tuple[str, dict]:
     """(the page, the collected report) of run folder `data`."""
-    from unicap.report import collect, page
-
     report = collect.collect(data, truth, on_error=on_error)
     return page.render(report), report
 
 
 def run(args: argparse.Namespace) -> int:
-    if args.truth is not None and not Path(args.truth).exists():
-        raise FileNotFoundError(f"--truth {args.truth}: no such folder")
+    for truth in args.truth:
+        if not visible_parquet_files(collect.truth_paths(truth)[0]):
+            raise FileNotFoundError(f"--truth {truth}: no answer key there (give `unicap synth --out DIR`'s DIR or DIR/truth)")
     debug = os.environ.get("UNICAP_DEBUG", "") not in ("", "0")
 
     def on_error(name: str, e: Exception) -> None:

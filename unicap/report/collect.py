@@ -7,12 +7,9 @@ Large tables are sampled (the first rows of every file, up to a bound), and the 
 
 from __future__ import annotations
 
-import base64
-import io
 import json
 import math
 import re
-import tarfile
 from collections import Counter
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
@@ -26,7 +23,7 @@ from unicap.atomic import visible_parquet_files
 from unicap.contract import caption as caption_record
 from unicap.contract import manifest
 from unicap.contract import shards as shard_contract
-from unicap.decode import decode_image
+from unicap.report.images import image_inline, image_uri, read_tar_members, thumbnails
 from unicap.stage_rules import StageRules
 
 CAPTION_SAMPLE = 50_000  # caption rows read for lengths and failure examples
@@ -176,69 +173,6 @@ def caption_levels_languages(files: list[Path]) -> tuple[list[str], list[str]]:
         levels += [x for x in lv if x not in levels]
         languages += [x for x in lang if x not in languages]
     return levels, languages
-
-
-# ---------------------------------------------------------------- images from the shards
-
-
-def data_uri(data: bytes, mime: str) -> str:
-    return f"data:{mime};base64,{base64.b64encode(data).decode('ascii')}"
-
-
-def image_inline(data: bytes, side: int, *, keep_png: bool = False) -> tuple[str, int, int] | None:
-    """An image's bytes -> (data URI of it shrunk to `side` on its long side, width, height); None when
-    the bytes do not decode. JPEG, or PNG for figures whose sharp edges JPEG would blur."""
-    decoded = decode_image(data, max_output_pixels=max(side * side * 4, 64 * 64), min_side=0)
-    if not decoded.ok:
-        return None
-    im = decoded.image
-    im.thumbnail((side, side))
-    buf = io.BytesIO()
-    if keep_png:
-        im.save(buf, format="PNG", optimize=True)
-        return data_uri(buf.getvalue(), "image/png"), im.width, im.height
-    im.save(buf, format="JPEG", quality=85)
-    return data_uri(buf.getvalue(), "image/jpeg"), im.width, im.height
-
-
-def image_uri(data: bytes, side: int) -> str | None:
-    inlined = image_inline(data, side)
-    return inlined[0] if inlined else None
-
-
-def read_tar_members(tar: Path, wanted: set[str], suffixes: tuple[str, ...]) -> dict[str, tuple[str, bytes]]:
-    """key -> (suffix, bytes) of the members `{key}.{suffix}` of a shard tar, for the wanted keys.
-    A truncated tar keeps what came before the cut."""
-    out: dict[str, tuple[str, bytes]] = {}
-    try:
-        with tarfile.open(tar, "r:*") as tf:
-            for m in tf:
-                key, _, suffix = m.name.rpartition(".")
-                if key in wanted and key not in out and suffix.lower() in suffixes and m.isfile() \
-                        and m.size <= shard_contract.MAX_MEMBER_BYTES:  # fmt: skip
-                    f = tf.extractfile(m)
-                    out[key] = (suffix.lower(), f.read() if f else b"")
-                    if len(out) == len(wanted):
-                        break
-    except (tarfile.TarError, OSError, EOFError):
-        pass
-    return out
-
-
-def thumbnails(shard_dir: Path, keys_by_shard: Mapping[str, Iterable[str]], side: int,
-               locations: Mapping[str, str] | None = None) -> dict[str, str | None]:  # fmt: skip
-    """key -> data URI of its image from the shard tars (None: not found or not decodable).
-    `locations`: shard -> tar path recorded in a stage manifest, tried when shard_dir lacks the tar."""
-    out: dict[str, str | None] = {}
-    for shard, keys in keys_by_shard.items():
-        keys = set(keys)
-        tar = shard_contract.tar_path(shard_dir, shard)
-        if not tar.is_file() and locations and locations.get(shard):
-            tar = Path(locations[shard])
-        found = read_tar_members(tar, keys, shard_contract.IMAGE_EXTENSIONS) if tar.is_file() else {}
-        for key in keys:
-            out[key] = image_uri(found[key][1], side) if key in found else None
-    return out
 
 
 def _by_shard(pairs: Iterable[tuple[str, str]]) -> dict[str, list[str]]:
@@ -402,42 +336,59 @@ def load_scenes(truth: str | Path) -> dict[str, eval_captions.Scene]:
     return scenes
 
 
-def evaluate_against_answer_key(captions: str | Path, truth: str | Path) -> dict:
-    """`unicap eval-captions`' metrics (unicap.eval_captions.evaluate + goal_check) of a caption folder."""
-    files = visible_parquet_files(captions)
-    if not files:
-        raise ValueError(f"{captions}: no caption Parquet files")
+def _evaluate(files: list[Path], scenes: Mapping[str, eval_captions.Scene]) -> dict:
+    """unicap.eval_captions.evaluate + goal_check of caption files, as `unicap eval-captions` reports them."""
     levels, languages = caption_levels_languages(files)
     rows = [r for f in files for r in pq.read_table(f).to_pylist()]
-    metrics = eval_captions.evaluate(rows, load_scenes(truth), levels, languages)
+    metrics = eval_captions.evaluate(rows, scenes, levels, languages)
     metrics["goal"] = eval_captions.goal_check(metrics)
-    metrics["captions"], metrics["truth"] = str(captions), str(truth_paths(truth)[0])
     metrics["models"] = sorted({str(r.get("model")) for r in rows})
     return metrics
 
 
-def collect_accuracy(run: RunFolder, truth: str | Path | None) -> dict:
-    """Caption accuracy tables against the synthetic answer key: the held-out set's _eval.json (computed
-    here when only the held-out shards and captions exist), and the pool's captions against --truth."""
+def evaluate_against_answer_key(captions: str | Path, truth: str | Path) -> dict:
+    """The metrics `unicap eval-captions --captions CAPTIONS --truth TRUTH` writes."""
+    files = visible_parquet_files(captions)
+    if not files:
+        raise ValueError(f"{captions}: no caption Parquet files")
+    metrics = _evaluate(files, load_scenes(truth))
+    metrics["captions"], metrics["truth"] = str(captions), str(truth_paths(truth)[0])
+    return metrics
+
+
+def collect_accuracy(run: RunFolder, truths: list[str | Path]) -> dict:
+    """Caption accuracy against the synthetic answer key, for the held-out captions and the pool's.
+
+    With --truth (one or more answer keys), every caption folder of the run whose keys are in one is scored
+    here; otherwise a folder's `_eval.json` (what `unicap eval-captions` wrote) is shown, and the held-out
+    set is scored here when it has captions and truth but no _eval.json."""
     sec = _section(tables=[])
-    held = run.heldout_captions / "_eval.json"
-    if held.is_file():
-        sec["tables"].append({"title": "held-out synthetic set", "source": str(held), "metrics": _read_json(held)})
-    elif visible_parquet_files(run.heldout_captions) and run.heldout_truth.is_dir():
-        sec["tables"].append({"title": "held-out synthetic set", "source": f"computed now from {run.heldout_captions} "
-                              f"and {run.heldout} (no _eval.json)",
-                              "metrics": evaluate_against_answer_key(run.heldout_captions, run.heldout)})  # fmt: skip
-    pool_eval = run.captions / "_eval.json"
-    if truth is not None:
-        sec["tables"].append({"title": "this run's captions", "source": f"{run.captions} against --truth {truth}",
-                              "metrics": evaluate_against_answer_key(run.captions, truth)})  # fmt: skip
-    elif pool_eval.is_file():
-        sec["tables"].append({"title": "this run's captions", "source": str(pool_eval), "metrics": _read_json(pool_eval)})
-    if not any(t["title"].startswith("held-out") for t in sec["tables"]):
-        sec["missing"].append((f"held-out captions scored against the answer key ({held})", how_to(run)["heldout"]))
-    if truth is None and run.truth.is_dir() and visible_parquet_files(run.captions) and not pool_eval.is_file():
-        sec["notes"].append(f"this pool is synthetic ({run.truth} exists): add `--truth {run.data}` to score "
-                            "its captions against the answer key too")  # fmt: skip
+    answer_keys = {str(t): load_scenes(t) for t in truths}
+    folders = (("held-out synthetic set", run.heldout_captions, run.heldout), ("this run's captions", run.captions, run.data))
+    for title, captions, own_truth in folders:
+        files = visible_parquet_files(captions) if captions.is_dir() else []
+        evaluated = captions / "_eval.json"
+        if files and answer_keys:
+            keys = {k for f in files for k in pq.read_table(f, columns=["key"]).column("key").to_pylist()}
+            matching = [t for t, scenes in answer_keys.items() if keys & scenes.keys()]
+            if matching:
+                scenes = {k: v for t in matching for k, v in answer_keys[t].items()}
+                sec["tables"].append({"title": title, "source": f"{captions} against --truth {', '.join(matching)}",
+                                      "metrics": _evaluate(files, scenes)})  # fmt: skip
+                continue
+            sec["notes"].append(f"{captions}: none of its keys is in the answer key given with --truth"
+                                + (f" (`--truth {own_truth}` scores it)" if (own_truth / "truth").is_dir() else ""))  # fmt: skip
+        if evaluated.is_file():
+            sec["tables"].append({"title": title, "source": str(evaluated), "metrics": _read_json(evaluated)})
+        elif files and captions == run.heldout_captions and run.heldout_truth.is_dir():
+            sec["tables"].append({"title": title, "source": f"{captions} against {run.heldout} (computed here: no "
+                                  "_eval.json)", "metrics": evaluate_against_answer_key(captions, run.heldout)})  # fmt: skip
+        elif files and captions == run.captions and run.truth.is_dir() and not answer_keys:
+            sec["notes"].append(f"this pool is synthetic ({run.truth} exists): add `--truth {run.data}` to score "
+                                "its captions against the answer key too")  # fmt: skip
+    if not any(t["title"] == folders[0][0] for t in sec["tables"]):
+        sec["missing"].append((f"held-out captions scored against the answer key ({run.heldout_captions / '_eval.json'})",
+                               how_to(run)["heldout"]))  # fmt: skip
     return sec
 
 
@@ -712,10 +663,10 @@ def collect_adherence(run: RunFolder) -> dict:
 SECTIONS = ("funnel", "captions", "accuracy", "scores", "gallery", "heldout_gallery", "training", "adherence")
 
 
-def collect(data: str | Path, truth: str | Path | None = None, on_error=None) -> dict:
-    """Every section of the report of run folder `data`. A section whose files cannot be read becomes a
+def collect(data: str | Path, truth: Iterable[str | Path] = (), on_error=None) -> dict:
+    """Every section of the report of run folder `data`, with the answer keys `truth` (synthetic sets). A section whose files cannot be read becomes a
     section with that error (`on_error(name, exc)` is told first), so one bad file costs only its section."""
-    run = RunFolder(Path(data))
+    run, truth = RunFolder(Path(data)), list(truth)
     if not run.root.is_dir():
         raise NotADirectoryError(f"{run.root}: not a folder (give the run folder, e.g. the demo's `demo`)")
 
@@ -733,7 +684,7 @@ def collect(data: str | Path, truth: str | Path | None = None, on_error=None) ->
     funnel = guarded("funnel", collect_funnel, run, ingest)
     out = {
         "root": str(run.root),
-        "truth": None if truth is None else str(truth),
+        "truth": [str(t) for t in truth],
         "ingest": ingest,
         "funnel": funnel,
         "captions": guarded("captions", collect_captions, run),

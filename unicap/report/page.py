@@ -247,7 +247,7 @@ def captions_section(r: Mapping) -> str:
     hist = plots.length_histograms(sec.get("lengths") or {}, sec.get("truth_lengths") or {}, levels, languages)
     if hist:
         body += "<h3>Caption lengths per level × language</h3>"
-        body += ('<p class="legend">Blue: this run\'s captions; grey: the answer key (the synthetic set\'s exact '
+        body += ('<p class="legend">Blue bars: this run\'s captions; grey: the answer key (the synthetic set\'s exact '
                  "captions), when the pool is synthetic. Words for English, characters for Chinese.</p>")  # fmt: skip
         if not any((sec.get("lengths") or {}).values()) and sec.get("rows"):
             body += '<div class="note">None of this run\'s captions passed their checks: only the answer key is drawn.</div>'
@@ -374,7 +374,9 @@ def gallery_items(sec: Mapping) -> str:
                 else:
                     cell = badge("no caption", "neutral")
                 truth = (it.get("truth") or {}).get(col)
-                if truth:
+                if truth and truth == text:
+                    cell += '<div class="truth">✓ the answer key says exactly this</div>'
+                elif truth:
                     cell += f'<div class="truth"><b>answer key:</b> {esc(truth)}</div>'
                 cells.append(f"<td>{cell}</td>")
             rows.append(f"<tr><th>{esc(lv)}</th>{''.join(cells)}</tr>")
@@ -485,7 +487,7 @@ def adherence_section(r: Mapping) -> str:
 def render(report: Mapping, generated_at: dt.datetime | None = None) -> str:
     """The whole page for collect.collect's report."""
     when = (generated_at or dt.datetime.now(dt.UTC)).strftime("%Y-%m-%d %H:%M UTC")
-    truth = f" · answer key <code>{esc(report['truth'])}</code>" if report.get("truth") else ""
+    truth = "".join(f" · answer key <code>{esc(t)}</code>" for t in report.get("truth") or [])
     nav = "".join(f'<a href="#{sid}">{esc(title)}</a>' for sid, title in NAV)
     parts = [overview(report), funnel_section(report), captions_section(report), accuracy_section(report),
              scores_section(report), gallery_section(report), training_section(report), samples_section(report),

@@ -17,11 +17,12 @@ matplotlib.use("Agg")  # no display: figures are only ever written to PNG bytes
 import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.ticker import FuncFormatter, MaxNLocator  # noqa: E402
 
-from unicap.report.collect import data_uri, length_unit  # noqa: E402
+from unicap.report.collect import length_unit  # noqa: E402
+from unicap.report.images import data_uri  # noqa: E402
 
 # one colour per series, the same everywhere on the page (the CSS uses the same values)
 PALETTE = {"scored pool": "#9aa5b1", "stage1": "#4c78a8", "stage2": "#f58518", "stage3": "#54a24b",
-           "captions": "#4c78a8", "answer key": "#b8b0a2", "removed": "#e45756"}  # fmt: skip
+           "captions": "#4c78a8", "answer key": "#a39a8c", "removed": "#e45756"}  # fmt: skip
 POINTS = 400  # points drawn per box (a random sample of larger series)
 STYLE = {
     "font.size": 9,
@@ -98,10 +99,11 @@ def length_histograms(lengths: Mapping[str, Sequence[int]], truth: Mapping[str, 
                 if both:
                     lo, hi = min(both), max(both)
                     bins = range(lo, hi + 2, max(1, math.ceil((hi - lo + 1) / 30)))
-                    if key:
-                        ax.hist(key, bins=bins, color=PALETTE["answer key"], alpha=0.7, label=f"answer key ({len(key):,})")
                     if ours:
                         ax.hist(ours, bins=bins, color=PALETTE["captions"], alpha=0.75, label=f"captions ({len(ours):,})")
+                    if key:  # an outline over the captions' bars; filled when there are none
+                        ax.hist(key, bins=bins, color=PALETTE["answer key"], histtype="step" if ours else "stepfilled",
+                                linewidth=1.6, alpha=1.0 if ours else 0.8, label=f"answer key ({len(key):,})")  # fmt: skip
                     ax.legend(fontsize=7, loc="upper right")
                 else:
                     ax.text(0.5, 0.5, "no captions", ha="center", va="center", transform=ax.transAxes, color="#888")

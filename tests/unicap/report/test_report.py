@@ -1,0 +1,308 @@
+"""unicap report: every section from a small run folder built here, missing parts named (never a crash),
+model output escaped, --truth scored as `unicap eval-captions` scores it, and the page in headless Chromium."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from html.parser import HTMLParser
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from PIL import Image
+
+from datagen import answer_key
+from datagen.synth import synth
+from pipelines.stages import select_stages
+from unicap.atomic import visible_parquet_files, write_json, write_parquet
+from unicap.contract import caption as caption_record
+from unicap.contract import scores as score_contract
+from unicap.report import collect
+from unicap.report.page import NAV
+
+UNICAP = str(Path(sys.executable).with_name("unicap"))
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
+                 "--disable-component-update", "--disable-sync"]  # fmt: skip
+# model output that would be markup if it reached the page unescaped
+HOSTILE = '</td></table><script>alert("caption")</script><img id="pwned" src=x onerror="alert(1)"> & \'"'
+HOSTILE_DETAIL = '<b id="pwned-detail">bold</b> no CJK in <iframe src="javascript:alert(2)">'
+HOSTILE_PROMPT = '<svg onload="alert(3)">a red circle</svg>'
+ATTRS = ["background", "colour", "shape", "count", "position"]
+
+
+def png_bytes(size: tuple[int, int], colour: tuple[int, int, int]) -> bytes:
+    import io
+
+    im = Image.new("RGB", size, colour)
+    im.paste((255, 255, 255), (size[0] // 4, size[1] // 4, size[0] // 2, size[1] // 2))
+    buf = io.BytesIO()
+    im.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def write_captions(truth_dir: Path, out: Path) -> None:
+    """The answer key as the run's captions, with a hostile caption, a partial row and a failed row."""
+    for i, f in enumerate(visible_parquet_files(truth_dir)):
+        rows = pq.read_table(f).to_pylist()
+        for r in rows:
+            r.update(model="stand-in", engine="test", prompt_version="unicap-v1")
+        if i == 0:
+            rows[0]["caption_short_en"] = HOSTILE  # an ok row: shown in the gallery
+            rows[1].update(status="partial", caption_long_zh=None, error=f"wrong_language: caption_long_zh: {HOSTILE_DETAIL}")
+            rows[2].update(status="failed", error="undecodable_image: truncated: pixel data ends early",
+                           **dict.fromkeys(caption_record.caption_columns(), None))  # fmt: skip
+        table = caption_record.to_table(rows)
+        caption_record.validate(table)
+        write_parquet(table, out / f.name)
+    write_json({"rows": 24, "shards": 2, "status": {"ok": 22, "partial": 1, "failed": 1},
+                "failures_by_reason": {"wrong_language": 1, "undecodable_image": 1},
+                "last_run": {"model": "stand-in <i>model</i>"}}, out / "_summary.json")  # fmt: skip
+
+
+def write_scores(captions: Path, out: Path) -> None:
+    """Score files against unicap.contract.scores: random CLIP and aesthetic scores, the captions' statuses."""
+    rng = np.random.default_rng(0)
+    levels, languages = ("long", "medium", "short"), ("en",)
+    for f in visible_parquet_files(captions):
+        rows = []
+        for r in pq.read_table(f).to_pylist():
+            w, h = r["width"], r["height"]
+            best = r["caption_short_en"] == HOSTILE  # ranked first: the gallery shows it
+            rows.append({"key": r["key"], "shard": r["shard"], "width": w, "height": h, "min_side": min(w, h),
+                         "aspect_ratio": max(w, h) / min(w, h), "sha256": r["sha256"], "source": r["source"],
+                         "caption_status": r["status"], "caption_levels_ok": "long,medium,short,tags",
+                         "decode_error": None, "aesthetic": 9.0 if best else float(rng.normal(5, 1)), "clip_model": "test-clip",
+                         **{score_contract.clip_column(lv, "en"): 0.5 if best else float(rng.uniform(0.1, 0.4))
+                            for lv in levels}})  # fmt: skip
+        table = pa.Table.from_pylist(rows, schema=score_contract.score_schema(levels, languages))
+        score_contract.validate(table)
+        write_parquet(table, out / f.name)
+    write_json({"rows": 24, "status": {"ok": 22, "partial": 1, "failed": 1}}, out / "_summary.json")
+
+
+def write_training(runs: Path, prompts: list[str]) -> None:
+    for k, stage in enumerate(("stage1", "stage2", "stage3")):
+        d = runs / stage
+        (d / "samples").mkdir(parents=True)
+        (d / "final").mkdir()
+        lines = [json.dumps({"step": s, "loss": 1.0 / (s + k + 1), "grad_norm": 0.5, "lr": 1e-3}) for s in range(1, 31)]
+        (d / "metrics.jsonl").write_text("\n".join(lines) + "\n")
+        state = {"step": 30, "samples_seen": 240, "skipped_samples": 0, "skipped_steps": 0, "world_size": 2,
+                 "zero_stage": 2, "config": {"run": {"sample_prompts": prompts}}}  # fmt: skip
+        (d / "final" / "state.json").write_text(json.dumps(state))
+        (d / "config.yaml").write_text("run:\n  steps: 30\n")
+        for step in (10, 30):  # the latest grid is the one shown
+            (d / "samples" / f"step-{step:08d}.png").write_bytes(png_bytes((64 * len(prompts), 64), (40 * step % 255, 90, 160)))
+
+
+def write_adherence(d: Path, prompt: str) -> None:
+    (d / "stage3").mkdir(parents=True)
+    (d / "truth").mkdir()
+    (d / "stage3" / "00000.png").write_bytes(png_bytes((64, 64), (200, 30, 30)))
+    (d / "truth" / "00000.png").write_bytes(png_bytes((64, 64), (30, 200, 30)))
+    data = {
+        "version": 1, "size": [64, 64], "prompts": {"n": 8, "level": "short", "language": "en", "truth": "heldout"},
+        "attributes": ATTRS,
+        "rows": {"truth images": dict.fromkeys(ATTRS, 1.0), "stage1": {**dict.fromkeys(ATTRS, 0.125), "position": None},
+                 "stage3": dict.fromkeys(ATTRS, 0.75)},
+        "facts": {row: dict.fromkeys(ATTRS, 8) for row in ("truth images", "stage1", "stage3")},
+        "examples": [{"weights": "stage3", "prompt": prompt, "image": "stage3/00000.png", "truth_image": "truth/00000.png",
+                      "verdicts": {"background": True, "colour": False, "shape": True, "count": None, "position": False}},
+                     {"weights": "stage3", "prompt": "escapes the folder", "image": "../../../etc/passwd",
+                      "truth_image": "truth/00000.png", "verdicts": {}}],
+    }  # fmt: skip
+    (d / "adherence.json").write_text(json.dumps(data))
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory) -> Path:
+    """A run folder in the demo's layout, every part present, small: 24 pool and 8 held-out images."""
+    root = tmp_path_factory.mktemp("run")
+    synth(str(root / "data"), 24, seed=3, shard_size=12)
+    write_captions(root / "data" / "truth", root / "captions")
+    write_scores(root / "captions", root / "scores")
+    select_stages(root / "scores", root / "stages", "1.0", "0.5", "0.5", rules={"stage2": {"min_side": 256}},
+                  shards_dir=str(root / "data"))  # fmt: skip
+    synth(str(root / "heldout"), 8, seed=9, shard_size=8)
+    shutil.copytree(root / "heldout" / "truth", root / "heldout_captions")
+    write_json(answer_key.evaluate_folder(root / "heldout_captions", root / "heldout"),
+               root / "heldout_captions" / "_eval.json")
+    write_training(root / "runs", ["a red circle on a white background", "两个蓝色的正方形", HOSTILE_PROMPT])
+    write_adherence(root / "adherence", HOSTILE_PROMPT)
+    return root
+
+
+def report(data: Path, out: Path, *extra: str) -> tuple[str, subprocess.CompletedProcess]:
+    r = subprocess.run([UNICAP, "report", "--data", str(data), "--out", str(out), *extra], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    return out.read_text(encoding="utf-8"), r
+
+
+class Markup(HTMLParser):
+    """Every element and attribute of a page, and its visible text."""
+
+    def __init__(self) -> None:
+        super().__init__(convert_charrefs=True)
+        self.tags: list[tuple[str, dict]] = []
+        self.text: list[str] = []
+
+    def handle_starttag(self, tag, attrs):
+        self.tags.append((tag, dict(attrs)))
+
+    def handle_data(self, data):
+        self.text.append(data)
+
+
+def parse(page: str) -> Markup:
+    m = Markup()
+    m.feed(page)
+    return m
+
+
+def words(page: str) -> str:
+    """The page's text, whitespace collapsed."""
+    return " ".join(" ".join(parse(page).text).split())
+
+
+@pytest.fixture(scope="module")
+def full_page(run_dir, tmp_path_factory) -> str:
+    page, r = report(run_dir, tmp_path_factory.mktemp("out") / "report.html")
+    assert "0 missing part(s)" in r.stdout
+    return page
+
+
+def test_every_section_is_there_with_its_content(full_page, run_dir):
+    for sid, _ in NAV:
+        assert f'<section id="{sid}">' in full_page, sid
+    assert "Missing:" not in full_page and "Could not read" not in full_page
+    text = words(full_page)
+    funnel = json.loads((run_dir / "stages" / "funnel.json").read_text())
+    assert funnel["stage1_rules"]["caption_not_ok"]["removed"] == 2  # the partial and the failed row
+    assert "caption status not one of: ok (partial: 1, failed: 1)" in text
+    assert "images in the shards" in text and "stage3" in text
+    assert "wrong_language" in text and "undecodable_image" in text  # failure reasons, with examples
+    assert "held-out synthetic set" in text and "goal met" in text  # the _eval.json table
+    assert "Held-out synthetic images" in text
+    assert "0.500 → 0.032" in text  # stage1's loss, first -> last logged step
+    assert "stage3 · step 30" in text  # the latest sample grid
+    assert "truth images" in text and "0.75" in text  # adherence table
+    assert "answer key:" in text  # the synthetic pool's truth beside its captions
+    imgs = [a for tag, a in parse(full_page).tags if tag == "img"]
+    assert len(imgs) >= 8 + 4 + 3 + 2 + 4  # gallery, held-out gallery, sample grids, adherence pair, figures
+    assert all(a["src"].startswith("data:image/") for a in imgs)  # self-contained
+    assert not any(tag in ("script", "link", "iframe") for tag, _ in parse(full_page).tags)
+
+
+def test_hostile_model_output_stays_text(full_page):
+    tags = parse(full_page).tags
+    assert not [t for t, a in tags if t in ("script", "iframe", "svg", "i") or a.get("id", "").startswith("pwned")]
+    assert not [(t, k) for t, a in tags for k in a if k.startswith("on")]  # no event handler attributes
+    assert HOSTILE not in full_page and HOSTILE_DETAIL not in full_page and HOSTILE_PROMPT not in full_page
+    text = "".join(parse(full_page).text)
+    for hostile in (HOSTILE, HOSTILE_DETAIL, HOSTILE_PROMPT, "stand-in <i>model</i>"):
+        assert hostile in text  # shown as the text it is
+    # the adherence example whose image path leaves the adherence folder is shown without it
+    assert "escapes the folder" in text and full_page.count("image missing") == 1
+
+
+@pytest.mark.parametrize(
+    "part, says",
+    [
+        ("data", "unicap ingest URLS --out"),
+        ("captions", "unicap caption --input"),
+        ("heldout_captions", "unicap eval-captions --captions"),
+        ("scores", "unicap score --input"),
+        ("stages", "unicap stages --scores"),
+        ("runs", "make stage1"),
+        ("adherence", "unicap adherence"),
+    ],
+)
+def test_a_missing_part_is_named_with_its_command(run_dir, tmp_path, part, says):
+    d = tmp_path / "run"
+    shutil.copytree(run_dir, d)
+    shutil.rmtree(d / part)
+    page, r = report(d, tmp_path / "r.html")
+    assert "Missing:" in page and says in words(page), part
+    assert "missing part(s)" in r.stdout and "warning" not in r.stderr
+    for sid, _ in NAV:
+        assert f'<section id="{sid}">' in page
+
+
+def test_an_empty_folder_and_unreadable_files_make_a_page(tmp_path):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    page, _ = report(empty, tmp_path / "empty.html")
+    assert page.count("Missing:") >= 6 and "unicap synth --out" in page
+    broken = tmp_path / "broken"
+    (broken / "stages").mkdir(parents=True)
+    (broken / "stages" / "funnel.json").write_text("{not json")
+    (broken / "captions").mkdir()
+    (broken / "captions" / "00000.parquet").write_bytes(b"PAR1 not parquet")
+    page, r = report(broken, tmp_path / "broken.html")
+    assert "Could not read this part" in page and "funnel.json: not valid JSON" in page
+    assert "warning: section captions" in r.stderr  # told on the terminal too
+    bad = subprocess.run([UNICAP, "report", "--data", str(tmp_path / "nope"), "--out", str(tmp_path / "x.html")],
+                         capture_output=True, text=True)  # fmt: skip
+    assert bad.returncode == 2 and "not a folder" in bad.stderr and not (tmp_path / "x.html").exists()
+
+
+def test_truth_scores_the_captions_as_eval_captions_does(run_dir, tmp_path):
+    ours = collect.evaluate_against_answer_key(run_dir / "captions", run_dir / "data")
+    assert ours == answer_key.evaluate_folder(run_dir / "captions", run_dir / "data")
+    assert ours["status"] == {"ok": 22, "partial": 1, "failed": 1} and not ours["goal"]["met"]
+    page, _ = report(run_dir, tmp_path / "pool.html", "--truth", str(run_dir / "data" / "truth"))
+    text = words(page)
+    assert "this run's captions goal not met" in text and "ok share 0.917 < 0.95" in text
+    assert "held-out synthetic set goal met" in text  # its _eval.json, the held-out keys are not in this key
+    # the held-out set's answer key scores the held-out captions here; the pool's keys are not in it
+    page, _ = report(run_dir, tmp_path / "heldout.html", "--truth", str(run_dir / "heldout"))
+    text = words(page)
+    assert f"{run_dir / 'heldout_captions'} against --truth {run_dir / 'heldout'}" in text
+    assert "none of its keys is in the answer key given with --truth" in text
+    assert f"--truth {run_dir / 'data'} scores it" in text
+    bad = subprocess.run([UNICAP, "report", "--data", str(run_dir), "--out", str(tmp_path / "x.html"), "--truth",
+                          str(run_dir / "runs")], capture_output=True, text=True)  # fmt: skip
+    assert bad.returncode == 2 and "no answer key there" in bad.stderr
+
+
+def test_the_page_renders_in_headless_chromium(full_page, tmp_path):
+    if not Path(CHROMIUM).exists():
+        pytest.fail(f"{CHROMIUM} is missing: run tools/ensure_chromium.sh (make test runs it before pytest)")
+    from playwright.sync_api import sync_playwright
+
+    path = tmp_path / "report.html"
+    path.write_text(full_page, encoding="utf-8")
+    problems: list[str] = []
+    with sync_playwright() as p:
+        browser = p.chromium.launch_persistent_context(
+            str(tmp_path / "profile"), executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True,
+            viewport={"width": 1280, "height": 900},
+        )  # fmt: skip
+        try:
+            page = browser.new_page()
+            page.on("console", lambda m: problems.append(f"console {m.type}: {m.text}") if m.type == "error" else None)
+            page.on("pageerror", lambda e: problems.append(f"page error: {e}"))
+            page.on("dialog", lambda d: (problems.append(f"dialog: {d.message}"), d.dismiss()))
+            page.goto(path.as_uri(), wait_until="load")
+            page.evaluate("document.querySelectorAll('details').forEach(d => d.open = true)")
+            page.wait_for_function("[...document.images].every(i => i.complete)")
+            images = page.evaluate("[...document.images].map(i => [i.alt, i.naturalWidth])")
+            assert len(images) >= 20 and all(w > 0 for _, w in images), [a for a, w in images if w == 0]
+            assert page.locator("#pwned").count() == 0
+            assert page.locator("section#gallery").inner_text().count(HOSTILE.strip()) >= 1
+            shot = tmp_path / "report.png"
+            page.screenshot(path=str(shot), full_page=True)
+        finally:
+            browser.close()
+    assert problems == []
+    im = Image.open(shot).convert("RGB")
+    assert im.height > 4000  # every section laid out, not an empty page
+    colours = im.resize((64, im.height // 20)).getcolors(maxcolors=1 << 16)
+    assert colours is None or len(colours) > 50
+    print(f"screenshot: {shot}")

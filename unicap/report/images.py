@@ -1,0 +1,76 @@
+"""Images for the page: read from shard tars or files, decoded safely (unicap.decode), shrunk, inlined.
+
+Every image reaches the page as a data URI (JPEG thumbnails; PNG where sharp edges matter), so the page
+is one file that loads nothing from anywhere else.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import tarfile
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+
+from unicap.contract import shards as shard_contract
+from unicap.decode import decode_image
+
+
+def data_uri(data: bytes, mime: str) -> str:
+    return f"data:{mime};base64,{base64.b64encode(data).decode('ascii')}"
+
+
+def image_inline(data: bytes, side: int, *, keep_png: bool = False) -> tuple[str, int, int] | None:
+    """An image's bytes -> (data URI of it shrunk to `side` on its long side, width, height); None when
+    the bytes do not decode. JPEG, or PNG for figures whose sharp edges JPEG would blur."""
+    decoded = decode_image(data, max_output_pixels=max(side * side * 4, 64 * 64), min_side=0)
+    if not decoded.ok:
+        return None
+    im = decoded.image
+    im.thumbnail((side, side))
+    buf = io.BytesIO()
+    if keep_png:
+        im.save(buf, format="PNG", optimize=True)
+        return data_uri(buf.getvalue(), "image/png"), im.width, im.height
+    im.save(buf, format="JPEG", quality=85)
+    return data_uri(buf.getvalue(), "image/jpeg"), im.width, im.height
+
+
+def image_uri(data: bytes, side: int) -> str | None:
+    inlined = image_inline(data, side)
+    return inlined[0] if inlined else None
+
+
+def read_tar_members(tar: Path, wanted: set[str], suffixes: tuple[str, ...]) -> dict[str, tuple[str, bytes]]:
+    """key -> (suffix, bytes) of the members `{key}.{suffix}` of a shard tar, for the wanted keys.
+    A truncated tar keeps what came before the cut."""
+    out: dict[str, tuple[str, bytes]] = {}
+    try:
+        with tarfile.open(tar, "r:*") as tf:
+            for m in tf:
+                key, _, suffix = m.name.rpartition(".")
+                if key in wanted and key not in out and suffix.lower() in suffixes and m.isfile() \
+                        and m.size <= shard_contract.MAX_MEMBER_BYTES:  # fmt: skip
+                    f = tf.extractfile(m)
+                    out[key] = (suffix.lower(), f.read() if f else b"")
+                    if len(out) == len(wanted):
+                        break
+    except (tarfile.TarError, OSError, EOFError):
+        pass
+    return out
+
+
+def thumbnails(shard_dir: Path, keys_by_shard: Mapping[str, Iterable[str]], side: int,
+               locations: Mapping[str, str] | None = None) -> dict[str, str | None]:  # fmt: skip
+    """key -> data URI of its image from the shard tars (None: not found or not decodable).
+    `locations`: shard -> tar path recorded in a stage manifest, tried when shard_dir lacks the tar."""
+    out: dict[str, str | None] = {}
+    for shard, keys in keys_by_shard.items():
+        keys = set(keys)
+        tar = shard_contract.tar_path(shard_dir, shard)
+        if not tar.is_file() and locations and locations.get(shard):
+            tar = Path(locations[shard])
+        found = read_tar_members(tar, keys, shard_contract.IMAGE_EXTENSIONS) if tar.is_file() else {}
+        for key in keys:
+            out[key] = image_uri(found[key][1], side) if key in found else None
+    return out
