@@ -104,7 +104,8 @@ def how_to(run: RunFolder) -> dict[str, str]:
         "stages": f"`unicap stages --scores {d}/scores --output {d}/stages --shards {d}/data "
         "--stage1 100M --stage2 10M --stage3 1M`",
         "runs": f"`make stage1 stage2 stage3 DATA={d}` (writes {d}/runs/stageN/)",
-        "adherence": f"`unicap adherence` (writes {d}/adherence/adherence.json and its images)",
+        "adherence": f"`unicap adherence --truth {d}/heldout --out {d}/adherence --weights stage1={d}/runs/stage1/final "
+        f"--weights stage3={d}/runs/stage3/final` (adherence.json and its images)",
     }
 
 

@@ -23,6 +23,7 @@ from unicap.report.images import data_uri  # noqa: E402
 # one colour per series, the same everywhere on the page (the CSS uses the same values)
 PALETTE = {"scored pool": "#9aa5b1", "stage1": "#4c78a8", "stage2": "#f58518", "stage3": "#54a24b",
            "captions": "#4c78a8", "answer key": "#a39a8c", "removed": "#e45756"}  # fmt: skip
+KEY_STEPS = ("input rows", "scored rows", "stage1", "stage2", "stage3")  # always in the funnel chart
 POINTS = 400  # points drawn per box (a random sample of larger series)
 STYLE = {
     "font.size": 9,
@@ -52,8 +53,9 @@ def _thousands(x, _pos=None) -> str:
 
 
 def funnel_chart(steps: Sequence[Mapping]) -> str | None:
-    """Horizontal bars: what remains after each step, what it removed in red beside it."""
-    steps = [s for s in steps if s.get("remaining") is not None]
+    """Horizontal bars: what remains after each step, what it removed in red beside it. Steps that removed
+    nothing are left out (the table beside the chart lists them), the stages always shown."""
+    steps = [s for s in steps if s.get("remaining") is not None and (s.get("removed") or s["name"] in KEY_STEPS)]
     if not steps:
         return None
     with plt.rc_context(STYLE):
@@ -109,6 +111,7 @@ def length_histograms(lengths: Mapping[str, Sequence[int]], truth: Mapping[str, 
                     ax.text(0.5, 0.5, "no captions", ha="center", va="center", transform=ax.transAxes, color="#888")
                 ax.set_title(f"{lv} · {lang}", loc="left")
                 ax.set_xlabel(length_unit(lang), fontsize=8)
+                ax.xaxis.set_major_locator(MaxNLocator(integer=True))
                 ax.yaxis.set_major_locator(MaxNLocator(integer=True, nbins=4))
         fig.tight_layout()
         return _png(fig)

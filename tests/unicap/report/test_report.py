@@ -3,6 +3,8 @@ model output escaped, --truth scored as `unicap eval-captions` scores it, and th
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import shutil
 import subprocess
@@ -20,6 +22,7 @@ from datagen import answer_key
 from datagen.synth import synth
 from pipelines.stages import select_stages
 from unicap.atomic import visible_parquet_files, write_json, write_parquet
+from unicap.cli import main as unicap
 from unicap.contract import caption as caption_record
 from unicap.contract import scores as score_contract
 from unicap.report import collect
@@ -37,8 +40,6 @@ ATTRS = ["background", "colour", "shape", "count", "position"]
 
 
 def png_bytes(size: tuple[int, int], colour: tuple[int, int, int]) -> bytes:
-    import io
-
     im = Image.new("RGB", size, colour)
     im.paste((255, 255, 255), (size[0] // 4, size[1] // 4, size[0] // 2, size[1] // 2))
     buf = io.BytesIO()
@@ -138,10 +139,15 @@ def run_dir(tmp_path_factory) -> Path:
     return root
 
 
-def report(data: Path, out: Path, *extra: str) -> tuple[str, subprocess.CompletedProcess]:
-    r = subprocess.run([UNICAP, "report", "--data", str(data), "--out", str(out), *extra], capture_output=True, text=True)
-    assert r.returncode == 0, r.stderr
-    return out.read_text(encoding="utf-8"), r
+def report(data: Path, out: Path, *extra: str, expect: int = 0) -> tuple[str, subprocess.CompletedProcess]:
+    """`unicap report` in this process (unicap.cli.main): the page and the command's outcome."""
+    argv = ["report", "--data", str(data), "--out", str(out), *extra]
+    stdout, stderr = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
+        rc = unicap(argv)
+    r = subprocess.CompletedProcess(argv, rc, stdout.getvalue(), stderr.getvalue())
+    assert r.returncode == expect, r.stderr
+    return (out.read_text(encoding="utf-8") if out.exists() else ""), r
 
 
 class Markup(HTMLParser):
@@ -172,9 +178,11 @@ def words(page: str) -> str:
 
 @pytest.fixture(scope="module")
 def full_page(run_dir, tmp_path_factory) -> str:
-    page, r = report(run_dir, tmp_path_factory.mktemp("out") / "report.html")
-    assert "0 missing part(s)" in r.stdout
-    return page
+    """The page of the complete run folder, through the installed `unicap` command."""
+    out = tmp_path_factory.mktemp("out") / "report.html"
+    r = subprocess.run([UNICAP, "report", "--data", str(run_dir), "--out", str(out)], capture_output=True, text=True)
+    assert r.returncode == 0 and "0 missing part(s)" in r.stdout, r.stdout + r.stderr
+    return out.read_text(encoding="utf-8")
 
 
 def test_every_section_is_there_with_its_content(full_page, run_dir):
@@ -247,9 +255,8 @@ def test_an_empty_folder_and_unreadable_files_make_a_page(tmp_path):
     page, r = report(broken, tmp_path / "broken.html")
     assert "Could not read this part" in page and "funnel.json: not valid JSON" in page
     assert "warning: section captions" in r.stderr  # told on the terminal too
-    bad = subprocess.run([UNICAP, "report", "--data", str(tmp_path / "nope"), "--out", str(tmp_path / "x.html")],
-                         capture_output=True, text=True)  # fmt: skip
-    assert bad.returncode == 2 and "not a folder" in bad.stderr and not (tmp_path / "x.html").exists()
+    _, bad = report(tmp_path / "nope", tmp_path / "x.html", expect=2)
+    assert "not a folder" in bad.stderr and not (tmp_path / "x.html").exists()
 
 
 def test_truth_scores_the_captions_as_eval_captions_does(run_dir, tmp_path):
@@ -266,9 +273,8 @@ def test_truth_scores_the_captions_as_eval_captions_does(run_dir, tmp_path):
     assert f"{run_dir / 'heldout_captions'} against --truth {run_dir / 'heldout'}" in text
     assert "none of its keys is in the answer key given with --truth" in text
     assert f"--truth {run_dir / 'data'} scores it" in text
-    bad = subprocess.run([UNICAP, "report", "--data", str(run_dir), "--out", str(tmp_path / "x.html"), "--truth",
-                          str(run_dir / "runs")], capture_output=True, text=True)  # fmt: skip
-    assert bad.returncode == 2 and "no answer key there" in bad.stderr
+    _, bad = report(run_dir, tmp_path / "x.html", "--truth", str(run_dir / "runs"), expect=2)
+    assert "no answer key there" in bad.stderr
 
 
 def test_the_page_renders_in_headless_chromium(full_page, tmp_path):
