@@ -47,7 +47,9 @@ def build(data: str | Path, truth: Iterable[str | Path] = (), on_error=None) -> 
 def run(args: argparse.Namespace) -> int:
     for truth in args.truth:
         if not visible_parquet_files(collect.truth_paths(truth)[0]):
-            raise FileNotFoundError(f"--truth {truth}: no answer key there (give `unicap synth --out DIR`'s DIR or DIR/truth)")
+            raise FileNotFoundError(
+                f"--truth {truth}: no answer key there (give `unicap synth --out DIR`'s DIR or DIR/truth)"
+            )
     debug = os.environ.get("UNICAP_DEBUG", "") not in ("", "0")
 
     def on_error(name: str, e: Exception) -> None:

@@ -97,9 +97,9 @@ def how_to(run: RunFolder) -> dict[str, str]:
         "data": f"`unicap ingest URLS --out {d}/data` (or `unicap ingest-folder IMAGES --out {d}/data`, "
         f"`unicap synth --out {d}/data --n 1000`)",
         "captions": f"`unicap caption --input {d}/data --output {d}/captions --model Qwen/Qwen2.5-VL-7B-Instruct`",
-        "heldout": f"`unicap synth --out {d}/heldout --n 256 --seed 1`, `unicap caption --input {d}/heldout "
-        f"--output {d}/heldout_captions --model M`, then `unicap eval-captions --captions {d}/heldout_captions "
-        f"--truth {d}/heldout` (or give this report --truth with a synthetic pool)",
+        "heldout": f"`unicap synth --out {d}/heldout --n 256 --seed 1` and `unicap caption --input {d}/heldout "
+        f"--output {d}/heldout_captions --model M`: this report scores them against the answer key "
+        f"(`unicap eval-captions --captions {d}/heldout_captions --truth {d}/heldout` writes the same table to _eval.json)",
         "scores": f"`unicap score --input {d}/data --captions {d}/captions --output {d}/scores --clip MODEL`",
         "stages": f"`unicap stages --scores {d}/scores --output {d}/stages --shards {d}/data "
         "--stage1 100M --stage2 10M --stage3 1M`",
@@ -129,9 +129,9 @@ def _read_json(path: Path) -> dict | None:
 def read_sample(files: Iterable[Path], columns: Iterable[str], limit: int) -> tuple[pd.DataFrame, int]:
     """Up to `limit` rows of `columns` (those a file has), the first rows of every file in turn so that
     a sample of many files covers all of them, and the total number of rows of the files."""
-    files = list(files)
+    files, columns = list(files), list(columns)
     if not files:
-        return pd.DataFrame(columns=list(columns)), 0
+        return pd.DataFrame(columns=columns), 0
     quota = max(1, -(-limit // len(files)))
     frames, total, taken = [], 0, 0
     for f in files:
@@ -144,7 +144,7 @@ def read_sample(files: Iterable[Path], columns: Iterable[str], limit: int) -> tu
         if batch is not None and batch.num_rows:
             frames.append(batch.to_pandas())
             taken += batch.num_rows
-    df = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=list(columns))
+    df = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=columns)
     return df, total
 
 
@@ -203,8 +203,7 @@ def collect_ingest(run: RunFolder) -> dict:
         status.update({str(k): int(v) for k, v in (s.get("status") or {}).items()})
     sec.update(rows=rows, successes=successes, status=dict(status), shards=len(stats))
     if rows > successes:
-        index_files = [p for p in visible_parquet_files(run.data)]
-        df, _ = read_sample(index_files, ["status", "error_message"], SCORE_SAMPLE)
+        df, _ = read_sample(visible_parquet_files(run.data), ["status", "error_message"], SCORE_SAMPLE)
         failed = df[df["status"] != shard_contract.SUCCESS] if "status" in df else df
         if "error_message" in failed:
             messages = failed["error_message"].fillna("(no message)").astype(str).str.slice(0, 160)
@@ -252,7 +251,7 @@ def collect_captions(run: RunFolder) -> dict:
     """The caption job's output: statuses, failures by reason (with examples), caption lengths; and the
     answer key's caption lengths beside them on the synthetic set."""
     sec = _section(summary=None, rows=0, sampled=0, status={}, levels=[], languages=[], lengths={},
-                   truth_lengths={}, reasons=[], examples={})  # fmt: skip
+                   truth_lengths={}, reasons=[])  # fmt: skip
     files = visible_parquet_files(run.captions) if run.captions.is_dir() else []
     truth_files = visible_parquet_files(run.truth) if run.truth.is_dir() else []
     if not files:
@@ -275,7 +274,9 @@ def collect_captions(run: RunFolder) -> dict:
     per_reason: dict[str, dict] = {}
     for row in df[df["error"].notna()].itertuples(index=False):
         for reason, column, detail in failures_of(row.error):
-            r = per_reason.setdefault(reason, {"rows": set(), "captions": 0, "columns": Counter(), "examples": []})
+            r = per_reason.setdefault(
+                reason, {"rows": set(), "captions": 0, "columns": Counter(), "examples": []}
+            )
             r["rows"].add(row.key)
             r["captions"] += column is not None
             r["columns"][column or "(whole image)"] += 1
@@ -295,7 +296,9 @@ def collect_captions(run: RunFolder) -> dict:
         for e in r["examples"]:
             e["thumb"] = thumbs.get(e["key"])
     if summary.get("failed_shards"):
-        sec["notes"].append(f"shards that failed as a whole (not written; a re-run retries them): {summary['failed_shards']}")
+        sec["notes"].append(
+            f"shards that failed as a whole (not written; a re-run retries them): {summary['failed_shards']}"
+        )
     if summary.get("refused_samples"):
         sec["notes"].append(f"tar samples that belong to no index row, refused: {summary['refused_samples']}")
     if total > len(df):
@@ -321,8 +324,12 @@ def load_scenes(truth: str | Path) -> dict[str, eval_captions.Scene]:
     truth_dir, shard_dir = truth_paths(truth)
     files = visible_parquet_files(truth_dir) if truth_dir.is_dir() else []
     if not files:
-        raise ValueError(f"{truth}: no truth Parquet files (give `unicap synth --out DIR`'s DIR or DIR/truth)")
-    keys = _by_shard((r["key"], r["shard"]) for f in files for r in pq.read_table(f, columns=["key", "shard"]).to_pylist())
+        raise ValueError(
+            f"{truth}: no truth Parquet files (give `unicap synth --out DIR`'s DIR or DIR/truth)"
+        )
+    keys = _by_shard(
+        (r["key"], r["shard"]) for f in files for r in pq.read_table(f, columns=["key", "shard"]).to_pylist()
+    )
     scenes: dict[str, eval_captions.Scene] = {}
     for shard, shard_keys in keys.items():
         tar = shard_contract.tar_path(shard_dir, shard)
@@ -365,7 +372,10 @@ def collect_accuracy(run: RunFolder, truths: list[str | Path]) -> dict:
     set is scored here when it has captions and truth but no _eval.json."""
     sec = _section(tables=[])
     answer_keys = {str(t): load_scenes(t) for t in truths}
-    folders = (("held-out synthetic set", run.heldout_captions, run.heldout), ("this run's captions", run.captions, run.data))
+    folders = (
+        ("held-out synthetic set", run.heldout_captions, run.heldout),
+        ("this run's captions", run.captions, run.data),
+    )
     for title, captions, own_truth in folders:
         files = visible_parquet_files(captions) if captions.is_dir() else []
         evaluated = captions / "_eval.json"
@@ -427,7 +437,9 @@ def collect_funnel(run: RunFolder, ingest: dict) -> dict:
     score_files = visible_parquet_files(run.scores) if run.scores.is_dir() else []
     if score_files:
         df, total = read_sample(score_files, ["caption_status"], SCORE_SAMPLE)
-        sec["caption_status_scores"] = {str(k): int(v) for k, v in df["caption_status"].value_counts().items()}
+        sec["caption_status_scores"] = {
+            str(k): int(v) for k, v in df["caption_status"].value_counts().items()
+        }
         sec["caption_status_sampled"] = (len(df), total) if total > len(df) else None
     s1 = rules.get("stage1", {})
     params = {"caption_status": ", ".join(map(str, s1.get("caption_status") or [])), "min_side": s1.get("min_side"),
@@ -441,11 +453,17 @@ def collect_funnel(run: RunFolder, ingest: dict) -> dict:
     for name, r in applied:
         why = RULE_WHY.get(name, name).format(**params)
         if name == "caption_not_ok" and sec["caption_status_scores"]:
-            bad = {k: v for k, v in sec["caption_status_scores"].items() if k not in (s1.get("caption_status") or [])}
+            bad = {
+                k: v
+                for k, v in sec["caption_status_scores"].items()
+                if k not in (s1.get("caption_status") or [])
+            }
             sampled = sec["caption_status_sampled"]
             of = f" in a sample of {sampled[0]:,} rows" if sampled else ""
             why += (" (" + ", ".join(f"{k}: {v:,}" for k, v in bad.items()) + of + ")") if bad else ""
-        steps.append({"name": name.replace("_", " "), "remaining": r["remaining"], "removed": r["removed"], "why": why})
+        steps.append(
+            {"name": name.replace("_", " "), "remaining": r["remaining"], "removed": r["removed"], "why": why}
+        )
     targets = funnel.get("targets") or ["?", "?", "?"]
     st1, st2, st3 = (funnel.get(s, {}) for s in manifest.STAGES)
     if st1:
@@ -466,7 +484,9 @@ def collect_funnel(run: RunFolder, ingest: dict) -> dict:
     if funnel.get("non_finite_scores"):
         sec["notes"].append(f"non-finite scores (NaN/inf) read as missing: {funnel['non_finite_scores']}")
     if funnel.get("pool_rows_without_sha256"):
-        sec["notes"].append(f"{funnel['pool_rows_without_sha256']:,} pool rows without sha256: kept, not exact-deduplicated")
+        sec["notes"].append(
+            f"{funnel['pool_rows_without_sha256']:,} pool rows without sha256: kept, not exact-deduplicated"
+        )
     return sec
 
 
@@ -480,11 +500,15 @@ def collect_scores(run: RunFolder, funnel: dict | None) -> dict:
     """CLIP and aesthetic distributions of the scored pool and of each stage's manifest."""
     sec = _section(series={}, counts={}, clip_columns=[], clip_model=None, summary=None)
     score_files = visible_parquet_files(run.scores) if run.scores.is_dir() else []
-    clip_cols = list(((funnel or {}).get("composite") or {}).get("clip_columns") or StageRules().composite.clip_columns)
+    clip_cols = list(
+        ((funnel or {}).get("composite") or {}).get("clip_columns") or StageRules().composite.clip_columns
+    )
     sec["clip_columns"] = clip_cols
     if score_files:
         sec["summary"] = _read_json(run.scores / "_summary.json")
-        df, total = read_sample(score_files, ["decode_error", "aesthetic", "clip_model", *clip_cols], SCORE_SAMPLE)
+        df, total = read_sample(
+            score_files, ["decode_error", "aesthetic", "clip_model", *clip_cols], SCORE_SAMPLE
+        )
         decoded = df[df["decode_error"].isna()] if "decode_error" in df else df
         sec["series"]["scored pool"] = {"clip": _finite(_clip_score(decoded, clip_cols)),
                                         "aesthetic": _finite(decoded.get("aesthetic", pd.Series(dtype=float)))}  # fmt: skip
@@ -547,7 +571,11 @@ def collect_gallery(run: RunFolder, *, heldout: bool = False) -> dict:
         for f in visible_parquet_files(shards)[:size]:
             index = pq.read_table(f, columns=["key", "status"]).to_pylist()
             for r in index:
-                if r["status"] == shard_contract.SUCCESS and r["key"] not in {p[0] for p in picked} and len(picked) < size:
+                if (
+                    r["status"] == shard_contract.SUCCESS
+                    and r["key"] not in {p[0] for p in picked}
+                    and len(picked) < size
+                ):
                     picked.append((r["key"], f.stem, "shards"))
     if not picked:
         sec["missing"].append((f"images in {shards}", how_to(run)["heldout" if heldout else "data"]))
@@ -661,12 +689,10 @@ def collect_adherence(run: RunFolder) -> dict:
 # ---------------------------------------------------------------- everything
 
 
-SECTIONS = ("funnel", "captions", "accuracy", "scores", "gallery", "heldout_gallery", "training", "adherence")
-
-
 def collect(data: str | Path, truth: Iterable[str | Path] = (), on_error=None) -> dict:
-    """Every section of the report of run folder `data`, with the answer keys `truth` (synthetic sets). A section whose files cannot be read becomes a
-    section with that error (`on_error(name, exc)` is told first), so one bad file costs only its section."""
+    """Every section of the report of run folder `data`, with the answer keys `truth` (synthetic sets).
+    A section whose files cannot be read becomes a section with that error (`on_error(name, exc)` is told
+    first), so one bad file costs only its section."""
     run, truth = RunFolder(Path(data)), list(truth)
     if not run.root.is_dir():
         raise NotADirectoryError(f"{run.root}: not a folder (give the run folder, e.g. the demo's `demo`)")
@@ -701,8 +727,8 @@ def collect(data: str | Path, truth: Iterable[str | Path] = (), on_error=None) -
             and ok_scored != ok_captions:  # fmt: skip
         funnel["notes"].append(
             f"the score files count {ok_scored:,} ok captions, {run.captions} holds {ok_captions:,}: the scores "
-            "were computed with another caption folder (`unicap score --captions`; the demo scores its answer "
-            "key, data/truth, in place of the untrained captioner's captions)")
+            "were computed with another caption folder (`unicap score --captions`) or before the captions changed"
+        )
     if run.heldout.is_dir():
         out["heldout_gallery"] = guarded("heldout_gallery", lambda: collect_gallery(run, heldout=True))
     return out

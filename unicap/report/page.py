@@ -150,7 +150,9 @@ def section_head(sec: Mapping) -> str:
     if sec.get("error"):
         out.append(f'<div class="error"><b>Could not read this part:</b> {esc(sec["error"])}</div>')
     for what, how in sec.get("missing") or []:
-        out.append(f'<div class="missing"><b>Missing:</b> {esc(what)}. Produce it with {code_spans(how)}.</div>')
+        out.append(
+            f'<div class="missing"><b>Missing:</b> {esc(what)}. Produce it with {code_spans(how)}.</div>'
+        )
     out += [f'<div class="note">{code_spans(n)}</div>' for n in sec.get("notes") or []]
     return "".join(out)
 
@@ -164,7 +166,9 @@ def table(head: Iterable[str], rows: Iterable[Iterable[str]], num_cols: Iterable
     nums = set(num_cols)
     h = "".join(f'<th class="num">{c}</th>' if i in nums else f"<th>{c}</th>" for i, c in enumerate(head))
     body = "".join(
-        "<tr>" + "".join(f'<td class="num">{c}</td>' if i in nums else f"<td>{c}</td>" for i, c in enumerate(r)) + "</tr>"
+        "<tr>"
+        + "".join(f'<td class="num">{c}</td>' if i in nums else f"<td>{c}</td>" for i, c in enumerate(r))
+        + "</tr>"
         for r in rows
     )
     return f'<div class="scroll"><table><thead><tr>{h}</tr></thead><tbody>{body}</tbody></table></div>'
@@ -202,7 +206,9 @@ def overview(r: Mapping) -> str:
     body = f'<div class="tiles">{tile_html}</div>' if tiles else ""
     if missing or errors:
         items = "".join(f'<li><a href="#{sid}">{esc(sid)}</a>: {esc(what)}</li>' for sid, what in missing)
-        items += "".join(f'<li><a href="#{sid}">{esc(sid)}</a>: could not read: {esc(e)}</li>' for sid, e in errors)
+        items += "".join(
+            f'<li><a href="#{sid}">{esc(sid)}</a>: could not read: {esc(e)}</li>' for sid, e in errors
+        )
         body += f"<h3>Not in this folder yet</h3><ul>{items}</ul><p class='note'>Each section says how to produce its part.</p>"
     else:
         body += "<p>Every part of a run is here.</p>"
@@ -241,10 +247,14 @@ def captions_section(r: Mapping) -> str:
     if status:
         summary = sec.get("summary") or {}
         model = (summary.get("last_run") or {}).get("model")
-        body += "<p>Status of every row: " + " ".join(status_badge(k) + f" {v:,}" for k, v in sorted(status.items()))
+        body += "<p>Status of every row: " + " ".join(
+            status_badge(k) + f" {v:,}" for k, v in sorted(status.items())
+        )
         body += (f" &nbsp;·&nbsp; model <code>{esc(model)}</code>" if model else "") + "</p>"
     levels, languages = sec.get("levels") or [], sec.get("languages") or []
-    hist = plots.length_histograms(sec.get("lengths") or {}, sec.get("truth_lengths") or {}, levels, languages)
+    hist = plots.length_histograms(
+        sec.get("lengths") or {}, sec.get("truth_lengths") or {}, levels, languages
+    )
     if hist:
         body += "<h3>Caption lengths per level × language</h3>"
         body += ('<p class="legend">Blue bars: this run\'s captions; grey: the answer key (the synthetic set\'s exact '
@@ -257,12 +267,20 @@ def captions_section(r: Mapping) -> str:
         body += "<h3>Failures by reason</h3>"
         rows = [[badge(x["reason"], "failed"), num(x["rows"]), num(x["captions"]), num(x["job_total"]),
                  esc(", ".join(f"{c.removeprefix('caption_')} {n:,}" for c, n in x["columns"][:8]))] for x in reasons]  # fmt: skip
-        body += table(["reason", "rows", "captions", "job total", "where (caption column: count)"], rows, num_cols=(1, 2, 3))
+        body += table(
+            ["reason", "rows", "captions", "job total", "where (caption column: count)"],
+            rows,
+            num_cols=(1, 2, 3),
+        )
         body += '<p class="legend">rows / captions: in the rows read; job total: <code>captions/_summary.json</code>.</p>'
         for x in reasons:
             ex = []
             for e in x["examples"]:
-                img = f'<img src="{e["thumb"]}" alt="{esc(e["key"])}">' if e.get("thumb") else '<div class="noimg">no image</div>'
+                img = (
+                    f'<img src="{e["thumb"]}" alt="{esc(e["key"])}">'
+                    if e.get("thumb")
+                    else '<div class="noimg">no image</div>'
+                )
                 said = f'<div class="cap">the model wrote: {esc(e["text"])}</div>' if e.get("text") else ""
                 ex.append(f'<div class="example">{img}<div><code>{esc(e["key"])}</code> {status_badge(e["status"])} '
                           f'{esc(e["column"] or "whole image")}<div class="cap">{esc(e["detail"])}</div>{said}</div></div>')  # fmt: skip
@@ -285,7 +303,9 @@ def accuracy_table(m: Mapping) -> str:
         cells += [(kk.get(k) or {}).get("recall") for k in kinds]
         cells += [(kk.get("object") or {}).get("precision"), h.get("instance_rate"), h.get("caption_rate")]
         rows.append(cells)
-    body = "<thead><tr>" + "".join(f'<th class="num">{c}</th>' if i else f"<th>{c}</th>" for i, c in enumerate(head))
+    body = "<thead><tr>" + "".join(
+        f'<th class="num">{c}</th>' if i else f"<th>{c}</th>" for i, c in enumerate(head)
+    )
     body += "</tr></thead><tbody>"
     for cells in rows:
         tds = [f"<td>{cells[0]}</td>", f'<td class="num">{cells[1]}</td>', f'<td class="num">{cells[2]}</td>']
@@ -303,9 +323,13 @@ def accuracy_section(r: Mapping) -> str:
     body = section_head(sec)
     for t in sec.get("tables") or []:
         m = t.get("metrics") or {}
-        status = " ".join(status_badge(k) + f" {v:,}" for k, v in sorted((m.get("status") or {}).items(), key=str))
+        status = " ".join(
+            status_badge(k) + f" {v:,}" for k, v in sorted((m.get("status") or {}).items(), key=str)
+        )
         goal = m.get("goal") or {}
-        verdict = badge("goal met", "ok") if goal.get("met") else badge("goal not met", "failed") if goal else ""
+        verdict = (
+            badge("goal met", "ok") if goal.get("met") else badge("goal not met", "failed") if goal else ""
+        )
         body += f"<h3>{esc(t['title'])} {verdict}</h3>"
         body += (f'<p class="legend">{esc(m.get("rows"))} rows ({status}), missing {esc(m.get("missing"))}, without '
                  f'truth {esc(m.get("rows_without_truth"))}; models {esc(", ".join(m.get("models") or []))}; '
@@ -331,7 +355,11 @@ def scores_section(r: Mapping) -> str:
     sec = r["scores"]
     body = section_head(sec)
     series = sec.get("series") or {}
-    clip_label = "CLIP score (mean of " + ", ".join(c.removeprefix("clip_") for c in sec.get("clip_columns") or []) + ")"
+    clip_label = (
+        "CLIP score (mean of "
+        + ", ".join(c.removeprefix("clip_") for c in sec.get("clip_columns") or [])
+        + ")"
+    )
     fig = plots.score_distributions(series, clip_label)
     if fig:
         body += figure(fig, "score distributions")
@@ -340,7 +368,10 @@ def scores_section(r: Mapping) -> str:
             row = [esc(name), num(sec["counts"].get(name))]
             for metric in ("clip", "aesthetic"):
                 v = sorted(s.get(metric) or [])
-                row += [f"{v[len(v) // 2]:.3f}" if v else "–", f"{v[len(v) // 10]:.3f} – {v[(9 * len(v)) // 10]:.3f}" if v else "–"]
+                row += [
+                    f"{v[len(v) // 2]:.3f}" if v else "–",
+                    f"{v[len(v) // 10]:.3f} – {v[(9 * len(v)) // 10]:.3f}" if v else "–",
+                ]
             rows.append(row)
         body += table(["", "images", "CLIP median", "CLIP 10–90%", "aesthetic median", "aesthetic 10–90%"], rows,
                       num_cols=(1, 2, 3, 4, 5))  # fmt: skip
@@ -454,7 +485,11 @@ def adherence_section(r: Mapping) -> str:
         body += (f'<p class="legend">{esc(p.get("n"))} prompts, level {esc(p.get("level"))}, language '
                  f'{esc(p.get("language"))}, from {esc(p.get("truth"))}; images {esc("×".join(map(str, data.get("size") or [])))} px. '
                  "A cell: the share of images whose attribute the checker found as the prompt says (n: facts checked).</p>")  # fmt: skip
-        head = "<thead><tr><th>weights</th>" + "".join(f'<th class="num">{esc(a)}</th>' for a in attrs) + "</tr></thead>"
+        head = (
+            "<thead><tr><th>weights</th>"
+            + "".join(f'<th class="num">{esc(a)}</th>' for a in attrs)
+            + "</tr></thead>"
+        )
         rows = ""
         for name, accs in (data.get("rows") or {}).items():
             accs = accs if isinstance(accs, dict) else {}
@@ -473,8 +508,15 @@ def adherence_section(r: Mapping) -> str:
             chips = " ".join(badge(f"{'✓' if v else '✗'} {a}", "ok" if v else "failed") if isinstance(v, bool)
                              else badge(f"– {a}", "neutral") for a, v in verdicts.items())  # fmt: skip
             pair = ""
-            for label, uri in (("answer key", ex.get("truth_uri")), (str(ex.get("weights", "")), ex.get("image_uri"))):
-                inner = f'<img src="{uri}" alt="{esc(label)}">' if uri else '<div class="noimg">image missing</div>'
+            for label, uri in (
+                ("answer key", ex.get("truth_uri")),
+                (str(ex.get("weights", "")), ex.get("image_uri")),
+            ):
+                inner = (
+                    f'<img src="{uri}" alt="{esc(label)}">'
+                    if uri
+                    else '<div class="noimg">image missing</div>'
+                )
                 pair += f"<figure>{inner}<figcaption>{esc(label)}</figcaption></figure>"
             cards.append(f'<div class="item" style="display:block"><div class="cap">{esc(ex.get("prompt"))}</div>'
                          f'<div class="pair">{pair}</div>{chips}</div>')  # fmt: skip

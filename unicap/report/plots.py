@@ -55,7 +55,9 @@ def _thousands(x, _pos=None) -> str:
 def funnel_chart(steps: Sequence[Mapping]) -> str | None:
     """Horizontal bars: what remains after each step, what it removed in red beside it. Steps that removed
     nothing are left out (the table beside the chart lists them), the stages always shown."""
-    steps = [s for s in steps if s.get("remaining") is not None and (s.get("removed") or s["name"] in KEY_STEPS)]
+    steps = [
+        s for s in steps if s.get("remaining") is not None and (s.get("removed") or s["name"] in KEY_STEPS)
+    ]
     if not steps:
         return None
     with plt.rc_context(STYLE):
@@ -102,13 +104,27 @@ def length_histograms(lengths: Mapping[str, Sequence[int]], truth: Mapping[str, 
                     lo, hi = min(both), max(both)
                     bins = range(lo, hi + 2, max(1, math.ceil((hi - lo + 1) / 30)))
                     if ours:
-                        ax.hist(ours, bins=bins, color=PALETTE["captions"], alpha=0.75, label=f"captions ({len(ours):,})")
+                        ax.hist(
+                            ours,
+                            bins=bins,
+                            color=PALETTE["captions"],
+                            alpha=0.75,
+                            label=f"captions ({len(ours):,})",
+                        )
                     if key:  # an outline over the captions' bars; filled when there are none
                         ax.hist(key, bins=bins, color=PALETTE["answer key"], histtype="step" if ours else "stepfilled",
                                 linewidth=1.6, alpha=1.0 if ours else 0.8, label=f"answer key ({len(key):,})")  # fmt: skip
                     ax.legend(fontsize=7, loc="upper right")
                 else:
-                    ax.text(0.5, 0.5, "no captions", ha="center", va="center", transform=ax.transAxes, color="#888")
+                    ax.text(
+                        0.5,
+                        0.5,
+                        "no captions",
+                        ha="center",
+                        va="center",
+                        transform=ax.transAxes,
+                        color="#888",
+                    )
                 ax.set_title(f"{lv} · {lang}", loc="left")
                 ax.set_xlabel(length_unit(lang), fontsize=8)
                 ax.xaxis.set_major_locator(MaxNLocator(integer=True))
@@ -161,7 +177,9 @@ def loss_curves(stages: Mapping[str, Mapping]) -> str | None:
             window = max(1, len(loss) // 15)
             smooth = [sum(loss[max(0, i - window + 1) : i + 1]) / len(loss[max(0, i - window + 1) : i + 1])
                       for i in range(len(loss))]  # fmt: skip
-            ax.plot(steps, smooth, color=colour, linewidth=2, label=f"mean of {window}" if window > 1 else "_")
+            ax.plot(
+                steps, smooth, color=colour, linewidth=2, label=f"mean of {window}" if window > 1 else "_"
+            )
             ax.set_title(stage, loc="left")
             ax.set_xlabel("step")
             ax.xaxis.set_major_locator(MaxNLocator(integer=True, nbins=5))

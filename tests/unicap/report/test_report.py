@@ -55,7 +55,11 @@ def write_captions(truth_dir: Path, out: Path) -> None:
             r.update(model="stand-in", engine="test", prompt_version="unicap-v1")
         if i == 0:
             rows[0]["caption_short_en"] = HOSTILE  # an ok row: shown in the gallery
-            rows[1].update(status="partial", caption_long_zh=None, error=f"wrong_language: caption_long_zh: {HOSTILE_DETAIL}")
+            rows[1].update(
+                status="partial",
+                caption_long_zh=None,
+                error=f"wrong_language: caption_long_zh: {HOSTILE_DETAIL}",
+            )
             rows[2].update(status="failed", error="undecodable_image: truncated: pixel data ends early",
                            **dict.fromkeys(caption_record.caption_columns(), None))  # fmt: skip
         table = caption_record.to_table(rows)
@@ -92,14 +96,19 @@ def write_training(runs: Path, prompts: list[str]) -> None:
         d = runs / stage
         (d / "samples").mkdir(parents=True)
         (d / "final").mkdir()
-        lines = [json.dumps({"step": s, "loss": 1.0 / (s + k + 1), "grad_norm": 0.5, "lr": 1e-3}) for s in range(1, 31)]
+        lines = [
+            json.dumps({"step": s, "loss": 1.0 / (s + k + 1), "grad_norm": 0.5, "lr": 1e-3})
+            for s in range(1, 31)
+        ]
         (d / "metrics.jsonl").write_text("\n".join(lines) + "\n")
         state = {"step": 30, "samples_seen": 240, "skipped_samples": 0, "skipped_steps": 0, "world_size": 2,
                  "zero_stage": 2, "config": {"run": {"sample_prompts": prompts}}}  # fmt: skip
         (d / "final" / "state.json").write_text(json.dumps(state))
         (d / "config.yaml").write_text("run:\n  steps: 30\n")
         for step in (10, 30):  # the latest grid is the one shown
-            (d / "samples" / f"step-{step:08d}.png").write_bytes(png_bytes((64 * len(prompts), 64), (40 * step % 255, 90, 160)))
+            (d / "samples" / f"step-{step:08d}.png").write_bytes(
+                png_bytes((64 * len(prompts), 64), (40 * step % 255, 90, 160))
+            )
 
 
 def write_adherence(d: Path, prompt: str) -> None:
@@ -132,8 +141,10 @@ def run_dir(tmp_path_factory) -> Path:
                   shards_dir=str(root / "data"))  # fmt: skip
     synth(str(root / "heldout"), 8, seed=9, shard_size=8)
     shutil.copytree(root / "heldout" / "truth", root / "heldout_captions")
-    write_json(answer_key.evaluate_folder(root / "heldout_captions", root / "heldout"),
-               root / "heldout_captions" / "_eval.json")
+    write_json(
+        answer_key.evaluate_folder(root / "heldout_captions", root / "heldout"),
+        root / "heldout_captions" / "_eval.json",
+    )
     write_training(root / "runs", ["a red circle on a white background", "两个蓝色的正方形", HOSTILE_PROMPT])
     write_adherence(root / "adherence", HOSTILE_PROMPT)
     return root
@@ -180,7 +191,9 @@ def words(page: str) -> str:
 def full_page(run_dir, tmp_path_factory) -> str:
     """The page of the complete run folder, through the installed `unicap` command."""
     out = tmp_path_factory.mktemp("out") / "report.html"
-    r = subprocess.run([UNICAP, "report", "--data", str(run_dir), "--out", str(out)], capture_output=True, text=True)
+    r = subprocess.run(
+        [UNICAP, "report", "--data", str(run_dir), "--out", str(out)], capture_output=True, text=True
+    )
     assert r.returncode == 0 and "0 missing part(s)" in r.stdout, r.stdout + r.stderr
     return out.read_text(encoding="utf-8")
 
@@ -209,7 +222,9 @@ def test_every_section_is_there_with_its_content(full_page, run_dir):
 
 def test_hostile_model_output_stays_text(full_page):
     tags = parse(full_page).tags
-    assert not [t for t, a in tags if t in ("script", "iframe", "svg", "i") or a.get("id", "").startswith("pwned")]
+    assert not [
+        t for t, a in tags if t in ("script", "iframe", "svg", "i") or a.get("id", "").startswith("pwned")
+    ]
     assert not [(t, k) for t, a in tags for k in a if k.startswith("on")]  # no event handler attributes
     assert HOSTILE not in full_page and HOSTILE_DETAIL not in full_page and HOSTILE_PROMPT not in full_page
     text = "".join(parse(full_page).text)
@@ -292,7 +307,10 @@ def test_the_page_renders_in_headless_chromium(full_page, tmp_path):
         )  # fmt: skip
         try:
             page = browser.new_page()
-            page.on("console", lambda m: problems.append(f"console {m.type}: {m.text}") if m.type == "error" else None)
+            page.on(
+                "console",
+                lambda m: problems.append(f"console {m.type}: {m.text}") if m.type == "error" else None,
+            )
             page.on("pageerror", lambda e: problems.append(f"page error: {e}"))
             page.on("dialog", lambda d: (problems.append(f"dialog: {d.message}"), d.dismiss()))
             page.goto(path.as_uri(), wait_until="load")
