@@ -20,19 +20,22 @@ def data_uri(data: bytes, mime: str) -> str:
     return f"data:{mime};base64,{base64.b64encode(data).decode('ascii')}"
 
 
+PNG_MAX_PIXELS = 512 * 512  # larger images are inlined as JPEG, not PNG: a page of megabytes otherwise
+
+
 def image_inline(data: bytes, side: int, *, keep_png: bool = False) -> tuple[str, int, int] | None:
     """An image's bytes -> (data URI of it shrunk to `side` on its long side, width, height); None when
-    the bytes do not decode. JPEG, or PNG for figures whose sharp edges JPEG would blur."""
+    the bytes do not decode. JPEG; with keep_png, PNG while it is small (sample grids of a tiny model)."""
     decoded = decode_image(data, max_output_pixels=max(side * side * 4, 64 * 64), min_side=0)
     if not decoded.ok:
         return None
     im = decoded.image
     im.thumbnail((side, side))
     buf = io.BytesIO()
-    if keep_png:
+    if keep_png and im.width * im.height <= PNG_MAX_PIXELS:
         im.save(buf, format="PNG", optimize=True)
         return data_uri(buf.getvalue(), "image/png"), im.width, im.height
-    im.save(buf, format="JPEG", quality=85)
+    im.save(buf, format="JPEG", quality=90 if keep_png else 85)
     return data_uri(buf.getvalue(), "image/jpeg"), im.width, im.height
 
 
