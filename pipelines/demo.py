@@ -243,7 +243,7 @@ def outputs(work: Path, step: str) -> list[Path]:
     return {
         "synth": [work / "data" / "truth", work / "heldout" / "truth"],
         "read": [],
-        "captioner": [work / "captioner.json"],
+        "captioner": [work / "captioner.json", *_captioner_folder(work)],
         "caption": [work / "captions" / "_summary.json", work / "heldout_captions" / "_summary.json"],
         "eval": [work / "heldout_captions" / "_eval.json"],
         "score": [work / "scores" / "_summary.json"],
@@ -251,6 +251,14 @@ def outputs(work: Path, step: str) -> list[Path]:
         "adherence": [work / "adherence" / "adherence.json"],
         "report": [work / "report.html"],
     }.get(step, [work / "runs" / step / "final" / "state.json"])
+
+
+def _captioner_folder(work: Path) -> list[Path]:
+    """The cached model captioner.json points at (gone from the cache: the step runs again)."""
+    try:
+        return [Path(json.loads((work / "captioner.json").read_text())["model"]) / "unicap_tiny.json"]
+    except (OSError, ValueError, KeyError):
+        return []
 
 
 def _done_file(work: Path, step: str) -> Path:
@@ -272,7 +280,7 @@ def progress_source(work: Path, step: str, p: Preset) -> tuple[Path, int] | None
         return tiny.run_folder(overrides=p.captioner) / "metrics.jsonl", tiny.total_steps(
             overrides=p.captioner
         )
-    if step.startswith("stage"):
+    if step in ("stage1", "stage2", "stage3"):
         from train.config import load
 
         cfg = load(ROOT / "train" / "configs" / f"{step}_cpu.yaml", list(p.train.get(step, ())))

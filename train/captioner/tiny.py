@@ -63,8 +63,10 @@ def tiny_captioner(config: Path = CONFIG, overrides: tuple[str, ...] = (), root:
     run_dir = run_folder(config, overrides, root)
 
     def build(tmp: Path) -> None:
+        # run.max_minutes=0: the cached model is the whole recipe, whatever the machine's load (the cap is for
+        # runs by hand on shared machines); not part of the cache key
         cmd = [sys.executable, "-m", "train.captioner.launch", "--config", str(config), "--nproc", str(nproc),
-               f"run.out={run_dir}", *overrides]  # fmt: skip
+               f"run.out={run_dir}", *overrides, "run.max_minutes=0"]  # fmt: skip
         env = {
             **os.environ,
             "PYTHONPATH": os.pathsep.join(
@@ -79,6 +81,10 @@ def tiny_captioner(config: Path = CONFIG, overrides: tuple[str, ...] = (), root:
         for f in final.iterdir():
             shutil.copy(f, tmp / f.name)
         provenance = json.loads((final / "unicap_captioner.json").read_text())
+        steps = load_config(config, list(overrides)).run.steps
+        if provenance.get("stopped_early") or provenance["step"] < steps:
+            raise RuntimeError(f"the tiny captioner stopped at step {provenance['step']} of {steps}: not cached; "
+                               f"a re-run resumes from {run_dir}")  # fmt: skip
         (tmp / DONE_MARK).write_text(json.dumps({"kind": "tiny-captioner", "version": TINY_CAPTIONER_VERSION,
                                                  "steps": provenance["step"], "train_seconds": provenance["train_seconds"],
                                                  "overrides": list(overrides)}))  # fmt: skip
