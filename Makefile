@@ -62,8 +62,11 @@ test: $(STAMP)
 	bash tools/ensure_chromium.sh
 	$(PY) -m pytest -q -ra $(PYTEST_ARGS)
 
+# make demo [PRESET=quick] [DEMO_DIR=demo]: quick is the same flow on less data and training (the tests run it)
+PRESET ?= full
+DEMO_DIR ?= demo
 demo: $(STAMP)
-	$(PY) -m pipelines.demo --workdir demo
+	$(PY) -m pipelines.demo --workdir $(DEMO_DIR) --preset $(PRESET)
 
 bench: $(STAMP)
 	@for b in bench/bench_*.py; do echo "== $$b"; $(PY) $$b || exit 1; done
