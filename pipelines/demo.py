@@ -292,7 +292,7 @@ def _watch(stop: threading.Event, metrics: Path, total: int, step: str) -> None:
     """A progress line from the step's metrics.jsonl while the child runs (the child's own bar is in its log).
 
     On a terminal the line is rewritten in place; otherwise (a log, CI) a line at each quarter of the steps."""
-    t0, last, tty, quarter = time.time(), "", sys.stderr.isatty(), 0
+    t0, last, tty, quarter, first = time.time(), "", sys.stderr.isatty(), 0, None
     while not stop.wait(2.0):
         try:
             lines = metrics.read_text().splitlines()
@@ -303,7 +303,9 @@ def _watch(stop: threading.Event, metrics: Path, total: int, step: str) -> None:
         if n is None:
             continue
         loss = f", loss {row['loss']:.4f}" if isinstance(row.get("loss"), float) else ""
-        eta = f", ~{(time.time() - t0) / n * (total - n):.0f}s left" if total and n else ""
+        first = n if first is None else first  # a resumed run starts past 0: the rate counts this run's steps
+        rate = (n - first) / (time.time() - t0)
+        eta = f", ~{(total - n) / rate:.0f}s left" if total and rate > 0 else ""
         line = f"  [{step}] step {n}/{total or '?'}{loss}, {time.time() - t0:.0f}s{eta}"
         if tty:
             print("\r" + line.ljust(len(last)), end="", file=sys.stderr, flush=True)
