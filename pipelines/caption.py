@@ -166,6 +166,9 @@ def run_job(
         num_cpus=cpus_per_actor if cpus_per_actor is not None else (1 if gpu else 0.5),
         env_vars={"VLLM_ENABLE_V1_MULTIPROCESSING": "0", "VLLM_HOST_IP": "127.0.0.1"},
         threads=threads_per_actor,
+        # two batches per actor: one decodes and resizes while the engine runs the other (the captioner
+        # serialises engine calls); the in-process engine otherwise waits on that CPU work batch after batch
+        max_concurrency=1 if engine_cfg.server else 2,
     )
     tokens = 0
 

@@ -68,6 +68,10 @@ class ShardJob:
     # fractional claim), which starves CPU inference. None: CPU actors (num_gpus 0) get their share
     # of the cores (runtime.cpu_threads_per_actor), GPU actors keep Ray's choice.
     threads: int | None = None
+    # Batches one actor works on at once, each on a thread of its own (Ray's max_concurrency): with 2, the
+    # next batch's CPU work (decode, resize: C code that releases the GIL) overlaps the engine's run on this
+    # one. A stage that takes more than 1 must be thread-safe (the caption stage serialises its engine calls).
+    max_concurrency: int = 1
     # Jobs whose output rows are not the input index's rows (pack: a stage manifest's rows of a shard):
     # the keys each shard will output (default: its index keys), and rows the driver writes itself
     # (default: failure_table(index failures)); the actor drops rows it does not own. Both are called
@@ -210,6 +214,8 @@ def run_sharded(
         sink.settle(shard)
     error = None
     if to_read:
+        import ray
+
         runtime.init_ray(address)
         guarded = type(job.stage_cls.__name__, (GuardedStage,), {})  # named after the stage in Ray's progress
         ds = read_shards(input_dir, to_read, problems=True).map_batches(
@@ -218,7 +224,8 @@ def run_sharded(
                                    "failure_table": job.failure_table, "schema": job.schema},  # fmt: skip
             batch_size=batch_size,
             batch_format="pyarrow",
-            concurrency=concurrency,
+            **({"concurrency": concurrency} if job.max_concurrency == 1 else {"compute": ray.data.ActorPoolStrategy(
+                size=concurrency, max_concurrent_calls_per_actor=job.max_concurrency, enable_true_multi_threading=True)}),
             num_cpus=job.num_cpus,
             num_gpus=job.num_gpus,
             runtime_env={"env_vars": {"TOKENIZERS_PARALLELISM": "false", **runtime.threads_env(actor_threads(job, concurrency)),

@@ -9,6 +9,7 @@ image could not be decoded; `error` holds the reasons.
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -64,6 +65,9 @@ class Captioner:
         self.cfg = cfg
         self.prompts = prompts.prompts_for(cfg.strategy, cfg.levels, cfg.languages, cfg.max_tokens)
         self.columns = caption_record.caption_columns(cfg.levels, cfg.languages)
+        # one engine call at a time: callers may caption batches on several threads (the caption job's actor
+        # does, so that one batch's decoding overlaps the engine's work on another); vLLM is not thread-safe
+        self._engine_lock = threading.Lock()
 
     def caption(self, items: list[dict]) -> list[dict]:
         """items: dicts with key, shard, image (bytes) and optional source, original_caption, sha256.
@@ -127,7 +131,8 @@ class Captioner:
         """The engine's results, one per request; an engine exception or a short answer list becomes
         engine_error results."""
         try:
-            results = list(self.engine.generate(reqs))
+            with self._engine_lock:
+                results = list(self.engine.generate(reqs))
             if len(results) == len(reqs):
                 return results
             why = f"{len(results)} results for {len(reqs)} requests"

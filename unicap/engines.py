@@ -45,6 +45,9 @@ class EngineConfig:
     http_retries: int = 3  # transport retries with exponential backoff (server mode)
     max_answer_bytes: int = 4 << 20  # a larger server answer is malformed_output, not read on (server mode)
     extra: dict = field(default_factory=dict)  # passed to vllm.LLM as is
+    # added to every request's sampling settings as is (vllm.SamplingParams; the server's request body),
+    # e.g. {"ignore_eos": True} for benchmarks that need fixed output lengths
+    sampling_extra: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         preflight.above("max_pixels", self.max_pixels, 0)
@@ -141,6 +144,7 @@ class VLLMEngine:
 
         self.llm = LLM(model=resolve_model(cfg.model), **vllm_engine_kwargs(cfg))
         self.model_name = cfg.model
+        self.sampling_extra = dict(cfg.sampling_extra)
 
     def generate(self, requests: list[GenRequest]) -> list[GenResult]:
         from vllm import SamplingParams
@@ -157,6 +161,7 @@ class VLLMEngine:
                     max_tokens=r.max_tokens,
                     temperature=r.temperature,
                     structured_outputs=StructuredOutputsParams(json=r.json_schema) if r.json_schema else None,
+                    **self.sampling_extra,
                 )
             )
         try:
@@ -261,6 +266,7 @@ class ServerEngine:
             "messages": _with_image(r.messages, part) if part else r.messages,
             "max_tokens": r.max_tokens,
             "temperature": r.temperature,
+            **self.cfg.sampling_extra,
         }
         if r.json_schema:
             body["response_format"] = {

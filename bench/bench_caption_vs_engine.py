@@ -1,0 +1,272 @@
+"""The caption job (`unicap caption`) against the bare vLLM engine, interleaved, on the job's steady state.
+
+    .venv/bin/python bench/bench_caption_vs_engine.py [--cases tiny,big] [--repeats 3] [--out ...]
+
+job   pipelines.caption.run_job: Ray Data reads the shards -> decode -> fit max_pixels -> vLLM (one actor)
+      -> validate -> Parquet per shard, on a fresh local Ray (one process per leg)
+bare  vllm.LLM.chat, in a process of its own, on images decoded and resized beforehand, with the job's
+      prompts, sampling settings, engine arguments and batches (one batch = one shard = --batch images);
+      conversations and sampling params are built before the clock starts
+Legs run interleaved (job, bare, job, bare, ...), each in a fresh process, `--repeats` times per case;
+the result is the median of the per-pair ratios job/bare with their min-max.
+
+Steady state, the same for both legs: images after the first batch over the time from the end of the
+first batch to the end of the last. For the job, a batch ends when its shard's Parquet is written (one
+shard per batch); the first batch carries the engine's warm-up, which bare also runs untimed. Ray's and
+the engine's start-up are outside both numbers; the job's end-to-end rate is reported beside.
+
+Cases
+tiny  the trained tiny captioner (train.captioner.tiny), its real output lengths and stop tokens,
+      --max-pixels 28224, the default token limits
+big   a random-weight Qwen2-VL of ~100M parameters (built offline here, like unicap.tiny_vlm), where
+      compute matters on CPU; fixed output lengths: ignore_eos (EngineConfig.sampling_extra) so that both
+      legs generate exactly max_tokens per request
+
+The machine's load (/proc/loadavg) is recorded before and after every leg: other work on the machine
+shows there.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tarfile
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+from bench._results import save  # noqa: E402
+
+LEVELS, LANGS = ("long", "medium", "short", "tags"), ("en", "zh")
+BIG_VERSION = "1"
+CASES = {
+    # n images, batch (= shard size), max_pixels, max_tokens per level (None: the job's defaults), fixed lengths
+    "tiny": {"n": 384, "batch": 32, "max_pixels": 28224, "max_tokens": None, "fixed": False},
+    "big": {
+        "n": 32,
+        "batch": 8,
+        "max_pixels": 28224,
+        "max_tokens": {"long": 24, "medium": 16, "short": 12, "tags": 12},
+        "fixed": True,
+    },  # fmt: skip
+}
+
+
+def big_arch():
+    from unicap.tiny_vlm import Qwen2VLArch
+
+    # text: 10 layers x (attention 1.6M + MLP 7.1M) + embeddings ~ 89M; vision: 4 blocks of width 384 ~ 7M
+    return Qwen2VLArch(hidden=768, heads=12, kv_heads=4, layers=10, intermediate=3072, vision_depth=4,
+                       vision_dim=384, vision_heads=6, vision_mlp_ratio=4, vocab_size=1024)  # fmt: skip
+
+
+def big_model() -> Path:
+    from unicap.tiny_build import cached
+    from unicap.tiny_vlm import build_qwen2vl
+
+    mark = {"kind": "bench-qwen2-vl-100m", "version": BIG_VERSION}
+    return cached(f"bench-qwen2-vl-100m-v{BIG_VERSION}",
+                  lambda p: build_qwen2vl(p, seed=0, arch=big_arch(), max_pixels=1024 * 1024, mark=mark))  # fmt: skip
+
+
+def tiny_captioner() -> Path:
+    out = subprocess.run([sys.executable, "-m", "train.captioner.tiny", "--no-train"], cwd=ROOT, check=True,
+                         capture_output=True, text=True).stdout  # fmt: skip
+    return Path(out.strip().splitlines()[-1])
+
+
+def load_images(shards: Path, max_pixels: int) -> list:
+    from unicap.captioner import fit_max_pixels
+    from unicap.decode import decode_image
+
+    out = []
+    for tar_path in sorted(shards.glob("*.tar")):
+        with tarfile.open(tar_path) as tar:
+            for m in tar.getmembers():
+                if m.name.endswith((".jpg", ".jpeg", ".png", ".webp")):
+                    out.append(fit_max_pixels(decode_image(tar.extractfile(m).read()).image, max_pixels))
+    return out
+
+
+def configs(case: dict, model: str):
+    from unicap.captioner import CaptionConfig
+    from unicap.engines import EngineConfig
+
+    engine = EngineConfig(model=model, max_pixels=case["max_pixels"],
+                          sampling_extra={"ignore_eos": True} if case["fixed"] else {})  # fmt: skip
+    # no retries: the job sends exactly the requests bare sends (validation still runs)
+    caption = CaptionConfig(levels=LEVELS, languages=LANGS, max_retries=0, max_pixels=case["max_pixels"],
+                            max_tokens=case["max_tokens"] or {})  # fmt: skip
+    return engine, caption
+
+
+def leg_bare(case: dict, model: str, shards: Path) -> dict:
+    from vllm import LLM, SamplingParams
+
+    from unicap import prompts
+    from unicap.engines import _with_image, resolve_model, vllm_engine_kwargs
+
+    engine_cfg, caption_cfg = configs(case, model)
+    images = load_images(shards, case["max_pixels"])
+    ps = prompts.prompts_for("direct", LEVELS, LANGS, caption_cfg.max_tokens)
+    t_load = time.time()
+    llm = LLM(model=resolve_model(model), **vllm_engine_kwargs(engine_cfg))
+    load_s = time.time() - t_load
+    batches = []
+    for i in range(0, len(images), case["batch"]):
+        convs, params = [], []
+        for im in images[i : i + case["batch"]]:
+            for p in ps:
+                convs.append(
+                    _with_image(prompts.chat_messages(p, "x"), {"type": "image_pil", "image_pil": im})
+                )
+                params.append(
+                    SamplingParams(max_tokens=p.max_tokens, temperature=0.0, **engine_cfg.sampling_extra)
+                )
+        batches.append((convs, params))
+    ends, tokens = [], []
+    t0 = time.time()
+    for convs, params in batches:
+        outs = llm.chat(convs, params, use_tqdm=False)
+        ends.append(time.time())
+        tokens.append(sum(len(o.outputs[0].token_ids) for o in outs))
+    n_after = len(images) - case["batch"]
+    return {"images": len(images), "engine_load_s": round(load_s, 2), "first_batch_s": round(ends[0] - t0, 2),
+            "steady_s": round(ends[-1] - ends[0], 2), "images_per_s_steady": n_after / (ends[-1] - ends[0]),
+            "tokens_per_image": sum(tokens) / len(images),
+            "batch_s": [round(b - a, 3) for a, b in zip([t0, *ends[:-1]], ends, strict=True)]}  # fmt: skip
+
+
+def leg_job(case: dict, model: str, shards: Path, threads: int | None) -> dict:
+    import pyarrow.parquet as pq
+
+    from pipelines.caption import run_job
+
+    engine_cfg, caption_cfg = configs(case, model)
+    out = Path(tempfile.mkdtemp(prefix="bench-cve-"))
+    t0 = time.time()
+    summary = run_job(
+        shards, out, engine_cfg, caption_cfg, batch_size=case["batch"], threads_per_actor=threads
+    )
+    wall = time.time() - t0
+    files = sorted(out.glob("*.parquet"), key=lambda p: p.stat().st_mtime)
+    ends = [p.stat().st_mtime for p in files]
+    after_first = summary["rows"] - pq.read_metadata(files[0]).num_rows
+    return {"images": summary["rows"], "seconds_end_to_end": round(wall, 2), "first_shard_s": round(ends[0] - t0, 2),
+            "steady_s": round(ends[-1] - ends[0], 2), "images_per_s_steady": after_first / (ends[-1] - ends[0]),
+            "images_per_s_end_to_end": summary["rows"] / wall, "status": summary["status"],
+            "tokens_per_image": summary["output_tokens"] / summary["rows"],
+            "batch_s": [round(b - a, 3) for a, b in zip(ends, ends[1:], strict=False)]}  # fmt: skip
+
+
+def loadavg() -> float:
+    return float(Path("/proc/loadavg").read_text().split()[0])
+
+
+def run_leg(leg: str, case: str, model: Path, shards: Path, threads: int | None, timeout: float) -> dict:
+    cmd = [
+        sys.executable,
+        __file__,
+        "--leg",
+        leg,
+        "--case",
+        case,
+        "--model",
+        str(model),
+        "--shards",
+        str(shards),
+    ]
+    if threads is not None:
+        cmd += ["--threads", str(threads)]
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "VLLM_ENABLE_V1_MULTIPROCESSING": "0", "VLLM_HOST_IP": "127.0.0.1",
+           "VLLM_LOGGING_LEVEL": "WARNING", "RAY_USAGE_STATS_ENABLED": "0"}  # fmt: skip
+    if threads is not None and leg == "bare":  # the same compute threads as the job's actor
+        env["OMP_NUM_THREADS"] = env["MKL_NUM_THREADS"] = str(threads)
+    before = loadavg()
+    r = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+    if r.returncode:
+        sys.stderr.write(r.stdout[-3000:] + r.stderr[-6000:])
+        raise RuntimeError(f"{leg} leg of {case} failed (exit {r.returncode})")
+    res = json.loads(r.stdout.strip().splitlines()[-1])
+    res.update(load_before=before, load_after=loadavg())
+    return res
+
+
+def spread(xs: list[float]) -> dict:
+    return {"median": round(statistics.median(xs), 3), "min": round(min(xs), 3), "max": round(max(xs), 3),
+            "all": [round(x, 3) for x in xs]}  # fmt: skip
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--cases", default="tiny,big")
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="compute threads of both legs: the job's actor and bare's process (default: each one's own: "
+        "cores / actors for the job, torch's default for bare)",
+    )
+    ap.add_argument("--n", type=int, default=None, help="images per leg (default: the case's)")
+    ap.add_argument("--out", default="bench/results/caption_vs_engine.json")
+    ap.add_argument("--leg", choices=("job", "bare"), help=argparse.SUPPRESS)  # one leg, in this process
+    ap.add_argument("--case", help=argparse.SUPPRESS)
+    ap.add_argument("--model", help=argparse.SUPPRESS)
+    ap.add_argument("--shards", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.leg:
+        case = CASES[args.case]
+        if args.leg == "job":
+            res = leg_job(case, args.model, Path(args.shards), args.threads)
+        else:
+            res = leg_bare(case, args.model, Path(args.shards))
+        print(json.dumps(res))
+        return 0
+
+    from datagen.synth import synth
+
+    results = {"cores": os.cpu_count(), "threads_per_actor": args.threads or "job default (cores / actors)",
+               "steady": "images after the first batch / (end of last batch - end of first batch); job: shard writes",
+               "load_start": Path("/proc/loadavg").read_text().strip(), "cases": {}}  # fmt: skip
+    t_start = time.time()
+    for name in args.cases.split(","):
+        case = dict(CASES[name])
+        if args.n:
+            case["n"] = args.n
+        model = tiny_captioner() if name == "tiny" else big_model()
+        shards = Path(tempfile.mkdtemp(prefix=f"bench-cve-shards-{name}-"))
+        synth(str(shards), case["n"], seed=4242, shard_size=case["batch"])
+        legs = []
+        for rep in range(args.repeats):
+            pair = {}
+            for leg in ("job", "bare"):
+                pair[leg] = run_leg(leg, name, model, shards, args.threads, timeout=600)
+                print(f"[{name} #{rep}] {leg}: {pair[leg]['images_per_s_steady']:.2f} images/s steady "
+                      f"({pair[leg]['tokens_per_image']:.1f} tokens/image, load {pair[leg]['load_before']:.2f}"
+                      f"->{pair[leg]['load_after']:.2f})", flush=True)  # fmt: skip
+            pair["ratio"] = pair["job"]["images_per_s_steady"] / pair["bare"]["images_per_s_steady"]
+            legs.append(pair)
+        results["cases"][name] = {
+            "model": str(model),
+            **{k: v for k, v in case.items()},
+            "ratio_job_vs_bare": spread([p["ratio"] for p in legs]),
+            "job_images_per_s_steady": spread([p["job"]["images_per_s_steady"] for p in legs]),
+            "bare_images_per_s_steady": spread([p["bare"]["images_per_s_steady"] for p in legs]),
+            "pairs": legs,
+        }
+        print(f"[{name}] job/bare median {results['cases'][name]['ratio_job_vs_bare']}", flush=True)
+    results["load_end"] = Path("/proc/loadavg").read_text().strip()
+    results["wall_s"] = round(time.time() - t_start, 1)
+    save(results, args.out)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
