@@ -37,7 +37,7 @@ def layout(data: Path, stage: str, captions: str | None) -> dict[str, Path]:
         "shards": first_existing(data / "shards", data / "data"),
         "captions": Path(captions)
         if captions
-        else first_existing(data / "captions_model", data / "data" / "truth", data / "captions"),  # fmt: skip
+        else first_existing(data / "captions", data / "data" / "truth"),  # the scored and staged captions
         "packed": data / "packed" / stage,
         "runs": data / "runs",
     }
