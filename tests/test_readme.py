@@ -22,13 +22,14 @@ import shlex
 import shutil
 import subprocess
 import sys
-import tempfile
 import time
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
 
 import pytest
+
+from tests.conftest import RayHead
 
 ROOT = Path(__file__).resolve().parents[1]
 README = ROOT / "README.md"
@@ -296,47 +297,6 @@ def free_port() -> int:
     from tests.conftest import free_port as port
 
     return port()
-
-
-class RayHead:
-    """`ray start --head` on 127.0.0.1 in its own session and temp dir; stopped by killing the processes of that
-    session and temp dir by their ids (never `ray stop`, which would stop every Ray on the machine)."""
-
-    def __init__(self, env: dict[str, str]):
-        self.temp = tempfile.mkdtemp(prefix="rr", dir="/tmp")  # short: Ray's socket paths are length-limited
-        self.dashboard = free_port()
-        agents = [f"--{name}={free_port()}" for name in ("dashboard-agent-listen-port", "dashboard-agent-grpc-port",
-                  "metrics-export-port", "runtime-env-agent-port", "node-manager-port", "object-manager-port",
-                  "ray-client-server-port")]  # fmt: skip
-        cmd = [str(BIN / "ray"), "start", "--head", "--node-ip-address=127.0.0.1", f"--port={free_port()}",
-               "--dashboard-host=127.0.0.1", f"--dashboard-port={self.dashboard}", "--num-cpus=4",
-               f"--temp-dir={self.temp}", "--disable-usage-stats", "--include-dashboard=true", *agents]  # fmt: skip
-        proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                                start_new_session=True)  # fmt: skip
-        self.session = proc.pid  # every process `ray start` spawns stays in this session
-        out, _ = proc.communicate(timeout=180)
-        if proc.returncode != 0:
-            self.stop()
-            raise RuntimeError(f"ray start failed: {out[-3000:]}")
-
-    @property
-    def address(self) -> str:
-        return f"http://127.0.0.1:{self.dashboard}"
-
-    def stop(self) -> None:
-        import psutil
-
-        from tests.pipelines.conftest import kill_all
-
-        mine = []
-        for p in psutil.process_iter(["cmdline"]):
-            try:
-                if os.getsid(p.pid) == self.session or any(self.temp in c for c in p.info["cmdline"] or []):
-                    mine.append(p)
-            except (psutil.Error, ProcessLookupError, PermissionError):
-                pass
-        kill_all(mine)
-        shutil.rmtree(self.temp, ignore_errors=True)
 
 
 def tiny_captioner() -> tuple[Path, int]:
