@@ -22,6 +22,7 @@ from pathlib import Path
 
 from train.config import STAGES
 from train.config import load as load_config
+from unicap import runtime
 
 
 def first_existing(*paths: Path) -> Path:
@@ -45,9 +46,7 @@ def layout(data: Path, stage: str, captions: str | None) -> dict[str, Path]:
 
 def ensure_packed(paths: dict[str, Path], resolution: int) -> None:
     if not paths["manifest"].is_file():
-        raise ValueError(
-            f"no stage manifest {paths['manifest']}: run `unicap stages` (or `make demo`) first"
-        )
+        raise ValueError(f"no stage manifest {paths['manifest']}: run `unicap stages` (or `make demo`) first")
     from pipelines.pack import pack_stage
 
     try:
@@ -66,13 +65,14 @@ def ensure_packed(paths: dict[str, Path], resolution: int) -> None:
 
 def launcher_command(args: argparse.Namespace, trainer_args: list[str]) -> list[str]:
     bindir = Path(sys.executable).parent
+    port = runtime.master_port(args.master_port, 2 if args.hostfile else args.nnodes, 29500)
     if args.hostfile:
         return [str(bindir / "deepspeed"), "--hostfile", args.hostfile, "--num_gpus", str(args.nproc),
-                "--master_addr", args.master_addr, "--master_port", str(args.master_port),
+                "--master_addr", args.master_addr, "--master_port", str(port),
                 "--module", "train.trainer", *trainer_args]  # fmt: skip
     return [str(bindir / "torchrun"), "--nnodes", str(args.nnodes), "--node_rank", str(args.node_rank),
             "--nproc_per_node", str(args.nproc), "--master_addr", args.master_addr,
-            "--master_port", str(args.master_port), "-m", "train.trainer", *trainer_args]  # fmt: skip
+            "--master_port", str(port), "-m", "train.trainer", *trainer_args]  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -88,7 +88,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--nnodes", type=int, default=1, help="launchers started per node (torchrun)")
     p.add_argument("--node-rank", type=int, default=0)
     p.add_argument("--master-addr", default="127.0.0.1")
-    p.add_argument("--master-port", type=int, default=29500)
+    p.add_argument(
+        "--master-port",
+        type=int,
+        default=None,
+        help="default: 29500 with --hostfile or --nnodes > 1, else a free port",
+    )
     p.add_argument(
         "--no-pack", action="store_true", help="the packed folder is ready (e.g. on a shared disk)"
     )

@@ -80,3 +80,17 @@ def init_ray(address: str | None = None, *, quiet: bool = False) -> None:
     else:
         ray.init(num_cpus=max(4, 2 * (os.cpu_count() or 1)), include_dashboard=False, configure_logging=False,
                  log_to_driver=not quiet)  # fmt: skip
+
+
+def master_port(port: int | None, nodes: int, default: int) -> int:
+    """The rendezvous port of a launch: as given; else `default` across nodes (every node must agree on it), and
+    a free port on one node, so that two runs on one machine (a demo and a `make stage1`) never collide."""
+    if port is not None:
+        return port
+    if nodes > 1:
+        return default
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

@@ -25,17 +25,22 @@ def test_one_node_uses_torchrun_with_the_stage_paths(tmp_path):
     assert "torchrun --nnodes 1 --node_rank 0 --nproc_per_node 4" in out
     assert "-m train.trainer --config train/configs/stage2_cpu.yaml run.stage=stage2" in out
     assert "data.packed=DATA/packed/stage2 run.out=DATA/runs optim.lr=1e-4" in out
+    # one node: a free port each time, so two runs on one machine (the demo, a make stage1) do not collide
+    port = int(out.split("--master_port ")[1].split()[0])
+    assert port != 29500 and 1024 < port < 65536
+    assert "--master_port 29600" in run_dry(tmp_path, "--master-port", "29600")
 
 
 def test_a_hostfile_uses_the_deepspeed_launcher(tmp_path):
     out = run_dry(tmp_path, "--nproc", "8", "--hostfile", "hosts", "--master-addr", "10.0.0.1")
     assert "deepspeed --hostfile hosts --num_gpus 8 --master_addr 10.0.0.1" in out
     assert "--module train.trainer --config train/configs/stage2_cpu.yaml" in out
+    assert "--master_port 29500" in out  # every node must agree on it
 
 
 def test_one_launcher_per_node(tmp_path):
     out = run_dry(tmp_path, "--nproc", "8", "--nnodes", "4", "--node-rank", "3", "--master-addr", "node0")
-    assert "torchrun --nnodes 4 --node_rank 3 --nproc_per_node 8 --master_addr node0" in out
+    assert "torchrun --nnodes 4 --node_rank 3 --nproc_per_node 8 --master_addr node0 --master_port 29500" in out
 
 
 def test_a_bad_override_fails_before_anything_starts(tmp_path):

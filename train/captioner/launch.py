@@ -19,19 +19,21 @@ import sys
 from pathlib import Path
 
 from train.captioner.config import load as load_config
+from unicap import runtime
 
 MODULE = "train.captioner.trainer"
 
 
 def launcher_command(args: argparse.Namespace, trainer_args: list[str]) -> list[str]:
     bindir = Path(sys.executable).parent
+    port = runtime.master_port(args.master_port, 2 if args.hostfile else args.nnodes, 29510)
     if args.hostfile:
         return [str(bindir / "deepspeed"), "--hostfile", args.hostfile, "--num_gpus", str(args.nproc),
-                "--master_addr", args.master_addr, "--master_port", str(args.master_port),
+                "--master_addr", args.master_addr, "--master_port", str(port),
                 "--module", MODULE, *trainer_args]  # fmt: skip
     return [str(bindir / "torchrun"), "--nnodes", str(args.nnodes), "--node_rank", str(args.node_rank),
             "--nproc_per_node", str(args.nproc), "--master_addr", args.master_addr,
-            "--master_port", str(args.master_port), "-m", MODULE, *trainer_args]  # fmt: skip
+            "--master_port", str(port), "-m", MODULE, *trainer_args]  # fmt: skip
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -41,7 +43,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--nnodes", type=int, default=1, help="launchers started per node (torchrun)")
     p.add_argument("--node-rank", type=int, default=0)
     p.add_argument("--master-addr", default="127.0.0.1")
-    p.add_argument("--master-port", type=int, default=29510)
+    p.add_argument(
+        "--master-port",
+        type=int,
+        default=None,
+        help="default: 29510 with --hostfile or --nnodes > 1, else a free port",
+    )
     p.add_argument("--dry-run", action="store_true", help="print the launch command only")
     p.add_argument("overrides", nargs="*", help="key=value config overrides, e.g. run.steps=50 optim.lr=1e-5")
 
