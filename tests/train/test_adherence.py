@@ -1,0 +1,100 @@
+"""`python -m train.adherence` on cheap weights (freshly initialised NextDiT_tiny, tiny codecs) and a tiny held-out set."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+from datagen.synth import synth
+from train.adherence import TRUTH_ROW
+from train.checkpoint import save_weights
+from train.model import build_model
+from unicap.cli import module_main
+
+ROOT = Path(__file__).resolve().parents[2]
+N, EXAMPLES = 4, 2
+KEYS = {"version", "size", "prompts", "attributes", "rows", "facts", "examples"}
+ATTRIBUTES = ["background", "colour", "shape", "count", "position"]
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    root = tmp_path_factory.mktemp("adherence")
+    synth(str(root / "heldout"), 6, seed=5)
+    weights = {}
+    for i, name in enumerate(("early", "late")):
+        torch.manual_seed(i)
+        weights[name] = save_weights(
+            root / "runs" / name / "final", build_model("NextDiT_tiny"), "tiny", "tiny"
+        )
+    cmd = [sys.executable, "-m", "train.adherence", "--truth", str(root / "heldout"), "--out", str(root / "out"),
+           "--n", str(N), "--size", "64x64", "--steps", "2", "--examples", str(EXAMPLES)]  # fmt: skip
+    for name, folder in weights.items():
+        cmd += ["--weights", f"{name}={folder}"]
+    r = subprocess.run(cmd, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)}, capture_output=True, text=True,
+                       timeout=300)  # fmt: skip
+    assert r.returncode == 0, r.stderr[-3000:]
+    return root, r.stdout, json.loads((root / "out" / "adherence.json").read_text())
+
+
+def test_the_json_follows_the_schema(run):
+    root, _, result = run
+    assert set(result) == KEYS and result["version"] == 1 and result["size"] == [64, 64]
+    assert result["prompts"] == {"n": N, "level": "short", "language": "en", "truth": str(root / "heldout")}
+    assert result["attributes"] == ATTRIBUTES
+    assert (
+        list(result["rows"]) == [TRUTH_ROW, "early", "late"] == list(result["facts"])
+    )  # one row per weights
+    for name, accs in result["rows"].items():
+        assert list(accs) == ATTRIBUTES and list(result["facts"][name]) == ATTRIBUTES
+        for a in ATTRIBUTES:
+            n = result["facts"][name][a]
+            assert isinstance(n, int) and (accs[a] is None) == (n == 0), (name, a)
+            assert accs[a] is None or 0.0 <= accs[a] <= 1.0
+    assert (
+        result["facts"][TRUTH_ROW]["background"] == N and result["facts"][TRUTH_ROW]["position"] == 0
+    )  # short
+    assert len(result["examples"]) == 2 * EXAMPLES
+    for ex in result["examples"]:
+        assert set(ex) == {"weights", "prompt", "image", "truth_image", "verdicts"} and ex["weights"] in (
+            "early",
+            "late",
+        )
+        assert list(ex["verdicts"]) == ATTRIBUTES and ex["verdicts"]["position"] is None
+        assert all(v in (True, False, None) for v in ex["verdicts"].values())
+
+
+def test_the_truth_row_is_high(run):
+    _, stdout, result = run
+    truth = result["rows"][TRUTH_ROW]
+    assert all(truth[a] >= 0.9 for a in ("background", "colour", "shape", "count")), truth
+    assert TRUTH_ROW in stdout and "early" in stdout and "late" in stdout  # the table
+
+
+def test_every_image_exists_at_the_requested_size(run):
+    root, _, result = run
+    out = root / "out"
+    for ex in result["examples"]:
+        for rel in (ex["image"], ex["truth_image"]):
+            with Image.open(out / rel) as im:
+                assert im.size == (64, 64) and im.mode == "RGB", rel
+    for sub in ("truth", "early", "late"):
+        assert len(list((out / sub).glob("*.png"))) == N
+
+
+def test_a_bad_weights_argument_is_a_one_line_error(run, tmp_path, capsys):
+    root, _, _ = run
+    common = ["--truth", str(root / "heldout"), "--out", str(tmp_path / "out"), "--n", "2"]
+    for weights, message in (("no-equals-sign", "NAME=FOLDER"), (f"truth={root}/runs/early/final", "not 'truth'"),
+                             (f"x={tmp_path}/missing", "missing")):  # fmt: skip
+        assert module_main("train.adherence", ["--weights", weights, *common]) == 2
+        err = capsys.readouterr().err.strip()
+        assert message in err and len(err.splitlines()) == 1, err
+    assert not (tmp_path / "out").exists()  # refused before anything was written
