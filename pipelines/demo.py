@@ -203,8 +203,9 @@ def step_train(work: Path, p: Preset, stage: str) -> None:
 
 
 def step_adherence(work: Path, p: Preset) -> None:
+    # long prompts name every attribute, the cells included (short ones give no position); 64 px: stage1's size
     cmd = [sys.executable, "-m", "train.adherence", "--truth", str(work / "heldout"), "--out", str(work / "adherence"),
-           "--n", str(p.adherence)]  # fmt: skip
+           "--n", str(p.adherence), "--level", "long", "--size", "64x64"]  # fmt: skip
     for stage in ("stage1", "stage3"):
         cmd += ["--weights", f"{stage}={work / 'runs' / stage / 'final'}"]
     r = subprocess.run(
