@@ -37,6 +37,7 @@ def outputs_and_mtimes(work: Path) -> dict[str, float]:
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(2400)  # a fresh machine trains the short captioner recipe first (~3 min idle, more if loaded)
 def test_make_demo_end_to_end_then_nothing_redone(tmp_path):
     work = tmp_path / "demo"
     r = make_demo(work)

@@ -49,6 +49,7 @@ def caption(model: Path, data: Path, out: Path, max_pixels: int, *extra: str) ->
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(2400)  # trains the short recipe when no captioner is cached (~3 min idle)
 def test_the_tiny_captioner_through_the_caption_job(tmp_path):
     from datagen.synth import synth
     from train.captioner import tiny
