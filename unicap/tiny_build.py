@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import os
 import shutil
+import sys
+import time
 import uuid
 from collections.abc import Callable, Iterable
 from pathlib import Path
@@ -35,6 +37,10 @@ def cached(name: str, build: Callable[[Path], None], root: Path | None = None) -
     path = (root or cache_root()) / name
     if (path / DONE_MARK).exists():
         return path
+    if distributed_rank() != 0:
+        # transformers (5.x) save_pretrained writes nothing on a rank other than 0 once torch.distributed is up:
+        # a build there would look complete and hold no weights. Rank 0 builds; the others wait for its folder.
+        return _wait_for(path)
     tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
     tmp.mkdir(parents=True)
     try:
@@ -46,6 +52,24 @@ def cached(name: str, build: Callable[[Path], None], root: Path | None = None) -
                 raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+    return path
+
+
+def distributed_rank() -> int:
+    """This process's rank in an initialised torch.distributed group, else 0 (torch is not imported for it)."""
+    torch = sys.modules.get("torch")
+    dist = getattr(torch, "distributed", None) if torch else None
+    if dist is not None and dist.is_available() and dist.is_initialized():
+        return dist.get_rank()
+    return 0
+
+
+def _wait_for(path: Path, timeout_s: float = 3600.0) -> Path:
+    deadline = time.monotonic() + timeout_s
+    while not (path / DONE_MARK).exists():
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"rank {distributed_rank()}: waited {timeout_s:.0f}s for rank 0 to build {path}")
+        time.sleep(0.5)
     return path
 
 

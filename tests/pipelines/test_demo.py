@@ -7,6 +7,7 @@ eval-captions -> scores of the model's captions -> stages -> stage1/2/3 with Dee
 
 import json
 import os
+import signal
 import subprocess
 from pathlib import Path
 
@@ -21,9 +22,19 @@ STEPS = ("synth", "read", "captioner", "caption", "eval", "score", "stages", "st
 
 
 def make_demo(work: Path) -> subprocess.CompletedProcess:
+    """`make demo` in its own session: if the test fails or times out, the whole tree (the demo's steps, Ray,
+    DeepSpeed ranks) is killed, not left training on beside the rest of the suite."""
     env = {k: v for k, v in os.environ.items() if k not in ("MAKEFLAGS", "MFLAGS", "VERBOSE")}
-    return subprocess.run(["make", "--no-print-directory", "demo", "PRESET=quick", f"DEMO_DIR={work}"], cwd=ROOT,
-                          env=env, capture_output=True, text=True, timeout=1800)  # fmt: skip
+    cmd = ["make", "--no-print-directory", "demo", "PRESET=quick", f"DEMO_DIR={work}"]
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)  # fmt: skip
+    try:
+        out, err = proc.communicate(timeout=2300)
+    except BaseException:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+        raise
+    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
 
 
 def rows(folder: Path) -> int:
@@ -37,7 +48,9 @@ def outputs_and_mtimes(work: Path) -> dict[str, float]:
 
 
 @pytest.mark.slow
-@pytest.mark.timeout(2400)  # a fresh machine trains the short captioner recipe first (~3 min idle, more if loaded)
+@pytest.mark.timeout(
+    2400
+)  # a fresh machine trains the short captioner recipe first (~3 min idle, more if loaded)
 def test_make_demo_end_to_end_then_nothing_redone(tmp_path):
     work = tmp_path / "demo"
     r = make_demo(work)
