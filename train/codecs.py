@@ -1,11 +1,14 @@
 """Text and image codecs of Lumina-Image 2.0: a Gemma-2 text encoder and the FLUX VAE.
 
 Real ids (google/gemma-2-2b, black-forest-labs/FLUX.1-dev's vae) and local folders go through the
-same code as the tiny offline builds ("tiny": train.tiny_codecs).
+same code as the tiny offline builds: "tiny" (train.tiny_codecs: random weights, for tests of the
+plumbing) and, for the VAE, "tiny-trained" (train.tiny_vae: trained here on the synthetic images, so a
+Next-DiT trained on its latents samples images a person can judge; the CPU stage configs use it).
 
 Text: system prompt + " <Prompt Start> " + caption, right padding, the second-to-last hidden state;
 an empty caption (CFG dropout / unconditional) is encoded the same way, with an empty caption.
-Latents: z = (vae.encode(image).mean - shift) * scale, shift 0.1159, scale 0.3611 (FLUX).
+Latents: z = (vae.encode(image).mean - shift) * scale, the VAE config's shift_factor / scaling_factor
+(FLUX: 0.1159, 0.3611; tiny-trained: measured on held-out images, so z is ~zero-mean, unit-variance).
 """
 
 from __future__ import annotations
@@ -22,12 +25,22 @@ PROMPT_START = " <Prompt Start> "
 FLUX_SHIFT, FLUX_SCALE = 0.1159, 0.3611
 
 
-def _resolve(name: str, kind: str) -> str:
-    if name != "tiny":
-        return name
-    from train import tiny_codecs
+TINY_NAMES = {"text": ("tiny",), "vae": ("tiny", "tiny-trained")}
 
-    return str(tiny_codecs.tiny_gemma2() if kind == "text" else tiny_codecs.tiny_flux_vae())
+
+def _resolve(name: str, kind: str) -> str:
+    """A model name -> what from_pretrained loads: the tiny offline builds' cached folders, else `name`."""
+    if name == "tiny":
+        from train import tiny_codecs
+
+        return str(tiny_codecs.tiny_gemma2() if kind == "text" else tiny_codecs.tiny_flux_vae())
+    if name == "tiny-trained":
+        if kind != "vae":
+            raise ValueError(f"{name!r} is a VAE (train.tiny_vae); the text encoder's tiny build is 'tiny'")
+        from train import tiny_vae
+
+        return str(tiny_vae.tiny_vae())  # trained on first use (~3.5 min on 2 cores), then cached
+    return name
 
 
 def format_prompt(caption: str, system_prompt: str = SYSTEM_PROMPT) -> str:

@@ -1,0 +1,355 @@
+"""A tiny FLUX-layout VAE trained here, on the synthetic images: `model.vae: tiny-trained`.
+
+    python -m train.tiny_vae              # the folder's path; trains it first if absent (~3.5 min, 2 cores)
+    python -m train.tiny_vae --no-train   # the path if cached, else exit code 1
+    python -m train.tiny_vae steps=200    # a recipe override: another cache entry
+
+"tiny" (train.tiny_codecs) is a random AutoencoderKL: it loads and runs like FLUX's VAE, but what it decodes
+is noise, so a Next-DiT trained on its latents samples noise too. This one is trained to reconstruct the
+images the demo trains on: datagen.synth scenes, rendered on the fly from `random.Random(f"{seed}:{i}")`,
+resized and centre-cropped to their aspect-ratio bucket at 64 and 128 px and JPEG-round-tripped, exactly as
+the pack job (pipelines.pack) stores them; 128 px images as random 64 px crops. Loss: L1 + MSE
+reconstruction + a small KL, on decorrelated colours (color_transform: without it the weak green-magenta
+axis had not been learned after 2000 steps, and greens decoded purple). Afterwards `shift_factor` and
+`scaling_factor` are set from the latents of images it never trained on, so that train.codecs' latents
+(mean - shift) * scale are about zero-mean and unit-variance.
+
+What it gets right and wrong (held-out, bench/results/tiny_vae.json): background and object colours and
+positions, blob-like shapes (corners rounded, small objects soft); the written words are lost.
+
+The layout is FLUX's: 16 latent channels (NextDiT_tiny's in_channels), 8x down (4 blocks; train.codecs
+derives the factor from block_out_channels), no quant convs. 8x at 64 px is 8x8 latents: enough for
+colours and placement of these flat scenes (what limited quality in the measurements was training time,
+not the latent size), and it keeps the Next-DiT's token count (and so the demo's step time) that of the
+FLUX layout; 4x would quadruple the tokens. The mid-block attention is left out: the net is
+fully convolutional, so patches of one size train it for every bucket size.
+
+Cached once per machine (unicap.tiny_build.cached): the key is TINY_VAE_VERSION plus the recipe, so any
+change of the recipe builds a new folder. Deterministic given the recipe (seed included) on one machine
+and thread count. Concurrent callers (the 2 DeepSpeed ranks of a stage) take a lock: one trains, with
+every core, and the other waits for its folder.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import hashlib
+import io
+import json
+import math
+import os
+import random
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from unicap.tiny_build import DONE_MARK, cache_root, cached
+
+# bump when the build code changes: a new folder is built instead of a stale one loaded
+TINY_VAE_VERSION = "1"
+RESOLUTIONS = (64, 128)  # the CPU stages' resolutions (train/configs/stage{1,2,3}_cpu.yaml)
+
+
+@dataclass(frozen=True)
+class Recipe:
+    seed: int = 0  # weights init and batch order
+    data_seed: int = 1000  # training scenes: random.Random(f"{data_seed}:{i}"), i < images
+    stats_seed: int = 2000  # held-out scenes for the latent statistics (shift/scale)
+    images: int = 1024  # scenes rendered once (each at 64 and 128 px)
+    stats_images: int = 128
+    steps: int = 2000  # colour and shape arrive late (a plateau, then a drop around step 1300-1600)
+    # steps matter more than batch size here: 8 trains as well as 16 per step, at half the cost
+    batch: int = 8
+    patch: int = 64  # 128 px images train as random patch x patch crops
+    lr: float = 3e-3
+    warmup: int = 100
+    kl_weight: float = 1e-6  # per element, beside the per-element L1 / MSE
+    # decode mean + std * noise (a VAE) or the mean (what train.codecs encodes)
+    sample_posterior: bool = False
+    mse_weight: float = 1.0
+    whiten: bool = True  # train in decorrelated colours (folded into the first and last convs afterwards)
+    whiten_eps: float = 0.01
+    block_out_channels: tuple[int, ...] = (16, 16, 32, 64)  # 4 blocks: 8x down; 0.69M parameters
+    layers_per_block: int = 1
+    # GroupNorm erases a flat region's absolute colour within a group: few, wide groups
+    norm_num_groups: int = 4
+
+    def tag(self) -> str:
+        text = json.dumps({"version": TINY_VAE_VERSION, **dataclasses.asdict(self)}, sort_keys=True)
+        return hashlib.sha1(text.encode()).hexdigest()[:10]
+
+
+RECIPE = Recipe()
+
+
+def with_overrides(recipe: Recipe, overrides: list[str] | tuple[str, ...]) -> Recipe:
+    """`key=value` overrides of a recipe (values parsed as JSON: steps=200, block_out_channels=[16,32,32,32])."""
+    fields = {f.name: f for f in dataclasses.fields(Recipe)}
+    changes = {}
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        if not sep or key not in fields:
+            raise ValueError(f"override {item!r}: key=value with key one of {sorted(fields)}")
+        v = json.loads(value)
+        changes[key] = tuple(v) if isinstance(v, list) else v
+    return dataclasses.replace(recipe, **changes)
+
+
+# ---------------------------------------------------------------- images
+
+
+def bucket_image(im, resolution: int):
+    """A rendered image as the pack job stores it at `resolution`: its bucket, centre crop, JPEG."""
+    from PIL import Image
+
+    from train.buckets import assign_bucket, bucket_table, resize_to_bucket
+    from unicap.contract import packed
+
+    table = bucket_table(resolution)
+    size = table[int(assign_bucket(im.width, im.height, table))]
+    buf = io.BytesIO()
+    resize_to_bucket(im, size).save(buf, format="JPEG", quality=packed.JPEG_QUALITY)
+    return Image.open(buf).convert("RGB")
+
+
+def scene_images(seed: int, index: int, resolutions=RESOLUTIONS):
+    """(scene, {resolution: PIL image}) of synthetic image `index` of `seed`."""
+    from datagen import synth
+
+    scene = synth.make_scene(random.Random(f"{seed}:{index}"))
+    full = synth.render(scene)
+    return scene, {r: bucket_image(full, r) for r in resolutions}
+
+
+def to_tensor(im):
+    """PIL RGB -> (3, H, W) float32 in [-1, 1], as train.data gives the trainer."""
+    import numpy as np
+    import torch
+
+    x = np.asarray(im, dtype=np.float32).transpose(2, 0, 1) / 127.5 - 1.0
+    return torch.from_numpy(np.ascontiguousarray(x))
+
+
+def _pool(seed: int, n: int) -> dict[int, dict[tuple[int, int], list]]:
+    """resolution -> bucket size (w, h) -> list of (3, h, w) tensors, for scenes 0..n-1 of `seed`."""
+    out: dict[int, dict[tuple[int, int], list]] = {r: {} for r in RESOLUTIONS}
+    for i in range(n):
+        _, ims = scene_images(seed, i)
+        for r, im in ims.items():
+            out[r].setdefault(im.size, []).append(to_tensor(im))
+    return out
+
+
+# ---------------------------------------------------------------- the model
+
+
+def build_model(recipe: Recipe):
+    from diffusers import AutoencoderKL
+
+    n = len(recipe.block_out_channels)
+    return AutoencoderKL(
+        in_channels=3, out_channels=3, latent_channels=16,
+        down_block_types=("DownEncoderBlock2D",) * n, up_block_types=("UpDecoderBlock2D",) * n,
+        block_out_channels=recipe.block_out_channels, layers_per_block=recipe.layers_per_block,
+        norm_num_groups=recipe.norm_num_groups, use_quant_conv=False, use_post_quant_conv=False,
+        mid_block_add_attention=False, scaling_factor=1.0, shift_factor=0.0,
+    )  # fmt: skip
+
+
+def _batches(recipe: Recipe, pool: dict, rng: random.Random):
+    """Endless training batches: even steps a 64 px bucket (whole images, one bucket per batch, drawn by
+    its share of the images), odd steps random patch x patch crops of 128 px images."""
+    import torch
+
+    lo, hi = pool[RESOLUTIONS[0]], [x for xs in pool[RESOLUTIONS[1]].values() for x in xs]
+    sizes = sorted(lo)
+    weights = [len(lo[s]) for s in sizes]
+    p = recipe.patch
+    step = 0
+    while True:
+        if step % 2 == 0:
+            group = lo[rng.choices(sizes, weights)[0]]
+            yield torch.stack([group[rng.randrange(len(group))] for _ in range(recipe.batch)])
+        else:
+            crops = []
+            for _ in range(recipe.batch):
+                x = hi[rng.randrange(len(hi))]
+                y0, x0 = rng.randint(0, x.shape[1] - p), rng.randint(0, x.shape[2] - p)
+                crops.append(x[:, y0 : y0 + p, x0 : x0 + p])
+            yield torch.stack(crops)
+        step += 1
+
+
+def train_vae(recipe: Recipe, log=print):
+    """The trained AutoencoderKL (eval mode, shift/scale set) and a summary dict."""
+    import torch
+
+    t0 = time.time()
+    pool = _pool(recipe.data_seed, recipe.images)
+    t_data = time.time() - t0
+    torch.manual_seed(recipe.seed)
+    vae = build_model(recipe).train()
+    opt = torch.optim.AdamW(vae.parameters(), lr=recipe.lr, betas=(0.9, 0.99), weight_decay=0.0)
+
+    def lr_factor(i: int) -> float:  # linear warmup, then cosine down to 5%
+        return min(1.0, (i + 1) / max(recipe.warmup, 1)) * (
+            0.05 + 0.475 * (1 + math.cos(math.pi * i / recipe.steps))
+        )
+
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_factor)
+    batches = _batches(recipe, pool, random.Random(recipe.seed))
+    color = color_transform(pool, recipe.whiten_eps) if recipe.whiten else torch.eye(3)
+    gen = torch.Generator().manual_seed(recipe.seed)
+    t1, l1_avg = time.time(), None
+    for step in range(1, recipe.steps + 1):
+        x = torch.einsum("ij,bjhw->bihw", color, next(batches))
+        post = vae.encode(x).latent_dist
+        z = (
+            post.mean + post.std * torch.randn(post.mean.shape, generator=gen)
+            if recipe.sample_posterior
+            else post.mean
+        )
+        rec = vae.decode(z).sample
+        l1 = (rec - x).abs().mean()
+        mse = (rec - x).pow(2).mean()
+        kl = post.kl().mean() / post.mean[0].numel()  # per latent element
+        loss = l1 + recipe.mse_weight * mse + recipe.kl_weight * kl
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        l1_avg = l1.item() if l1_avg is None else 0.98 * l1_avg + 0.02 * l1.item()
+        if step % 100 == 0 or step == recipe.steps:
+            log(f"[tiny-vae] step {step}/{recipe.steps}  l1 {l1_avg:.4f}  kl {kl.item():.1f}  "
+                f"{time.time() - t1:.0f}s")  # fmt: skip
+    t_train = time.time() - t1
+    vae.eval().requires_grad_(False)
+    fold_color_transform(vae, color)
+    shift, std = latent_stats(vae, recipe.stats_seed, recipe.stats_images)
+    vae.register_to_config(shift_factor=shift, scaling_factor=1.0 / std)
+    return vae, {"data_seconds": round(t_data, 1), "train_seconds": round(t_train, 1), "final_l1": l1_avg,
+                 "shift_factor": shift, "scaling_factor": 1.0 / std}  # fmt: skip
+
+
+def latent_stats(vae, seed: int, n: int) -> tuple[float, float]:
+    """Mean and std of the raw latent means (encode(x).latent_dist.mean) of n held-out images, both sizes."""
+    import torch
+
+    total, total_sq, count = 0.0, 0.0, 0
+    with torch.no_grad():
+        for i in range(n):
+            _, ims = scene_images(seed, i)
+            for im in ims.values():
+                z = vae.encode(to_tensor(im)[None]).latent_dist.mean.double()
+                total, total_sq, count = (
+                    total + float(z.sum()),
+                    total_sq + float(z.pow(2).sum()),
+                    count + z.numel(),
+                )
+    mean = total / count
+    return mean, (total_sq / count - mean**2) ** 0.5
+
+
+# ---------------------------------------------------------------- the cache
+
+
+def color_transform(pool: dict, eps: float):
+    """A 3x3 map of RGB to decorrelated colours whose every axis varies as much as the strongest (luminance).
+
+    The synthetic images' colour covariance is dominated by luminance (eigenvalues ~0.68 / 0.086 / 0.019: the
+    green-magenta axis is ~35x weaker), and a network learns each axis at a speed of its variance: trained on
+    RGB, 2000 steps gave shapes and one colour axis (greens came out purple). Trained on these colours (and
+    its loss measured in them), every axis learns at once. No shift, only a linear map: zero padding stays
+    zero padding, so folding it into the convs (fold_color_transform) is exact."""
+    import torch
+
+    x = torch.cat([t.flatten(1) for by_size in pool.values() for ts in by_size.values() for t in ts], 1)
+    e, v = torch.linalg.eigh(torch.cov(x.double()))
+    return (v @ torch.diag((e.max() / (e + eps)).sqrt()) @ v.T).float()
+
+
+def fold_color_transform(vae, color) -> None:
+    """Make the VAE take and give RGB: encoder conv_in reads A @ rgb, decoder conv_out gives A^-1 @ its output."""
+    import torch
+
+    with torch.no_grad():
+        conv_in, conv_out = vae.encoder.conv_in, vae.decoder.conv_out
+        conv_in.weight.copy_(torch.einsum("oipq,ij->ojpq", conv_in.weight, color))
+        inv = torch.linalg.inv(color.double()).float()
+        conv_out.weight.copy_(torch.einsum("ij,jopq->iopq", inv, conv_out.weight))
+        conv_out.bias.copy_(inv @ conv_out.bias)
+
+
+@contextlib.contextmanager
+def _all_cores():
+    """Train with every core: a DeepSpeed rank set its threads to its share of them (train.trainer)."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(os.cpu_count() or 1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+@contextlib.contextmanager
+def _lock(path: Path):
+    import fcntl
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def folder_name(recipe: Recipe = RECIPE) -> str:
+    return f"tiny-vae-{recipe.tag()}"
+
+
+def cached_vae(recipe: Recipe = RECIPE, root: Path | None = None) -> Path | None:
+    """The cached folder of this recipe, or None if it was not trained on this machine yet."""
+    path = (root or cache_root()) / folder_name(recipe)
+    return path if (path / DONE_MARK).exists() else None
+
+
+def _build(out: Path, recipe: Recipe) -> None:
+    with _all_cores():
+        vae, summary = train_vae(recipe, log=lambda s: print(s, file=sys.stderr, flush=True))
+    vae.save_pretrained(out, safe_serialization=True)
+    (out / DONE_MARK).write_text(json.dumps({"kind": "tiny-vae", "version": TINY_VAE_VERSION,
+                                             "recipe": dataclasses.asdict(recipe), **summary}))  # fmt: skip
+
+
+def tiny_vae(recipe: Recipe = RECIPE, root: Path | None = None) -> Path:
+    """The trained tiny VAE's folder (AutoencoderKL.from_pretrained loads it), trained first if absent."""
+    if (found := cached_vae(recipe, root)) is not None:
+        return found
+    name = folder_name(recipe)
+    with _lock((root or cache_root()) / f".{name}.lock"):  # one builder; the others wait for its folder
+        return cached(name, lambda p: _build(p, recipe), root)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--no-train", action="store_true", help="only report the cached folder")
+    p.add_argument("overrides", nargs="*", help="key=value overrides of the recipe (a different cache entry)")
+    args = p.parse_args(argv)
+    recipe = with_overrides(RECIPE, args.overrides)
+    path = cached_vae(recipe) if args.no_train else tiny_vae(recipe)
+    if path is None:
+        print("no tiny VAE cached for this recipe: run `python -m train.tiny_vae`", file=sys.stderr)
+        return 1
+    print(path)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
