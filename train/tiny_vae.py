@@ -46,7 +46,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from unicap.tiny_build import DONE_MARK, cache_root, cached
+from unicap.tiny_build import DONE_MARK, cache_root, cached, distributed_rank
 
 # bump when the build code changes: a new folder is built instead of a stale one loaded
 TINY_VAE_VERSION = "1"
@@ -333,6 +333,8 @@ def tiny_vae(recipe: Recipe = RECIPE, root: Path | None = None) -> Path:
     if (found := cached_vae(recipe, root)) is not None:
         return found
     name = folder_name(recipe)
+    if distributed_rank() != 0:  # inside a process group rank 0 builds and cached() waits for it: no lock here
+        return cached(name, lambda p: _build(p, recipe), root)  # (holding it would block rank 0 forever)
     with _lock((root or cache_root()) / f".{name}.lock"):  # one builder; the others wait for its folder
         return cached(name, lambda p: _build(p, recipe), root)
 
