@@ -8,6 +8,7 @@ Steps run in order; each one resumes, and a re-run of `make demo` redoes only wh
   eval       eval-captions: the held-out captions against the answer key (recall, hallucination, language)
   score      CLIP / aesthetic scores of the model's captions, embeddings, duplicates (tiny random CLIP)
   stages     stage1 / stage2 / stage3 manifests and the funnel (DuckDB)
+  vae        the tiny VAE trained on the synthetic images (train.tiny_vae; cached per machine)
   stage1..3  pack each stage and train Next-DiT on it with DeepSpeed (2 ranks, train/configs/stage*_cpu.yaml),
              each from the previous stage's final weights; sample grids in runs/<stage>/samples/
   adherence  prompt adherence (GenEval-style, judged against the answer key) of stage1 and stage3 weights
@@ -30,7 +31,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-STEPS = ("synth", "read", "captioner", "caption", "eval", "score", "stages", "stage1", "stage2", "stage3",
+STEPS = ("synth", "read", "captioner", "caption", "eval", "score", "stages", "vae", "stage1", "stage2", "stage3",
          "adherence", "report")  # fmt: skip
 POOL_SEED, HELDOUT_SEED = 0, 7777  # the tiny captioner trains on seed 1000's images: both sets are new to it
 # The demo trains at 64 / 128 px (train/configs/stage*_cpu.yaml), a quarter of the paper's 256 / 1024 px, so
@@ -179,6 +180,17 @@ def step_stages(work: Path, p: Preset) -> None:
     print(f"[stages] manifests under {work / 'stages'}")
 
 
+def step_vae(work: Path, p: Preset) -> None:
+    """The tiny VAE trained on the synthetic images (train.tiny_vae, cached per machine), before the stages need it."""
+    from train.tiny_vae import cached_vae, tiny_vae
+
+    cached = cached_vae()
+    folder = cached or tiny_vae()
+    print(
+        f"[vae] tiny VAE trained on the synthetic images ({'cached' if cached else 'trained now'}): {folder}"
+    )
+
+
 def step_train(work: Path, p: Preset, stage: str) -> None:
     """`make <stage>`'s path: train.launch packs the stage and starts 2 DeepSpeed ranks (torchrun)."""
     final = work / "runs" / stage / "final" / "state.json"
@@ -249,6 +261,7 @@ def outputs(work: Path, step: str) -> list[Path]:
         "eval": [work / "heldout_captions" / "_eval.json"],
         "score": [work / "scores" / "_summary.json"],
         "stages": [work / "stages" / "funnel.json"],
+        "vae": [],  # in the machine's cache: a stage rebuilds it if it went missing
         "adherence": [work / "adherence" / "adherence.json"],
         "report": [work / "report.html"],
     }.get(step, [work / "runs" / step / "final" / "state.json"])

@@ -17,7 +17,7 @@ import pytest
 from unicap.contract import caption as caption_record
 
 ROOT = Path(__file__).resolve().parents[2]
-STEPS = ("synth", "read", "captioner", "caption", "eval", "score", "stages", "stage1", "stage2", "stage3",
+STEPS = ("synth", "read", "captioner", "caption", "eval", "score", "stages", "vae", "stage1", "stage2", "stage3",
          "adherence", "report")  # fmt: skip
 
 
