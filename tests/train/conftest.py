@@ -16,8 +16,9 @@ from tests.conftest import free_port
 PY = sys.executable
 BIN = Path(sys.executable).parent
 CPU_CONFIG = "train/configs/stage1_cpu.yaml"
-# a small, fast run: 64 px, micro 2, global batch 4, no sample grids unless a test asks
-FAST = ["data.resolution=64", "data.micro_batch=2", "data.global_batch=4", "data.num_workers=0",
+# a small, fast run: 64 px, micro 2, global batch 4, no sample grids unless a test asks; the random tiny VAE (the
+# trainer's mechanics do not depend on what it decodes; the trained one is tested in test_tiny_vae and the demo)
+FAST = ["model.vae=tiny", "data.resolution=64", "data.micro_batch=2", "data.global_batch=4", "data.num_workers=0",
         "run.sample_prompts=[]", "run.progress=false", "run.tensorboard=false", "run.save_every=1000"]  # fmt: skip
 N_IMAGES = 24
 

@@ -175,7 +175,7 @@ NAN_SCRIPT = r"""
 import sys, torch, deepspeed
 from train import trainer, zero
 from train.config import load, deepspeed_config
-cfg = load("train/configs/stage1_cpu.yaml", ["data.micro_batch=2", "data.global_batch=2", f"data.packed={sys.argv[1]}"])
+cfg = load("train/configs/stage1_cpu.yaml", ["model.vae=tiny", "data.micro_batch=2", "data.global_batch=2", f"data.packed={sys.argv[1]}"])
 trainer.setup_distributed("cpu")
 codecs = trainer.load_codecs(cfg, "cpu")
 model = trainer.build_model(cfg, codecs.text.dim)
@@ -218,7 +218,7 @@ from train import trainer, zero
 from train.config import load, deepspeed_config
 from train.ema import ShardedEMA, ema_decay
 stage = int(sys.argv[2])
-cfg = load("train/configs/stage1_cpu.yaml", ["data.micro_batch=2", "data.global_batch=4", f"data.packed={sys.argv[1]}",
+cfg = load("train/configs/stage1_cpu.yaml", ["model.vae=tiny", "data.micro_batch=2", "data.global_batch=4", f"data.packed={sys.argv[1]}",
                                              f"deepspeed.zero_stage={stage}"])
 _, world = trainer.setup_distributed("cpu")
 codecs = trainer.load_codecs(cfg, "cpu")
