@@ -38,15 +38,14 @@ MAX_PIXELS = 224 * 224
 
 
 def load_images(shards: Path) -> list:
-    from unicap.captioner import fit_max_pixels
-    from unicap.decode import decode_image
+    from unicap.captioner import decode_for_model, fit_max_pixels
 
     out = []
     for tar_path in sorted(shards.glob("*.tar")):
         with tarfile.open(tar_path) as tar:
             for m in tar.getmembers():
                 if m.name.endswith((".jpg", ".png")):
-                    out.append(fit_max_pixels(decode_image(tar.extractfile(m).read()).image, MAX_PIXELS))
+                    out.append(fit_max_pixels(decode_for_model(tar.extractfile(m).read(), MAX_PIXELS).image, MAX_PIXELS))
     return out
 
 

@@ -7,8 +7,11 @@ job   pipelines.caption.run_job: Ray Data reads the shards -> decode -> fit max_
 bare  vllm.LLM.chat, in a process of its own, on images decoded and resized beforehand, with the job's
       prompts, sampling settings, engine arguments and batches (one batch = one shard = --batch images);
       conversations and sampling params are built before the clock starts
-Legs run interleaved (job, bare, job, bare, ...), each in a fresh process, `--repeats` times per case;
-the result is the median of the per-pair ratios job/bare with their min-max.
+bare_all  the same engine given every request after the first batch in one call: vLLM schedules them all
+      at once (continuous batching over the whole set), the engine's best case, which a job that writes
+      one shard at a time cannot match exactly; job / bare_all is the strict number
+Legs run interleaved (job, bare, bare_all, job, ...), each in a fresh process, `--repeats` times per case;
+the result is the median of the per-pair ratios job/bare and job/bare_all with their min-max.
 
 Steady state, the same for both legs: images after the first batch over the time from the end of the
 first batch to the end of the last. For the job, a batch ends when its shard's Parquet is written (one
@@ -44,6 +47,7 @@ sys.path.insert(0, str(ROOT))
 from bench._results import save  # noqa: E402
 
 LEVELS, LANGS = ("long", "medium", "short", "tags"), ("en", "zh")
+LEGS = ("job", "bare", "bare_all")
 BIG_VERSION = "1"
 CASES = {
     # n images, batch (= shard size), max_pixels, max_tokens per level (None: the job's defaults), fixed lengths
@@ -82,15 +86,15 @@ def tiny_captioner() -> Path:
 
 
 def load_images(shards: Path, max_pixels: int) -> list:
-    from unicap.captioner import fit_max_pixels
-    from unicap.decode import decode_image
+    from unicap.captioner import decode_for_model, fit_max_pixels
 
     out = []
     for tar_path in sorted(shards.glob("*.tar")):
         with tarfile.open(tar_path) as tar:
             for m in tar.getmembers():
                 if m.name.endswith((".jpg", ".jpeg", ".png", ".webp")):
-                    out.append(fit_max_pixels(decode_image(tar.extractfile(m).read()).image, max_pixels))
+                    decoded = decode_for_model(tar.extractfile(m).read(), max_pixels)
+                    out.append(fit_max_pixels(decoded.image, max_pixels))
     return out
 
 
@@ -106,7 +110,7 @@ def configs(case: dict, model: str):
     return engine, caption
 
 
-def leg_bare(case: dict, model: str, shards: Path) -> dict:
+def leg_bare(case: dict, model: str, shards: Path, all_at_once: bool = False) -> dict:
     from vllm import LLM, SamplingParams
 
     from unicap import prompts
@@ -130,6 +134,9 @@ def leg_bare(case: dict, model: str, shards: Path) -> dict:
                     SamplingParams(max_tokens=p.max_tokens, temperature=0.0, **engine_cfg.sampling_extra)
                 )
         batches.append((convs, params))
+    if all_at_once:  # the first batch alone (warm-up, like the job's first shard), then the rest in one call
+        rest = [sum((b[k] for b in batches[1:]), []) for k in (0, 1)]
+        batches = [batches[0], tuple(rest)]
     ends, tokens = [], []
     t0 = time.time()
     for convs, params in batches:
@@ -186,7 +193,7 @@ def run_leg(leg: str, case: str, model: Path, shards: Path, threads: int | None,
         cmd += ["--threads", str(threads)]
     env = {**os.environ, "PYTHONPATH": str(ROOT), "VLLM_ENABLE_V1_MULTIPROCESSING": "0", "VLLM_HOST_IP": "127.0.0.1",
            "VLLM_LOGGING_LEVEL": "WARNING", "RAY_USAGE_STATS_ENABLED": "0"}  # fmt: skip
-    if threads is not None and leg == "bare":  # the same compute threads as the job's actor
+    if threads is not None and leg.startswith("bare"):  # the same compute threads as the job's actor
         env["OMP_NUM_THREADS"] = env["MKL_NUM_THREADS"] = str(threads)
     before = loadavg()
     r = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
@@ -216,7 +223,12 @@ def main() -> int:
     )
     ap.add_argument("--n", type=int, default=None, help="images per leg (default: the case's)")
     ap.add_argument("--out", default="bench/results/caption_vs_engine.json")
-    ap.add_argument("--leg", choices=("job", "bare"), help=argparse.SUPPRESS)  # one leg, in this process
+    ap.add_argument(
+        "--legs",
+        default="job,bare,bare_all",
+        help="legs per pair, run in this order; ratios are job / each other leg",
+    )
+    ap.add_argument("--leg", choices=LEGS, help=argparse.SUPPRESS)  # one leg, in this process
     ap.add_argument("--case", help=argparse.SUPPRESS)
     ap.add_argument("--model", help=argparse.SUPPRESS)
     ap.add_argument("--shards", help=argparse.SUPPRESS)
@@ -226,7 +238,7 @@ def main() -> int:
         if args.leg == "job":
             res = leg_job(case, args.model, Path(args.shards), args.threads)
         else:
-            res = leg_bare(case, args.model, Path(args.shards))
+            res = leg_bare(case, args.model, Path(args.shards), all_at_once=args.leg == "bare_all")
         print(json.dumps(res))
         return 0
 
@@ -246,22 +258,27 @@ def main() -> int:
         legs = []
         for rep in range(args.repeats):
             pair = {}
-            for leg in ("job", "bare"):
+            for leg in args.legs.split(","):
                 pair[leg] = run_leg(leg, name, model, shards, args.threads, timeout=600)
                 print(f"[{name} #{rep}] {leg}: {pair[leg]['images_per_s_steady']:.2f} images/s steady "
                       f"({pair[leg]['tokens_per_image']:.1f} tokens/image, load {pair[leg]['load_before']:.2f}"
                       f"->{pair[leg]['load_after']:.2f})", flush=True)  # fmt: skip
-            pair["ratio"] = pair["job"]["images_per_s_steady"] / pair["bare"]["images_per_s_steady"]
+            others = [k for k in pair if k != "job"]
+            for k in others:
+                pair[f"ratio_vs_{k}"] = pair["job"]["images_per_s_steady"] / pair[k]["images_per_s_steady"]
             legs.append(pair)
+        names = args.legs.split(",")
         results["cases"][name] = {
             "model": str(model),
             **{k: v for k, v in case.items()},
-            "ratio_job_vs_bare": spread([p["ratio"] for p in legs]),
-            "job_images_per_s_steady": spread([p["job"]["images_per_s_steady"] for p in legs]),
-            "bare_images_per_s_steady": spread([p["bare"]["images_per_s_steady"] for p in legs]),
+            **{f"ratio_job_vs_{k}": spread([p[f"ratio_vs_{k}"] for p in legs]) for k in names if k != "job"},
+            **{
+                f"{k}_images_per_s_steady": spread([p[k]["images_per_s_steady"] for p in legs]) for k in names
+            },
             "pairs": legs,
         }
-        print(f"[{name}] job/bare median {results['cases'][name]['ratio_job_vs_bare']}", flush=True)
+        for k in names[1:]:
+            print(f"[{name}] job/{k} median {results['cases'][name][f'ratio_job_vs_{k}']}", flush=True)
     results["load_end"] = Path("/proc/loadavg").read_text().strip()
     results["wall_s"] = round(time.time() - t_start, 1)
     save(results, args.out)

@@ -62,8 +62,7 @@ def test_offline_job_captions_every_key_once(ray_local, tiny_vlm, synth_shards, 
 
 def test_offline_and_server_engines_give_the_same_output(tiny_vlm, vllm_server, synth_shards):
     from unicap import prompts
-    from unicap.captioner import fit_max_pixels
-    from unicap.decode import decode_image
+    from unicap.captioner import decode_for_model, fit_max_pixels
     from unicap.engines import GenRequest, ServerEngine, VLLMEngine
 
     truth = pd.read_parquet(synth_shards / "truth").head(3)
@@ -73,7 +72,7 @@ def test_offline_and_server_engines_give_the_same_output(tiny_vlm, vllm_server, 
     with tarfile.open(synth_shards / "00000.tar") as tar:
         for m in tar.getmembers():
             if m.name.endswith((".jpg", ".png")) and len(images) < 3:
-                images.append(fit_max_pixels(decode_image(tar.extractfile(m).read()).image, 200704))
+                images.append(fit_max_pixels(decode_for_model(tar.extractfile(m).read(), 200704).image, 200704))
     assert len(truth) == 3 == len(images)
     reqs = [
         GenRequest(prompts.chat_messages(p, "placeholder"), im, max_tokens=16)

@@ -147,3 +147,29 @@ def test_images_are_fitted_into_max_pixels():
     (_row,), engine = caption(cfg, good, [{"key": "k", "shard": "s", "image": png((640, 480))}])
     w, h = engine.calls[0][0].image.size
     assert w * h <= 32 * 32
+
+
+def test_decode_for_model_reduces_early_and_gives_the_full_decode_s_picture():
+    """decode_for_model decodes big images small (JPEG DCT scaling, box reduction) before the one bicubic
+    resize: the same size as decoding at full size and resizing, nearly the same pixels, original width/height."""
+    import numpy as np
+
+    from unicap.captioner import DECODE_HEADROOM, decode_for_model
+    from unicap.decode import decode_image
+
+    yy, xx = np.mgrid[0:1536, 0:1024]
+    art = np.stack([(xx * 255 // 1023), (yy * 255 // 1535), ((xx // 128 + yy // 128) % 2) * 255], -1)
+    mp = 168 * 168
+    for fmt in ("JPEG", "PNG"):
+        buf = io.BytesIO()
+        Image.fromarray(art.astype(np.uint8)).save(buf, fmt)
+        early = decode_for_model(buf.getvalue(), mp)
+        full = decode_image(buf.getvalue())
+        assert early.ok and (early.width, early.height) == (full.width, full.height) == (1024, 1536)
+        assert mp <= early.image.width * early.image.height <= DECODE_HEADROOM * mp  # reduced, never below mp
+        assert full.image.width * full.image.height == 1024 * 1536
+        a, b = fit_max_pixels(early.image, mp), fit_max_pixels(full.image, mp)
+        assert a.size == b.size
+        diff = np.abs(np.asarray(a, dtype=float) - np.asarray(b, dtype=float))
+        assert diff.mean() < 3.0, (fmt, diff.mean())  # the same picture (a wrong reduction moves the squares)
+    assert decode_for_model(b"not an image", mp).error.startswith("not_an_image")

@@ -9,7 +9,7 @@ exactly what the uninterrupted run would have):
 - `FolderSource`: a caption folder (caption records: the synthetic truth, or a stronger model's output) and
   the image shards it was made from; rows in a (seed, epoch) permutation; every caption present is a turn.
 
-Images go through the job's own steps: `unicap.decode.decode_image`, `unicap.captioner.fit_max_pixels`,
+Images go through the job's own steps: `unicap.captioner.decode_for_model`, `fit_max_pixels`,
 then the model's image processor. Every (level, language) caption is one chat turn built with
 `unicap.prompts` (system prompt, image first, the level's instruction; the chat template of the model
 folder), so the model learns to answer exactly the requests the caption job makes.
@@ -35,9 +35,8 @@ from PIL import Image
 
 from datagen import synth
 from unicap import prompts
-from unicap.captioner import fit_max_pixels
+from unicap.captioner import decode_for_model, fit_max_pixels
 from unicap.contract import caption as caption_record
-from unicap.decode import decode_image
 
 IGNORE = -100
 MERGE = 2  # Qwen2-VL's spatial merge: one LM image token per 2 x 2 patches of 14 px
@@ -113,7 +112,7 @@ class SynthSource:
         item, caps = synth.synth_item(self.seed, index)
         if self.canonical_order:
             caps = synth.captions(canonical_scene(scene))
-        image = fit_max_pixels(decode_image(item.image).image, self.max_pixels)
+        image = fit_max_pixels(decode_for_model(item.image, self.max_pixels).image, self.max_pixels)
         return Sample(item.key, image, caps, synth.scene_dict(scene), (scene.width, scene.height))
 
 
@@ -165,7 +164,7 @@ class FolderSource:
         tar_path, name = self.members[key]
         with tarfile.open(tar_path) as tar:
             data = tar.extractfile(name).read()
-        decoded = decode_image(data)
+        decoded = decode_for_model(data, self.max_pixels)
         if not decoded.ok:
             raise ValueError(f"{key}: {decoded.error}")
         return Sample(
