@@ -22,6 +22,7 @@ SYSTEM_PROMPT = (
     "alignment based on textual prompts or user prompts."
 )
 PROMPT_START = " <Prompt Start> "
+MIN_CAPTION_TOKENS = 32  # what model.text_max_length must leave for the caption after the system prompt
 FLUX_SHIFT, FLUX_SCALE = 0.1159, 0.3611
 
 
@@ -60,6 +61,15 @@ class TextEncoder(torch.nn.Module):
         self.max_length = max_length
         self.system_prompt = system_prompt
         self.name = name
+        # the system prompt comes first and truncation cuts the end: a prompt that fills max_length leaves the
+        # model blind to every caption (it trains on the marginal and ignores prompts), so refuse it here
+        self.prefix_tokens = len(self.tokenizer(format_prompt("", system_prompt))["input_ids"])
+        if max_length - self.prefix_tokens < MIN_CAPTION_TOKENS:
+            raise ValueError(
+                f"text encoder {name}: the system prompt takes {self.prefix_tokens} of model.text_max_length "
+                f"{max_length} tokens, leaving {max_length - self.prefix_tokens} for the caption (at least "
+                f"{MIN_CAPTION_TOKENS} needed): raise model.text_max_length"
+            )
 
     @property
     def dim(self) -> int:
