@@ -17,11 +17,9 @@ from pathlib import Path
 
 import torch
 
-SYSTEM_PROMPT = (
-    "You are an assistant designed to generate superior images with the superior degree of image-text "
-    "alignment based on textual prompts or user prompts."
-)
-PROMPT_START = " <Prompt Start> "
+from train.text_format import PROMPT_START, SYSTEM_PROMPT, format_prompt
+
+__all__ = ["PROMPT_START", "SYSTEM_PROMPT", "TextEncoder", "VAE", "format_prompt"]
 MIN_CAPTION_TOKENS = 32  # what model.text_max_length must leave for the caption after the system prompt
 FLUX_SHIFT, FLUX_SCALE = 0.1159, 0.3611
 
@@ -42,10 +40,6 @@ def _resolve(name: str, kind: str) -> str:
 
         return str(tiny_vae.tiny_vae())  # trained on first use (~3.5 min on 2 cores), then cached
     return name
-
-
-def format_prompt(caption: str, system_prompt: str = SYSTEM_PROMPT) -> str:
-    return f"{system_prompt}{PROMPT_START}{caption}"
 
 
 class TextEncoder(torch.nn.Module):

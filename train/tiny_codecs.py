@@ -24,7 +24,7 @@ GEMMA_SPECIAL_TOKENS = ["<pad>", "<eos>", "<bos>", "<unk>"]
 def caption_corpus() -> list[str]:
     """The tokenizer's training text: captions of the synthetic set (English and Chinese), prompts, JSON."""
     from datagen import synth
-    from train.codecs import format_prompt
+    from train.text_format import format_prompt
 
     lines = []
     for i in range(200):
