@@ -26,8 +26,8 @@ fully convolutional, so patches of one size train it for every bucket size.
 
 Cached once per machine (unicap.tiny_build.cached): the key is TINY_VAE_VERSION plus the recipe, so any
 change of the recipe builds a new folder. Deterministic given the recipe (seed included) on one machine
-and thread count. Concurrent callers (the 2 DeepSpeed ranks of a stage) take a lock: one trains, with
-every core, and the other waits for its folder.
+and thread count. One caller trains (unicap.tiny_build.cached: a file lock, rank 0 of a process group), with
+every core; the others wait for its folder.
 """
 
 from __future__ import annotations
@@ -46,7 +46,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from unicap.tiny_build import DONE_MARK, cache_root, cached, distributed_rank
+from unicap.tiny_build import DONE_MARK, cache_root, cached
 
 # bump when the build code changes: a new folder is built instead of a stale one loaded
 TINY_VAE_VERSION = "1"
@@ -297,19 +297,6 @@ def _all_cores():
         torch.set_num_threads(before)
 
 
-@contextlib.contextmanager
-def _lock(path: Path):
-    import fcntl
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
-
-
 def folder_name(recipe: Recipe = RECIPE) -> str:
     return f"tiny-vae-{recipe.tag()}"
 
@@ -330,13 +317,7 @@ def _build(out: Path, recipe: Recipe) -> None:
 
 def tiny_vae(recipe: Recipe = RECIPE, root: Path | None = None) -> Path:
     """The trained tiny VAE's folder (AutoencoderKL.from_pretrained loads it), trained first if absent."""
-    if (found := cached_vae(recipe, root)) is not None:
-        return found
-    name = folder_name(recipe)
-    if distributed_rank() != 0:  # inside a process group rank 0 builds and cached() waits for it: no lock here
-        return cached(name, lambda p: _build(p, recipe), root)  # (holding it would block rank 0 forever)
-    with _lock((root or cache_root()) / f".{name}.lock"):  # one builder; the others wait for its folder
-        return cached(name, lambda p: _build(p, recipe), root)
+    return cached(folder_name(recipe), lambda p: _build(p, recipe), root)  # one builder per machine
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -14,6 +14,7 @@ run builds afresh instead of loading a stale folder. Cache: $UNICAP_CACHE/models
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import sys
@@ -32,15 +33,24 @@ def cache_root() -> Path:
 def cached(name: str, build: Callable[[Path], None], root: Path | None = None) -> Path:
     """The folder `name` under the cache, built by `build(tmp_folder)` on first use.
 
-    Atomic: the build goes to a temporary folder renamed into place, so concurrent builders are safe
-    and a killed build leaves nothing that looks complete."""
+    Atomic: the build goes to a temporary folder renamed into place, so a killed build leaves nothing that
+    looks complete. One builder per machine: concurrent callers (two ranks, a demo beside a test) wait on a
+    file lock and find the folder built, instead of each training the same model."""
     path = (root or cache_root()) / name
     if (path / DONE_MARK).exists():
         return path
     if distributed_rank() != 0:
         # transformers (5.x) save_pretrained writes nothing on a rank other than 0 once torch.distributed is up:
-        # a build there would look complete and hold no weights. Rank 0 builds; the others wait for its folder.
+        # a build there would look complete and hold no weights. Rank 0 builds; the others wait for its folder
+        # (without the lock: holding it here would block rank 0 forever).
         return _wait_for(path)
+    with _file_lock(path):
+        if not (path / DONE_MARK).exists():  # built by the holder before us
+            _build_into(path, build)
+    return path
+
+
+def _build_into(path: Path, build: Callable[[Path], None]) -> None:
     tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
     tmp.mkdir(parents=True)
     try:
@@ -52,7 +62,25 @@ def cached(name: str, build: Callable[[Path], None], root: Path | None = None) -
                 raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    return path
+
+
+@contextlib.contextmanager
+def _file_lock(folder: Path):
+    """An exclusive lock on this machine named after `folder`; the lock file lives in the temp dir, so the
+    cache holds only built folders."""
+    import fcntl
+    import hashlib
+    import tempfile
+
+    locks = Path(tempfile.gettempdir()) / "unicap-build-locks"
+    locks.mkdir(exist_ok=True)
+    key = hashlib.sha1(str(folder.resolve()).encode()).hexdigest()[:16]
+    with open(locks / f"{folder.name}-{key}.lock", "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 def distributed_rank() -> int:

@@ -52,3 +52,31 @@ def test_two_ranks_get_a_complete_folder(tmp_path):
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
     assert "rank 0 ok" in r.stdout and "rank 1 ok" in r.stdout
     assert [p.name for p in (tmp_path / "cache").iterdir()] == ["rank-race"]  # no temp folders left
+
+
+BUILD_ONCE = """
+import sys, time
+from pathlib import Path
+from unicap.tiny_build import DONE_MARK, cached
+
+root = Path(sys.argv[1])
+
+def build(out):
+    with open(root / "builds.log", "a") as f:
+        f.write("built\\n")
+    time.sleep(2)  # long enough that the other process arrives while this one builds
+    (out / DONE_MARK).write_text("{}")
+
+print(cached("built-once", build, root))
+"""
+
+
+def test_concurrent_processes_build_once(tmp_path):
+    """Two processes (a demo beside a test, outside any process group) meet an empty cache: one builds, the
+    other waits on the lock and gets the same folder instead of training the same model a second time."""
+    procs = [subprocess.Popen([sys.executable, "-c", BUILD_ONCE, str(tmp_path)], stdout=subprocess.PIPE,
+                              text=True, cwd=Path(__file__).resolve().parents[2]) for _ in range(2)]  # fmt: skip
+    outs = [p.communicate(timeout=120)[0].strip() for p in procs]
+    assert [p.returncode for p in procs] == [0, 0]
+    assert outs[0] == outs[1] == str(tmp_path / "built-once")
+    assert (tmp_path / "builds.log").read_text().splitlines() == ["built"]
