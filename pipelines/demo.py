@@ -23,6 +23,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
+import signal
 import subprocess
 import sys
 import threading
@@ -108,17 +110,70 @@ def step_read(work: Path, p: Preset) -> None:
 
 
 def step_captioner(work: Path, p: Preset) -> None:
+    """The tiny captioner; when the tiny VAE is not cached either, it trains on its own core beside it.
+
+    On 2 cores the captioner's small matmuls gain little from a second thread (its recipe takes ~620 s on 2
+    threads, ~650 s on 1) and the VAE (~200 s on 2 threads) fits in the other core's time: the two builds
+    overlap instead of running one after the other."""
     from train.captioner import tiny
 
     cached = tiny.cached_captioner(overrides=p.captioner)
-    folder = cached or tiny.tiny_captioner(overrides=p.captioner)
+    side = None if cached else _start_vae_beside(work)
+    threads = max(1, (os.cpu_count() or 1) - side[1]) if side else None
+    try:
+        folder = cached or tiny.tiny_captioner(overrides=p.captioner, threads=threads)
+    except BaseException:  # its build is atomic: stopped, it leaves nothing, and the vae step trains it again
+        if side:  # SIGINT: its build's clean-up runs
+            side[0].send_signal(signal.SIGINT)
+            side[0].wait()
+        raise
+    if side:
+        _finish_vae_beside(work, side[0])
     mark = json.loads((folder / "unicap_tiny.json").read_text())
     (work / "captioner.json").write_text(json.dumps({"model": str(folder), "max_pixels": tiny.max_pixels(overrides=p.captioner),
                                                     "recipe": str(tiny.CONFIG.relative_to(ROOT)), **mark}, indent=1))  # fmt: skip
-    how = "cached" if cached else "trained now"
+    how = "cached" if cached else f"trained now, {threads} thread(s)"
     print(
         f"[captioner] tiny UniCap ({how}): {mark['steps']} steps, {mark['train_seconds']:.0f}s of training; {folder}"
     )
+
+
+def _vae_side_log(work: Path) -> Path:
+    return work / "logs" / "vae_beside_captioner.log"
+
+
+def _start_vae_beside(work: Path) -> tuple[subprocess.Popen, int] | None:
+    """`python -m train.tiny_vae` in the background with a quarter of the cores (at least one), if it is not
+    cached and the machine has a core to spare; (process, its threads)."""
+    from train.tiny_vae import cached_vae
+    from unicap import runtime
+
+    cores = os.cpu_count() or 1
+    _vae_side_log(work).unlink(missing_ok=True)  # the progress line reads it: none from an earlier run
+    if cores < 2 or cached_vae():
+        return None
+    threads = max(1, cores // 4)
+    log = _vae_side_log(work)
+    log.parent.mkdir(parents=True, exist_ok=True)
+    env = {**os.environ, "PYTHONPATH": str(ROOT), **runtime.threads_env(threads)}
+    with open(log, "w") as f:
+        proc = subprocess.Popen([sys.executable, "-m", "train.tiny_vae", "--threads", str(threads)], stdout=f,
+                                stderr=subprocess.STDOUT, env=env, cwd=ROOT)  # fmt: skip
+    print(f"[captioner] training the tiny VAE beside it ({threads} thread(s), log {log})", flush=True)
+    return proc, threads
+
+
+def _finish_vae_beside(work: Path, proc: subprocess.Popen) -> None:
+    """Wait for the VAE trained beside the captioner. A failed VAE does not fail this step: the vae step
+    trains it again with every core."""
+    t0 = time.time()
+    rc = proc.wait()
+    waited = f"; waited {time.time() - t0:.0f}s for it after the captioner" if time.time() - t0 > 1 else ""
+    if rc == 0:
+        print(f"[captioner] the tiny VAE trained beside it{waited}", flush=True)
+    else:
+        print(f"[captioner] the tiny VAE beside it failed (exit {rc}, log {_vae_side_log(work)}): "
+              "the vae step trains it again", flush=True)  # fmt: skip
 
 
 def _captioner(work: Path) -> dict:
@@ -181,14 +236,17 @@ def step_stages(work: Path, p: Preset) -> None:
 
 
 def step_vae(work: Path, p: Preset) -> None:
-    """The tiny VAE trained on the synthetic images (train.tiny_vae, cached per machine), before the stages need it."""
+    """The tiny VAE trained on the synthetic images (train.tiny_vae, cached per machine), before the stages need it.
+
+    Usually trained already, beside the captioner (step_captioner); here with every core otherwise."""
     from train.tiny_vae import cached_vae, tiny_vae
 
     cached = cached_vae()
     folder = cached or tiny_vae()
-    print(
-        f"[vae] tiny VAE trained on the synthetic images ({'cached' if cached else 'trained now'}): {folder}"
-    )
+    mark = json.loads((folder / "unicap_tiny.json").read_text())
+    how = "cached" if cached else "trained now"
+    print(f"[vae] tiny VAE trained on the synthetic images ({how}; {mark['train_seconds']:.0f}s of training, "
+          f"reconstruction L1 {mark['final_l1']:.3f}): {folder}")  # fmt: skip
 
 
 def step_train(work: Path, p: Preset, stage: str) -> None:
@@ -286,23 +344,32 @@ def is_done(work: Path, step: str, preset: str) -> bool:
     )
 
 
-def progress_source(work: Path, step: str, p: Preset) -> tuple[Path, int] | None:
-    """(metrics.jsonl, total steps) of a training step, for the progress line; None for other steps."""
+def progress_source(work: Path, step: str, p: Preset) -> tuple[Path, int, Path | None] | None:
+    """(metrics.jsonl, total steps, a side build's log) of a training step, for the progress line; None for
+    other steps."""
     if step == "captioner":
         from train.captioner import tiny
 
-        return tiny.run_folder(overrides=p.captioner) / "metrics.jsonl", tiny.total_steps(
-            overrides=p.captioner
-        )
+        return (tiny.run_folder(overrides=p.captioner) / "metrics.jsonl", tiny.total_steps(overrides=p.captioner),
+                _vae_side_log(work))  # fmt: skip
     if step in ("stage1", "stage2", "stage3"):
         from train.config import load
 
         cfg = load(ROOT / "train" / "configs" / f"{step}_cpu.yaml", list(p.train.get(step, ())))
-        return work / "runs" / step / "metrics.jsonl", cfg.run.steps
+        return work / "runs" / step / "metrics.jsonl", cfg.run.steps, None
     return None
 
 
-def _watch(stop: threading.Event, metrics: Path, total: int, step: str) -> None:
+def _side_progress(log: Path | None) -> str:
+    """", tiny VAE step k/N" from the last progress line of the VAE trained beside (train.tiny_vae's log)."""
+    try:
+        found = re.findall(r"\[tiny-vae\] step (\d+/\d+)", log.read_text(errors="replace")) if log else []
+    except OSError:
+        found = []
+    return f"; tiny VAE beside it: step {found[-1]}" if found else ""
+
+
+def _watch(stop: threading.Event, metrics: Path, total: int, side: Path | None, step: str) -> None:
     """A progress line from the step's metrics.jsonl while the child runs (the child's own bar is in its log).
 
     On a terminal the line is rewritten in place; otherwise (a log, CI) a line at each quarter of the steps."""
@@ -320,7 +387,7 @@ def _watch(stop: threading.Event, metrics: Path, total: int, step: str) -> None:
         first = n if first is None else first  # a resumed run starts past 0: the rate counts this run's steps
         rate = (n - first) / (time.time() - t0)
         eta = f", ~{(total - n) / rate:.0f}s left" if total and rate > 0 else ""
-        line = f"  [{step}] step {n}/{total or '?'}{loss}, {time.time() - t0:.0f}s{eta}"
+        line = f"  [{step}] step {n}/{total or '?'}{loss}, {time.time() - t0:.0f}s{eta}{_side_progress(side)}"
         if tty:
             print("\r" + line.ljust(len(last)), end="", file=sys.stderr, flush=True)
             last = line

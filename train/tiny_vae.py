@@ -27,7 +27,8 @@ fully convolutional, so patches of one size train it for every bucket size.
 Cached once per machine (unicap.tiny_build.cached): the key is TINY_VAE_VERSION plus the recipe, so any
 change of the recipe builds a new folder. Deterministic given the recipe (seed included) on one machine
 and thread count. One caller trains (unicap.tiny_build.cached: a file lock, rank 0 of a process group), with
-every core; the others wait for its folder.
+every core unless told (`--threads`; `make demo` gives it one core beside the captioner's training); the others
+wait for its folder.
 """
 
 from __future__ import annotations
@@ -285,12 +286,12 @@ def fold_color_transform(vae, color) -> None:
 
 
 @contextlib.contextmanager
-def _all_cores():
-    """Train with every core: a DeepSpeed rank set its threads to its share of them (train.trainer)."""
+def _threads(n: int | None):
+    """Train with n threads (None: every core; a DeepSpeed rank had set its threads to its share of them)."""
     import torch
 
     before = torch.get_num_threads()
-    torch.set_num_threads(os.cpu_count() or 1)
+    torch.set_num_threads(n or os.cpu_count() or 1)
     try:
         yield
     finally:
@@ -307,26 +308,30 @@ def cached_vae(recipe: Recipe = RECIPE, root: Path | None = None) -> Path | None
     return path if (path / DONE_MARK).exists() else None
 
 
-def _build(out: Path, recipe: Recipe) -> None:
-    with _all_cores():
+def _build(out: Path, recipe: Recipe, threads: int | None) -> None:
+    with _threads(threads):
         vae, summary = train_vae(recipe, log=lambda s: print(s, file=sys.stderr, flush=True))
     vae.save_pretrained(out, safe_serialization=True)
     (out / DONE_MARK).write_text(json.dumps({"kind": "tiny-vae", "version": TINY_VAE_VERSION,
                                              "recipe": dataclasses.asdict(recipe), **summary}))  # fmt: skip
 
 
-def tiny_vae(recipe: Recipe = RECIPE, root: Path | None = None) -> Path:
-    """The trained tiny VAE's folder (AutoencoderKL.from_pretrained loads it), trained first if absent."""
-    return cached(folder_name(recipe), lambda p: _build(p, recipe), root)  # one builder per machine
+def tiny_vae(recipe: Recipe = RECIPE, root: Path | None = None, threads: int | None = None) -> Path:
+    """The trained tiny VAE's folder (AutoencoderKL.from_pretrained loads it), trained first if absent.
+
+    threads: torch threads for the training (None: every core); not part of the cache key (`make demo` trains
+    it on one core beside the captioner)."""
+    return cached(folder_name(recipe), lambda p: _build(p, recipe, threads), root)  # one builder per machine
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--no-train", action="store_true", help="only report the cached folder")
+    p.add_argument("--threads", type=int, default=None, help="torch threads for the training (default: every core)")
     p.add_argument("overrides", nargs="*", help="key=value overrides of the recipe (a different cache entry)")
     args = p.parse_args(argv)
     recipe = with_overrides(RECIPE, args.overrides)
-    path = cached_vae(recipe) if args.no_train else tiny_vae(recipe)
+    path = cached_vae(recipe) if args.no_train else tiny_vae(recipe, threads=args.threads)
     if path is None:
         print("no tiny VAE cached for this recipe: run `python -m train.tiny_vae`", file=sys.stderr)
         return 1

@@ -52,6 +52,11 @@ def outputs_and_mtimes(work: Path) -> dict[str, float]:
     2400
 )  # a fresh machine trains the short captioner recipe first (~3 min idle, more if loaded)
 def test_make_demo_end_to_end_then_nothing_redone(tmp_path):
+    from train.captioner.tiny import SHORT_RECIPE, cached_captioner
+    from train.tiny_vae import cached_vae
+
+    # a fresh machine (CI's clean clone): the captioner and the VAE train side by side in the captioner step
+    both_to_build = cached_captioner(overrides=SHORT_RECIPE) is None and cached_vae() is None
     work = tmp_path / "demo"
     r = make_demo(work)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
@@ -60,6 +65,10 @@ def test_make_demo_end_to_end_then_nothing_redone(tmp_path):
         assert f"({step}: " in out, (step, out[-2000:])
     assert len(out.splitlines()) < 150, out  # the Ray / vLLM / DeepSpeed logs went to files
     assert (work / "logs" / "stage1.log").stat().st_size > 0
+    if both_to_build:
+        side = (work / "logs" / "vae_beside_captioner.log").read_text()
+        assert "[tiny-vae] step 2000/2000" in side, side[-2000:]
+        assert "the tiny VAE trained beside it" in out and "[vae] tiny VAE trained on the synthetic images (cached" in out, out
 
     # synth and captions: every image once, captions written by the trained model, valid records
     assert rows(work / "data") == 48 and rows(work / "heldout") == 16

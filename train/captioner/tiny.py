@@ -57,16 +57,19 @@ def max_pixels(config: Path = CONFIG, overrides: tuple[str, ...] = ()) -> int:
 
 
 def tiny_captioner(config: Path = CONFIG, overrides: tuple[str, ...] = (), root: Path | None = None,
-                   nproc: int = 1) -> Path:  # fmt: skip
-    """The tiny captioner's model folder, trained (through `unicap train-captioner`'s launcher) if absent."""
+                   nproc: int = 1, threads: int | None = None) -> Path:  # fmt: skip
+    """The tiny captioner's model folder, trained (through `unicap train-captioner`'s launcher) if absent.
+
+    threads: torch threads per rank (None: the cores shared among the ranks); like run.max_minutes, not part of
+    the cache key (`make demo` leaves a core to the tiny VAE's training beside it)."""
     name = f"tiny-captioner-{_tag(config, overrides)}"
     run_dir = run_folder(config, overrides, root)
 
     def build(tmp: Path) -> None:
         # run.max_minutes=0: the cached model is the whole recipe, whatever the machine's load (the cap is for
-        # runs by hand on shared machines); not part of the cache key
+        # runs by hand on shared machines); neither it nor run.threads is part of the cache key
         cmd = [sys.executable, "-m", "train.captioner.launch", "--config", str(config), "--nproc", str(nproc),
-               f"run.out={run_dir}", *overrides, "run.max_minutes=0"]  # fmt: skip
+               f"run.out={run_dir}", *overrides, "run.max_minutes=0", *([f"run.threads={threads}"] if threads else [])]  # fmt: skip
         env = {
             **os.environ,
             "PYTHONPATH": os.pathsep.join(
@@ -96,13 +99,14 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--no-train", action="store_true", help="only report the cached folder")
     p.add_argument("--nproc", type=int, default=1)
+    p.add_argument("--threads", type=int, default=None, help="torch threads per rank (default: cores / ranks)")
     p.add_argument("overrides", nargs="*", help="key=value overrides of the recipe (a different cache entry)")
     args = p.parse_args(argv)
     overrides = tuple(args.overrides)
     path = (
         cached_captioner(overrides=overrides)
         if args.no_train
-        else tiny_captioner(overrides=overrides, nproc=args.nproc)
+        else tiny_captioner(overrides=overrides, nproc=args.nproc, threads=args.threads)
     )
     if path is None:
         print(
