@@ -106,6 +106,8 @@ class RunConfig:
     max_nonfinite: int = 5  # consecutive non-finite losses/gradients before the run stops
     resume: str = "auto"  # auto (latest checkpoint of the run, if any) | never | a checkpoint folder
     progress: bool = True
+    # stop at the next step with a checkpoint, as on SIGTERM, once this file exists (none: no file is watched)
+    stop_file: str | None = None
     log_keys: bool = False  # write the keys each rank trains on to run_dir/keys/ (coverage audits, tests)
     tensorboard: bool = True
 

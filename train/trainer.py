@@ -264,23 +264,26 @@ def sample_grid(cfg: TrainConfig, ema_state: dict, model_cfg, codecs: Codecs, pa
 
 
 class StopFlag:
-    """SIGTERM / SIGINT ask for a checkpoint and a clean exit at the next step boundary."""
+    """SIGTERM / SIGINT, or the file `stop_file` appearing (run.stop_file: a scheduler or script that cannot
+    signal the ranks through torchrun / the deepspeed launcher asks with a file on a shared filesystem), ask for
+    a checkpoint and a clean exit at the next step boundary; a rerun resumes there."""
 
-    def __init__(self):
+    def __init__(self, stop_file: str | None = None):
         self.requested = False
+        self.stop_file = stop_file
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, self._handle)
 
     def _handle(self, signum, _frame):
         self.requested = True
 
+    def why(self) -> str:
+        return "by signal" if self.requested else f"by {self.stop_file}"
+
     def agreed(self) -> bool:
-        """True on every rank as soon as one rank was signalled."""
-        return bool(
-            _all_reduce(
-                [1.0 if self.requested else 0.0], dist.ReduceOp.MAX if dist.is_initialized() else None
-            )[0]
-        )
+        """True on every rank as soon as one rank was signalled or saw the stop file."""
+        asked = self.requested or bool(self.stop_file and os.path.exists(self.stop_file))
+        return bool(_all_reduce([1.0 if asked else 0.0], dist.ReduceOp.MAX if dist.is_initialized() else None)[0])
 
 
 def setup_distributed(device: str) -> tuple[int, int]:
@@ -361,7 +364,7 @@ def train(cfg: TrainConfig) -> int:
     writer = _tensorboard(cfg, run_dir) if rank == 0 else None
     metrics = open(run_dir / "metrics.jsonl", "a") if rank == 0 else None  # noqa: SIM115 - one line per step
     bar = _progress(cfg, start_step) if rank == 0 else None
-    stop = StopFlag()
+    stop = StopFlag(cfg.run.stop_file)
     key_log = None
     if cfg.run.log_keys:  # every sample key this rank trained on, one line per micro-batch (audits coverage)
         (run_dir / "keys").mkdir(parents=True, exist_ok=True)
@@ -405,7 +408,7 @@ def train(cfg: TrainConfig) -> int:
             folder = ckpt.save_checkpoint(engine, ema, run_dir, state(), cfg.run.keep_last)
             last_saved = step
             if rank == 0 and stopping:
-                print(f"[{cfg.run.stage}] stopped by signal at step {step}; checkpoint {folder}; "
+                print(f"[{cfg.run.stage}] stopped {stop.why()} at step {step}; checkpoint {folder}; "
                       "run the same command to resume", flush=True)  # fmt: skip
             if stopping:
                 return 0

@@ -89,6 +89,8 @@ class RunConfig:
     resume: str = "auto"  # auto (the run's latest checkpoint) | never | a checkpoint folder
     progress: bool = True
     threads: int = 0  # torch threads per rank (0: cores / ranks)
+    # stop at the next step with a checkpoint, as on SIGTERM, once this file exists (none: no file is watched)
+    stop_file: str | None = None
     max_minutes: float = 0.0  # a wall-clock cap on training (0: none): stop there, save and export what there is
 
 

@@ -57,42 +57,56 @@ def max_pixels(config: Path = CONFIG, overrides: tuple[str, ...] = ()) -> int:
 
 
 def tiny_captioner(config: Path = CONFIG, overrides: tuple[str, ...] = (), root: Path | None = None,
-                   nproc: int = 1, threads: int | None = None) -> Path:  # fmt: skip
+                   nproc: int = 1, threads: int | None = None, threads_until: Path | None = None) -> Path:  # fmt: skip
     """The tiny captioner's model folder, trained (through `unicap train-captioner`'s launcher) if absent.
 
-    threads: torch threads per rank (None: the cores shared among the ranks); like run.max_minutes, not part of
-    the cache key (`make demo` leaves a core to the tiny VAE's training beside it)."""
+    threads: torch threads per rank (None: the cores shared among the ranks); with threads_until, only until
+    that file exists: the run then stops with a checkpoint (run.stop_file) and resumes with the shared cores.
+    Neither is part of the cache key, like run.max_minutes (`make demo` leaves a core to the tiny VAE's
+    training beside it, and takes it back when the VAE is done)."""
     name = f"tiny-captioner-{_tag(config, overrides)}"
     run_dir = run_folder(config, overrides, root)
+    steps = total_steps(config, overrides)
 
     def build(tmp: Path) -> None:
         # run.max_minutes=0: the cached model is the whole recipe, whatever the machine's load (the cap is for
-        # runs by hand on shared machines); neither it nor run.threads is part of the cache key
+        # runs by hand on shared machines); not part of the cache key
         cmd = [sys.executable, "-m", "train.captioner.launch", "--config", str(config), "--nproc", str(nproc),
-               f"run.out={run_dir}", *overrides, "run.max_minutes=0", *([f"run.threads={threads}"] if threads else [])]  # fmt: skip
+               f"run.out={run_dir}", *overrides, "run.max_minutes=0"]  # fmt: skip
         env = {
             **os.environ,
             "PYTHONPATH": os.pathsep.join(
                 filter(None, [str(CONFIG.parents[2]), os.environ.get("PYTHONPATH")])
             ),
         }
-        if subprocess.call(cmd, env=env) != 0:
-            raise RuntimeError(
-                f"training the tiny captioner failed; its run folder {run_dir} resumes on a re-run"
-            )
+
+        def train(part: list[str]) -> None:
+            if subprocess.call(part, env=env) != 0:
+                raise RuntimeError(
+                    f"training the tiny captioner failed; its run folder {run_dir} resumes on a re-run"
+                )
+
+        limited = [f"run.threads={threads}"] if threads else []
+        train([*cmd, *limited, *([f"run.stop_file={threads_until}"] if limited and threads_until else [])])
+        if limited and threads_until and threads_until.exists() and not _finished(run_dir, steps):
+            train(cmd)  # resumes at the first part's checkpoint, with the shared cores
+        if not _finished(run_dir, steps):  # stopped by a signal, or by run.max_minutes in an override
+            raise RuntimeError(f"the tiny captioner stopped before step {steps}: not cached; a re-run resumes "
+                               f"from {run_dir}")  # fmt: skip
         final = run_dir / "final"
         for f in final.iterdir():
             shutil.copy(f, tmp / f.name)
         provenance = json.loads((final / "unicap_captioner.json").read_text())
-        steps = load_config(config, list(overrides)).run.steps
-        if provenance.get("stopped_early") or provenance["step"] < steps:
-            raise RuntimeError(f"the tiny captioner stopped at step {provenance['step']} of {steps}: not cached; "
-                               f"a re-run resumes from {run_dir}")  # fmt: skip
         (tmp / DONE_MARK).write_text(json.dumps({"kind": "tiny-captioner", "version": TINY_CAPTIONER_VERSION,
                                                  "steps": provenance["step"], "train_seconds": provenance["train_seconds"],
                                                  "overrides": list(overrides)}))  # fmt: skip
 
     return cached(name, build, root)
+
+
+def _finished(run_dir: Path, steps: int) -> bool:
+    done = run_dir / "final" / "unicap_captioner.json"
+    return done.is_file() and json.loads(done.read_text())["step"] >= steps
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -328,7 +328,7 @@ def train(cfg: CaptionerConfig) -> int:
 
         bar = tqdm(total=cfg.run.steps, initial=start_step, desc="captioner", unit="step", dynamic_ncols=True,
                    file=sys.stdout)  # fmt: skip
-    stop = StopFlag()
+    stop = StopFlag(cfg.run.stop_file)
     step, t_last = start_step, time.time()
     seconds = state["train_seconds"]
 
@@ -378,7 +378,7 @@ def train(cfg: CaptionerConfig) -> int:
             if stopping:
                 if rank == 0:
                     print(
-                        f"[captioner] stopped by signal at step {step}; checkpoint {folder}; rerun to resume",
+                        f"[captioner] stopped {stop.why()} at step {step}; checkpoint {folder}; rerun to resume",
                         flush=True,
                     )
                 return 0

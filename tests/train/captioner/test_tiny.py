@@ -71,3 +71,26 @@ def test_the_tiny_captioner_through_the_caption_job(tmp_path):
     untrained = measured(caption(tiny_base(cfg.model.arch, cfg.model.seed), data, tmp_path / "untrained", max_pixels,
                                  "--max-tokens", "long=32,medium=24,short=16,tags=16"))  # fmt: skip
     assert not passes(untrained, SHORT_FLOOR), untrained
+
+
+@pytest.mark.slow
+def test_threads_until_a_file_then_every_core_resumes_the_same_run(tmp_path, capfd):
+    """`make demo`'s split build: one thread until the file exists (run.stop_file: a checkpoint, a clean exit),
+    then the same run resumed with every core, and the folder cached as one run of the recipe."""
+    import json
+
+    from train.captioner import tiny
+
+    release = tmp_path / "released"
+    release.touch()  # already there: the first part stops after its first step
+    recipe = ("run.steps=5", "optim.ground_first_steps=2", "data.micro_batch=4", "data.num_workers=0",
+              "run.log_every=1", "run.progress=false")  # fmt: skip
+    folder = tiny.tiny_captioner(overrides=recipe, root=tmp_path, threads=1, threads_until=release)
+    out = capfd.readouterr().out
+    assert f"stopped by {release} at step 1;" in out, out[-3000:]
+    assert "steps 1 -> 5; resuming" in out, out[-3000:]
+    assert json.loads((folder / "unicap_tiny.json").read_text())["steps"] == 5
+    run = tiny.run_folder(overrides=recipe, root=tmp_path)
+    steps = [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3, 4, 5]  # each step once: the second part went on from the first one's checkpoint
+    assert tiny.cached_captioner(overrides=recipe, root=tmp_path) == folder
