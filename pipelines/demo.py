@@ -137,7 +137,7 @@ def step_captioner(work: Path, p: Preset) -> None:
     mark = json.loads((folder / "unicap_tiny.json").read_text())
     (work / "captioner.json").write_text(json.dumps({"model": str(folder), "max_pixels": tiny.max_pixels(overrides=p.captioner),
                                                     "recipe": str(tiny.CONFIG.relative_to(ROOT)), **mark}, indent=1))  # fmt: skip
-    how = "cached" if cached else f"trained now, {threads} thread(s)"
+    how = "cached" if cached else "trained now" + (f", {threads} thread(s) until the VAE was done" if side else "")
     print(
         f"[captioner] tiny UniCap ({how}): {mark['steps']} steps, {mark['train_seconds']:.0f}s of training; {folder}"
     )
@@ -153,12 +153,11 @@ def _start_vae_beside(work: Path) -> tuple[subprocess.Popen, int] | None:
     from train.tiny_vae import cached_vae
     from unicap import runtime
 
-    cores = os.cpu_count() or 1
-    _vae_side_log(work).unlink(missing_ok=True)  # the progress line reads it: none from an earlier run
+    cores, log = os.cpu_count() or 1, _vae_side_log(work)
+    log.unlink(missing_ok=True)  # the progress line reads it: none from an earlier run
     if cores < 2 or cached_vae():
         return None
     threads = max(1, cores // 4)
-    log = _vae_side_log(work)
     log.parent.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, "PYTHONPATH": str(ROOT), **runtime.threads_env(threads)}
     with open(log, "w") as f:
