@@ -89,7 +89,7 @@ def main() -> int:
             "data_seconds": mark["data_seconds"],
             "trained_now": trained_now,
             "wall_seconds_this_call": round(wall, 1) if trained_now else 0.0,
-            "threads": os.cpu_count(),
+            "threads": mark.get("threads", os.cpu_count()),  # older builds did not record it
             "shift_factor": mark["shift_factor"],
             "scaling_factor": mark["scaling_factor"],
         },

@@ -313,8 +313,11 @@ def cached_vae(recipe: Recipe = RECIPE, root: Path | None = None) -> Path | None
 
 
 def _build(out: Path, recipe: Recipe, threads: int | None) -> None:
+    import torch
+
     with _threads(threads):
         vae, summary = train_vae(recipe, log=lambda s: print(s, file=sys.stderr, flush=True))
+        summary["threads"] = torch.get_num_threads()  # not in the cache key, but it decides the exact model
     vae.save_pretrained(out, safe_serialization=True)
     (out / DONE_MARK).write_text(json.dumps({"kind": "tiny-vae", "version": TINY_VAE_VERSION,
                                              "recipe": dataclasses.asdict(recipe), **summary}))  # fmt: skip
