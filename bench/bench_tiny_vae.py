@@ -50,6 +50,17 @@ def evaluate(vae, images) -> dict:
     return out
 
 
+def heldout_images(seed: int, n: int) -> list:
+    """(resolution, (1, 3, H, W) tensor) of synthetic scenes 0..n-1 of `seed`, at both stage resolutions."""
+    from train import tiny_vae
+
+    images = []
+    for i in range(n):
+        _, ims = tiny_vae.scene_images(seed, i)
+        images += [(r, tiny_vae.to_tensor(im)[None]) for r, im in ims.items()]
+    return images
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--n", type=int, default=64, help="held-out images (each at 64 and 128 px)")
@@ -76,10 +87,7 @@ def main() -> int:
         folder = tiny_vae.tiny_vae(root=Path(tmp) if args.retrain else None)
         wall = time.time() - t0
         mark = json.loads((folder / DONE_MARK).read_text())
-        images = []
-        for i in range(args.n):
-            _, ims = tiny_vae.scene_images(args.seed, i)
-            images += [(r, tiny_vae.to_tensor(im)[None]) for r, im in ims.items()]
+        images = heldout_images(args.seed, args.n)
         trained, random_vae = evaluate(VAE(str(folder)), images), evaluate(VAE("tiny"), images)
     results = {
         "training": {

@@ -37,7 +37,7 @@ def leg(seed: int, threads: int, n: int, overrides: list[str]) -> dict:
     """Train one leg in a temporary cache and evaluate it (runs in its own process: `--leg`)."""
     import dataclasses
 
-    from bench.bench_tiny_vae import evaluate
+    from bench.bench_tiny_vae import evaluate, heldout_images
     from train import tiny_vae
     from train.codecs import VAE
     from unicap.tiny_build import DONE_MARK
@@ -46,11 +46,7 @@ def leg(seed: int, threads: int, n: int, overrides: list[str]) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         folder = tiny_vae.tiny_vae(recipe, root=Path(tmp), threads=threads)
         mark = json.loads((folder / DONE_MARK).read_text())
-        images = []
-        for i in range(n):
-            _, ims = tiny_vae.scene_images(HELDOUT_SEED, i)
-            images += [(r, tiny_vae.to_tensor(im)[None]) for r, im in ims.items()]
-        scores = evaluate(VAE(str(folder)), images)
+        scores = evaluate(VAE(str(folder)), heldout_images(HELDOUT_SEED, n))
     return {
         "seed": seed,
         "threads": threads,
@@ -61,16 +57,23 @@ def leg(seed: int, threads: int, n: int, overrides: list[str]) -> dict:
     }
 
 
+def _leg_log(seed: int, threads: int) -> Path:
+    return Path(tempfile.gettempdir()) / f"bench_tiny_vae_seeds_{seed}_{threads}.log"
+
+
 def run_legs(legs: list[tuple[int, int]], n: int, overrides: list[str], cores: int) -> list[dict]:
     """Every (seed, threads) leg in its own process, as many at once as their threads fit in the cores."""
+    from unicap.runtime import threads_env
+
     pending, running, results = list(legs), [], []
     while pending or running:
         while pending and (not running or sum(t for _, t, _ in running) + pending[0][1] <= cores):
             seed, threads = pending.pop(0)
             cmd = [sys.executable, __file__, "--leg", str(seed), str(threads), "--n", str(n), *overrides]
-            env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
-            log = Path(tempfile.gettempdir()) / f"bench_tiny_vae_seeds_{seed}_{threads}.log"
-            with log.open("w") as err:  # the leg's training log; the child keeps its own handle
+            env = {**os.environ, **threads_env(threads)}
+            with _leg_log(seed, threads).open(
+                "w"
+            ) as err:  # the leg's training log; the child keeps its own handle
                 proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=err, text=True, env=env)
             running.append((seed, threads, proc))
             print(f"leg seed={seed} threads={threads}: started", file=sys.stderr, flush=True)
@@ -80,7 +83,7 @@ def run_legs(legs: list[tuple[int, int]], n: int, overrides: list[str], cores: i
             seed, threads, proc = item
             out = proc.stdout.read().strip().splitlines()
             if proc.returncode != 0 or not out:
-                log = Path(tempfile.gettempdir()) / f"bench_tiny_vae_seeds_{seed}_{threads}.log"
+                log = _leg_log(seed, threads)
                 raise SystemExit(
                     f"leg seed={seed} threads={threads} failed (exit {proc.returncode}), log {log}"
                 )

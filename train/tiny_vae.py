@@ -27,9 +27,9 @@ fully convolutional, so patches of one size train it for every bucket size.
 Cached once per machine (unicap.tiny_build.cached): the key is TINY_VAE_VERSION plus the recipe, so any
 change of the recipe builds a new folder. Deterministic given the recipe (seed included) on one machine
 and thread count; another thread count sums floats in another order and ends at another model, so a recipe
-is judged over seeds and thread counts (bench/bench_tiny_vae_seeds.py), never one run. One caller trains (unicap.tiny_build.cached: a file lock, rank 0 of a process group), with
-every core unless told (`--threads`; `make demo` gives it one core beside the captioner's training); the others
-wait for its folder.
+is judged over seeds and thread counts (bench/bench_tiny_vae_seeds.py), never one run. One caller trains
+(unicap.tiny_build.cached: a file lock, rank 0 of a process group), with every core unless told (`--threads`;
+`make demo` gives it one core beside the captioner's training); the others wait for its folder.
 """
 
 from __future__ import annotations
