@@ -16,7 +16,8 @@ the held-out images themselves, resized to the same size: it shows what the judg
 Writes OUT/adherence.json (accuracy = facts that held / facts judged, per attribute; null when none was
 judged), OUT/<weights>/NNNNN.png and OUT/truth/NNNNN.png, and prints the table. Examples (both images and
 the verdicts) are listed for the first --examples prompts of every weights folder. Weights are read only
-through train.checkpoint.load_weights (safetensors + JSON); generation runs on the CPU.
+through train.checkpoint.load_weights (safetensors + JSON); generation runs on a GPU when there is one
+(train.sample.load_for_sampling), else on the CPU.
 """
 
 from __future__ import annotations
@@ -32,9 +33,7 @@ from PIL import Image
 
 from datagen import scene_judge, synth
 from datagen.shards import iter_shard, list_shards
-from train.checkpoint import load_weights
-from train.codecs import VAE, TextEncoder
-from train.sample import generate
+from train.sample import generate, load_for_sampling
 from unicap.atomic import atomic_path, visible_parquet_files
 from unicap.contract import caption as caption_record
 from unicap.contract import checkpoint as contract
@@ -123,14 +122,10 @@ def truth_images(truth: Path, prompts: list[dict]) -> list[Image.Image]:
 
 
 def generate_all(folder: Path, prompts: list[str], *, size: tuple[int, int], steps: int, cfg: float, seed: int,
-                 batch: int, codecs: dict) -> list[Image.Image]:  # fmt: skip
+                 batch: int, codecs: dict, device: str = "auto") -> list[Image.Image]:  # fmt: skip
     """One image per prompt from a weights folder (EMA weights of a checkpoint folder, as `unicap sample`)."""
     weights = contract.EMA_FILE if (folder / contract.EMA_FILE).exists() else contract.MODEL_FILE
-    model, state = load_weights(folder, weights)
-    key = (state["text_encoder"], state["vae"])
-    if key not in codecs:  # folders of one run share their codecs: loaded once
-        codecs[key] = (TextEncoder(state["text_encoder"]), VAE(state["vae"]))
-    te, vae = codecs[key]
+    model, te, vae = load_for_sampling(folder, weights, device, codecs)  # folders of one run share codecs
     images: list[Image.Image] = []
     for start in range(0, len(prompts), batch):  # image i always gets the noise of seed + i
         images += generate(model, te, vae, prompts[start : start + batch], width=size[0], height=size[1],
@@ -154,7 +149,7 @@ def accuracy(judgements: list[scene_judge.Judgement]) -> tuple[dict, dict]:
 
 def adherence(weights: dict[str, Path], truth: Path, out: Path, *, n: int = 32, size: tuple[int, int] = (64, 64),
               level: str = "short", language: str = "en", steps: int = 20, cfg: float = 4.0, seed: int = 0,
-              examples: int = 8, batch: int = 16) -> dict:  # fmt: skip
+              examples: int = 8, batch: int = 16, device: str = "auto") -> dict:  # fmt: skip
     """Generate, judge and write OUT/adherence.json (see the module doc); returns what it wrote."""
     if level not in caption_record.LEVELS or language not in caption_record.LANGUAGES:
         raise ValueError(f"--level {level!r} / --language {language!r}: levels {caption_record.LEVELS}, "
@@ -186,7 +181,15 @@ def adherence(weights: dict[str, Path], truth: Path, out: Path, *, n: int = 32, 
     codecs: dict = {}
     for name, folder in weights.items():
         images = generate_all(
-            folder, texts, size=size, steps=steps, cfg=cfg, seed=seed, batch=batch, codecs=codecs
+            folder,
+            texts,
+            size=size,
+            steps=steps,
+            cfg=cfg,
+            seed=seed,
+            batch=batch,
+            codecs=codecs,
+            device=device,
         )
         paths = save(images, name)
         judgements = judge_row(images, prompts, attributes)

@@ -16,23 +16,22 @@ from dataclasses import asdict
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 from safetensors.torch import load_file, save_file
 
 from train import zero
 from train.model import NextDiT, NextDiTConfig
+from unicap import distributed
 from unicap.contract import checkpoint as contract
 
 STALE_SAVE = re.compile(r"\.step-\d{8}\.tmp-[0-9a-f]{8}")  # what _write_folder names a save in progress
 
 
 def _rank() -> int:
-    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+    return distributed.rank()
 
 
 def _barrier() -> None:
-    if dist.is_available() and dist.is_initialized():
-        dist.barrier()
+    distributed.barrier()
 
 
 def gather_training_state(engine, ema) -> dict[str, dict[str, torch.Tensor]]:

@@ -98,9 +98,10 @@ class VAE(torch.nn.Module):
     @torch.no_grad()
     def encode(self, images: torch.Tensor) -> torch.Tensor:
         """images (B, 3, H, W) in [-1, 1] -> latents (B, C, H/f, W/f), shifted and scaled."""
-        z = self.vae.encode(images.to(self.vae.dtype)).latent_dist.mean
+        z = self.vae.encode(images.to(self.vae.device, self.vae.dtype)).latent_dist.mean
         return (z - self.shift) * self.scale
 
     @torch.no_grad()
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
-        return self.vae.decode(latents.to(self.vae.dtype) / self.scale + self.shift).sample.clamp(-1, 1)
+        z = latents.to(self.vae.device, self.vae.dtype) / self.scale + self.shift
+        return self.vae.decode(z).sample.clamp(-1, 1)

@@ -108,6 +108,9 @@ class RunConfig:
     progress: bool = True
     # stop at the next step with a checkpoint, as on SIGTERM, once this file exists (none: no file is watched)
     stop_file: str | None = None
+    # after SIGTERM/SIGINT, seconds to reach a step boundary (and checkpoint) before the rank exits without one:
+    # a launcher whose other rank died sends SIGTERM to ranks stuck in a collective that can never complete
+    term_grace_s: float = 5.0
     log_keys: bool = False  # write the keys each rank trains on to run_dir/keys/ (coverage audits, tests)
     tensorboard: bool = True
 

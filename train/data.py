@@ -400,7 +400,7 @@ class PackedBatches(torch.utils.data.Dataset):
 def _to_tensor(images: list[np.ndarray], w: int, h: int) -> torch.Tensor:
     """(B, H, W, 3) uint8 -> (B, 3, H, W) float32 in [-1, 1]; B may be 0 when every sample was skipped."""
     if not images:
-        return torch.zeros(0, 3, h, w)
+        return torch.zeros(0, 3, h, w, device="cpu")
     # numpy, not torch ops: torch's intra-op threads on a busy CPU made this 30x slower (16 vs 0.5 ms)
     x = np.ascontiguousarray(np.stack(images).transpose(0, 3, 1, 2)).astype(np.float32)  # (B, 3, H, W)
     np.divide(x, 127.5, out=x)

@@ -41,7 +41,7 @@ def sample_t(
     scale: float = 1.0,
     mu: float | None = None,
     generator: torch.Generator | None = None,
-    device=None,
+    device="cpu",
 ) -> torch.Tensor:
     """Training times in (0, 1): logit-normal (sigmoid of N(loc, scale)) or uniform, then shifted by mu."""
     if dist == "logit_normal":

@@ -23,6 +23,7 @@ from train.codecs import VAE, TextEncoder
 from train.flow import shift_mu
 from train.model import NextDiT
 from train.sampler import sample
+from unicap import runtime
 from unicap.contract import checkpoint as contract
 
 
@@ -48,30 +49,64 @@ def generate(
     negative_prompt: str = "",
     seed: int = 0,
 ) -> list[Image.Image]:
-    """One image per prompt; seed s gives image i the noise of torch.Generator(s + i)."""
+    """One image per prompt; seed s gives image i the noise of torch.Generator(s + i) (drawn on the CPU, so
+    the same on any device). Runs where the model is, in its dtype; the flow is integrated in fp32."""
+    param = next(model.parameters())
+    device, dtype = param.device, param.dtype
     f = vae.factor
     if width % (f * model.cfg.patch_size) or height % (f * model.cfg.patch_size):
-        raise ValueError(f"image size {width}x{height}: both sides must be multiples of {f * model.cfg.patch_size}")
+        raise ValueError(
+            f"image size {width}x{height}: both sides must be multiples of {f * model.cfg.patch_size}"
+        )
     shape = (model.cfg.in_channels, height // f, width // f)
-    noise = torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(seed + i)) for i in range(len(prompts))])
+    gens = [torch.Generator(device="cpu").manual_seed(seed + i) for i in range(len(prompts))]
+    noise = torch.stack([torch.randn(shape, generator=g, device="cpu") for g in gens]).to(device)
     cond, cond_mask = text_encoder(prompts)
     neg, neg_mask = text_encoder([negative_prompt] * len(prompts))
 
     def velocity(x, t, conditional):
         feats, mask = (cond, cond_mask) if conditional else (neg, neg_mask)
-        return model(x, t, feats, mask)
+        return model(x.to(dtype), t, feats.to(device, dtype), mask.to(device)).float()
 
     tokens = (shape[1] // model.cfg.patch_size) * (shape[2] // model.cfg.patch_size)
     latents = sample(velocity, noise, steps=steps, method=method, mu=shift_mu(tokens), cfg_scale=cfg_scale,
                      renorm_cfg=renorm_cfg, cfg_trunc=cfg_trunc, cfg_trunc_mode=cfg_trunc_mode)  # fmt: skip
-    pixels = ((vae.decode(latents) + 1) * 127.5).round().clamp(0, 255).byte().permute(0, 2, 3, 1).numpy()
+    pixels = (
+        ((vae.decode(latents).float() + 1) * 127.5)
+        .round()
+        .clamp(0, 255)
+        .byte()
+        .permute(0, 2, 3, 1)
+        .cpu()
+        .numpy()
+    )
     return [Image.fromarray(np.ascontiguousarray(p)) for p in pixels]
 
 
+def load_for_sampling(folder: Path, weights: str, device: str = "auto", codecs: dict | None = None):
+    """(model, text encoder, VAE) of a weights folder on `device` (runtime: a GPU when there is one, in bf16;
+    the CPU in fp32). `codecs` caches the codecs across folders of one run."""
+    device = runtime.resolve_device(device)
+    dtype = runtime.resolve_dtype("bf16" if device.startswith("cuda") else "fp32", device)
+    model, state = load_weights(folder, weights)
+    key = (state["text_encoder"], state["vae"], device)
+    codecs = {} if codecs is None else codecs
+    if key not in codecs:
+        te = TextEncoder(state["text_encoder"], dtype=dtype).to(device)
+        codecs[key] = (te, VAE(state["vae"], dtype=dtype).to(device))
+    return model.to(device, dtype), *codecs[key]
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--ckpt", required=True, help="weights folder: a stage's final/, a checkpoint step-N/ folder")
-    p.add_argument("--weights", default=None, choices=[contract.MODEL_FILE, contract.EMA_FILE, contract.RAW_FILE],
-                   help="which tensors (default: ema.safetensors in a checkpoint folder, else model.safetensors)")
+    p.add_argument(
+        "--ckpt", required=True, help="weights folder: a stage's final/, a checkpoint step-N/ folder"
+    )
+    p.add_argument(
+        "--weights",
+        default=None,
+        choices=[contract.MODEL_FILE, contract.EMA_FILE, contract.RAW_FILE],
+        help="which tensors (default: ema.safetensors in a checkpoint folder, else model.safetensors)",
+    )
     p.add_argument("--prompt", action="append", required=True, help="a prompt (repeat for a batch)")
     p.add_argument("--out", required=True, help="folder for the PNGs")
     p.add_argument("--size", default="256x256", help="WIDTHxHEIGHT in pixels (default 256x256)")
@@ -79,17 +114,19 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--method", default="euler", choices=["euler", "midpoint"])
     p.add_argument("--cfg", type=float, default=4.0, help="guidance scale (1 = off)")
     p.add_argument("--renorm-cfg", type=float, default=1.0, help="cap ||guided v|| at r ||v_cond|| (0 = off)")
-    p.add_argument("--cfg-trunc", type=float, default=1.0, help="guide only while t < this (see --cfg-trunc-mode)")
+    p.add_argument(
+        "--cfg-trunc", type=float, default=1.0, help="guide only while t < this (see --cfg-trunc-mode)"
+    )
     p.add_argument("--cfg-trunc-mode", default="time", choices=["time", "step"])
     p.add_argument("--negative-prompt", default="")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="auto", help="auto (a GPU when there is one) | cpu | cuda | cuda:N")
 
 
 def run(args: argparse.Namespace) -> int:
     folder = Path(args.ckpt)
     default = contract.EMA_FILE if (folder / contract.EMA_FILE).exists() else contract.MODEL_FILE
-    model, ckpt = load_weights(folder, args.weights or default)
-    te, vae = TextEncoder(ckpt["text_encoder"]), VAE(ckpt["vae"])
+    model, te, vae = load_for_sampling(folder, args.weights or default, args.device)
     width, height = (int(v) for v in args.size.lower().split("x"))
     images = generate(model, te, vae, args.prompt, width=width, height=height, steps=args.steps,
                       cfg_scale=args.cfg, renorm_cfg=args.renorm_cfg, cfg_trunc=args.cfg_trunc,

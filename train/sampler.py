@@ -26,7 +26,7 @@ from train.flow import time_shift
 VelocityFn = Callable[[torch.Tensor, torch.Tensor, bool], torch.Tensor]  # (x, t (B,), conditional) -> v
 
 
-def time_grid(steps: int, mu: float | None = None, device=None) -> torch.Tensor:
+def time_grid(steps: int, mu: float | None = None, device="cpu") -> torch.Tensor:
     """steps+1 times from 0 (noise) to 1 (data), shifted toward noise by mu."""
     t = torch.linspace(0.0, 1.0, steps + 1, device=device, dtype=torch.float64)
     return (t if mu is None else time_shift(t, mu)).float()
@@ -73,7 +73,7 @@ def sample(
     on_step: Callable[[int, float, bool], None] | None = None,
 ) -> torch.Tensor:
     """Integrate dx/dt = v from t=0 (noise) to t=1 (data). on_step(i, t_i, guided) reports each step."""
-    ts = time_grid(steps, mu, noise.device).tolist()
+    ts = time_grid(steps, mu).tolist()  # host-side schedule: Python floats, no device round trip
     x = noise
     for i in range(steps):
         t0, t1 = ts[i], ts[i + 1]

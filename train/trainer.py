@@ -21,15 +21,12 @@ import argparse
 import hashlib
 import json
 import math
-import os
-import signal
 import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 
 from train import checkpoint as ckpt
 from train import flow
@@ -37,8 +34,9 @@ from train.config import STAGES, TrainConfig, deepspeed_config
 from train.config import load as load_config
 from train.ema import ShardedEMA
 from train.model import NextDiT, NextDiT_configs
+from train.stop import StopFlag
 from unicap import config as uconfig
-from unicap import runtime
+from unicap import distributed, runtime
 from unicap.contract import checkpoint as contract
 
 
@@ -132,15 +130,16 @@ def sample_seed(seed: int, g: int) -> int:
 
 def flow_batch(codecs: Codecs, batch: dict, cfg: TrainConfig, device: str):
     """A loader batch -> (x_t, t, features, mask, target velocity) for the model."""
-    images = batch["images"].to(device)
+    images = batch["images"].to(device, non_blocking=True)
     x1 = codecs.vae.encode(images).float()  # (B, C, H/8, W/8)
     feats, mask = codecs.text(batch["captions"])  # (B, L, D), (B, L)
-    gen = torch.Generator().manual_seed(sample_seed(cfg.run.seed, int(batch["g"])))
-    x0 = torch.randn(x1.shape, generator=gen).to(device)
+    # drawn on the CPU, so that a run's noise is the same on any device, then moved
+    gen = torch.Generator(device="cpu").manual_seed(sample_seed(cfg.run.seed, int(batch["g"])))
+    x0 = torch.randn(x1.shape, generator=gen, device="cpu").to(device, non_blocking=True)
     tokens = (x1.shape[-2] // 2) * (x1.shape[-1] // 2)
     mu = flow.shift_mu(tokens) if cfg.loss.time_shift else None
     t = flow.sample_t(x1.shape[0], dist=cfg.loss.time_dist, loc=cfg.loss.time_loc, scale=cfg.loss.time_scale,
-                      mu=mu, generator=gen).to(device)  # fmt: skip
+                      mu=mu, generator=gen).to(device, non_blocking=True)  # fmt: skip
     xt, v = flow.interpolate(x0, x1, t)
     return xt, t, feats, mask, v
 
@@ -149,33 +148,30 @@ def placeholder_batch(batch: dict, cfg: TrainConfig) -> dict:
     """One grey image of the batch's bucket with an empty caption, for a batch whose samples were all
     unreadable: its loss is multiplied by 0, so the step's gradients come from the other ranks only."""
     w, h = batch.get("bucket") or (cfg.data.resolution, cfg.data.resolution)
-    return {**batch, "images": torch.zeros(1, 3, h, w), "captions": [""], "keys": []}
-
-
-def _all_reduce(values: list[float], op=None) -> list[float]:
-    if not (dist.is_available() and dist.is_initialized()):
-        return values
-    t = torch.tensor(values, dtype=torch.float64)
-    dist.all_reduce(t, op=op or dist.ReduceOp.SUM)
-    return t.tolist()
+    return {**batch, "images": torch.zeros(1, 3, h, w, device="cpu"), "captions": [""], "keys": []}
 
 
 class GradGuard:
     """Tensor hooks that zero non-finite gradient entries before ZeRO reduces them, and remember that
-    they did: a step with a non-finite loss or gradient is then skipped without touching the weights."""
+    they did: a step with a non-finite loss or gradient is then skipped without touching the weights.
+
+    The flag lives on the parameters' device and is or-ed in place: no host sync and no copy in the
+    backward pass; the step reads it once, inside its one collective (distributed.agree)."""
 
     def __init__(self, module: torch.nn.Module):
-        self.bad = torch.zeros((), dtype=torch.bool)
-        self.handles = [p.register_hook(self._hook) for p in module.parameters() if p.requires_grad]
+        params = [p for p in module.parameters() if p.requires_grad]
+        self.bad = torch.zeros((), dtype=torch.bool, device=params[0].device if params else "cpu")
+        self.handles = [p.register_hook(self._hook) for p in params]
 
     def _hook(self, g: torch.Tensor) -> torch.Tensor:
-        finite = torch.isfinite(g).all()
-        self.bad = self.bad.to(g.device) | ~finite
+        if self.bad.device != g.device:  # DeepSpeed moved the module after the guard was made
+            self.bad = self.bad.to(g.device)
+        self.bad.logical_or_(torch.isfinite(g).all().logical_not_())
         return torch.nan_to_num(g, nan=0.0, posinf=0.0, neginf=0.0)
 
-    def take(self) -> bool:
-        bad = bool(self.bad)
-        self.bad = torch.zeros((), dtype=torch.bool)
+    def take(self) -> torch.Tensor:
+        """This rank's flag since the last take (a 0-d device tensor), and a fresh one."""
+        bad, self.bad = self.bad, torch.zeros_like(self.bad)
         return bad
 
 
@@ -186,16 +182,21 @@ class StepResult:
     samples: int  # global
     skipped_samples: int  # global
     finite: bool
+    stop: bool = False  # some rank asked to stop (signal or stop file): agreed in the step's collective
 
 
 def train_step(engine, codecs: Codecs, micro_batches: list[dict], cfg: TrainConfig, device: str,
-               guard: GradGuard, key_log=None) -> StepResult:  # fmt: skip
+               guard: GradGuard, key_log=None, stop_asked: bool = False) -> StepResult:  # fmt: skip
     """One optimizer step over this rank's micro-batches (forward, backward, DeepSpeed step).
 
-    A non-finite loss on any rank zeroes this step's gradients and runs the optimizer with lr 0, so the
-    weights stay as they were; the caller counts it and stops after run.max_nonfinite in a row."""
+    A non-finite loss or gradient on any rank runs the optimizer with lr 0, so the weights stay as they were;
+    the caller counts it and stops after run.max_nonfinite in a row. What the ranks agree on (that flag, the
+    loss, the sample counts, a stop request) travels in ONE collective before the optimizer step, and the
+    losses stay on the device until then: one host sync per step, not one per micro-batch."""
     dtype = next(engine.module.parameters()).dtype
-    losses, samples, skipped, nonfinite = [], 0, 0, 0.0
+    loss_sum = torch.zeros((), dtype=torch.float32, device=device)
+    bad_loss = torch.zeros((), dtype=torch.bool, device=device)
+    losses, samples, skipped = 0, 0, 0
     for i, batch in enumerate(micro_batches):
         empty = len(batch["captions"]) == 0  # every sample of it was unreadable: still join the collectives
         if empty:
@@ -203,23 +204,23 @@ def train_step(engine, codecs: Codecs, micro_batches: list[dict], cfg: TrainConf
         xt, t, feats, mask, v = flow_batch(codecs, batch, cfg, device)
         pred = engine(xt.to(dtype), t, feats.to(dtype), mask)
         loss = flow.flow_loss(pred, v, lowres_weight=cfg.loss.lowres_weight)
-        bad = _all_reduce(
-            [0.0 if torch.isfinite(loss) else 1.0], dist.ReduceOp.MAX if dist.is_initialized() else None
-        )[0]
-        nonfinite = max(nonfinite, bad)
-        engine.backward(loss * 0.0 if (bad or empty) else loss)
+        finite = torch.isfinite(loss)
+        # a non-finite loss backpropagates zero (the guard cleans what flows back); the step is skipped below
+        engine.backward(loss * 0.0 if empty else torch.where(finite, loss, loss * 0.0))
         if not empty:
-            losses.append(loss.item())
+            bad_loss.logical_or_(finite.logical_not())
+            loss_sum += torch.nan_to_num(loss.detach().float())
+            losses += 1
             samples += len(batch["captions"])
         if key_log is not None:
             key_log.write(" ".join(batch["keys"]) + "\n")
         skipped += int(batch.get("skipped", 0))
         if i < len(micro_batches) - 1:
             engine.step()  # DeepSpeed counts micro-steps; only the boundary one updates
-    grad_bad = _all_reduce(
-        [1.0 if guard.take() else 0.0], dist.ReduceOp.MAX if dist.is_initialized() else None
-    )[0]
-    finite = not (nonfinite or grad_bad)
+    total, flags = distributed.agree(
+        [loss_sum, losses, samples, skipped], flags=[bad_loss, guard.take(), stop_asked]
+    )
+    finite = not (flags[0] or flags[1])
     groups = engine.optimizer.param_groups
     saved_lr = [g["lr"] for g in groups]
     if not finite:
@@ -230,11 +231,10 @@ def train_step(engine, codecs: Codecs, micro_batches: list[dict], cfg: TrainConf
         for g, lr in zip(groups, saved_lr, strict=True):
             if g["lr"] == 0.0:  # (the scheduler, when it stepped, already set the next step's lr)
                 g["lr"] = lr
-    total = _all_reduce([sum(losses), len(losses), samples, skipped])
     norm = engine.get_global_grad_norm()
     return StepResult(loss=total[0] / max(total[1], 1) if finite else math.nan,
                       grad_norm=float(norm) if norm is not None else math.nan,
-                      samples=int(total[2]), skipped_samples=int(total[3]), finite=finite)  # fmt: skip
+                      samples=int(total[2]), skipped_samples=int(total[3]), finite=finite, stop=flags[2])  # fmt: skip
 
 
 # ---------------------------------------------------------------- samples
@@ -246,9 +246,10 @@ def sample_grid(cfg: TrainConfig, ema_state: dict, model_cfg, codecs: Codecs, pa
 
     from train.sample import generate
 
+    codec = next(codecs.vae.parameters())
     model = NextDiT(model_cfg)
     model.load_state_dict(ema_state)
-    model = model.to(next(codecs.vae.parameters()).device).eval()
+    model = model.to(codec.device, codec.dtype).eval()  # where the codecs are, in their dtype (bf16 on GPUs)
     side = cfg.data.resolution
     images = generate(model, codecs.text, codecs.vae, list(cfg.run.sample_prompts), width=side, height=side,
                       steps=cfg.run.sample_steps, cfg_scale=cfg.run.sample_cfg, seed=cfg.run.seed)  # fmt: skip
@@ -263,40 +264,8 @@ def sample_grid(cfg: TrainConfig, ema_state: dict, model_cfg, codecs: Codecs, pa
 # ---------------------------------------------------------------- the run
 
 
-class StopFlag:
-    """SIGTERM / SIGINT, or the file `stop_file` appearing (run.stop_file: a scheduler or script that cannot
-    signal the ranks through torchrun / the deepspeed launcher asks with a file on a shared filesystem), ask for
-    a checkpoint and a clean exit at the next step boundary; a rerun resumes there."""
-
-    def __init__(self, stop_file: str | None = None):
-        self.requested = False
-        self.stop_file = stop_file
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(sig, self._handle)
-
-    def _handle(self, signum, _frame):
-        self.requested = True
-
-    def why(self) -> str:
-        return "by signal" if self.requested else f"by {self.stop_file}"
-
-    def agreed(self) -> bool:
-        """True on every rank as soon as one rank was signalled or saw the stop file."""
-        asked = self.requested or bool(self.stop_file and os.path.exists(self.stop_file))
-        return bool(_all_reduce([1.0 if asked else 0.0], dist.ReduceOp.MAX if dist.is_initialized() else None)[0])
-
-
 def setup_distributed(device: str) -> tuple[int, int]:
-    import deepspeed
-
-    deepspeed.init_distributed(dist_backend="nccl" if device.startswith("cuda") else "gloo")
-    rank, world = dist.get_rank(), dist.get_world_size()
-    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", world))
-    if device.startswith("cuda"):
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
-    else:  # ranks share the cores
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_world))
-    return rank, world
+    return distributed.init(device)
 
 
 def train(cfg: TrainConfig) -> int:
@@ -348,7 +317,9 @@ def train(cfg: TrainConfig) -> int:
     }
     base = ckpt.base_state(cfg, engine.module, world)
     # the weights this stage started from (kept across resumes): the stage chain is auditable from state.json
-    base["initialised_from"] = start.get("initialised_from") if start else (str(init.resolve()) if init else None)
+    base["initialised_from"] = (
+        start.get("initialised_from") if start else (str(init.resolve()) if init else None)
+    )
     if rank == 0:
         run_dir.mkdir(parents=True, exist_ok=True)
         uconfig.save(cfg, run_dir / "config.yaml")
@@ -364,7 +335,7 @@ def train(cfg: TrainConfig) -> int:
     writer = _tensorboard(cfg, run_dir) if rank == 0 else None
     metrics = open(run_dir / "metrics.jsonl", "a") if rank == 0 else None  # noqa: SIM115 - one line per step
     bar = _progress(cfg, start_step) if rank == 0 else None
-    stop = StopFlag(cfg.run.stop_file)
+    stop = StopFlag(cfg.run.stop_file, grace_s=cfg.run.term_grace_s)
     key_log = None
     if cfg.run.log_keys:  # every sample key this rank trained on, one line per micro-batch (audits coverage)
         (run_dir / "keys").mkdir(parents=True, exist_ok=True)
@@ -376,7 +347,8 @@ def train(cfg: TrainConfig) -> int:
 
     while step < cfg.run.steps:
         micro = [next(batches) for _ in range(accum)]
-        res = train_step(engine, codecs, micro, cfg, device, guard, key_log)
+        res = train_step(engine, codecs, micro, cfg, device, guard, key_log, stop_asked=stop.agreed_flag())
+        stop.answer(res.stop)  # every rank reached this boundary: a signal is being served, not stuck
         if key_log is not None:
             key_log.flush()
         step += 1
@@ -403,7 +375,7 @@ def train(cfg: TrainConfig) -> int:
         t_last = now
         if cfg.run.sample_every and step % cfg.run.sample_every == 0 and step < cfg.run.steps:
             _samples(cfg, ema, engine, codecs, run_dir, step, writer, rank)
-        stopping = stop.agreed()
+        stopping = res.stop
         if step % cfg.run.save_every == 0 or stopping:
             folder = ckpt.save_checkpoint(engine, ema, run_dir, state(), cfg.run.keep_last)
             last_saved = step
@@ -411,11 +383,14 @@ def train(cfg: TrainConfig) -> int:
                 print(f"[{cfg.run.stage}] stopped {stop.why()} at step {step}; checkpoint {folder}; "
                       "run the same command to resume", flush=True)  # fmt: skip
             if stopping:
+                stop.close()
                 return 0
+    stop.close()  # signals act as before during the final save; a failed rank leaves at once (run_main)
     if bar is not None:
         bar.close()
     if last_saved != step:
         ckpt.save_checkpoint(engine, ema, run_dir, state(), cfg.run.keep_last)
+
     out = ckpt.save_final(engine, ema, run_dir, state())
     if rank == 0:
         from train.convert import export_diffusers
@@ -441,8 +416,7 @@ def _samples(cfg, ema, engine, codecs, run_dir: Path, step: int, writer, rank: i
             import numpy as np
 
             writer.add_image("samples", np.asarray(grid), step, dataformats="HWC")
-    if dist.is_initialized():
-        dist.barrier()
+    distributed.barrier()
 
 
 def _tensorboard(cfg: TrainConfig, run_dir: Path):
@@ -506,4 +480,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(distributed.run_main(main))

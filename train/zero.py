@@ -66,7 +66,7 @@ def ensure_optimizer_state(engine) -> None:
     for group in opt.param_groups:
         for p in group["params"]:
             if not opt.state.get(p):
-                opt.state[p] = {"step": torch.tensor(0.0), "exp_avg": torch.zeros_like(p),
+                opt.state[p] = {"step": torch.tensor(0.0, device="cpu"), "exp_avg": torch.zeros_like(p),
                                 "exp_avg_sq": torch.zeros_like(p)}  # fmt: skip
     link = getattr(engine.optimizer, "_lazy_init_hp_params_optimizer_state", None)
     if link is not None:  # ZeRO-1/2 link the per-parameter fragments to the state after the first step
@@ -84,7 +84,7 @@ def optimizer_step_count(engine) -> int:
 def set_optimizer_step_count(engine, step: int) -> None:
     opt = inner_optimizer(engine)
     for state in opt.state.values():
-        state["step"] = torch.tensor(float(step))
+        state["step"] = torch.tensor(float(step), device="cpu")  # where torch AdamW (not fused) keeps it
 
 
 def local_master(param: torch.nn.Parameter) -> torch.Tensor:
@@ -92,7 +92,7 @@ def local_master(param: torch.nn.Parameter) -> torch.Tensor:
     if hasattr(param, "ds_id"):
         return param._z3_optimizer.get_local_fp32_param(param)
     mapping = getattr(param, "_hp_mapping", None)
-    return mapping.hp_fragment if mapping is not None else torch.empty(0)
+    return mapping.hp_fragment if mapping is not None else torch.empty(0, device=param.device)
 
 
 def set_local_master(param: torch.nn.Parameter, value: torch.Tensor) -> None:

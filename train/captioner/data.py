@@ -314,9 +314,14 @@ def ground_targets(
         **sets,
         "image_total": np.array([len(scene["objects"])], dtype=np.int64),
         "object": owner,
-        **{f"object_{k}": np.array([1 + vocab.index(o[key]) for o in scene["objects"]], dtype=np.int64)
-           for k, key, vocab in (("colour", "color", GROUND_COLOURS), ("shape", "shape", GROUND_SHAPES),
-                                 ("size", "size", GROUND_SIZES))},
+        **{
+            f"object_{k}": np.array([1 + vocab.index(o[key]) for o in scene["objects"]], dtype=np.int64)
+            for k, key, vocab in (
+                ("colour", "color", GROUND_COLOURS),
+                ("shape", "shape", GROUND_SHAPES),
+                ("size", "size", GROUND_SIZES),
+            )
+        },
     }
 
 
@@ -332,16 +337,17 @@ def collate(rows: list[Row], pad_id: int) -> dict:
     """Rows -> padded tensors: input_ids, labels, segment (B, L); positions (3, B, L); pixel_values (sum P, D);
     image_grid_thw (B, 3); ground head -> (sum N,) when every row has grounding targets."""
     length = max(len(r.input_ids) for r in rows)
+    cpu = torch.device("cpu")  # a loader batch, moved by the trainer step
     b = len(rows)
-    input_ids = torch.full((b, length), pad_id, dtype=torch.long)
-    labels = torch.full((b, length), IGNORE, dtype=torch.long)
-    segment = torch.full((b, length), -1, dtype=torch.long)
-    positions = torch.zeros((3, b, length), dtype=torch.long)
+    input_ids = torch.full((b, length), pad_id, dtype=torch.long, device=cpu)
+    labels = torch.full((b, length), IGNORE, dtype=torch.long, device=cpu)
+    segment = torch.full((b, length), -1, dtype=torch.long, device=cpu)
+    positions = torch.zeros((3, b, length), dtype=torch.long, device=cpu)
     for i, r in enumerate(rows):
         n = len(r.input_ids)
-        input_ids[i, :n] = torch.tensor(r.input_ids)
-        labels[i, :n] = torch.tensor(r.labels)
-        segment[i, :n] = torch.tensor(r.segment)
+        input_ids[i, :n] = torch.tensor(r.input_ids, device=cpu)
+        labels[i, :n] = torch.tensor(r.labels, device=cpu)
+        segment[i, :n] = torch.tensor(r.segment, device=cpu)
         positions[:, i, :n] = torch.from_numpy(r.positions)
     out = {
         "input_ids": input_ids,
@@ -349,12 +355,14 @@ def collate(rows: list[Row], pad_id: int) -> dict:
         "segment": segment,
         "positions": positions,
         "pixel_values": torch.cat([r.pixel_values for r in rows]),
-        "image_grid_thw": torch.tensor([r.grid_thw for r in rows], dtype=torch.long),
+        "image_grid_thw": torch.tensor([r.grid_thw for r in rows], dtype=torch.long, device=cpu),
     }
     if rows and all(r.ground for r in rows):
         ground = {k: [r.ground[k] for r in rows] for k in rows[0].ground}
         offsets = np.cumsum([0] + [len(g) for g in ground["object_shape"][:-1]])
-        ground["object"] = [np.where(o >= 0, o + off, -1) for o, off in zip(ground["object"], offsets, strict=True)]
+        ground["object"] = [
+            np.where(o >= 0, o + off, -1) for o, off in zip(ground["object"], offsets, strict=True)
+        ]
         out["ground"] = {k: torch.from_numpy(np.concatenate(v)) for k, v in ground.items()}
     return out
 
@@ -364,7 +372,7 @@ def branch_mask(segment: torch.Tensor) -> torch.Tensor:
     branch, a branch only by itself; padding (-1) attends to itself only (no empty softmax rows)."""
     q, k = segment[:, :, None], segment[:, None, :]
     length = segment.shape[1]
-    causal = torch.ones(length, length, dtype=torch.bool).tril()
+    causal = torch.ones(length, length, dtype=torch.bool, device=segment.device).tril()
     allowed = causal & ((k == 0) | (k == q)) & (k >= 0) & (q >= 0)
-    allowed |= torch.eye(length, dtype=torch.bool)
+    allowed |= torch.eye(length, dtype=torch.bool, device=segment.device)
     return allowed[:, None]

@@ -34,7 +34,6 @@ import uuid
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 
 from train import zero
 from train.captioner import data as cdata
@@ -42,9 +41,9 @@ from train.captioner.base import resolve_base
 from train.captioner.config import CaptionerConfig, deepspeed_config
 from train.captioner.config import load as load_config
 from train.captioner.model import CaptionerModule
-from train.trainer import StopFlag, _all_reduce, setup_distributed
+from train.stop import StopFlag
 from unicap import config as uconfig
-from unicap import runtime
+from unicap import distributed, runtime
 
 CHECKPOINTS_DIR, FINAL_DIR = "checkpoints", "final"
 MODEL_FILE, OPTIMIZER_FILE, STATE_FILE = "model.safetensors", "optimizer.safetensors", "state.json"
@@ -88,7 +87,7 @@ def save_checkpoint(engine, run_dir: Path, state: dict, keep_last: int) -> Path:
     model = {n: zero.full_master(p) for n, p in params}
     moments = {f"{k}.{n}": zero.full_optimizer_state(p, k) for n, p in params for k in zero.OPTIMIZER_KEYS}
     folder = run_dir / CHECKPOINTS_DIR / f"step-{state['step']:08d}"
-    if dist.get_rank() == 0:
+    if distributed.rank() == 0:
         tmp = folder.parent / f".{folder.name}.tmp-{uuid.uuid4().hex[:8]}"
         tmp.mkdir(parents=True)
         save_file({k: v.contiguous() for k, v in model.items()}, str(tmp / MODEL_FILE))
@@ -103,7 +102,7 @@ def save_checkpoint(engine, run_dir: Path, state: dict, keep_last: int) -> Path:
             shutil.rmtree(old, ignore_errors=True)
         for stale in folder.parent.glob(".step-*.tmp-*"):
             shutil.rmtree(stale, ignore_errors=True)
-    dist.barrier()
+    distributed.barrier()
     return folder
 
 
@@ -213,26 +212,30 @@ def lr_factor(cfg: CaptionerConfig, step: int) -> float:
 # ---------------------------------------------------------------- the step
 
 
-def train_step(engine, micro_batches: list[dict], cfg: CaptionerConfig, ground_only: bool = False) -> dict:
+def train_step(engine, micro_batches: list[dict], cfg: CaptionerConfig, ground_only: bool = False,
+               flags: tuple = ()) -> dict:  # fmt: skip
     """One optimizer step over this rank's micro-batches; returns global mean losses (`loss`: the captions';
-    nan in a grounding-only step)."""
+    nan in a grounding-only step) and, under "flags", `flags` or-ed over the ranks. The losses stay on the
+    device; they and the flags reach every rank in one collective (unicap.distributed.agree)."""
     device = next(engine.module.parameters()).device
-    sums: dict[str, float] = {}
+    sums: dict[str, torch.Tensor] = {}
     for i, batch in enumerate(micro_batches):
         batch = _to(batch, device)
         caption, parts = engine(batch, ground_only=ground_only)
         ground = cfg.optim.ground_weight * sum(parts.values()) if parts else 0.0
         engine.backward(ground if caption is None else caption + ground)
-        for k, v in {"loss": caption if caption is not None else torch.tensor(math.nan), **parts}.items():
-            sums[k] = sums.get(k, 0.0) + float(v.detach())
+        nan = torch.full((), math.nan, device=device)
+        for k, v in {"loss": caption if caption is not None else nan, **parts}.items():
+            sums[k] = sums.get(k, 0.0) + v.detach().float()
         if i < len(micro_batches) - 1:
             engine.step()
     engine.step()
     keys = sorted(sums)
-    totals = _all_reduce([sums[k] for k in keys] + [float(len(micro_batches))])
+    totals, agreed = distributed.agree([sums[k] for k in keys] + [len(micro_batches)], flags=flags)
     out = {k: totals[i] / totals[-1] for i, k in enumerate(keys)}
     norm = engine.get_global_grad_norm()
     out["grad_norm"] = float(norm) if norm is not None else math.nan
+    out["flags"] = agreed
     return out
 
 
@@ -265,7 +268,7 @@ def train(cfg: CaptionerConfig) -> int:
     elif cfg.run.resume != "never":
         resume = Path(cfg.run.resume)
         read_state(resume)
-    rank, world = setup_distributed(device)
+    rank, world = distributed.init(device)
     if cfg.run.threads and not device.startswith("cuda"):
         torch.set_num_threads(cfg.run.threads)
     base = (
@@ -328,7 +331,7 @@ def train(cfg: CaptionerConfig) -> int:
 
         bar = tqdm(total=cfg.run.steps, initial=start_step, desc="captioner", unit="step", dynamic_ncols=True,
                    file=sys.stdout)  # fmt: skip
-    stop = StopFlag(cfg.run.stop_file)
+    stop = StopFlag(cfg.run.stop_file, grace_s=cfg.run.term_grace_s)
     step, t_last = start_step, time.time()
     seconds = state["train_seconds"]
 
@@ -342,15 +345,21 @@ def train(cfg: CaptionerConfig) -> int:
 
     while step < cfg.run.steps:
         micro = [next(batches) for _ in range(accum)]
-        res = train_step(engine, micro, cfg, ground_only=step < cfg.optim.ground_first_steps)
+        out_of_time = (
+            bool(cfg.run.max_minutes) and seconds - state["train_seconds"] > cfg.run.max_minutes * 60
+        )
+        res = train_step(engine, micro, cfg, ground_only=step < cfg.optim.ground_first_steps,
+                         flags=(out_of_time, stop.agreed_flag()))  # fmt: skip
+        out_of_time, stopping = res.pop("flags")
+        stop.answer(stopping)  # every rank reached this boundary: a signal is being served, not stuck
         step += 1
         state["samples_consumed"] += cfg.global_batch(world)
         now = time.time()
         seconds += now - t_last
         t_last = now
+        if not math.isfinite(res["loss"]) and step > cfg.optim.ground_first_steps:  # agreed: every rank stops
+            raise TrainingError(f"step {step}: non-finite loss; lower optim.lr")
         if rank == 0:
-            if not math.isfinite(res["loss"]) and step > cfg.optim.ground_first_steps:
-                raise TrainingError(f"step {step}: non-finite loss; lower optim.lr")
             if step % cfg.run.log_every == 0 or step == cfg.run.steps:
                 metrics.write(json.dumps({"step": step, "lr": engine.get_lr()[0], "seconds": round(seconds, 1),
                                           **{k: round(v, 5) if math.isfinite(v) else None for k, v in res.items()}}) + "\n")  # fmt: skip
@@ -365,14 +374,12 @@ def train(cfg: CaptionerConfig) -> int:
                 bar.set_postfix(loss=f"{shown:.3f}", refresh=False)
             elif step % cfg.run.log_every == 0:
                 print(f"step {step} loss {res['loss']:.4f} ({seconds:.0f}s)", flush=True)
-        out_of_time = bool(cfg.run.max_minutes) and seconds - state["train_seconds"] > cfg.run.max_minutes * 60
-        if _all_reduce([1.0 if out_of_time else 0.0], dist.ReduceOp.MAX)[0]:
+        if out_of_time:
             if rank == 0:
                 print(f"[captioner] run.max_minutes {cfg.run.max_minutes} reached at step {step}: stopping, "
                       "exporting what there is", flush=True)  # fmt: skip
             fixed["stopped_early"] = True
             break
-        stopping = stop.agreed()
         if step % cfg.run.save_every == 0 or stopping:
             folder = save_checkpoint(engine, run_dir, current(), cfg.run.keep_last)
             if stopping:
@@ -381,7 +388,9 @@ def train(cfg: CaptionerConfig) -> int:
                         f"[captioner] stopped {stop.why()} at step {step}; checkpoint {folder}; rerun to resume",
                         flush=True,
                     )
+                stop.close()
                 return 0
+    stop.close()
     if bar is not None:
         bar.close()
     save_checkpoint(engine, run_dir, current(), cfg.run.keep_last)
@@ -392,7 +401,7 @@ def train(cfg: CaptionerConfig) -> int:
                             final, provenance=current(), dtype=cfg.model.export_dtype)  # fmt: skip
         print(f"[captioner] done: {step} steps, {state['samples_consumed']} images, {seconds:.0f}s of training; "
               f"model folder {out}", flush=True)  # fmt: skip
-    dist.barrier()
+    distributed.barrier()
     return 0
 
 
@@ -417,4 +426,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(distributed.run_main(main))
