@@ -31,12 +31,13 @@ ifneq ($(HAS_CUDA),1)
   export DS_ACCELERATOR := cpu
 endif
 
-.PHONY: install test lint demo bench clean-demo help stage1 stage2 stage3
+.PHONY: install test lint demo bench clean-demo help stage1 stage2 stage3 gpu-check
 help:
 	@echo "make demo   run the offline end-to-end job on the synthetic data set"
 	@echo "make stage1|stage2|stage3  train Next-DiT on a stage (CONFIG, DATA, NPROC, HOSTFILE, ARGS)"
 	@echo "make test   ruff + pytest (what CI runs)"
 	@echo "make install  create or update $(VENV) ($(FLAVOUR) stack)"
+	@echo "make gpu-check  check and measure the GPU path on this GPU machine (table + gpu_check.json)"
 
 install: $(STAMP)
 
@@ -67,6 +68,13 @@ PRESET ?= full
 DEMO_DIR ?= demo
 demo: $(STAMP)
 	$(PY) -m pipelines.demo --workdir $(DEMO_DIR) --preset $(PRESET)
+
+# The GPU path on one GPU machine: trainer (ZeRO-2/3, SIGTERM + resume, export, samples), a crashed rank, the
+# captioner trainer, sampling, adherence, score, the gpu-marked tests, MFU; a table and GPU_CHECK_OUT (JSON).
+# Without the venv: python -m pipelines.gpu_check (see its docstring).
+GPU_CHECK_OUT ?= gpu_check.json
+gpu-check: $(STAMP)
+	$(PY) -m pipelines.gpu_check --out $(GPU_CHECK_OUT) $(ARGS)
 
 bench: $(STAMP)
 	@for b in bench/bench_*.py; do echo "== $$b"; $(PY) $$b || exit 1; done

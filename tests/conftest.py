@@ -109,3 +109,15 @@ class RayHead:
                 pass
         kill_all(mine)
         shutil.rmtree(self.temp, ignore_errors=True)
+
+
+def pytest_collection_modifyitems(config, items):
+    """`gpu`-marked tests need CUDA: skipped with a reason where there is none (CI), run by make gpu-check."""
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs CUDA (run by make gpu-check on a GPU machine)")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
