@@ -188,11 +188,11 @@ def part_zero3(ctx: dict) -> dict:
 CRASH = r"""
 import os, runpy, sys, time
 import train.flow
-real, seen = train.flow.flow_loss, [0]
+real, seen, mark = train.flow.flow_loss, [0], sys.argv[1]
 def faulty(*a, **k):
     seen[0] += 1
     if int(os.environ["RANK"]) == int(os.environ["WORLD_SIZE"]) - 1 and seen[0] == 3:
-        open(sys.argv[1], "w").write(repr(time.time()))
+        open(mark, "w").write(repr(time.time()))
         raise RuntimeError("gpu-check: injected failure at step 3")
     return real(*a, **k)
 train.flow.flow_loss = faulty
