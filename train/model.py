@@ -62,7 +62,9 @@ class NextDiTConfig:
             raise ValueError(f"NextDiTConfig: dim {self.dim} must divide into n_heads {self.n_heads}, and n_heads "
                              f"into n_kv_heads {self.n_kv_heads}")  # fmt: skip
         if sum(self.axes_dims) != self.head_dim:
-            raise ValueError(f"NextDiTConfig: axes_dims {self.axes_dims} must sum to head_dim {self.head_dim}")
+            raise ValueError(
+                f"NextDiTConfig: axes_dims {self.axes_dims} must sum to head_dim {self.head_dim}"
+            )
         if any(d % 2 for d in self.axes_dims):
             raise ValueError(f"NextDiTConfig: every RoPE axis needs an even size, got {self.axes_dims}")
 
@@ -151,7 +153,9 @@ class Attention(nn.Module):
 
     def forward(self, x, seqs: SeqBatch, rot):
         B, S, _ = x.shape  # (B, S, D)
-        q, k, v = self.qkv(x).split([self.n_heads * self.hd, self.n_kv * self.hd, self.n_kv * self.hd], dim=-1)
+        q, k, v = self.qkv(x).split(
+            [self.n_heads * self.hd, self.n_kv * self.hd, self.n_kv * self.hd], dim=-1
+        )
         q = apply_rope(self.q_norm(q.view(B, S, self.n_heads, self.hd)), rot)
         k = apply_rope(self.k_norm(k.view(B, S, self.n_kv, self.hd)), rot)
         o = seqs.attend(q, k, v.view(B, S, self.n_kv, self.hd))  # (B, S, H, Dh)
@@ -217,9 +221,15 @@ class NextDiT(nn.Module):
         p, d = cfg.patch_size, cfg.dim
         self.x_embedder = nn.Linear(p * p * cfg.in_channels, d)
         self.t_embedder = TimestepEmbedder(min(d, 1024))
-        self.cap_embedder = nn.Sequential(RMSNorm(cfg.cap_feat_dim, cfg.norm_eps), nn.Linear(cfg.cap_feat_dim, d))
-        self.noise_refiner = nn.ModuleList(JointBlock(cfg, modulation=True) for _ in range(cfg.n_refiner_layers))
-        self.context_refiner = nn.ModuleList(JointBlock(cfg, modulation=False) for _ in range(cfg.n_refiner_layers))
+        self.cap_embedder = nn.Sequential(
+            RMSNorm(cfg.cap_feat_dim, cfg.norm_eps), nn.Linear(cfg.cap_feat_dim, d)
+        )
+        self.noise_refiner = nn.ModuleList(
+            JointBlock(cfg, modulation=True) for _ in range(cfg.n_refiner_layers)
+        )
+        self.context_refiner = nn.ModuleList(
+            JointBlock(cfg, modulation=False) for _ in range(cfg.n_refiner_layers)
+        )
         self.layers = nn.ModuleList(JointBlock(cfg, modulation=True) for _ in range(cfg.n_layers))
         self.final_layer = FinalLayer(cfg)
         self.rope = RopeND(cfg.axes_dims, cfg.rope_theta)
@@ -244,7 +254,9 @@ class NextDiT(nn.Module):
 
     def set_activation_checkpointing(self, blocks: bool | list[int] = True) -> None:
         n = len(self.layers)
-        self.checkpoint_blocks = set(range(n)) if blocks is True else set() if blocks is False else set(blocks)
+        self.checkpoint_blocks = (
+            set(range(n)) if blocks is True else set() if blocks is False else set(blocks)
+        )
 
     def compile_blocks(self, **compile_kwargs) -> None:
         """torch.compile each block in place (regional compilation: one compiled graph serves all the
@@ -302,11 +314,15 @@ class NextDiT(nn.Module):
         backend = resolve_backend(self.attention_backend, cap.device, cap.dtype)
 
         # image tokens, right-padded to N (B, N, D) and their positions (L_text_i, row, col)
+        # ONE x_embedder call for the whole batch: every module runs once per forward whatever B is, so ZeRO-3
+        # gathers the same parameters on every rank even when a bucket's last micro-batch is smaller on one
+        # of them (a call per image made the ranks' collectives differ: a gloo size mismatch, an NCCL hang)
+        tokens = self.x_embedder(torch.cat([self.patchify(xi) for xi in xs]).to(cap.dtype))  # (sum n_i, D)
         img = torch.zeros(B, N, self.cfg.dim, device=dev, dtype=cap.dtype)
         img_pos = torch.zeros(B, N, 3, dtype=torch.long, device=dev)
-        for i, (xi, (gh, gw)) in enumerate(zip(xs, grids, strict=True)):
+        for i, (part, (gh, gw)) in enumerate(zip(tokens.split(img_lens), grids, strict=True)):
             n = gh * gw
-            img[i, :n] = self.x_embedder(self.patchify(xi).to(cap.dtype))
+            img[i, :n] = part
             rows = torch.arange(gh, device=dev).repeat_interleave(gw)
             cols = torch.arange(gw, device=dev).repeat(gh)
             img_pos[i, :n] = torch.stack([torch.full_like(rows, cap_lens[i]), rows, cols], dim=-1)
@@ -339,7 +355,10 @@ class NextDiT(nn.Module):
                 h = blk(h, seqs, rot, adaln)
         h = self.final_layer(h, adaln)  # (B, S, p*p*C)
 
-        out = [self.unpatchify(h[i, c : c + n], *sizes[i]) for i, (c, n) in enumerate(zip(cap_lens, img_lens, strict=True))]
+        out = [
+            self.unpatchify(h[i, c : c + n], *sizes[i])
+            for i, (c, n) in enumerate(zip(cap_lens, img_lens, strict=True))
+        ]
         return out if as_list else torch.stack(out)
 
 

@@ -17,12 +17,12 @@ def test_gpu_check_on_cpu_runs_its_parts_and_writes_one_json(tmp_path):
     out = tmp_path / "gpu_check.json"
     cmd = [sys.executable, "-m", "pipelines.gpu_check", "--allow-cpu", "--resolution", "64", "--out", str(out),
            "--work", str(tmp_path / "work"), "--data", str(tmp_path / "data"),
-           "--parts", "env,trainer,crash,sample,mfu,nothing"]  # fmt: skip
+           "--parts", "env,trainer,zero3,crash,sample,mfu,nothing"]  # fmt: skip
     r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900)
     assert (
         r.returncode == 2 and "unknown part 'nothing'" in r.stderr
     )  # a typo is refused before anything runs
-    cmd[-1] = "env,trainer,crash,sample,mfu"
+    cmd[-1] = "env,trainer,zero3,crash,sample,mfu"
     r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900)
     assert r.returncode == 0, (r.stdout[-3000:], r.stderr[-3000:])
     res = json.loads(out.read_text())
@@ -34,5 +34,5 @@ def test_gpu_check_on_cpu_runs_its_parts_and_writes_one_json(tmp_path):
     assert t["sigterm_checkpoint"] and t["resumed_to_20"]
     assert res["crash"]["exit_code"] != 0 and res["crash"]["seconds_to_exit"] < 10
     assert res["sample"]["images"] == 2
-    for part in ("env", "trainer", "crash", "sample", "mfu"):  # the table: one line per part
+    for part in ("env", "trainer", "zero3", "crash", "sample", "mfu"):  # the table: one line per part
         assert any(line.startswith(part) for line in r.stdout.splitlines()), r.stdout

@@ -21,7 +21,14 @@ def test_2b_config_has_the_release_parameter_count():
         m = build_model("NextDiT_2B")
     assert count_parameters(m) == 2_609_769_152  # Lumina-Image 2.0 with Gemma-2-2B features
     cfg = NextDiT_configs["NextDiT_2B"]
-    assert (cfg.dim, cfg.n_layers, cfg.n_heads, cfg.n_kv_heads, cfg.patch_size, cfg.in_channels) == (2304, 26, 24, 8, 2, 16)
+    assert (cfg.dim, cfg.n_layers, cfg.n_heads, cfg.n_kv_heads, cfg.patch_size, cfg.in_channels) == (
+        2304,
+        26,
+        24,
+        8,
+        2,
+        16,
+    )
 
 
 def test_padding_text_tokens_changes_nothing():
@@ -109,3 +116,28 @@ def test_blocks_compile_as_whole_graphs():
     for a, b in zip(out, ref, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
     assert all(p.grad is not None for p in m.layers.parameters())
+
+
+def test_every_module_runs_as_often_for_any_batch_size():
+    """ZeRO-3 gathers a module's parameters each time it runs: ranks whose micro-batches differ in size (a
+    bucket's last batch) must still make the same calls, or their collectives mismatch (a per-image
+    x_embedder call did: gloo 'Received data size doesn't match', an NCCL hang on GPUs)."""
+    torch.manual_seed(0)
+    model = build_model("NextDiT_tiny").eval()
+
+    def calls(batch: int) -> dict[str, int]:
+        seen: dict[str, int] = {}
+        hooks = [m.register_forward_pre_hook(lambda mod, args, name=n: seen.__setitem__(name, seen.get(name, 0) + 1))
+                 for n, m in model.named_modules() if list(m.parameters(recurse=False))]  # fmt: skip
+        x = torch.randn(batch, 16, 8, 8)
+        cap, mask = torch.randn(batch, 6, model.cfg.cap_feat_dim), torch.ones(batch, 6, dtype=torch.bool)
+        with torch.no_grad():
+            model(x, torch.rand(batch), cap, mask)
+        for h in hooks:
+            h.remove()
+        return seen
+
+    one, three = calls(1), calls(3)
+    assert one == three and one["x_embedder"] == 1, {
+        k: (one.get(k), three.get(k)) for k in one.keys() | three.keys()
+    }
