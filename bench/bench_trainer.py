@@ -1,17 +1,22 @@
 """The trainer's overhead and its appetite: DeepSpeed step vs a plain PyTorch loop, loader vs consumption.
 
     .venv/bin/python bench/bench_trainer.py [--rounds 3] [--steps 6] [--resolution 128] [--micro 8]
+    python bench/bench_trainer.py --device cuda --model 2b-width --resolution 256 --micro 32 \
+        --packed .cache/gpu_check/data/packed          # on a GPU (make gpu-check runs it): + MFU of each leg
 
 One process, one rank (started under torchrun by itself), legs interleaved per round, median ratio and
 spread reported (these machines are noisy: see ENVIRONMENT.md):
   plain      VAE + text encoder + Next-DiT forward/backward + torch AdamW, fp32 weights under bf16
              autocast: the loop one would write without DeepSpeed
   deepspeed  train.trainer.train_step on the same model, batch and codecs: ZeRO-2, bf16 weights with an
-             fp32 master, gradient clipping, the non-finite guard (goal: plain/deepspeed time >= 0.9)
+             fp32 master, gradient clipping, the non-finite guard, then the sharded EMA's update
+             (goal: plain/deepspeed time >= 0.9)
   loader     train.data.make_loader alone on a packed synthetic stage at the same resolution and micro
              batch, 1 worker (goal: loader samples/s >= 3x the deepspeed leg's samples/s)
 Model: a 27M-parameter Next-DiT (dim 384, 6 layers: where compute, not overhead, dominates on CPU)
-with the tiny offline codecs; fixed shapes, so every step does the same work.
+with the tiny offline codecs; fixed shapes, so every step does the same work. On a GPU, `2b-width`: NextDiT_2B's
+width (dim 2304, 24 heads, 8 KV heads) with 8 layers (both legs' weights, gradients and AdamW states fit one
+GPU together), bf16; MFU = useful FLOPs (train.flops) / step time / the GPU's measured bf16 matmul rate.
 """
 
 from __future__ import annotations
@@ -54,6 +59,14 @@ def packed_stage(workdir: Path, images: int, resolution: int) -> Path:
     return out
 
 
+def summary_of(vals: list[float]) -> dict:
+    return {
+        "median": round(statistics.median(vals), 4),
+        "min": round(min(vals), 4),
+        "max": round(max(vals), 4),
+    }
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--rounds", type=int, default=3)
@@ -62,6 +75,12 @@ def main() -> int:
     p.add_argument("--micro", type=int, default=8)
     p.add_argument("--images", type=int, default=256)
     p.add_argument("--workdir", default="/tmp/unicap-bench-trainer")
+    p.add_argument("--device", default="cpu", help="cpu | cuda")
+    p.add_argument("--model", default="bench", choices=["bench", "2b-width"])
+    p.add_argument(
+        "--packed", default=None, help="a packed stage at --resolution (default: made here, with Ray)"
+    )
+    p.add_argument("--out", default=None, help="results JSON (default bench/results/trainer[_cuda].json)")
     p.add_argument(
         "--set",
         action="append",
@@ -73,8 +92,8 @@ def main() -> int:
     )
     args = p.parse_args()
     if "LOCAL_RANK" not in os.environ:  # re-run under torchrun: DeepSpeed wants a process group
-        os.environ.setdefault("DS_ACCELERATOR", "cpu")
-        cmd = [str(Path(sys.executable).parent / "torchrun"), "--nproc_per_node", "1", "--master_addr", "127.0.0.1",
+        os.environ.setdefault("DS_ACCELERATOR", "cuda" if args.device == "cuda" else "cpu")
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "1", "--master_addr", "127.0.0.1",
                "--master_port", "29731", __file__, *sys.argv[1:]]  # fmt: skip
         return subprocess.call(
             cmd, env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
@@ -86,24 +105,43 @@ def main() -> int:
     from train import flow, trainer
     from train.config import deepspeed_config, load
     from train.data import make_loader
+    from train.ema import ShardedEMA
     from train.model import NextDiT, NextDiTConfig
 
-    packed = packed_stage(Path(args.workdir), args.images, args.resolution)
+    dev = args.device
+    packed = (
+        Path(args.packed) if args.packed else packed_stage(Path(args.workdir), args.images, args.resolution)
+    )
     cfg = load("train/configs/stage1_cpu.yaml", [f"data.packed={packed}", f"data.resolution={args.resolution}",
-               f"data.micro_batch={args.micro}", f"data.global_batch={args.micro}", "loss.lowres_weight=1.0", *args.set])  # fmt: skip
-    trainer.setup_distributed("cpu")
-    torch.set_num_threads(os.cpu_count() or 1)
-    codecs = trainer.load_codecs(cfg, "cpu")
-    mcfg = NextDiTConfig(**BENCH_MODEL)
+               f"data.micro_batch={args.micro}", f"data.global_batch={args.micro}", "loss.lowres_weight=1.0", "model.vae=tiny", *args.set])  # fmt: skip
+    trainer.setup_distributed(dev)
+    if dev == "cpu":
+        torch.set_num_threads(os.cpu_count() or 1)
+    codecs = trainer.load_codecs(cfg, dev)
+    if args.model == "bench":
+        mcfg = NextDiTConfig(**BENCH_MODEL)
+    else:
+        from dataclasses import replace
+
+        from train.model import NextDiT_configs
+
+        mcfg = replace(NextDiT_configs["NextDiT_2B"], n_layers=8, cap_feat_dim=codecs.text.dim)
 
     def fresh_model() -> NextDiT:
         torch.manual_seed(0)
-        return NextDiT(mcfg)
+        return NextDiT(mcfg).to(dev)
+
+    def sync():
+        if dev == "cuda":
+            torch.cuda.synchronize()
 
     # the batches: read once, the same for both training legs (so they measure training, not reading)
     it = iter(make_loader(cfg.data, seed=0, rank=0, world_size=1))
-    batches = []
+    batches, tries = [], 0
     while len(batches) < args.steps:
+        tries += 1
+        if tries > 50 * args.steps:
+            raise SystemExit(f"no bucket of {packed} fills --micro {args.micro}: pack more --images")
         b = next(it)
         if len(b["captions"]) == args.micro:  # full batches only: every step the same work
             batches.append(b)
@@ -112,9 +150,9 @@ def main() -> int:
     popt = torch.optim.AdamW(plain.parameters(), lr=1e-4, betas=(0.9, 0.95), eps=1e-15, weight_decay=0.0)
 
     def plain_step(batch):
-        xt, t, feats, mask, v = trainer.flow_batch(codecs, batch, cfg, "cpu")
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.deepspeed.precision == "bf16"):
-            pred = plain(xt, t, feats, mask)
+        xt, t, feats, mask, v = trainer.flow_batch(codecs, batch, cfg, dev)
+        with torch.autocast(dev, dtype=torch.bfloat16, enabled=cfg.deepspeed.precision == "bf16"):
+            pred = plain(xt, t, feats.float(), mask)
         loss = flow.flow_loss(pred, v, lowres_weight=cfg.loss.lowres_weight)
         popt.zero_grad(set_to_none=True)
         loss.backward()
@@ -129,13 +167,19 @@ def main() -> int:
         for h in guard.handles:
             h.remove()
 
-    def ds_step(batch):
-        trainer.train_step(engine, codecs, [batch], cfg, "cpu", guard)
+    ema, steps_done = ShardedEMA(engine.module, cfg.optim.ema_decay), [0]
+
+    def ds_step(batch):  # the trainer's step: ZeRO-2, the guard, the one agreed collective, then the EMA
+        steps_done[0] += 1
+        if trainer.train_step(engine, codecs, [batch], cfg, dev, guard).finite:
+            ema.update(steps_done[0])
 
     def timed(fn, items) -> float:
+        sync()
         t0 = time.perf_counter()
         for x in items:
             fn(x)
+        sync()
         return time.perf_counter() - t0
 
     loader_cfg = load("train/configs/stage1_cpu.yaml", [f"data.packed={packed}", f"data.resolution={args.resolution}",
@@ -163,15 +207,29 @@ def main() -> int:
         print(rounds[-1], flush=True)
 
     def summary(key):
-        vals = [r[key] for r in rounds]
-        return {"median": statistics.median(vals), "min": min(vals), "max": max(vals)}
+        return summary_of([r[key] for r in rounds])
 
     n_params = sum(p.numel() for p in plain.parameters())
-    save({"model_params": n_params, "resolution": args.resolution, "micro_batch": args.micro, "steps": args.steps,
+    extra = {}
+    if dev == "cuda":  # MFU of both legs: useful FLOPs of the step's batch / time / measured bf16 matmul rate
+        from bench.bench_nextdit import matmul_rate
+        from train.flops import train_step_flops
+
+        b = batches[0]
+        _, _, _, mask, _ = trainer.flow_batch(codecs, b, cfg, dev)
+        side = args.resolution // 8 // mcfg.patch_size
+        flops = train_step_flops(mcfg, mask.sum(1).tolist(), [side * side] * args.micro)
+        peak = matmul_rate("cuda", 8192)
+        for leg in ("plain", "ds"):
+            extra[f"{leg}_mfu"] = summary_of([flops / r[f"{leg}_s_per_step"] / peak for r in rounds])
+        extra |= {"matmul_tflops": round(peak / 1e12, 1), "device_name": torch.cuda.get_device_name(0),
+                  "peak_memory_gib": round(torch.cuda.max_memory_allocated() / 2**30, 1)}  # fmt: skip
+        extra["goals_gpu"] = {"plain_over_deepspeed_time": ">= 0.9", "ds_mfu": ">= 0.45 at 256 px, batch 32"}
+    save({"model_params": n_params, "device": dev, "model": args.model, **extra, "resolution": args.resolution, "micro_batch": args.micro, "steps": args.steps,
           "threads": torch.get_num_threads(), "rounds": rounds,
           "plain_over_deepspeed_time": summary("plain_over_ds"), "loader_over_trainer": summary("loader_over_trainer"),
           "goals": {"plain_over_deepspeed_time": ">= 0.9", "loader_over_trainer": ">= 3"}},
-         str(Path(__file__).parent / "results" / "trainer.json"))  # fmt: skip
+         args.out or str(Path(__file__).parent / "results" / ("trainer.json" if dev == "cpu" else "trainer_cuda.json")))  # fmt: skip
     return 0
 
 

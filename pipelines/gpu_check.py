@@ -14,7 +14,7 @@ importable.
 Parts: env, trainer (ZeRO-2 steps, SIGTERM then resume, final weights, diffusers export, sample grid),
 zero3, crash (a rank raising mid-run ends the launcher within seconds), sample (`unicap sample`), adherence,
 captioner (the captioner trainer), score (needs Ray + open_clip), gpu-tests (pytest -m gpu), mfu
-(bench/bench_nextdit.py --gpu).
+(bench/bench_nextdit.py --gpu), step (bench/bench_trainer.py: the trainer's step against a plain loop).
 """
 
 from __future__ import annotations
@@ -30,7 +30,8 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-PARTS = ("env", "trainer", "zero3", "crash", "sample", "adherence", "captioner", "score", "gpu-tests", "mfu")
+PARTS = ("env", "trainer", "zero3", "crash", "sample", "adherence", "captioner", "score", "gpu-tests", "mfu",
+         "step")  # fmt: skip
 TRAIN = ["model.vae=tiny", "data.micro_batch=4", "data.global_batch=8",
          "data.num_workers=2", "run.progress=false", "run.tensorboard=false", "run.sample_steps=4"]  # fmt: skip
 
@@ -89,7 +90,7 @@ def prepare(data: Path, resolution: int = 256) -> Path:
 
     if (data / "packed" / "_pack.json").exists():
         return data
-    synth(str(data / "shards"), 64, seed=7, shard_size=32)
+    synth(str(data / "shards"), 256, seed=7, shard_size=64)  # a 256 px bucket fills micro-batches of 32
     index = read_index(data / "shards")
     manifest = pd.DataFrame({"key": index.key, "shard": index["shard"],
                              "location": [str(data / "shards" / f"{s}.tar") for s in index["shard"]],
@@ -280,10 +281,27 @@ def part_mfu(ctx: dict) -> dict:
             **({} if ok else {"why": tail(r)})}  # fmt: skip
 
 
+def part_step(ctx: dict) -> dict:
+    """The trainer's whole step (loader batch, VAE + text encoding, ZeRO-2, the non-finite guard, EMA-free) against
+    a plain PyTorch loop on a NextDiT_2B-width model, 256 px, batch 32: time ratio and MFU of each leg."""
+    if not _cuda():
+        return {"status": "skipped", "why": "needs CUDA"}
+    out = ctx["work"] / "trainer_step.json"
+    r = sh([sys.executable, "bench/bench_trainer.py", "--device", "cuda", "--model", "2b-width", "--resolution",
+            str(ctx["size"]), "--micro", "32", "--steps", "5", "--rounds", "3", "--packed", str(ctx["packed"]),
+            "--out", str(out)], ctx["timeout"])  # fmt: skip
+    if r.returncode != 0 or not out.exists():
+        return {"status": "failed", "why": tail(r)}
+    res = json.loads(out.read_text())
+    keys = ("plain_over_deepspeed_time", "plain_mfu", "ds_mfu", "peak_memory_gib", "matmul_tflops")
+    return {"status": "ok", **{k: res.get(k) for k in keys}}
+
+
 NEEDS = {"trainer": ("deepspeed", "diffusers", "transformers"), "zero3": ("deepspeed", "transformers"),
          "crash": ("deepspeed", "transformers"), "captioner": ("deepspeed", "transformers"),
-         "sample": ("diffusers", "transformers"), "adherence": ("diffusers", "transformers")}  # fmt: skip
-DATA_PARTS = ("trainer", "zero3", "crash", "adherence", "score")
+         "sample": ("diffusers", "transformers"), "adherence": ("diffusers", "transformers"),
+         "step": ("deepspeed", "diffusers", "transformers")}  # fmt: skip
+DATA_PARTS = ("trainer", "zero3", "crash", "adherence", "score", "step")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -26,9 +26,8 @@ def test_gpu_check_on_cpu_runs_its_parts_and_writes_one_json(tmp_path):
     r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900)
     assert r.returncode == 0, (r.stdout[-3000:], r.stderr[-3000:])
     res = json.loads(out.read_text())
-    assert [res[p]["status"] for p in ("env", "trainer", "crash", "sample", "mfu")] == ["ok"] * 4 + [
-        "skipped"
-    ]
+    parts = ("env", "trainer", "zero3", "crash", "sample", "mfu")
+    assert [res[p]["status"] for p in parts] == ["ok"] * 5 + ["skipped"], {p: res[p] for p in parts}
     t = res["trainer"]
     assert t["steps"] == 12 and t["diffusers_export"] and t["sample_grid"]
     assert t["sigterm_checkpoint"] and t["resumed_to_20"]
