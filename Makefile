@@ -31,7 +31,7 @@ ifneq ($(HAS_CUDA),1)
   export DS_ACCELERATOR := cpu
 endif
 
-.PHONY: install test lint demo bench clean-demo help stage1 stage2 stage3 gpu-check
+.PHONY: install test lint demo bench clean-demo help stage1 stage2 stage3 gpu-check gpu-bundle
 help:
 	@echo "make demo   run the offline end-to-end job on the synthetic data set"
 	@echo "make stage1|stage2|stage3  train Next-DiT on a stage (CONFIG, DATA, NPROC, HOSTFILE, ARGS)"
@@ -75,6 +75,10 @@ demo: $(STAMP)
 GPU_CHECK_OUT ?= gpu_check.json
 gpu-check: $(STAMP)
 	$(PY) -m pipelines.gpu_check --out $(GPU_CHECK_OUT) $(ARGS)
+
+# For a bare GPU machine without the venv: wheels + the check's data, to carry (.cache/gpu_wheels, .cache/gpu_check)
+gpu-bundle: $(STAMP)
+	bash tools/gpu_bundle.sh
 
 bench: $(STAMP)
 	@for b in bench/bench_*.py; do echo "== $$b"; $(PY) $$b || exit 1; done

@@ -48,21 +48,47 @@ class CaptionJobConfig:
 
     input: str = field(metadata=_help("folder of image shards (ingest / ingest-folder / synth)"))
     output: str = field(metadata=_help("folder for the caption Parquet files"))
-    model: str = field(default=EngineConfig.model, metadata=_help("HF id, local folder, or 'tiny' (offline random Qwen2-VL)"))
-    server: str | None = field(default=None, metadata=_help("base URL of an OpenAI-compatible vLLM server (server mode)"))
+    model: str = field(
+        default=EngineConfig.model, metadata=_help("HF id, local folder, or 'tiny' (offline random Qwen2-VL)")
+    )
+    server: str | None = field(
+        default=None, metadata=_help("base URL of an OpenAI-compatible vLLM server (server mode)")
+    )
     levels: tuple[str, ...] = field(default=CaptionConfig.levels, metadata=_help("caption levels"))
     languages: tuple[str, ...] = field(default=CaptionConfig.languages, metadata=_help("caption languages"))
-    strategy: Literal["direct", "json"] = field(default=CaptionConfig.strategy, metadata=_help("prompting strategy"))
-    max_pixels: int = field(default=EngineConfig.max_pixels, metadata=_help("images are downscaled to this many pixels"))
-    max_tokens: dict[str, int] = field(default_factory=dict, metadata=_help("per-level token limits, e.g. long=384,tags=96"))
+    strategy: Literal["direct", "json"] = field(
+        default=CaptionConfig.strategy, metadata=_help("prompting strategy")
+    )
+    max_pixels: int = field(
+        default=EngineConfig.max_pixels, metadata=_help("images are downscaled to this many pixels")
+    )
+    max_tokens: dict[str, int] = field(
+        default_factory=dict, metadata=_help("per-level token limits, e.g. long=384,tags=96")
+    )
     batch_size: int = field(default=16, metadata=_help("images per actor call"))
-    concurrency: int = field(default=1, metadata=_help("engine actors (one per GPU)"))
-    cpus_per_actor: float | None = field(default=None, metadata=_help("Ray CPUs claimed per actor (default: 1 on GPU, 0.5 on CPU)"))
-    threads_per_actor: int | None = field(default=None, metadata=_help("compute threads per CPU actor (default: cores / actors)"))
+    concurrency: int = field(
+        default=1, metadata=_help("engine actors (one per GPU, or per --tensor-parallel GPUs)")
+    )
+    tensor_parallel: int = field(
+        default=EngineConfig.tensor_parallel, metadata=_help("GPUs per engine (vLLM tensor parallel)")
+    )
+    cpus_per_actor: float | None = field(
+        default=None, metadata=_help("Ray CPUs claimed per actor (default: 1 on GPU, 0.5 on CPU)")
+    )
+    threads_per_actor: int | None = field(
+        default=None, metadata=_help("compute threads per CPU actor (default: cores / actors)")
+    )
     max_retries: int = field(default=CaptionConfig.max_retries, metadata=_help("retries of a failed caption"))
-    timeout: float = field(default=EngineConfig.timeout_s, metadata=_help("deadline in seconds of each server request, answer read in full (server mode)"))
-    max_concurrent_requests: int = field(default=EngineConfig.max_concurrent, metadata=_help("in-flight requests per actor (server mode)"))
-    address: str | None = field(default=None, metadata=_help("Ray address (default: RAY_ADDRESS or a local instance)"))
+    timeout: float = field(
+        default=EngineConfig.timeout_s,
+        metadata=_help("deadline in seconds of each server request, answer read in full (server mode)"),
+    )
+    max_concurrent_requests: int = field(
+        default=EngineConfig.max_concurrent, metadata=_help("in-flight requests per actor (server mode)")
+    )
+    address: str | None = field(
+        default=None, metadata=_help("Ray address (default: RAY_ADDRESS or a local instance)")
+    )
     limit_shards: int | None = field(default=None, metadata=_help("caption at most this many pending shards"))
 
     def __post_init__(self) -> None:
@@ -75,7 +101,8 @@ class CaptionJobConfig:
     def configs(self) -> tuple[EngineConfig, CaptionConfig]:
         """The engine's and the captioner's configs; max_pixels goes to both, so they agree."""
         engine = EngineConfig(model=self.model, server=self.server, max_pixels=self.max_pixels,
-                              timeout_s=self.timeout, max_concurrent=self.max_concurrent_requests)  # fmt: skip
+                              timeout_s=self.timeout, max_concurrent=self.max_concurrent_requests,
+                              tensor_parallel=self.tensor_parallel)  # fmt: skip
         caption = CaptionConfig(levels=self.levels, languages=self.languages, strategy=self.strategy,
                                 max_retries=self.max_retries, max_pixels=self.max_pixels, max_tokens=self.max_tokens)  # fmt: skip
         return engine, caption
@@ -96,7 +123,9 @@ def _is_caption_output(rel: str, is_dir: bool) -> bool:
     parent, _, name = rel.rpartition("/")
     if parent == STATS_DIR:
         return name.endswith(".json") and not name.startswith(".")
-    return not parent and (rel == "_summary.json" or rel.endswith(".parquet") and not rel.startswith((".", "_")))
+    return not parent and (
+        rel == "_summary.json" or rel.endswith(".parquet") and not rel.startswith((".", "_"))
+    )
 
 
 def check_folders(input_dir: str | Path, output: str | Path) -> None:
@@ -105,7 +134,9 @@ def check_folders(input_dir: str | Path, output: str | Path) -> None:
     if not inp.is_dir():
         raise FileNotFoundError(f"--input {inp} is not a folder of image shards")
     if not list_shards(inp):
-        raise preflight.UsageError(f"--input {inp} holds no complete shard (*_stats.json): ingest, ingest-folder or synth write them")
+        raise preflight.UsageError(
+            f"--input {inp} holds no complete shard (*_stats.json): ingest, ingest-folder or synth write them"
+        )
     preflight.check_output_folder(output, _is_caption_output, "caption")
 
 
@@ -153,7 +184,13 @@ def run_job(
 ) -> dict:
     check_run_options(batch_size, concurrency, cpus_per_actor, threads_per_actor, limit_shards)
     check_folders(input_dir, output)  # before Ray or an engine starts
-    gpu = runtime.has_cuda() and not engine_cfg.server
+    # in-process engines go where the cluster's GPUs are, one actor per tensor-parallel group
+    gpus = (
+        0
+        if engine_cfg.server
+        else runtime.engine_gpus(runtime.cluster_gpus(address), engine_cfg.tensor_parallel, concurrency)
+    )
+    gpu = gpus > 0
     engine_name = "vllm-server" if engine_cfg.server else "vllm"
     job = ShardJob(
         name="caption",
@@ -162,7 +199,7 @@ def run_job(
         schema=caption_record.caption_schema(caption_cfg.levels, caption_cfg.languages),
         stats_fn=shard_stats,
         failure_table=lambda f: failure_rows(f, caption_cfg, engine_cfg.model, engine_name),
-        num_gpus=1 if gpu else 0,
+        num_gpus=gpus,
         num_cpus=cpus_per_actor if cpus_per_actor is not None else (1 if gpu else 0.5),
         env_vars={"VLLM_ENABLE_V1_MULTIPROCESSING": "0", "VLLM_HOST_IP": "127.0.0.1"},
         threads=threads_per_actor,
@@ -204,7 +241,9 @@ def run(args: argparse.Namespace) -> int:
     print(f"caption: {r['images']} images in {r['seconds']}s ({r['images_per_s']} images/s, "
           f"{r['tokens_per_s']} tokens/s); output holds {s['rows']} rows in {s['shards']} shards")  # fmt: skip
     print(f"  status: {s['status']}  failures by reason: {s['failures_by_reason']}")
-    print(f"  open with: pandas.read_parquet({str(job.output)!r})   summary: {Path(job.output) / '_summary.json'}")
+    print(
+        f"  open with: pandas.read_parquet({str(job.output)!r})   summary: {Path(job.output) / '_summary.json'}"
+    )
     return 0
 
 

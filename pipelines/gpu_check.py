@@ -40,6 +40,39 @@ def has(module: str) -> bool:
     return importlib.util.find_spec(module) is not None
 
 
+SITE = ROOT / ".cache" / "gpu_site"
+
+
+def use_bundle(wheels: Path) -> str | None:
+    """On a machine without deepspeed / diffusers: install the wheels `make gpu-bundle` made (carried in
+    .cache/gpu_wheels) into .cache/gpu_site, for this process and the ones it starts. Returns what it did."""
+    if has("deepspeed") and has("diffusers"):
+        return None
+    if not SITE.is_dir():
+        found = sorted(str(p) for p in wheels.glob("*.whl")) if wheels.is_dir() else []
+        if not found:
+            return f"no deepspeed/diffusers and no wheels in {wheels} (make gpu-bundle on a machine with the venv)"
+        cmd = [
+            sys.executable,
+            "-m",
+            "pip",
+            "install",
+            "-q",
+            "--no-index",
+            "--no-deps",
+            "--target",
+            str(SITE),
+            *found,
+        ]
+        r = subprocess.run(cmd, capture_output=True, text=True)
+        if r.returncode != 0:
+            return f"installing {wheels}: {r.stderr.strip()[-300:]}"
+    sys.path.insert(0, str(SITE))
+    os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(SITE), os.environ.get("PYTHONPATH")]))
+    importlib.invalidate_caches()
+    return f"using {SITE} (wheels from {wheels})"
+
+
 def env_vars() -> dict:
     env = {
         **os.environ,
@@ -310,6 +343,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--work", default=".cache/gpu_check/work", help="scratch folder (emptied first)")
     p.add_argument("--data", default=".cache/gpu_check/data", help="prepared data (see --prepare)")
     p.add_argument("--prepare", action="store_true", help="only make --data (needs Ray) and exit")
+    p.add_argument("--wheels", default=".cache/gpu_wheels", help="make gpu-bundle's wheels, used when deepspeed "
+                   "or diffusers is missing")  # fmt: skip
     p.add_argument("--parts", default=",".join(PARTS), help=f"comma-separated, of {','.join(PARTS)}")
     p.add_argument(
         "--allow-cpu", action="store_true", help="run on a machine without CUDA (the check's own test)"
@@ -322,6 +357,9 @@ def main(argv: list[str] | None = None) -> int:
         prepare(data, args.resolution)
         print(f"gpu-check data: {data}")
         return 0
+    bundle = use_bundle(Path(args.wheels).resolve())
+    if bundle:
+        print(f"gpu-check: {bundle}", flush=True)
     unknown = [n for n in args.parts.split(",") if n not in PARTS]
     if unknown:
         print(f"error: unknown part {unknown[0]!r}: {', '.join(PARTS)}", file=sys.stderr)

@@ -82,6 +82,26 @@ def init_ray(address: str | None = None, *, quiet: bool = False) -> None:
                  log_to_driver=not quiet)  # fmt: skip
 
 
+def cluster_gpus(address: str | None = None) -> float:
+    """GPUs of the Ray cluster at `address` (the embedded local instance when none): where engines go is the
+    cluster's question, not the driver's (a CPU head node submits to GPU workers)."""
+    import ray
+
+    init_ray(address, quiet=True)
+    return float(ray.cluster_resources().get("GPU", 0))
+
+
+def engine_gpus(cluster: float, per_engine: int, engines: int) -> int:
+    """GPUs each engine actor claims: `per_engine` (tensor parallel) on a GPU cluster, 0 on CPUs. A job asking
+    for more GPUs than the cluster has is refused here, with the numbers, instead of waiting on Ray forever."""
+    if cluster <= 0:
+        return 0
+    if per_engine * engines > cluster:
+        raise ValueError(f"{engines} engine(s) x {per_engine} GPU(s) each need {per_engine * engines} GPUs; the "
+                         f"cluster has {cluster:g}: lower --concurrency or --tensor-parallel")  # fmt: skip
+    return per_engine
+
+
 def master_port(port: int | None, nodes: int, default: int) -> int:
     """The rendezvous port of a launch: as given; else `default` across nodes (every node must agree on it), and
     a free port on one node, so that two runs on one machine (a demo and a `make stage1`) never collide."""
