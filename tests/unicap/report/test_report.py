@@ -292,6 +292,20 @@ def test_truth_scores_the_captions_as_eval_captions_does(run_dir, tmp_path):
     assert "no answer key there" in bad.stderr
 
 
+CJK_ALIKE = """() => {
+    const family = getComputedStyle(document.body).fontFamily;
+    const draw = ch => {
+        const c = document.createElement('canvas');
+        c.width = c.height = 48;
+        const g = c.getContext('2d');
+        g.font = `40px ${family}`;
+        g.fillText(ch, 2, 40);
+        return c.toDataURL();
+    };
+    return draw('两') === draw('蓝');
+}"""
+
+
 def test_the_page_renders_in_headless_chromium(full_page, tmp_path):
     if not Path(CHROMIUM).exists():
         pytest.fail(f"{CHROMIUM} is missing: run tools/ensure_chromium.sh (make test runs it before pytest)")
@@ -320,6 +334,9 @@ def test_the_page_renders_in_headless_chromium(full_page, tmp_path):
             assert len(images) >= 20 and all(w > 0 for _, w in images), [a for a, w in images if w == 0]
             assert page.locator("#pwned").count() == 0
             assert page.locator("section#gallery").inner_text().count(HOSTILE.strip()) >= 1
+            # Chinese captions show as glyphs, not as a missing font's boxes: two different characters drawn in
+            # the page's own font differ (missing-glyph boxes are all alike)
+            assert not page.evaluate(CJK_ALIKE), "Chinese renders as boxes: no CJK font (tools/ensure_chromium.sh)"
             shot = tmp_path / "report.png"
             page.screenshot(path=str(shot), full_page=True)
         finally:
