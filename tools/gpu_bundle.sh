@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# What a bare GPU machine lacks for `python -m pipelines.gpu_check` (ENVIRONMENT.md: Python 3.12, torch + CUDA,
+# What a bare GPU machine lacks for `python -m pipelines.gpu_check` (../shared/ENVIRONMENT.md: Python 3.12, torch + CUDA,
 # transformers, no package registry): deepspeed and diffusers with their pure-Python or cp312 dependencies, as
 # wheels in .cache/gpu_wheels, and the check's small packed stage in .cache/gpu_check/data. Made here (registry and
 # Ray at hand), carried to the GPU machine, where gpu_check installs the wheels into .cache/gpu_site by itself.

@@ -246,12 +246,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--examples", type=int, default=8, help="prompts listed with images in the JSON (default 8)"
     )
     p.add_argument("--batch", type=int, default=16, help="prompts generated at once (default 16)")
+    p.add_argument(
+        "--device", default="auto", help="auto (a GPU when there is one, bf16) | cpu | cuda | cuda:N"
+    )
 
 
 def run(args: argparse.Namespace) -> int:
     result = adherence(parse_weights(args.weights), Path(args.truth), Path(args.out), n=args.n,
                        size=parse_size(args.size), level=args.level, language=args.language, steps=args.steps,
-                       cfg=args.cfg, seed=args.seed, examples=args.examples, batch=args.batch)  # fmt: skip
+                       cfg=args.cfg, seed=args.seed, examples=args.examples, batch=args.batch,
+                       device=args.device)  # fmt: skip
     p = result["prompts"]
     print(
         f"adherence: {p['n']} prompts ({p['level']}, {p['language']}) at {args.size}; accuracy (facts judged):"

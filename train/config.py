@@ -110,7 +110,7 @@ class RunConfig:
     stop_file: str | None = None
     # after SIGTERM/SIGINT, seconds to reach a step boundary (and checkpoint) before the rank exits without one:
     # a launcher whose other rank died sends SIGTERM to ranks stuck in a collective that can never complete
-    term_grace_s: float = 5.0
+    term_grace_s: float = 20.0  # (torchrun SIGKILLs its ranks 30 s after its own SIGTERM)
     log_keys: bool = False  # write the keys each rank trains on to run_dir/keys/ (coverage audits, tests)
     tensorboard: bool = True
 

@@ -8,14 +8,17 @@ A signal that is never answered is the other case: when a rank dies, its launche
 and they are blocked in a collective waiting for the dead rank (an NCCL peer waits forever; the Python handler
 cannot even run). A watchdog thread, woken by the signal itself (signal.set_wakeup_fd: written by the C-level
 handler, whatever the main thread is doing), ends the process when no step boundary is reached within
-`grace_s` seconds of the signal, so the launcher returns within seconds and nothing is left running.
+`grace_s` seconds of the signal or of the last boundary since, so the launcher returns within seconds and
+nothing is left running, while healthy ranks go on to their checkpoint however long their steps are.
+
+    with StopFlag(cfg.run.stop_file, cfg.run.term_grace_s) as stop:
+        ... res = train_step(..., stop_asked=stop.asked); stop.answer(res.stop) ...
 """
 
 from __future__ import annotations
 
 import os
 import signal
-import sys
 import threading
 
 from unicap import distributed
@@ -24,11 +27,12 @@ SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
 
 class StopFlag:
-    def __init__(self, stop_file: str | None = None, grace_s: float = 10.0):
+    def __init__(self, stop_file: str | None = None, grace_s: float = 20.0):
         self.requested = False
         self.stop_file = stop_file
         self.grace_s = grace_s
-        self.answered = threading.Event()  # the main thread reached a step boundary after a signal
+        self.answered = threading.Event()  # the ranks agreed to stop: the request is being served
+        self.boundaries = 0  # step boundaries reached: progress that restarts the grace window
         self._previous = {sig: signal.signal(sig, self._handle) for sig in SIGNALS}
         self._read, self._write = os.pipe()
         os.set_blocking(self._write, False)
@@ -49,34 +53,49 @@ class StopFlag:
                 return
             if got[0] not in SIGNALS:
                 continue
-            if not self.answered.wait(self.grace_s):
-                name = signal.Signals(got[0]).name
-                print(f"rank {distributed.rank()}: {name} and no step boundary within {self.grace_s:g}s (a rank "
-                      "has failed or a collective is stuck): exiting without a checkpoint", file=sys.stderr, flush=True)  # fmt: skip
-                os._exit(128 + got[0])
+            while True:
+                seen = self.boundaries
+                if self.answered.wait(self.grace_s):
+                    break
+                if self.boundaries == seen:
+                    name = signal.Signals(got[0]).name
+                    distributed.exit_now(128 + got[0], f"rank {distributed.rank()}: {name} and no step boundary "
+                                         f"within {self.grace_s:g}s (a rank has failed or a collective is stuck): "
+                                         "exiting without a checkpoint")  # fmt: skip
 
     def why(self) -> str:
         return "by signal" if self.requested else f"by {self.stop_file}"
 
-    def agreed_flag(self) -> bool:
-        """This rank's wish to stop (for the step's one collective; see agreed)."""
+    def asked(self) -> bool:
+        """This rank's wish to stop, read when the step's one collective is built (see agreed)."""
         return self.requested or bool(self.stop_file and os.path.exists(self.stop_file))
 
     def answer(self, stopping: bool) -> None:
-        """Called at each step boundary with what the ranks agreed: a stop being served disarms the watchdog."""
+        """Called at each step boundary with what the ranks agreed: progress for the watchdog, and a stop
+        being served disarms it."""
+        self.boundaries += 1
         if stopping:
             self.answered.set()
 
     def agreed(self) -> bool:
         """True on every rank as soon as one rank was signalled or saw the stop file (one collective)."""
-        stopping = distributed.any_rank(self.agreed_flag())
+        stopping = distributed.any_rank(self.asked())
         self.answer(stopping)
         return stopping
 
+    def __enter__(self) -> StopFlag:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
     def close(self) -> None:
         """The loop is over: signals act as they did before (a SIGTERM during the final export ends the process)."""
+        if self.answered.is_set() and self._write < 0:
+            return
         self.answered.set()
         signal.set_wakeup_fd(self._old_wakeup)
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
         os.close(self._write)
+        self._write = -1

@@ -186,7 +186,7 @@ class StepResult:
 
 
 def train_step(engine, codecs: Codecs, micro_batches: list[dict], cfg: TrainConfig, device: str,
-               guard: GradGuard, key_log=None, stop_asked: bool = False) -> StepResult:  # fmt: skip
+               guard: GradGuard, key_log=None, stop_asked=False) -> StepResult:  # fmt: skip
     """One optimizer step over this rank's micro-batches (forward, backward, DeepSpeed step).
 
     A non-finite loss or gradient on any rank runs the optimizer with lr 0, so the weights stay as they were;
@@ -217,8 +217,9 @@ def train_step(engine, codecs: Codecs, micro_batches: list[dict], cfg: TrainConf
         skipped += int(batch.get("skipped", 0))
         if i < len(micro_batches) - 1:
             engine.step()  # DeepSpeed counts micro-steps; only the boundary one updates
+    asked = stop_asked() if callable(stop_asked) else stop_asked  # read now: a signal during this step counts
     total, flags = distributed.agree(
-        [loss_sum, losses, samples, skipped], flags=[bad_loss, guard.take(), stop_asked]
+        [loss_sum, losses, samples, skipped], flags=[bad_loss, guard.take(), asked]
     )
     finite = not (flags[0] or flags[1])
     groups = engine.optimizer.param_groups
@@ -335,57 +336,59 @@ def train(cfg: TrainConfig) -> int:
     writer = _tensorboard(cfg, run_dir) if rank == 0 else None
     metrics = open(run_dir / "metrics.jsonl", "a") if rank == 0 else None  # noqa: SIM115 - one line per step
     bar = _progress(cfg, start_step) if rank == 0 else None
-    stop = StopFlag(cfg.run.stop_file, grace_s=cfg.run.term_grace_s)
-    key_log = None
-    if cfg.run.log_keys:  # every sample key this rank trained on, one line per micro-batch (audits coverage)
-        (run_dir / "keys").mkdir(parents=True, exist_ok=True)
-        key_log = open(run_dir / "keys" / f"rank{rank}-of{world}-from{start_step}.txt", "a")  # noqa: SIM115
-    bad_in_row, step, t_last, last_saved = 0, start_step, time.time(), start_step
+    with StopFlag(cfg.run.stop_file, grace_s=cfg.run.term_grace_s) as stop:  # signals act as before after it
+        key_log = None
+        if (
+            cfg.run.log_keys
+        ):  # every sample key this rank trained on, one line per micro-batch (audits coverage)
+            (run_dir / "keys").mkdir(parents=True, exist_ok=True)
+            key_log = open(run_dir / "keys" / f"rank{rank}-of{world}-from{start_step}.txt", "a")  # noqa: SIM115
+        bad_in_row, step, t_last, last_saved = 0, start_step, time.time(), start_step
 
-    def state() -> dict:
-        return {**base, "step": step, **counters}
+        def state() -> dict:
+            return {**base, "step": step, **counters}
 
-    while step < cfg.run.steps:
-        micro = [next(batches) for _ in range(accum)]
-        res = train_step(engine, codecs, micro, cfg, device, guard, key_log, stop_asked=stop.agreed_flag())
-        stop.answer(res.stop)  # every rank reached this boundary: a signal is being served, not stuck
-        if key_log is not None:
-            key_log.flush()
-        step += 1
-        counters["batches_consumed"] += accum * world
-        counters["samples_seen"] += res.samples
-        counters["skipped_samples"] += res.skipped_samples
-        if res.finite:
-            ema.update(step)
-            bad_in_row = 0
-        else:
-            counters["skipped_steps"] += 1
-            bad_in_row += 1
+        while step < cfg.run.steps:
+            micro = [next(batches) for _ in range(accum)]
+            res = train_step(engine, codecs, micro, cfg, device, guard, key_log, stop_asked=stop.asked)
+            stop.answer(res.stop)  # every rank reached this boundary: progress for the SIGTERM watchdog
+            if key_log is not None:
+                key_log.flush()
+            step += 1
+            counters["batches_consumed"] += accum * world
+            counters["samples_seen"] += res.samples
+            counters["skipped_samples"] += res.skipped_samples
+            if res.finite:
+                ema.update(step)
+                bad_in_row = 0
+            else:
+                counters["skipped_steps"] += 1
+                bad_in_row += 1
+                if rank == 0:
+                    print(f"[{cfg.run.stage}] step {step}: non-finite loss or gradient; step skipped, weights unchanged",
+                          flush=True)  # fmt: skip
+                if bad_in_row >= cfg.run.max_nonfinite:
+                    ckpt.save_checkpoint(engine, ema, run_dir, state(), cfg.run.keep_last)
+                    raise TrainingError(f"{bad_in_row} non-finite steps in a row (run.max_nonfinite): stopping; the "
+                                        "last good weights are in the checkpoint. Lower optim.lr or check the data.")  # fmt: skip
+            now = time.time()
             if rank == 0:
-                print(f"[{cfg.run.stage}] step {step}: non-finite loss or gradient; step skipped, weights unchanged",
-                      flush=True)  # fmt: skip
-            if bad_in_row >= cfg.run.max_nonfinite:
-                ckpt.save_checkpoint(engine, ema, run_dir, state(), cfg.run.keep_last)
-                raise TrainingError(f"{bad_in_row} non-finite steps in a row (run.max_nonfinite): stopping; the "
-                                    "last good weights are in the checkpoint. Lower optim.lr or check the data.")  # fmt: skip
-        now = time.time()
-        if rank == 0:
-            rate = res.samples / max(now - t_last, 1e-9)
-            _log(writer, bar, step, res, rate, engine.get_lr()[0], counters, metrics)
-        t_last = now
-        if cfg.run.sample_every and step % cfg.run.sample_every == 0 and step < cfg.run.steps:
-            _samples(cfg, ema, engine, codecs, run_dir, step, writer, rank)
-        stopping = res.stop
-        if step % cfg.run.save_every == 0 or stopping:
-            folder = ckpt.save_checkpoint(engine, ema, run_dir, state(), cfg.run.keep_last)
-            last_saved = step
-            if rank == 0 and stopping:
-                print(f"[{cfg.run.stage}] stopped {stop.why()} at step {step}; checkpoint {folder}; "
-                      "run the same command to resume", flush=True)  # fmt: skip
-            if stopping:
-                stop.close()
-                return 0
-    stop.close()  # signals act as before during the final save; a failed rank leaves at once (run_main)
+                rate = res.samples / max(now - t_last, 1e-9)
+                _log(writer, bar, step, res, rate, engine.get_lr()[0], counters, metrics)
+            t_last = now
+            if cfg.run.sample_every and step % cfg.run.sample_every == 0 and step < cfg.run.steps:
+                _samples(cfg, ema, engine, codecs, run_dir, step, writer, rank)
+            stopping = res.stop
+            if step % cfg.run.save_every == 0 or stopping:
+                folder = ckpt.save_checkpoint(engine, ema, run_dir, state(), cfg.run.keep_last)
+                last_saved = step
+                if rank == 0 and stopping:
+                    print(f"[{cfg.run.stage}] stopped {stop.why()} at step {step}; checkpoint {folder}; "
+                          "run the same command to resume", flush=True)  # fmt: skip
+                if stopping:
+                    if writer is not None:
+                        writer.close()
+                    return 0
     if bar is not None:
         bar.close()
     if last_saved != step:

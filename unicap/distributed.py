@@ -41,7 +41,12 @@ def world_size() -> int:
 
 
 def local_rank() -> int:
-    return int(os.environ.get("LOCAL_RANK", 0))
+    """This rank's index on its node: torchrun / the deepspeed launcher set LOCAL_RANK; mpirun and srun set
+    their own (DeepSpeed's MPI discovery fills LOCAL_RANK only later, inside init_distributed)."""
+    for var in ("LOCAL_RANK", "OMPI_COMM_WORLD_LOCAL_RANK", "MV2_COMM_WORLD_LOCAL_RANK", "SLURM_LOCALID"):
+        if os.environ.get(var):
+            return int(os.environ[var])
+    return 0
 
 
 def init(device: str) -> tuple[int, int]:
@@ -77,7 +82,7 @@ def agree(sums: Sequence[Number] = (), flags: Sequence[Number] = ()) -> tuple[li
     packed = torch.tensor(host, dtype=torch.float64, device=device)
     if dev:
         packed = torch.cat([packed, torch.stack(dev)])
-    if initialized() and world_size() > 1:
+    if initialized():  # also with one rank: the same path, and a real NCCL collective on a one-GPU check
         dist.all_reduce(packed, op=dist.ReduceOp.SUM)
     got = packed.tolist()
     # back in the caller's order: host values first in `packed`, then tensors
@@ -96,7 +101,7 @@ def sum_over_ranks(values: Sequence[Number]) -> list[float]:
 
 
 def barrier() -> None:
-    if initialized() and world_size() > 1:
+    if initialized():
         if dist.get_backend() == "nccl":
             dist.barrier(device_ids=[torch.cuda.current_device()])
         else:
@@ -120,19 +125,22 @@ def run_main(main: Callable[[], int]) -> int:
     except SystemExit as e:
         code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
         if code != 0 and initialized():
-            _exit_now(code)
+            exit_now(code, None if isinstance(e.code, int) else str(e.code))
+        if code == 0:
+            shutdown()
         raise
     except KeyboardInterrupt:
-        _exit_now(130, f"rank {rank()}: interrupted")
+        exit_now(130, f"rank {rank()}: interrupted")
     except BaseException:  # noqa: BLE001 - every failure ends the rank, with its traceback
-        _exit_now(1, f"rank {rank()} failed:\n{traceback.format_exc()}")
+        exit_now(1, f"rank {rank()} failed:\n{traceback.format_exc()}")
     if code != 0 and initialized():
-        _exit_now(code)
+        exit_now(code)
     shutdown()
     return code
 
 
-def _exit_now(code: int, message: str | None = None) -> None:
+def exit_now(code: int, message: str | None = None) -> None:
+    """End this process now: print `message`, kill its forked children, flush, os._exit(code)."""
     import multiprocessing
 
     if message:

@@ -87,7 +87,7 @@ def cluster_gpus(address: str | None = None) -> float:
     cluster's question, not the driver's (a CPU head node submits to GPU workers)."""
     import ray
 
-    init_ray(address, quiet=True)
+    init_ray(address)
     return float(ray.cluster_resources().get("GPU", 0))
 
 

@@ -118,8 +118,8 @@ def test_a_failure_after_training_ends_a_single_rank_at_once(packed_stage, tmp_p
 
 def test_sigterm_to_ranks_stuck_in_a_step_ends_them_after_the_grace(packed_stage, tmp_path):
     """A rank hangs (its peer then waits in a collective that never completes); SIGTERM, as a launcher sends
-    when another rank died, must end both ranks after run.term_grace_s (default 5 s), not be swallowed by the
-    stop handler (which left them to torchrun's SIGKILL, or to hang when nobody sends one)."""
+    when another rank died, must end both ranks after run.term_grace_s, not be swallowed by the stop handler
+    (which left them to torchrun's SIGKILL, or to hang when nobody sends one)."""
 
     def terminate(proc) -> float:
         time.sleep(1.0)
@@ -128,8 +128,8 @@ def test_sigterm_to_ranks_stuck_in_a_step_ends_them_after_the_grace(packed_stage
         return time.time()
 
     rc, took, out, pids = _run_with_fault(packed_stage, tmp_path, "hang", nproc=2, fail_rank=1, at_step=3,
-                                          on_fail=terminate)  # fmt: skip
+                                          extra=["run.term_grace_s=3"], on_fail=terminate)  # fmt: skip
     assert rc != 0, out[-3000:]
-    assert "no step boundary within 5s" in out, out[-3000:]
+    assert "no step boundary within 3s" in out, out[-3000:]
     assert took < WITHIN_S, (took, out[-3000:])
     assert len(pids) == 2 and not _left_running(pids)

@@ -91,7 +91,7 @@ class RunConfig:
     threads: int = 0  # torch threads per rank (0: cores / ranks)
     # stop at the next step with a checkpoint, as on SIGTERM, once this file exists (none: no file is watched)
     stop_file: str | None = None
-    term_grace_s: float = 5.0  # after SIGTERM, seconds to reach a step boundary before exiting (train.stop)
+    term_grace_s: float = 20.0  # after SIGTERM, seconds to reach a step boundary before exiting (train.stop)
     max_minutes: float = (
         0.0  # a wall-clock cap on training (0: none): stop there, save and export what there is
     )

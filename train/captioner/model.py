@@ -24,6 +24,10 @@ from train.captioner.data import GROUND_HEADS, IGNORE, IMAGE_SETS, MERGE, branch
 
 VISION_HEADS = ("colour", "shape", "size", "background", "word")
 READ_SETS = ("image_colours", "image_shapes", "image_pairs")
+# every grounding loss a step can report (which ones a batch has depends on its content): the trainer agrees
+# on all of them in one fixed layout, the same on every rank
+PART_NAMES = (*VISION_HEADS, "object_colour", "object_shape", "object_size", *IMAGE_SETS, "image_total", "cell",
+              *(f"read_{name}" for name in READ_SETS))  # fmt: skip
 
 
 class GroundingHeads(nn.Module):
@@ -93,7 +97,9 @@ def vision_ground_losses(
         seen = counts > 0
         pooled = sums[seen] / counts[seen, None].to(vision.dtype)
         for name in ("colour", "shape", "size"):
-            parts[f"object_{name}"] = F.cross_entropy(ground(name, pooled).float(), targets[f"object_{name}"][seen])
+            parts[f"object_{name}"] = F.cross_entropy(
+                ground(name, pooled).float(), targets[f"object_{name}"][seen]
+            )
     sizes = (batch["image_grid_thw"].prod(-1) // MERGE**2).to(vision.device)
     image_of_token = torch.repeat_interleave(torch.arange(len(sizes), device=vision.device), sizes)
     for name in IMAGE_SETS:

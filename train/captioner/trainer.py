@@ -40,7 +40,7 @@ from train.captioner import data as cdata
 from train.captioner.base import resolve_base
 from train.captioner.config import CaptionerConfig, deepspeed_config
 from train.captioner.config import load as load_config
-from train.captioner.model import CaptionerModule
+from train.captioner.model import PART_NAMES, CaptionerModule
 from train.stop import StopFlag
 from unicap import config as uconfig
 from unicap import distributed, runtime
@@ -218,21 +218,25 @@ def train_step(engine, micro_batches: list[dict], cfg: CaptionerConfig, ground_o
     nan in a grounding-only step) and, under "flags", `flags` or-ed over the ranks. The losses stay on the
     device; they and the flags reach every rank in one collective (unicap.distributed.agree)."""
     device = next(engine.module.parameters()).device
-    sums: dict[str, torch.Tensor] = {}
+    keys = ("loss", *PART_NAMES)  # one layout on every rank, whichever losses each rank's batches had
+    sums = {k: torch.zeros((), device=device) for k in keys}
+    counts = dict.fromkeys(keys, 0)
     for i, batch in enumerate(micro_batches):
         batch = _to(batch, device)
         caption, parts = engine(batch, ground_only=ground_only)
         ground = cfg.optim.ground_weight * sum(parts.values()) if parts else 0.0
         engine.backward(ground if caption is None else caption + ground)
-        nan = torch.full((), math.nan, device=device)
-        for k, v in {"loss": caption if caption is not None else nan, **parts}.items():
-            sums[k] = sums.get(k, 0.0) + v.detach().float()
+        for k, v in ({"loss": caption} if caption is not None else {}).items() | parts.items():
+            sums[k] += v.detach().float()
+            counts[k] += 1
         if i < len(micro_batches) - 1:
             engine.step()
     engine.step()
-    keys = sorted(sums)
-    totals, agreed = distributed.agree([sums[k] for k in keys] + [len(micro_batches)], flags=flags)
-    out = {k: totals[i] / totals[-1] for i, k in enumerate(keys)}
+    flags = [f() if callable(f) else f for f in flags]  # read now: a signal during this step counts
+    totals, agreed = distributed.agree([*(sums[k] for k in keys), *(counts[k] for k in keys)], flags=flags)
+    n = len(keys)
+    out = {k: totals[i] / totals[n + i] for i, k in enumerate(keys) if totals[n + i] > 0}
+    out.setdefault("loss", math.nan)  # a grounding-only step
     norm = engine.get_global_grad_norm()
     out["grad_norm"] = float(norm) if norm is not None else math.nan
     out["flags"] = agreed
@@ -331,66 +335,66 @@ def train(cfg: CaptionerConfig) -> int:
 
         bar = tqdm(total=cfg.run.steps, initial=start_step, desc="captioner", unit="step", dynamic_ncols=True,
                    file=sys.stdout)  # fmt: skip
-    stop = StopFlag(cfg.run.stop_file, grace_s=cfg.run.term_grace_s)
-    step, t_last = start_step, time.time()
-    seconds = state["train_seconds"]
+    with StopFlag(cfg.run.stop_file, grace_s=cfg.run.term_grace_s) as stop:
+        step, t_last = start_step, time.time()
+        seconds = state["train_seconds"]
 
-    def current() -> dict:
-        return {
-            **fixed,
-            "step": step,
-            "samples_consumed": state["samples_consumed"],
-            "train_seconds": round(seconds, 1),
-        }
+        def current() -> dict:
+            return {
+                **fixed,
+                "step": step,
+                "samples_consumed": state["samples_consumed"],
+                "train_seconds": round(seconds, 1),
+            }
 
-    while step < cfg.run.steps:
-        micro = [next(batches) for _ in range(accum)]
-        out_of_time = (
-            bool(cfg.run.max_minutes) and seconds - state["train_seconds"] > cfg.run.max_minutes * 60
-        )
-        res = train_step(engine, micro, cfg, ground_only=step < cfg.optim.ground_first_steps,
-                         flags=(out_of_time, stop.agreed_flag()))  # fmt: skip
-        out_of_time, stopping = res.pop("flags")
-        stop.answer(stopping)  # every rank reached this boundary: a signal is being served, not stuck
-        step += 1
-        state["samples_consumed"] += cfg.global_batch(world)
-        now = time.time()
-        seconds += now - t_last
-        t_last = now
-        if not math.isfinite(res["loss"]) and step > cfg.optim.ground_first_steps:  # agreed: every rank stops
-            raise TrainingError(f"step {step}: non-finite loss; lower optim.lr")
-        if rank == 0:
-            if step % cfg.run.log_every == 0 or step == cfg.run.steps:
-                metrics.write(json.dumps({"step": step, "lr": engine.get_lr()[0], "seconds": round(seconds, 1),
-                                          **{k: round(v, 5) if math.isfinite(v) else None for k, v in res.items()}}) + "\n")  # fmt: skip
-                metrics.flush()
-            if bar is not None:
-                bar.update(1)
-                shown = (
-                    res["loss"]
-                    if math.isfinite(res["loss"])
-                    else sum(v for k, v in res.items() if k not in ("loss", "grad_norm"))
-                )
-                bar.set_postfix(loss=f"{shown:.3f}", refresh=False)
-            elif step % cfg.run.log_every == 0:
-                print(f"step {step} loss {res['loss']:.4f} ({seconds:.0f}s)", flush=True)
-        if out_of_time:
+        while step < cfg.run.steps:
+            micro = [next(batches) for _ in range(accum)]
+            out_of_time = (
+                bool(cfg.run.max_minutes) and seconds - state["train_seconds"] > cfg.run.max_minutes * 60
+            )
+            res = train_step(engine, micro, cfg, ground_only=step < cfg.optim.ground_first_steps,
+                             flags=(out_of_time, stop.asked))  # fmt: skip
+            out_of_time, stopping = res.pop("flags")
+            stop.answer(stopping)  # every rank reached this boundary: progress for the SIGTERM watchdog
+            step += 1
+            state["samples_consumed"] += cfg.global_batch(world)
+            now = time.time()
+            seconds += now - t_last
+            t_last = now
+            if (
+                not math.isfinite(res["loss"]) and step > cfg.optim.ground_first_steps
+            ):  # agreed: all ranks stop
+                raise TrainingError(f"step {step}: non-finite loss; lower optim.lr")
             if rank == 0:
-                print(f"[captioner] run.max_minutes {cfg.run.max_minutes} reached at step {step}: stopping, "
-                      "exporting what there is", flush=True)  # fmt: skip
-            fixed["stopped_early"] = True
-            break
-        if step % cfg.run.save_every == 0 or stopping:
-            folder = save_checkpoint(engine, run_dir, current(), cfg.run.keep_last)
-            if stopping:
-                if rank == 0:
-                    print(
-                        f"[captioner] stopped {stop.why()} at step {step}; checkpoint {folder}; rerun to resume",
-                        flush=True,
+                if step % cfg.run.log_every == 0 or step == cfg.run.steps:
+                    metrics.write(json.dumps({"step": step, "lr": engine.get_lr()[0], "seconds": round(seconds, 1),
+                                              **{k: round(v, 5) if math.isfinite(v) else None for k, v in res.items()}}) + "\n")  # fmt: skip
+                    metrics.flush()
+                if bar is not None:
+                    bar.update(1)
+                    shown = (
+                        res["loss"]
+                        if math.isfinite(res["loss"])
+                        else sum(v for k, v in res.items() if k not in ("loss", "grad_norm"))
                     )
-                stop.close()
-                return 0
-    stop.close()
+                    bar.set_postfix(loss=f"{shown:.3f}", refresh=False)
+                elif step % cfg.run.log_every == 0:
+                    print(f"step {step} loss {res['loss']:.4f} ({seconds:.0f}s)", flush=True)
+            if out_of_time:
+                if rank == 0:
+                    print(f"[captioner] run.max_minutes {cfg.run.max_minutes} reached at step {step}: stopping, "
+                          "exporting what there is", flush=True)  # fmt: skip
+                fixed["stopped_early"] = True
+                break
+            if step % cfg.run.save_every == 0 or stopping:
+                folder = save_checkpoint(engine, run_dir, current(), cfg.run.keep_last)
+                if stopping:
+                    if rank == 0:
+                        print(
+                            f"[captioner] stopped {stop.why()} at step {step}; checkpoint {folder}; rerun to resume",
+                            flush=True,
+                        )
+                    return 0
     if bar is not None:
         bar.close()
     save_checkpoint(engine, run_dir, current(), cfg.run.keep_last)
