@@ -30,5 +30,5 @@ def test_vllm_gets_tensor_parallel_on_gpus_and_refuses_it_on_cpus(monkeypatch):
 
 
 def test_tensor_parallel_below_one_is_a_usage_error():
-    with pytest.raises(UsageError, match="tensor_parallel"):
+    with pytest.raises(UsageError, match="--tensor-parallel must be a number >= 1"):
         EngineConfig(tensor_parallel=0)
