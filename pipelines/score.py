@@ -57,7 +57,7 @@ class ScoreConfig:
     near_dedup: bool = field(default=True, metadata=_help(
         "near duplicates too (off: exact only, e.g. with --clip tiny, whose random embeddings cannot tell images apart)"))
     precision: Literal["bf16", "fp32"] = field(default="bf16", metadata=_help("autocast (on CPU, bf16 uses AMX)"))
-    device: str = field(default="auto", metadata=_help("auto | cpu | cuda (auto: cuda when present)"))
+    device: str = field(default="auto", metadata=_help("auto | cpu | cuda (auto: cuda when the Ray cluster has GPUs)"))
     gpus_per_actor: float = field(default=1.0, metadata=_help(
         "GPU share per CLIP actor (0.5: two actors per GPU; --concurrency sets how many)"))
     address: str | None = field(default=None, metadata=_help("Ray address (default: RAY_ADDRESS or a local instance)"))
@@ -164,8 +164,8 @@ def run_job(input_dir: str | Path, captions: str | Path | None, output: str | Pa
     from unicap.dedup import find_duplicates
 
     cfg = cfg or ScoreConfig()
-    device = runtime.resolve_device(cfg.device)
-    gpu = device.startswith("cuda")
+    device = runtime.cluster_device(cfg.device, cfg.address)  # the cluster's GPUs, not the driver's
+    gpu = device == "cuda"
     job = ShardJob(
         name="score",
         stage_cls=ScoreStage,

@@ -91,6 +91,19 @@ def cluster_gpus(address: str | None = None) -> float:
     return float(ray.cluster_resources().get("GPU", 0))
 
 
+def cluster_device(device: str, address: str | None = None) -> str:
+    """The device of a Ray job's actors: "auto" -> "cuda" when the cluster has GPUs, else "cpu"; "cuda" on a
+    cluster without GPUs is a clear error. Asked of the cluster, not of the driver's machine."""
+    if device not in DEVICES:
+        raise ValueError(f"device {device!r}: use one of {DEVICES} (Ray places each actor on its own GPU)")
+    if device == "cpu":
+        return "cpu"
+    gpus = cluster_gpus(address)
+    if device == "cuda" and gpus <= 0:
+        raise ValueError("device 'cuda' asked for, but the Ray cluster has no GPUs")
+    return "cuda" if gpus > 0 else "cpu"
+
+
 def engine_gpus(cluster: float, per_engine: int, engines: int) -> int:
     """GPUs each engine actor claims: `per_engine` (tensor parallel) on a GPU cluster, 0 on CPUs. A job asking
     for more GPUs than the cluster has is refused here, with the numbers, instead of waiting on Ray forever."""

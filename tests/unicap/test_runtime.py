@@ -32,3 +32,15 @@ def test_vllm_gets_tensor_parallel_on_gpus_and_refuses_it_on_cpus(monkeypatch):
 def test_tensor_parallel_below_one_is_a_usage_error():
     with pytest.raises(UsageError, match="--tensor-parallel must be a number >= 1"):
         EngineConfig(tensor_parallel=0)
+
+
+def test_ray_jobs_take_their_device_from_the_cluster_not_the_driver(monkeypatch):
+    monkeypatch.setattr(runtime, "cluster_gpus", lambda address=None: 4.0)  # stand-in: GPU workers, CPU head
+    assert runtime.cluster_device("auto") == "cuda" and runtime.cluster_device("cuda") == "cuda"
+    assert runtime.cluster_device("cpu") == "cpu"
+    monkeypatch.setattr(runtime, "cluster_gpus", lambda address=None: 0.0)
+    assert runtime.cluster_device("auto") == "cpu"
+    with pytest.raises(ValueError, match="the Ray cluster has no GPUs"):
+        runtime.cluster_device("cuda")
+    with pytest.raises(ValueError, match="device 'cuda:1'"):
+        runtime.cluster_device("cuda:1")
