@@ -107,6 +107,7 @@ def main() -> int:
     from train.data import make_loader
     from train.ema import ShardedEMA
     from train.model import NextDiT, NextDiTConfig
+    from unicap import distributed
 
     dev = args.device
     packed = (
@@ -114,7 +115,7 @@ def main() -> int:
     )
     cfg = load("train/configs/stage1_cpu.yaml", [f"data.packed={packed}", f"data.resolution={args.resolution}",
                f"data.micro_batch={args.micro}", f"data.global_batch={args.micro}", "loss.lowres_weight=1.0", "model.vae=tiny", *args.set])  # fmt: skip
-    trainer.setup_distributed(dev)
+    distributed.init(dev)
     if dev == "cpu":
         torch.set_num_threads(os.cpu_count() or 1)
     codecs = trainer.load_codecs(cfg, dev)

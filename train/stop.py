@@ -67,7 +67,7 @@ class StopFlag:
         return "by signal" if self.requested else f"by {self.stop_file}"
 
     def asked(self) -> bool:
-        """This rank's wish to stop, read when the step's one collective is built (see agreed)."""
+        """This rank's wish to stop, read when the step's one collective is built (unicap.distributed.agree)."""
         return self.requested or bool(self.stop_file and os.path.exists(self.stop_file))
 
     def answer(self, stopping: bool) -> None:
@@ -76,12 +76,6 @@ class StopFlag:
         self.boundaries += 1
         if stopping:
             self.answered.set()
-
-    def agreed(self) -> bool:
-        """True on every rank as soon as one rank was signalled or saw the stop file (one collective)."""
-        stopping = distributed.any_rank(self.asked())
-        self.answer(stopping)
-        return stopping
 
     def __enter__(self) -> StopFlag:
         return self

@@ -265,10 +265,6 @@ def sample_grid(cfg: TrainConfig, ema_state: dict, model_cfg, codecs: Codecs, pa
 # ---------------------------------------------------------------- the run
 
 
-def setup_distributed(device: str) -> tuple[int, int]:
-    return distributed.init(device)
-
-
 def train(cfg: TrainConfig) -> int:
     import deepspeed
 
@@ -285,7 +281,7 @@ def train(cfg: TrainConfig) -> int:
             raise TrainingError(
                 f"data.packed {cfg.data.packed!r} is not a folder: pack the stage first (unicap pack)"
             )
-    rank, world = setup_distributed(device)
+    rank, world = distributed.init(device)
     if (final / contract.STATE_FILE).is_file() and contract.read_state(final)["step"] >= cfg.run.steps:
         if rank == 0:
             print(f"[{cfg.run.stage}] already trained: {final} (delete it to train again)")

@@ -96,10 +96,6 @@ def any_rank(flag: Number) -> bool:
     return agree(flags=[flag])[1][0]
 
 
-def sum_over_ranks(values: Sequence[Number]) -> list[float]:
-    return agree(sums=values)[0]
-
-
 def barrier() -> None:
     if initialized():
         if dist.get_backend() == "nccl":

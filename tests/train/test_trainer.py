@@ -174,9 +174,10 @@ def test_two_launchers_of_one_rank_train_like_one_launcher_of_two(reference, pac
 NAN_SCRIPT = r"""
 import sys, torch, deepspeed
 from train import trainer, zero
+from unicap import distributed
 from train.config import load, deepspeed_config
 cfg = load("train/configs/stage1_cpu.yaml", ["model.vae=tiny", "data.micro_batch=2", "data.global_batch=2", f"data.packed={sys.argv[1]}"])
-trainer.setup_distributed("cpu")
+distributed.init("cpu")
 codecs = trainer.load_codecs(cfg, "cpu")
 model = trainer.build_model(cfg, codecs.text.dim)
 opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
@@ -215,12 +216,13 @@ def test_a_non_finite_loss_skips_the_step_without_touching_the_weights(packed_st
 EMA_SCRIPT = r"""
 import sys, torch, deepspeed
 from train import trainer, zero
+from unicap import distributed
 from train.config import load, deepspeed_config
 from train.ema import ShardedEMA, ema_decay
 stage = int(sys.argv[2])
 cfg = load("train/configs/stage1_cpu.yaml", ["model.vae=tiny", "data.micro_batch=2", "data.global_batch=4", f"data.packed={sys.argv[1]}",
                                              f"deepspeed.zero_stage={stage}"])
-_, world = trainer.setup_distributed("cpu")
+_, world = distributed.init("cpu")
 codecs = trainer.load_codecs(cfg, "cpu")
 model = trainer.build_model(cfg, codecs.text.dim)
 opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
