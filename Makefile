@@ -31,13 +31,14 @@ ifneq ($(HAS_CUDA),1)
   export DS_ACCELERATOR := cpu
 endif
 
-.PHONY: install test lint demo bench clean-demo help stage1 stage2 stage3 gpu-check gpu-bundle
+.PHONY: install test lint demo bench clean-demo help stage1 stage2 stage3 gpu-check gpu-bundle tiny-models
 help:
 	@echo "make demo   run the offline end-to-end job on the synthetic data set"
 	@echo "make stage1|stage2|stage3  train Next-DiT on a stage (CONFIG, DATA, NPROC, HOSTFILE, ARGS)"
 	@echo "make test   ruff + pytest (what CI runs)"
 	@echo "make install  create or update $(VENV) ($(FLAVOUR) stack)"
 	@echo "make gpu-check  check and measure the GPU path on this GPU machine (table + gpu_check.json)"
+	@echo "make tiny-models  train the tiny models that ship in models/ from their recipes (after a recipe changes)"
 
 install: $(STAMP)
 
@@ -79,6 +80,11 @@ gpu-check: $(STAMP)
 # For a bare GPU machine without the venv: wheels + the check's data, to carry (.cache/gpu_wheels, .cache/gpu_check)
 gpu-bundle: $(STAMP)
 	bash tools/gpu_bundle.sh
+
+# The trained tiny models committed in models/ (captioner, VAE, text encoder, CLIP): run after changing a recipe,
+# then commit models/. Trains only what models/ lacks (~35 min on 2 cores for all); a fresh clone trains none.
+tiny-models: $(STAMP)
+	$(PY) -m pipelines.tiny_models
 
 bench: $(STAMP)
 	@for b in bench/bench_*.py; do echo "== $$b"; $(PY) $$b || exit 1; done

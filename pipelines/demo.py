@@ -6,12 +6,13 @@ Steps run in order; each one resumes, and a re-run of `make demo` redoes only wh
   captioner  the tiny UniCap: a Qwen2-VL trained here on synthetic images (train.captioner.tiny; cached per machine)
   caption    caption the pool and the held-out set with it: the real job (Ray Data + vLLM) -> captions/, heldout_captions/
   eval       eval-captions: the held-out captions against the answer key (recall, hallucination, language)
-  score      CLIP / aesthetic scores of the model's captions, embeddings, duplicates (tiny random CLIP)
+  score      CLIP scores of the model's captions (a tiny CLIP trained on synthetic pairs), embeddings, duplicates
   stages     stage1 / stage2 / stage3 manifests and the funnel (DuckDB)
   vae        the tiny VAE trained on the synthetic images (train.tiny_vae; cached per machine)
   stage1..3  pack each stage and train Next-DiT on it with DeepSpeed (2 ranks, train/configs/stage*_cpu.yaml),
              each from the previous stage's final weights; sample grids in runs/<stage>/samples/
-  adherence  prompt adherence (GenEval-style, judged against the answer key) of stage1 and stage3 weights
+  adherence  prompt adherence (GenEval-style, judged against the answer key) of stage1 and stage3 weights, on long
+             English (adherence/) and Chinese (adherence_zh/) prompts, with a shuffled-prompt control row
   report     report.html: funnel, caption statistics and accuracy, scores, gallery, loss curves, samples, adherence
 Quiet by default: one line per step on the terminal (a progress bar while training), each step's full log (Ray,
 vLLM, DeepSpeed) in <workdir>/logs/<step>.log; VERBOSE=1 shows everything. `--preset quick` is the same flow on
@@ -38,7 +39,12 @@ STEPS = ("synth", "read", "captioner", "caption", "eval", "score", "stages", "va
 POOL_SEED, HELDOUT_SEED = 0, 7777  # the tiny captioner trains on seed 1000's images: both sets are new to it
 # The demo trains at 64 / 128 px (train/configs/stage*_cpu.yaml), a quarter of the paper's 256 / 1024 px, so
 # stage2's minimum side is scaled down too (the default 1024 would leave stage2 a handful of images).
-STAGE_RULES = {"stage2": {"min_side": 480}}
+STAGE_RULES = {"stage2": {"min_side": 480},
+               # the CLIP trained here (train.tiny_clip) ranks by image-text agreement over every caption column;
+               # the aesthetic head is random (no aesthetic ratings offline), so it has no say
+               "composite": {"clip": 1.0, "aesthetic": 0.0,
+                             "clip_columns": [f"clip_{lv}_{lang}" for lv in ("long", "medium", "short", "tags")
+                                              for lang in ("en", "zh")]}}  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -50,23 +56,18 @@ class Preset:
     adherence: int = 32  # held-out prompts judged per weights
 
 
-def _quick_captioner() -> tuple[str, ...]:
-    from train.captioner.tiny import SHORT_RECIPE
-
-    return SHORT_RECIPE
-
-
 PRESETS = {
     "full": lambda: Preset(pool=160, heldout=40),
     "quick": lambda: Preset(
         pool=48,
         heldout=16,
-        captioner=_quick_captioner(),
-        adherence=8,
-        train={
-            s: ("run.steps=6", "run.save_every=3", "run.log_every=2") for s in ("stage1", "stage2", "stage3")
+        adherence=16,
+        train={  # enough stage1 for the test's adherence floors (tests/pipelines/test_demo.py), little of the rest
+            "stage1": ("run.steps=600", "run.save_every=300", "run.log_every=20"),
+            "stage2": ("run.steps=60", "run.save_every=30", "run.log_every=10"),
+            "stage3": ("run.steps=30", "run.save_every=30", "run.log_every=10"),
         },
-    ),  # fmt: skip
+    ),
 }
 
 
@@ -137,10 +138,17 @@ def step_captioner(work: Path, p: Preset) -> None:
     mark = json.loads((folder / "unicap_tiny.json").read_text())
     (work / "captioner.json").write_text(json.dumps({"model": str(folder), "max_pixels": tiny.max_pixels(overrides=p.captioner),
                                                     "recipe": str(tiny.CONFIG.relative_to(ROOT)), **mark}, indent=1))  # fmt: skip
-    how = "cached" if cached else "trained now" + (f", {threads} thread(s) until the VAE was done" if side else "")
+    how = _origin(folder) if cached else "trained now" + (f", {threads} thread(s) until the VAE was done" if side else "")
     print(
         f"[captioner] tiny UniCap ({how}): {mark['steps']} steps, {mark['train_seconds']:.0f}s of training; {folder}"
     )
+
+
+def _origin(folder: Path) -> str:
+    """How a tiny model was found: shipped with the repository (models/) or trained on this machine before."""
+    from unicap.tiny_build import SHIPPED
+
+    return f"shipped in {SHIPPED.name}/" if folder.parent == SHIPPED else "cached"
 
 
 def _vae_side_log(work: Path) -> Path:
@@ -218,15 +226,17 @@ def step_eval(work: Path, p: Preset) -> None:
 
 
 def step_score(work: Path, p: Preset) -> None:
-    from PIL import Image
-
     from pipelines.score import ScoreConfig, run_job
-    from unicap.clip import ClipScorer, tiny_aesthetic_head
+    from train import tiny_clip
+    from unicap.clip import tiny_aesthetic_head
 
-    dim = ClipScorer("tiny").embed_images([Image.new("RGB", (32, 32))]).shape[1]
-    cfg = ScoreConfig(clip="tiny", aesthetic=str(tiny_aesthetic_head(dim)), batch_size=32, near_dedup=False)
+    clip = tiny_clip.tiny_clip()  # shipped in models/ (make tiny-models)
+    mark = json.loads((clip / "unicap_tiny.json").read_text())
+    cfg = ScoreConfig(clip=str(clip), clip_multilingual=str(clip), batch_size=32, near_dedup=False,
+                      aesthetic=str(tiny_aesthetic_head(mark["recipe"]["embed_dim"])))  # fmt: skip
     s = run_job(work / "data", work / "captions", work / "scores", cfg)
-    print(f"[score] the model's captions: {s['rows']} rows under {work / 'scores'}; "
+    print(f"[score] the model's captions, by the tiny CLIP trained on synthetic pairs (held-out AUC of true vs "
+          f"shuffled captions {mark['heldout_auc']['all']:.3f}): {s['rows']} rows under {work / 'scores'}; "
           f"duplicates {s['last_run'].get('duplicates')}")  # fmt: skip
 
 
@@ -248,7 +258,7 @@ def step_vae(work: Path, p: Preset) -> None:
     cached = cached_vae()
     folder = cached or tiny_vae()
     mark = json.loads((folder / "unicap_tiny.json").read_text())
-    how = "cached" if cached else "trained now"
+    how = _origin(folder) if cached else "trained now"
     print(f"[vae] tiny VAE trained on the synthetic images ({how}; {mark['train_seconds']:.0f}s of training, "
           f"reconstruction L1 {mark['final_l1']:.3f}): {folder}")  # fmt: skip
 
@@ -276,23 +286,27 @@ def step_train(work: Path, p: Preset, stage: str) -> None:
           f"loss {loss[0]:.3f} -> {loss[-1]:.3f}; weights {final.parent}, samples {work / 'runs' / stage / 'samples'}")  # fmt: skip
 
 
+ADHERENCE = {"en": "adherence", "zh": "adherence_zh"}  # prompt language -> folder (the report shows English)
+
+
 def step_adherence(work: Path, p: Preset) -> None:
-    # long prompts name every attribute, the cells included (short ones give no position); 64 px: stage1's size
-    cmd = [sys.executable, "-m", "train.adherence", "--truth", str(work / "heldout"), "--out", str(work / "adherence"),
-           "--n", str(p.adherence), "--level", "long", "--size", "64x64"]  # fmt: skip
-    for stage in ("stage1", "stage3"):
-        cmd += ["--weights", f"{stage}={work / 'runs' / stage / 'final'}"]
-    r = subprocess.run(
-        cmd, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)}, capture_output=True, text=True
-    )
-    print(r.stdout + r.stderr, end="")
-    if r.returncode != 0:
-        raise RuntimeError(f"adherence failed (exit {r.returncode})")
-    rows = json.loads((work / "adherence" / "adherence.json").read_text())["rows"]
-    for name, accs in rows.items():
-        shown = ", ".join(f"{k} {v:.2f}" for k, v in accs.items() if v is not None)
-        print(f"[adherence] {name}: {shown}")
-    print(f"[adherence] {work / 'adherence' / 'adherence.json'}")
+    """stage1 and stage3 on the held-out set's long prompts (every attribute named, cells included), English and
+    Chinese, with the truth images and a shuffled-prompt control row; 64 px: stage1's size."""
+    for lang, folder in ADHERENCE.items():
+        cmd = [sys.executable, "-m", "train.adherence", "--truth", str(work / "heldout"), "--out", str(work / folder),
+               "--n", str(p.adherence), "--level", "long", "--language", lang, "--size", "64x64"]  # fmt: skip
+        for stage in ("stage1", "stage3"):
+            cmd += ["--weights", f"{stage}={work / 'runs' / stage / 'final'}"]
+        env = {**os.environ, "PYTHONPATH": str(ROOT)}
+        r = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
+        print(r.stdout + r.stderr, end="")
+        if r.returncode != 0:
+            raise RuntimeError(f"adherence ({lang}) failed (exit {r.returncode})")
+        rows = json.loads((work / folder / "adherence.json").read_text())["rows"]
+        for name, accs in rows.items():
+            shown = ", ".join(f"{k} {v:.2f}" for k, v in accs.items() if v is not None)
+            print(f"[adherence] {lang} {name}: {shown}")
+        print(f"[adherence] {work / folder / 'adherence.json'}")
 
 
 def step_report(work: Path, p: Preset) -> None:
@@ -324,7 +338,7 @@ def outputs(work: Path, step: str) -> list[Path]:
         "score": [work / "scores" / "_summary.json"],
         "stages": [work / "stages" / "funnel.json"],
         "vae": [],  # in the machine's cache: a stage rebuilds it if it went missing
-        "adherence": [work / "adherence" / "adherence.json"],
+        "adherence": [work / folder / "adherence.json" for folder in ADHERENCE.values()],
         "report": [work / "report.html"],
     }.get(step, [work / "runs" / step / "final" / "state.json"])
 

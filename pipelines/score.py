@@ -45,7 +45,7 @@ def _help(text: str) -> dict:
 class ScoreConfig:
     """What the score job computes and how it runs; `unicap score` options and run_job's defaults."""
 
-    clip: str = field(default="tiny", metadata=_help("'tiny', NAME:PRETRAINED_TAG, or NAME:/path/to/checkpoint"))
+    clip: str = field(default="tiny", metadata=_help("'tiny', NAME:PRETRAINED_TAG, NAME:/path/to/checkpoint, or a local-dir folder"))
     aesthetic: str | None = field(default=None, metadata=_help("LAION-style aesthetic head weights (state_dict file), or 'tiny'"))
     clip_multilingual: str | None = field(default=None, metadata=_help("open_clip spec of a multilingual text tower"))
     levels: tuple[str, ...] = field(default=caption_record.LEVELS, metadata=_help("caption levels to score"))
@@ -78,7 +78,10 @@ class ScoreStage:
 
         bf16 = precision == "bf16"
         self.scorer = ClipScorer(clip, aesthetic, device=device, autocast=bf16)
-        self.multi = ClipScorer(multilingual, device=device, autocast=bf16) if multilingual else None
+        self.multi = None
+        if multilingual:  # the same model named twice (a CLIP that reads every language) is loaded once
+            same = multilingual == clip
+            self.multi = self.scorer if same else ClipScorer(multilingual, device=device, autocast=bf16)
         self.captions = Path(captions) if captions else None
         self.levels, self.languages = tuple(levels), tuple(languages)
         self.schema = scores.with_embedding(scores.score_schema(self.levels, self.languages))

@@ -301,16 +301,10 @@ def free_port() -> int:
 
 
 def tiny_captioner() -> tuple[Path, int]:
-    """The tiny captioner cached on this machine (the full recipe, else its short version); trains the short one
-    (a few minutes, shared with tests/train/captioner/test_tiny.py and the demo's quick preset) when neither is."""
+    """The tiny captioner shipped in models/ (pipelines.tiny_models) and the resolution it was trained at."""
     from train.captioner import tiny
 
-    folder = tiny.cached_captioner()
-    if folder is not None:
-        return folder, tiny.max_pixels()
-    short = tiny.SHORT_RECIPE
-    folder = tiny.cached_captioner(overrides=short) or tiny.tiny_captioner(overrides=short)
-    return folder, tiny.max_pixels(overrides=short)
+    return tiny.tiny_captioner(), tiny.max_pixels()
 
 
 # apache/arrow#34314 (open upstream): after pandas/pyarrow read Parquet, the interpreter can abort at exit

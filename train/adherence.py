@@ -12,6 +12,8 @@ every folder), and datagen.scene_judge checks every image against its scene: bac
 count and position, for the attributes the prompt level states (scene_judge.LEVEL_ATTRIBUTES: short and
 medium name no cells, so position is judged only at --level long). The control row "truth images" judges
 the held-out images themselves, resized to the same size: it shows what the judge can see at that size.
+The control row "<last weights>, shuffled prompts" (off with --no-control) gives the last weights folder image
+i+1's prompt and judges the image against scene i: the chance level of a model that draws its usual pictures.
 
 Writes OUT/adherence.json (accuracy = facts that held / facts judged, per attribute; null when none was
 judged), OUT/<weights>/NNNNN.png and OUT/truth/NNNNN.png, and prints the table. Examples (both images and
@@ -41,6 +43,7 @@ from unicap.contract import checkpoint as contract
 VERSION = 1
 TRUTH_ROW = "truth images"
 TRUTH_DIR = "truth"
+CONTROL_SUFFIX, CONTROL_DIR = ", shuffled prompts", "shuffled"  # the control row (the last weights, other prompts)
 NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]*")
 
 
@@ -58,10 +61,9 @@ def parse_weights(specs: list[str]) -> dict[str, Path]:
         name, sep, folder = spec.partition("=")
         if not sep or not folder:
             raise ValueError(f"--weights {spec!r}: give NAME=FOLDER, e.g. stage3=runs/stage3/final")
-        if not NAME.fullmatch(name) or name == TRUTH_DIR:
-            raise ValueError(
-                f"--weights {spec!r}: a name is letters, digits, '_' and '-' (and not {TRUTH_DIR!r})"
-            )
+        if not NAME.fullmatch(name) or name in (TRUTH_DIR, CONTROL_DIR):
+            raise ValueError(f"--weights {spec!r}: a name is letters, digits, '_' and '-' (and not "
+                             f"{TRUTH_DIR!r} or {CONTROL_DIR!r})")  # fmt: skip
         if name in out:
             raise ValueError(f"--weights: the name {name!r} is given twice")
         out[name] = Path(folder)
@@ -149,7 +151,7 @@ def accuracy(judgements: list[scene_judge.Judgement]) -> tuple[dict, dict]:
 
 def adherence(weights: dict[str, Path], truth: Path, out: Path, *, n: int = 32, size: tuple[int, int] = (64, 64),
               level: str = "short", language: str = "en", steps: int = 20, cfg: float = 4.0, seed: int = 0,
-              examples: int = 8, batch: int = 16, device: str = "auto") -> dict:  # fmt: skip
+              examples: int = 8, batch: int = 16, device: str = "auto", control: bool = True) -> dict:  # fmt: skip
     """Generate, judge and write OUT/adherence.json (see the module doc); returns what it wrote."""
     if level not in caption_record.LEVELS or language not in caption_record.LANGUAGES:
         raise ValueError(f"--level {level!r} / --language {language!r}: levels {caption_record.LEVELS}, "
@@ -197,6 +199,17 @@ def adherence(weights: dict[str, Path], truth: Path, out: Path, *, n: int = 32, 
         for i in range(min(examples, n)):
             example_list.append({"weights": name, "prompt": texts[i], "image": paths[i], "truth_image": truth_paths[i],
                                  "verdicts": judgements[i].verdicts})  # fmt: skip
+    if control and weights:
+        # the chance level of what the model draws anyway: the last weights given image i+1's prompt, judged
+        # against image i's scene (a model that ignores its prompts scores the same here as on its own row)
+        name, folder = list(weights.items())[-1]
+        shifted = texts[1:] + texts[:1]
+        images = generate_all(folder, shifted, size=size, steps=steps, cfg=cfg, seed=seed, batch=batch,
+                              codecs=codecs, device=device)  # fmt: skip
+        save(images, CONTROL_DIR)
+        rows[f"{name}{CONTROL_SUFFIX}"], facts[f"{name}{CONTROL_SUFFIX}"] = accuracy(
+            judge_row(images, prompts, attributes)
+        )
     result = {
         "version": VERSION,
         "size": list(size),
@@ -249,13 +262,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--device", default="auto", help="auto (a GPU when there is one, bf16) | cpu | cuda | cuda:N"
     )
+    p.add_argument("--no-control", dest="control", action="store_false",
+                   help="leave out the control row (the last weights drawing another prompt's image)")  # fmt: skip
 
 
 def run(args: argparse.Namespace) -> int:
     result = adherence(parse_weights(args.weights), Path(args.truth), Path(args.out), n=args.n,
                        size=parse_size(args.size), level=args.level, language=args.language, steps=args.steps,
                        cfg=args.cfg, seed=args.seed, examples=args.examples, batch=args.batch,
-                       device=args.device)  # fmt: skip
+                       device=args.device, control=args.control)  # fmt: skip
     p = result["prompts"]
     print(
         f"adherence: {p['n']} prompts ({p['level']}, {p['language']}) at {args.size}; accuracy (facts judged):"

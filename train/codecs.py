@@ -2,8 +2,10 @@
 
 Real ids (google/gemma-2-2b, black-forest-labs/FLUX.1-dev's vae) and local folders go through the
 same code as the tiny offline builds: "tiny" (train.tiny_codecs: random weights, for tests of the
-plumbing) and, for the VAE, "tiny-trained" (train.tiny_vae: trained here on the synthetic images, so a
-Next-DiT trained on its latents samples images a person can judge; the CPU stage configs use it).
+plumbing); for the text, "tiny-captioner" (the language model of the tiny UniCap trained here: it has learnt
+the captions' words in English and Chinese, as Gemma-2 learnt language elsewhere); for the VAE, "tiny-trained"
+(train.tiny_vae: trained here on the synthetic images, so a Next-DiT trained on its latents samples images a
+person can judge). The CPU stage configs use the trained ones.
 
 Text: system prompt + " <Prompt Start> " + caption, right padding, the second-to-last hidden state;
 an empty caption (CFG dropout / unconditional) is encoded the same way, with an empty caption.
@@ -19,12 +21,12 @@ import torch
 
 from train.text_format import PROMPT_START, SYSTEM_PROMPT, format_prompt
 
-__all__ = ["PROMPT_START", "SYSTEM_PROMPT", "TextEncoder", "VAE", "format_prompt"]
+__all__ = ["PROMPT_START", "SYSTEM_PROMPT", "ClipTextEncoder", "TextEncoder", "VAE", "format_prompt", "text_encoder"]
 MIN_CAPTION_TOKENS = 32  # what model.text_max_length must leave for the caption after the system prompt
 FLUX_SHIFT, FLUX_SCALE = 0.1159, 0.3611
 
 
-TINY_NAMES = {"text": ("tiny",), "vae": ("tiny", "tiny-trained")}
+TINY_NAMES = {"text": ("tiny", "tiny-captioner", "tiny-clip"), "vae": ("tiny", "tiny-trained")}
 
 
 def _resolve(name: str, kind: str) -> str:
@@ -33,6 +35,18 @@ def _resolve(name: str, kind: str) -> str:
         from train import tiny_codecs
 
         return str(tiny_codecs.tiny_gemma2() if kind == "text" else tiny_codecs.tiny_flux_vae())
+    if name == "tiny-captioner":
+        if kind != "text":
+            raise ValueError(f"{name!r} is a text encoder (the tiny captioner's language model)")
+        from train.captioner import tiny
+
+        return str(tiny.tiny_captioner())  # shipped in models/ (pipelines.tiny_models)
+    if name == "tiny-clip":
+        if kind != "text":
+            raise ValueError(f"{name!r} is a text encoder (the text tower of the tiny CLIP trained here)")
+        from train import tiny_clip
+
+        return str(tiny_clip.tiny_clip())  # shipped in models/ (pipelines.tiny_models)
     if name == "tiny-trained":
         if kind != "vae":
             raise ValueError(f"{name!r} is a VAE (train.tiny_vae); the text encoder's tiny build is 'tiny'")
@@ -42,13 +56,23 @@ def _resolve(name: str, kind: str) -> str:
     return name
 
 
+def text_encoder(name: str = "tiny", max_length: int = 256, system_prompt: str = SYSTEM_PROMPT,
+                 dtype: torch.dtype = torch.float32) -> torch.nn.Module:  # fmt: skip
+    """The text encoder `name` names: a CLIP text tower for an open_clip folder ("tiny-clip" is one), else a
+    language model (transformers AutoModel: Gemma-2, the tiny captioner's). Both give (features, prefix mask)."""
+    path = _resolve(name, "text")
+    if (Path(path) / "open_clip_config.json").is_file():
+        return ClipTextEncoder(name, path, max_length, dtype)
+    return TextEncoder(name, max_length, system_prompt, dtype, path=path)
+
+
 class TextEncoder(torch.nn.Module):
     def __init__(self, name: str = "tiny", max_length: int = 256, system_prompt: str = SYSTEM_PROMPT,
-                 dtype: torch.dtype = torch.float32):  # fmt: skip
+                 dtype: torch.dtype = torch.float32, path: str | None = None):  # fmt: skip
         super().__init__()
         from transformers import AutoModel, AutoTokenizer
 
-        path = _resolve(name, "text")
+        path = path or _resolve(name, "text")
         self.tokenizer = AutoTokenizer.from_pretrained(path)
         self.tokenizer.padding_side = "right"
         self.model = AutoModel.from_pretrained(path, dtype=dtype).eval().requires_grad_(False)
@@ -67,7 +91,7 @@ class TextEncoder(torch.nn.Module):
 
     @property
     def dim(self) -> int:
-        return self.model.config.hidden_size
+        return self.model.config.get_text_config().hidden_size  # a VLM's (the tiny captioner's) language model
 
     @torch.no_grad()
     def forward(self, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -78,6 +102,40 @@ class TextEncoder(torch.nn.Module):
         out = self.model(input_ids=tok.input_ids.to(dev), attention_mask=tok.attention_mask.to(dev),
                          output_hidden_states=True)  # fmt: skip
         return out.hidden_states[-2], tok.attention_mask.to(dev).bool()
+
+
+class ClipTextEncoder(torch.nn.Module):
+    """The text tower of an open_clip CLIP as the DiT's text encoder (as Stable Diffusion uses CLIP's): the
+    per-token states after the final LayerNorm. The caption is read bare: a CLIP trained without Lumina's system
+    prompt has nothing to gain from it, and the prompt would take a third of its context."""
+
+    def __init__(self, name: str, path: str, max_length: int = 256, dtype: torch.dtype = torch.float32):
+        super().__init__()
+        import open_clip
+
+        spec = f"local-dir:{Path(path).resolve()}"
+        self.model = open_clip.create_model(spec).eval().requires_grad_(False).to(dtype)
+        self.tokenizer = open_clip.get_tokenizer(spec)
+        self.context = self.model.positional_embedding.shape[0]
+        self.max_length = min(max_length, self.context)
+        self.pad_id = self.tokenizer.tokenizer.pad_token_id
+        self.name, self.prefix_tokens, self.system_prompt = name, 0, ""
+
+    @property
+    def dim(self) -> int:
+        return self.model.token_embedding.embedding_dim
+
+    @torch.no_grad()
+    def forward(self, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """captions -> features (B, L, dim), mask (B, L) bool (prefix: the caption's tokens and its <eos>)."""
+        m = self.model
+        dev = m.token_embedding.weight.device
+        ids = self.tokenizer(list(captions)).to(dev)  # (B, context), padded, ends with <eos> (truncated first)
+        x = m.token_embedding(ids) + m.positional_embedding
+        x = m.ln_final(m.transformer(x, attn_mask=m.attn_mask))
+        mask = ids != self.pad_id
+        n = min(int(mask.sum(1).max()), self.max_length)
+        return x[:, :n], mask[:, :n]
 
 
 class VAE(torch.nn.Module):

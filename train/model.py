@@ -41,7 +41,7 @@ class NextDiTConfig:
     multiple_of: int = 256
     ffn_dim_multiplier: float | None = None
     norm_eps: float = 1e-5
-    cap_feat_dim: int = 2304  # Gemma-2-2B hidden size
+    cap_feat_dim: int = 2304  # the text encoder's width: Gemma-2-2B's hidden size (the trainer sets it from its encoder)
     axes_dims: tuple[int, int, int] = (32, 32, 32)
     axes_lens: tuple[int, int, int] = (300, 512, 512)
     rope_theta: float = 10_000.0

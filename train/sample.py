@@ -20,6 +20,7 @@ from PIL import Image
 
 from train.checkpoint import load_weights
 from train.codecs import VAE, TextEncoder
+from train.codecs import text_encoder as load_text_encoder
 from train.flow import shift_mu
 from train.model import NextDiT
 from train.sampler import sample
@@ -92,7 +93,7 @@ def load_for_sampling(folder: Path, weights: str, device: str = "auto", codecs: 
     key = (state["text_encoder"], state["vae"], device)
     codecs = {} if codecs is None else codecs
     if key not in codecs:
-        te = TextEncoder(state["text_encoder"], dtype=dtype).to(device)
+        te = load_text_encoder(state["text_encoder"], dtype=dtype).to(device)
         codecs[key] = (te, VAE(state["vae"], dtype=dtype).to(device))
     return model.to(device, dtype), *codecs[key]
 

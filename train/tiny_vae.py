@@ -48,7 +48,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from unicap.tiny_build import DONE_MARK, cache_root, cached
+from unicap.tiny_build import DONE_MARK, cached, find
 
 # bump when the build code changes: a new folder is built instead of a stale one loaded
 TINY_VAE_VERSION = "1"
@@ -307,9 +307,8 @@ def folder_name(recipe: Recipe = RECIPE) -> str:
 
 
 def cached_vae(recipe: Recipe = RECIPE, root: Path | None = None) -> Path | None:
-    """The cached folder of this recipe, or None if it was not trained on this machine yet."""
-    path = (root or cache_root()) / folder_name(recipe)
-    return path if (path / DONE_MARK).exists() else None
+    """The folder of this recipe shipped in models/ or cached, or None if it was not trained on this machine yet."""
+    return find(folder_name(recipe), root)
 
 
 def _build(out: Path, recipe: Recipe, threads: int | None) -> None:

@@ -18,6 +18,7 @@ export); a re-run resumes from the latest checkpoint, and a finished stage is no
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import hashlib
 import json
 import math
@@ -86,20 +87,18 @@ class Codecs:
 
 
 def load_codecs(cfg: TrainConfig, device: str) -> Codecs:
-    from train.codecs import VAE, TextEncoder
+    from train.codecs import VAE, text_encoder
 
     dtype = runtime.resolve_dtype("bf16" if device.startswith("cuda") else "fp32", device)
-    text = TextEncoder(cfg.model.text_encoder, max_length=cfg.model.text_max_length, dtype=dtype).to(device)
+    text = text_encoder(cfg.model.text_encoder, max_length=cfg.model.text_max_length, dtype=dtype).to(device)
     return Codecs(text=text, vae=VAE(cfg.model.vae, dtype=dtype).to(device))
 
 
 def build_model(cfg: TrainConfig, text_dim: int) -> NextDiT:
     if cfg.model.name not in NextDiT_configs:
         raise ValueError(f"model.name {cfg.model.name!r}: one of {sorted(NextDiT_configs)}")
-    mcfg = NextDiT_configs[cfg.model.name]
-    if mcfg.cap_feat_dim != text_dim:
-        raise ValueError(f"{cfg.model.name} expects text features of size {mcfg.cap_feat_dim}, but "
-                         f"{cfg.model.text_encoder} gives {text_dim}")  # fmt: skip
+    # the caption embedder reads the text encoder's features: its width is the encoder's (2304 for Gemma-2-2B)
+    mcfg = dataclasses.replace(NextDiT_configs[cfg.model.name], cap_feat_dim=text_dim)
     torch.manual_seed(cfg.run.seed)  # the same initial weights on every rank
     model = NextDiT(mcfg)
     model.set_attention_backend(cfg.model.attention)

@@ -2,7 +2,9 @@
 
 Model specs: "tiny" (random small config built offline, `tiny_clip` below), "NAME:TAG" (an
 open_clip pretrained tag, e.g. ViT-L-14:datacomp_xl_s13b_b90k; downloads, so not on these
-machines), "NAME:/path/to/checkpoint.(pt|safetensors)" (local weights), or "NAME" (random).
+machines), "NAME:/path/to/checkpoint.(pt|safetensors)" (local weights), "NAME" (random), or a folder
+(open_clip's `local-dir:`: open_clip_config.json, weights, tokenizer; the tiny CLIP trained here,
+train.tiny_clip, is one).
 
 Long captions: CLIP's text tower reads 77 tokens. A caption longer than that is split at sentence
 boundaries (and, for an over-long sentence, at word boundaries) into chunks that each fit; every
@@ -49,6 +51,10 @@ def load_clip(spec: str, device: str = "cpu"):
         folder = tiny_clip()
         open_clip.add_model_config(folder)
         name, pretrained = TINY_CLIP_NAME, str(folder / "open_clip_model.safetensors")
+    elif spec.startswith("local-dir:") or Path(spec).is_dir():  # config, weights and tokenizer in one folder
+        name = f"local-dir:{Path(spec.removeprefix('local-dir:')).resolve()}"
+        model, _, preprocess = open_clip.create_model_and_transforms(name, device=device)
+        return model.eval(), preprocess, open_clip.get_tokenizer(name), name
     else:
         name, _, pretrained = spec.partition(":")
         pretrained = pretrained or None

@@ -10,6 +10,11 @@ path a real model id or local folder takes. Each builder sits beside the loader 
 
 Each build names its folder with its own version stamp: bump it when the build changes, and the next
 run builds afresh instead of loading a stale folder. Cache: $UNICAP_CACHE/models (default ./.cache/models).
+
+Trained tiny models (the captioner, the VAE, the text encoder, CLIP) take minutes to train on 2 cores, so they
+ship with the repository: `make tiny-models` (pipelines.tiny_models) trains each from its recipe and copies its
+folder to models/ under the same name. `find` and `cached` take a folder from models/ before the cache; since
+the name carries the recipe's hash, a changed recipe finds no shipped folder and trains a new one.
 """
 
 from __future__ import annotations
@@ -24,21 +29,31 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 
 DONE_MARK = "unicap_tiny.json"  # written last by every builder: its presence marks a complete folder
+SHIPPED = Path(__file__).resolve().parents[1] / "models"  # trained tiny models committed with the repository
 
 
 def cache_root() -> Path:
     return Path(os.environ.get("UNICAP_CACHE", Path.cwd() / ".cache")) / "models"
 
 
+def find(name: str, root: Path | None = None) -> Path | None:
+    """The complete folder `name`: shipped in models/ (unless a root is given), else in the cache; None if neither."""
+    for path in ([] if root else [SHIPPED / name]) + [(root or cache_root()) / name]:
+        if (path / DONE_MARK).exists():
+            return path
+    return None
+
+
 def cached(name: str, build: Callable[[Path], None], root: Path | None = None) -> Path:
-    """The folder `name` under the cache, built by `build(tmp_folder)` on first use.
+    """The folder `name`: shipped in models/ (unless a root is given), else under the cache, built there by
+    `build(tmp_folder)` on first use.
 
     Atomic: the build goes to a temporary folder renamed into place, so a killed build leaves nothing that
     looks complete. One builder per machine: concurrent callers (two ranks, a demo beside a test) wait on a
     file lock and find the folder built, instead of each training the same model."""
+    if found := find(name, root):
+        return found
     path = (root or cache_root()) / name
-    if (path / DONE_MARK).exists():
-        return path
     if distributed_rank() != 0:
         # transformers (5.x) save_pretrained writes nothing on a rank other than 0 once torch.distributed is up:
         # a build there would look complete and hold no weights. Rank 0 builds; the others wait for its folder

@@ -13,7 +13,7 @@ import torch
 from PIL import Image
 
 from datagen.synth import synth
-from train.adherence import TRUTH_ROW
+from train.adherence import CONTROL_DIR, CONTROL_SUFFIX, TRUTH_ROW
 from train.checkpoint import save_weights
 from train.model import build_model
 from unicap.cli import module_main
@@ -49,9 +49,9 @@ def test_the_json_follows_the_schema(run):
     assert set(result) == KEYS and result["version"] == 1 and result["size"] == [64, 64]
     assert result["prompts"] == {"n": N, "level": "short", "language": "en", "truth": str(root / "heldout")}
     assert result["attributes"] == ATTRIBUTES
-    assert (
-        list(result["rows"]) == [TRUTH_ROW, "early", "late"] == list(result["facts"])
-    )  # one row per weights
+    control = f"late{CONTROL_SUFFIX}"  # the last weights drawing image i+1's prompt, judged against scene i
+    assert list(result["rows"]) == [TRUTH_ROW, "early", "late", control] == list(result["facts"])
+    assert result["facts"][control]["background"] == N and len(list((root / "out" / CONTROL_DIR).iterdir())) == N
     for name, accs in result["rows"].items():
         assert list(accs) == ATTRIBUTES and list(result["facts"][name]) == ATTRIBUTES
         for a in ATTRIBUTES:

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from datagen.synth import synth_item
-from train.codecs import MIN_CAPTION_TOKENS, TextEncoder, format_prompt
+from train.codecs import MIN_CAPTION_TOKENS, TextEncoder, format_prompt, text_encoder
 from train.config import load as load_config
 
 CPU_CONFIGS = [f"train/configs/stage{i}_cpu.yaml" for i in (1, 2, 3)]
@@ -12,7 +12,7 @@ CPU_CONFIGS = [f"train/configs/stage{i}_cpu.yaml" for i in (1, 2, 3)]
 
 @pytest.fixture(scope="module")
 def tiny_text():
-    return TextEncoder("tiny", max_length=load_config(CPU_CONFIGS[0], []).model.text_max_length)
+    return TextEncoder("tiny", max_length=128)
 
 
 def test_every_cpu_config_leaves_room_for_the_longest_synthetic_caption(tiny_text):
@@ -23,8 +23,20 @@ def test_every_cpu_config_leaves_room_for_the_longest_synthetic_caption(tiny_tex
         len(tok(format_prompt(c))["input_ids"]) for i in range(40) for c in synth_item(0, i)[1].values()
     )
     assert tiny_text.prefix_tokens <= 40  # the system prompt's words are whole tokens
-    for path in CPU_CONFIGS:
-        assert load_config(path, []).model.text_max_length >= longest, path
+    assert 128 >= longest  # the CPU configs' text_max_length for a Gemma-2-like encoder
+
+
+@pytest.mark.parametrize("path", CPU_CONFIGS)
+def test_the_last_word_of_the_longest_caption_reaches_each_cpu_config(path):
+    """Whatever encoder a CPU stage config names, the end of the longest synthetic caption changes its features."""
+    cfg = load_config(path, [])
+    te = text_encoder(cfg.model.text_encoder, max_length=cfg.model.text_max_length)
+    for lang, other in (("en", " purple."), ("zh", "紫色。")):
+        longest = max((synth_item(0, i)[1][f"caption_long_{lang}"] for i in range(40)), key=len)
+        changed = longest[: -len(other)] + other  # the last characters, another colour
+        feats, mask = te([longest, changed])
+        n = int(mask[0].sum())
+        assert not torch.allclose(feats[0, :n], feats[1, :n]), (path, lang)
 
 
 def test_captions_that_differ_in_one_word_give_different_features(tiny_text):

@@ -3,8 +3,8 @@
     python -m train.captioner.tiny              # the folder's path; trains it first if absent (~15 min, 2 cores)
     python -m train.captioner.tiny --no-train   # the path if cached, else exit code 1
 
-The recipe is train/configs/captioner_tiny.yaml; the cache key is its text (plus `overrides`), so editing the
-recipe trains a new model. The run folder beside the cached model keeps its checkpoints: an interrupted
+The recipe is train/configs/captioner_tiny.yaml; the cache key is the resolved recipe (plus `overrides`, less the
+settings that only say where and how fast it runs: NOT_RECIPE), so changing the recipe trains a new model. The run folder beside the cached model keeps its checkpoints: an interrupted
 training resumes where it stopped. Evaluate it at the resolution it was trained at (`max_pixels`).
 """
 
@@ -20,7 +20,7 @@ import sys
 from pathlib import Path
 
 from train.captioner.config import load as load_config
-from unicap.tiny_build import DONE_MARK, cache_root, cached
+from unicap.tiny_build import DONE_MARK, cache_root, cached, find
 
 CONFIG = Path(__file__).resolve().parents[1] / "configs" / "captioner_tiny.yaml"
 TINY_CAPTIONER_VERSION = "1"
@@ -29,17 +29,37 @@ TINY_CAPTIONER_VERSION = "1"
 SHORT_RECIPE = ("run.steps=400", "optim.ground_first_steps=100", "data.single_group_until=3200")
 
 
+# what a run's settings do not change in the model it trains: where and how fast it runs
+NOT_RECIPE = ("run.out", "run.progress", "run.threads", "run.stop_file", "run.term_grace_s", "run.max_minutes",
+              "run.save_every", "run.keep_last", "run.log_every", "run.resume", "data.num_workers")  # fmt: skip
+
+
+def recipe(config: Path = CONFIG, overrides: tuple[str, ...] = ()) -> dict:
+    """The resolved recipe (config + overrides), without the settings in NOT_RECIPE: what the cache key hashes,
+    so that a comment or a thread count does not make a new model."""
+    from unicap.config import to_dict
+
+    data = to_dict(load_config(config, list(overrides)))
+    for key in NOT_RECIPE:
+        section, name = key.split(".")
+        data[section].pop(name, None)
+    return data
+
+
 def _tag(config: Path, overrides: tuple[str, ...]) -> str:
-    text = f"{TINY_CAPTIONER_VERSION}\n{config.read_text()}\n{json.dumps(list(overrides))}"
+    text = f"{TINY_CAPTIONER_VERSION}\n{json.dumps(recipe(config, overrides), sort_keys=True)}"
     return hashlib.sha1(text.encode()).hexdigest()[:10]
 
 
 def cached_captioner(
     config: Path = CONFIG, overrides: tuple[str, ...] = (), root: Path | None = None
 ) -> Path | None:
-    """The cached folder of this recipe, or None if it was not trained on this machine yet."""
-    path = (root or cache_root()) / f"tiny-captioner-{_tag(config, overrides)}"
-    return path if (path / DONE_MARK).exists() else None
+    """The folder of this recipe shipped in models/ or cached, or None if it was not trained on this machine yet."""
+    return find(folder_name(config, overrides), root)
+
+
+def folder_name(config: Path = CONFIG, overrides: tuple[str, ...] = ()) -> str:
+    return f"tiny-captioner-{_tag(config, overrides)}"
 
 
 def run_folder(config: Path = CONFIG, overrides: tuple[str, ...] = (), root: Path | None = None) -> Path:
@@ -64,7 +84,7 @@ def tiny_captioner(config: Path = CONFIG, overrides: tuple[str, ...] = (), root:
     that file exists: the run then stops with a checkpoint (run.stop_file) and resumes with the shared cores.
     Neither is part of the cache key, like run.max_minutes (`make demo` leaves a core to the tiny VAE's
     training beside it, and takes it back when the VAE is done)."""
-    name = f"tiny-captioner-{_tag(config, overrides)}"
+    name = folder_name(config, overrides)
     run_dir = run_folder(config, overrides, root)
     steps = total_steps(config, overrides)
 

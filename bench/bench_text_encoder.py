@@ -1,0 +1,109 @@
+"""What makes stage1's images follow their prompts on 2 cores: text encoder x steps x caption mix x ranks.
+
+    .venv/bin/python bench/bench_text_encoder.py --data demo [--variants gemma-1600,captioner-1600,...]
+
+Each variant trains stage1 from scratch on the demo's stage1 manifest and its captions (the captioner's, not the
+answer key) through `train.launch` (DeepSpeed, train/configs/stage1_cpu.yaml plus the variant's overrides), then
+judges its final weights on the held-out set's long English and long Chinese prompts (`train.adherence`, the
+pixel judge; 32 prompts each). Adherence is a quality measure of one run per variant; `seconds` is that run's
+wall time (pack excluded: packed once), so compare seconds only as a rough cost. Results:
+bench/results/text_encoder.json and a markdown table on stdout.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from bench._results import save  # noqa: E402
+
+GEMMA = ("model.text_encoder=tiny",)  # a random tiny Gemma-2 (the plumbing's encoder)
+CAPTIONER = ("model.text_encoder=tiny-captioner",)  # the tiny UniCap's language model (2 layers, 128 wide)
+CLIP = ("model.text_encoder=tiny-clip",)  # the tiny CLIP's text tower (2 layers, 64 wide; no system prompt)
+LONG_HEAVY = ("data.level_weights={long: 0.6, medium: 0.2, short: 0.1, tags: 0.1}",)
+VARIANTS = {  # name: (trainer overrides, ranks)
+    "gemma-random-1600": ((*GEMMA, "run.steps=1600"), 2),
+    "captioner-lm-1600": ((*CAPTIONER, "run.steps=1600"), 2),
+    "clip-text-1600": ((*CLIP, "run.steps=1600"), 2),
+    "clip-text-1600-long": ((*CLIP, *LONG_HEAVY, "run.steps=1600"), 2),
+    "clip-text-3200": ((*CLIP, "run.steps=3200"), 2),
+    "clip-text-1600-1rank": ((*CLIP, "run.steps=1600", "data.micro_batch=8"), 1),
+    "clip-text-400": ((*CLIP, "run.steps=400"), 2),
+    "gemma-random-400": ((*GEMMA, "run.steps=400"), 2),
+}
+
+
+def train(data: Path, out: Path, name: str, overrides: tuple[str, ...], nproc: int) -> float:
+    cmd = [sys.executable, "-m", "train.launch", "--stage", "stage1", "--config", "train/configs/stage1_cpu.yaml",
+           "--data", str(data), "--nproc", str(nproc), "--", f"run.out={out / name}", "run.progress=false",
+           "run.save_every=100000", "run.sample_every=0", *overrides]  # fmt: skip
+    t0 = time.time()
+    with open(out / f"{name}.log", "w") as log:
+        r = subprocess.run(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
+                           env={**os.environ, "PYTHONPATH": str(ROOT)})  # fmt: skip
+    if r.returncode != 0:
+        raise RuntimeError(f"{name}: training failed, see {out / f'{name}.log'}")
+    return round(time.time() - t0, 1)
+
+
+def judge(data: Path, out: Path, name: str, language: str, cfg: float) -> dict:
+    dest = out / f"{name}-adherence-{language}-cfg{cfg:g}"
+    cmd = [sys.executable, "-m", "train.adherence", "--truth", str(data / "heldout"), "--out", str(dest),
+           "--n", "32", "--level", "long", "--language", language, "--size", "64x64", "--cfg", str(cfg),
+           "--weights", f"{name}={out / name / 'stage1' / 'final'}"]  # fmt: skip
+    r = subprocess.run(
+        cmd, cwd=ROOT, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)}
+    )
+    if r.returncode != 0:
+        raise RuntimeError(f"{name}: adherence failed: {r.stderr[-2000:]}")
+    return json.loads((dest / "adherence.json").read_text())["rows"]
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data", default="demo", help="a full demo folder (stages/, captions/, heldout/)")
+    p.add_argument("--variants", default=",".join(VARIANTS), help=f"comma-separated, of {list(VARIANTS)}")
+    p.add_argument("--cfg", default="4.0", help="guidance scales to judge at, comma-separated")
+    p.add_argument("--work", default="/tmp/bench_text_encoder", help="run folders")
+    p.add_argument("--out", default=str(ROOT / "bench" / "results" / "text_encoder.json"))
+    args = p.parse_args(argv)
+    data, work = Path(args.data).resolve(), Path(args.work)
+    work.mkdir(parents=True, exist_ok=True)
+    results = json.loads(Path(args.out).read_text()) if Path(args.out).exists() else {"variants": {}}
+    for name in args.variants.split(","):
+        overrides, nproc = VARIANTS[name]
+        seconds = train(data, work, name, overrides, nproc)
+        row = {"overrides": list(overrides), "ranks": nproc, "seconds": seconds, "adherence": {}}
+        for cfg in (float(c) for c in args.cfg.split(",")):
+            for lang in ("en", "zh"):
+                rows = judge(data, work, name, lang, cfg)
+                row["adherence"][f"{lang}-cfg{cfg:g}"] = rows[name]
+                row["adherence"][f"{lang}-cfg{cfg:g}-shuffled"] = rows[f"{name}, shuffled prompts"]
+                row["adherence"].setdefault(f"{lang}-truth", rows["truth images"])
+        results["variants"][name] = row
+        results["data"] = str(data)
+        save(results, args.out)
+    print(table(results))
+    return 0
+
+
+def table(results: dict) -> str:
+    attrs = ("background", "colour", "shape", "count", "position")
+    lines = ["| variant | prompts | seconds | " + " | ".join(attrs) + " |", "|---" * (3 + len(attrs)) + "|"]
+    for name, row in results["variants"].items():
+        for key, accs in row["adherence"].items():
+            cells = " | ".join("-" if accs[a] is None else f"{accs[a]:.2f}" for a in attrs)
+            lines.append(f"| {name} | {key} | {row['seconds']:.0f} | {cells} |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
