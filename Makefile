@@ -81,8 +81,8 @@ gpu-check: $(STAMP)
 gpu-bundle: $(STAMP)
 	bash tools/gpu_bundle.sh
 
-# The trained tiny models committed in models/ (captioner, VAE, text encoder, CLIP): run after changing a recipe,
-# then commit models/. Trains only what models/ lacks (~35 min on 2 cores for all); a fresh clone trains none.
+# The trained tiny models committed in models/ (captioner, VAE, CLIP; its text tower is the CPU stages' text encoder):
+# run after changing a recipe, then commit models/. Trains only what models/ lacks (~35 min on 2 cores for all); a fresh clone trains none.
 tiny-models: $(STAMP)
 	$(PY) -m pipelines.tiny_models
 

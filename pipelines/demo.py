@@ -311,7 +311,9 @@ def step_adherence(work: Path, p: Preset) -> None:
 
 def step_report(work: Path, p: Preset) -> None:
     out = work / "report.html"
+    # both answer keys: the held-out captions' accuracy, and the pool's with its stage3 rows beside it
     r = subprocess.run([sys.executable, "-m", "unicap.cli", "report", "--data", str(work), "--truth", str(work / "heldout"),
+                        "--truth", str(work / "data"),
                         "--out", str(out)], cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)})  # fmt: skip
     if r.returncode != 0 or not out.exists():
         raise RuntimeError(f"report failed (exit {r.returncode})")

@@ -32,7 +32,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 PARTS = ("env", "trainer", "zero3", "crash", "sample", "adherence", "captioner", "score", "gpu-tests", "mfu",
          "step")  # fmt: skip
-TRAIN = ["model.vae=tiny", "data.micro_batch=4", "data.global_batch=8",
+# the random tiny codecs: transformers and diffusers only (a bare GPU machine has no open_clip for tiny-clip)
+TRAIN = ["model.vae=tiny", "model.text_encoder=tiny", "data.micro_batch=4", "data.global_batch=8",
          "data.num_workers=2", "run.progress=false", "run.tensorboard=false", "run.sample_steps=4"]  # fmt: skip
 
 

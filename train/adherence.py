@@ -12,7 +12,9 @@ every folder), and datagen.scene_judge checks every image against its scene: bac
 count and position, for the attributes the prompt level states (scene_judge.LEVEL_ATTRIBUTES: short and
 medium name no cells, so position is judged only at --level long). The control row "truth images" judges
 the held-out images themselves, resized to the same size: it shows what the judge can see at that size.
-The control row "<last weights>, shuffled prompts" (off with --no-control) gives the last weights folder image
+Each weights folder draws at its training resolution (a 128 px stage at 128 x 128: drawn smaller, its VAE
+loses the shapes) and its images are resized to --size, the size every row is judged at (--draw judge: drawn at
+--size). The control row "<last weights>, shuffled prompts" (off with --no-control) gives the last weights folder image
 i+1's prompt and judges the image against scene i: the chance level of a model that draws its usual pictures.
 
 Writes OUT/adherence.json (accuracy = facts that held / facts judged, per attribute; null when none was
@@ -135,6 +137,15 @@ def generate_all(folder: Path, prompts: list[str], *, size: tuple[int, int], ste
     return images
 
 
+def _trained_size(state: dict, size: tuple[int, int]) -> tuple[int, int]:
+    """The judging size's aspect ratio at the weights' training resolution (a 128 px stage draws at 128 x 128)."""
+    res = (state.get("config") or {}).get("data", {}).get("resolution")
+    if not res:
+        return size
+    scale = res / (size[0] * size[1]) ** 0.5
+    return max(16, round(size[0] * scale / 16) * 16), max(16, round(size[1] * scale / 16) * 16)
+
+
 def judge_row(images: list[Image.Image], prompts: list[dict], attributes) -> list[scene_judge.Judgement]:
     return [
         scene_judge.judge(im, p["scene"], attributes=attributes)
@@ -151,15 +162,18 @@ def accuracy(judgements: list[scene_judge.Judgement]) -> tuple[dict, dict]:
 
 def adherence(weights: dict[str, Path], truth: Path, out: Path, *, n: int = 32, size: tuple[int, int] = (64, 64),
               level: str = "short", language: str = "en", steps: int = 20, cfg: float = 4.0, seed: int = 0,
-              examples: int = 8, batch: int = 16, device: str = "auto", control: bool = True) -> dict:  # fmt: skip
+              examples: int = 8, batch: int = 16, device: str = "auto", control: bool = True,
+              draw: str = "trained") -> dict:  # fmt: skip
     """Generate, judge and write OUT/adherence.json (see the module doc); returns what it wrote."""
     if level not in caption_record.LEVELS or language not in caption_record.LANGUAGES:
         raise ValueError(f"--level {level!r} / --language {language!r}: levels {caption_record.LEVELS}, "
                          f"languages {caption_record.LANGUAGES}")  # fmt: skip
     if n < 1 or steps < 1 or examples < 0 or batch < 1:
         raise ValueError("--n, --steps and --batch must be positive, --examples not negative")
+    draw_sizes = {}
     for name, folder in weights.items():
-        contract.read_state(folder)  # a folder that is not weights fails before anything is generated
+        state = contract.read_state(folder)  # a folder that is not weights fails before anything is generated
+        draw_sizes[name] = size if draw == "judge" else _trained_size(state, size)
         if not ((folder / contract.EMA_FILE).is_file() or (folder / contract.MODEL_FILE).is_file()):
             raise contract.CheckpointError(
                 f"{name}={folder}: no {contract.EMA_FILE} or {contract.MODEL_FILE}"
@@ -185,7 +199,7 @@ def adherence(weights: dict[str, Path], truth: Path, out: Path, *, n: int = 32, 
         images = generate_all(
             folder,
             texts,
-            size=size,
+            size=draw_sizes[name],
             steps=steps,
             cfg=cfg,
             seed=seed,
@@ -193,6 +207,7 @@ def adherence(weights: dict[str, Path], truth: Path, out: Path, *, n: int = 32, 
             codecs=codecs,
             device=device,
         )
+        images = [im.resize(size, Image.Resampling.LANCZOS) if im.size != size else im for im in images]
         paths = save(images, name)
         judgements = judge_row(images, prompts, attributes)
         rows[name], facts[name] = accuracy(judgements)
@@ -204,8 +219,9 @@ def adherence(weights: dict[str, Path], truth: Path, out: Path, *, n: int = 32, 
         # against image i's scene (a model that ignores its prompts scores the same here as on its own row)
         name, folder = list(weights.items())[-1]
         shifted = texts[1:] + texts[:1]
-        images = generate_all(folder, shifted, size=size, steps=steps, cfg=cfg, seed=seed, batch=batch,
+        images = generate_all(folder, shifted, size=draw_sizes[name], steps=steps, cfg=cfg, seed=seed, batch=batch,
                               codecs=codecs, device=device)  # fmt: skip
+        images = [im.resize(size, Image.Resampling.LANCZOS) if im.size != size else im for im in images]
         save(images, CONTROL_DIR)
         rows[f"{name}{CONTROL_SUFFIX}"], facts[f"{name}{CONTROL_SUFFIX}"] = accuracy(
             judge_row(images, prompts, attributes)
@@ -213,6 +229,7 @@ def adherence(weights: dict[str, Path], truth: Path, out: Path, *, n: int = 32, 
     result = {
         "version": VERSION,
         "size": list(size),
+        "draw_sizes": {name: list(v) for name, v in draw_sizes.items()},
         "prompts": {"n": n, "level": level, "language": language, "truth": str(truth)},
         "attributes": list(scene_judge.ATTRIBUTES),
         "rows": rows,
@@ -262,6 +279,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--device", default="auto", help="auto (a GPU when there is one, bf16) | cpu | cuda | cuda:N"
     )
+    p.add_argument("--draw", choices=("trained", "judge"), default="trained",
+                   help="trained (default): each weights draws at its training resolution, then the image is resized "
+                   "to --size; judge: every weights draws at --size")  # fmt: skip
     p.add_argument("--no-control", dest="control", action="store_false",
                    help="leave out the control row (the last weights drawing another prompt's image)")  # fmt: skip
 
@@ -270,7 +290,7 @@ def run(args: argparse.Namespace) -> int:
     result = adherence(parse_weights(args.weights), Path(args.truth), Path(args.out), n=args.n,
                        size=parse_size(args.size), level=args.level, language=args.language, steps=args.steps,
                        cfg=args.cfg, seed=args.seed, examples=args.examples, batch=args.batch,
-                       device=args.device, control=args.control)  # fmt: skip
+                       device=args.device, control=args.control, draw=args.draw)  # fmt: skip
     p = result["prompts"]
     print(
         f"adherence: {p['n']} prompts ({p['level']}, {p['language']}) at {args.size}; accuracy (facts judged):"

@@ -11,10 +11,11 @@ path a real model id or local folder takes. Each builder sits beside the loader 
 Each build names its folder with its own version stamp: bump it when the build changes, and the next
 run builds afresh instead of loading a stale folder. Cache: $UNICAP_CACHE/models (default ./.cache/models).
 
-Trained tiny models (the captioner, the VAE, the text encoder, CLIP) take minutes to train on 2 cores, so they
-ship with the repository: `make tiny-models` (pipelines.tiny_models) trains each from its recipe and copies its
-folder to models/ under the same name. `find` and `cached` take a folder from models/ before the cache; since
-the name carries the recipe's hash, a changed recipe finds no shipped folder and trains a new one.
+Trained tiny models (the captioner, the VAE, CLIP, whose text tower is the CPU stages' text encoder) take minutes
+to train on 2 cores, so they ship with the repository: `make tiny-models` (pipelines.tiny_models) trains each
+from its recipe and copies its folder to models/ under the same name. `find` and `cached` take a folder from
+models/ before the cache; since the name carries the recipe's hash, a changed recipe finds no shipped folder and
+trains a new one.
 """
 
 from __future__ import annotations

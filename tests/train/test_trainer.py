@@ -75,7 +75,7 @@ def test_export_loads_in_diffusers_and_matches(reference):
     ).eval()
     g = torch.Generator().manual_seed(0)
     x, t = torch.randn(2, 16, 8, 8, generator=g), torch.rand(2, generator=g)
-    cap, mask = torch.randn(2, 6, 32, generator=g), torch.tensor([[1] * 6, [1] * 3 + [0] * 3]).bool()
+    cap, mask = torch.randn(2, 6, ours.cfg.cap_feat_dim, generator=g), torch.tensor([[1] * 6, [1] * 3 + [0] * 3]).bool()
     with torch.no_grad():
         a, b = ours(x, t, cap, mask), ref(x, t, cap, mask, return_dict=False)[0]
     assert ((a - b).abs().max() / b.abs().max()) < 1e-5

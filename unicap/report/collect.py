@@ -344,14 +344,25 @@ def load_scenes(truth: str | Path) -> dict[str, eval_captions.Scene]:
     return scenes
 
 
-def _evaluate(files: list[Path], scenes: Mapping[str, eval_captions.Scene]) -> dict:
-    """unicap.eval_captions.evaluate + goal_check of caption files, as `unicap eval-captions` reports them."""
+def _evaluate(files: list[Path], scenes: Mapping[str, eval_captions.Scene], keys: set[str] | None = None) -> dict:
+    """unicap.eval_captions.evaluate + goal_check of caption files (only the rows of `keys` when given), as
+    `unicap eval-captions` reports them."""
     levels, languages = caption_levels_languages(files)
-    rows = [r for f in files for r in pq.read_table(f).to_pylist()]
+    rows = [r for f in files for r in pq.read_table(f).to_pylist() if keys is None or r["key"] in keys]
     metrics = eval_captions.evaluate(rows, scenes, levels, languages)
     metrics["goal"] = eval_captions.goal_check(metrics)
     metrics["models"] = sorted({str(r.get("model")) for r in rows})
     return metrics
+
+
+def _stage_tables(run: RunFolder, files: list[Path], scenes: Mapping[str, eval_captions.Scene], source: str) -> list:
+    """stage3's rows of the pool's captions scored alone: do the CLIP filters keep captions that are right?"""
+    path = manifest.manifest_path(run.stages, "stage3")
+    if not path.is_file():
+        return []
+    keys = set(pq.read_table(path, columns=["key"]).column("key").to_pylist())
+    return [{"title": "stage3's captions (the same captions, the rows the filters kept)",
+             "source": f"{source}, rows of {path}", "metrics": _evaluate(files, scenes, keys)}]  # fmt: skip
 
 
 def evaluate_against_answer_key(captions: str | Path, truth: str | Path) -> dict:
@@ -386,6 +397,8 @@ def collect_accuracy(run: RunFolder, truths: list[str | Path]) -> dict:
                 scenes = {k: v for t in matching for k, v in answer_keys[t].items()}
                 sec["tables"].append({"title": title, "source": f"{captions} against --truth {', '.join(matching)}",
                                       "metrics": _evaluate(files, scenes)})  # fmt: skip
+                if captions == run.captions:  # the filters' effect: the last stage's captions against the pool's
+                    sec["tables"] += _stage_tables(run, files, scenes, f"{captions} against --truth {', '.join(matching)}")
                 continue
             sec["notes"].append(f"{captions}: none of its keys is in the answer key given with --truth"
                                 + (f" (`--truth {own_truth}` scores it)" if (own_truth / "truth").is_dir() else ""))  # fmt: skip
