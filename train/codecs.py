@@ -2,13 +2,15 @@
 
 Real ids (google/gemma-2-2b, black-forest-labs/FLUX.1-dev's vae) and local folders go through the
 same code as the tiny offline builds: "tiny" (train.tiny_codecs: random weights, for tests of the
-plumbing); for the text, "tiny-captioner" (the language model of the tiny UniCap trained here: it has learnt
-the captions' words in English and Chinese, as Gemma-2 learnt language elsewhere); for the VAE, "tiny-trained"
+plumbing); for the text, "tiny-clip" (the text tower of the tiny CLIP trained here on synthetic image-caption
+pairs, train.tiny_clip; the CPU stage configs use it, bench/results/text_encoder.json says why) and
+"tiny-captioner" (the language model of the tiny UniCap trained here); for the VAE, "tiny-trained"
 (train.tiny_vae: trained here on the synthetic images, so a Next-DiT trained on its latents samples images a
-person can judge). The CPU stage configs use the trained ones.
+person can judge). The trained ones ship in models/.
 
-Text: system prompt + " <Prompt Start> " + caption, right padding, the second-to-last hidden state;
-an empty caption (CFG dropout / unconditional) is encoded the same way, with an empty caption.
+Text (a language model): system prompt + " <Prompt Start> " + caption, right padding, the second-to-last hidden
+state; an empty caption (CFG dropout / unconditional) is encoded the same way, with an empty caption. Text (an
+open_clip folder: ClipTextEncoder): the caption alone, the text tower's token states after its final LayerNorm.
 Latents: z = (vae.encode(image).mean - shift) * scale, the VAE config's shift_factor / scaling_factor
 (FLUX: 0.1159, 0.3611; tiny-trained: measured on held-out images, so z is ~zero-mean, unit-variance).
 """

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import hashlib
 import json
 import random
 import sys
@@ -28,7 +27,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from unicap.tiny_build import DONE_MARK, cached, find
+from unicap.tiny_build import DONE_MARK, cached, find, recipe_overrides, recipe_tag
 
 TINY_CLIP_TRAINED_VERSION = "1"  # bump when the build code changes
 
@@ -52,22 +51,15 @@ class Recipe:
     warmup: int = 100
 
     def tag(self) -> str:
-        text = json.dumps({"version": TINY_CLIP_TRAINED_VERSION, **dataclasses.asdict(self)}, sort_keys=True)
-        return hashlib.sha1(text.encode()).hexdigest()[:10]
+        return recipe_tag(TINY_CLIP_TRAINED_VERSION, self)
 
 
 RECIPE = Recipe()
 
 
 def with_overrides(recipe: Recipe, overrides: list[str] | tuple[str, ...]) -> Recipe:
-    fields = {f.name for f in dataclasses.fields(Recipe)}
-    changes = {}
-    for item in overrides:
-        key, sep, value = item.partition("=")
-        if not sep or key not in fields:
-            raise ValueError(f"override {item!r}: key=value with key one of {sorted(fields)}")
-        changes[key] = json.loads(value)
-    return dataclasses.replace(recipe, **changes)
+    """`key=value` overrides of the recipe (values parsed as JSON: steps=300)."""
+    return recipe_overrides(recipe, overrides)
 
 
 def open_clip_config(recipe: Recipe, vocab: int, pad_id: int, eos_id: int) -> dict:

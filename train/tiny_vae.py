@@ -37,7 +37,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
-import hashlib
 import io
 import json
 import math
@@ -48,7 +47,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from unicap.tiny_build import DONE_MARK, cached, find
+from unicap.tiny_build import DONE_MARK, cached, find, recipe_overrides, recipe_tag
 
 # bump when the build code changes: a new folder is built instead of a stale one loaded
 TINY_VAE_VERSION = "1"
@@ -83,8 +82,7 @@ class Recipe:
     norm_num_groups: int = 4
 
     def tag(self) -> str:
-        text = json.dumps({"version": TINY_VAE_VERSION, **dataclasses.asdict(self)}, sort_keys=True)
-        return hashlib.sha1(text.encode()).hexdigest()[:10]
+        return recipe_tag(TINY_VAE_VERSION, self)
 
 
 RECIPE = Recipe()
@@ -92,15 +90,7 @@ RECIPE = Recipe()
 
 def with_overrides(recipe: Recipe, overrides: list[str] | tuple[str, ...]) -> Recipe:
     """`key=value` overrides of a recipe (values parsed as JSON: steps=200, block_out_channels=[16,32,32,32])."""
-    fields = {f.name: f for f in dataclasses.fields(Recipe)}
-    changes = {}
-    for item in overrides:
-        key, sep, value = item.partition("=")
-        if not sep or key not in fields:
-            raise ValueError(f"override {item!r}: key=value with key one of {sorted(fields)}")
-        v = json.loads(value)
-        changes[key] = tuple(v) if isinstance(v, list) else v
-    return dataclasses.replace(recipe, **changes)
+    return recipe_overrides(recipe, overrides)
 
 
 # ---------------------------------------------------------------- images

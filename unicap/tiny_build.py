@@ -117,6 +117,32 @@ def _wait_for(path: Path, timeout_s: float = 3600.0) -> Path:
     return path
 
 
+def recipe_tag(version: str, recipe) -> str:
+    """A frozen-dataclass recipe's cache key: its fields and the build's version, hashed (the folder name's tail)."""
+    import dataclasses
+    import hashlib
+    import json
+
+    text = json.dumps({"version": version, **dataclasses.asdict(recipe)}, sort_keys=True)
+    return hashlib.sha1(text.encode()).hexdigest()[:10]
+
+
+def recipe_overrides(recipe, overrides: Iterable[str]):
+    """`key=value` overrides of a frozen-dataclass recipe, values parsed as JSON (steps=200, sizes=[16,32])."""
+    import dataclasses
+    import json
+
+    fields = {f.name for f in dataclasses.fields(recipe)}
+    changes = {}
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        if not sep or key not in fields:
+            raise ValueError(f"override {item!r}: key=value with key one of {sorted(fields)}")
+        v = json.loads(value)
+        changes[key] = tuple(v) if isinstance(v, list) else v
+    return dataclasses.replace(recipe, **changes)
+
+
 def train_bpe(corpus: Iterable[str], special_tokens: list[str], vocab_size: int = 1024):
     """A byte-level BPE `tokenizers.Tokenizer` trained on `corpus` (every byte encodable)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
