@@ -2,8 +2,10 @@
 
     .venv/bin/python bench/bench_text_encoder.py --data demo [--variants gemma-1600,captioner-1600,...]
 
-Each variant trains stage1 from scratch on the demo's stage1 manifest and its captions (the captioner's, not the
-answer key) through `train.launch` (DeepSpeed, train/configs/stage1_cpu.yaml plus the variant's overrides), then
+Each variant trains stage1 from scratch on DATA's stage1 manifest and DATA/captions (a demo's are the captioner's;
+bench/results/text_encoder.json was measured with the answer key copied there, data/truth -> captions/, to see the
+encoder's effect apart from caption errors: its "captions" key says which) through `train.launch` (DeepSpeed,
+train/configs/stage1_cpu.yaml plus the variant's overrides), then
 judges its final weights on the held-out set's long English and long Chinese prompts (`train.adherence`, the
 pixel judge; 32 prompts each). Adherence is a quality measure of one run per variant; `seconds` is that run's
 wall time (pack excluded: packed once), so compare seconds only as a rough cost. Results:

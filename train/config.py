@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from unicap import config as uconfig
+from unicap import runtime
 
 STAGES = ("stage1", "stage2", "stage3")
 
@@ -78,7 +79,7 @@ class LossConfig:
 @dataclass
 class DeepSpeedConfig:
     zero_stage: int = 2  # 2 (default) or 3 (parameters sharded too)
-    precision: str = "bf16"  # bf16 | fp32
+    precision: str = "auto"  # auto (bf16 on CUDA and bf16-native CPUs, else fp32) | bf16 | fp32
     overlap_comm: bool = True
     reduce_bucket_size: int = 200_000_000
 
@@ -129,8 +130,8 @@ class TrainConfig:
             raise ValueError(f"run.stage {self.run.stage!r}: one of {STAGES}")
         if self.deepspeed.zero_stage not in (0, 1, 2, 3):
             raise ValueError(f"deepspeed.zero_stage {self.deepspeed.zero_stage}: 0, 1, 2 or 3")
-        if self.deepspeed.precision not in ("bf16", "fp32"):
-            raise ValueError(f"deepspeed.precision {self.deepspeed.precision!r}: bf16 or fp32")
+        if self.deepspeed.precision not in ("auto", "bf16", "fp32"):
+            raise ValueError(f"deepspeed.precision {self.deepspeed.precision!r}: auto, bf16 or fp32")
         for name, v in (
             ("data.micro_batch", self.data.micro_batch),
             ("run.steps", self.run.steps),
@@ -168,7 +169,7 @@ def load(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] 
     return uconfig.load(TrainConfig, path, overrides)
 
 
-def deepspeed_config(cfg: TrainConfig, world_size: int) -> dict:
+def deepspeed_config(cfg: TrainConfig, world_size: int, device: str | None = None) -> dict:
     """The DeepSpeed config, derived from the TrainConfig (never a second hand-kept file).
 
     The optimizer is a torch AdamW built by the trainer (no JIT-compiled fused optimizer on CPU);
@@ -186,9 +187,10 @@ def deepspeed_config(cfg: TrainConfig, world_size: int) -> dict:
         "gradient_clipping": cfg.optim.grad_clip,
         # non-finite gradients are caught by the trainer's own guard (train.trainer.GradGuard) under every
         # ZeRO stage; DeepSpeed's bf16 overflow check would be a second pass over the gradients
-        "bf16": {"enabled": ds.precision == "bf16", "check_grad_overflow": False},
+        "bf16": {"enabled": runtime.resolve_precision(ds.precision, device) == "bf16", "check_grad_overflow": False},
         "zero_optimization": zero,
         "zero_allow_untested_optimizer": True,
         "steps_per_print": 10**9,
         "wall_clock_breakdown": False,
     }
+

@@ -270,6 +270,8 @@ def train(cfg: TrainConfig) -> int:
     from train.data import make_loader
 
     device = runtime.resolve_device("auto")
+    # auto -> bf16 on CUDA and bf16-native CPUs, else fp32 (emulated bf16 is ~30x slower): config.yaml says which
+    cfg.deepspeed.precision = runtime.resolve_precision(cfg.deepspeed.precision, device)
     run_dir = cfg.run_dir
     final = run_dir / contract.FINAL_DIR
     # refusals first: before any rank starts a process group or loads a model
@@ -298,7 +300,7 @@ def train(cfg: TrainConfig) -> int:
                             weight_decay=cfg.optim.weight_decay)  # fmt: skip
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg, start_step))
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=opt, lr_scheduler=sched,
-                                           config=deepspeed_config(cfg, world))  # fmt: skip
+                                           config=deepspeed_config(cfg, world, device))  # fmt: skip
     ema = ShardedEMA(engine.module, cfg.optim.ema_decay)
     if resume:
         ckpt.load_training_state(engine, ema, resume, optimizer=True)

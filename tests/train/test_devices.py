@@ -72,7 +72,7 @@ def test_captioner_trainer_names_every_device(tmp_path):
            "data.global_batch=4", "data.num_workers=0", f"data.max_pixels={112 * 112}", "data.levels=[short]",
            "optim.ground_first_steps=1", "optim.warmup_steps=1", "run.steps=2", "run.save_every=2",
            "run.max_minutes=0", "run.progress=false", "run.log_every=1", "run.threads=1",
-           "model.export_dtype=float32"]  # fmt: skip
+           "model.export_dtype=float32", "deepspeed.precision=auto"]  # fmt: skip
     run(cmd, audit)
     found, processes = findings(audit)
     assert processes >= 2

@@ -44,3 +44,41 @@ def test_ray_jobs_take_their_device_from_the_cluster_not_the_driver(monkeypatch)
         runtime.cluster_device("cuda")
     with pytest.raises(ValueError, match="device 'cuda:1'"):
         runtime.cluster_device("cuda:1")
+
+
+def cpu_flags() -> set[str]:
+    for line in open("/proc/cpuinfo"):
+        if line.startswith("flags"):
+            return set(line.split(":", 1)[1].split())
+    return set()
+
+
+def test_bf16_hardware_probe_agrees_with_the_cpu_flags():
+    """torch's probe against the kernel's own list: a CPU without avx512_bf16 / amx_bf16 emulates bf16 (~30x slower
+    than fp32 on the AVX2 EPYC measured), so "auto" must not pick bf16 there."""
+    flags = cpu_flags()
+    if not flags:
+        pytest.skip("no /proc/cpuinfo flags on this machine")
+    assert runtime.cpu_bf16_native() == bool({"avx512_bf16", "amx_bf16"} & flags), sorted(flags)
+
+
+@pytest.mark.parametrize("native", [False, True])
+def test_auto_precision_and_autocast_pick_bf16_only_where_it_runs_natively(monkeypatch, native):
+    from train.captioner.config import CaptionerConfig
+    from train.captioner.config import deepspeed_config as captioner_ds
+    from train.config import TrainConfig, deepspeed_config
+
+    monkeypatch.setattr(runtime, "cpu_bf16_native", lambda: native)
+    cpu = "bf16" if native else "fp32"
+    assert runtime.resolve_precision("auto", "cpu") == cpu
+    assert runtime.resolve_precision("auto", "cuda:1") == "bf16"  # a GPU: always bf16
+    assert runtime.resolve_precision("bf16", "cpu") == "bf16" and runtime.resolve_precision("fp32", "cuda") == "fp32"
+    assert runtime.autocast_enabled("cpu") == native and runtime.autocast_enabled("cuda")
+    assert not runtime.autocast_enabled("cuda", wanted=False)
+    # both trainers' DeepSpeed configs follow the same decision (their default precision is auto)
+    assert TrainConfig().deepspeed.precision == "auto" and CaptionerConfig().deepspeed.precision == "auto"
+    assert deepspeed_config(TrainConfig(), 1, "cpu")["bf16"]["enabled"] == native
+    assert deepspeed_config(TrainConfig(), 1, "cuda")["bf16"]["enabled"]
+    assert captioner_ds(CaptionerConfig(), 1, "cpu")["bf16"]["enabled"] == native
+    with pytest.raises(ValueError, match="precision 'fp16': one of"):
+        runtime.resolve_precision("fp16", "cuda")

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from unicap import config as uconfig
+from unicap import runtime
 from unicap.contract import caption as caption_record
 from unicap.engines import MAX_PIXELS
 from unicap.tiny_vlm import Qwen2VLArch
@@ -75,7 +76,7 @@ class OptimConfig:
 @dataclass
 class DeepSpeedConfig:
     zero_stage: int = 2
-    precision: str = "bf16"  # bf16 | fp32
+    precision: str = "auto"  # auto (bf16 on CUDA and bf16-native CPUs, else fp32) | bf16 | fp32
 
 
 @dataclass
@@ -120,8 +121,8 @@ class CaptionerConfig:
             raise ValueError("model.grounding needs the synthetic source (its scene graphs are the targets)")
         if self.deepspeed.zero_stage not in (1, 2, 3):
             raise ValueError(f"deepspeed.zero_stage {self.deepspeed.zero_stage}: 1, 2 or 3")
-        if self.deepspeed.precision not in ("bf16", "fp32"):
-            raise ValueError(f"deepspeed.precision {self.deepspeed.precision!r}: bf16 or fp32")
+        if self.deepspeed.precision not in ("auto", "bf16", "fp32"):
+            raise ValueError(f"deepspeed.precision {self.deepspeed.precision!r}: auto, bf16 or fp32")
         if self.model.export_dtype not in ("bfloat16", "float16", "float32"):
             raise ValueError(f"model.export_dtype {self.model.export_dtype!r}: bfloat16, float16 or float32")
         if self.optim.schedule not in ("cosine", "constant"):
@@ -154,7 +155,7 @@ def load(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] 
     return uconfig.load(CaptionerConfig, path, overrides)
 
 
-def deepspeed_config(cfg: CaptionerConfig, world_size: int) -> dict:
+def deepspeed_config(cfg: CaptionerConfig, world_size: int, device: str | None = None) -> dict:
     """The DeepSpeed config, derived from the CaptionerConfig (never a second hand-kept file)."""
     accum = cfg.grad_accum(world_size)
     return {
@@ -162,7 +163,7 @@ def deepspeed_config(cfg: CaptionerConfig, world_size: int) -> dict:
         "gradient_accumulation_steps": accum,
         "train_batch_size": cfg.data.micro_batch * accum * world_size,
         "gradient_clipping": cfg.optim.grad_clip,
-        "bf16": {"enabled": cfg.deepspeed.precision == "bf16"},
+        "bf16": {"enabled": runtime.resolve_precision(cfg.deepspeed.precision, device) == "bf16"},
         "zero_optimization": {
             "stage": cfg.deepspeed.zero_stage,
             "contiguous_gradients": True,
@@ -173,3 +174,4 @@ def deepspeed_config(cfg: CaptionerConfig, world_size: int) -> dict:
         "steps_per_print": 10**9,
         "wall_clock_breakdown": False,
     }
+

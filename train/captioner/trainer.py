@@ -259,6 +259,8 @@ def train(cfg: CaptionerConfig) -> int:
     from train.captioner.export import export_folder
 
     device = runtime.resolve_device("auto")
+    # auto -> bf16 on CUDA and bf16-native CPUs, else fp32 (emulated bf16 is ~30x slower): config.yaml says which
+    cfg.deepspeed.precision = runtime.resolve_precision(cfg.deepspeed.precision, device)
     run_dir = cfg.run_dir
     final = run_dir / FINAL_DIR
     done = final / "unicap_captioner.json"
@@ -301,7 +303,7 @@ def train(cfg: CaptionerConfig) -> int:
     start_step = state["step"]
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: lr_factor(cfg, start_step + i))
     engine, _, _, _ = deepspeed.initialize(model=module, optimizer=opt, lr_scheduler=sched,
-                                           config=deepspeed_config(cfg, world))  # fmt: skip
+                                           config=deepspeed_config(cfg, world, device))  # fmt: skip
     # AdamW's state exists from the start and is linked to ZeRO's fragments now: a parameter group without
     # gradients at the first step (the language model during optim.ground_first_steps) would stay unlinked
     zero.ensure_optimizer_state(engine)

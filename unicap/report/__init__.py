@@ -10,6 +10,7 @@ captions, training loss curves, sample grids and prompt adherence. It reads the 
 
     DIR/data/ (shards; data/truth/ on the synthetic set)   DIR/captions/   DIR/heldout/, DIR/heldout_captions/
     DIR/scores/   DIR/stages/   DIR/runs/stage{1,2,3}/   DIR/adherence/adherence.json
+    DIR/adherence_*/adherence.json (more prompt languages or levels, e.g. the demo's adherence_zh/)
 
 A part that is missing becomes a section that says so and how to produce it. The report only reads:
 collect.py reads the folders into plain dicts, plots.py draws the figures (matplotlib), page.py writes

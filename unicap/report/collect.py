@@ -674,29 +674,34 @@ def collect_training(run: RunFolder) -> dict:
 
 
 def collect_adherence(run: RunFolder) -> dict:
-    """adherence/adherence.json: attribute accuracy per weights, the facts behind it, examples with images."""
-    sec = _section(data=None, examples=[])
-    path = run.adherence / "adherence.json"
-    data = _read_json(path)
-    if data is None:
-        sec["missing"].append((str(path), how_to(run)["adherence"]))
-        return sec
-    sec["data"] = data
-    root = run.adherence.resolve()
+    """adherence/adherence.json and every adherence_*/adherence.json beside it (other prompt languages or levels:
+    the demo's adherence_zh/), one entry each in "runs": attribute accuracy per weights, the facts behind it,
+    examples with their images."""
+    sec = _section(runs=[])
+    extra = sorted(p for p in run.root.glob("adherence_*") if p.is_dir() and (p / "adherence.json").is_file())
+    for folder in [run.adherence, *extra]:
+        data = _read_json(folder / "adherence.json")
+        if data is None:
+            sec["missing"].append((str(folder / "adherence.json"), how_to(run)["adherence"]))
+            continue
+        sec["runs"].append({"folder": folder.name, "data": data, "examples": _adherence_examples(folder, data)})
+    return sec
+
+
+def _adherence_examples(folder: Path, data: dict) -> list[dict]:
+    """The examples of one adherence.json with their images inlined (paths that leave the folder are not read)."""
+    root = folder.resolve()
 
     def inline(rel) -> str | None:
         if not isinstance(rel, str):
             return None
-        p = (run.adherence / rel).resolve()
-        if not p.is_relative_to(root) or not p.is_file():  # paths stay inside the adherence folder
+        p = (folder / rel).resolve()
+        if not p.is_relative_to(root) or not p.is_file():
             return None
         return image_uri(p.read_bytes(), THUMB_SIDE)
 
-    for ex in data.get("examples") or []:
-        if isinstance(ex, dict):
-            sec["examples"].append({**ex, "image_uri": inline(ex.get("image")),
-                                    "truth_uri": inline(ex.get("truth_image"))})  # fmt: skip
-    return sec
+    return [{**ex, "image_uri": inline(ex.get("image")), "truth_uri": inline(ex.get("truth_image"))}
+            for ex in data.get("examples") or [] if isinstance(ex, dict)]  # fmt: skip
 
 
 # ---------------------------------------------------------------- everything

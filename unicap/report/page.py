@@ -477,53 +477,52 @@ def samples_section(r: Mapping) -> str:
 def adherence_section(r: Mapping) -> str:
     sec = r["adherence"]
     body = section_head(sec)
-    data = sec.get("data")
-    if data:
-        attrs = [str(a) for a in data.get("attributes") or []]
-        facts = data.get("facts") or {}
-        p = data.get("prompts") or {}
-        body += (f'<p class="legend">{esc(p.get("n"))} prompts, level {esc(p.get("level"))}, language '
-                 f'{esc(p.get("language"))}, from {esc(p.get("truth"))}; images {esc("×".join(map(str, data.get("size") or [])))} px. '
-                 "A cell: the share of images whose attribute the checker found as the prompt says (n: facts checked).</p>")  # fmt: skip
-        head = (
-            "<thead><tr><th>weights</th>"
-            + "".join(f'<th class="num">{esc(a)}</th>' for a in attrs)
-            + "</tr></thead>"
-        )
-        rows = ""
-        for name, accs in (data.get("rows") or {}).items():
-            accs = accs if isinstance(accs, dict) else {}
-            cells = ""
-            for a in attrs:
-                v = accs.get(a)
-                n = (facts.get(name) or {}).get(a) if isinstance(facts.get(name), dict) else None
-                shown = "–" if not isinstance(v, int | float) else f"{v:.2f}"
-                nn = f'<br><span class="legend">n={esc(n)}</span>' if n is not None else ""
-                cells += f'<td class="num {level_class(v if isinstance(v, int | float) else None)}">{shown}{nn}</td>'
-            rows += f"<tr><th>{esc(name)}</th>{cells}</tr>"
-        body += f'<div class="scroll"><table>{head}<tbody>{rows}</tbody></table></div>'
-        cards = []
-        for ex in sec.get("examples") or []:
-            verdicts = ex.get("verdicts") if isinstance(ex.get("verdicts"), dict) else {}
-            chips = " ".join(badge(f"{'✓' if v else '✗'} {a}", "ok" if v else "failed") if isinstance(v, bool)
-                             else badge(f"– {a}", "neutral") for a, v in verdicts.items())  # fmt: skip
-            pair = ""
-            for label, uri in (
-                ("answer key", ex.get("truth_uri")),
-                (str(ex.get("weights", "")), ex.get("image_uri")),
-            ):
-                inner = (
-                    f'<img src="{uri}" alt="{esc(label)}">'
-                    if uri
-                    else '<div class="noimg">image missing</div>'
-                )
-                pair += f"<figure>{inner}<figcaption>{esc(label)}</figcaption></figure>"
-            cards.append(f'<div class="item" style="display:block"><div class="cap">{esc(ex.get("prompt"))}</div>'
-                         f'<div class="pair">{pair}</div>{chips}</div>')  # fmt: skip
-        if cards:
-            body += f'<h3>Examples</h3><div class="adh">{"".join(cards)}</div>'
+    runs = sec.get("runs") or []
+    for run in runs:
+        if len(runs) > 1:
+            p = run["data"].get("prompts") or {}
+            body += f"<h3>{esc(run['folder'])}/ · {esc(p.get('level'))} {esc(p.get('language'))} prompts</h3>"
+        body += _adherence_run(run)
     return section("adherence", "Prompt adherence", "Does the trained model draw what the prompt asks? Prompts "
                    "are the synthetic set's captions, so every attribute can be checked on the generated image.", body)  # fmt: skip
+
+
+def _adherence_run(run: Mapping) -> str:
+    """One adherence.json: its accuracy table and its examples beside their truth images."""
+    data, body = run["data"], ""
+    attrs = [str(a) for a in data.get("attributes") or []]
+    facts = data.get("facts") or {}
+    p = data.get("prompts") or {}
+    body += (f'<p class="legend">{esc(p.get("n"))} prompts, level {esc(p.get("level"))}, language '
+             f'{esc(p.get("language"))}, from {esc(p.get("truth"))}; images {esc("×".join(map(str, data.get("size") or [])))} px. '
+             "A cell: the share of images whose attribute the checker found as the prompt says (n: facts checked).</p>")  # fmt: skip
+    head = "<thead><tr><th>weights</th>" + "".join(f'<th class="num">{esc(a)}</th>' for a in attrs) + "</tr></thead>"
+    rows = ""
+    for name, accs in (data.get("rows") or {}).items():
+        accs = accs if isinstance(accs, dict) else {}
+        cells = ""
+        for a in attrs:
+            v = accs.get(a)
+            n = (facts.get(name) or {}).get(a) if isinstance(facts.get(name), dict) else None
+            shown = "–" if not isinstance(v, int | float) else f"{v:.2f}"
+            nn = f'<br><span class="legend">n={esc(n)}</span>' if n is not None else ""
+            cells += f'<td class="num {level_class(v if isinstance(v, int | float) else None)}">{shown}{nn}</td>'
+        rows += f"<tr><th>{esc(name)}</th>{cells}</tr>"
+    body += f'<div class="scroll"><table>{head}<tbody>{rows}</tbody></table></div>'
+    cards = []
+    for ex in run.get("examples") or []:
+        verdicts = ex.get("verdicts") if isinstance(ex.get("verdicts"), dict) else {}
+        chips = " ".join(badge(f"{'✓' if v else '✗'} {a}", "ok" if v else "failed") if isinstance(v, bool)
+                         else badge(f"– {a}", "neutral") for a, v in verdicts.items())  # fmt: skip
+        pair = ""
+        for label, uri in (("answer key", ex.get("truth_uri")), (str(ex.get("weights", "")), ex.get("image_uri"))):
+            inner = f'<img src="{uri}" alt="{esc(label)}">' if uri else '<div class="noimg">image missing</div>'
+            pair += f"<figure>{inner}<figcaption>{esc(label)}</figcaption></figure>"
+        cards.append(f'<div class="item" style="display:block"><div class="cap">{esc(ex.get("prompt"))}</div>'
+                     f'<div class="pair">{pair}</div>{chips}</div>')  # fmt: skip
+    if cards:
+        body += f'<h3>Examples</h3><div class="adh">{"".join(cards)}</div>'
+    return body
 
 
 def render(report: Mapping, generated_at: dt.datetime | None = None) -> str:

@@ -75,7 +75,8 @@ def test_a_short_run_of_the_recipe_still_learns(tmp_path):
     """60 steps of the recipe (30 of grounding, 30 of the whole model) on smaller batches: the vision tower's
     colour head and the captions' loss both fall."""
     recipe = ("run.steps=60", "optim.ground_first_steps=30", "optim.warmup_steps=5", "data.micro_batch=8",
-              "data.num_workers=0", "run.log_every=5", "run.progress=false")  # fmt: skip
+              "data.num_workers=0", "run.log_every=5", "run.progress=false",
+              "deepspeed.precision=auto")  # fp32 where bf16 is emulated: 16 s/step there, not 0.5  # fmt: skip
     tiny_recipe.tiny_captioner(overrides=recipe, root=tmp_path)
     rows = [json.loads(line) for line in (tiny_recipe.run_folder(overrides=recipe, root=tmp_path) / "metrics.jsonl")
             .read_text().splitlines()]  # fmt: skip
@@ -96,7 +97,7 @@ def test_threads_until_a_file_then_every_core_resumes_the_same_run(tmp_path, cap
     release = tmp_path / "released"
     release.touch()  # already there: the first part stops after its first step
     recipe = ("run.steps=5", "optim.ground_first_steps=2", "data.micro_batch=4", "data.num_workers=0",
-              "run.log_every=1", "run.progress=false")  # fmt: skip
+              "run.log_every=1", "run.progress=false", "deepspeed.precision=auto")  # fmt: skip
     folder = tiny.tiny_captioner(overrides=recipe, root=tmp_path, threads=1, threads_until=release)
     out = capfd.readouterr().out
     assert f"stopped by {release} at step 1;" in out, out[-3000:]

@@ -40,7 +40,7 @@ def overrides(handful: Path, out: Path, *extra: str) -> list[str]:
         "optim.vision_lr_scale=1.0",
         "run.max_minutes=0",
             "optim.lr=3e-3", "optim.warmup_steps=3", "optim.schedule=constant", "model.grounding=false",
-            "model.export_dtype=float32", "run.progress=false", "run.log_every=1", "run.threads=1", *extra]  # fmt: skip
+            "model.export_dtype=float32", "run.progress=false", "run.log_every=1", "run.threads=1", "deepspeed.precision=auto", *extra]  # fmt: skip
 
 
 def launch(args: list[str], nproc: int = 1) -> subprocess.CompletedProcess:

@@ -36,6 +36,7 @@ CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-
 HOSTILE = '</td></table><script>alert("caption")</script><img id="pwned" src=x onerror="alert(1)"> & \'"'
 HOSTILE_DETAIL = '<b id="pwned-detail">bold</b> no CJK in <iframe src="javascript:alert(2)">'
 HOSTILE_PROMPT = '<svg onload="alert(3)">a red circle</svg>'
+ZH_PROMPT = "白色背景上的两个蓝色正方形"
 ATTRS = ["background", "colour", "shape", "count", "position"]
 
 
@@ -111,13 +112,13 @@ def write_training(runs: Path, prompts: list[str]) -> None:
             )
 
 
-def write_adherence(d: Path, prompt: str) -> None:
+def write_adherence(d: Path, prompt: str, language: str = "en") -> None:
     (d / "stage3").mkdir(parents=True)
     (d / "truth").mkdir()
     (d / "stage3" / "00000.png").write_bytes(png_bytes((64, 64), (200, 30, 30)))
     (d / "truth" / "00000.png").write_bytes(png_bytes((64, 64), (30, 200, 30)))
     data = {
-        "version": 1, "size": [64, 64], "prompts": {"n": 8, "level": "short", "language": "en", "truth": "heldout"},
+        "version": 1, "size": [64, 64], "prompts": {"n": 8, "level": "short", "language": language, "truth": "heldout"},
         "attributes": ATTRS,
         "rows": {"truth images": dict.fromkeys(ATTRS, 1.0), "stage1": {**dict.fromkeys(ATTRS, 0.125), "position": None},
                  "stage3": dict.fromkeys(ATTRS, 0.75)},
@@ -147,6 +148,7 @@ def run_dir(tmp_path_factory) -> Path:
     )
     write_training(root / "runs", ["a red circle on a white background", "两个蓝色的正方形", HOSTILE_PROMPT])
     write_adherence(root / "adherence", HOSTILE_PROMPT)
+    write_adherence(root / "adherence_zh", ZH_PROMPT, language="zh")  # a second prompt language, as the demo's
     return root
 
 
@@ -213,9 +215,12 @@ def test_every_section_is_there_with_its_content(full_page, run_dir):
     assert "0.500 → 0.032" in text  # stage1's loss, first -> last logged step
     assert "stage3 · step 30" in text  # the latest sample grid
     assert "truth images" in text and "0.75" in text  # adherence table
+    # both adherence folders, each under its own heading: English and the demo's Chinese prompts
+    assert "adherence/ · short en prompts" in text and "adherence_zh/ · short zh prompts" in text
+    assert ZH_PROMPT in text
     assert "answer key:" in text  # the synthetic pool's truth beside its captions
     imgs = [a for tag, a in parse(full_page).tags if tag == "img"]
-    assert len(imgs) >= 8 + 4 + 3 + 2 + 4  # gallery, held-out gallery, sample grids, adherence pair, figures
+    assert len(imgs) >= 8 + 4 + 3 + 2 * 2 + 4  # gallery, held-out gallery, sample grids, adherence pairs, figures
     assert all(a["src"].startswith("data:image/") for a in imgs)  # self-contained
     assert not any(tag in ("script", "link", "iframe") for tag, _ in parse(full_page).tags)
 
@@ -231,7 +236,7 @@ def test_hostile_model_output_stays_text(full_page):
     for hostile in (HOSTILE, HOSTILE_DETAIL, HOSTILE_PROMPT, "stand-in <i>model</i>"):
         assert hostile in text  # shown as the text it is
     # the adherence example whose image path leaves the adherence folder is shown without it
-    assert "escapes the folder" in text and full_page.count("image missing") == 1
+    assert "escapes the folder" in text and full_page.count("image missing") == 2  # once per adherence folder
 
 
 @pytest.mark.parametrize(
