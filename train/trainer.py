@@ -299,8 +299,8 @@ def train(cfg: TrainConfig) -> int:
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.optim.lr, betas=cfg.optim.betas, eps=cfg.optim.eps,
                             weight_decay=cfg.optim.weight_decay)  # fmt: skip
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg, start_step))
-    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=opt, lr_scheduler=sched,
-                                           config=deepspeed_config(cfg, world, device))  # fmt: skip
+    ds_config = deepspeed_config(cfg, world, device)
+    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=opt, lr_scheduler=sched, config=ds_config)
     ema = ShardedEMA(engine.module, cfg.optim.ema_decay)
     if resume:
         ckpt.load_training_state(engine, ema, resume, optimizer=True)

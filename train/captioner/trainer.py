@@ -302,8 +302,8 @@ def train(cfg: CaptionerConfig) -> int:
                             weight_decay=cfg.optim.weight_decay)  # fmt: skip
     start_step = state["step"]
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: lr_factor(cfg, start_step + i))
-    engine, _, _, _ = deepspeed.initialize(model=module, optimizer=opt, lr_scheduler=sched,
-                                           config=deepspeed_config(cfg, world, device))  # fmt: skip
+    ds_config = deepspeed_config(cfg, world, device)
+    engine, _, _, _ = deepspeed.initialize(model=module, optimizer=opt, lr_scheduler=sched, config=ds_config)
     # AdamW's state exists from the start and is linked to ZeRO's fragments now: a parameter group without
     # gradients at the first step (the language model during optim.ground_first_steps) would stay unlinked
     zero.ensure_optimizer_state(engine)
