@@ -62,7 +62,7 @@ lint: $(STAMP)
 test: $(STAMP)
 	$(VENV)/bin/ruff check .
 	bash tools/ensure_chromium.sh
-	$(PY) -m pytest -q -ra $(PYTEST_ARGS)
+	$(PY) -m pytest -q -ra --durations=30 $(PYTEST_ARGS)
 
 # make demo [PRESET=quick] [DEMO_DIR=demo]: quick is the same flow on less data and training (the tests run it)
 PRESET ?= full

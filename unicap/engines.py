@@ -121,13 +121,22 @@ def _with_image(messages: list[dict], part: dict) -> list[dict]:
     return out
 
 
+def _engine_dtype(dtype: str, gpu: bool) -> str:
+    """vLLM's dtype on this machine. vLLM's "auto" runs a float32 checkpoint in bf16 on every x86 CPU, and where
+    the CPU emulates bf16 (no AVX512-BF16 / AMX: runtime.cpu_bf16_native) that is ~30x slower than float32, so
+    "auto" there means float32. An explicit dtype, and "auto" on GPUs or bf16-native CPUs, pass through."""
+    if dtype == "auto" and not gpu and not runtime.cpu_bf16_native():
+        return "float32"
+    return dtype
+
+
 def vllm_engine_kwargs(cfg: EngineConfig) -> dict:
     """vLLM engine arguments (everything but the model) for this machine: one place for the job's
     engine and for benchmarks that build engines another way (ray.data.llm)."""
     gpu = runtime.has_cuda()
     kwargs = dict(
         max_model_len=cfg.max_model_len,
-        dtype=cfg.dtype,
+        dtype=_engine_dtype(cfg.dtype, gpu),
         enforce_eager=(not gpu) if cfg.enforce_eager is None else cfg.enforce_eager,
         limit_mm_per_prompt={"image": 1, "video": 0},
         mm_processor_kwargs={"max_pixels": cfg.max_pixels},

@@ -53,7 +53,7 @@ def kill_all(procs: list) -> None:
 @pytest.fixture(scope="module")
 def vllm_server(tiny_vlm):
     """A real OpenAI-compatible vLLM server on 127.0.0.1 serving the tiny Qwen2-VL."""
-    from unicap.engines import wait_for_server
+    from unicap.engines import EngineConfig, vllm_engine_kwargs, wait_for_server
 
     port = free_port()
     env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_HOST_IP": "127.0.0.1", "VLLM_LOGGING_LEVEL": "WARNING"}
@@ -61,6 +61,7 @@ def vllm_server(tiny_vlm):
         sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(tiny_vlm),
         "--host", "127.0.0.1", "--port", str(port), "--enforce-eager", "--max-model-len", "4096",
         "--limit-mm-per-prompt", '{"image": 1, "video": 0}', "--mm-processor-kwargs", '{"max_pixels": 200704}',
+        "--dtype", vllm_engine_kwargs(EngineConfig())["dtype"],  # the offline engine's: float32 where bf16 is emulated
     ]  # fmt: skip
     log = open(Path(os.environ.get("TMPDIR", "/tmp")) / f"vllm-server-{port}.log", "w")  # noqa: SIM115
     proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)

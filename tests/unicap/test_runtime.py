@@ -82,3 +82,13 @@ def test_auto_precision_and_autocast_pick_bf16_only_where_it_runs_natively(monke
     assert captioner_ds(CaptionerConfig(), 1, "cpu")["bf16"]["enabled"] == native
     with pytest.raises(ValueError, match="precision 'fp16': one of"):
         runtime.resolve_precision("fp16", "cuda")
+
+
+@pytest.mark.parametrize("native", [False, True])
+def test_vllm_auto_dtype_is_float32_on_cpus_that_emulate_bf16(monkeypatch, native):
+    """vLLM's own "auto" would run the float32 tiny captioner in bf16 on any x86 CPU (~30x slower where emulated)."""
+    monkeypatch.setattr(runtime, "cpu_bf16_native", lambda: native)
+    assert engines.vllm_engine_kwargs(EngineConfig())["dtype"] == ("auto" if native else "float32")
+    assert engines.vllm_engine_kwargs(EngineConfig(dtype="bfloat16"))["dtype"] == "bfloat16"  # asked: honoured
+    monkeypatch.setattr(runtime, "has_cuda", lambda: True)  # stand-in: a CUDA machine (none here)
+    assert engines.vllm_engine_kwargs(EngineConfig())["dtype"] == "auto"
