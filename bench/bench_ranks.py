@@ -1,0 +1,89 @@
+"""How stage1 spends 2 cores: two ranks at micro 4 against one rank at micro 8 (the same global batch of 8).
+
+    .venv/bin/python bench/bench_ranks.py --data demo [--rounds 3] [--steps 150]
+
+Each leg is `make stage1`'s trainer (train/configs/stage1_cpu.yaml: the tiny Next-DiT, the tiny CLIP's text tower, the
+trained tiny VAE, precision auto) on the demo's packed stage1, started by torchrun; the legs run interleaved, round
+after round. Seconds per step are read from the run's metrics.jsonl (samples / samples_per_s of each step), the
+median over the steps after the first 10 (warm-up); start-up (imports, DeepSpeed, codecs) is reported apart, as the
+wall time of the whole run minus the steps. Results: bench/results/ranks.json (median ratio and its spread).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+from bench._results import save  # noqa: E402
+
+LEGS = {"2 ranks x micro 4": (2, 4), "1 rank x micro 8": (1, 8)}  # name: (ranks, micro batch)
+WARMUP = 10
+
+
+def run_leg(data: Path, work: Path, ranks: int, micro: int, steps: int) -> dict:
+    from tests.conftest import free_port
+
+    out = work / f"r{ranks}-m{micro}"
+    shutil.rmtree(out, ignore_errors=True)
+    cmd = [str(Path(sys.executable).parent / "torchrun"), "--nnodes", "1", "--nproc_per_node", str(ranks),
+           "--master_addr", "127.0.0.1", "--master_port", str(free_port()), "-m", "train.trainer",
+           "--config", "train/configs/stage1_cpu.yaml", f"data.packed={data / 'packed' / 'stage1'}", f"run.out={out}",
+           f"run.steps={steps}", f"run.save_every={steps}", f"data.micro_batch={micro}", "run.sample_prompts=[]",
+           "run.progress=false", "run.tensorboard=false", "run.log_every=1"]  # fmt: skip
+    t0 = time.time()
+    r = subprocess.run(
+        cmd, cwd=ROOT, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)}
+    )
+    wall = time.time() - t0
+    if r.returncode != 0:
+        raise RuntimeError(f"{ranks} ranks x micro {micro}: exit {r.returncode}\n{r.stderr[-3000:]}")
+    rows = [json.loads(line) for line in (out / "stage1" / "metrics.jsonl").read_text().splitlines()]
+    per_step = [row["samples"] / row["samples_per_s"] for row in rows if row.get("samples_per_s")]
+    return {"s_per_step": statistics.median(per_step[WARMUP:]), "steps": len(per_step),
+            "wall_s": round(wall, 1), "startup_s": round(wall - sum(per_step), 1)}  # fmt: skip
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data", default="demo", help="a demo folder with packed/stage1 (after `make demo`)")
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--steps", type=int, default=150)
+    p.add_argument("--work", default="/tmp/bench_ranks")
+    p.add_argument("--out", default=str(ROOT / "bench" / "results" / "ranks.json"))
+    args = p.parse_args(argv)
+    data, work = Path(args.data).resolve(), Path(args.work)
+    work.mkdir(parents=True, exist_ok=True)
+    from unicap.runtime import cpu_bf16_native, resolve_precision
+
+    rounds = []
+    for i in range(args.rounds):
+        row = {"round": i}
+        for name, (ranks, micro) in LEGS.items():
+            row[name] = run_leg(data, work, ranks, micro, args.steps)
+            print(f"round {i} {name}: {row[name]}", flush=True)
+        a, b = (row[n]["s_per_step"] for n in LEGS)
+        row["one_rank_over_two"] = round(b / a, 3)
+        rounds.append(row)
+    ratios = [r["one_rank_over_two"] for r in rounds]
+    res = {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
+           "bf16_native": cpu_bf16_native(), "precision": resolve_precision("auto", "cpu"), "steps": args.steps,
+           "rounds": rounds,
+           "one_rank_over_two_s_per_step": {"median": statistics.median(ratios), "min": min(ratios),
+                                            "max": max(ratios)}}  # fmt: skip
+    save(res, args.out)
+    print(json.dumps(res["one_rank_over_two_s_per_step"]))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
