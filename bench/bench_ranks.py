@@ -35,11 +35,22 @@ def run_leg(data: Path, work: Path, ranks: int, micro: int, steps: int) -> dict:
 
     out = work / f"r{ranks}-m{micro}"
     shutil.rmtree(out, ignore_errors=True)
-    cmd = [str(Path(sys.executable).parent / "torchrun"), "--nnodes", "1", "--nproc_per_node", str(ranks),
-           "--master_addr", "127.0.0.1", "--master_port", str(free_port()), "-m", "train.trainer",
-           "--config", "train/configs/stage1_cpu.yaml", f"data.packed={data / 'packed' / 'stage1'}", f"run.out={out}",
-           f"run.steps={steps}", f"run.save_every={steps}", f"data.micro_batch={micro}", "run.sample_prompts=[]",
-           "run.progress=false", "run.tensorboard=false", "run.log_every=1"]  # fmt: skip
+    launcher = Path(sys.executable).parent / "torchrun"
+    torchrun = [str(launcher), "--nnodes", "1", "--nproc_per_node", str(ranks)]
+    rendezvous = ["--master_addr", "127.0.0.1", "--master_port", str(free_port())]
+    overrides = {
+        "data.packed": data / "packed" / "stage1",
+        "run.out": out,
+        "run.steps": steps,
+        "run.save_every": steps,
+        "data.micro_batch": micro,
+        "run.sample_prompts": "[]",
+        "run.progress": "false",
+        "run.tensorboard": "false",
+        "run.log_every": 1,
+    }
+    trainer = ["-m", "train.trainer", "--config", "train/configs/stage1_cpu.yaml"]
+    cmd = [*torchrun, *rendezvous, *trainer, *(f"{k}={v}" for k, v in overrides.items())]
     t0 = time.time()
     r = subprocess.run(
         cmd, cwd=ROOT, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)}
@@ -49,8 +60,14 @@ def run_leg(data: Path, work: Path, ranks: int, micro: int, steps: int) -> dict:
         raise RuntimeError(f"{ranks} ranks x micro {micro}: exit {r.returncode}\n{r.stderr[-3000:]}")
     rows = [json.loads(line) for line in (out / "stage1" / "metrics.jsonl").read_text().splitlines()]
     per_step = [row["samples"] / row["samples_per_s"] for row in rows if row.get("samples_per_s")]
-    return {"s_per_step": statistics.median(per_step[WARMUP:]), "steps": len(per_step),
-            "wall_s": round(wall, 1), "startup_s": round(wall - sum(per_step), 1)}  # fmt: skip
+    startup = wall - sum(per_step)
+    median = statistics.median(per_step[WARMUP:])
+    return {
+        "s_per_step": median,
+        "steps": len(per_step),
+        "wall_s": round(wall, 1),
+        "startup_s": round(startup, 1),
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -75,11 +92,14 @@ def main(argv: list[str] | None = None) -> int:
         row["one_rank_over_two"] = round(b / a, 3)
         rounds.append(row)
     ratios = [r["one_rank_over_two"] for r in rounds]
-    res = {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
-           "bf16_native": cpu_bf16_native(), "precision": resolve_precision("auto", "cpu"), "steps": args.steps,
-           "rounds": rounds,
-           "one_rank_over_two_s_per_step": {"median": statistics.median(ratios), "min": min(ratios),
-                                            "max": max(ratios)}}  # fmt: skip
+    spread = {"median": statistics.median(ratios), "min": min(ratios), "max": max(ratios)}
+    machine = {
+        "cpu": platform.processor() or platform.machine(),
+        "cores": os.cpu_count(),
+        "bf16_native": cpu_bf16_native(),
+        "precision": resolve_precision("auto", "cpu"),
+    }
+    res = {**machine, "steps": args.steps, "rounds": rounds, "one_rank_over_two_s_per_step": spread}
     save(res, args.out)
     print(json.dumps(res["one_rank_over_two_s_per_step"]))
     return 0
