@@ -26,14 +26,15 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from bench._results import save  # noqa: E402
 
-LEGS = {"2 ranks x micro 4": (2, 4), "1 rank x micro 8": (1, 8)}  # name: (ranks, micro batch)
+LEGS = {"2 ranks x micro 4": (2, {"data.micro_batch": 4}), "1 rank x micro 8": (1, {"data.micro_batch": 8})}
 WARMUP = 10
 
 
-def run_leg(data: Path, work: Path, ranks: int, micro: int, steps: int) -> dict:
+def run_leg(data: Path, work: Path, ranks: int, extra: dict, steps: int) -> dict:
+    """One stage1 run of `steps` on `ranks` ranks with the config overrides `extra`: its seconds per step."""
     from tests.conftest import free_port
 
-    out = work / f"r{ranks}-m{micro}"
+    out = work / "leg"
     shutil.rmtree(out, ignore_errors=True)
     launcher = Path(sys.executable).parent / "torchrun"
     torchrun = [str(launcher), "--nnodes", "1", "--nproc_per_node", str(ranks)]
@@ -43,11 +44,11 @@ def run_leg(data: Path, work: Path, ranks: int, micro: int, steps: int) -> dict:
         "run.out": out,
         "run.steps": steps,
         "run.save_every": steps,
-        "data.micro_batch": micro,
         "run.sample_prompts": "[]",
         "run.progress": "false",
         "run.tensorboard": "false",
         "run.log_every": 1,
+        **extra,
     }
     trainer = ["-m", "train.trainer", "--config", "train/configs/stage1_cpu.yaml"]
     cmd = [*torchrun, *rendezvous, *trainer, *(f"{k}={v}" for k, v in overrides.items())]
@@ -57,7 +58,7 @@ def run_leg(data: Path, work: Path, ranks: int, micro: int, steps: int) -> dict:
     )
     wall = time.time() - t0
     if r.returncode != 0:
-        raise RuntimeError(f"{ranks} ranks x micro {micro}: exit {r.returncode}\n{r.stderr[-3000:]}")
+        raise RuntimeError(f"{ranks} ranks, {extra}: exit {r.returncode}\n{r.stderr[-3000:]}")
     rows = [json.loads(line) for line in (out / "stage1" / "metrics.jsonl").read_text().splitlines()]
     per_step = [row["samples"] / row["samples_per_s"] for row in rows if row.get("samples_per_s")]
     startup = wall - sum(per_step)
@@ -85,8 +86,8 @@ def main(argv: list[str] | None = None) -> int:
     rounds = []
     for i in range(args.rounds):
         row = {"round": i}
-        for name, (ranks, micro) in LEGS.items():
-            row[name] = run_leg(data, work, ranks, micro, args.steps)
+        for name, (ranks, extra) in LEGS.items():
+            row[name] = run_leg(data, work, ranks, extra, args.steps)
             print(f"round {i} {name}: {row[name]}", flush=True)
         a, b = (row[n]["s_per_step"] for n in LEGS)
         row["one_rank_over_two"] = round(b / a, 3)

@@ -483,9 +483,10 @@ def main(argv: list[str] | None = None) -> int:
             run_quietly(work, step, args.preset)
         times[step] = round(time.time() - t, 1)
     total = time.time() - t0
-    (work / "logs").mkdir(parents=True, exist_ok=True)
-    (work / "logs" / "times.json").write_text(json.dumps({"preset": args.preset, "seconds": round(total, 1),
-                                                          "steps": times}, indent=1))  # fmt: skip
+    if times:  # a run that redid nothing keeps the record of the run that did the work
+        (work / "logs").mkdir(parents=True, exist_ok=True)
+        record = {"preset": args.preset, "seconds": round(total, 1), "steps": times}
+        (work / "logs" / "times.json").write_text(json.dumps(record, indent=1))
     print(f"demo: done in {total:.1f}s. Open {work / 'report.html'}; captions: pandas.read_parquet({str(work / 'captions')!r}); "
           f"answer key: pandas.read_parquet({str(work / 'data' / 'truth')!r}); weights {work / 'runs' / 'stage3' / 'final'}")  # fmt: skip
     return 0

@@ -52,6 +52,10 @@ class DataConfig:
     language_weights: dict[str, float] = field(default_factory=lambda: {"en": 0.5, "zh": 0.5})
     original_caption_weight: float = 0.0  # share of samples trained on the alt text instead
     caption_dropout: float = 0.1  # empty caption (the system prompt stays) for classifier-free guidance
+    # one level x language draw per micro-batch instead of per sample (each sample's odds unchanged): captions of
+    # one micro-batch then have similar lengths, so less padding where attention pads (sdpa; not varlen flash-attn)
+    group_caption_levels: bool = False
+    latent_cache_mb: int = 0  # per rank: VAE latents of samples seen before (train/latent_cache.py); 0 = off
 
 
 @dataclass
@@ -142,6 +146,8 @@ class TrainConfig:
         ):
             if v < 1:
                 raise ValueError(f"{name} must be >= 1, got {v}")
+        if self.data.latent_cache_mb < 0:
+            raise ValueError(f"data.latent_cache_mb {self.data.latent_cache_mb}: 0 (off) or a size in MiB")
         if not 0.0 <= self.data.caption_dropout < 1.0:
             raise ValueError(f"data.caption_dropout {self.data.caption_dropout}: in [0, 1)")
         if not 0.0 <= self.optim.ema_decay < 1.0:

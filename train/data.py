@@ -312,6 +312,8 @@ class PackedBatches(torch.utils.data.Dataset):
         shard = self.stage.files[ref.file]
         rows = batch_rows(ref, self.seed)  # (B,)
         u = sample_uniforms(self.seed, ref.epoch, ref.file, rows)  # (B, 5)
+        if self.cfg.group_caption_levels and len(u):
+            u[:, 2:4] = u[0, 2:4]  # the first sample's level x language draw for all (each still uniform)
         images, captions, keys, reasons = [], [], [], Counter()
         positions, fd = self._file_positions(ref.file), self._fd(ref.file)
         for row, ui in zip(rows, u, strict=True):

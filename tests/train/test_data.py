@@ -232,3 +232,25 @@ def test_missing_metadata_and_an_empty_stage_are_clear_errors(tmp_path):
     root = write_stage(tmp_path / "empty", rows_per_file=[0])
     with pytest.raises(ValueError, match="no ok rows"):
         BatchPlanner(PackedStage(root), MB, 0)
+
+
+def test_grouped_levels_give_a_micro_batch_one_column_and_each_sample_its_odds(stage_dir):
+    stage = PackedStage(stage_dir)
+    weights = {"long": 0.4, "medium": 0.3, "short": 0.2, "tags": 0.1}
+
+    def columns(group: bool) -> list[list[str]]:
+        cfg = DataConfig(packed=str(stage_dir), resolution=64, micro_batch=MB, caption_dropout=0.0,
+                         level_weights=weights, group_caption_levels=group)  # fmt: skip
+        ds = PackedBatches(stage, cfg, seed=0)
+        out = []
+        for g in range(400):
+            b = ds[g]
+            out.append([c.rsplit(" ", 1)[0] for c, k in zip(b["captions"], b["keys"], strict=True)])
+        return out
+
+    grouped, mixed = columns(True), columns(False)
+    assert all(len(set(cols)) == 1 for cols in grouped)  # one level x language per micro-batch
+    assert sum(len(set(cols)) > 1 for cols in mixed) > 100  # per-sample draws mix them (the default)
+    batches = Counter(cols[0].split("_")[1] for cols in grouped)  # each micro-batch's draw follows the weights
+    for level, w in weights.items():
+        assert batches[level] / len(grouped) == pytest.approx(w, abs=0.06), batches

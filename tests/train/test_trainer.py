@@ -176,7 +176,7 @@ import sys, torch, deepspeed
 from train import trainer, zero
 from unicap import distributed
 from train.config import load, deepspeed_config
-cfg = load("train/configs/stage1_cpu.yaml", ["model.vae=tiny", "data.micro_batch=2", "data.global_batch=2", f"data.packed={sys.argv[1]}"])
+cfg = load("train/configs/stage1_cpu.yaml", ["model.vae=tiny", "data.latent_cache_mb=0", "data.micro_batch=2", "data.global_batch=2", f"data.packed={sys.argv[1]}"])
 distributed.init("cpu")
 codecs = trainer.load_codecs(cfg, "cpu")
 model = trainer.build_model(cfg, codecs.text.dim)
@@ -220,7 +220,7 @@ from unicap import distributed
 from train.config import load, deepspeed_config
 from train.ema import ShardedEMA, ema_decay
 stage = int(sys.argv[2])
-cfg = load("train/configs/stage1_cpu.yaml", ["model.vae=tiny", "data.micro_batch=2", "data.global_batch=4", f"data.packed={sys.argv[1]}",
+cfg = load("train/configs/stage1_cpu.yaml", ["model.vae=tiny", "data.latent_cache_mb=0", "data.micro_batch=2", "data.global_batch=4", f"data.packed={sys.argv[1]}",
                                              f"deepspeed.zero_stage={stage}"])
 _, world = distributed.init("cpu")
 codecs = trainer.load_codecs(cfg, "cpu")
@@ -258,3 +258,21 @@ def test_sharded_ema_equals_a_full_ema(packed_stage, tmp_path, zero_stage):
     r = subprocess.run(cmd, env=env(), capture_output=True, text=True, timeout=600,
                        cwd=Path(__file__).resolve().parents[2])  # fmt: skip
     assert r.returncode == 0 and "EMA-OK" in r.stdout, (r.stdout[-2000:], r.stderr[-4000:])
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf"), None])
+def test_the_grad_guard_flags_and_zeroes_a_non_finite_entry(bad):
+    from train.trainer import GradGuard
+
+    layer = torch.nn.Linear(3, 2)
+    guard = GradGuard(layer)
+    x = torch.ones(4, 3)
+    if bad is not None:
+        x[1, 2] = bad
+    layer(x).sum().backward()
+    flagged = bool(guard.take())
+    assert flagged == (bad is not None) and not bool(guard.take())  # taking resets it
+    assert all(torch.isfinite(p.grad).all() for p in layer.parameters())
+    if bad is not None:
+        assert layer.weight.grad[:, 2].eq(0).all()  # the non-finite entries were zeroed, the rest kept
+        assert layer.weight.grad[:, 0].eq(4).all()
