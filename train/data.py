@@ -313,7 +313,9 @@ class PackedBatches(torch.utils.data.Dataset):
         rows = batch_rows(ref, self.seed)  # (B,)
         u = sample_uniforms(self.seed, ref.epoch, ref.file, rows)  # (B, 5)
         if self.cfg.group_caption_levels and len(u):
-            u[:, 2:4] = u[0, 2:4]  # the first sample's level x language draw for all (each still uniform)
+            # the first sample's level x language draw for all: each sample's odds are unchanged, and the
+            # micro-batch is a function of (seed, epoch), not of the world size, so a resume draws the same
+            u[:, 2:4] = u[0, 2:4]
         images, captions, keys, reasons = [], [], [], Counter()
         positions, fd = self._file_positions(ref.file), self._fd(ref.file)
         for row, ui in zip(rows, u, strict=True):

@@ -29,8 +29,8 @@ def test_gpu_check_on_cpu_runs_its_parts_and_writes_one_json(tmp_path):
     parts = ("env", "trainer", "zero3", "crash", "sample", "mfu")
     assert [res[p]["status"] for p in parts] == ["ok"] * 5 + ["skipped"], {p: res[p] for p in parts}
     t = res["trainer"]
-    assert t["steps"] == 12 and t["diffusers_export"] and t["sample_grid"]
-    assert t["sigterm_checkpoint"] and t["resumed_to_20"]
+    assert t["steps"] == 20 and t["final_weights"] and t["diffusers_export"] and t["sample_grid"]
+    assert t["sigterm_checkpoint"] and t["resumed"]
     assert res["crash"]["exit_code"] != 0 and res["crash"]["seconds_to_exit"] < 10
     assert res["sample"]["images"] == 2
     for part in ("env", "trainer", "zero3", "crash", "sample", "mfu"):  # the table: one line per part
