@@ -113,7 +113,7 @@ def main() -> int:
     packed = (
         Path(args.packed) if args.packed else packed_stage(Path(args.workdir), args.images, args.resolution)
     )
-    cfg = load("train/configs/stage1_cpu.yaml", [f"data.packed={packed}", f"data.resolution={args.resolution}",
+    cfg = load("train/configs/stage1_cpu.yaml", ["data.latent_cache_mb=0", f"data.packed={packed}", f"data.resolution={args.resolution}",
                f"data.micro_batch={args.micro}", f"data.global_batch={args.micro}", "loss.lowres_weight=1.0", "model.vae=tiny", *args.set])  # fmt: skip
     distributed.init(dev)
     if dev == "cpu":
@@ -183,7 +183,7 @@ def main() -> int:
         sync()
         return time.perf_counter() - t0
 
-    loader_cfg = load("train/configs/stage1_cpu.yaml", [f"data.packed={packed}", f"data.resolution={args.resolution}",
+    loader_cfg = load("train/configs/stage1_cpu.yaml", ["data.latent_cache_mb=0", f"data.packed={packed}", f"data.resolution={args.resolution}",
                       f"data.micro_batch={args.micro}", "data.num_workers=1"]).data  # fmt: skip
 
     def loader_rate(n_batches: int) -> float:

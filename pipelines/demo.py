@@ -71,6 +71,21 @@ PRESETS = {
 }
 
 
+def record_times(log: Path, preset: str, times: dict[str, float]) -> dict:
+    """Merge this run's step seconds into LOG (logs/times.json): the steps a re-run did not redo keep the times
+    of the run that did them; another preset's record, or an unreadable one, is replaced."""
+    try:
+        earlier = json.loads(log.read_text())
+    except (OSError, ValueError):
+        earlier = {}
+    same = isinstance(earlier, dict) and earlier.get("preset") == preset and isinstance(earlier.get("steps"), dict)
+    steps = {**earlier["steps"], **times} if same else dict(times)
+    record = {"preset": preset, "seconds": round(sum(steps.values()), 1), "steps": steps}
+    log.parent.mkdir(parents=True, exist_ok=True)
+    log.write_text(json.dumps(record, indent=1))
+    return record
+
+
 # ---------------------------------------------------------------- steps
 
 
@@ -483,10 +498,8 @@ def main(argv: list[str] | None = None) -> int:
             run_quietly(work, step, args.preset)
         times[step] = round(time.time() - t, 1)
     total = time.time() - t0
-    if times:  # a run that redid nothing keeps the record of the run that did the work
-        (work / "logs").mkdir(parents=True, exist_ok=True)
-        record = {"preset": args.preset, "seconds": round(total, 1), "steps": times}
-        (work / "logs" / "times.json").write_text(json.dumps(record, indent=1))
+    if times:
+        record_times(work / "logs" / "times.json", args.preset, times)
     print(f"demo: done in {total:.1f}s. Open {work / 'report.html'}; captions: pandas.read_parquet({str(work / 'captions')!r}); "
           f"answer key: pandas.read_parquet({str(work / 'data' / 'truth')!r}); weights {work / 'runs' / 'stage3' / 'final'}")  # fmt: skip
     return 0

@@ -20,6 +20,7 @@ captioner (the captioner trainer), score (needs Ray + open_clip), gpu-tests (pyt
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib.util
 import json
 import os
@@ -198,8 +199,8 @@ TRAINER_STEPS = 20
 def part_trainer(ctx: dict) -> dict:
     """20 steps with a checkpoint every 6: SIGTERM at step >= 3 (its checkpoint), then the same command resumes
     to the end; the final folder, its diffusers export and the sample grid. One run stopped and resumed, not an
-    uninterrupted run beside it: every launch costs its start-up (~25 s on 2 CPU cores), and the trainer tests
-    compare resumed and uninterrupted losses already."""
+    uninterrupted run beside it: every launch costs its start-up (~25 s on 2 CPU cores). The CPU trainer tests
+    compare resumed and uninterrupted losses (gloo); on a GPU this checks that the resume runs to the end."""
     out, nproc = ctx["work"] / "trainer", ctx["nproc"]
     args = ["-m", "train.trainer", "--config", "train/configs/stage1_cpu.yaml", f"data.packed={ctx['packed']}",
             f"run.out={out}", *ctx["train"], f"run.steps={TRAINER_STEPS}", "run.save_every=6"]  # fmt: skip
@@ -210,13 +211,19 @@ def part_trainer(ctx: dict) -> dict:
     deadline = time.time() + ctx["timeout"]
     while proc.poll() is None and time.time() < deadline and max(_metrics(run), default=0) < 3:
         time.sleep(0.2)
-    os.killpg(proc.pid, signal.SIGTERM)
+    if proc.poll() is None:
+        with contextlib.suppress(ProcessLookupError):  # it may end between the poll and the signal
+            os.killpg(proc.pid, signal.SIGTERM)
     try:
         text, _ = proc.communicate(timeout=120)
     except subprocess.TimeoutExpired:
         _kill_group(proc)
         text = proc.communicate()[0] + "\ngpu-check: killed 120 s after SIGTERM"
     stopped = "stopped by signal" in text
+    if proc.returncode != 0 and not stopped:  # it failed by itself (start-up, config): its own output, no relaunch
+        return {"status": "failed", "seconds": round(time.time() - t0, 1), "why": text[-3000:]}
+    if not stopped:
+        text += "\ngpu-check: the run ended before the SIGTERM reached it (no checkpoint by signal to resume from)"
     r = sh(launcher(nproc, *args), ctx["timeout"])
     took = time.time() - t0
     m = _metrics(run)

@@ -231,7 +231,8 @@ def _mix(x: np.ndarray) -> np.ndarray:
 
 def sample_uniforms(seed: int, epoch: int, file: int, rows: np.ndarray, k: int = 5) -> np.ndarray:
     """(n, k) uniforms in [0, 1), a pure function of (seed, epoch, file, row): a sample's caption draw
-    in an epoch does not depend on the micro-batch, the world size or the worker that reads it."""
+    in an epoch does not depend on the world size or the worker that reads it (nor on the micro-batch, unless
+    data.group_caption_levels gives a micro-batch its first sample's level x language draw)."""
     with np.errstate(over="ignore"):
         key = np.zeros(1, np.uint64)
         for v in (seed, epoch, file):
@@ -314,7 +315,7 @@ class PackedBatches(torch.utils.data.Dataset):
         u = sample_uniforms(self.seed, ref.epoch, ref.file, rows)  # (B, 5)
         if self.cfg.group_caption_levels and len(u):
             # the first sample's level x language draw for all: each sample's odds are unchanged, and the
-            # micro-batch is a function of (seed, epoch), not of the world size, so a resume draws the same
+            # micro-batch is a function of (seed, epoch, micro_batch), not of the world size: a resume draws the same
             u[:, 2:4] = u[0, 2:4]
         images, captions, keys, reasons = [], [], [], Counter()
         positions, fd = self._file_positions(ref.file), self._fd(ref.file)

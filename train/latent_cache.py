@@ -25,14 +25,24 @@ class LatentCache:
     def __len__(self) -> int:
         return len(self._entries)
 
-    def encode(self, encode: Callable[[torch.Tensor], torch.Tensor], images: torch.Tensor, keys: Sequence[str],
-               bucket: tuple[int, int]) -> torch.Tensor:  # fmt: skip
+    def encode(
+        self,
+        encode: Callable[[torch.Tensor], torch.Tensor],
+        images: torch.Tensor,
+        keys: Sequence[str],
+        bucket: tuple[int, int],
+    ) -> torch.Tensor:
         """`encode(images)` for the samples not cached, the cache for the rest: (B, C, h, w) in the batch's order.
-        A batch whose keys do not name its images one to one (a placeholder batch) is encoded as it is."""
-        if not self.max_bytes or len(keys) != images.shape[0] or len(set(keys)) != len(keys):
+        A batch whose keys do not name its images one to one (a placeholder batch, an empty one) is encoded as it is."""
+        if not self.max_bytes or not keys or len(keys) != images.shape[0] or len(set(keys)) != len(keys):
             return encode(images)
         bucket = tuple(bucket)
-        found = [self._entries.get((k, bucket)) for k in keys]
+        found = []
+        for k in keys:
+            z = self._entries.get((k, bucket))
+            if z is not None:
+                self._entries.move_to_end((k, bucket))  # used now: the batch's misses must not evict it
+            found.append(z)
         missing = [i for i, z in enumerate(found) if z is None]
         self.hits += len(keys) - len(missing)
         self.misses += len(missing)
@@ -43,9 +53,6 @@ class LatentCache:
                 found[i] = fresh[j].clone()  # not a view: the batch tensor is freed
                 if finite[j]:  # a non-finite latent is the trainer's to skip, not to serve again
                     self._put((keys[i], bucket), found[i])
-        for k, z in zip(keys, found, strict=True):
-            if (k, bucket) in self._entries and self._entries[(k, bucket)] is z:
-                self._entries.move_to_end((k, bucket))  # recently used
         return torch.stack(found)
 
     def _put(self, key: tuple, z: torch.Tensor) -> None:

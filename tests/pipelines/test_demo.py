@@ -128,3 +128,18 @@ def test_make_demo_end_to_end_then_nothing_redone(tmp_path):
         assert f"[{step}] done before" in r2.stdout, (step, r2.stdout)
     assert (work / "logs" / "times.json").read_text() == times
     assert outputs_and_mtimes(work) == before
+
+
+def test_times_of_a_partial_rerun_are_merged_into_the_record(tmp_path):
+    from pipelines.demo import record_times
+
+    log = tmp_path / "logs" / "times.json"
+    record_times(log, "quick", {"synth": 1.0, "stage1": 10.0})
+    assert record_times(log, "quick", {"stage1": 12.0}) == {
+        "preset": "quick",
+        "seconds": 13.0,
+        "steps": {"synth": 1.0, "stage1": 12.0},
+    }
+    assert record_times(log, "full", {"synth": 2.0})["steps"] == {"synth": 2.0}  # another preset: replaced
+    log.write_text("{not json")
+    assert record_times(log, "full", {"read": 3.0})["steps"] == {"read": 3.0}

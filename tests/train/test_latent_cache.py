@@ -84,3 +84,14 @@ def test_a_non_finite_latent_is_returned_but_not_kept():
     assert got[0].isnan().any() and len(cache) == 1  # only k2 kept
     again = cache.encode(enc, images_for(["k1"]), ["k1"], (8, 8))
     assert torch.isfinite(again).all() and enc.images == 3
+
+
+def test_a_batch_s_hits_are_not_evicted_by_its_own_misses():
+    enc = CountingEncoder()
+    per = 3 * 4 * 4 * 4
+    cache = LatentCache(2 * per)
+    cache.encode(enc, images_for(["k1", "k2"]), ["k1", "k2"], (8, 8))  # k1 is the least recently used
+    cache.encode(enc, images_for(["k1", "k3"]), ["k1", "k3"], (8, 8))  # k1 hit first: k3 evicts k2, not k1
+    before = enc.images
+    cache.encode(enc, images_for(["k1", "k3"]), ["k1", "k3"], (8, 8))
+    assert enc.images == before and len(cache) == 2
