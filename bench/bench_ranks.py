@@ -71,36 +71,52 @@ def run_leg(data: Path, work: Path, ranks: int, extra: dict, steps: int) -> dict
     }
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def parser(doc: str, name: str) -> argparse.ArgumentParser:
+    """The command line of the stage1 step benches: demo data, rounds, steps, work folder, results/NAME.json."""
+    p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", default="demo", help="a demo folder with packed/stage1 (after `make demo`)")
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--steps", type=int, default=150)
-    p.add_argument("--work", default="/tmp/bench_ranks")
-    p.add_argument("--out", default=str(ROOT / "bench" / "results" / "ranks.json"))
-    args = p.parse_args(argv)
-    data, work = Path(args.data).resolve(), Path(args.work)
-    work.mkdir(parents=True, exist_ok=True)
+    p.add_argument("--work", default=f"/tmp/bench_{name}")
+    p.add_argument("--out", default=str(ROOT / "bench" / "results" / f"{name}.json"))
+    return p
+
+
+def machine() -> dict:
+    """What the seconds depend on: the CPU, its cores, and the precision auto resolves to there."""
     from unicap.runtime import cpu_bf16_native, resolve_precision
 
-    rounds = []
-    for i in range(args.rounds):
-        row = {"round": i}
-        for name, (ranks, extra) in LEGS.items():
-            row[name] = run_leg(data, work, ranks, extra, args.steps)
-            print(f"round {i} {name}: {row[name]}", flush=True)
-        a, b = (row[n]["s_per_step"] for n in LEGS)
-        row["one_rank_over_two"] = round(b / a, 3)
-        rounds.append(row)
-    ratios = [r["one_rank_over_two"] for r in rounds]
-    spread = {"median": statistics.median(ratios), "min": min(ratios), "max": max(ratios)}
-    machine = {
+    return {
         "cpu": platform.processor() or platform.machine(),
         "cores": os.cpu_count(),
         "bf16_native": cpu_bf16_native(),
         "precision": resolve_precision("auto", "cpu"),
     }
-    res = {**machine, "steps": args.steps, "rounds": rounds, "one_rank_over_two_s_per_step": spread}
+
+
+def interleaved(args: argparse.Namespace, legs: dict[str, tuple[int, dict]]) -> list[dict]:
+    """Every leg (ranks, overrides) once per round, round after round, so that a busy machine slows them alike."""
+    data, work = Path(args.data).resolve(), Path(args.work)
+    work.mkdir(parents=True, exist_ok=True)
+    rounds = []
+    for i in range(args.rounds):
+        row = {"round": i}
+        for name, (ranks, extra) in legs.items():
+            row[name] = run_leg(data, work, ranks, extra, args.steps)
+            print(f"round {i} {name}: {row[name]}", flush=True)
+        rounds.append(row)
+    return rounds
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser(__doc__, "ranks").parse_args(argv)
+    rounds = interleaved(args, LEGS)
+    for row in rounds:
+        a, b = (row[n]["s_per_step"] for n in LEGS)
+        row["one_rank_over_two"] = round(b / a, 3)
+    ratios = [r["one_rank_over_two"] for r in rounds]
+    spread = {"median": statistics.median(ratios), "min": min(ratios), "max": max(ratios)}
+    res = {**machine(), "steps": args.steps, "rounds": rounds, "one_rank_over_two_s_per_step": spread}
     save(res, args.out)
     print(json.dumps(res["one_rank_over_two_s_per_step"]))
     return 0

@@ -14,10 +14,7 @@ after warm-up. Results: bench/results/step_levers.json (each lever's ratio to ne
 
 from __future__ import annotations
 
-import argparse
 import json
-import os
-import platform
 import statistics
 import sys
 from pathlib import Path
@@ -25,7 +22,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from bench._results import save  # noqa: E402
-from bench.bench_ranks import run_leg  # noqa: E402
+from bench.bench_ranks import interleaved, machine, parser  # noqa: E402
 
 OFF = {"data.latent_cache_mb": 0, "data.group_caption_levels": "false"}
 LEGS = {
@@ -37,24 +34,8 @@ LEGS = {
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--data", default="demo", help="a demo folder with packed/stage1 (after `make demo`)")
-    p.add_argument("--rounds", type=int, default=3)
-    p.add_argument("--steps", type=int, default=150)
-    p.add_argument("--work", default="/tmp/bench_step_levers")
-    p.add_argument("--out", default=str(ROOT / "bench" / "results" / "step_levers.json"))
-    args = p.parse_args(argv)
-    data, work = Path(args.data).resolve(), Path(args.work)
-    work.mkdir(parents=True, exist_ok=True)
-    from unicap.runtime import cpu_bf16_native, resolve_precision
-
-    rounds = []
-    for i in range(args.rounds):
-        row = {"round": i}
-        for name, extra in LEGS.items():
-            row[name] = run_leg(data, work, 2, extra, args.steps)
-            print(f"round {i} {name}: {row[name]}", flush=True)
-        rounds.append(row)
+    args = parser(__doc__, "step_levers").parse_args(argv)
+    rounds = interleaved(args, {name: (2, extra) for name, extra in LEGS.items()})
     ratios = {}
     for name in list(LEGS)[1:]:
         r = [row[name]["s_per_step"] / row["neither"]["s_per_step"] for row in rounds]
@@ -63,13 +44,7 @@ def main(argv: list[str] | None = None) -> int:
             "min": round(min(r), 3),
             "max": round(max(r), 3),
         }
-    machine = {
-        "cpu": platform.processor() or platform.machine(),
-        "cores": os.cpu_count(),
-        "bf16_native": cpu_bf16_native(),
-        "precision": resolve_precision("auto", "cpu"),
-    }
-    res = {**machine, "steps": args.steps, "rounds": rounds, "s_per_step_over_neither": ratios}
+    res = {**machine(), "steps": args.steps, "rounds": rounds, "s_per_step_over_neither": ratios}
     save(res, args.out)
     print(json.dumps(ratios))
     return 0
