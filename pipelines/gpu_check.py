@@ -202,8 +202,9 @@ def part_trainer(ctx: dict) -> dict:
     uninterrupted run beside it: every launch costs its start-up (~25 s on 2 CPU cores). The CPU trainer tests
     compare resumed and uninterrupted losses (gloo); on a GPU this checks that the resume runs to the end."""
     out, nproc = ctx["work"] / "trainer", ctx["nproc"]
-    args = ["-m", "train.trainer", "--config", "train/configs/stage1_cpu.yaml", f"data.packed={ctx['packed']}",
-            f"run.out={out}", *ctx["train"], f"run.steps={TRAINER_STEPS}", "run.save_every=6"]  # fmt: skip
+    trainer = ["-m", "train.trainer", "--config", "train/configs/stage1_cpu.yaml"]
+    overrides = [f"data.packed={ctx['packed']}", f"run.out={out}", *ctx["train"]]
+    args = [*trainer, *overrides, f"run.steps={TRAINER_STEPS}", "run.save_every=6"]
     run = out / "stage1"
     t0 = time.time()
     proc = subprocess.Popen(launcher(nproc, *args), cwd=ROOT, env=env_vars(), stdout=subprocess.PIPE,
@@ -230,11 +231,17 @@ def part_trainer(ctx: dict) -> dict:
     final = run / "final"
     resumed = r.returncode == 0 and "resuming" in r.stdout and sorted(m) == list(range(1, TRAINER_STEPS + 1))
     last = m.get(TRAINER_STEPS, {})
-    res = {"seconds": round(took, 1), "steps": len(m), "loss_first_last": [m.get(1, {}).get("loss"), last.get("loss")],
-           "samples_per_s_last": last.get("samples_per_s"), "sigterm_checkpoint": stopped, "resumed": resumed,
-           "final_weights": (final / "model.safetensors").exists(),
-           "diffusers_export": (final / "diffusers" / "config.json").exists(),
-           "sample_grid": (run / "samples").is_dir() and any((run / "samples").glob("*.png"))}  # fmt: skip
+    res = {
+        "seconds": round(took, 1),
+        "steps": len(m),
+        "loss_first_last": [m.get(1, {}).get("loss"), last.get("loss")],
+        "samples_per_s_last": last.get("samples_per_s"),
+        "sigterm_checkpoint": stopped,
+        "resumed": resumed,
+        "final_weights": (final / "model.safetensors").exists(),
+        "diffusers_export": (final / "diffusers" / "config.json").exists(),
+        "sample_grid": any((run / "samples").glob("*.png")),
+    }
     good = stopped and resumed and res["final_weights"] and res["diffusers_export"] and res["sample_grid"]
     if res["final_weights"]:
         ctx["final"] = final

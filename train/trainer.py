@@ -85,7 +85,7 @@ def resume_folder(cfg: TrainConfig) -> Path | None:
 class Codecs:
     text: torch.nn.Module
     vae: torch.nn.Module
-    latents: LatentCache | None = None  # data.latent_cache_mb > 0: each sample encoded once per run
+    latents: LatentCache = dataclasses.field(default_factory=lambda: LatentCache(0))  # 0 bytes: encodes every batch
 
 
 def load_codecs(cfg: TrainConfig, device: str) -> Codecs:
@@ -94,8 +94,7 @@ def load_codecs(cfg: TrainConfig, device: str) -> Codecs:
     dtype = runtime.resolve_dtype("bf16" if device.startswith("cuda") else "fp32", device)
     text = text_encoder(cfg.model.text_encoder, max_length=cfg.model.text_max_length, dtype=dtype).to(device)
     vae = VAE(cfg.model.vae, dtype=dtype).to(device)
-    cache = LatentCache(cfg.data.latent_cache_mb << 20) if cfg.data.latent_cache_mb else None
-    return Codecs(text=text, vae=vae, latents=cache)
+    return Codecs(text=text, vae=vae, latents=LatentCache(cfg.data.latent_cache_mb << 20))
 
 
 def build_model(cfg: TrainConfig, text_dim: int) -> NextDiT:
@@ -136,12 +135,8 @@ def flow_batch(codecs: Codecs, batch: dict, cfg: TrainConfig, device: str):
     def encode(images: torch.Tensor) -> torch.Tensor:
         return codecs.vae.encode(images.to(device, non_blocking=True))
 
-    images = batch["images"]
-    if codecs.latents is None:
-        x1 = encode(images)
-    else:
-        x1 = codecs.latents.encode(encode, images, batch.get("keys", []), tuple(images.shape[-2:]))
-    x1 = x1.float()  # (B, C, H/8, W/8)
+    images = batch["images"]  # the cache (data.latent_cache_mb) encodes only the samples it has not seen
+    x1 = codecs.latents.encode(encode, images, batch.get("keys", []), tuple(images.shape[-2:])).float()  # (B, C, h, w)
     feats, mask = codecs.text(batch["captions"])  # (B, L, D), (B, L)
     # drawn on the CPU, so that a run's noise is the same on any device, then moved
     gen = torch.Generator(device="cpu").manual_seed(sample_seed(cfg.run.seed, int(batch["g"])))

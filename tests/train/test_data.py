@@ -239,8 +239,8 @@ def test_grouped_levels_give_a_micro_batch_one_column_and_each_sample_its_odds(s
     weights = {"long": 0.4, "medium": 0.3, "short": 0.2, "tags": 0.1}
 
     def columns(group: bool) -> list[list[str]]:
-        cfg = DataConfig(packed=str(stage_dir), resolution=64, micro_batch=MB, caption_dropout=0.0,
-                         level_weights=weights, group_caption_levels=group)  # fmt: skip
+        mix = {"level_weights": weights, "group_caption_levels": group, "caption_dropout": 0.0}
+        cfg = DataConfig(packed=str(stage_dir), resolution=64, micro_batch=MB, **mix)
         ds = PackedBatches(stage, cfg, seed=0)
         out = []
         for g in range(400):
