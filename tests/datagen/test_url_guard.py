@@ -9,8 +9,6 @@ import pytest
 from datagen import url_guard
 from datagen.url_guard import FetchError, fetch, is_public, refusal_reason
 
-pytestmark = pytest.mark.serial  # the deadline tests time a fetch (< 3 s)
-
 PUBLIC_V4 = "93.184.215.14"
 
 

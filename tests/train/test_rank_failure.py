@@ -18,7 +18,7 @@ import pytest
 
 from tests.train.conftest import env, trainer_cmd
 
-pytestmark = [pytest.mark.slow, pytest.mark.serial]  # each test times the launcher's exit
+pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[2]
 WITHIN_S = 10.0  # torchrun's own SIGTERM -> SIGKILL wait is 30 s
 

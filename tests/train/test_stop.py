@@ -6,9 +6,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
-
-pytestmark = pytest.mark.serial  # a rank is given a 1 s grace
 ROOT = Path(__file__).resolve().parents[2]
 
 SCRIPT = r"""
