@@ -34,7 +34,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import subprocess
 import sys
 import tarfile
@@ -44,7 +43,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from bench._results import save  # noqa: E402
+from bench._results import save, spread  # noqa: E402
 
 LEVELS, LANGS = ("long", "medium", "short", "tags"), ("en", "zh")
 LEGS = ("job", "bare", "bare_all")
@@ -205,9 +204,8 @@ def run_leg(leg: str, case: str, model: Path, shards: Path, threads: int | None,
     return res
 
 
-def spread(xs: list[float]) -> dict:
-    return {"median": round(statistics.median(xs), 3), "min": round(min(xs), 3), "max": round(max(xs), 3),
-            "all": [round(x, 3) for x in xs]}  # fmt: skip
+def spread_all(xs: list[float]) -> dict:
+    return {**spread(xs), "all": [round(x, 3) for x in xs]}
 
 
 def main() -> int:
@@ -271,9 +269,9 @@ def main() -> int:
         results["cases"][name] = {
             "model": str(model),
             **{k: v for k, v in case.items()},
-            **{f"ratio_job_vs_{k}": spread([p[f"ratio_vs_{k}"] for p in legs]) for k in names if k != "job"},
+            **{f"ratio_job_vs_{k}": spread_all([p[f"ratio_vs_{k}"] for p in legs]) for k in names if k != "job"},
             **{
-                f"{k}_images_per_s_steady": spread([p[k]["images_per_s_steady"] for p in legs]) for k in names
+                f"{k}_images_per_s_steady": spread_all([p[k]["images_per_s_steady"] for p in legs]) for k in names
             },
             "pairs": legs,
         }

@@ -24,7 +24,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from bench._results import save  # noqa: E402
+from bench._results import save, spread  # noqa: E402
 
 LEGS = {"2 ranks x micro 4": (2, {"data.micro_batch": 4}), "1 rank x micro 8": (1, {"data.micro_batch": 8})}
 WARMUP = 10
@@ -115,8 +115,7 @@ def main(argv: list[str] | None = None) -> int:
         a, b = (row[n]["s_per_step"] for n in LEGS)
         row["one_rank_over_two"] = round(b / a, 3)
     ratios = [r["one_rank_over_two"] for r in rounds]
-    spread = {"median": statistics.median(ratios), "min": min(ratios), "max": max(ratios)}
-    res = {**machine(), "steps": args.steps, "rounds": rounds, "one_rank_over_two_s_per_step": spread}
+    res = {**machine(), "steps": args.steps, "rounds": rounds, "one_rank_over_two_s_per_step": spread(ratios)}
     save(res, args.out)
     print(json.dumps(res["one_rank_over_two_s_per_step"]))
     return 0

@@ -15,13 +15,12 @@ after warm-up. Results: bench/results/step_levers.json (each lever's ratio to ne
 from __future__ import annotations
 
 import json
-import statistics
 import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from bench._results import save  # noqa: E402
+from bench._results import save, spread  # noqa: E402
 from bench.bench_ranks import interleaved, machine, parser  # noqa: E402
 
 OFF = {"data.latent_cache_mb": 0, "data.group_caption_levels": "false"}
@@ -39,11 +38,7 @@ def main(argv: list[str] | None = None) -> int:
     ratios = {}
     for name in list(LEGS)[1:]:
         r = [row[name]["s_per_step"] / row["neither"]["s_per_step"] for row in rounds]
-        ratios[name] = {
-            "median": round(statistics.median(r), 3),
-            "min": round(min(r), 3),
-            "max": round(max(r), 3),
-        }
+        ratios[name] = spread(r)
     res = {**machine(), "steps": args.steps, "rounds": rounds, "s_per_step_over_neither": ratios}
     save(res, args.out)
     print(json.dumps(ratios))

@@ -23,14 +23,13 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bench._results import save  # noqa: E402
+from bench._results import save, spread  # noqa: E402
 
 BENCH_MODEL = dict(dim=384, n_layers=6, n_refiner_layers=2, n_heads=6, n_kv_heads=2, cap_feat_dim=32,
                    axes_dims=(16, 24, 24), multiple_of=64, in_channels=16)  # fmt: skip
@@ -57,14 +56,6 @@ def packed_stage(workdir: Path, images: int, resolution: int) -> Path:
     finally:
         ray.shutdown()
     return out
-
-
-def summary_of(vals: list[float]) -> dict:
-    return {
-        "median": round(statistics.median(vals), 4),
-        "min": round(min(vals), 4),
-        "max": round(max(vals), 4),
-    }
 
 
 def main() -> int:
@@ -208,7 +199,7 @@ def main() -> int:
         print(rounds[-1], flush=True)
 
     def summary(key):
-        return summary_of([r[key] for r in rounds])
+        return spread([r[key] for r in rounds], 4)
 
     n_params = sum(p.numel() for p in plain.parameters())
     extra = {}
@@ -222,7 +213,7 @@ def main() -> int:
         flops = train_step_flops(mcfg, mask.sum(1).tolist(), [side * side] * args.micro)
         peak = matmul_rate("cuda", 8192)
         for leg in ("plain", "ds"):
-            extra[f"{leg}_mfu"] = summary_of([flops / r[f"{leg}_s_per_step"] / peak for r in rounds])
+            extra[f"{leg}_mfu"] = spread([flops / r[f"{leg}_s_per_step"] / peak for r in rounds], 4)
         extra |= {"matmul_tflops": round(peak / 1e12, 1), "device_name": torch.cuda.get_device_name(0),
                   "peak_memory_gib": round(torch.cuda.max_memory_allocated() / 2**30, 1)}  # fmt: skip
         extra["goals_gpu"] = {"plain_over_deepspeed_time": ">= 0.9", "ds_mfu": ">= 0.45 at 256 px, batch 32"}
