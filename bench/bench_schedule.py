@@ -1,0 +1,162 @@
+"""How the demo's training seconds are best spent across its three stages: steps per stage (and the model) x adherence.
+
+    .venv/bin/python bench/bench_schedule.py --data demo [--variants demo,s1-600,...] [--n 128]
+
+Each variant trains stage1 -> stage2 -> stage3 through `train.launch` (DeepSpeed, 2 ranks, the CPU configs plus
+the variant's overrides) on DATA's stage manifests and DATA/captions (a demo's: the captioner's captions), each
+stage from the previous one's final weights, into WORK/<variant>/. The variant `demo` trains nothing: it judges
+DATA/runs as `make demo` left them (the CPU configs as they are). Stage1's and stage3's final weights are then
+judged by the pixel judge (`train.adherence`) on N long English and N long Chinese prompts of a held-out set the
+bench renders itself (seed 9999, N images: more prompts than the demo's 40 held-out images, so that a difference of
+0.1 is not within one variant's sampling noise), with the shuffled-prompt control row of stage3. `seconds` are each
+stage's wall time (launch, training, samples, save): one run per variant, a rough cost, not a timing comparison.
+One training seed per variant: read differences below ~0.1 as noise (bench/results/quick_floors.json shows the
+seed-to-seed spread). Results: bench/results/schedule.json and a markdown table on stdout.
+
+`pool640-s1-600` is the `demo` variant on a demo folder made with 640 pool images instead of 160 (a local preset,
+`Preset(pool=640, heldout=40, train={"stage1": ("run.steps=600",)})` in pipelines/demo.py, then
+`--data /tmp/demo640 --variants demo --name pool640-s1-600`): four times the images at the same steps.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from bench._results import save  # noqa: E402
+
+STAGES = ("stage1", "stage2", "stage3")
+HELDOUT_SEED = 9999  # neither the pool's (0), the demo's held-out set's (7777) nor the captioner's (1000)
+ATTRS = ("background", "colour", "shape", "count", "position")
+
+
+def steps(s1: int, s2: int, s3: int) -> dict[str, tuple[str, ...]]:
+    return {stage: (f"run.steps={n}",) for stage, n in zip(STAGES, (s1, s2, s3), strict=True)}
+
+
+# name: trainer overrides per stage (None: judge DATA/runs as `make demo` trained them; store it under --name)
+VARIANTS: dict[str, dict[str, tuple[str, ...]] | None] = {
+    "demo": None,
+    # the CPU configs up to 4306ec1 (measured as `demo` with --name s1-1600)
+    "s1-1600": steps(1600, 1200, 400),
+    # less 64 px training (64 px images carry little shape): the CPU configs now
+    "s1-600": steps(600, 1200, 400),
+    # the seconds saved moved to 128 px
+    "s1-600-s2-2400": steps(600, 2400, 400),
+    # a wider, deeper Next-DiT (dim 384, 6 layers, 2 refiner layers: 26.8M parameters, 14x NextDiT_tiny's, and ~4x
+    # its seconds per step here), on half of s1-600's stage2 and stage3 steps (more stage2 steps gave no shape)
+    "S-s1-600-s2-600": {k: (*v, "model.name=NextDiT_S") for k, v in steps(600, 600, 200).items()},
+}
+
+
+def run(cmd: list[str], log: Path) -> float:
+    t0 = time.time()
+    with open(log, "w") as f:
+        r = subprocess.run(cmd, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT,
+                           env={**os.environ, "PYTHONPATH": str(ROOT)})  # fmt: skip
+    if r.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd[:6])}... failed (exit {r.returncode}), see {log}")
+    return round(time.time() - t0, 1)
+
+
+def train(data: Path, out: Path, overrides: dict[str, tuple[str, ...]]) -> dict[str, float]:
+    seconds = {}
+    for stage in STAGES:
+        cmd = [sys.executable, "-m", "train.launch", "--stage", stage, "--config", f"train/configs/{stage}_cpu.yaml",
+               "--data", str(data), "--nproc", "2", "--", f"run.out={out}", "run.progress=false",
+               "run.sample_every=0", *overrides.get(stage, ())]  # fmt: skip
+        seconds[stage] = run(cmd, out / f"{stage}.log")
+    return seconds
+
+
+def judge(truth: Path, runs: Path, dest: Path, language: str, n: int) -> dict:
+    cmd = [sys.executable, "-m", "train.adherence", "--truth", str(truth), "--out", str(dest), "--n", str(n),
+           "--level", "long", "--language", language, "--size", "64x64", "--examples", "4",
+           "--weights", f"stage1={runs / 'stage1' / 'final'}", "--weights", f"stage3={runs / 'stage3' / 'final'}"]  # fmt: skip
+    run(cmd, dest.with_suffix(".log"))
+    return json.loads((dest / "adherence.json").read_text())["rows"]
+
+
+def heldout(work: Path, n: int) -> Path:
+    from datagen.synth import synth
+
+    folder = work / f"heldout-{HELDOUT_SEED}-{n}"
+    if not (folder / "truth").is_dir():
+        synth(str(folder), n, seed=HELDOUT_SEED, shard_size=64)
+    return folder
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data", default="demo", help="a full demo folder (stages/, captions/, runs/ for `demo`)")
+    p.add_argument("--variants", default=",".join(VARIANTS), help=f"comma-separated, of {list(VARIANTS)}")
+    p.add_argument("--name", default=None, help="the results' name of the `demo` variant (default demo)")
+    p.add_argument("--n", type=int, default=128, help="held-out prompts per language (default 128)")
+    p.add_argument("--work", default="/tmp/bench_schedule", help="run folders")
+    p.add_argument("--out", default=str(ROOT / "bench" / "results" / "schedule.json"))
+    args = p.parse_args(argv)
+    data, work = Path(args.data).resolve(), Path(args.work).resolve()
+    work.mkdir(parents=True, exist_ok=True)
+    truth = heldout(work, args.n)
+    results = json.loads(Path(args.out).read_text()) if Path(args.out).exists() else {"variants": {}}
+    results |= {"prompts": args.n, "heldout_seed": HELDOUT_SEED, "cpu": cpu()}
+    for name in args.variants.split(","):
+        overrides = VARIANTS[name]
+        runs = data / "runs" if overrides is None else work / name
+        runs.mkdir(parents=True, exist_ok=True)
+        row: dict = {
+            "data": str(data),
+            "overrides": overrides,
+            "seconds": seconds_of(data) if overrides is None else {},
+        }
+        if overrides is not None:
+            row["seconds"] = train(data, runs, overrides)
+        row["adherence"] = {
+            lang: judge(truth, runs, work / f"{name}-{lang}", lang, args.n) for lang in ("en", "zh")
+        }
+        results["variants"][args.name if overrides is None and args.name else name] = row
+        save(results, args.out)
+    print(table(results))
+    return 0
+
+
+def seconds_of(data: Path) -> dict[str, float]:
+    """The demo's own stage times (logs/times.json), for the `demo` variant."""
+    steps_ = json.loads((data / "logs" / "times.json").read_text())["steps"]
+    return {stage: steps_[stage] for stage in STAGES if stage in steps_}
+
+
+def cpu() -> str:
+    import torch
+
+    from unicap import runtime
+
+    return f"{os.cpu_count()} cores, {runtime.resolve_precision('auto', 'cpu')}, torch {torch.__version__}"
+
+
+def table(results: dict) -> str:
+    lines = [
+        "| variant | seconds (s1 / s2 / s3) | weights | " + " | ".join(ATTRS) + " |",
+        "|---" * (3 + len(ATTRS)) + "|",
+    ]
+    for name, row in results["variants"].items():
+        secs = " / ".join(f"{row['seconds'].get(s, 0):.0f}" for s in STAGES)
+        for lang, rows in row["adherence"].items():
+            for weights, accs in rows.items():
+                if weights == "truth images":
+                    continue
+                cells = " | ".join("-" if accs[a] is None else f"{accs[a]:.2f}" for a in ATTRS)
+                lines.append(f"| {name} | {secs} | {lang} {weights} | {cells} |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
