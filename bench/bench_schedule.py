@@ -51,6 +51,11 @@ VARIANTS: dict[str, dict[str, tuple[str, ...]] | None] = {
     "s1-600": steps(600, 1200, 400),
     # the seconds saved moved to 128 px
     "s1-600-s2-2400": steps(600, 2400, 400),
+    # stage2/3's loss on the 4x-pooled velocities (the release's auxiliary loss) 4x heavier: the coarse layout
+    "s1-600-lowres4": {
+        **steps(600, 1200, 400),
+        **{k: (*v, "loss.lowres_weight=4.0") for k, v in steps(600, 1200, 400).items() if k != "stage1"},
+    },
     # a wider, deeper Next-DiT (dim 384, 6 layers, 2 refiner layers: 26.8M parameters, 14x NextDiT_tiny's, and ~4x
     # its seconds per step here), on half of s1-600's stage2 and stage3 steps (more stage2 steps gave no shape)
     "S-s1-600-s2-600": {k: (*v, "model.name=NextDiT_S") for k, v in steps(600, 600, 200).items()},
