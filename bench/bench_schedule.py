@@ -63,10 +63,11 @@ VARIANTS: dict[str, dict[str, tuple[str, ...]] | None] = {
 
 
 def run(cmd: list[str], log: Path) -> float:
+    """Run CMD in the repository root with its output in LOG; its wall seconds."""
     t0 = time.time()
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
     with open(log, "w") as f:
-        r = subprocess.run(cmd, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT,
-                           env={**os.environ, "PYTHONPATH": str(ROOT)})  # fmt: skip
+        r = subprocess.run(cmd, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT, env=env)
     if r.returncode != 0:
         raise RuntimeError(f"{' '.join(cmd[:6])}... failed (exit {r.returncode}), see {log}")
     return round(time.time() - t0, 1)
@@ -75,17 +76,19 @@ def run(cmd: list[str], log: Path) -> float:
 def train(data: Path, out: Path, overrides: dict[str, tuple[str, ...]]) -> dict[str, float]:
     seconds = {}
     for stage in STAGES:
-        cmd = [sys.executable, "-m", "train.launch", "--stage", stage, "--config", f"train/configs/{stage}_cpu.yaml",
-               "--data", str(data), "--nproc", "2", "--", f"run.out={out}", "run.progress=false",
-               "run.sample_every=0", *overrides.get(stage, ())]  # fmt: skip
+        launch = ["-m", "train.launch", "--stage", stage, "--config", f"train/configs/{stage}_cpu.yaml"]
+        where = ["--data", str(data), "--nproc", "2"]
+        trainer = [f"run.out={out}", "run.progress=false", "run.sample_every=0", *overrides.get(stage, ())]
+        cmd = [sys.executable, *launch, *where, "--", *trainer]
         seconds[stage] = run(cmd, out / f"{stage}.log")
     return seconds
 
 
 def judge(truth: Path, runs: Path, dest: Path, language: str, n: int) -> dict:
-    cmd = [sys.executable, "-m", "train.adherence", "--truth", str(truth), "--out", str(dest), "--n", str(n),
-           "--level", "long", "--language", language, "--size", "64x64", "--examples", "4",
-           "--weights", f"stage1={runs / 'stage1' / 'final'}", "--weights", f"stage3={runs / 'stage3' / 'final'}"]  # fmt: skip
+    weights = [arg for s in ("stage1", "stage3") for arg in ("--weights", f"{s}={runs / s / 'final'}")]
+    prompts = ["--n", str(n), "--level", "long", "--language", language, "--size", "64x64", "--examples", "4"]
+    where = ["--truth", str(truth), "--out", str(dest)]
+    cmd = [sys.executable, "-m", "train.adherence", *where, *prompts, *weights]
     run(cmd, dest.with_suffix(".log"))
     return json.loads((dest / "adherence.json").read_text())["rows"]
 
@@ -117,13 +120,8 @@ def main(argv: list[str] | None = None) -> int:
         overrides = VARIANTS[name]
         runs = data / "runs" if overrides is None else work / name
         runs.mkdir(parents=True, exist_ok=True)
-        row: dict = {
-            "data": str(data),
-            "overrides": overrides,
-            "seconds": seconds_of(data) if overrides is None else {},
-        }
-        if overrides is not None:
-            row["seconds"] = train(data, runs, overrides)
+        seconds = seconds_of(data) if overrides is None else train(data, runs, overrides)
+        row: dict = {"data": str(data), "overrides": overrides, "seconds": seconds}
         row["adherence"] = {
             lang: judge(truth, runs, work / f"{name}-{lang}", lang, args.n) for lang in ("en", "zh")
         }
