@@ -16,6 +16,10 @@ seed-to-seed spread). Results: bench/results/schedule.json and a markdown table 
 `pool640-s1-600` is the `demo` variant on a demo folder made with 640 pool images instead of 160 (a local preset,
 `Preset(pool=640, heldout=40, train={"stage1": ("run.steps=600",)})` in pipelines/demo.py, then
 `--data /tmp/demo640 --variants demo --name pool640-s1-600`): four times the images at the same steps.
+`s1-600-answer-key` is `s1-600` trained on the answer key's captions instead of the captioner's: a data folder with
+the demo's stages/, data/ and heldout/ but no captions/ (train.launch then reads data/truth), run as
+`--data /tmp/truthdemo --variants s1-600 --out /tmp/truth.json` and stored under that name: what perfect captions
+would buy.
 """
 
 from __future__ import annotations
@@ -59,7 +63,29 @@ VARIANTS: dict[str, dict[str, tuple[str, ...]] | None] = {
     # a wider, deeper Next-DiT (dim 384, 6 layers, 2 refiner layers: 26.8M parameters, 14x NextDiT_tiny's, and ~4x
     # its seconds per step here), on half of s1-600's stage2 and stage3 steps (more stage2 steps gave no shape)
     "S-s1-600-s2-600": {k: (*v, "model.name=NextDiT_S") for k, v in steps(600, 600, 200).items()},
+    # RoPE base 100 instead of the release's 10,000: on a 4x4 / 8x8 token grid only 2 of each spatial axis's 6
+    # frequencies turn by more than ~0.3 rad across the image at 10,000, 4 at 100 (neighbouring tokens told apart)
+    "rope100": {k: (*v, "model.rope_theta=100") for k, v in steps(600, 1200, 400).items()},
+    # stage2/3's training times drawn nearer noise (logit-normal centred at -0.5, not 0): more of the steps where an
+    # image's layout (where its objects are, how many) is decided
+    "s23-noisier": {
+        **steps(600, 1200, 400),
+        **{k: (*v, "loss.time_loc=-0.5") for k, v in steps(600, 1200, 400).items() if k != "stage1"},
+    },
+    "s23-noisier1": {
+        **steps(600, 1200, 400),
+        **{k: (*v, "loss.time_loc=-1.0") for k, v in steps(600, 1200, 400).items() if k != "stage1"},
+    },
+    # image tokens told their place in the frame (model.frame_pos: a fixed sin-cos code added to them; RoPE alone gives
+    # a token only its offsets to others): "at the top left" and "two" need absolute places
+    "frame": {k: (*v, "model.frame_pos=true") for k, v in steps(600, 1200, 400).items()},
 }
+# a second training seed (initial weights, noise, times, caption draws) of some, to read their differences against
+SEEDED = {
+    f"{name}-seed1": {k: (*v, "run.seed=1") for k, v in VARIANTS[name].items()}
+    for name in ("s1-600", "s23-noisier")
+}
+VARIANTS |= SEEDED
 
 
 def run(cmd: list[str], log: Path) -> float:

@@ -35,6 +35,8 @@ class ModelConfig:
     text_encoder: str = "google/gemma-2-2b"  # hub id, local folder, or "tiny" (built offline)
     vae: str = "black-forest-labs/FLUX.1-dev"
     text_max_length: int = 256
+    rope_theta: float | None = None  # RoPE base; None: the named model's (10,000, the release's)
+    frame_pos: bool | None = None  # a fixed code of each image token's place in the frame; None: the named model's
 
 
 @dataclass

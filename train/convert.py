@@ -18,6 +18,7 @@ import argparse
 import json
 import re
 import shutil
+import sys
 import uuid
 from pathlib import Path
 
@@ -49,8 +50,22 @@ _BLOCK = [
 _BLOCK_RE = re.compile(r"^(noise_refiner|context_refiner|layers)\.(\d+)\.")
 
 
+DIFFUSERS_ROPE_THETA = 10_000.0  # Lumina2Transformer2DModel's, fixed (not in its config)
+
+
+def not_in_diffusers(cfg: NextDiTConfig) -> str | None:
+    """Why Lumina2Transformer2DModel cannot hold NextDiT(cfg), or None when it can."""
+    if cfg.rope_theta != DIFFUSERS_ROPE_THETA:
+        return f"rope_theta {cfg.rope_theta:g}: diffusers' Lumina2 fixes the RoPE base at {DIFFUSERS_ROPE_THETA:g}"
+    if cfg.frame_pos:
+        return "frame_pos: diffusers' Lumina2 has no frame position code"
+    return None
+
+
 def diffusers_config(cfg: NextDiTConfig) -> dict:
     """Lumina2Transformer2DModel(**this) has the same architecture as NextDiT(cfg)."""
+    if reason := not_in_diffusers(cfg):
+        raise ValueError(f"no diffusers export: {reason}")
     return dict(
         sample_size=128, patch_size=cfg.patch_size, in_channels=cfg.in_channels, out_channels=None,
         hidden_size=cfg.dim, num_layers=cfg.n_layers, num_refiner_layers=cfg.n_refiner_layers,
@@ -194,6 +209,9 @@ def main(argv: list[str] | None = None) -> int:
         else:
             model = NextDiT(NextDiT_configs[args.config])
             model.load_state_dict(from_original(_release_state(args.src)))
+        if reason := not_in_diffusers(model.cfg):
+            print(f"{args.src}: no diffusers export: {reason}", file=sys.stderr)
+            return 2
         diffusers_model_from(model).save_pretrained(args.dst)
     else:
         from diffusers import Lumina2Transformer2DModel

@@ -45,6 +45,8 @@ class NextDiTConfig:
     axes_dims: tuple[int, int, int] = (32, 32, 32)
     axes_lens: tuple[int, int, int] = (300, 512, 512)
     rope_theta: float = 10_000.0
+    # + a fixed sin-cos code of each image token's place in the frame (not in the release: off there; see frame_code)
+    frame_pos: bool = False
 
     @property
     def head_dim(self) -> int:
@@ -104,6 +106,23 @@ def timestep_embedding(t: torch.Tensor, dim: int = 256, max_period: float = 10_0
     freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
     args = t.float()[:, None] * freqs[None]
     return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+
+
+def frame_code(gh: int, gw: int, dim: int, device=None) -> torch.Tensor:
+    """(gh*gw, dim) sin-cos features of each token's place in the frame, row-major: the row's and the column's
+    centre as a fraction of the image, u = (r + 0.5) / gh in (0, 1), at dim/4 frequencies from pi to 32 pi each
+    (features [sin, cos](u f) for rows, then for columns). Absolute and resolution-free: "the top left" is the
+    same code at 4x4 and 8x8 tokens. RoPE gives a token only its offsets to others."""
+    if dim % 4:
+        raise ValueError(f"frame_code: dim {dim} must be a multiple of 4")
+    k = torch.arange(dim // 4, device=device, dtype=torch.float32)
+    f = math.pi * 32.0 ** (k / max(1, dim // 4 - 1))
+
+    def axis(n: int) -> torch.Tensor:
+        a = ((torch.arange(n, device=device, dtype=torch.float32) + 0.5) / n)[:, None] * f
+        return torch.cat([a.sin(), a.cos()], dim=-1)  # (n, dim/2)
+
+    return torch.cat([axis(gh).repeat_interleave(gw, 0), axis(gw).repeat(gh, 1)], dim=-1)
 
 
 class TimestepEmbedder(nn.Module):
@@ -322,7 +341,7 @@ class NextDiT(nn.Module):
         img_pos = torch.zeros(B, N, 3, dtype=torch.long, device=dev)
         for i, (part, (gh, gw)) in enumerate(zip(tokens.split(img_lens), grids, strict=True)):
             n = gh * gw
-            img[i, :n] = part
+            img[i, :n] = part + frame_code(gh, gw, self.cfg.dim, dev).to(part.dtype) if self.cfg.frame_pos else part
             rows = torch.arange(gh, device=dev).repeat_interleave(gw)
             cols = torch.arange(gw, device=dev).repeat(gh)
             img_pos[i, :n] = torch.stack([torch.full_like(rows, cap_lens[i]), rows, cols], dim=-1)

@@ -102,6 +102,8 @@ def build_model(cfg: TrainConfig, text_dim: int) -> NextDiT:
         raise ValueError(f"model.name {cfg.model.name!r}: one of {sorted(NextDiT_configs)}")
     # the caption embedder reads the text encoder's features: its width is the encoder's (2304 for Gemma-2-2B)
     mcfg = dataclasses.replace(NextDiT_configs[cfg.model.name], cap_feat_dim=text_dim)
+    arch = {"rope_theta": cfg.model.rope_theta, "frame_pos": cfg.model.frame_pos}  # set ones replace the name's
+    mcfg = dataclasses.replace(mcfg, **{k: v for k, v in arch.items() if v is not None})
     torch.manual_seed(cfg.run.seed)  # the same initial weights on every rank
     model = NextDiT(mcfg)
     model.set_attention_backend(cfg.model.attention)
@@ -401,9 +403,12 @@ def train(cfg: TrainConfig) -> int:
 
     out = ckpt.save_final(engine, ema, run_dir, state())
     if rank == 0:
-        from train.convert import export_diffusers
+        from train.convert import export_diffusers, not_in_diffusers
 
-        export_diffusers(out)
+        if reason := not_in_diffusers(model.cfg):
+            print(f"[{cfg.run.stage}] no diffusers export: {reason}", flush=True)
+        else:
+            export_diffusers(out)
     _samples(cfg, ema, engine, codecs, run_dir, step, writer, rank)
     if rank == 0:
         print(f"[{cfg.run.stage}] done: {step} steps, {counters['samples_seen']} samples "

@@ -1,5 +1,7 @@
 """Our Next-DiT against diffusers' Lumina2Transformer2DModel with converted weights, both directions."""
 
+import dataclasses
+
 import pytest
 import torch
 from diffusers import Lumina2Transformer2DModel
@@ -13,7 +15,7 @@ from train.convert import (
     nextdit_from_diffusers,
     to_diffusers,
 )  # fmt: skip
-from train.model import NextDiTConfig, build_model
+from train.model import NextDiT_configs, NextDiTConfig, build_model
 
 OTHER = NextDiTConfig(dim=128, n_layers=3, n_refiner_layers=2, n_heads=4, n_kv_heads=2, cap_feat_dim=48,
                       axes_dims=(8, 12, 12), multiple_of=48, in_channels=16, patch_size=2)  # fmt: skip
@@ -69,3 +71,21 @@ def test_original_release_layout_loads():
     release["model.diffusion_model.norm_final.weight"] = torch.ones(SMALL.dim)  # unused in the release
     m2 = build_model(SMALL)
     m2.load_state_dict(from_original(release), strict=True)
+
+
+def test_options_diffusers_cannot_hold_are_refused_not_exported_wrong(tmp_path, capsys):
+    from train.checkpoint import save_weights
+    from train.convert import diffusers_config, main, not_in_diffusers
+
+    tiny = NextDiT_configs["NextDiT_tiny"]
+    assert not_in_diffusers(tiny) is None and diffusers_config(tiny)["hidden_size"] == tiny.dim
+    other = dataclasses.replace(tiny, rope_theta=100.0)
+    assert "rope_theta 100" in not_in_diffusers(other)
+    with pytest.raises(ValueError, match="no diffusers export: rope_theta 100"):
+        diffusers_config(other)
+    framed = dataclasses.replace(tiny, frame_pos=True)
+    assert "frame_pos" in not_in_diffusers(framed)
+    save_weights(tmp_path / "w", build_model(framed), "tiny-clip", "tiny-trained")
+    assert main(["--to", "diffusers", str(tmp_path / "w"), str(tmp_path / "out")]) == 2
+    assert not (tmp_path / "out").exists()
+    assert capsys.readouterr().err.count("\n") == 1  # one line

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from train.model import NextDiT_configs, NextDiTConfig, build_model, count_parameters
+from train.model import NextDiT_configs, NextDiTConfig, build_model, count_parameters, frame_code
 
 SMALL = NextDiTConfig(dim=96, n_layers=2, n_refiner_layers=1, n_heads=3, n_kv_heads=1, cap_feat_dim=32,
                       axes_dims=(8, 12, 12), multiple_of=32, in_channels=4)  # fmt: skip
@@ -141,3 +141,56 @@ def test_every_module_runs_as_often_for_any_batch_size():
     assert one == three and one["x_embedder"] == 1, {
         k: (one.get(k), three.get(k)) for k in one.keys() | three.keys()
     }
+
+
+def test_the_trainer_config_sets_the_rope_base_and_the_checkpoint_keeps_it():
+    from train.config import load
+    from train.trainer import build_model as build_from_config
+
+    default = build_from_config(load(None, ["model.name=NextDiT_tiny"]), text_dim=32)
+    assert default.rope.theta == NextDiT_configs["NextDiT_tiny"].rope_theta == 10_000
+    m = build_from_config(load(None, ["model.name=NextDiT_tiny", "model.rope_theta=100"]), text_dim=32)
+    assert m.rope.theta == m.cfg.rope_theta == 100  # m.cfg is what the checkpoint's state.json records
+    pos = torch.tensor([[[0, 0, 0], [0, 3, 5]]])
+    assert not torch.allclose(m.rope(pos), default.rope(pos))
+
+
+def test_the_frame_code_tells_each_place_apart_rows_then_columns():
+    code = frame_code(3, 5, 64)
+    assert code.shape == (15, 64) and len({tuple(r.tolist()) for r in code}) == 15
+    grid = code.view(3, 5, 64)
+    assert torch.equal(grid[:, :1, :32].expand(3, 5, 32), grid[..., :32])  # first half: the row's only
+    assert torch.equal(grid[:1, :, 32:].expand(3, 5, 32), grid[..., 32:])  # second half: the column's only
+    centre = frame_code(1, 1, 8)
+    assert torch.allclose(centre, frame_code(3, 3, 8)[4:5])  # the frame's centre, at any grid size
+    with pytest.raises(ValueError, match="multiple of 4"):
+        frame_code(2, 2, 6)
+
+
+def test_frame_pos_adds_the_code_to_the_image_tokens_and_the_config_sets_it():
+    from train.config import load
+    from train.trainer import build_model as build_from_config
+
+    torch.manual_seed(0)
+    off = build_model("NextDiT_tiny", cap_feat_dim=32)
+    on = build_model("NextDiT_tiny", cap_feat_dim=32, frame_pos=True)
+    on.load_state_dict(off.state_dict())  # no parameters of its own
+    for m in (off, on):  # a non-zero output layer, so the forward pass shows the input
+        torch.nn.init.normal_(m.final_layer.linear.weight, std=0.02)
+    on.final_layer.load_state_dict(off.final_layer.state_dict())
+    x, t = torch.randn(1, 16, 8, 8), torch.rand(1)
+    feats, mask = torch.randn(1, 5, 32), torch.ones(1, 5, dtype=torch.bool)
+    seen = {}
+
+    def keep(name):
+        def hook(module, args):
+            seen[name] = args[0]  # the image tokens entering the first noise-refiner block
+
+        return hook
+
+    on.noise_refiner[0].register_forward_pre_hook(keep("on"))
+    off.noise_refiner[0].register_forward_pre_hook(keep("off"))
+    assert not torch.allclose(on(x, t, feats, mask), off(x, t, feats, mask))
+    assert torch.allclose(seen["on"][0] - seen["off"][0], frame_code(4, 4, 128), atol=1e-6)
+    cfg = load(None, ["model.name=NextDiT_tiny", "model.frame_pos=true"])
+    assert build_from_config(cfg, text_dim=32).cfg.frame_pos and not off.cfg.frame_pos
