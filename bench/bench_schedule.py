@@ -10,8 +10,9 @@ judged by the pixel judge (`train.adherence`) on N long English and N long Chine
 bench renders itself (seed 9999, N images: more prompts than the demo's 40 held-out images, so that a difference of
 0.1 is not within one variant's sampling noise), with the shuffled-prompt control row of stage3. `seconds` are each
 stage's wall time (launch, training, samples, save): one run per variant, a rough cost, not a timing comparison.
-One training seed per variant: read differences below ~0.1 as noise (bench/results/quick_floors.json shows the
-seed-to-seed spread). Results: bench/results/schedule.json and a markdown table on stdout.
+One training seed per variant, except the `<name>-seed1` copies (run.seed=1) of some: two seeds of the CPU configs
+agree within 0.03 on 128 prompts, two of other variants differ by up to 0.11 in colour, so read a single seed's
+differences below ~0.1 as noise. Results: bench/results/schedule.json and a markdown table on stdout.
 
 `pool640-s1-600` is the `demo` variant on a demo folder made with 640 pool images instead of 160 (a local preset,
 `Preset(pool=640, heldout=40, train={"stage1": ("run.steps=600",)})` in pipelines/demo.py, then
@@ -46,49 +47,45 @@ def steps(s1: int, s2: int, s3: int) -> dict[str, tuple[str, ...]]:
     return {stage: (f"run.steps={n}",) for stage, n in zip(STAGES, (s1, s2, s3), strict=True)}
 
 
+def plus(base: dict[str, tuple[str, ...]], *extra: str, stages=STAGES) -> dict[str, tuple[str, ...]]:
+    """BASE's per-stage overrides with EXTRA appended to those of STAGES."""
+    return {stage: (*v, *extra) if stage in stages else v for stage, v in base.items()}
+
+
+S1_600 = steps(600, 1200, 400)  # the CPU configs' steps
+LATER = ("stage2", "stage3")
+
 # name: trainer overrides per stage (None: judge DATA/runs as `make demo` trained them; store it under --name)
 VARIANTS: dict[str, dict[str, tuple[str, ...]] | None] = {
     "demo": None,
     # the CPU configs up to 4306ec1 (measured as `demo` with --name s1-1600)
     "s1-1600": steps(1600, 1200, 400),
     # less 64 px training (64 px images carry little shape): the CPU configs now
-    "s1-600": steps(600, 1200, 400),
+    "s1-600": S1_600,
     # the seconds saved moved to 128 px
     "s1-600-s2-2400": steps(600, 2400, 400),
     # stage2/3's loss on the 4x-pooled velocities (the release's auxiliary loss) 4x heavier: the coarse layout
-    "s1-600-lowres4": {
-        **steps(600, 1200, 400),
-        **{k: (*v, "loss.lowres_weight=4.0") for k, v in steps(600, 1200, 400).items() if k != "stage1"},
-    },
+    "s1-600-lowres4": plus(S1_600, "loss.lowres_weight=4.0", stages=LATER),
     # a wider, deeper Next-DiT (dim 384, 6 layers, 2 refiner layers: 26.8M parameters, 14x NextDiT_tiny's, and ~4x
     # its seconds per step here), on half of s1-600's stage2 and stage3 steps (more stage2 steps gave no shape)
-    "S-s1-600-s2-600": {k: (*v, "model.name=NextDiT_S") for k, v in steps(600, 600, 200).items()},
+    "S-s1-600-s2-600": plus(steps(600, 600, 200), "model.name=NextDiT_S"),
     # RoPE base 100 instead of the release's 10,000: on a 4x4 / 8x8 token grid only 2 of each spatial axis's 6
     # frequencies turn by more than ~0.3 rad across the image at 10,000, 4 at 100 (neighbouring tokens told apart)
-    "rope100": {k: (*v, "model.rope_theta=100") for k, v in steps(600, 1200, 400).items()},
-    # stage2/3's training times drawn nearer noise (logit-normal centred at -0.5, not 0): more of the steps where an
-    # image's layout (where its objects are, how many) is decided
-    "s23-noisier": {
-        **steps(600, 1200, 400),
-        **{k: (*v, "loss.time_loc=-0.5") for k, v in steps(600, 1200, 400).items() if k != "stage1"},
-    },
-    "s23-noisier1": {
-        **steps(600, 1200, 400),
-        **{k: (*v, "loss.time_loc=-1.0") for k, v in steps(600, 1200, 400).items() if k != "stage1"},
-    },
+    "rope100": plus(S1_600, "model.rope_theta=100"),
+    # stage2/3's training times drawn nearer noise (logit-normal centred at -0.5 or -1, not 0): more of the steps where
+    # an image's layout (where its objects are, how many) is decided
+    "s23-noisier": plus(S1_600, "loss.time_loc=-0.5", stages=LATER),
+    "s23-noisier1": plus(S1_600, "loss.time_loc=-1.0", stages=LATER),
     # image tokens told their place in the frame (model.frame_pos: a fixed sin-cos code added to them; RoPE alone gives
     # a token only its offsets to others): "at the top left" and "two" need absolute places
-    "frame": {k: (*v, "model.frame_pos=true") for k, v in steps(600, 1200, 400).items()},
+    "frame": plus(S1_600, "model.frame_pos=true"),
     # fewer steps, for the demo's 20 minutes on a 2-core AVX2 machine (fp32: ~0.31 s/step at 64 px, ~0.59 at 128)
     "s1-300-s3-200": steps(300, 1200, 200),
     "s1-300-s2-900-s3-200": steps(300, 900, 200),
 }
 # a second training seed (initial weights, noise, times, caption draws) of some, to read their differences against
-SEEDED = {
-    f"{name}-seed1": {k: (*v, "run.seed=1") for k, v in VARIANTS[name].items()}
-    for name in ("s1-600", "s23-noisier", "s1-300-s2-900-s3-200", "s1-300-s3-200")
-}
-VARIANTS |= SEEDED
+SEEDED = ("s1-600", "s23-noisier", "s1-300-s2-900-s3-200", "s1-300-s3-200")
+VARIANTS |= {f"{name}-seed1": plus(VARIANTS[name], "run.seed=1") for name in SEEDED}
 
 
 def run(cmd: list[str], log: Path) -> float:
