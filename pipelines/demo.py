@@ -306,7 +306,8 @@ ADHERENCE = {"en": "adherence", "zh": "adherence_zh"}  # prompt language -> fold
 
 def step_adherence(work: Path, p: Preset) -> None:
     """stage1 and stage3 on the held-out set's long prompts (every attribute named, cells included), English and
-    Chinese, with the truth images and a shuffled-prompt control row; 64 px: stage1's size."""
+    Chinese, with the truth images, their VAE round trip at each stage's drawing size (the ceiling) and a
+    shuffled-prompt control row; judged at 64 px: stage1's size."""
     for lang, folder in ADHERENCE.items():
         cmd = [sys.executable, "-m", "train.adherence", "--truth", str(work / "heldout"), "--out", str(work / folder),
                "--n", str(p.adherence), "--level", "long", "--language", lang, "--size", "64x64"]  # fmt: skip

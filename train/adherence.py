@@ -12,14 +12,18 @@ every folder), and datagen.scene_judge checks every image against its scene: bac
 count and position, for the attributes the prompt level states (scene_judge.LEVEL_ATTRIBUTES: short and
 medium name no cells, so position is judged only at --level long). The control row "truth images" judges
 the held-out images themselves, resized to the same size: it shows what the judge can see at that size.
+The ceiling rows "truth images through the VAE at WxH", one per VAE and drawing size of the weights, judge the
+truth images resized to the drawing size, encoded and decoded by that VAE and resized to --size: what a generator
+that wrote the truth's own latents would score, the most any weights drawing through that VAE at that size can
+(the tiny VAE at 64 px turns small squares and triangles into blobs: its shape ceiling there is about half).
 Each weights folder draws at its training resolution (a 128 px stage at 128 x 128: drawn smaller, its VAE
 loses the shapes) and its images are resized to --size, the size every row is judged at (--draw judge: drawn at
 --size). The control row "<last weights>, shuffled prompts" (off with --no-control) gives the last weights folder image
 i+1's prompt and judges the image against scene i: the chance level of a model that draws its usual pictures.
 
 Writes OUT/adherence.json (accuracy = facts that held / facts judged, per attribute; null when none was
-judged), OUT/<weights>/NNNNN.png and OUT/truth/NNNNN.png, and prints the table. Examples (both images and
-the verdicts) are listed for the first --examples prompts of every weights folder. Weights are read only
+judged), OUT/<weights>/NNNNN.png, OUT/truth/NNNNN.png and OUT/vae-WxH/NNNNN.png, and prints the table.
+Examples (both images and the verdicts) are listed for the first --examples prompts of every weights folder. Weights are read only
 through train.checkpoint.load_weights (safetensors + JSON); generation runs on a GPU when there is one
 (train.sample.load_for_sampling), else on the CPU.
 """
@@ -33,11 +37,14 @@ import re
 from pathlib import Path
 
 import pyarrow.parquet as pq
+import torch
 from PIL import Image
 
 from datagen import scene_judge, synth
 from datagen.shards import iter_shard, list_shards
-from train.sample import generate, load_for_sampling
+from train.codecs import VAE
+from train.sample import from_images, generate, load_for_sampling, to_images
+from unicap import runtime
 from unicap.atomic import atomic_path, visible_parquet_files
 from unicap.contract import caption as caption_record
 from unicap.contract import checkpoint as contract
@@ -45,7 +52,9 @@ from unicap.contract import checkpoint as contract
 VERSION = 1
 TRUTH_ROW = "truth images"
 TRUTH_DIR = "truth"
-CONTROL_SUFFIX, CONTROL_DIR = ", shuffled prompts", "shuffled"  # the control row (the last weights, other prompts)
+# the control row (the last weights, other prompts)
+CONTROL_SUFFIX, CONTROL_DIR = ", shuffled prompts", "shuffled"
+VAE_ROW, VAE_DIR = "truth images through the VAE at {}x{}", "vae-{}x{}"  # a ceiling row, per drawing size
 NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]*")
 
 
@@ -63,9 +72,9 @@ def parse_weights(specs: list[str]) -> dict[str, Path]:
         name, sep, folder = spec.partition("=")
         if not sep or not folder:
             raise ValueError(f"--weights {spec!r}: give NAME=FOLDER, e.g. stage3=runs/stage3/final")
-        if not NAME.fullmatch(name) or name in (TRUTH_DIR, CONTROL_DIR):
+        if not NAME.fullmatch(name) or name in (TRUTH_DIR, CONTROL_DIR) or re.fullmatch(r"vae-\d+x\d+", name):
             raise ValueError(f"--weights {spec!r}: a name is letters, digits, '_' and '-' (and not "
-                             f"{TRUTH_DIR!r} or {CONTROL_DIR!r})")  # fmt: skip
+                             f"{TRUTH_DIR!r}, {CONTROL_DIR!r} or vae-WxH)")  # fmt: skip
         if name in out:
             raise ValueError(f"--weights: the name {name!r} is given twice")
         out[name] = Path(folder)
@@ -146,6 +155,18 @@ def _trained_size(state: dict, size: tuple[int, int]) -> tuple[int, int]:
     return max(16, round(size[0] * scale / 16) * 16), max(16, round(size[1] * scale / 16) * 16)
 
 
+@torch.no_grad()
+def vae_round_trip(vae: VAE, images: list[Image.Image], draw: tuple[int, int], size: tuple[int, int],
+                   batch: int) -> list[Image.Image]:  # fmt: skip
+    """Each image resized to `draw`, encoded and decoded by `vae` (on its device), then resized to `size`."""
+    device = next(vae.parameters()).device
+    out: list[Image.Image] = []
+    for start in range(0, len(images), batch):
+        drawn = [im.resize(draw, Image.Resampling.LANCZOS) for im in images[start : start + batch]]
+        out += to_images(vae.decode(vae.encode(from_images(drawn, device))))
+    return [im.resize(size, Image.Resampling.LANCZOS) if im.size != size else im for im in out]
+
+
 def judge_row(images: list[Image.Image], prompts: list[dict], attributes) -> list[scene_judge.Judgement]:
     return [
         scene_judge.judge(im, p["scene"], attributes=attributes)
@@ -170,10 +191,12 @@ def adherence(weights: dict[str, Path], truth: Path, out: Path, *, n: int = 32, 
                          f"languages {caption_record.LANGUAGES}")  # fmt: skip
     if n < 1 or steps < 1 or examples < 0 or batch < 1:
         raise ValueError("--n, --steps and --batch must be positive, --examples not negative")
-    draw_sizes = {}
+    draw_sizes, ceilings = {}, []
     for name, folder in weights.items():
         state = contract.read_state(folder)  # a folder that is not weights fails before anything is generated
         draw_sizes[name] = size if draw == "judge" else _trained_size(state, size)
+        if (draw_sizes[name], state["vae"]) not in ceilings:
+            ceilings.append((draw_sizes[name], state["vae"]))
         if not ((folder / contract.EMA_FILE).is_file() or (folder / contract.MODEL_FILE).is_file()):
             raise contract.CheckpointError(
                 f"{name}={folder}: no {contract.EMA_FILE} or {contract.MODEL_FILE}"
@@ -194,6 +217,18 @@ def adherence(weights: dict[str, Path], truth: Path, out: Path, *, n: int = 32, 
     truth_paths = save(truth_ims, TRUTH_DIR)
     rows, facts, example_list = {}, {}, []
     rows[TRUTH_ROW], facts[TRUTH_ROW] = accuracy(judge_row(truth_ims, prompts, attributes))
+    if ceilings:
+        originals = truth_images(truth, prompts)
+        dev = runtime.resolve_device(device)
+        dtype = runtime.resolve_dtype("bf16" if dev.startswith("cuda") else "fp32", dev)
+        vaes = {name: VAE(name, dtype=dtype).to(dev) for _, name in ceilings}
+        for (w, h), vae_name in sorted(ceilings, key=lambda c: (c[0][0] * c[0][1], c)):  # smallest first
+            images = vae_round_trip(vaes[vae_name], originals, (w, h), size, batch)
+            row, sub = VAE_ROW.format(w, h), VAE_DIR.format(w, h)
+            if len(vaes) > 1:  # weights with different VAEs: a row for each
+                row, sub = f"{row} ({vae_name})", f"{sub}-{len(rows)}"
+            save(images, sub)
+            rows[row], facts[row] = accuracy(judge_row(images, prompts, attributes))
     codecs: dict = {}
     for name, folder in weights.items():
         images = generate_all(

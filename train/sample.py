@@ -72,16 +72,19 @@ def generate(
     tokens = (shape[1] // model.cfg.patch_size) * (shape[2] // model.cfg.patch_size)
     latents = sample(velocity, noise, steps=steps, method=method, mu=shift_mu(tokens), cfg_scale=cfg_scale,
                      renorm_cfg=renorm_cfg, cfg_trunc=cfg_trunc, cfg_trunc_mode=cfg_trunc_mode)  # fmt: skip
-    pixels = (
-        ((vae.decode(latents).float() + 1) * 127.5)
-        .round()
-        .clamp(0, 255)
-        .byte()
-        .permute(0, 2, 3, 1)
-        .cpu()
-        .numpy()
-    )
-    return [Image.fromarray(np.ascontiguousarray(p)) for p in pixels]
+    return to_images(vae.decode(latents))
+
+
+def to_images(pixels: torch.Tensor) -> list[Image.Image]:
+    """(B, 3, H, W) in [-1, 1], on any device -> B RGB images."""
+    rgb = ((pixels.float() + 1) * 127.5).round().clamp(0, 255).byte().permute(0, 2, 3, 1).cpu().numpy()
+    return [Image.fromarray(np.ascontiguousarray(p)) for p in rgb]
+
+
+def from_images(images: list[Image.Image], device="cpu") -> torch.Tensor:
+    """RGB images of one size -> (B, 3, H, W) in [-1, 1] on `device` (to_images' inverse, up to rounding)."""
+    rgb = np.stack([np.asarray(im.convert("RGB"), dtype=np.uint8) for im in images])
+    return torch.from_numpy(rgb).to(device).permute(0, 3, 1, 2).float() / 127.5 - 1
 
 
 def load_for_sampling(folder: Path, weights: str, device: str = "auto", codecs: dict | None = None):

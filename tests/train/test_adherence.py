@@ -13,7 +13,7 @@ import torch
 from PIL import Image
 
 from datagen.synth import synth
-from train.adherence import CONTROL_DIR, CONTROL_SUFFIX, TRUTH_ROW
+from train.adherence import CONTROL_DIR, CONTROL_SUFFIX, TRUTH_ROW, VAE_ROW
 from train.checkpoint import save_weights
 from train.model import build_model
 from unicap.cli import module_main
@@ -47,12 +47,22 @@ def run(tmp_path_factory):
 def test_the_json_follows_the_schema(run):
     root, _, result = run
     assert set(result) == KEYS and result["version"] == 1 and result["size"] == [64, 64]
-    assert result["draw_sizes"] == {"early": [64, 64], "late": [64, 64]}  # no training resolution in these states
+    # no training resolution in these states
+    assert result["draw_sizes"] == {"early": [64, 64], "late": [64, 64]}
     assert result["prompts"] == {"n": N, "level": "short", "language": "en", "truth": str(root / "heldout")}
     assert result["attributes"] == ATTRIBUTES
     control = f"late{CONTROL_SUFFIX}"  # the last weights drawing image i+1's prompt, judged against scene i
-    assert list(result["rows"]) == [TRUTH_ROW, "early", "late", control] == list(result["facts"])
-    assert result["facts"][control]["background"] == N and len(list((root / "out" / CONTROL_DIR).iterdir())) == N
+    ceiling = VAE_ROW.format(64, 64)  # both weights draw at 64 x 64 through the same VAE: one ceiling row
+    assert list(result["rows"]) == [TRUTH_ROW, ceiling, "early", "late", control] == list(result["facts"])
+    for a in (
+        "background",
+        "colour",
+        "count",
+    ):  # the same prompts (shape and position: where the colour is seen)
+        assert result["facts"][ceiling][a] == result["facts"][TRUTH_ROW][a], a
+    assert (
+        result["facts"][control]["background"] == N and len(list((root / "out" / CONTROL_DIR).iterdir())) == N
+    )
     for name, accs in result["rows"].items():
         assert list(accs) == ATTRIBUTES and list(result["facts"][name]) == ATTRIBUTES
         for a in ATTRIBUTES:
@@ -86,8 +96,38 @@ def test_every_image_exists_at_the_requested_size(run):
         for rel in (ex["image"], ex["truth_image"]):
             with Image.open(out / rel) as im:
                 assert im.size == (64, 64) and im.mode == "RGB", rel
-    for sub in ("truth", "early", "late"):
+    for sub in ("truth", "vae-64x64", "early", "late"):
         assert len(list((out / sub).glob("*.png"))) == N
+
+
+def test_the_ceiling_row_judges_the_truth_through_the_vae(run):
+    """Its images are the truth images resized to the drawing size, encoded and decoded by the weights' VAE: the
+    same pixels come out of a round trip made here, and they differ from the truth (a random VAE)."""
+    import numpy as np
+
+    from train.adherence import read_prompts, truth_images, vae_round_trip
+    from train.codecs import VAE
+
+    root, _, _ = run
+    truth = truth_images(root / "heldout", read_prompts(root / "heldout", N, "short", "en"))
+    # in batches of another size than the run's: the same images
+    mine = vae_round_trip(VAE("tiny"), truth, (64, 64), (64, 64), batch=3)
+    for i, im in enumerate(mine):
+        with (
+            Image.open(root / "out" / "vae-64x64" / f"{i:05d}.png") as saved,
+            Image.open(root / "out" / "truth" / f"{i:05d}.png") as t,
+        ):
+            got = np.asarray(saved.convert("RGB"), dtype=int)
+            assert np.abs(got - np.asarray(im, dtype=int)).max() <= 1, i  # (batch-size rounding at most)
+            assert np.abs(got - np.asarray(t.convert("RGB"), dtype=int)).mean() > 5, i
+
+
+def test_weights_named_like_an_output_folder_are_refused(tmp_path, capsys):
+    for name in ("truth", "shuffled", "vae-64x64"):
+        assert module_main("train.adherence", ["--weights", f"{name}={tmp_path}", "--truth", str(tmp_path),
+                                               "--out", str(tmp_path / "out")]) == 2  # fmt: skip
+        err = capsys.readouterr().err.strip()
+        assert "vae-WxH" in err and len(err.splitlines()) == 1, err
 
 
 def test_a_bad_weights_argument_is_a_one_line_error(run, tmp_path, capsys):
@@ -109,4 +149,7 @@ def test_weights_draw_at_their_training_resolution():
     assert _trained_size({"config": {"data": {"resolution": 128}}}, (64, 64)) == (128, 128)
     assert _trained_size({"config": {"data": {"resolution": 64}}}, (64, 64)) == (64, 64)
     assert _trained_size({"config": {}}, (64, 48)) == (64, 48)
-    assert _trained_size({"config": {"data": {"resolution": 128}}}, (96, 48)) == (176, 96)  # the aspect ratio kept, sides multiples of 16
+    assert _trained_size({"config": {"data": {"resolution": 128}}}, (96, 48)) == (
+        176,
+        96,
+    )  # the aspect ratio kept, sides multiples of 16
