@@ -54,11 +54,8 @@ def test_the_json_follows_the_schema(run):
     control = f"late{CONTROL_SUFFIX}"  # the last weights drawing image i+1's prompt, judged against scene i
     ceiling = VAE_ROW.format(64, 64)  # both weights draw at 64 x 64 through the same VAE: one ceiling row
     assert list(result["rows"]) == [TRUTH_ROW, ceiling, "early", "late", control] == list(result["facts"])
-    for a in (
-        "background",
-        "colour",
-        "count",
-    ):  # the same prompts (shape and position: where the colour is seen)
+    # the same prompts, so the same facts (shape and position are judged where the colour is seen)
+    for a in ("background", "colour", "count"):
         assert result["facts"][ceiling][a] == result["facts"][TRUTH_ROW][a], a
     assert (
         result["facts"][control]["background"] == N and len(list((root / "out" / CONTROL_DIR).iterdir())) == N
@@ -149,7 +146,5 @@ def test_weights_draw_at_their_training_resolution():
     assert _trained_size({"config": {"data": {"resolution": 128}}}, (64, 64)) == (128, 128)
     assert _trained_size({"config": {"data": {"resolution": 64}}}, (64, 64)) == (64, 64)
     assert _trained_size({"config": {}}, (64, 48)) == (64, 48)
-    assert _trained_size({"config": {"data": {"resolution": 128}}}, (96, 48)) == (
-        176,
-        96,
-    )  # the aspect ratio kept, sides multiples of 16
+    # the aspect ratio kept, sides multiples of 16
+    assert _trained_size({"config": {"data": {"resolution": 128}}}, (96, 48)) == (176, 96)
