@@ -118,11 +118,9 @@ def run_variant(
     vae = VAE("tiny-trained").to(device)
     scenes, held = square_scenes(POOL_SEED, v.images), square_scenes(HELDOUT_SEED, HELDOUT)
     with torch.no_grad():
-        latents = torch.cat([
-            vae.encode(from_images([synth.render(s).resize((RES, RES), Image.Resampling.LANCZOS)
-                                    for s in scenes[i : i + 64]], device)).float()
-            for i in range(0, len(scenes), 64)
-        ])  # fmt: skip
+        drawn = [synth.render(s).resize((RES, RES), Image.Resampling.LANCZOS) for s in scenes]
+        chunks = (from_images(drawn[i : i + 64], device) for i in range(0, len(drawn), 64))  # 64 at a time
+        latents = torch.cat([vae.encode(chunk).float() for chunk in chunks])
     feats, masks = encode_texts(te, [synth.captions(s)[COLUMN] for s in scenes])
     empty_f, empty_m = encode_texts(te, [""])  # the dropped caption, padded to the captions' length
     pad = feats.shape[1] - empty_f.shape[1]
@@ -168,17 +166,23 @@ def run_variant(
             model.load_state_dict(raw)
             model.train()
             acc, count_seen = judge(images, held)
-            point = {"step": step, "samples": step * BATCH, "train_seconds": round(seconds, 1),
-                     "loss": round(torch.stack(losses[-eval_every:]).mean().item(), 4), "held_out": acc,
-                     "count_seen": count_seen}  # fmt: skip
+            loss = round(torch.stack(losses[-eval_every:]).mean().item(), 4)
+            point = dict(
+                step=step,
+                samples=step * BATCH,
+                train_seconds=round(seconds, 1),
+                loss=loss,
+                held_out=acc,
+                count_seen=count_seen,
+            )
             curve.append(point)
             print(f"[{name}] {json.dumps(point)}", flush=True)
             t0 = time.perf_counter() - seconds  # judging is not training time
     if save_to is not None:  # the EMA weights, a folder `unicap sample` and `train.adherence` read
         model.load_state_dict(ema)
         save_weights(save_to / name, model, v.text_encoder, "tiny-trained", step=steps)
-    return {**dataclasses.asdict(v), "resolution": RES, "batch": BATCH, "lr": LR, "device": device,
-            "torch_threads": torch.get_num_threads(), "vae_ceiling": ceiling, "curve": curve}  # fmt: skip
+    setup = dict(resolution=RES, batch=BATCH, lr=LR, device=device, torch_threads=torch.get_num_threads())
+    return {**dataclasses.asdict(v), **setup, "vae_ceiling": ceiling, "curve": curve}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -55,6 +55,8 @@ TRUTH_DIR = "truth"
 # the control row (the last weights, other prompts)
 CONTROL_SUFFIX, CONTROL_DIR = ", shuffled prompts", "shuffled"
 VAE_ROW, VAE_DIR = "truth images through the VAE at {}x{}", "vae-{}x{}"  # a ceiling row, per drawing size
+RESERVED = re.compile(rf"{TRUTH_DIR}|{CONTROL_DIR}|vae-\d+x\d+")  # output folders: no weights name
+Size = tuple[int, int]  # (width, height) in pixels
 NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]*")
 
 
@@ -72,9 +74,11 @@ def parse_weights(specs: list[str]) -> dict[str, Path]:
         name, sep, folder = spec.partition("=")
         if not sep or not folder:
             raise ValueError(f"--weights {spec!r}: give NAME=FOLDER, e.g. stage3=runs/stage3/final")
-        if not NAME.fullmatch(name) or name in (TRUTH_DIR, CONTROL_DIR) or re.fullmatch(r"vae-\d+x\d+", name):
-            raise ValueError(f"--weights {spec!r}: a name is letters, digits, '_' and '-' (and not "
-                             f"{TRUTH_DIR!r}, {CONTROL_DIR!r} or vae-WxH)")  # fmt: skip
+        if not NAME.fullmatch(name) or RESERVED.fullmatch(name):
+            reserved = f"{TRUTH_DIR!r}, {CONTROL_DIR!r} or vae-WxH"
+            raise ValueError(
+                f"--weights {spec!r}: a name is letters, digits, '_' and '-' (and not {reserved})"
+            )
         if name in out:
             raise ValueError(f"--weights: the name {name!r} is given twice")
         out[name] = Path(folder)
@@ -156,8 +160,9 @@ def _trained_size(state: dict, size: tuple[int, int]) -> tuple[int, int]:
 
 
 @torch.no_grad()
-def vae_round_trip(vae: VAE, images: list[Image.Image], draw: tuple[int, int], size: tuple[int, int],
-                   batch: int) -> list[Image.Image]:  # fmt: skip
+def vae_round_trip(
+    vae: VAE, images: list[Image.Image], draw: Size, size: Size, batch: int
+) -> list[Image.Image]:
     """Each image resized to `draw`, encoded and decoded by `vae` (on its device), then resized to `size`."""
     device = next(vae.parameters()).device
     out: list[Image.Image] = []

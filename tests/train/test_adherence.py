@@ -121,8 +121,8 @@ def test_the_ceiling_row_judges_the_truth_through_the_vae(run):
 
 def test_weights_named_like_an_output_folder_are_refused(tmp_path, capsys):
     for name in ("truth", "shuffled", "vae-64x64"):
-        assert module_main("train.adherence", ["--weights", f"{name}={tmp_path}", "--truth", str(tmp_path),
-                                               "--out", str(tmp_path / "out")]) == 2  # fmt: skip
+        args = ["--weights", f"{name}={tmp_path}", "--truth", str(tmp_path), "--out", str(tmp_path / "out")]
+        assert module_main("train.adherence", args) == 2
         err = capsys.readouterr().err.strip()
         assert "vae-WxH" in err and len(err.splitlines()) == 1, err
 
