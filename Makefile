@@ -77,9 +77,11 @@ GPU_CHECK_OUT ?= gpu_check.json
 gpu-check: $(STAMP)
 	$(PY) -m pipelines.gpu_check --out $(GPU_CHECK_OUT) $(ARGS)
 
-# For a bare GPU machine without the venv: wheels + the check's data, to carry (.cache/gpu_wheels, .cache/gpu_check)
+# For a bare GPU machine without the venv: wheels + the check's data, to carry (.cache/gpu_wheels, .cache/gpu_check/data).
+# GPU_PYTHON=3.12 (default) is the GPU machine's Python; tools/gpu_bundle.py says what goes in and why.
 gpu-bundle: $(STAMP)
-	bash tools/gpu_bundle.sh
+	$(PY) tools/gpu_bundle.py
+	$(PY) -m pipelines.gpu_check --prepare --data .cache/gpu_check/data
 
 # The trained tiny models committed in models/ (captioner, VAE, CLIP; its text tower is the CPU stages' text encoder):
 # run after changing a recipe, then commit models/. Trains only what models/ lacks (~35 min on 2 cores for all); a fresh clone trains none.

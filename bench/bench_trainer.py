@@ -28,11 +28,13 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
 from bench._results import save, spread  # noqa: E402
 
-BENCH_MODEL = dict(dim=384, n_layers=6, n_refiner_layers=2, n_heads=6, n_kv_heads=2, cap_feat_dim=32,
-                   axes_dims=(16, 24, 24), multiple_of=64, in_channels=16)  # fmt: skip
+# the caption embedder's width (cap_feat_dim) is the loaded text encoder's, set in bench()
+BENCH_MODEL = dict(dim=384, n_layers=6, n_refiner_layers=2, n_heads=6, n_kv_heads=2, axes_dims=(16, 24, 24))
+BENCH_MODEL |= dict(multiple_of=64, in_channels=16)
 
 
 def packed_stage(workdir: Path, images: int, resolution: int) -> Path:
@@ -81,15 +83,23 @@ def main() -> int:
     p.add_argument(
         "--no-guard", action="store_true", help="remove the non-finite gradient hooks (to price them)"
     )
+    p.add_argument("--loader-batches", type=int, default=60, help="batches the loader leg reads per round")
     args = p.parse_args()
-    if "LOCAL_RANK" not in os.environ:  # re-run under torchrun: DeepSpeed wants a process group
-        os.environ.setdefault("DS_ACCELERATOR", "cuda" if args.device == "cuda" else "cpu")
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "1", "--master_addr", "127.0.0.1",
-               "--master_port", "29731", __file__, *sys.argv[1:]]  # fmt: skip
-        return subprocess.call(
-            cmd, env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
-        )
+    if "LOCAL_RANK" in os.environ:  # the rank: any failure ends it at once, as the trainers' ranks do
+        from unicap import distributed
 
+        return distributed.run_main(lambda: bench(args))
+    # re-run under torchrun (DeepSpeed wants a process group), on a free port
+    from unicap.runtime import master_port
+
+    os.environ.setdefault("DS_ACCELERATOR", "cuda" if args.device == "cuda" else "cpu")
+    rendezvous = ["--master_addr", "127.0.0.1", "--master_port", str(master_port(None, 1, 29731))]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "1", *rendezvous, __file__]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
+    return subprocess.call([*cmd, *sys.argv[1:]], env=env)
+
+
+def bench(args: argparse.Namespace) -> int:
     import deepspeed
     import torch
 
@@ -111,7 +121,7 @@ def main() -> int:
         torch.set_num_threads(os.cpu_count() or 1)
     codecs = trainer.load_codecs(cfg, dev)
     if args.model == "bench":
-        mcfg = NextDiTConfig(**BENCH_MODEL)
+        mcfg = NextDiTConfig(**BENCH_MODEL, cap_feat_dim=codecs.text.dim)
     else:
         from dataclasses import replace
 
@@ -191,7 +201,7 @@ def main() -> int:
     for r in range(args.rounds):
         tp = timed(plain_step, batches)
         td = timed(ds_step, batches)
-        lr = loader_rate(60)
+        lr = loader_rate(args.loader_batches)
         ds_rate = args.steps * args.micro / td
         rounds.append({"round": r, "plain_s_per_step": round(tp / args.steps, 4), "ds_s_per_step": round(td / args.steps, 4),
                        "plain_over_ds": round(tp / td, 3), "trainer_samples_per_s": round(ds_rate, 2),

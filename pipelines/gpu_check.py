@@ -24,11 +24,14 @@ import contextlib
 import importlib.util
 import json
 import os
+import re
+import shutil
 import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
+from urllib.parse import unquote, urlparse
 
 ROOT = Path(__file__).resolve().parents[1]
 PARTS = ("env", "trainer", "zero3", "crash", "sample", "adherence", "captioner", "score", "gpu-tests", "mfu",
@@ -42,44 +45,69 @@ def has(module: str) -> bool:
     return importlib.util.find_spec(module) is not None
 
 
-SITE = ROOT / ".cache" / "gpu_site"
+class InputError(Exception):
+    """An input the check cannot run with: said in one line before any part starts."""
 
 
 def use_bundle(wheels: Path) -> str | None:
-    """On a machine without deepspeed / diffusers: install the wheels `make gpu-bundle` made (carried in
-    .cache/gpu_wheels) into .cache/gpu_site, for this process and the ones it starts. Returns what it did."""
+    """On a machine without deepspeed / diffusers: install what this environment lacks of the wheels
+    `make gpu-bundle` made (carried in .cache/gpu_wheels) into gpu_site beside them, for this process and the ones it
+    starts. pip's resolver picks them against what is installed (`--dry-run --report`), so a package the
+    machine already holds at a fitting version is never shadowed. Returns what it did."""
     if has("deepspeed") and has("diffusers"):
         return None
     found = sorted(str(p) for p in wheels.glob("*.whl")) if wheels.is_dir() else []
-    stamp = SITE / ".wheels"
-    if not (
-        stamp.exists() and stamp.read_text() == "\n".join(found)
-    ):  # none installed yet, or another bundle
-        if not found:
-            return f"no deepspeed/diffusers and no wheels in {wheels} (make gpu-bundle on a machine with the venv)"
-        import shutil
-
-        shutil.rmtree(SITE, ignore_errors=True)
-        cmd = [
-            sys.executable,
-            "-m",
-            "pip",
-            "install",
-            "-q",
-            "--no-index",
-            "--no-deps",
-            "--target",
-            str(SITE),
-            *found,
-        ]
-        r = subprocess.run(cmd, capture_output=True, text=True)
-        if r.returncode != 0:
-            return f"installing {wheels}: {r.stderr.strip()[-300:]}"
+    if not found:
+        raise InputError(
+            f"no deepspeed/diffusers here and no bundle in {wheels}: run `make gpu-bundle` on a machine with "
+            "the venv and carry .cache/gpu_wheels and .cache/gpu_check/data along"
+        )
+    _check_wheels_fit(wheels, found)
+    site = wheels.parent / "gpu_site"
+    stamp = site / ".wheels"
+    if not (stamp.exists() and stamp.read_text() == "\n".join(found)):  # none installed yet, or another bundle
+        shutil.rmtree(site, ignore_errors=True)
+        site.mkdir(parents=True)
+        picks = _missing_wheels(wheels, site)
+        install = ["install", "-q", "--no-index", "--no-deps", "--target", str(site), *picks]
+        r = subprocess.run([sys.executable, "-m", "pip", *install], capture_output=True, text=True) if picks else None
+        if r is not None and r.returncode != 0:
+            raise InputError(f"installing {wheels}: {r.stderr.strip()[-300:]}")
         stamp.write_text("\n".join(found))
-    sys.path.insert(0, str(SITE))
-    os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(SITE), os.environ.get("PYTHONPATH")]))
+    sys.path.insert(0, str(site))
+    os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(site), os.environ.get("PYTHONPATH")]))
     importlib.invalidate_caches()
-    return f"using {SITE} (wheels from {wheels})"
+    return f"using {site} (wheels from {wheels})"
+
+
+def _check_wheels_fit(wheels: Path, found: list[str]) -> None:
+    """Every wheel installable on this Python and machine, else one line naming the Python it was made for."""
+    from packaging.tags import sys_tags
+    from packaging.utils import parse_wheel_filename
+
+    here = set(sys_tags())
+    misfits = [Path(w).name for w in found if not parse_wheel_filename(Path(w).name)[3] & here]
+    if misfits:
+        manifest = wheels / "bundle.json"
+        made_for = json.loads(manifest.read_text())["python"] if manifest.exists() else "another Python"
+        mine = ".".join(map(str, sys.version_info[:2]))
+        raise InputError(
+            f"the bundle in {wheels} is for Python {made_for} ({misfits[0]}), this is Python {mine}: "
+            f"make gpu-bundle GPU_PYTHON={mine}"
+        )
+
+
+def _missing_wheels(wheels: Path, site: Path) -> list[str]:
+    """The bundle's wheels that deepspeed and diffusers need here, as pip's resolver picks them."""
+    report = site / "resolve.json"
+    args = ["install", "-q", "--dry-run", "--no-index", "--find-links", str(wheels), "--report", str(report)]
+    env = {**os.environ, "PIP_BREAK_SYSTEM_PACKAGES": "1"}  # a dry run installs nothing
+    cmd = [sys.executable, "-m", "pip", *args, "deepspeed", "diffusers"]
+    r = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    if r.returncode != 0:
+        raise InputError(f"the bundle in {wheels} does not complete this environment: {r.stderr.strip()[-300:]}")
+    picked = json.loads(report.read_text())["install"]
+    return [unquote(urlparse(item["download_info"]["url"]).path) for item in picked]
 
 
 def env_vars() -> dict:
@@ -130,6 +158,10 @@ def launcher(nproc: int, *args: str) -> list[str]:
 
 
 def tail(r: subprocess.CompletedProcess, n: int = 1500) -> str:
+    """The end of a command's output; for a failed rank, its own traceback (not the launcher's after it)."""
+    failed_rank = re.search(r"rank \d+ failed:", r.stderr)
+    if failed_rank:
+        return r.stderr[failed_rank.start() :][:n].strip()
     return (r.stdout[-n:] + "\n" + r.stderr[-n:]).strip()
 
 
@@ -144,8 +176,10 @@ def prepare(data: Path, resolution: int = 256) -> Path:
     from datagen.synth import synth
     from pipelines.pack import pack_stage
 
-    if (data / "packed" / "_pack.json").exists():
+    meta = data / "packed" / "_pack.json"
+    if meta.exists() and json.loads(meta.read_text())["resolution"] == resolution:
         return data
+    shutil.rmtree(data / "packed", ignore_errors=True)  # packed at another resolution: the shards are kept
     synth(str(data / "shards"), 256, seed=7, shard_size=64)  # a 256 px bucket fills micro-batches of 32
     index = read_index(data / "shards")
     manifest = pd.DataFrame({"key": index.key, "shard": index["shard"],
@@ -369,18 +403,23 @@ def part_mfu(ctx: dict) -> dict:
 
 def part_step(ctx: dict) -> dict:
     """The trainer's whole step (loader batch, VAE + text encoding, ZeRO-2, the non-finite guard, EMA-free) against
-    a plain PyTorch loop on a NextDiT_2B-width model, 256 px, batch 32: time ratio and MFU of each leg."""
-    if not _cuda():
-        return {"status": "skipped", "why": "needs CUDA"}
+    a plain PyTorch loop: on CUDA a NextDiT_2B-width model, batch 32, with the MFU of each leg; on CPU
+    (--allow-cpu) the bench's small model for two steps, so that the command the GPU runs is the one tested."""
     out = ctx["work"] / "trainer_step.json"
-    r = sh([sys.executable, "bench/bench_trainer.py", "--device", "cuda", "--model", "2b-width", "--resolution",
-            str(ctx["size"]), "--micro", "32", "--steps", "5", "--rounds", "3", "--packed", str(ctx["packed"]),
-            "--out", str(out)], ctx["timeout"])  # fmt: skip
+    if _cuda():
+        sizing = ["--device", "cuda", "--model", "2b-width", "--micro", "32", "--steps", "5", "--rounds", "3"]
+    else:
+        sizing = ["--device", "cpu", "--model", "bench", "--micro", "4", "--steps", "2", "--rounds", "1"]
+        sizing += ["--loader-batches", "4"]
+    # the tiny codecs of the other parts: the CPU configs' tiny CLIP would need open_clip (gpu_bundle.py says why)
+    codecs = ["--set", "model.text_encoder=tiny"]
+    inputs = ["--resolution", str(ctx["size"]), "--packed", str(ctx["packed"]), "--out", str(out)]
+    r = sh([sys.executable, "bench/bench_trainer.py", *sizing, *codecs, *inputs], ctx["timeout"])
     if r.returncode != 0 or not out.exists():
         return {"status": "failed", "why": tail(r)}
     res = json.loads(out.read_text())
     keys = ("plain_over_deepspeed_time", "plain_mfu", "ds_mfu", "peak_memory_gib", "matmul_tflops")
-    return {"status": "ok", **{k: res.get(k) for k in keys}}
+    return {"status": "ok", **{k: res[k] for k in keys if k in res}}
 
 
 TRAINING = ("deepspeed", "diffusers", "transformers", "pyarrow", "PIL", "yaml")
@@ -411,18 +450,21 @@ def main(argv: list[str] | None = None) -> int:
         prepare(data, args.resolution)
         print(f"gpu-check data: {data}")
         return 0
-    bundle = use_bundle(Path(args.wheels).resolve())
-    if bundle:
-        print(f"gpu-check: {bundle}", flush=True)
     unknown = [n for n in args.parts.split(",") if n not in PARTS]
     if unknown:
         print(f"error: unknown part {unknown[0]!r}: {', '.join(PARTS)}", file=sys.stderr)
         return 2
+    try:
+        check_data(data, args.resolution)
+        bundle = use_bundle(Path(args.wheels).resolve())
+    except InputError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if bundle:
+        print(f"gpu-check: {bundle}", flush=True)
     if not _cuda() and not args.allow_cpu:
         print("error: torch sees no CUDA device (run it on a GPU machine, or --allow-cpu)", file=sys.stderr)
         return 2
-    import shutil
-
     import torch
 
     work = Path(args.work).resolve()
@@ -466,6 +508,18 @@ def main(argv: list[str] | None = None) -> int:
     failed = [n for n, r in results.items() if r["status"] == "failed"]
     print(f"gpu-check: {len(results) - len(failed)} of {len(results)} parts ok or skipped; JSON {args.out}")
     return 1 if failed else 0
+
+
+def check_data(data: Path, resolution: int) -> None:
+    """Prepared data packed at another resolution would fail every trainer part: say so once, up front."""
+    meta = data / "packed" / "_pack.json"
+    if meta.exists():
+        packed_at = json.loads(meta.read_text())["resolution"]
+        if packed_at != resolution:
+            raise InputError(
+                f"the data in {data} is packed at {packed_at} px, --resolution is {resolution}: pass "
+                f"--resolution {packed_at}, or --prepare --data {data} --resolution {resolution} (needs Ray)"
+            )
 
 
 def _try_prepare(data: Path, resolution: int) -> bool:

@@ -121,3 +121,22 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def check_data(tmp_path_factory) -> Path:
+    """make gpu-check's packed stage at 64 px, prepared with Ray (as `make gpu-bundle` does), shared by these tests."""
+    data = tmp_path_factory.mktemp("gpu_check") / "data"
+    root = Path(__file__).resolve().parents[1]
+    cmd = [
+        sys.executable,
+        "-m",
+        "pipelines.gpu_check",
+        "--prepare",
+        "--data",
+        str(data),
+        "--resolution",
+        "64",
+    ]
+    subprocess.run(cmd, cwd=root, check=True, capture_output=True, timeout=600)
+    return data
