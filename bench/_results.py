@@ -8,9 +8,7 @@ from pathlib import Path
 def spread(values, digits: int = 3) -> dict:
     """The median of a measurement's rounds with its min and max (how every bench reports a ratio)."""
     values = list(values)
-    return {
-        k: round(f(values), digits) for k, f in (("median", statistics.median), ("min", min), ("max", max))
-    }
+    return {k: round(f(values), digits) for k, f in (("median", statistics.median), ("min", min), ("max", max))}
 
 
 def save(results, path: str) -> None:

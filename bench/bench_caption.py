@@ -45,7 +45,9 @@ def load_images(shards: Path) -> list:
         with tarfile.open(tar_path) as tar:
             for m in tar.getmembers():
                 if m.name.endswith((".jpg", ".png")):
-                    out.append(fit_max_pixels(decode_for_model(tar.extractfile(m).read(), MAX_PIXELS).image, MAX_PIXELS))
+                    out.append(
+                        fit_max_pixels(decode_for_model(tar.extractfile(m).read(), MAX_PIXELS).image, MAX_PIXELS)
+                    )
     return out
 
 
@@ -138,8 +140,13 @@ def bench_ray_data_llm(model: str, images, batch: int) -> dict:
         detokenize_stage=False,
         log_engine_metrics=False,  # its Prometheus logger imports ray.serve, which ray[data] lacks
         placement_group_config={"bundles": [{"CPU": 1}]},  # CPU vLLM (else it asks for a GPU)
-        runtime_env={"env_vars": {"VLLM_ENABLE_V1_MULTIPROCESSING": "0", "VLLM_HOST_IP": "127.0.0.1",
-                                  **threads_env(cpu_threads_per_actor(1))}},  # fmt: skip
+        runtime_env={
+            "env_vars": {
+                "VLLM_ENABLE_V1_MULTIPROCESSING": "0",
+                "VLLM_HOST_IP": "127.0.0.1",
+                **threads_env(cpu_threads_per_actor(1)),
+            }
+        },  # fmt: skip
     )
     processor = build_processor(
         config,
@@ -214,7 +221,9 @@ def main() -> int:
     res["ratio_job_steady_vs_bare"] = res["job"]["images_per_s_steady"] / bare
     res["ratio_job_1_thread_steady_vs_bare"] = res["job_1_thread"]["images_per_s_steady"] / bare
     res["ratio_ray_data_llm_steady_vs_bare"] = res["ray_data_llm"]["images_per_s_steady"] / bare
-    res["ratio_job_steady_vs_ray_data_llm"] = res["job"]["images_per_s_steady"] / res["ray_data_llm"]["images_per_s_steady"]
+    res["ratio_job_steady_vs_ray_data_llm"] = (
+        res["job"]["images_per_s_steady"] / res["ray_data_llm"]["images_per_s_steady"]
+    )
     res["ratio_job_end_to_end_vs_bare"] = res["job"]["images_per_s_end_to_end"] / bare
     res["ratio_job_steady_vs_hf"] = res["job"]["images_per_s_steady"] / res["hf_generate"]["images_per_s"]
     res["ratio_bare_vs_hf"] = bare / res["hf_generate"]["images_per_s"]

@@ -126,12 +126,8 @@ def leg_bare(case: dict, model: str, shards: Path, all_at_once: bool = False) ->
         convs, params = [], []
         for im in images[i : i + case["batch"]]:
             for p in ps:
-                convs.append(
-                    _with_image(prompts.chat_messages(p, "x"), {"type": "image_pil", "image_pil": im})
-                )
-                params.append(
-                    SamplingParams(max_tokens=p.max_tokens, temperature=0.0, **engine_cfg.sampling_extra)
-                )
+                convs.append(_with_image(prompts.chat_messages(p, "x"), {"type": "image_pil", "image_pil": im}))
+                params.append(SamplingParams(max_tokens=p.max_tokens, temperature=0.0, **engine_cfg.sampling_extra))
         batches.append((convs, params))
     if all_at_once:  # the first batch alone (warm-up, like the job's first shard), then the rest in one call
         rest = [sum((b[k] for b in batches[1:]), []) for k in (0, 1)]
@@ -157,9 +153,7 @@ def leg_job(case: dict, model: str, shards: Path, threads: int | None) -> dict:
     engine_cfg, caption_cfg = configs(case, model)
     out = Path(tempfile.mkdtemp(prefix="bench-cve-"))
     t0 = time.time()
-    summary = run_job(
-        shards, out, engine_cfg, caption_cfg, batch_size=case["batch"], threads_per_actor=threads
-    )
+    summary = run_job(shards, out, engine_cfg, caption_cfg, batch_size=case["batch"], threads_per_actor=threads)
     wall = time.time() - t0
     files = sorted(out.glob("*.parquet"), key=lambda p: p.stat().st_mtime)
     ends = [p.stat().st_mtime for p in files]
@@ -270,9 +264,7 @@ def main() -> int:
             "model": str(model),
             **{k: v for k, v in case.items()},
             **{f"ratio_job_vs_{k}": spread_all([p[f"ratio_vs_{k}"] for p in legs]) for k in names if k != "job"},
-            **{
-                f"{k}_images_per_s_steady": spread_all([p[k]["images_per_s_steady"] for p in legs]) for k in names
-            },
+            **{f"{k}_images_per_s_steady": spread_all([p[k]["images_per_s_steady"] for p in legs]) for k in names},
             "pairs": legs,
         }
         for k in names[1:]:

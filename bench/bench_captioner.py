@@ -81,9 +81,7 @@ def main() -> int:
         from train.captioner.base import tiny_base
 
         untrained = tiny_base(cfg.model.arch, cfg.model.seed)
-        results["untrained"] = caption_and_eval(
-            str(untrained), data, work / "captions_untrained", cfg.data.max_pixels
-        )
+        results["untrained"] = caption_and_eval(str(untrained), data, work / "captions_untrained", cfg.data.max_pixels)
     goal = results["trained"]["metrics"]["goal"]
     print(f"training: {training['steps']} steps, {training['images_seen']} images, {training['train_seconds']:.0f}s; "
           f"goal {'met' if goal['met'] else 'not met: ' + '; '.join(goal['misses'][:6])}")  # fmt: skip

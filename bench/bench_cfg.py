@@ -64,9 +64,7 @@ def main(argv: list[str] | None = None) -> int:
             )
             seconds = time.perf_counter() - t0
             rows = {w: result["rows"][w] for w in weights}
-            runs.append(
-                {"seed": seed, "cfg": scale, "language": lang, "seconds": round(seconds, 1), "rows": rows}
-            )
+            runs.append({"seed": seed, "cfg": scale, "language": lang, "seconds": round(seconds, 1), "rows": rows})
             print(f"seed {seed} cfg {scale:g} {lang}: {seconds:.0f}s", file=sys.stderr)
     summary = summarize(runs, list(weights), scales, args.languages.split(","))
     save({"demo": str(demo), "n": args.n, "seeds": seeds, "summary": summary, "runs": runs}, args.out)

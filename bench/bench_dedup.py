@@ -57,7 +57,9 @@ def write_pool(root: Path, n: int, dim: int, seed: int = 0) -> dict:
     for s in range(0, n, SHARD):
         rows = np.arange(s, min(n, s + SHARD))
         keys = [f"{r:09d}" for r in rows]
-        lists = pa.ListArray.from_arrays(pa.array(np.arange(len(rows) + 1, dtype=np.int32) * dim), pa.array(emb[rows].ravel()))
+        lists = pa.ListArray.from_arrays(
+            pa.array(np.arange(len(rows) + 1, dtype=np.int32) * dim), pa.array(emb[rows].ravel())
+        )
         name = f"{s // SHARD:05d}.parquet"
         pq.write_table(pa.table({"key": keys, "embedding": lists}), root / "_embeddings" / name)
         pq.write_table(pa.table({"key": keys, "sha256": list(sha[rows]), "min_side": np.full(len(rows), 512, np.int32),

@@ -96,9 +96,7 @@ def encode_texts(te, captions: list[str], chunk: int = 256) -> tuple[torch.Tenso
 def judge(images: list[Image.Image], scenes: list[synth.SynthScene]) -> tuple[dict, dict]:
     """(accuracy per attribute, {objects of a colour the prompt asks for: mean blobs of it seen}): the second
     says whether a count is drawn at all (the mean grows with the prompt's) or only missed by one."""
-    small = [
-        im.resize((RES, RES), Image.Resampling.LANCZOS) if im.size != (RES, RES) else im for im in images
-    ]
+    small = [im.resize((RES, RES), Image.Resampling.LANCZOS) if im.size != (RES, RES) else im for im in images]
     seen = [scene_judge.analyse(im) for im in small]
     judged = [scene_judge.judge(im, s, analysis=a) for im, s, a in zip(small, scenes, seen, strict=True)]
     counts: dict[int, list[int]] = {}
@@ -110,9 +108,7 @@ def judge(images: list[Image.Image], scenes: list[synth.SynthScene]) -> tuple[di
     return acc, {n: round(sum(v) / len(v), 2) for n, v in sorted(counts.items())}
 
 
-def run_variant(
-    name: str, v: Variant, steps: int, eval_every: int, device: str, save_to: Path | None = None
-) -> dict:
+def run_variant(name: str, v: Variant, steps: int, eval_every: int, device: str, save_to: Path | None = None) -> dict:
     torch.manual_seed(0)
     te = text_encoder(v.text_encoder, max_length=128).to(device)
     vae = VAE("tiny-trained").to(device)
@@ -160,9 +156,7 @@ def run_variant(
             raw = {k: p.detach().clone() for k, p in model.state_dict().items()}
             model.load_state_dict(ema)
             model.eval()
-            images = generate(
-                model, te, vae, held_captions, width=RES, height=RES, steps=20, cfg_scale=4.0, seed=0
-            )
+            images = generate(model, te, vae, held_captions, width=RES, height=RES, steps=20, cfg_scale=4.0, seed=0)
             model.load_state_dict(raw)
             model.train()
             acc, count_seen = judge(images, held)
@@ -191,9 +185,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps", type=int, default=10000)
     p.add_argument("--eval-every", type=int, default=2000)
     p.add_argument("--device", default="auto")
-    p.add_argument(
-        "--save", type=Path, default=None, help="write each variant's final EMA weights to SAVE/<variant>"
-    )
+    p.add_argument("--save", type=Path, default=None, help="write each variant's final EMA weights to SAVE/<variant>")
     p.add_argument("--out", default=str(ROOT / "bench" / "results" / "generator.json"))
     args = p.parse_args(argv)
     names = args.variants.split(",")
@@ -204,9 +196,7 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out)
     results = json.loads(out.read_text()) if out.exists() else {"variants": {}}
     for name in names:
-        results["variants"][name] = run_variant(
-            name, VARIANTS[name], args.steps, args.eval_every, device, args.save
-        )
+        results["variants"][name] = run_variant(name, VARIANTS[name], args.steps, args.eval_every, device, args.save)
         save(results, str(out))
     return 0
 

@@ -72,9 +72,7 @@ def packed_texture_stage(workdir: Path, images: int) -> Path:
         for i in range(s * 256, min(images, (s + 1) * 256)):
             b = int(rng.choice([3, 6, 6, 6, 9]))
             w, h = table[b]
-            im = Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).filter(
-                ImageFilter.GaussianBlur(1)
-            )
+            im = Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).filter(ImageFilter.GaussianBlur(1))
             buf = io.BytesIO()
             im.save(buf, format="JPEG", quality=95)
             text = {c: f"{c} of texture {i}" for c in caption_record.caption_columns(levels, languages)}
@@ -180,9 +178,7 @@ def scale_child(packdir: Path, micro_batch: int) -> dict:
     planner.plan(0)
     plan_s = time.time() - t0
     rss_plan = proc.memory_info().rss
-    start = max(
-        0, planner.batches_per_epoch - 5000 * 8
-    )  # rank 3 of 8, from 5,000 of its batches before epoch 1
+    start = max(0, planner.batches_per_epoch - 5000 * 8)  # rank 3 of 8, from 5,000 of its batches before epoch 1
     sampler = iter(RankBatchSampler(stage, micro_batch, 0, rank=3, world_size=8, start=start))
     t0 = time.time()
     refs = [next(sampler) for _ in range(10_000)]  # crosses into epoch 1: a second plan is built on the way

@@ -65,7 +65,10 @@ def child(which: str, config: str, batch: int, latent: int, iters: int) -> dict:
         t0 = time.perf_counter()
         step()
         times.append(time.perf_counter() - t0)
-    return {"seconds": statistics.median(times), "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+    return {
+        "seconds": statistics.median(times),
+        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+    }
 
 
 def interleaved_times(config: str, batch: int, latent: int, iters: int) -> dict:
@@ -129,8 +132,14 @@ def timed_steps(model, inputs, iters: int, device: str) -> float:
     return (time.perf_counter() - t0) / iters
 
 
-def mfu(config: str, device: str, cases: list[tuple[int, int]], backends: list[str], iters: int,
-        compile_blocks: bool = False) -> dict:
+def mfu(
+    config: str,
+    device: str,
+    cases: list[tuple[int, int]],
+    backends: list[str],
+    iters: int,
+    compile_blocks: bool = False,
+) -> dict:
     """bf16 fwd+bwd of `config` at each (pixels, batch) and attention backend, as a fraction of the
     measured bf16 matmul rate. FLOPs: train.flops (useful work only: valid tokens, no recompute, so a
     run that falls back to activation checkpointing on OOM reports the lower, honest MFU)."""

@@ -53,9 +53,7 @@ def run_leg(data: Path, work: Path, ranks: int, extra: dict, steps: int) -> dict
     trainer = ["-m", "train.trainer", "--config", "train/configs/stage1_cpu.yaml"]
     cmd = [*torchrun, *rendezvous, *trainer, *(f"{k}={v}" for k, v in overrides.items())]
     t0 = time.time()
-    r = subprocess.run(
-        cmd, cwd=ROOT, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)}
-    )
+    r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
     wall = time.time() - t0
     if r.returncode != 0:
         raise RuntimeError(f"{ranks} ranks, {extra}: exit {r.returncode}\n{r.stderr[-3000:]}")

@@ -148,9 +148,7 @@ def main(argv: list[str] | None = None) -> int:
         runs.mkdir(parents=True, exist_ok=True)
         seconds = seconds_of(data) if overrides is None else train(data, runs, overrides)
         row: dict = {"data": str(data), "overrides": overrides, "seconds": seconds}
-        row["adherence"] = {
-            lang: judge(truth, runs, work / f"{name}-{lang}", lang, args.n) for lang in ("en", "zh")
-        }
+        row["adherence"] = {lang: judge(truth, runs, work / f"{name}-{lang}", lang, args.n) for lang in ("en", "zh")}
         results["variants"][args.name if overrides is None and args.name else name] = row
         save(results, args.out)
     print(table(results))

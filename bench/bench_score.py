@@ -77,7 +77,12 @@ def main() -> int:
             for m in tar.getmembers():
                 if m.name.endswith((".jpg", ".png")):
                     raw.append(tar.extractfile(m).read())
-                    caps.append([truth.loc[m.name.split(".")[0], caption_column(lv, "en")] for lv in ("long", "medium", "short", "tags")])
+                    caps.append(
+                        [
+                            truth.loc[m.name.split(".")[0], caption_column(lv, "en")]
+                            for lv in ("long", "medium", "short", "tags")
+                        ]
+                    )
     scorer.embed_images([decode_image(raw[0]).image])  # warm-up
     t0 = time.perf_counter()
     for i in range(0, len(raw), args.batch):

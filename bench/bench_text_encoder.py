@@ -61,9 +61,7 @@ def judge(data: Path, out: Path, name: str, language: str, cfg: float) -> dict:
     cmd = [sys.executable, "-m", "train.adherence", "--truth", str(data / "heldout"), "--out", str(dest),
            "--n", "32", "--level", "long", "--language", language, "--size", "64x64", "--cfg", str(cfg),
            "--weights", f"{name}={out / name / 'stage1' / 'final'}"]  # fmt: skip
-    r = subprocess.run(
-        cmd, cwd=ROOT, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)}
-    )
+    r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
     if r.returncode != 0:
         raise RuntimeError(f"{name}: adherence failed: {r.stderr[-2000:]}")
     return json.loads((dest / "adherence.json").read_text())["rows"]

@@ -64,9 +64,7 @@ def heldout_images(seed: int, n: int) -> list:
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--n", type=int, default=64, help="held-out images (each at 64 and 128 px)")
-    p.add_argument(
-        "--seed", type=int, default=4242, help="held-out seed (the recipe trains on seed 1000's scenes)"
-    )
+    p.add_argument("--seed", type=int, default=4242, help="held-out seed (the recipe trains on seed 1000's scenes)")
     p.add_argument("--retrain", action="store_true", help="train afresh in a temporary cache")
     p.add_argument("--out", default=str(ROOT / "bench" / "results" / "tiny_vae.json"))
     args = p.parse_args()

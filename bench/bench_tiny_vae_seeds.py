@@ -71,9 +71,7 @@ def run_legs(legs: list[tuple[int, int]], n: int, overrides: list[str], cores: i
             seed, threads = pending.pop(0)
             cmd = [sys.executable, __file__, "--leg", str(seed), str(threads), "--n", str(n), *overrides]
             env = {**os.environ, **threads_env(threads)}
-            with _leg_log(seed, threads).open(
-                "w"
-            ) as err:  # the leg's training log; the child keeps its own handle
+            with _leg_log(seed, threads).open("w") as err:  # the leg's training log; the child keeps its own handle
                 proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=err, text=True, env=env)
             running.append((seed, threads, proc))
             print(f"leg seed={seed} threads={threads}: started", file=sys.stderr, flush=True)
@@ -84,9 +82,7 @@ def run_legs(legs: list[tuple[int, int]], n: int, overrides: list[str], cores: i
             out = proc.stdout.read().strip().splitlines()
             if proc.returncode != 0 or not out:
                 log = _leg_log(seed, threads)
-                raise SystemExit(
-                    f"leg seed={seed} threads={threads} failed (exit {proc.returncode}), log {log}"
-                )
+                raise SystemExit(f"leg seed={seed} threads={threads} failed (exit {proc.returncode}), log {log}")
             results.append(json.loads(out[-1]))
             print(f"leg seed={seed} threads={threads}: {results[-1]}", file=sys.stderr, flush=True)
     return sorted(results, key=lambda r: (r["threads"], r["seed"]))

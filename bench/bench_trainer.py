@@ -70,9 +70,7 @@ def main() -> int:
     p.add_argument("--workdir", default="/tmp/unicap-bench-trainer")
     p.add_argument("--device", default="cpu", help="cpu | cuda")
     p.add_argument("--model", default="bench", choices=["bench", "2b-width"])
-    p.add_argument(
-        "--packed", default=None, help="a packed stage at --resolution (default: made here, with Ray)"
-    )
+    p.add_argument("--packed", default=None, help="a packed stage at --resolution (default: made here, with Ray)")
     p.add_argument("--out", default=None, help="results JSON (default bench/results/trainer[_cuda].json)")
     p.add_argument(
         "--set",
@@ -80,9 +78,7 @@ def main() -> int:
         default=[],
         help="trainer config overrides (e.g. deepspeed.overlap_comm=false)",
     )
-    p.add_argument(
-        "--no-guard", action="store_true", help="remove the non-finite gradient hooks (to price them)"
-    )
+    p.add_argument("--no-guard", action="store_true", help="remove the non-finite gradient hooks (to price them)")
     p.add_argument("--loader-batches", type=int, default=60, help="batches the loader leg reads per round")
     args = p.parse_args()
     if "LOCAL_RANK" in os.environ:  # the rank: any failure ends it at once, as the trainers' ranks do
@@ -111,9 +107,7 @@ def bench(args: argparse.Namespace) -> int:
     from unicap import distributed
 
     dev = args.device
-    packed = (
-        Path(args.packed) if args.packed else packed_stage(Path(args.workdir), args.images, args.resolution)
-    )
+    packed = Path(args.packed) if args.packed else packed_stage(Path(args.workdir), args.images, args.resolution)
     cfg = load("train/configs/stage1_cpu.yaml", ["data.latent_cache_mb=0", f"data.packed={packed}", f"data.resolution={args.resolution}",
                f"data.micro_batch={args.micro}", f"data.global_batch={args.micro}", "loss.lowres_weight=1.0", "model.vae=tiny", *args.set])  # fmt: skip
     distributed.init(dev)

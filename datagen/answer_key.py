@@ -34,9 +34,7 @@ def truth_folder(path: str | Path) -> Path:
     if (path / "truth").is_dir():
         path = path / "truth"
     if not visible_parquet_files(path):
-        raise AnswerKeyError(
-            f"{path}: no truth Parquet files (give `unicap synth --out DIR`'s DIR or DIR/truth)"
-        )
+        raise AnswerKeyError(f"{path}: no truth Parquet files (give `unicap synth --out DIR`'s DIR or DIR/truth)")
     return path
 
 
@@ -97,9 +95,7 @@ def evaluate_folder(captions: str | Path, truth: str | Path) -> dict:
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--captions", required=True, help="caption Parquet folder (or file) to score")
-    p.add_argument(
-        "--truth", required=True, help="the synthetic set: `unicap synth --out DIR`'s DIR or DIR/truth"
-    )
+    p.add_argument("--truth", required=True, help="the synthetic set: `unicap synth --out DIR`'s DIR or DIR/truth")
     p.add_argument("--out", default=None, help="metrics JSON (default: CAPTIONS/_eval.json)")
 
 

@@ -153,9 +153,7 @@ def hostile_shards(directory: str | Path, seed: int, n_shards: int = 6, per_shar
             k = hostile.pop()
             members = [(n, d) for n, d in members if n.split(".")[0] != k]
             plant("missing_key")
-        unknown = [
-            f"h{seed}_{i}_ghost{u}" for u in range(int(rng.integers(1, 3)) if "unknown_key" in kinds else 0)
-        ]
+        unknown = [f"h{seed}_{i}_ghost{u}" for u in range(int(rng.integers(1, 3)) if "unknown_key" in kinds else 0)]
         for ghost in unknown:  # between two samples
             bounds = [x for x in range(len(members) + 1)
                       if x in (0, len(members)) or members[x][0].split(".")[0] != members[x - 1][0].split(".")[0]]  # fmt: skip
@@ -163,9 +161,7 @@ def hostile_shards(directory: str | Path, seed: int, n_shards: int = 6, per_shar
             plant("unknown_key")
         if "duplicate_key_in_tar" in kinds:
             k = next(
-                k
-                for k in keys
-                if planted[k] == "ok" and k != failed and any(n.startswith(k + ".") for n, _ in members)
+                k for k in keys if planted[k] == "ok" and k != failed and any(n.startswith(k + ".") for n, _ in members)
             )
             members += [(f"{k}.png", _image(rng)), (f"{k}.json", b"{}")]  # a second sample, after the first
             plant("duplicate_key_in_tar")
@@ -197,9 +193,7 @@ def hostile_shards(directory: str | Path, seed: int, n_shards: int = 6, per_shar
 # ---------------------------------------------------------------- score tables
 
 
-def hostile_score_tables(
-    directory: str | Path, seed: int, n_files: int = 4, rows: int = 60
-) -> dict[str, int]:
+def hostile_score_tables(directory: str | Path, seed: int, n_files: int = 4, rows: int = 60) -> dict[str, int]:
     """Score files (unicap.contract.scores schema, English long/medium/short) with NaN / inf scores,
     null sha256, keys repeated across files and an empty file; returns kind -> rows planted."""
     from datagen.score_tables import SCHEMA, score_chunk

@@ -152,9 +152,7 @@ def read_url_list(path: str | Path, url_col: str = "url", caption_col: str | Non
                 path,
                 read_options=csv.ReadOptions(block_size=64 << 20),  # a long URL must fit in a block
                 parse_options=csv.ParseOptions(delimiter="\t" if fmt == "tsv" else ","),
-                convert_options=csv.ConvertOptions(
-                    column_types={c: pa.string() for c in (url_col, caption_col) if c}
-                ),
+                convert_options=csv.ConvertOptions(column_types={c: pa.string() for c in (url_col, caption_col) if c}),
             )
         elif fmt == "json":
             import pandas as pd
@@ -261,7 +259,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", required=True, help="output folder for the shards")
     p.add_argument("--url-col", default="url", help="URL column name (default url)")
     p.add_argument("--caption-col", default=None, help="alt-text / caption column, if any")
-    p.add_argument("--allow-private", action="store_true", help="fetch from private/loopback addresses too (still http(s) only, every redirect checked)")
+    p.add_argument(
+        "--allow-private",
+        action="store_true",
+        help="fetch from private/loopback addresses too (still http(s) only, every redirect checked)",
+    )
     p.add_argument("--shard-size", type=int, default=10_000, help="URLs per shard (default 10000)")
     p.add_argument("--processes", type=int, default=1, help="download processes (default 1)")
     p.add_argument("--threads", type=int, default=16, help="download threads per process (default 16)")

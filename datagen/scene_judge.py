@@ -204,9 +204,7 @@ def analyse(image: Image.Image) -> Analysis:
     h, w = a.shape[:2]
     bg = _border_rgb(a)
     d = a - bg
-    candidates = [(k, c, False) for k, c in _OBJECT_RGB.items()] + [
-        (k, c, True) for k, c in _NEUTRAL_RGB.items()
-    ]
+    candidates = [(k, c, False) for k, c in _OBJECT_RGB.items()] + [(k, c, True) for k, c in _NEUTRAL_RGB.items()]
     best = np.full((h, w), np.inf)  # the residual of each pixel's best explanation
     winner = np.full((h, w), -1)  # ... and its candidate (-1: the background itself)
     winner_t = np.zeros((h, w))  # ... and its blend weight
@@ -246,9 +244,7 @@ def analyse(image: Image.Image) -> Analysis:
             ys, xs = np.nonzero(region)
             y0, y1, x0, x1 = ys.min(), ys.max() + 1, xs.min(), xs.max() + 1
             f = shape_features(np.where(region, np.maximum(soft, comp), 0.0)[y0:y1, x0:x1])
-            f["ring"] = float(
-                ((np.linalg.norm(d[ring], axis=-1) < SAME_AS_BACKGROUND) | (winner[ring] == i)).mean()
-            )
+            f["ring"] = float(((np.linalg.norm(d[ring], axis=-1) < SAME_AS_BACKGROUND) | (winner[ring] == i)).mean())
             if f["ring"] < MIN_RING or not Q_RANGE[0] <= f["q"] <= Q_RANGE[1] or abs(f["s"]) > MAX_S:
                 rejected += 1
                 continue
@@ -267,9 +263,7 @@ def prompt_groups(scene: SynthScene) -> list[tuple[str, str, list[int]]]:
     return [(c, s, sorted(cells)) for (c, s), cells in out.items()]
 
 
-def judge(
-    image: Image.Image, scene: SynthScene, attributes=ATTRIBUTES, analysis: Analysis | None = None
-) -> Judgement:
+def judge(image: Image.Image, scene: SynthScene, attributes=ATTRIBUTES, analysis: Analysis | None = None) -> Judgement:
     """Per-attribute verdicts of `image` against the scene its prompt described (see the module doc)."""
     unknown = set(attributes) - set(ATTRIBUTES)
     if unknown:

@@ -162,7 +162,10 @@ class _ShardReader:
         if key not in self.listed:
             return row | {READ_ERROR: f"{REFUSED}: {key!r} is in {self.shard}.tar but not in its index"}
         if key in self.seen:
-            return row | {"key": f"{key}/second-sample", READ_ERROR: f"{REFUSED}: a second sample of {key!r} in the tar"}
+            return row | {
+                "key": f"{key}/second-sample",
+                READ_ERROR: f"{REFUSED}: a second sample of {key!r} in the tar",
+            }
         if key not in self.index:
             return row | {"key": f"{key}/index-failed", READ_ERROR: f"{REFUSED}: the index lists {key!r} as failed"}
         self.seen.add(key)
@@ -179,7 +182,9 @@ class _ShardReader:
         if image is None:
             return row | {READ_ERROR: f"undecodable_image: no image member ({', '.join(sorted(members)) or 'none'})"}
         txt, listed = members.get("txt"), self.index[key]  # the index fills in what the sample lacks
-        first = lambda name, cast: next((v for v in (cast(meta.get(name)), cast(listed.get(name))) if v is not None), None)  # noqa: E731
+        first = lambda name, cast: next(  # noqa: E731
+            (v for v in (cast(meta.get(name)), cast(listed.get(name))) if v is not None), None
+        )
         return row | {"image": image, "source": first("url", _str), "sha256": first("sha256", _str),
                       "original_caption": (txt.decode(errors="replace") if txt else None) or first("caption", _str),
                       "width": first("width", _int), "height": first("height", _int)}  # fmt: skip
@@ -273,4 +278,6 @@ def read_shards(directory: str | Path, shards: Iterable[str] | None = None, *, p
         raise FileNotFoundError(f"no complete shards (*_stats.json) in {directory}")
     root = str(Path(directory).resolve())
     items = ray.data.from_items([{"directory": root, "shard": s} for s in names], override_num_blocks=len(names))
-    return items.map_batches(_read_shard_batches, batch_size=1, batch_format="pyarrow", fn_kwargs={"problems": problems})
+    return items.map_batches(
+        _read_shard_batches, batch_size=1, batch_format="pyarrow", fn_kwargs={"problems": problems}
+    )

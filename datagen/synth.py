@@ -193,9 +193,7 @@ def captions(scene: SynthScene) -> dict[str, str]:
             long_en.append(f"The {s} {c} {sh}s are at {where_en} of the image.")
         long_zh.append(f"{SIZES[s][1]}{COLORS[c][1]}{SHAPES[sh]}位于画面的{where_zh}。")
     if scene.text:
-        long_en.append(
-            f'The word "{scene.text}" is written in capital letters along the bottom of the image.'
-        )
+        long_en.append(f'The word "{scene.text}" is written in capital letters along the bottom of the image.')
         long_zh.append(f"画面底部用大写字母写着单词“{scene.text}”。")
     long_en.append("There are no other objects, no shading and no texture.")
     long_zh.append("画面中没有其他物体，没有阴影，也没有纹理。")
@@ -227,7 +225,9 @@ def captions(scene: SynthScene) -> dict[str, str]:
         col("medium", "en"): medium_en,
         col("medium", "zh"): f"{bg_zh}背景上有{_zh_join(zh_groups)}{text_zh}。",
         col("short", "en"): short_en,
-        col("short", "zh"): f"{bg_zh}背景上的{_zh_join([f'{ZH_NUM[len(o)]}个{COLORS[c][1]}{SHAPES[sh]}' for _, c, sh, o in groups])}。",
+        col(
+            "short", "zh"
+        ): f"{bg_zh}背景上的{_zh_join([f'{ZH_NUM[len(o)]}个{COLORS[c][1]}{SHAPES[sh]}' for _, c, sh, o in groups])}。",
         col("tags", "en"): ", ".join(tags_en),
         col("tags", "zh"): ", ".join(tags_zh),
     }

@@ -56,9 +56,7 @@ class CaptionJobConfig:
     )
     levels: tuple[str, ...] = field(default=CaptionConfig.levels, metadata=_help("caption levels"))
     languages: tuple[str, ...] = field(default=CaptionConfig.languages, metadata=_help("caption languages"))
-    strategy: Literal["direct", "json"] = field(
-        default=CaptionConfig.strategy, metadata=_help("prompting strategy")
-    )
+    strategy: Literal["direct", "json"] = field(default=CaptionConfig.strategy, metadata=_help("prompting strategy"))
     max_pixels: int = field(
         default=EngineConfig.max_pixels, metadata=_help("images are downscaled to this many pixels")
     )
@@ -66,9 +64,7 @@ class CaptionJobConfig:
         default_factory=dict, metadata=_help("per-level token limits, e.g. long=384,tags=96")
     )
     batch_size: int = field(default=16, metadata=_help("images per actor call"))
-    concurrency: int = field(
-        default=1, metadata=_help("engine actors (one per GPU, or per --tensor-parallel GPUs)")
-    )
+    concurrency: int = field(default=1, metadata=_help("engine actors (one per GPU, or per --tensor-parallel GPUs)"))
     tensor_parallel: int = field(
         default=EngineConfig.tensor_parallel, metadata=_help("GPUs per engine (vLLM tensor parallel)")
     )
@@ -86,9 +82,7 @@ class CaptionJobConfig:
     max_concurrent_requests: int = field(
         default=EngineConfig.max_concurrent, metadata=_help("in-flight requests per actor (server mode)")
     )
-    address: str | None = field(
-        default=None, metadata=_help("Ray address (default: RAY_ADDRESS or a local instance)")
-    )
+    address: str | None = field(default=None, metadata=_help("Ray address (default: RAY_ADDRESS or a local instance)"))
     limit_shards: int | None = field(default=None, metadata=_help("caption at most this many pending shards"))
 
     def __post_init__(self) -> None:
@@ -123,9 +117,7 @@ def _is_caption_output(rel: str, is_dir: bool) -> bool:
     parent, _, name = rel.rpartition("/")
     if parent == STATS_DIR:
         return name.endswith(".json") and not name.startswith(".")
-    return not parent and (
-        rel == "_summary.json" or rel.endswith(".parquet") and not rel.startswith((".", "_"))
-    )
+    return not parent and (rel == "_summary.json" or rel.endswith(".parquet") and not rel.startswith((".", "_")))
 
 
 def check_folders(input_dir: str | Path, output: str | Path) -> None:
@@ -241,9 +233,7 @@ def run(args: argparse.Namespace) -> int:
     print(f"caption: {r['images']} images in {r['seconds']}s ({r['images_per_s']} images/s, "
           f"{r['tokens_per_s']} tokens/s); output holds {s['rows']} rows in {s['shards']} shards")  # fmt: skip
     print(f"  status: {s['status']}  failures by reason: {s['failures_by_reason']}")
-    print(
-        f"  open with: pandas.read_parquet({str(job.output)!r})   summary: {Path(job.output) / '_summary.json'}"
-    )
+    print(f"  open with: pandas.read_parquet({str(job.output)!r})   summary: {Path(job.output) / '_summary.json'}")
     return 0
 
 

@@ -153,10 +153,10 @@ def step_captioner(work: Path, p: Preset) -> None:
     mark = json.loads((folder / "unicap_tiny.json").read_text())
     (work / "captioner.json").write_text(json.dumps({"model": str(folder), "max_pixels": tiny.max_pixels(overrides=p.captioner),
                                                     "recipe": str(tiny.CONFIG.relative_to(ROOT)), **mark}, indent=1))  # fmt: skip
-    how = _origin(folder) if cached else "trained now" + (f", {threads} thread(s) until the VAE was done" if side else "")
-    print(
-        f"[captioner] tiny UniCap ({how}): {mark['steps']} steps, {mark['train_seconds']:.0f}s of training; {folder}"
+    how = (
+        _origin(folder) if cached else "trained now" + (f", {threads} thread(s) until the VAE was done" if side else "")
     )
+    print(f"[captioner] tiny UniCap ({how}): {mark['steps']} steps, {mark['train_seconds']:.0f}s of training; {folder}")
 
 
 def _origin(folder: Path) -> str:
@@ -292,10 +292,7 @@ def step_train(work: Path, p: Preset, stage: str) -> None:
     if r.returncode != 0 or not final.exists():
         raise RuntimeError(f"{stage}: training failed (exit {r.returncode})")
     state = json.loads(final.read_text())
-    loss = [
-        json.loads(line)["loss"]
-        for line in (work / "runs" / stage / "metrics.jsonl").read_text().splitlines()
-    ]
+    loss = [json.loads(line)["loss"] for line in (work / "runs" / stage / "metrics.jsonl").read_text().splitlines()]
     loss = [x for x in loss if x is not None]
     print(f"[{stage}] {state['step']} steps, {state['samples_seen']} samples ({state['skipped_samples']} skipped), "
           f"loss {loss[0]:.3f} -> {loss[-1]:.3f}; weights {final.parent}, samples {work / 'runs' / stage / 'samples'}")  # fmt: skip
@@ -375,9 +372,7 @@ def _done_file(work: Path, step: str) -> Path:
 
 def is_done(work: Path, step: str, preset: str) -> bool:
     done = _done_file(work, step)
-    return (
-        done.exists() and done.read_text().strip() == preset and all(o.exists() for o in outputs(work, step))
-    )
+    return done.exists() and done.read_text().strip() == preset and all(o.exists() for o in outputs(work, step))
 
 
 def progress_source(work: Path, step: str, p: Preset) -> tuple[Path, int, Path | None] | None:
@@ -397,7 +392,7 @@ def progress_source(work: Path, step: str, p: Preset) -> tuple[Path, int, Path |
 
 
 def _side_progress(log: Path | None) -> str:
-    """", tiny VAE step k/N" from the last progress line of the VAE trained beside (train.tiny_vae's log)."""
+    """ ", tiny VAE step k/N" from the last progress line of the VAE trained beside (train.tiny_vae's log)."""
     try:
         found = re.findall(r"\[tiny-vae\] step (\d+/\d+)", log.read_text(errors="replace")) if log else []
     except OSError:
@@ -488,9 +483,7 @@ def main(argv: list[str] | None = None) -> int:
     times = {}
     for step in STEPS:
         if not verbose and is_done(work, step, args.preset):
-            print(
-                f"[{step}] done before: {', '.join(str(o) for o in outputs(work, step)) or 'nothing to redo'}"
-            )
+            print(f"[{step}] done before: {', '.join(str(o) for o in outputs(work, step)) or 'nothing to redo'}")
             continue
         t = time.time()
         if verbose:

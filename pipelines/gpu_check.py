@@ -439,9 +439,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--wheels", default=".cache/gpu_wheels", help="make gpu-bundle's wheels, used when deepspeed "
                    "or diffusers is missing")  # fmt: skip
     p.add_argument("--parts", default=",".join(PARTS), help=f"comma-separated, of {','.join(PARTS)}")
-    p.add_argument(
-        "--allow-cpu", action="store_true", help="run on a machine without CUDA (the check's own test)"
-    )
+    p.add_argument("--allow-cpu", action="store_true", help="run on a machine without CUDA (the check's own test)")
     p.add_argument("--timeout", type=float, default=240, help="seconds per command")
     p.add_argument("--resolution", type=int, default=256, help="training resolution of the trainer parts")
     args = p.parse_args(argv)
@@ -495,9 +493,7 @@ def main(argv: list[str] | None = None) -> int:
                 res = {"status": "failed", "why": f"{type(e).__name__}: {e}"}
         res["wall_s"] = round(time.time() - t0, 1)
         results[name] = res
-        detail = res.get("why") or ", ".join(
-            f"{k}={v}" for k, v in res.items() if k not in ("status", "table")
-        )
+        detail = res.get("why") or ", ".join(f"{k}={v}" for k, v in res.items() if k not in ("status", "table"))
         print(
             f"{name:10s} {res['status']:8s} {res['wall_s']:7.1f}s  {str(detail).splitlines()[0][:150]}",
             flush=True,

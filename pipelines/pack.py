@@ -163,7 +163,6 @@ class PackFailures:
         return pa.Table.from_pylist(rows, schema=self.schema)
 
 
-
 class PackStage:
     """Ray Data actor: shard rows -> packed rows (bucket, resized JPEG, captions) for the manifest's keys."""
 
@@ -306,9 +305,7 @@ def pack_stage(manifest: str | Path, captions: str | Path, output: str | Path, *
         index = pq.read_table(shards.index_path(shards_dir, shard), columns=["key", "status"]).to_pydict()
         in_tar = {k for k, s in zip(index["key"], index["status"], strict=True) if s == shards.SUCCESS}
         lost = [k for k in keys if k not in in_tar]
-        return failed_rows(
-            lost, shard, f"missing_in_tar: not in {shards.tar_path(shards_dir, shard)}", schema
-        )
+        return failed_rows(lost, shard, f"missing_in_tar: not in {shards.tar_path(shards_dir, shard)}", schema)
 
     job = ShardJob(
         name="pack",
@@ -340,13 +337,9 @@ def pack_stage(manifest: str | Path, captions: str | Path, output: str | Path, *
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument(
-        "--manifest", required=True, help="the stage manifest (unicap stages output: stage1.parquet)"
-    )
+    p.add_argument("--manifest", required=True, help="the stage manifest (unicap stages output: stage1.parquet)")
     p.add_argument("--captions", required=True, help="caption Parquet folder ({shard}.parquet)")
-    p.add_argument(
-        "--shards", default=None, help="image shard folder (default: the manifest's location column)"
-    )
+    p.add_argument("--shards", default=None, help="image shard folder (default: the manifest's location column)")
     p.add_argument("--output", required=True, help="folder for the packed training shards")
     p.add_argument("--resolution", type=int, default=256, help="buckets hold about resolution^2 pixels")
     p.add_argument("--patch-multiple", type=int, default=16, help="bucket sides: multiples of VAE x patch")
@@ -365,9 +358,7 @@ def run(args: argparse.Namespace) -> int:
     c = meta.get("counts", {})
     print(f"pack: {c.get('rows')} rows {c.get('status')} in {len(meta['shards'])} shards -> {args.output}; "
           f"failures {c.get('failures_by_reason')}")  # fmt: skip
-    print(
-        f"  index: unicap.contract.packed.read_index({str(args.output)!r}).to_pandas(); buckets {meta['buckets']}"
-    )
+    print(f"  index: unicap.contract.packed.read_index({str(args.output)!r}).to_pandas(); buckets {meta['buckets']}")
     return 0
 
 

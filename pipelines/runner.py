@@ -140,7 +140,9 @@ class GuardedStage:
         except Exception as e:  # noqa: BLE001 - one item's exception is that item's failure row
             if batch.num_rows > 1:
                 return [t for i in range(batch.num_rows) for t in self._process(batch.slice(i, 1))]
-            row = batch.drop_columns(["image"]).to_pylist()[0] if "image" in batch.column_names else batch.to_pylist()[0]
+            row = (
+                batch.drop_columns(["image"]).to_pylist()[0] if "image" in batch.column_names else batch.to_pylist()[0]
+            )
             print(f"[{type(self.stage).__name__}] item {row['key']} of shard {row['shard']} raised:\n"
                   f"{traceback.format_exc()}", file=sys.stderr, flush=True)  # fmt: skip
             return [self.failure_table([failure_record(row, f"processing_error: {type(e).__name__}: {e}")])]
@@ -220,16 +222,34 @@ def run_sharded(
         guarded = type(job.stage_cls.__name__, (GuardedStage,), {})  # named after the stage in Ray's progress
         ds = read_shards(input_dir, to_read, problems=True).map_batches(
             guarded,
-            fn_constructor_kwargs={"stage_cls": job.stage_cls, "stage_kwargs": job.stage_kwargs,
-                                   "failure_table": job.failure_table, "schema": job.schema},  # fmt: skip
+            fn_constructor_kwargs={
+                "stage_cls": job.stage_cls,
+                "stage_kwargs": job.stage_kwargs,
+                "failure_table": job.failure_table,
+                "schema": job.schema,
+            },  # fmt: skip
             batch_size=batch_size,
             batch_format="pyarrow",
-            **({"concurrency": concurrency} if job.max_concurrency == 1 else {"compute": ray.data.ActorPoolStrategy(
-                size=concurrency, max_concurrent_calls_per_actor=job.max_concurrency, enable_true_multi_threading=True)}),
+            **(
+                {"concurrency": concurrency}
+                if job.max_concurrency == 1
+                else {
+                    "compute": ray.data.ActorPoolStrategy(
+                        size=concurrency,
+                        max_concurrent_calls_per_actor=job.max_concurrency,
+                        enable_true_multi_threading=True,
+                    )
+                }
+            ),
             num_cpus=job.num_cpus,
             num_gpus=job.num_gpus,
-            runtime_env={"env_vars": {"TOKENIZERS_PARALLELISM": "false", **runtime.threads_env(actor_threads(job, concurrency)),
-                                      **job.env_vars}},
+            runtime_env={
+                "env_vars": {
+                    "TOKENIZERS_PARALLELISM": "false",
+                    **runtime.threads_env(actor_threads(job, concurrency)),
+                    **job.env_vars,
+                }
+            },
         )
         # a task that fails (a tar that cannot be opened, a worker that died) costs its shards, not the job:
         # their rows never arrive, the collector names them, the other shards are written

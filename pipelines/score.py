@@ -45,8 +45,12 @@ def _help(text: str) -> dict:
 class ScoreConfig:
     """What the score job computes and how it runs; `unicap score` options and run_job's defaults."""
 
-    clip: str = field(default="tiny", metadata=_help("'tiny', NAME:PRETRAINED_TAG, NAME:/path/to/checkpoint, or a local-dir folder"))
-    aesthetic: str | None = field(default=None, metadata=_help("LAION-style aesthetic head weights (state_dict file), or 'tiny'"))
+    clip: str = field(
+        default="tiny", metadata=_help("'tiny', NAME:PRETRAINED_TAG, NAME:/path/to/checkpoint, or a local-dir folder")
+    )
+    aesthetic: str | None = field(
+        default=None, metadata=_help("LAION-style aesthetic head weights (state_dict file), or 'tiny'")
+    )
     clip_multilingual: str | None = field(default=None, metadata=_help("open_clip spec of a multilingual text tower"))
     levels: tuple[str, ...] = field(default=caption_record.LEVELS, metadata=_help("caption levels to score"))
     languages: tuple[str, ...] = field(default=caption_record.LANGUAGES, metadata=_help("caption languages to score"))
@@ -54,12 +58,17 @@ class ScoreConfig:
     concurrency: int = field(default=1, metadata=_help("open_clip actors"))
     dedup: bool = field(default=True, metadata=_help("find duplicates after the last shard"))
     near_threshold: float = field(default=0.95, metadata=_help("cosine (centred) for near duplicates"))
-    near_dedup: bool = field(default=True, metadata=_help(
-        "near duplicates too (off: exact only, e.g. with --clip tiny, whose random embeddings cannot tell images apart)"))
+    near_dedup: bool = field(
+        default=True,
+        metadata=_help(
+            "near duplicates too (off: exact only, e.g. with --clip tiny, whose random embeddings cannot tell images apart)"
+        ),
+    )
     precision: Literal["bf16", "fp32"] = field(default="bf16", metadata=_help("autocast (on CPU, bf16 uses AMX)"))
     device: str = field(default="auto", metadata=_help("auto | cpu | cuda (auto: cuda when the Ray cluster has GPUs)"))
-    gpus_per_actor: float = field(default=1.0, metadata=_help(
-        "GPU share per CLIP actor (0.5: two actors per GPU; --concurrency sets how many)"))
+    gpus_per_actor: float = field(
+        default=1.0, metadata=_help("GPU share per CLIP actor (0.5: two actors per GPU; --concurrency sets how many)")
+    )
     address: str | None = field(default=None, metadata=_help("Ray address (default: RAY_ADDRESS or a local instance)"))
 
     def __post_init__(self) -> None:
@@ -125,10 +134,17 @@ class ScoreStage:
             scorer = self.scorer if lang == "en" else self.multi
             if scorer is None:
                 continue  # no multilingual tower configured: those columns stay null
-            img = emb if scorer is self.scorer else scorer.embed_images([decode_image(items[i]["image"]).image for i in ok])
+            img = (
+                emb
+                if scorer is self.scorer
+                else scorer.embed_images([decode_image(items[i]["image"]).image for i in ok])
+            )
             for lv in self.levels:
                 col = caption_record.caption_column(lv, lang)
-                texts = [(j, self._captions_of(items[i]["shard"]).get(items[i]["key"], {}).get(col)) for j, i in enumerate(ok)]
+                texts = [
+                    (j, self._captions_of(items[i]["shard"]).get(items[i]["key"], {}).get(col))
+                    for j, i in enumerate(ok)
+                ]
                 texts = [(j, t) for j, t in texts if t]
                 if not texts:
                     continue
@@ -157,7 +173,9 @@ def write_scores(output: Path, shard: str, table: pa.Table) -> None:
 
 
 def shard_stats(table: pa.Table) -> dict:
-    decoded = Counter("ok" if e is None else caption_record.error_reason(e) for e in table.column("decode_error").to_pylist())
+    decoded = Counter(
+        "ok" if e is None else caption_record.error_reason(e) for e in table.column("decode_error").to_pylist()
+    )
     return {"rows": table.num_rows, "status": dict(decoded)}
 
 
@@ -172,9 +190,16 @@ def run_job(input_dir: str | Path, captions: str | Path | None, output: str | Pa
     job = ShardJob(
         name="score",
         stage_cls=ScoreStage,
-        stage_kwargs=dict(clip=cfg.clip, aesthetic=cfg.aesthetic, captions=str(captions) if captions else None,
-                          levels=list(cfg.levels), languages=list(cfg.languages), multilingual=cfg.clip_multilingual,
-                          precision=cfg.precision, device=device),  # fmt: skip
+        stage_kwargs=dict(
+            clip=cfg.clip,
+            aesthetic=cfg.aesthetic,
+            captions=str(captions) if captions else None,
+            levels=list(cfg.levels),
+            languages=list(cfg.languages),
+            multilingual=cfg.clip_multilingual,
+            precision=cfg.precision,
+            device=device,
+        ),  # fmt: skip
         schema=scores.with_embedding(scores.score_schema(cfg.levels, cfg.languages)),
         stats_fn=shard_stats,
         failure_table=lambda f: failure_table(f, cfg.levels, cfg.languages),
@@ -182,7 +207,9 @@ def run_job(input_dir: str | Path, captions: str | Path | None, output: str | Pa
         num_cpus=1,
         num_gpus=cfg.gpus_per_actor if gpu else 0,
     )
-    run = run_sharded(job, input_dir, output, batch_size=cfg.batch_size, concurrency=cfg.concurrency, address=cfg.address)
+    run = run_sharded(
+        job, input_dir, output, batch_size=cfg.batch_size, concurrency=cfg.concurrency, address=cfg.address
+    )
     if cfg.dedup:
         dups = find_duplicates(Path(output), near_threshold=cfg.near_threshold if cfg.near_dedup else None)
         write_parquet(dups, duplicates_path(output))

@@ -36,6 +36,8 @@ def _written_by_a_shard_job(rel: str) -> bool:
     name = parts[0]
     stem, _, ext = name.rpartition(".")
     return name == "_summary.json" or (ext in ("parquet", "tar") and shard_name_ok(stem))
+
+
 EXAMPLES = 5  # keys named per problem in stats and messages
 
 

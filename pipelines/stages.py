@@ -64,8 +64,12 @@ class StagesConfig:
     stage2: str = field(default="0.1", metadata={"help": "count or fraction of stage1"})
     stage3: str = field(default="0.1", metadata={"help": "count or fraction of stage2"})
     rules: str | None = field(default=None, metadata={"help": "YAML/JSON file overriding the default StageRules"})
-    rule: list[str] = field(default_factory=list, metadata={"help": "a rule override, e.g. stage1.min_side=512 (repeat)"})
-    shards: str | None = field(default=None, metadata={"help": "image shard folder, for the manifests' location column"})
+    rule: list[str] = field(
+        default_factory=list, metadata={"help": "a rule override, e.g. stage1.min_side=512 (repeat)"}
+    )
+    shards: str | None = field(
+        default=None, metadata={"help": "image shard folder, for the manifests' location column"}
+    )
     threads: int | None = field(default=None, metadata={"help": "DuckDB threads (none: all cores)"})
 
 
@@ -118,8 +122,10 @@ def select_stages(scores: str | Path, output: str | Path, stage1: str = StagesCo
     dup_file = duplicates_path(scores)
     fp = _fingerprint(files + ([str(dup_file)] if dup_file.exists() else []), rules, targets)
     state_path = output / "_stages.json"
-    if state_path.exists() and json.loads(state_path.read_text()).get("fingerprint") == fp and all(
-        manifest.manifest_path(output, s).exists() for s in manifest.STAGES
+    if (
+        state_path.exists()
+        and json.loads(state_path.read_text()).get("fingerprint") == fp
+        and all(manifest.manifest_path(output, s).exists() for s in manifest.STAGES)
     ):
         funnel = json.loads((output / manifest.FUNNEL_FILE).read_text())
         print(f"stages: {output} is up to date with {scores}; nothing written")
@@ -229,7 +235,9 @@ def select_stages(scores: str | Path, output: str | Path, stage1: str = StagesCo
     want[2] = requested(targets[2], n2)
     n3 = min(want[2], n2 if rules.nested else eligible2)
     where3 = "WHERE min_side >= $min_side3" if rules.stage3.min_side else ""
-    _sql(con, f"CREATE TABLE s3 AS SELECT * FROM {base3} {where3} ORDER BY composite DESC, key LIMIT $n", {**p, "n": n3})
+    _sql(
+        con, f"CREATE TABLE s3 AS SELECT * FROM {base3} {where3} ORDER BY composite DESC, key LIMIT $n", {**p, "n": n3}
+    )
     select = _manifest_select(shards_dir)
     for stage, table in zip(manifest.STAGES, ("s1", "s2", "s3"), strict=True):
         with atomic_path(manifest.manifest_path(output, stage)) as tmpfile:

@@ -42,9 +42,7 @@ def status(shipped: Path = SHIPPED) -> dict[str, list[str]]:
     """{"missing": [kind: folder], "stale": [folders in models/ no recipe names]}."""
     wanted = {name: kind for kind, (name, _) in recipes().items()}
     present = {p.name for p in shipped.iterdir() if p.is_dir()} if shipped.exists() else set()
-    missing = [
-        f"{kind}: {name}" for name, kind in wanted.items() if not (shipped / name / DONE_MARK).exists()
-    ]
+    missing = [f"{kind}: {name}" for name, kind in wanted.items() if not (shipped / name / DONE_MARK).exists()]
     return {"missing": missing, "stale": sorted(present - set(wanted))}
 
 
@@ -63,9 +61,7 @@ def build(shipped: Path = SHIPPED) -> list[str]:
         tmp.rename(shipped / name)
         mark = json.loads((shipped / name / DONE_MARK).read_text())
         size = sum(f.stat().st_size for f in (shipped / name).iterdir()) / 2**20
-        said.append(
-            f"{kind}: {name} trained ({mark.get('train_seconds', 0):.0f}s), {size:.1f} MiB in {shipped}"
-        )
+        said.append(f"{kind}: {name} trained ({mark.get('train_seconds', 0):.0f}s), {size:.1f} MiB in {shipped}")
     for name in status(shipped)["stale"]:
         shutil.rmtree(shipped / name)
         said.append(f"removed {name}: no recipe names it")

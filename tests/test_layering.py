@@ -80,13 +80,9 @@ def violations(module: str, imported: str) -> list[str]:
     if imported in ENTRY_POINTS:
         out.append(f"{module} imports the command line {imported}")
     if LAYER[target] > LAYER[top]:
-        out.append(
-            f"{module} ({top}/, layer {LAYER[top]}) imports {imported} ({target}/, layer {LAYER[target]})"
-        )
+        out.append(f"{module} ({top}/, layer {LAYER[top]}) imports {imported} ({target}/, layer {LAYER[target]})")
     if top == "train" and target == "pipelines":
-        out.append(
-            f"{module} imports {imported}: the trainer reads the jobs' outputs through unicap.contract"
-        )
+        out.append(f"{module} imports {imported}: the trainer reads the jobs' outputs through unicap.contract")
     if module.startswith("unicap.contract") and not imported.startswith(CONTRACT_MAY_IMPORT):
         out.append(f"{module} imports {imported}: the contract imports only {CONTRACT_MAY_IMPORT}")
     return out
@@ -146,9 +142,7 @@ def test_no_import_cycles():
     graph = {m: sorted({t for _, t in imps if t != m}) for m, imps in import_graph().items()}
     found = cycles(graph)
     assert [c for c in found if c not in KNOWN_CYCLES] == [], f"import cycles: {found}"
-    assert [c for c in KNOWN_CYCLES if c not in found] == [], (
-        "a known cycle is gone: remove it from KNOWN_CYCLES"
-    )
+    assert [c for c in KNOWN_CYCLES if c not in found] == [], "a known cycle is gone: remove it from KNOWN_CYCLES"
 
 
 @pytest.mark.parametrize(

@@ -69,9 +69,7 @@ def readme_blocks(text: str | None = None) -> list[Block]:
         if i == len(lines):
             raise AssertionError(f"README.md:{start + 1}: a fence that is never closed")
         mark = MARK.match(lines[start - 1].strip()) if start else None
-        blocks.append(
-            Block(start + 1, m.group(1), mark.group(1) if mark else None, "\n".join(lines[start + 1 : i]))
-        )
+        blocks.append(Block(start + 1, m.group(1), mark.group(1) if mark else None, "\n".join(lines[start + 1 : i])))
         i += 1
     return blocks
 
@@ -79,9 +77,7 @@ def readme_blocks(text: str | None = None) -> list[Block]:
 # ---------------------------------------------------------------- the substitution table
 
 
-def substitutions(
-    ws: Path, ray_dashboard: str, captioner: Path, max_pixels: int, port: int
-) -> dict[str, str]:
+def substitutions(ws: Path, ray_dashboard: str, captioner: Path, max_pixels: int, port: int) -> dict[str, str]:
     """README value -> its tiny stand-in, applied to `tiny` blocks in this order (longer keys before the keys
     they contain). Every key must occur in some `tiny` block (test_every_substitution_is_used)."""
     return {
@@ -140,9 +136,7 @@ def test_every_fenced_block_is_marked():
     # indented code blocks escape the marks: no command line may sit outside a fence
     fenced = {n for b in blocks for n in range(b.line, b.line + b.text.count("\n") + 2)}
     commands = re.compile(r"^ {4,}(\$ )?(unicap|make|python|ray|pip|bash|torchrun|deepspeed) ")
-    stray = [
-        n for n, ln in enumerate(README.read_text().splitlines(), 1) if n not in fenced and commands.match(ln)
-    ]
+    stray = [n for n, ln in enumerate(README.read_text().splitlines(), 1) if n not in fenced and commands.match(ln)]
     assert not stray, f"README.md lines {stray}: an indented command outside a marked fence"
 
 
@@ -196,9 +190,7 @@ def flags(args: list[str]) -> list[str]:
 
 @cache
 def help_flags(*prog: str) -> frozenset[str]:
-    r = subprocess.run(
-        [*prog, "--help"], cwd=ROOT, env=block_env(None), capture_output=True, text=True, timeout=300
-    )
+    r = subprocess.run([*prog, "--help"], cwd=ROOT, env=block_env(None), capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, f"{' '.join(prog)} --help failed: {r.stderr[-2000:]}"
     return frozenset(re.findall(r"--[A-Za-z][\w-]*", r.stdout))
 
@@ -239,9 +231,7 @@ def check_command(cmd: list[str], where: str) -> None:
         assigned = dict(a.split("=", 1) for a in cmd[1:] if "=" in a)
         wanted = [a for a in cmd[1:] if "=" not in a and not a.startswith("-")]
         assert set(wanted) <= targets, f"{where}: no make target {sorted(set(wanted) - targets)}"
-        assert set(assigned) <= variables, (
-            f"{where}: the Makefile reads no {sorted(set(assigned) - variables)}"
-        )
+        assert set(assigned) <= variables, f"{where}: the Makefile reads no {sorted(set(assigned) - variables)}"
         if "CONFIG" in assigned:
             load_train_config(ROOT / assigned["CONFIG"], shlex.split(assigned.get("ARGS", "")))
 
@@ -334,9 +324,7 @@ def run_block(block: Block, text: str, env: dict[str, str], log: Path) -> tuple[
     if r.returncode == -signal.SIGABRT and done and ARROW_EXIT_ABORT in after_done:
         print(f"{block}: aborted at interpreter exit after its last statement (apache/arrow#34314); passed")
     elif r.returncode != 0:
-        raise BlockFailed(
-            f"{block} failed (exit {r.returncode}); log {log}:\n{text}\n...\n{r.stdout[-4000:]}"
-        )
+        raise BlockFailed(f"{block} failed (exit {r.returncode}); log {log}:\n{text}\n...\n{r.stdout[-4000:]}")
     return r.stdout, cpu
 
 
@@ -371,9 +359,7 @@ def stamp_is_current() -> None:
     stamps = sorted((BIN.parent).glob(".unicap-installed-*"))
     assert stamps, f"{BIN.parent} has no install stamp: run `make install` (or `make test`) first"
     r = subprocess.run(["make", "-q", str(stamps[0].relative_to(ROOT))], cwd=ROOT, env=block_env(None))
-    assert r.returncode == 0, (
-        "the venv is older than pyproject.toml / the constraints: run `make install` first"
-    )
+    assert r.returncode == 0, "the venv is older than pyproject.toml / the constraints: run `make install` first"
 
 
 @pytest.mark.slow

@@ -76,9 +76,7 @@ def parse_weights(specs: list[str]) -> dict[str, Path]:
             raise ValueError(f"--weights {spec!r}: give NAME=FOLDER, e.g. stage3=runs/stage3/final")
         if not NAME.fullmatch(name) or RESERVED.fullmatch(name):
             reserved = f"{TRUTH_DIR!r}, {CONTROL_DIR!r} or vae-WxH"
-            raise ValueError(
-                f"--weights {spec!r}: a name is letters, digits, '_' and '-' (and not {reserved})"
-            )
+            raise ValueError(f"--weights {spec!r}: a name is letters, digits, '_' and '-' (and not {reserved})")
         if name in out:
             raise ValueError(f"--weights: the name {name!r} is given twice")
         out[name] = Path(folder)
@@ -89,9 +87,7 @@ def truth_folder(path: Path) -> Path:
     """A synth output folder or its truth/ folder -> the folder of truth Parquet files."""
     folder = path / "truth" if (path / "truth").is_dir() else path
     if not visible_parquet_files(folder):
-        raise FileNotFoundError(
-            f"{path}: no truth Parquet files (give `unicap synth --out DIR`'s DIR or DIR/truth)"
-        )
+        raise FileNotFoundError(f"{path}: no truth Parquet files (give `unicap synth --out DIR`'s DIR or DIR/truth)")
     return folder
 
 
@@ -129,9 +125,7 @@ def truth_images(truth: Path, prompts: list[dict]) -> list[Image.Image]:
     shards = set(list_shards(shards_dir)) & {p["shard"] for p in prompts}
     for shard in sorted(shards):
         for batch in iter_shard(shards_dir, shard):
-            for key, image in zip(
-                batch.column("key").to_pylist(), batch.column("image").to_pylist(), strict=True
-            ):
+            for key, image in zip(batch.column("key").to_pylist(), batch.column("image").to_pylist(), strict=True):
                 if key in wanted:
                     found[key] = image
     return [Image.open(io.BytesIO(found[p["key"]])).convert("RGB") if p["key"] in found else synth.render(p["scene"])
@@ -160,9 +154,7 @@ def _trained_size(state: dict, size: tuple[int, int]) -> tuple[int, int]:
 
 
 @torch.no_grad()
-def vae_round_trip(
-    vae: VAE, images: list[Image.Image], draw: Size, size: Size, batch: int
-) -> list[Image.Image]:
+def vae_round_trip(vae: VAE, images: list[Image.Image], draw: Size, size: Size, batch: int) -> list[Image.Image]:
     """Each image resized to `draw`, encoded and decoded by `vae` (on its device), then resized to `size`."""
     device = next(vae.parameters()).device
     out: list[Image.Image] = []
@@ -173,10 +165,7 @@ def vae_round_trip(
 
 
 def judge_row(images: list[Image.Image], prompts: list[dict], attributes) -> list[scene_judge.Judgement]:
-    return [
-        scene_judge.judge(im, p["scene"], attributes=attributes)
-        for im, p in zip(images, prompts, strict=True)
-    ]
+    return [scene_judge.judge(im, p["scene"], attributes=attributes) for im, p in zip(images, prompts, strict=True)]
 
 
 def accuracy(judgements: list[scene_judge.Judgement]) -> tuple[dict, dict]:
@@ -203,9 +192,7 @@ def adherence(weights: dict[str, Path], truth: Path, out: Path, *, n: int = 32, 
         if (draw_sizes[name], state["vae"]) not in ceilings:
             ceilings.append((draw_sizes[name], state["vae"]))
         if not ((folder / contract.EMA_FILE).is_file() or (folder / contract.MODEL_FILE).is_file()):
-            raise contract.CheckpointError(
-                f"{name}={folder}: no {contract.EMA_FILE} or {contract.MODEL_FILE}"
-            )
+            raise contract.CheckpointError(f"{name}={folder}: no {contract.EMA_FILE} or {contract.MODEL_FILE}")
     attributes = scene_judge.LEVEL_ATTRIBUTES[level]
     prompts = read_prompts(truth, n, level, language)
     texts = [p["prompt"] for p in prompts]
@@ -276,9 +263,7 @@ def adherence(weights: dict[str, Path], truth: Path, out: Path, *, n: int = 32, 
         "facts": facts,
         "examples": example_list,
     }
-    with atomic_path(
-        out / "adherence.json"
-    ) as tmp:  # in this order: the truth row first, attributes as listed
+    with atomic_path(out / "adherence.json") as tmp:  # in this order: the truth row first, attributes as listed
         tmp.write_text(json.dumps(result, indent=1, ensure_ascii=False) + "\n")
     return result
 
@@ -289,8 +274,7 @@ def table(result: dict) -> str:
     lines = [" " * width + "".join(f"{a:>12s}" for a in attrs)]
     for name, accs in result["rows"].items():
         cells = "".join(
-            f"{'-':>12s}" if accs[a] is None else f"{accs[a]:>7.2f} ({result['facts'][name][a]:>2d})"
-            for a in attrs
+            f"{'-':>12s}" if accs[a] is None else f"{accs[a]:>7.2f} ({result['facts'][name][a]:>2d})" for a in attrs
         )
         lines.append(f"{name:<{width}s}{cells}")
     return "\n".join(lines)
@@ -299,26 +283,18 @@ def table(result: dict) -> str:
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--weights", action="append", required=True, metavar="NAME=FOLDER",
                    help="a weights folder to judge, e.g. stage3=runs/stage3/final (repeat for more)")  # fmt: skip
-    p.add_argument(
-        "--truth", required=True, help="the held-out synthetic set (`unicap synth --out DIR`'s DIR)"
-    )
+    p.add_argument("--truth", required=True, help="the held-out synthetic set (`unicap synth --out DIR`'s DIR)")
     p.add_argument("--out", required=True, help="folder for adherence.json and the images")
     p.add_argument("--n", type=int, default=32, help="held-out prompts (the first N by key; default 32)")
     p.add_argument("--size", default="64x64", help="WIDTHxHEIGHT of the generated images (default 64x64)")
-    p.add_argument(
-        "--level", default="short", choices=caption_record.LEVELS, help="caption level of the prompts"
-    )
+    p.add_argument("--level", default="short", choices=caption_record.LEVELS, help="caption level of the prompts")
     p.add_argument("--language", default="en", choices=caption_record.LANGUAGES, help="prompt language")
     p.add_argument("--steps", type=int, default=20, help="sampling steps (default 20)")
     p.add_argument("--cfg", type=float, default=4.0, help="guidance scale (default 4.0)")
     p.add_argument("--seed", type=int, default=0, help="image i gets the noise of seed + i (default 0)")
-    p.add_argument(
-        "--examples", type=int, default=8, help="prompts listed with images in the JSON (default 8)"
-    )
+    p.add_argument("--examples", type=int, default=8, help="prompts listed with images in the JSON (default 8)")
     p.add_argument("--batch", type=int, default=16, help="prompts generated at once (default 16)")
-    p.add_argument(
-        "--device", default="auto", help="auto (a GPU when there is one, bf16) | cpu | cuda | cuda:N"
-    )
+    p.add_argument("--device", default="auto", help="auto (a GPU when there is one, bf16) | cpu | cuda | cuda:N")
     p.add_argument("--draw", choices=("trained", "judge"), default="trained",
                    help="trained (default): each weights draws at its training resolution, then the image is resized "
                    "to --size; judge: every weights draws at --size")  # fmt: skip
@@ -332,9 +308,7 @@ def run(args: argparse.Namespace) -> int:
                        cfg=args.cfg, seed=args.seed, examples=args.examples, batch=args.batch,
                        device=args.device, control=args.control, draw=args.draw)  # fmt: skip
     p = result["prompts"]
-    print(
-        f"adherence: {p['n']} prompts ({p['level']}, {p['language']}) at {args.size}; accuracy (facts judged):"
-    )
+    print(f"adherence: {p['n']} prompts ({p['level']}, {p['language']}) at {args.size}; accuracy (facts judged):")
     print(table(result))
     print(f"adherence: {Path(args.out) / 'adherence.json'}")
     return 0

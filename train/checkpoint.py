@@ -48,9 +48,7 @@ def _write_folder(final: Path, files: dict[str, dict[str, torch.Tensor]], state:
     tmp.mkdir(parents=True)
     for name, tensors in files.items():
         save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp / name))
-    (tmp / contract.STATE_FILE).write_text(
-        json.dumps(contract.validate_state(state), indent=1, sort_keys=True)
-    )
+    (tmp / contract.STATE_FILE).write_text(json.dumps(contract.validate_state(state), indent=1, sort_keys=True))
     if final.exists():  # a re-save of the same step (e.g. SIGTERM right after a periodic save)
         shutil.rmtree(final)
     tmp.rename(final)

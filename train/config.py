@@ -201,4 +201,3 @@ def deepspeed_config(cfg: TrainConfig, world_size: int, device: str | None = Non
         "steps_per_print": 10**9,
         "wall_clock_breakdown": False,
     }
-

@@ -114,8 +114,8 @@ def to_diffusers(state: dict[str, torch.Tensor], cfg: NextDiTConfig) -> dict[str
     for k, v in state.items():
         if k.endswith(".attention.qkv.weight"):
             base = k[: -len("attention.qkv.weight")]
-            out[base + "attn.to_q.weight"], out[base + "attn.to_k.weight"], out[base + "attn.to_v.weight"] = (
-                v.split([q, kv, kv], dim=0)
+            out[base + "attn.to_q.weight"], out[base + "attn.to_k.weight"], out[base + "attn.to_v.weight"] = v.split(
+                [q, kv, kv], dim=0
             )
         else:
             out[_rename(k, True)] = v

@@ -87,9 +87,7 @@ class PackedStage:
         self.packdir = Path(packdir)
         meta_path = self.packdir / packed.PACK_META
         if not meta_path.exists():
-            raise FileNotFoundError(
-                f"{self.packdir} is not a packed stage (no {packed.PACK_META}): unicap pack"
-            )
+            raise FileNotFoundError(f"{self.packdir} is not a packed stage (no {packed.PACK_META}): unicap pack")
         meta = json.loads(meta_path.read_text())
         self.resolution: int = meta["resolution"]
         self.buckets: list[tuple[int, int]] = [tuple(b) for b in meta["buckets"]]
@@ -165,9 +163,7 @@ class BatchPlanner:
 
     def __init__(self, stage: PackedStage, micro_batch: int, seed: int):
         if stage.rows == 0:
-            raise ValueError(
-                f"packed stage {stage.packdir} has no ok rows to train on (see its _pack.json counts)"
-            )
+            raise ValueError(f"packed stage {stage.packdir} has no ok rows to train on (see its _pack.json counts)")
         self.stage, self.micro_batch, self.seed = stage, micro_batch, seed
         self.batches_per_epoch = int((-(-stage.run_length // micro_batch)).sum())
         self._plan: EpochPlan | None = None
@@ -202,9 +198,7 @@ class RankBatchSampler(torch.utils.data.Sampler):
 
     Infinite. `start` is the trainer's batches_consumed (global batches, all ranks together)."""
 
-    def __init__(
-        self, stage: PackedStage, micro_batch: int, seed: int, rank: int, world_size: int, start: int = 0
-    ):
+    def __init__(self, stage: PackedStage, micro_batch: int, seed: int, rank: int, world_size: int, start: int = 0):
         assert 0 <= rank < world_size, f"rank {rank} of world size {world_size}"
         self.planner = BatchPlanner(stage, micro_batch, seed)
         self.rank, self.world_size, self.start = rank, world_size, start
@@ -421,9 +415,7 @@ def _worker_init(_: int) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
-def make_loader(
-    cfg: DataConfig, seed: int, rank: int, world_size: int, start: int = 0
-) -> torch.utils.data.DataLoader:
+def make_loader(cfg: DataConfig, seed: int, rank: int, world_size: int, start: int = 0) -> torch.utils.data.DataLoader:
     """This rank's infinite loader over the packed stage `cfg.packed`, starting at global batch `start`
     (the trainer's batches_consumed). Each item is one micro-batch dict (see the module docstring)."""
     stage = PackedStage(cfg.packed)

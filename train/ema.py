@@ -30,9 +30,7 @@ class ShardedEMA:
     @torch.no_grad()
     def update(self, step: int) -> None:
         d = ema_decay(self.decay, step)
-        pairs = [
-            (s, zero.local_master(p)) for s, (_, p) in zip(self.shadow, self.params, strict=True) if s.numel()
-        ]
+        pairs = [(s, zero.local_master(p)) for s, (_, p) in zip(self.shadow, self.params, strict=True) if s.numel()]
         if pairs:  # one fused kernel per dtype and device, not one lerp per parameter
             shadows, masters = zip(*pairs, strict=True)
             torch._foreach_lerp_(list(shadows), [m.float() for m in masters], 1.0 - d)

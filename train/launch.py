@@ -82,9 +82,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--data", default="demo", help="data folder (stages/, shards/, captions)")
     p.add_argument("--captions", default=None, help="caption folder (default: found under --data)")
     p.add_argument("--nproc", type=int, default=2, help="ranks per node")
-    p.add_argument(
-        "--hostfile", default=None, help="several nodes: a DeepSpeed hostfile (node slots=N per line)"
-    )
+    p.add_argument("--hostfile", default=None, help="several nodes: a DeepSpeed hostfile (node slots=N per line)")
     p.add_argument("--nnodes", type=int, default=1, help="launchers started per node (torchrun)")
     p.add_argument("--node-rank", type=int, default=0)
     p.add_argument("--master-addr", default="127.0.0.1")
@@ -94,9 +92,7 @@ def main(argv: list[str] | None = None) -> int:
         default=None,
         help="default: 29500 with --hostfile or --nnodes > 1, else a free port",
     )
-    p.add_argument(
-        "--no-pack", action="store_true", help="the packed folder is ready (e.g. on a shared disk)"
-    )
+    p.add_argument("--no-pack", action="store_true", help="the packed folder is ready (e.g. on a shared disk)")
     p.add_argument("--dry-run", action="store_true", help="print the launch command only")
     p.add_argument("overrides", nargs="*", help="key=value trainer config overrides")
     args = p.parse_args(argv)

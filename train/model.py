@@ -41,7 +41,9 @@ class NextDiTConfig:
     multiple_of: int = 256
     ffn_dim_multiplier: float | None = None
     norm_eps: float = 1e-5
-    cap_feat_dim: int = 2304  # the text encoder's width: Gemma-2-2B's hidden size (the trainer sets it from its encoder)
+    cap_feat_dim: int = (
+        2304  # the text encoder's width: Gemma-2-2B's hidden size (the trainer sets it from its encoder)
+    )
     axes_dims: tuple[int, int, int] = (32, 32, 32)
     axes_lens: tuple[int, int, int] = (300, 512, 512)
     rope_theta: float = 10_000.0
@@ -64,9 +66,7 @@ class NextDiTConfig:
             raise ValueError(f"NextDiTConfig: dim {self.dim} must divide into n_heads {self.n_heads}, and n_heads "
                              f"into n_kv_heads {self.n_kv_heads}")  # fmt: skip
         if sum(self.axes_dims) != self.head_dim:
-            raise ValueError(
-                f"NextDiTConfig: axes_dims {self.axes_dims} must sum to head_dim {self.head_dim}"
-            )
+            raise ValueError(f"NextDiTConfig: axes_dims {self.axes_dims} must sum to head_dim {self.head_dim}")
         if any(d % 2 for d in self.axes_dims):
             raise ValueError(f"NextDiTConfig: every RoPE axis needs an even size, got {self.axes_dims}")
 
@@ -172,9 +172,7 @@ class Attention(nn.Module):
 
     def forward(self, x, seqs: SeqBatch, rot):
         B, S, _ = x.shape  # (B, S, D)
-        q, k, v = self.qkv(x).split(
-            [self.n_heads * self.hd, self.n_kv * self.hd, self.n_kv * self.hd], dim=-1
-        )
+        q, k, v = self.qkv(x).split([self.n_heads * self.hd, self.n_kv * self.hd, self.n_kv * self.hd], dim=-1)
         q = apply_rope(self.q_norm(q.view(B, S, self.n_heads, self.hd)), rot)
         k = apply_rope(self.k_norm(k.view(B, S, self.n_kv, self.hd)), rot)
         o = seqs.attend(q, k, v.view(B, S, self.n_kv, self.hd))  # (B, S, H, Dh)
@@ -240,15 +238,9 @@ class NextDiT(nn.Module):
         p, d = cfg.patch_size, cfg.dim
         self.x_embedder = nn.Linear(p * p * cfg.in_channels, d)
         self.t_embedder = TimestepEmbedder(min(d, 1024))
-        self.cap_embedder = nn.Sequential(
-            RMSNorm(cfg.cap_feat_dim, cfg.norm_eps), nn.Linear(cfg.cap_feat_dim, d)
-        )
-        self.noise_refiner = nn.ModuleList(
-            JointBlock(cfg, modulation=True) for _ in range(cfg.n_refiner_layers)
-        )
-        self.context_refiner = nn.ModuleList(
-            JointBlock(cfg, modulation=False) for _ in range(cfg.n_refiner_layers)
-        )
+        self.cap_embedder = nn.Sequential(RMSNorm(cfg.cap_feat_dim, cfg.norm_eps), nn.Linear(cfg.cap_feat_dim, d))
+        self.noise_refiner = nn.ModuleList(JointBlock(cfg, modulation=True) for _ in range(cfg.n_refiner_layers))
+        self.context_refiner = nn.ModuleList(JointBlock(cfg, modulation=False) for _ in range(cfg.n_refiner_layers))
         self.layers = nn.ModuleList(JointBlock(cfg, modulation=True) for _ in range(cfg.n_layers))
         self.final_layer = FinalLayer(cfg)
         self.rope = RopeND(cfg.axes_dims, cfg.rope_theta)
@@ -273,9 +265,7 @@ class NextDiT(nn.Module):
 
     def set_activation_checkpointing(self, blocks: bool | list[int] = True) -> None:
         n = len(self.layers)
-        self.checkpoint_blocks = (
-            set(range(n)) if blocks is True else set() if blocks is False else set(blocks)
-        )
+        self.checkpoint_blocks = set(range(n)) if blocks is True else set() if blocks is False else set(blocks)
 
     def compile_blocks(self, **compile_kwargs) -> None:
         """torch.compile each block in place (regional compilation: one compiled graph serves all the
@@ -375,8 +365,7 @@ class NextDiT(nn.Module):
         h = self.final_layer(h, adaln)  # (B, S, p*p*C)
 
         out = [
-            self.unpatchify(h[i, c : c + n], *sizes[i])
-            for i, (c, n) in enumerate(zip(cap_lens, img_lens, strict=True))
+            self.unpatchify(h[i, c : c + n], *sizes[i]) for i, (c, n) in enumerate(zip(cap_lens, img_lens, strict=True))
         ]
         return out if as_list else torch.stack(out)
 

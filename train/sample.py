@@ -56,9 +56,7 @@ def generate(
     device, dtype = param.device, param.dtype
     f = vae.factor
     if width % (f * model.cfg.patch_size) or height % (f * model.cfg.patch_size):
-        raise ValueError(
-            f"image size {width}x{height}: both sides must be multiples of {f * model.cfg.patch_size}"
-        )
+        raise ValueError(f"image size {width}x{height}: both sides must be multiples of {f * model.cfg.patch_size}")
     shape = (model.cfg.in_channels, height // f, width // f)
     gens = [torch.Generator(device="cpu").manual_seed(seed + i) for i in range(len(prompts))]
     noise = torch.stack([torch.randn(shape, generator=g, device="cpu") for g in gens]).to(device)
@@ -102,9 +100,7 @@ def load_for_sampling(folder: Path, weights: str, device: str = "auto", codecs: 
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument(
-        "--ckpt", required=True, help="weights folder: a stage's final/, a checkpoint step-N/ folder"
-    )
+    p.add_argument("--ckpt", required=True, help="weights folder: a stage's final/, a checkpoint step-N/ folder")
     p.add_argument(
         "--weights",
         default=None,
@@ -118,9 +114,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--method", default="euler", choices=["euler", "midpoint"])
     p.add_argument("--cfg", type=float, default=4.0, help="guidance scale (1 = off)")
     p.add_argument("--renorm-cfg", type=float, default=1.0, help="cap ||guided v|| at r ||v_cond|| (0 = off)")
-    p.add_argument(
-        "--cfg-trunc", type=float, default=1.0, help="guide only while t < this (see --cfg-trunc-mode)"
-    )
+    p.add_argument("--cfg-trunc", type=float, default=1.0, help="guide only while t < this (see --cfg-trunc-mode)")
     p.add_argument("--cfg-trunc-mode", default="time", choices=["time", "step"])
     p.add_argument("--negative-prompt", default="")
     p.add_argument("--seed", type=int, default=0)

@@ -198,9 +198,7 @@ def train_clip(recipe: Recipe, out: Path, log=print) -> dict:
                 f"{time.time() - t0:.0f}s")  # fmt: skip
     model.eval()
     auc = agreement_auc(model, tokenizer, *held)
-    save_file(
-        {k: v.contiguous() for k, v in model.state_dict().items()}, str(out / "open_clip_model.safetensors")
-    )
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(out / "open_clip_model.safetensors"))
     return {"train_seconds": round(time.time() - t0, 1), "data_seconds": round(t_data, 1),
             "first_loss": round(sum(losses[:20]) / 20, 4), "final_loss": round(sum(losses[-100:]) / 100, 4),
             "heldout_auc": auc, "threads": torch.get_num_threads()}  # fmt: skip

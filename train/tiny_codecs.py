@@ -57,9 +57,7 @@ def _build_gemma2(out: Path, seed: int) -> None:
     )  # fmt: skip
     torch.manual_seed(seed)
     Gemma2Model(cfg).save_pretrained(out, safe_serialization=True)
-    (out / DONE_MARK).write_text(
-        json.dumps({"kind": "tiny-gemma2", "version": TINY_GEMMA2_VERSION, "seed": seed})
-    )
+    (out / DONE_MARK).write_text(json.dumps({"kind": "tiny-gemma2", "version": TINY_GEMMA2_VERSION, "seed": seed}))
 
 
 def _build_flux_vae(out: Path, seed: int) -> None:
@@ -75,9 +73,7 @@ def _build_flux_vae(out: Path, seed: int) -> None:
         mid_block_add_attention=True,
     )  # fmt: skip
     vae.save_pretrained(out, safe_serialization=True)
-    (out / DONE_MARK).write_text(
-        json.dumps({"kind": "tiny-flux-vae", "version": TINY_FLUX_VAE_VERSION, "seed": seed})
-    )
+    (out / DONE_MARK).write_text(json.dumps({"kind": "tiny-flux-vae", "version": TINY_FLUX_VAE_VERSION, "seed": seed}))
 
 
 def tiny_gemma2(seed: int = 0, root: Path | None = None) -> Path:

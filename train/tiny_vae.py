@@ -190,9 +190,7 @@ def train_vae(recipe: Recipe, log=print):
     opt = torch.optim.AdamW(vae.parameters(), lr=recipe.lr, betas=(0.9, 0.99), weight_decay=0.0)
 
     def lr_factor(i: int) -> float:  # linear warmup, then cosine down to 5%
-        return min(1.0, (i + 1) / max(recipe.warmup, 1)) * (
-            0.05 + 0.475 * (1 + math.cos(math.pi * i / recipe.steps))
-        )
+        return min(1.0, (i + 1) / max(recipe.warmup, 1)) * (0.05 + 0.475 * (1 + math.cos(math.pi * i / recipe.steps)))
 
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_factor)
     batches = _batches(recipe, pool, random.Random(recipe.seed))
@@ -202,11 +200,7 @@ def train_vae(recipe: Recipe, log=print):
     for step in range(1, recipe.steps + 1):
         x = torch.einsum("ij,bjhw->bihw", color, next(batches))
         post = vae.encode(x).latent_dist
-        z = (
-            post.mean + post.std * torch.randn(post.mean.shape, generator=gen)
-            if recipe.sample_posterior
-            else post.mean
-        )
+        z = post.mean + post.std * torch.randn(post.mean.shape, generator=gen) if recipe.sample_posterior else post.mean
         rec = vae.decode(z).sample
         l1 = (rec - x).abs().mean()
         mse = (rec - x).pow(2).mean()

@@ -65,9 +65,7 @@ def previous_stage_final(cfg: TrainConfig) -> Path | None:
         return folder
     folder = Path(src)
     if not (folder / contract.STATE_FILE).is_file():
-        raise TrainingError(
-            f"run.init_from {src}: not a checkpoint or final folder (no {contract.STATE_FILE})"
-        )
+        raise TrainingError(f"run.init_from {src}: not a checkpoint or final folder (no {contract.STATE_FILE})")
     return folder
 
 
@@ -134,6 +132,7 @@ def sample_seed(seed: int, g: int) -> int:
 
 def flow_batch(codecs: Codecs, batch: dict, cfg: TrainConfig, device: str):
     """A loader batch -> (x_t, t, features, mask, target velocity) for the model."""
+
     def encode(images: torch.Tensor) -> torch.Tensor:
         return codecs.vae.encode(images.to(device, non_blocking=True))
 
@@ -227,9 +226,7 @@ def train_step(engine, codecs: Codecs, micro_batches: list[dict], cfg: TrainConf
         if i < len(micro_batches) - 1:
             engine.step()  # DeepSpeed counts micro-steps; only the boundary one updates
     asked = stop_asked() if callable(stop_asked) else stop_asked  # read now: a signal during this step counts
-    total, flags = distributed.agree(
-        [loss_sum, losses, samples, skipped], flags=[bad_loss, guard.take(), asked]
-    )
+    total, flags = distributed.agree([loss_sum, losses, samples, skipped], flags=[bad_loss, guard.take(), asked])
     finite = not (flags[0] or flags[1])
     groups = engine.optimizer.param_groups
     saved_lr = [g["lr"] for g in groups]
@@ -289,9 +286,7 @@ def train(cfg: TrainConfig) -> int:
         resume = resume_folder(cfg)
         init = None if resume else previous_stage_final(cfg)
         if not cfg.data.packed or not Path(cfg.data.packed).is_dir():
-            raise TrainingError(
-                f"data.packed {cfg.data.packed!r} is not a folder: pack the stage first (unicap pack)"
-            )
+            raise TrainingError(f"data.packed {cfg.data.packed!r} is not a folder: pack the stage first (unicap pack)")
     rank, world = distributed.init(device)
     if (final / contract.STATE_FILE).is_file() and contract.read_state(final)["step"] >= cfg.run.steps:
         if rank == 0:
@@ -315,19 +310,14 @@ def train(cfg: TrainConfig) -> int:
     if resume:
         ckpt.load_training_state(engine, ema, resume, optimizer=True)
     elif init is not None:
-        ckpt.load_training_state(
-            engine, ema, init, optimizer=cfg.optim.load_optimizer, ema_file=contract.MODEL_FILE
-        )
+        ckpt.load_training_state(engine, ema, init, optimizer=cfg.optim.load_optimizer, ema_file=contract.MODEL_FILE)
     guard = GradGuard(engine.module)
     counters = {
-        k: (start[k] if start else 0)
-        for k in ("batches_consumed", "samples_seen", "skipped_samples", "skipped_steps")
+        k: (start[k] if start else 0) for k in ("batches_consumed", "samples_seen", "skipped_samples", "skipped_steps")
     }
     base = ckpt.base_state(cfg, engine.module, world)
     # the weights this stage started from (kept across resumes): the stage chain is auditable from state.json
-    base["initialised_from"] = (
-        start.get("initialised_from") if start else (str(init.resolve()) if init else None)
-    )
+    base["initialised_from"] = start.get("initialised_from") if start else (str(init.resolve()) if init else None)
     if rank == 0:
         run_dir.mkdir(parents=True, exist_ok=True)
         uconfig.save(cfg, run_dir / "config.yaml")
@@ -336,18 +326,14 @@ def train(cfg: TrainConfig) -> int:
               f"{cfg.data.micro_batch} x {accum} x {world} = {cfg.global_batch(world)}, ZeRO-{cfg.deepspeed.zero_stage}, "
               f"{cfg.deepspeed.precision}; steps {start_step} -> {cfg.run.steps}; {how}", flush=True)  # fmt: skip
 
-    loader = make_loader(
-        cfg.data, seed=cfg.run.seed, rank=rank, world_size=world, start=counters["batches_consumed"]
-    )
+    loader = make_loader(cfg.data, seed=cfg.run.seed, rank=rank, world_size=world, start=counters["batches_consumed"])
     batches = iter(loader)
     writer = _tensorboard(cfg, run_dir) if rank == 0 else None
     metrics = open(run_dir / "metrics.jsonl", "a") if rank == 0 else None  # noqa: SIM115 - one line per step
     bar = _progress(cfg, start_step) if rank == 0 else None
     with StopFlag(cfg.run.stop_file, grace_s=cfg.run.term_grace_s) as stop:  # signals act as before after it
         key_log = None
-        if (
-            cfg.run.log_keys
-        ):  # every sample key this rank trained on, one line per micro-batch (audits coverage)
+        if cfg.run.log_keys:  # every sample key this rank trained on, one line per micro-batch (audits coverage)
             (run_dir / "keys").mkdir(parents=True, exist_ok=True)
             key_log = open(run_dir / "keys" / f"rank{rank}-of{world}-from{start_step}.txt", "a")  # noqa: SIM115
         bad_in_row, step, t_last, last_saved = 0, start_step, time.time(), start_step
@@ -464,9 +450,7 @@ def _log(writer, bar, step: int, res: StepResult, rate: float, lr: float, counte
             if math.isfinite(value):
                 writer.add_scalar(name, value, step)
     elif bar is None:
-        print(
-            f"step {step} loss {res.loss:.4f} grad_norm {res.grad_norm:.3f} {rate:.1f} samples/s", flush=True
-        )
+        print(f"step {step} loss {res.loss:.4f} grad_norm {res.grad_norm:.3f} {rate:.1f} samples/s", flush=True)
 
 
 # ---------------------------------------------------------------- command line
@@ -475,9 +459,7 @@ def _log(writer, bar, step: int, res: StepResult, rate: float, lr: float, counte
 def parse_args(argv: list[str] | None = None) -> tuple[TrainConfig, argparse.Namespace]:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", help="a YAML file (train/configs/...); key=value arguments override it")
-    p.add_argument(
-        "--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS
-    )  # deepspeed launcher
+    p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)  # deepspeed launcher
     p.add_argument("overrides", nargs="*", help="key=value, e.g. optim.lr=1e-4 run.steps=50")
     args = p.parse_args(argv)
     return load_config(args.config, args.overrides), args

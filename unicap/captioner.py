@@ -44,7 +44,9 @@ class CaptionConfig:
         preflight.above("max_pixels", self.max_pixels, 0)
         unknown = set(self.max_tokens) - set(prompts.LEVEL_INSTRUCTIONS)
         if unknown:
-            raise ValueError(f"max_tokens for unknown level(s) {sorted(unknown)}; known: {sorted(prompts.LEVEL_INSTRUCTIONS)}")
+            raise ValueError(
+                f"max_tokens for unknown level(s) {sorted(unknown)}; known: {sorted(prompts.LEVEL_INSTRUCTIONS)}"
+            )
         for level, n in self.max_tokens.items():
             preflight.at_least(f"max_tokens {level}", n, 1)
         prompts.prompts_for(self.strategy, self.levels, self.languages, self.max_tokens)  # unknown level/language
@@ -168,7 +170,9 @@ class Captioner:
         if p.json_schema is None:
             texts, finish = {p.fields[0]: res.text}, res.finish_reason
         elif res.finish_reason == "length":
-            return dict.fromkeys(p.fields, (None, "truncated: structured answer hit the token limit (finish_reason=length)"))
+            return dict.fromkeys(
+                p.fields, (None, "truncated: structured answer hit the token limit (finish_reason=length)")
+            )
         else:
             try:
                 texts, finish = prompts.parse_json_captions(res.text or "", p), "stop"
@@ -208,7 +212,10 @@ class Captioner:
         elif not errs:
             row.update(status="ok", error=None)
         else:
-            ordered = [f"{caption_record.error_reason(e)}: {col}: {_detail(e)}" for col, e in sorted(errs.items(), key=lambda kv: self.columns.index(kv[0]))]
+            ordered = [
+                f"{caption_record.error_reason(e)}: {col}: {_detail(e)}"
+                for col, e in sorted(errs.items(), key=lambda kv: self.columns.index(kv[0]))
+            ]
             row.update(status="partial" if caps else "failed", error="; ".join(ordered)[:2000])
         return row
 

@@ -37,7 +37,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "eval-captions": ("datagen.answer_key", "score captions against the synthetic answer key (recall, hallucination)"),
     "report": ("unicap.report", "one self-contained HTML page about a run folder (funnel, captions, scores, training)"),
     "sample": ("train.sample", "generate images from a Next-DiT checkpoint"),
-    "adherence": ("train.adherence", "prompt adherence of Next-DiT weights, judged against the synthetic answer key (GenEval-style)"),
+    "adherence": (
+        "train.adherence",
+        "prompt adherence of Next-DiT weights, judged against the synthetic answer key (GenEval-style)",
+    ),
     "train-captioner": ("train.captioner.launch", "fine-tune a Qwen2-VL captioner on caption Parquet (DeepSpeed)"),
 }
 

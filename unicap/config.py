@@ -67,9 +67,7 @@ def _coerce(tp: Any, value: Any, where: str) -> Any:
         if origin is tuple and args and args[-1] is not Ellipsis:
             if len(items) != len(args):
                 raise ConfigError(f"{where}: expected {len(args)} items, got {len(items)}")
-            return tuple(
-                _coerce(a, v, f"{where}[{i}]") for i, (a, v) in enumerate(zip(args, items, strict=True))
-            )
+            return tuple(_coerce(a, v, f"{where}[{i}]") for i, (a, v) in enumerate(zip(args, items, strict=True)))
         item_tp = args[0] if args else Any
         out = [_coerce(item_tp, v, f"{where}[{i}]") for i, v in enumerate(items)]
         return tuple(out) if origin is tuple else out
@@ -211,7 +209,9 @@ def add_arguments(parser: argparse.ArgumentParser, cls: type, *, skip: Iterable[
         if tp is bool:
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, help=help_)
             continue
-        metavar = "{" + ",".join(map(str, typing.get_args(tp))) + "}" if typing.get_origin(tp) is typing.Literal else None
+        metavar = (
+            "{" + ",".join(map(str, typing.get_args(tp))) + "}" if typing.get_origin(tp) is typing.Literal else None
+        )
 
         def convert(text: str, tp=tp, name=f.name):
             origin, args = typing.get_origin(tp), typing.get_args(tp)

@@ -51,16 +51,20 @@ def exact_duplicates(score_dir: Path) -> pa.Table:
         return DUP_SCHEMA.empty_table()
     con = duckdb.connect()
     # a missing sha256 (null or empty) is nobody's copy; a key in two score files is listed once
-    return con.sql(
-        """
+    return (
+        con.sql(
+            """
         SELECT key, keep AS duplicate_of, 'exact' AS kind, 1.0::FLOAT AS similarity FROM (
             SELECT key, first(key ORDER BY min_side DESC NULLS LAST, key) OVER (PARTITION BY sha256) AS keep
             FROM read_parquet(?) WHERE nullif(sha256, '') IS NOT NULL AND decode_error IS NULL
             QUALIFY count(*) OVER (PARTITION BY sha256) > 1
         ) WHERE key <> keep QUALIFY row_number() OVER (PARTITION BY key ORDER BY keep) = 1 ORDER BY key
         """,
-        params=[files],
-    ).to_arrow_table().cast(DUP_SCHEMA)
+            params=[files],
+        )
+        .to_arrow_table()
+        .cast(DUP_SCHEMA)
+    )
 
 
 # ---------------------------------------------------------------- near duplicates (arrays)

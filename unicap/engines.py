@@ -37,13 +37,9 @@ class EngineConfig:
     max_pixels: int = MAX_PIXELS
     max_model_len: int = 4096
     dtype: str = "auto"
-    kv_cache_bytes: int | None = (
-        None  # CPU: bounded KV cache (defaults to 256 MiB); GPU: use gpu_memory_utilization
-    )
+    kv_cache_bytes: int | None = None  # CPU: bounded KV cache (defaults to 256 MiB); GPU: use gpu_memory_utilization
     gpu_memory_utilization: float = 0.85
-    tensor_parallel: int = (
-        1  # GPUs per engine (vLLM tensor_parallel_size); each engine actor claims that many
-    )
+    tensor_parallel: int = 1  # GPUs per engine (vLLM tensor_parallel_size); each engine actor claims that many
     enforce_eager: bool | None = None  # default: True on CPU (no graph capture there)
     timeout_s: float = 180.0  # deadline of one HTTP request, answer fully read (server mode; per attempt)
     max_concurrent: int = 32  # in-flight HTTP requests per actor (server mode)
@@ -64,9 +60,7 @@ class EngineConfig:
         preflight.at_least("tensor_parallel", self.tensor_parallel, 1)
         preflight.above("max_answer_bytes", self.max_answer_bytes, 0)
         if not 0 < self.gpu_memory_utilization <= 1:
-            raise preflight.UsageError(
-                f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}"
-            )
+            raise preflight.UsageError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")
         if self.server is not None:
             try:
                 parts = urlsplit(self.server)
@@ -149,9 +143,7 @@ def vllm_engine_kwargs(cfg: EngineConfig) -> dict:
         if cfg.tensor_parallel > 1:  # the engine's workers on the GPUs Ray gave this actor
             kwargs["distributed_executor_backend"] = "mp"
     elif cfg.tensor_parallel > 1:
-        raise preflight.UsageError(
-            f"--tensor-parallel {cfg.tensor_parallel} needs GPUs; this machine has none"
-        )
+        raise preflight.UsageError(f"--tensor-parallel {cfg.tensor_parallel} needs GPUs; this machine has none")
     else:
         kwargs["kv_cache_memory_bytes"] = cfg.kv_cache_bytes or (256 << 20)
     return {**kwargs, **cfg.extra}
@@ -193,9 +185,7 @@ class VLLMEngine:
         try:
             outs = self.llm.chat(convs, params, use_tqdm=False)
         except Exception as e:  # noqa: BLE001 - one bad batch must not kill the actor
-            return [
-                GenResult(None, None, 0, f"engine_error: {type(e).__name__}: {e}"[:500]) for _ in requests
-            ]
+            return [GenResult(None, None, 0, f"engine_error: {type(e).__name__}: {e}"[:500]) for _ in requests]
         if len(outs) != len(requests):
             return [GenResult(None, None, 0, f"engine_error: {len(outs)} outputs for {len(requests)} requests")
                     for _ in requests]  # fmt: skip
@@ -234,9 +224,7 @@ def parse_chat_answer(raw: bytes) -> GenResult:
     usage = data.get("usage")
     tokens = usage.get("completion_tokens") if isinstance(usage, dict) else None
     tokens = tokens if isinstance(tokens, int) and not isinstance(tokens, bool) else 0
-    return GenResult(
-        content, finish if isinstance(finish, str) else None, max(0, min(tokens, MAX_TOKENS_COUNT))
-    )
+    return GenResult(content, finish if isinstance(finish, str) else None, max(0, min(tokens, MAX_TOKENS_COUNT)))
 
 
 class ServerEngine:
@@ -276,9 +264,7 @@ class ServerEngine:
     async def _served_model(self, client) -> str:
         """The server's model id: the one asked for if served, else the only one it serves."""
         if self._served is None:
-            status, raw = await asyncio.wait_for(
-                self._read(client, "GET", f"{self.base}/models"), self.cfg.timeout_s
-            )
+            status, raw = await asyncio.wait_for(self._read(client, "GET", f"{self.base}/models"), self.cfg.timeout_s)
             if status != 200:
                 raise RuntimeError(f"GET /v1/models answered HTTP {status}")
             try:
@@ -292,11 +278,7 @@ class ServerEngine:
         return self._served
 
     async def _one(self, client, sem, r: GenRequest, model: str) -> GenResult:
-        part = (
-            {"type": "image_url", "image_url": {"url": png_data_url(r.image)}}
-            if r.image is not None
-            else None
-        )
+        part = {"type": "image_url", "image_url": {"url": png_data_url(r.image)}} if r.image is not None else None
         body = {
             "model": model,
             "messages": _with_image(r.messages, part) if part else r.messages,
@@ -316,9 +298,7 @@ class ServerEngine:
                 await asyncio.sleep(min(0.5 * 2**attempt, 10) * (0.5 + random.random()))
             async with sem:
                 try:
-                    status, raw = await asyncio.wait_for(
-                        self._read(client, "POST", url, json=body), self.cfg.timeout_s
-                    )
+                    status, raw = await asyncio.wait_for(self._read(client, "POST", url, json=body), self.cfg.timeout_s)
                 except (TimeoutError, self._httpx.TimeoutException):
                     last = f"timeout: no complete answer within {self.cfg.timeout_s:g}s"
                     continue
@@ -333,9 +313,7 @@ class ServerEngine:
                 last = f"engine_error: HTTP {status}: {raw[:200].decode('utf-8', 'replace')}"
                 continue
             if status != 200:
-                return GenResult(
-                    None, None, 0, f"engine_error: HTTP {status}: {raw[:200].decode('utf-8', 'replace')}"
-                )
+                return GenResult(None, None, 0, f"engine_error: HTTP {status}: {raw[:200].decode('utf-8', 'replace')}")
             return parse_chat_answer(raw)
         return GenResult(None, None, 0, last)
 
@@ -350,14 +328,8 @@ class ServerEngine:
                 try:
                     model = await self._served_model(client)
                 except Exception as e:  # noqa: BLE001 - unreachable server: every request records it
-                    why = (
-                        "no answer within the timeout"
-                        if isinstance(e, TimeoutError)
-                        else f"{type(e).__name__}: {e}"
-                    )
-                    return [GenResult(None, None, 0, f"engine_error: server unreachable: {why}"[:300])] * len(
-                        requests
-                    )
+                    why = "no answer within the timeout" if isinstance(e, TimeoutError) else f"{type(e).__name__}: {e}"
+                    return [GenResult(None, None, 0, f"engine_error: server unreachable: {why}"[:300])] * len(requests)
                 return await asyncio.gather(*(self._one(client, sem, r, model) for r in requests),
                                             return_exceptions=True)  # fmt: skip
 

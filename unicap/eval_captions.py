@@ -446,18 +446,14 @@ def format_table(metrics: dict) -> str:
         "CHAIR_s",
     ]
     widths = [17, 7, 5, *[8] * len(KINDS), 8, 7, 7]
-    lines = [
-        " ".join(h.rjust(w) if i else h.ljust(w) for i, (h, w) in enumerate(zip(head, widths, strict=True)))
-    ]
+    lines = [" ".join(h.rjust(w) if i else h.ljust(w) for i, (h, w) in enumerate(zip(head, widths, strict=True)))]
     for col, m in metrics["columns"].items():
         cells = [col.removeprefix("caption_"), _fmt(m["present_share"]), _fmt(m["right_language"])]
         cells += [_fmt(m["kinds"][k]["recall"]) for k in KINDS]
         cells += [_fmt(m["kinds"]["object"]["precision"]), _fmt(m["hallucination"]["instance_rate"]),
                   _fmt(m["hallucination"]["caption_rate"])]  # fmt: skip
         lines.append(
-            " ".join(
-                c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(cells, widths, strict=True))
-            )
+            " ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(cells, widths, strict=True)))
         )
     status = ", ".join(f"{k} {v}" for k, v in sorted(metrics["status"].items(), key=lambda kv: str(kv[0])))
     lines.append(f"rows {metrics['rows']} (status: {status}; ok share {_fmt(metrics['ok_share']).strip()}), "

@@ -26,12 +26,7 @@ def at_least(name: str, value, minimum, *, optional: bool = False) -> None:
     """`value` (an option named `name`) is a finite number >= minimum (or None when optional)."""
     if value is None and optional:
         return
-    ok = (
-        isinstance(value, int | float)
-        and not isinstance(value, bool)
-        and math.isfinite(value)
-        and value >= minimum
-    )
+    ok = isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value) and value >= minimum
     if not ok:
         raise UsageError(f"{_flag(name)} must be a number >= {minimum}, got {value!r}")
 
@@ -40,12 +35,7 @@ def above(name: str, value, minimum, *, optional: bool = False) -> None:
     """`value` is a finite number > minimum (or None when optional)."""
     if value is None and optional:
         return
-    ok = (
-        isinstance(value, int | float)
-        and not isinstance(value, bool)
-        and math.isfinite(value)
-        and value > minimum
-    )
+    ok = isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value) and value > minimum
     if not ok:
         raise UsageError(f"{_flag(name)} must be a number > {minimum}, got {value!r}")
 

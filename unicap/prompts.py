@@ -101,7 +101,9 @@ def json_prompt(levels: Sequence[str], languages: Sequence[str], max_tokens: dic
     }
     parts = [f'"{json_key(lv, lang)}": {LEVEL_INSTRUCTIONS[lv]} Written in {language_name(lang)}.'
              for lv in levels for lang in languages]  # fmt: skip
-    text = "Caption this image at several levels of detail. Return one JSON object with these keys:\n" + "\n".join(parts)
+    text = "Caption this image at several levels of detail. Return one JSON object with these keys:\n" + "\n".join(
+        parts
+    )
     budget = sum(max_tokens[lv] for lv in levels for _ in languages) + 16 * len(keys)
     fields = tuple(caption_column(lv, lang) for lv in levels for lang in languages)
     return Prompt("json", text, budget, json_schema=schema, fields=fields)

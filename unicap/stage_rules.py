@@ -63,9 +63,7 @@ class CompositeRules:
 
     clip: float = 0.5
     aesthetic: float = 0.5
-    clip_columns: list[str] = field(
-        default_factory=lambda: ["clip_long_en", "clip_medium_en", "clip_short_en"]
-    )
+    clip_columns: list[str] = field(default_factory=lambda: ["clip_long_en", "clip_medium_en", "clip_short_en"])
 
     def __post_init__(self) -> None:
         for name in ("clip", "aesthetic"):

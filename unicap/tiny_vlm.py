@@ -118,7 +118,9 @@ def _build_tokenizer(out: Path, extra_corpus: Sequence[str] = (), vocab_size: in
 
     corpus = [*tokenizer_corpus(), *extra_corpus]
     fast = PreTrainedTokenizerFast(
-        tokenizer_object=_word_bpe(corpus, words, vocab_size) if words else train_bpe(corpus, SPECIAL_TOKENS, vocab_size),
+        tokenizer_object=_word_bpe(corpus, words, vocab_size)
+        if words
+        else train_bpe(corpus, SPECIAL_TOKENS, vocab_size),
         eos_token="<|im_end|>",
         pad_token="<|endoftext|>",
         unk_token=None,
@@ -169,8 +171,14 @@ def build_qwen2vl(
             tie_word_embeddings=False,
         ),
         vision_config=dict(
-            depth=arch.vision_depth, embed_dim=arch.vision_dim, hidden_size=arch.hidden, num_heads=arch.vision_heads,
-            mlp_ratio=arch.vision_mlp_ratio, patch_size=14, spatial_merge_size=2, temporal_patch_size=2,
+            depth=arch.vision_depth,
+            embed_dim=arch.vision_dim,
+            hidden_size=arch.hidden,
+            num_heads=arch.vision_heads,
+            mlp_ratio=arch.vision_mlp_ratio,
+            patch_size=14,
+            spatial_merge_size=2,
+            temporal_patch_size=2,
         ),  # fmt: skip
         image_token_id=ids["<|image_pad|>"],
         video_token_id=ids["<|video_pad|>"],

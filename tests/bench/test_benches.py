@@ -56,7 +56,5 @@ def test_bench_trainer_fails_fast_and_leaves_no_process(tmp_path, check_data):
         assert run.returncode != 0 and "fills --micro 100000" in err, err[-2000:]
         assert "EADDRINUSE" not in err and "address already in use" not in err
     assert time.time() - t0 < 120
-    leftovers = [
-        p for p in psutil.process_iter(["cmdline"]) if "bench_trainer.py" in " ".join(p.info["cmdline"] or [])
-    ]
+    leftovers = [p for p in psutil.process_iter(["cmdline"]) if "bench_trainer.py" in " ".join(p.info["cmdline"] or [])]
     assert not leftovers, [p.info["cmdline"] for p in leftovers]

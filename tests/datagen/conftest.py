@@ -46,9 +46,7 @@ class LocalServer:
             def log_message(self, *args):
                 pass
 
-            def _send(
-                self, code: int, body: bytes = b"", headers: dict | None = None, trickle: float = 0
-            ) -> None:
+            def _send(self, code: int, body: bytes = b"", headers: dict | None = None, trickle: float = 0) -> None:
                 self.send_response(code)
                 for k, v in (headers or {}).items():
                     self.send_header(k, v)
@@ -71,9 +69,7 @@ class LocalServer:
                 parts = urlsplit(self.path)
                 if parts.path.startswith("/img/"):
                     self._send(200, png_bytes(), {"Content-Type": "image/png"})
-                elif (
-                    parts.path == "/to"
-                ):  # the target's UTF-8 bytes as they are, as careless servers send them
+                elif parts.path == "/to":  # the target's UTF-8 bytes as they are, as careless servers send them
                     location = parse_qs(parts.query)["u"][0].encode("utf-8", "replace").decode("latin-1")
                     self._send(302, b"", {"Location": location})
                 elif parts.path == "/loop":

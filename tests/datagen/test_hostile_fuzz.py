@@ -74,9 +74,7 @@ def hostile_urls(rng: random.Random, a: str, n: int, *, public: bool) -> list[tu
         "ok": lambda i: f"{origin}/img/{i}.png",
         "ok_unicode_path": lambda i: f"{origin}/img/caf\u00e9-{i}.png",
         "not_found": lambda i: f"{origin}/missing/{i}.png",
-        "redirect_ok": lambda i: to(
-            f"http://public2.example:{port}/img/r{i}.png" if public else f"{a}/img/r{i}.png"
-        ),
+        "redirect_ok": lambda i: to(f"http://public2.example:{port}/img/r{i}.png" if public else f"{a}/img/r{i}.png"),
         "redirect_relative": lambda i: to(f"/img/rel{i}.png"),
         "redirect_internal": lambda i: to(f"http://{rng.choice(INTERNAL_LITERALS)}:{port}/img/x.png"),
         "redirect_internal_name": lambda i: to(f"http://internal.example:{port}/img/x.png"),
@@ -93,18 +91,13 @@ def hostile_urls(rng: random.Random, a: str, n: int, *, public: bool) -> list[tu
             ["http://[::1", "http://h:99999/a", "http://h:port/a", "http://", "http:///a"]
         ),
         "control_chars": lambda i: f"{origin}/img/a\r\nX-Injected: 1/{i}.png",
-        "credentials": lambda i: (
-            f"http://user:pass@{'public.example:' + port if public else a[7:]}/img/c{i}.png"
-        ),
+        "credentials": lambda i: f"http://user:pass@{'public.example:' + port if public else a[7:]}/img/c{i}.png",
         "trickle": lambda i: f"{origin}/trickle",
     }
     kinds = list(makers)
     out = [(k, makers[k](i)) for i, k in enumerate(kinds)]  # every kind at least once
     weights = [0.3 if k == "trickle" else 1.0 for k in kinds]
-    out += [
-        (k, makers[k](i))
-        for i, k in enumerate(rng.choices(kinds, weights, k=n - len(kinds)), start=len(kinds))
-    ]
+    out += [(k, makers[k](i)) for i, k in enumerate(rng.choices(kinds, weights, k=n - len(kinds)), start=len(kinds))]
     return out
 
 
@@ -299,9 +292,7 @@ def hostile_folder(rng: random.Random, base: Path, n: int) -> tuple[Path, dict[s
             write(f"cb{i}.png", png_bytes()),
             write(f"cb{i}.txt", bytes(range(256))),
         ),
-        "unreadable": lambda i: os.chmod(
-            write(name(i), png_bytes()), 0
-        ),  # readable to root; a row either way
+        "unreadable": lambda i: os.chmod(write(name(i), png_bytes()), 0),  # readable to root; a row either way
         "folder_named_png": lambda i: (root / f"dir{i}.png").mkdir(),
     }
     others = {
@@ -321,10 +312,7 @@ def hostile_folder(rng: random.Random, base: Path, n: int) -> tuple[Path, dict[s
         if kind in image_kinds:
             new = sorted(_entries(root) - before)
             for rel in new:
-                if (
-                    os.path.splitext(rel)[1].lower().lstrip(".") in ("png", "jpeg", "jpg")
-                    and rel not in expected
-                ):
+                if os.path.splitext(rel)[1].lower().lstrip(".") in ("png", "jpeg", "jpg") and rel not in expected:
                     expected[rel] = kind
     return root, expected, kinds_seen
 
@@ -354,9 +342,9 @@ def test_folder_ingest_fuzz(tmp_path):
     res = ingest_folder(root, out, shard_size=25)
     assert time.monotonic() - t0 < 30
     index = read_index(out)
-    assert index.key.is_unique and sorted(index.key) == sorted(folder_key(r) for r in expected), set(
-        index.key
-    ) ^ {folder_key(r) for r in expected}
+    assert index.key.is_unique and sorted(index.key) == sorted(folder_key(r) for r in expected), set(index.key) ^ {
+        folder_key(r) for r in expected
+    }
     for shard in list_shards(out):
         shard_contract.validate_shard(out, shard)
     ok = index.status == "success"
@@ -414,9 +402,7 @@ def test_server_answer_fuzz_every_item_one_row():
         items.append({"key": f"k{i:03d}", "shard": "00000", "image": data, "kind": kind})
     cfg = CaptionConfig(levels=("short", "tags"), languages=("en", "zh"), max_retries=1)
     with StandInServer(hang_s=3.0, trickle_s=0.2) as standin:
-        engine = ServerEngine(
-            EngineConfig(model="standin-vlm", server=standin.url, timeout_s=1.0, http_retries=1)
-        )
+        engine = ServerEngine(EngineConfig(model="standin-vlm", server=standin.url, timeout_s=1.0, http_retries=1))
         t0 = time.monotonic()
         rows = Captioner(engine, cfg).caption([{k: v for k, v in it.items() if k != "kind"} for it in items])
         took = time.monotonic() - t0
@@ -441,9 +427,7 @@ def test_server_answer_fuzz_every_item_one_row():
             "surrogate",
             "malformed",
         ):
-            assert (
-                r["status"] == "failed" and caption_record.error_reason(r["error"]) == "malformed_output"
-            ), r["error"]
+            assert r["status"] == "failed" and caption_record.error_reason(r["error"]) == "malformed_output", r["error"]
     _record("server answers", items, kinds)
     print(
         f"[fuzz] TOTAL: {sum(n for n, _ in TOTALS.values())} hostile inputs, {sum(k for _, k in TOTALS.values())} kinds"

@@ -130,9 +130,7 @@ def test_a_planted_error_fails_exactly_its_attribute(change, wrong):
         value = next(c for c in synth.COLORS if c != first.color)
     else:
         used = {o.cell for o in scene.objects}
-        value = next(
-            c for c in range(9) if c not in used and c // 3 != first.cell // 3 and c % 3 != first.cell % 3
-        )
+        value = next(c for c in range(9) if c not in used and c // 3 != first.cell // 3 and c % 3 != first.cell % 3)
     drawn = _scene_with(scene, **{key: value})
     j = scene_judge.judge(synth.render(drawn).resize((64, 64), Image.Resampling.LANCZOS), scene)
     failed = {a for a, v in j.verdicts.items() if v is False}

@@ -15,7 +15,9 @@ from unicap.decode import decode_image
 
 N, SHARD = 64, 16
 WORD_NUM = {w: i for i, w in enumerate(synth.EN_NUM)} | {"a": 1}
-GROUP = re.compile(r"\b(a|one|two|three|four|five|six) (small|medium|large) (\w+) (circle|square|triangle|diamond)s?\b", re.IGNORECASE)
+GROUP = re.compile(
+    r"\b(a|one|two|three|four|five|six) (small|medium|large) (\w+) (circle|square|triangle|diamond)s?\b", re.IGNORECASE
+)
 
 
 @pytest.fixture(scope="module")
@@ -72,7 +74,7 @@ def test_truth_is_valid_caption_schema_and_readable_with_pandas(synth_dir):
 
 
 def _components(rgb: np.ndarray, color: tuple[int, int, int]) -> int:
-    mask = (np.abs(rgb.astype(int) - np.array(color)).max(axis=2) < 40)
+    mask = np.abs(rgb.astype(int) - np.array(color)).max(axis=2) < 40
     labels, n = ndimage.label(mask)
     sizes = np.bincount(labels.ravel())[1:]
     return int((sizes >= 20).sum())  # ignore JPEG speckle
@@ -108,7 +110,7 @@ def test_words_are_rendered_where_the_caption_says(synth_dir):
     for key in list(with_word.index[:5]) + list(without.index[:5]):
         rgb = np.asarray(decode_image(images[key]).image).astype(int)
         h = rgb.shape[0]
-        bottom = rgb[int(h * 0.7):]
+        bottom = rgb[int(h * 0.7) :]
         ink = ((bottom.max(axis=2) < 40) | (bottom.min(axis=2) > 245)).mean()  # black or white text
         bg = synth.BACKGROUNDS[re.search(r"plain ([\w ]+?) background", df.loc[key, "caption_long_en"]).group(1)][0]
         if bg in ((250, 250, 250), (55, 55, 60)):

@@ -90,7 +90,11 @@ def test_redirects_are_checked_at_every_hop(local_web):
     to = f"{a.url}/to?u="
     # allow_private: another local address is fine, file:// and ftp:// never
     assert fetch(to + f"{b.url}/img/x.png", timeout=5, allow_private=True).startswith(b"\x89PNG")
-    for target, scheme in [("file:///etc/passwd", "file"), ("ftp://127.0.0.1/x.png", "ftp"), ("gopher://127.0.0.1/", "gopher")]:
+    for target, scheme in [
+        ("file:///etc/passwd", "file"),
+        ("ftp://127.0.0.1/x.png", "ftp"),
+        ("gopher://127.0.0.1/", "gopher"),
+    ]:
         with pytest.raises(FetchError, match=f"refused: scheme '{scheme}'.*redirected to"):
             fetch(to + target, timeout=5, allow_private=True)
     with pytest.raises(FetchError, match="more than 5 redirects"):

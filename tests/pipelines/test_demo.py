@@ -69,9 +69,7 @@ def test_make_demo_end_to_end_then_nothing_redone(tmp_path):
         models = set(table.column("model").to_pylist())
         assert len(models) == 1 and "tiny-captioner" in models.pop()
         statuses = table.column("status").to_pylist()
-        assert statuses.count("ok") >= 0.7 * n, (
-            statuses
-        )  # the short recipe: 1.0 measured on 16 held-out images
+        assert statuses.count("ok") >= 0.7 * n, statuses  # the short recipe: 1.0 measured on 16 held-out images
 
     # caption accuracy on the held-out set, above what an untrained model reaches (test_tiny.py's floors)
     m = json.loads((work / "heldout_captions" / "_eval.json").read_text())
@@ -97,9 +95,7 @@ def test_make_demo_end_to_end_then_nothing_redone(tmp_path):
         assert state["step"] == steps
         init = state["initialised_from"]
         assert (
-            (init is None)
-            if parent is None
-            else Path(init).resolve() == (work / "runs" / parent / "final").resolve()
+            (init is None) if parent is None else Path(init).resolve() == (work / "runs" / parent / "final").resolve()
         )
         assert list((run / "samples").glob("*.png")), name
 

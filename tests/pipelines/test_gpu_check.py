@@ -24,14 +24,10 @@ def bare_machine(tmp_path_factory) -> tuple[Path, Path]:
     """(python, wheels): a bare GPU machine's packages in a fresh venv, and the bundle built for its Python."""
     root = tmp_path_factory.mktemp("bare")
     tool = [sys.executable, "tools/gpu_bundle.py"]
-    made = subprocess.run(
-        [*tool, "--bare-venv", str(root / "venv")], cwd=ROOT, check=True, capture_output=True
-    )
+    made = subprocess.run([*tool, "--bare-venv", str(root / "venv")], cwd=ROOT, check=True, capture_output=True)
     python = Path(made.stdout.decode().strip().splitlines()[-1])
     here = f"{sys.version_info.major}.{sys.version_info.minor}"
-    build = subprocess.run(
-        [*tool, "--python", here, "--out", str(root / "wheels")], cwd=ROOT, capture_output=True
-    )
+    build = subprocess.run([*tool, "--python", here, "--out", str(root / "wheels")], cwd=ROOT, capture_output=True)
     assert build.returncode == 0, build.stderr.decode()[-2000:]
     return python, root / "wheels"
 
@@ -52,9 +48,7 @@ def test_the_bare_venv_lacks_what_the_bundle_brings(bare_machine):
     assert found.stdout.strip() == repr(wanted), found
     manifest = json.loads((wheels / "bundle.json").read_text())
     # computed from metadata: deepspeed, diffusers and what diffusers' import check needs (requests, bc670f1 lacked)
-    assert {"deepspeed", "diffusers", "requests", "urllib3", "idna", "certifi"} <= manifest[
-        "distributions"
-    ].keys()
+    assert {"deepspeed", "diffusers", "requests", "urllib3", "idna", "certifi"} <= manifest["distributions"].keys()
     assert not {"torch", "transformers", "numpy", "nvidia-cublas-cu12"} & manifest["distributions"].keys()
     assert manifest["bytes"] < 60e6
 
@@ -91,9 +85,7 @@ def test_gpu_check_refuses_bad_inputs_in_one_line(bare_machine, check_data, tmp_
     r = gpu_check(python, tmp_path, check_data, "--wheels", str(other), "--parts", "env")
     assert r.returncode == 2 and "GPU_PYTHON=3." in r.stderr and r.stderr.count("\n") == 1, r.stderr
     r = gpu_check(python, tmp_path, check_data, "--wheels", str(wheels), "--parts", "env,nothing")
-    assert (
-        r.returncode == 2 and "unknown part 'nothing'" in r.stderr
-    )  # a typo is refused before anything runs
+    assert r.returncode == 2 and "unknown part 'nothing'" in r.stderr  # a typo is refused before anything runs
     cmd = [
         str(python),
         "-m",
@@ -104,9 +96,7 @@ def test_gpu_check_refuses_bad_inputs_in_one_line(bare_machine, check_data, tmp_
         "--resolution",
         "256",
     ]
-    r = subprocess.run(
-        [*cmd, "--wheels", str(wheels), "--parts", "env"], cwd=ROOT, capture_output=True, text=True
-    )
+    r = subprocess.run([*cmd, "--wheels", str(wheels), "--parts", "env"], cwd=ROOT, capture_output=True, text=True)
     assert r.returncode == 2 and "packed at 64 px, --resolution is 256" in r.stderr, r.stderr
     assert not (tmp_path / "work").exists()  # refused before any part started
 

@@ -85,9 +85,7 @@ def test_hostile_shards_through_caption_score_and_stages(world):
             want = expected[(row.shard, row.key)]
             got = "ok" if row.status == "ok" else row.error
             assert got.startswith(want), (row.shard, row.key, want, got)
-        refused = {
-            p.stem: json.loads(p.read_text())["refused_samples"] for p in (captions / "_stats").glob("*.json")
-        }
+        refused = {p.stem: json.loads(p.read_text())["refused_samples"] for p in (captions / "_stats").glob("*.json")}
         assert refused == planted.refused and summary["refused_samples"] == sum(planted.refused.values())
         assert summary["failed_shards"] == {} and summary["rows"] == len(expected)
         before = snapshot(captions)
@@ -124,17 +122,13 @@ def test_hostile_shards_through_caption_score_and_stages(world):
     shared_ok = sum(k == f"h{SEED}_shared" and v == "ok" for (_, k), v in expected.items())
     assert f["stage1_rules"]["duplicate_key"]["removed"] == max(0, shared_ok - 1)
     # nothing outside the output folders was touched
-    assert snapshot(root / "shards") == {
-        k[len("shards/") :]: v for k, v in inputs.items() if k.startswith("shards/")
-    }
+    assert snapshot(root / "shards") == {k[len("shards/") :]: v for k, v in inputs.items() if k.startswith("shards/")}
     assert {p.name for p in root.iterdir()} == {"shards", "hostile_scores", "captions", "scores", "stages"}
 
 
 def test_hostile_score_tables_through_stages(world):
     root, _, planted = world
-    print(
-        f"\n[fuzz seed {SEED}] {sum(planted.values())} hostile score values/rows of {len(planted)} kinds: {planted}"
-    )
+    print(f"\n[fuzz seed {SEED}] {sum(planted.values())} hostile score values/rows of {len(planted)} kinds: {planted}")
     assert set(planted) == set(SCORE_KINDS) and all(planted.values())
     inputs = snapshot(root / "hostile_scores")
     out = root / "hostile_stages"

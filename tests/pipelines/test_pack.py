@@ -38,21 +38,15 @@ def stage(tmp_path_factory):
     write_parquet(caption_record.to_table(t[t.key != dropped].to_dict("records")), captions / "00001.parquet")
     pairs = [synth_item(3, 100 + i) for i in range(3)]
     items = [it for it, _ in pairs]
-    items[1] = ShardItem(
-        key=items[1].key, source="broken", image=b"\xff\xd8\xff\xe0 not really a jpeg", ext="jpg"
-    )
+    items[1] = ShardItem(key=items[1].key, source="broken", image=b"\xff\xd8\xff\xe0 not really a jpeg", ext="jpg")
     items[2].caption = None  # no alt text in the shard either: nothing to train on
     write_shard(data, "00004", items)
     rows = [_truth_row(it, caps, "00004") for it, caps in pairs]
     rows[2] = {"key": items[2].key, "shard": "00004", "status": "failed", "error": "empty_output: synthetic"}
     write_parquet(caption_record.to_table(rows), captions / "00004.parquet")
-    index = pd.concat(
-        [pd.read_parquet(data / f"0000{i}.parquet").assign(shard=f"0000{i}") for i in (0, 1, 2, 4)]
-    )
+    index = pd.concat([pd.read_parquet(data / f"0000{i}.parquet").assign(shard=f"0000{i}") for i in (0, 1, 2, 4)])
     index = index[index.key != index.key.iloc[5]]  # a shard row left out of the stage
-    ghosts = pd.DataFrame(
-        {"key": ["s3_ghost", "s9_lost_a", "s9_lost_b"], "shard": ["00000", "00099", "00099"]}
-    )
+    ghosts = pd.DataFrame({"key": ["s3_ghost", "s9_lost_a", "s9_lost_b"], "shard": ["00000", "00099", "00099"]})
     manifest = pd.concat([index[["key", "shard", "width", "height"]], ghosts], ignore_index=True)
     manifest["location"] = manifest.shard.map(lambda s: str(data / f"{s}.tar"))
     manifest.to_parquet(data / "stage1.parquet")
@@ -113,11 +107,7 @@ def test_tar_offsets_images_and_captions_match_the_index(packed_stage):
             )
             assert (m.offset_data, m.size) == (offset, size)
             im = Image.open(io.BytesIO(raw[offset : offset + size]))
-            assert (
-                im.format == "JPEG"
-                and im.mode == "RGB"
-                and im.size == (r.width, r.height) == buckets[r.bucket]
-            )
+            assert im.format == "JPEG" and im.mode == "RGB" and im.size == (r.width, r.height) == buckets[r.bucket]
             text = json.loads(raw[json_offset : json_offset + json_size])
             assert text["key"] == r.key and text["caption_short_zh"] == r.caption_short_zh
             assert r.json_offset > r.offset  # image then captions: one pread covers both
@@ -154,9 +144,7 @@ def test_the_loader_serves_every_ok_row_of_the_packed_stage(packed_stage):
     for b in batches:
         assert b["skipped"] == 0 and b["images"].shape[2:] == b["bucket"][::-1]
         for key, caption in zip(b["keys"], b["captions"], strict=True):
-            assert caption in set(
-                df.loc[key, [c for c in df.columns if c.startswith(("caption_", "original"))]]
-            )
+            assert caption in set(df.loc[key, [c for c in df.columns if c.startswith(("caption_", "original"))]])
 
 
 def test_paths_with_quotes_reach_duckdb_as_parameters_and_bad_shard_names_are_refused(stage, packed_stage, tmp_path):

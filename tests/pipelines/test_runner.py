@@ -33,9 +33,15 @@ class ThreadsStage:
 def test_cpu_actors_get_their_share_of_the_cores(ray_local, synth_shards, tmp_path):
     """Ray sets OMP_NUM_THREADS to an actor's num_cpus (1 for 0.5): CPU inference ran on one thread
     until the runner passed the actor its share of the cores (caption job 0.76x -> see bench)."""
-    job = ShardJob(name="threads", stage_cls=ThreadsStage, stage_kwargs={}, schema=SCHEMA,
-                   stats_fn=lambda t: {"rows": t.num_rows}, failure_table=lambda f: SCHEMA.empty_table(),
-                   num_cpus=0.5)  # fmt: skip  (no threads=: the runner's default for a CPU actor)
+    job = ShardJob(
+        name="threads",
+        stage_cls=ThreadsStage,
+        stage_kwargs={},
+        schema=SCHEMA,
+        stats_fn=lambda t: {"rows": t.num_rows},
+        failure_table=lambda f: SCHEMA.empty_table(),
+        num_cpus=0.5,
+    )  # fmt: skip  (no threads=: the runner's default for a CPU actor)
     run_sharded(job, synth_shards, tmp_path, batch_size=4, limit_shards=1)
     threads = set(pq.read_table(tmp_path).column("threads").to_pylist())
     assert threads == {max(1, os.cpu_count() or 1)}
@@ -114,8 +120,17 @@ def test_a_truncated_tar_keeps_its_rows_and_names_the_missing_keys(ray_local, tm
     tar_path(data, "00001").write_bytes(tar_path(data, "00001").read_bytes()[:inside_e])  # cut inside e's image
     run_sharded(DECODE_JOB, data, out, batch_size=2)
     got = outputs(out)
-    assert {k: s for k, (s, _) in got.items()} == {"a": "ok", "b": "ok", "c": "ok", "d": "ok", "e": "failed", "f": "failed"}
-    assert got["e"][1].startswith("undecodable_image: missing from tar (00001.tar is truncated or corrupt after 6 members")
+    assert {k: s for k, (s, _) in got.items()} == {
+        "a": "ok",
+        "b": "ok",
+        "c": "ok",
+        "d": "ok",
+        "e": "failed",
+        "f": "failed",
+    }
+    assert got["e"][1].startswith(
+        "undecodable_image: missing from tar (00001.tar is truncated or corrupt after 6 members"
+    )
     before = snapshot(out)
     run_sharded(DECODE_JOB, data, out, batch_size=2)  # nothing pending: nothing rewritten
     assert {k: v for k, v in snapshot(out).items() if not k.startswith("_")} == {

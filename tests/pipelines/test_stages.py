@@ -41,7 +41,9 @@ def validate_manifests(out) -> list[pd.DataFrame]:
 
 def composite(df: pd.DataFrame) -> pd.Series:
     clip = df[["clip_long_en", "clip_medium_en", "clip_short_en"]].mean(axis=1)
-    return 0.5 * (clip - clip.mean()) / clip.std(ddof=0) + 0.5 * (df.aesthetic - df.aesthetic.mean()) / df.aesthetic.std(ddof=0)
+    return 0.5 * (clip - clip.mean()) / clip.std(ddof=0) + 0.5 * (
+        df.aesthetic - df.aesthetic.mean()
+    ) / df.aesthetic.std(ddof=0)
 
 
 def test_targets_parse():
@@ -173,9 +175,12 @@ def test_non_finite_scores_null_sha256_and_repeated_keys_do_not_break_the_rankin
     clean = df.copy()
     for c in ("clip_long_en", "clip_short_en", "aesthetic"):
         clean.loc[~np.isfinite(clean[c]), c] = np.nan
-    clean = clean[clean.decode_error.isna() & (clean.caption_status == "ok") & (clean.min_side >= 256)
-                  & (clean.aspect_ratio <= 4)].drop_duplicates("key")  # file 0 comes first: its rows stay
-    dup = clean.sha256.notna() & clean.sort_values(["min_side", "key"], ascending=[False, True]).duplicated("sha256").reindex(clean.index)
+    clean = clean[
+        clean.decode_error.isna() & (clean.caption_status == "ok") & (clean.min_side >= 256) & (clean.aspect_ratio <= 4)
+    ].drop_duplicates("key")  # file 0 comes first: its rows stay
+    dup = clean.sha256.notna() & clean.sort_values(["min_side", "key"], ascending=[False, True]).duplicated(
+        "sha256"
+    ).reindex(clean.index)
     clean = clean[~dup]
     assert sorted(clean.key) == sorted(s1.key)
     clip = clean[["clip_long_en", "clip_medium_en", "clip_short_en"]].fillna(0).mean(axis=1)

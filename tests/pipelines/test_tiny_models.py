@@ -50,9 +50,7 @@ def test_loaders_take_the_shipped_folder_first(tmp_path, monkeypatch):
 
     name = tiny_clip.folder_name()
     assert tiny_build.cached(name, build) == tiny_build.SHIPPED / name
-    with pytest.raises(
-        AssertionError, match="built although shipped"
-    ):  # an explicit root never reads models/
+    with pytest.raises(AssertionError, match="built although shipped"):  # an explicit root never reads models/
         tiny_build.cached(name, build, root=tmp_path)
 
 

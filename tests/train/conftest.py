@@ -75,9 +75,7 @@ def trainer_cmd(packed: Path, out: Path, overrides: list[str], *, nproc: int = 2
             *overrides]  # fmt: skip
 
 
-def run_trainer(
-    packed: Path, out: Path, overrides: list[str], timeout: int = 600, **kw
-) -> subprocess.CompletedProcess:
+def run_trainer(packed: Path, out: Path, overrides: list[str], timeout: int = 600, **kw) -> subprocess.CompletedProcess:
     r = subprocess.run(trainer_cmd(packed, out, overrides, **kw), env=env(), capture_output=True, text=True,
                        timeout=timeout, cwd=Path(__file__).resolve().parents[2])  # fmt: skip
     assert r.returncode == 0, (r.stdout[-3000:], r.stderr[-6000:])

@@ -31,9 +31,7 @@ def run(tmp_path_factory):
     weights = {}
     for i, name in enumerate(("early", "late")):
         torch.manual_seed(i)
-        weights[name] = save_weights(
-            root / "runs" / name / "final", build_model("NextDiT_tiny"), "tiny", "tiny"
-        )
+        weights[name] = save_weights(root / "runs" / name / "final", build_model("NextDiT_tiny"), "tiny", "tiny")
     cmd = [sys.executable, "-m", "train.adherence", "--truth", str(root / "heldout"), "--out", str(root / "out"),
            "--n", str(N), "--size", "64x64", "--steps", "2", "--examples", str(EXAMPLES)]  # fmt: skip
     for name, folder in weights.items():
@@ -57,18 +55,14 @@ def test_the_json_follows_the_schema(run):
     # the same prompts, so the same facts (shape and position are judged where the colour is seen)
     for a in ("background", "colour", "count"):
         assert result["facts"][ceiling][a] == result["facts"][TRUTH_ROW][a], a
-    assert (
-        result["facts"][control]["background"] == N and len(list((root / "out" / CONTROL_DIR).iterdir())) == N
-    )
+    assert result["facts"][control]["background"] == N and len(list((root / "out" / CONTROL_DIR).iterdir())) == N
     for name, accs in result["rows"].items():
         assert list(accs) == ATTRIBUTES and list(result["facts"][name]) == ATTRIBUTES
         for a in ATTRIBUTES:
             n = result["facts"][name][a]
             assert isinstance(n, int) and (accs[a] is None) == (n == 0), (name, a)
             assert accs[a] is None or 0.0 <= accs[a] <= 1.0
-    assert (
-        result["facts"][TRUTH_ROW]["background"] == N and result["facts"][TRUTH_ROW]["position"] == 0
-    )  # short
+    assert result["facts"][TRUTH_ROW]["background"] == N and result["facts"][TRUTH_ROW]["position"] == 0  # short
     assert len(result["examples"]) == 2 * EXAMPLES
     for ex in result["examples"]:
         assert set(ex) == {"weights", "prompt", "image", "truth_image", "verdicts"} and ex["weights"] in (

@@ -76,7 +76,10 @@ def test_backend_choice_and_errors():
                     reason="GPU-only: flash-attn varlen needs CUDA and flash-attn installed")  # fmt: skip
 def test_flash_varlen_matches_sdpa_on_gpu():
     m = randomised(SMALL).cuda().to(torch.bfloat16)
-    xs = [torch.randn(4, 6, 8, device="cuda", dtype=torch.bfloat16), torch.randn(4, 10, 4, device="cuda", dtype=torch.bfloat16)]
+    xs = [
+        torch.randn(4, 6, 8, device="cuda", dtype=torch.bfloat16),
+        torch.randn(4, 10, 4, device="cuda", dtype=torch.bfloat16),
+    ]
     t, cap = torch.rand(2, device="cuda"), torch.randn(2, 5, 32, device="cuda", dtype=torch.bfloat16)
     mask = torch.tensor([[1] * 5, [1] * 3 + [0] * 2], dtype=torch.bool, device="cuda")
     with torch.no_grad():

@@ -17,9 +17,7 @@ def test_bucket_sides_are_patch_multiples_of_about_equal_area(resolution):
     assert (resolution, resolution) in table
     assert sorted((h, w) for w, h in table) == sorted(table)  # portrait = landscape transposed
     ratios = [w / h for w, h in table]
-    assert (
-        ratios == sorted(ratios) and min(ratios) == pytest.approx(1 / 4) and max(ratios) == pytest.approx(4)
-    )
+    assert ratios == sorted(ratios) and min(ratios) == pytest.approx(1 / 4) and max(ratios) == pytest.approx(4)
 
 
 def test_assign_bucket_nearest_log_aspect_vectorised():

@@ -19,9 +19,7 @@ def test_every_cpu_config_leaves_room_for_the_longest_synthetic_caption(tiny_tex
     """The system prompt comes first and truncation cuts the end: the tiny tokenizer once split the system
     prompt into 101 tokens, the configs kept 96, and every stage trained without seeing one caption word."""
     tok = tiny_text.tokenizer
-    longest = max(
-        len(tok(format_prompt(c))["input_ids"]) for i in range(40) for c in synth_item(0, i)[1].values()
-    )
+    longest = max(len(tok(format_prompt(c))["input_ids"]) for i in range(40) for c in synth_item(0, i)[1].values())
     assert tiny_text.prefix_tokens <= 40  # the system prompt's words are whole tokens
     assert 128 >= longest  # the CPU configs' text_max_length for a Gemma-2-like encoder
 

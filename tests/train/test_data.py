@@ -76,10 +76,7 @@ def stage_dir(tmp_path_factory):
 def epoch_batches(stage, seed, epoch, mb=MB):
     planner = BatchPlanner(stage, mb, seed)
     n = planner.batches_per_epoch
-    return [
-        (r.file, r.bucket, tuple(batch_rows(r, seed)))
-        for r in map(planner.ref, range(epoch * n, (epoch + 1) * n))
-    ]
+    return [(r.file, r.bucket, tuple(batch_rows(r, seed))) for r in map(planner.ref, range(epoch * n, (epoch + 1) * n))]
 
 
 def test_stage_runs_are_small_and_cover_the_ok_rows(stage_dir):
@@ -191,9 +188,7 @@ def test_caption_draws_follow_the_weights_and_dropout():
     # missing captions: redrawn among those present (with their weights); none left: the alt text
     no_zh = {k: (None if k.endswith("_zh") else v) for k, v in text.items()}
     got = Counter(pick(no_zh, ui) for ui in u[:5000])
-    assert (
-        not any(k.endswith("_zh") for k in got if k) and got["caption_long_en"] > got["caption_tags_en"] > 0
-    )
+    assert not any(k.endswith("_zh") for k in got if k) and got["caption_long_en"] > got["caption_tags_en"] > 0
     assert {pick({"original_caption": "alt"}, ui) for ui in u[:200]} == {"", "alt"}
     assert pick({"caption_long_en": "  "}, u[0]) is None  # nothing usable: the loader skips and counts it
 

@@ -36,4 +36,3 @@ def test_ragged_batch_counts_only_valid_tokens():
     executed = counted(cfg, caps, grids, backend="torch_varlen")
     assert useful < executed < padded
     assert train_step_flops(cfg, caps, imgs) == 3 * useful
-

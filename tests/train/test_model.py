@@ -138,9 +138,7 @@ def test_every_module_runs_as_often_for_any_batch_size():
         return seen
 
     one, three = calls(1), calls(3)
-    assert one == three and one["x_embedder"] == 1, {
-        k: (one.get(k), three.get(k)) for k in one.keys() | three.keys()
-    }
+    assert one == three and one["x_embedder"] == 1, {k: (one.get(k), three.get(k)) for k in one.keys() | three.keys()}
 
 
 def test_the_trainer_config_sets_the_rope_base_and_the_checkpoint_keeps_it():

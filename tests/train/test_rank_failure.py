@@ -63,13 +63,9 @@ def _run_with_fault(packed: Path, tmp: Path, mode: str, nproc: int, fail_rank: i
     script.write_text(FAULT)
     marks.mkdir()
     cmd = trainer_cmd(packed, tmp / "out", ["run.steps=50", "run.save_every=1000", *extra], nproc=nproc)
-    i = cmd.index(
-        "-m"
-    )  # torchrun ... -m train.trainer ARGS -> torchrun ... fault.py MODE RANK STEP MARKS ARGS
+    i = cmd.index("-m")  # torchrun ... -m train.trainer ARGS -> torchrun ... fault.py MODE RANK STEP MARKS ARGS
     cmd = [*cmd[:i], str(script), mode, str(fail_rank), str(at_step), str(marks), *cmd[i + 2 :]]
-    proc = subprocess.Popen(
-        cmd, env=env(), cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
-    )
+    proc = subprocess.Popen(cmd, env=env(), cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     deadline = time.time() + 600
     while not (marks / "failed_at").exists() and proc.poll() is None and time.time() < deadline:
         time.sleep(0.05)

@@ -42,9 +42,7 @@ def test_convert_refuses_a_pickled_payload(hostile_checkpoint, tmp_path):
     r = subprocess.run([sys.executable, "-m", "train.convert", "--to", "diffusers", str(path), str(tmp_path / "out")],
                        capture_output=True, text=True)  # fmt: skip
     assert r.returncode != 0
-    assert "weights_only" in r.stderr or "Unsupported" in r.stderr or "WeightsUnpickler" in r.stderr, (
-        r.stderr[-2000:]
-    )
+    assert "weights_only" in r.stderr or "Unsupported" in r.stderr or "WeightsUnpickler" in r.stderr, r.stderr[-2000:]
     assert not marker.exists()
 
 

@@ -53,9 +53,7 @@ def test_the_shipped_clip_tells_true_captions_from_others():
 @pytest.mark.timeout(900)
 def test_a_short_run_of_the_recipe_learns(tmp_path):
     """The recipe still trains: 150 steps on 256 scenes move the held-out AUC well above chance."""
-    recipe = tiny_clip.with_overrides(
-        tiny_clip.RECIPE, ["steps=150", "images=256", "heldout=64", "warmup=20"]
-    )
+    recipe = tiny_clip.with_overrides(tiny_clip.RECIPE, ["steps=150", "images=256", "heldout=64", "warmup=20"])
     folder = tiny_clip.tiny_clip(recipe, root=tmp_path)
     mark = json.loads((folder / "unicap_tiny.json").read_text())
     assert mark["final_loss"] < 0.8 * mark["first_loss"], mark

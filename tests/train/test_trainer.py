@@ -70,9 +70,7 @@ def test_export_loads_in_diffusers_and_matches(reference):
     from train.checkpoint import load_weights
 
     ours, _ = load_weights(reference / contract.FINAL_DIR)
-    ref = Lumina2Transformer2DModel.from_pretrained(
-        reference / contract.FINAL_DIR / contract.DIFFUSERS_DIR
-    ).eval()
+    ref = Lumina2Transformer2DModel.from_pretrained(reference / contract.FINAL_DIR / contract.DIFFUSERS_DIR).eval()
     g = torch.Generator().manual_seed(0)
     x, t = torch.randn(2, 16, 8, 8, generator=g), torch.rand(2, generator=g)
     cap, mask = torch.randn(2, 6, ours.cfg.cap_feat_dim, generator=g), torch.tensor([[1] * 6, [1] * 3 + [0] * 3]).bool()
@@ -81,9 +79,7 @@ def test_export_loads_in_diffusers_and_matches(reference):
     assert ((a - b).abs().max() / b.abs().max()) < 1e-5
 
 
-def test_stage2_starts_from_stage1_and_stage3_refuses_without_stage2(
-    reference, packed_stage, tmp_path, capsys
-):
+def test_stage2_starts_from_stage1_and_stage3_refuses_without_stage2(reference, packed_stage, tmp_path, capsys):
     from train.trainer import main
 
     out = reference.parent
@@ -93,9 +89,7 @@ def test_stage2_starts_from_stage1_and_stage3_refuses_without_stage2(
     s2 = load_file(str(out / "stage2" / contract.FINAL_DIR / contract.RAW_FILE))
     assert all(torch.equal(s1[k], s2[k]) for k in s1)
     # stage3 in a folder without stage2: refused with a message, before any rank starts
-    rc = main(
-        ["--config", "train/configs/stage3_cpu.yaml", f"data.packed={packed_stage}", f"run.out={tmp_path}"]
-    )
+    rc = main(["--config", "train/configs/stage3_cpu.yaml", f"data.packed={packed_stage}", f"run.out={tmp_path}"])
     err = capsys.readouterr().err
     assert rc == 2 and "stage2's final weights" in err and "make stage2" in err, err
 

@@ -24,9 +24,7 @@ COLOUR = {b: c for c, b in BEHAVIOURS.items()}
 
 
 def _answer(content, **extra) -> bytes:
-    return json.dumps(
-        {"choices": [{"message": {"content": content}, "finish_reason": "stop"}], **extra}
-    ).encode()
+    return json.dumps({"choices": [{"message": {"content": content}, "finish_reason": "stop"}], **extra}).encode()
 
 
 @pytest.mark.parametrize(
@@ -41,9 +39,7 @@ def test_unusable_answers_are_malformed_output(raw):
 
 
 def test_usable_answers_and_odd_token_counts():
-    assert parse_chat_answer(_answer("a caption", usage={"completion_tokens": 9})) == GenResult(
-        "a caption", "stop", 9
-    )
+    assert parse_chat_answer(_answer("a caption", usage={"completion_tokens": 9})) == GenResult("a caption", "stop", 9)
     for usage in (
         {"completion_tokens": "9"},
         {"completion_tokens": -3},
@@ -76,9 +72,7 @@ def test_server_answers_that_are_not_text_fail_their_request_only():
         "malformed",
     ]
     with StandInServer() as standin:
-        engine = ServerEngine(
-            EngineConfig(model="standin-vlm", server=standin.url, timeout_s=10, http_retries=0)
-        )
+        engine = ServerEngine(EngineConfig(model="standin-vlm", server=standin.url, timeout_s=10, http_retries=0))
         results = engine.generate([_request(k) for k in kinds])
     assert results[0].error is None and "square" in results[0].text
     for kind, r in zip(kinds[1:], results[1:], strict=True):

@@ -38,9 +38,7 @@ def precision(m, kind):
 
 
 RED_CIRCLE = scene(("small", "red", "circle", 0))
-TWO_GROUPS = scene(
-    ("small", "red", "circle", 0), ("large", "blue", "square", 4), ("large", "blue", "square", 8)
-)
+TWO_GROUPS = scene(("small", "red", "circle", 0), ("large", "blue", "square", 4), ("large", "blue", "square", 8))
 
 
 def test_the_truth_against_itself_scores_perfectly():
@@ -99,9 +97,7 @@ def test_chinese_numerals_words_and_digits():
     two = scene(("small", "red", "circle", 0), ("small", "red", "circle", 2))
     for text in ("白色背景上的两个红色圆形。", "白色背景上的二个红色圆形。", "白色背景上的2个红色圆形。"):
         m = metrics(two, lang="zh", text=text)
-        assert recall(m, "count") == 1.0 and recall(m, "object") == 1.0 and recall(m, "background") == 1.0, (
-            text
-        )
+        assert recall(m, "count") == 1.0 and recall(m, "object") == 1.0 and recall(m, "background") == 1.0, text
     m = metrics(two, lang="zh", text="白色背景上的三个红色圆形。")
     assert recall(m, "count") == 0.0
     # 三角形 is a shape, not the numeral 三

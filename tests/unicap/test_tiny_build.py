@@ -46,9 +46,7 @@ def test_two_ranks_get_a_complete_folder(tmp_path):
     torchrun = Path(sys.executable).with_name("torchrun")
     cmd = [str(torchrun), "--nproc_per_node", "2", "--master_addr", "127.0.0.1", "--master_port", str(free_port()),
            str(script), str(tmp_path / "cache")]  # fmt: skip
-    r = subprocess.run(
-        cmd, capture_output=True, text=True, timeout=300, cwd=Path(__file__).resolve().parents[2]
-    )
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=Path(__file__).resolve().parents[2])
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
     assert "rank 0 ok" in r.stdout and "rank 1 ok" in r.stdout
     assert [p.name for p in (tmp_path / "cache").iterdir()] == ["rank-race"]  # no temp folders left

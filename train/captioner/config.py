@@ -26,18 +26,14 @@ from unicap.tiny_vlm import Qwen2VLArch
 
 @dataclass
 class ModelConfig:
-    init: str = (
-        "tiny"  # a model folder, a hub id (e.g. Qwen/Qwen2-VL-2B-Instruct), or "tiny" (built from arch)
-    )
+    init: str = "tiny"  # a model folder, a hub id (e.g. Qwen/Qwen2-VL-2B-Instruct), or "tiny" (built from arch)
     arch: Qwen2VLArch = field(default_factory=Qwen2VLArch)  # sizes of the tiny model (init: tiny only)
     seed: int = 0  # the tiny model's initial weights
     freeze_vision: bool = False  # train the language model (and merger) only
     grounding: bool = False  # per-token grounding heads on the vision tower (synthetic data only)
     cell_layer: int = 0  # the LM layer whose image-token states the `cell` grounding head reads
     attn_implementation: str = "sdpa"
-    export_dtype: str = (
-        "bfloat16"  # dtype of the exported weights (float32 for tiny models: exact greedy parity)
-    )
+    export_dtype: str = "bfloat16"  # dtype of the exported weights (float32 for tiny models: exact greedy parity)
 
 
 @dataclass
@@ -93,9 +89,7 @@ class RunConfig:
     # stop at the next step with a checkpoint, as on SIGTERM, once this file exists (none: no file is watched)
     stop_file: str | None = None
     term_grace_s: float = 20.0  # after SIGTERM, seconds to reach a step boundary before exiting (train.stop)
-    max_minutes: float = (
-        0.0  # a wall-clock cap on training (0: none): stop there, save and export what there is
-    )
+    max_minutes: float = 0.0  # a wall-clock cap on training (0: none): stop there, save and export what there is
 
 
 @dataclass
@@ -110,9 +104,7 @@ class CaptionerConfig:
         if self.data.source not in ("synth", "folder"):
             raise ValueError(f"data.source {self.data.source!r}: synth or folder")
         if self.data.source == "folder" and not (self.data.captions and self.data.shards):
-            raise ValueError(
-                "data.source folder needs data.captions (caption Parquet) and data.shards (its images)"
-            )
+            raise ValueError("data.source folder needs data.captions (caption Parquet) and data.shards (its images)")
         if self.optim.ground_first_steps and not self.model.grounding:
             raise ValueError("optim.ground_first_steps needs model.grounding")
         if not 0 <= self.optim.ground_first_steps < self.run.steps:
@@ -174,4 +166,3 @@ def deepspeed_config(cfg: CaptionerConfig, world_size: int, device: str | None =
         "steps_per_print": 10**9,
         "wall_clock_breakdown": False,
     }
-

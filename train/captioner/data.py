@@ -71,9 +71,7 @@ class Sample:
 
 
 def _rng(*parts) -> random.Random:
-    return random.Random(
-        int.from_bytes(hashlib.sha256(":".join(map(str, parts)).encode()).digest()[:8], "little")
-    )
+    return random.Random(int.from_bytes(hashlib.sha256(":".join(map(str, parts)).encode()).digest()[:8], "little"))
 
 
 # ---------------------------------------------------------------- sources
@@ -84,9 +82,7 @@ def canonical_scene(scene: synth.SynthScene) -> synth.SynthScene:
     groups in that order, a function of the pixels (synth's own order is the order it drew them in)."""
     order = {k: i for i, k in enumerate(GROUND_COLOURS)}, {k: i for i, k in enumerate(GROUND_SHAPES)}, {
         k: i for i, k in enumerate(GROUND_SIZES)}  # fmt: skip
-    objects = sorted(
-        scene.objects, key=lambda o: (order[0][o.color], order[1][o.shape], order[2][o.size], o.cell)
-    )
+    objects = sorted(scene.objects, key=lambda o: (order[0][o.color], order[1][o.shape], order[2][o.size], o.cell))
     return synth.SynthScene(scene.width, scene.height, scene.background, objects, scene.text)
 
 
@@ -167,9 +163,7 @@ class FolderSource:
         decoded = decode_for_model(data, self.max_pixels)
         if not decoded.ok:
             raise ValueError(f"{key}: {decoded.error}")
-        return Sample(
-            key, fit_max_pixels(decoded.image, self.max_pixels), caps, None, (decoded.width, decoded.height)
-        )
+        return Sample(key, fit_max_pixels(decoded.image, self.max_pixels), caps, None, (decoded.width, decoded.height))
 
 
 # ---------------------------------------------------------------- chat turns
@@ -204,9 +198,7 @@ class ChatEncoder:
         for p in prompts.direct_prompts(levels, languages):
             before, after = self.prompt_pieces(p)
             if self.prefix is not None and before != self.prefix:
-                raise ValueError(
-                    "prompts differ before the image: the turns of an image cannot share a prefix"
-                )
+                raise ValueError("prompts differ before the image: the turns of an image cannot share a prefix")
             self.prefix = before
             self.branch[p.fields[0]] = after
 
@@ -217,9 +209,7 @@ class ChatEncoder:
                                                   add_generation_prompt=True)  # fmt: skip
         ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
         if ids.count(self.image_pad) != 1:
-            raise ValueError(
-                f"the chat template renders {ids.count(self.image_pad)} image placeholders, not 1"
-            )
+            raise ValueError(f"the chat template renders {ids.count(self.image_pad)} image placeholders, not 1")
         i = ids.index(self.image_pad)
         if ids[i + 1] != self.vision_end:
             raise ValueError("the chat template does not close the image with <|vision_end|>")
@@ -261,9 +251,7 @@ class ChatEncoder:
         return row
 
 
-def ground_targets(
-    scene: dict, size: tuple[int, int], fitted: tuple[int, int], grid: tuple[int, int]
-) -> dict:
+def ground_targets(scene: dict, size: tuple[int, int], fitted: tuple[int, int], grid: tuple[int, int]) -> dict:
     """Per image token (row-major over the merged grid): the colour / shape / size class of the object
     covering most of it (0: none), the background, the word (tokens of the bottom third, when one is
     written) and the 3x3 cell its centre falls in, and which object it is labelled with (`object`, -1: none);
@@ -291,9 +279,7 @@ def ground_targets(
         shape[take] = 1 + GROUND_SHAPES.index(o["shape"])
         sz[take] = 1 + GROUND_SIZES.index(o["size"])
     cx, cy = x0 + tw / 2, y0 + th / 2
-    cell = np.minimum(cy * 3 // height, 2).astype(np.int64) * 3 + np.minimum(cx * 3 // width, 2).astype(
-        np.int64
-    )
+    cell = np.minimum(cy * 3 // height, 2).astype(np.int64) * 3 + np.minimum(cx * 3 // width, 2).astype(np.int64)
     word = np.zeros(n, dtype=np.int64)
     if scene.get("text"):
         word[cell >= 6] = 1 + GROUND_WORDS.index(scene["text"])
@@ -360,9 +346,7 @@ def collate(rows: list[Row], pad_id: int) -> dict:
     if rows and all(r.ground for r in rows):
         ground = {k: [r.ground[k] for r in rows] for k in rows[0].ground}
         offsets = np.cumsum([0] + [len(g) for g in ground["object_shape"][:-1]])
-        ground["object"] = [
-            np.where(o >= 0, o + off, -1) for o, off in zip(ground["object"], offsets, strict=True)
-        ]
+        ground["object"] = [np.where(o >= 0, o + off, -1) for o, off in zip(ground["object"], offsets, strict=True)]
         out["ground"] = {k: torch.from_numpy(np.concatenate(v)) for k, v in ground.items()}
     return out
 

@@ -47,9 +47,7 @@ def export_folder(base: str, weights: dict[str, torch.Tensor], out: str | Path, 
         missing, unexpected = model.load_state_dict(weights, strict=False)
         missing = [k for k in missing if not k.endswith("lm_head.weight") or not config.tie_word_embeddings]
         if missing or unexpected:
-            raise ValueError(
-                f"trained weights do not fit {base}: missing {missing[:3]}, unexpected {unexpected[:3]}"
-            )
+            raise ValueError(f"trained weights do not fit {base}: missing {missing[:3]}, unexpected {unexpected[:3]}")
         model = model.to(getattr(torch, dtype))
         tokenizer = AutoTokenizer.from_pretrained(base)
         model.generation_config = generation_config(tokenizer)

@@ -50,9 +50,7 @@ class CaptionerModule(nn.Module):
         self.ground = GroundingHeads(hidden) if grounding else None
         self.cell_layer = cell_layer
 
-    def forward(
-        self, batch: dict, ground_only: bool = False
-    ) -> tuple[torch.Tensor | None, dict[str, torch.Tensor]]:
+    def forward(self, batch: dict, ground_only: bool = False) -> tuple[torch.Tensor | None, dict[str, torch.Tensor]]:
         if ground_only:
             return None, ground_only_loss(self.vlm, self.ground, batch)
         return packed_loss(self.vlm, batch, self.ground, self.cell_layer)
@@ -79,9 +77,7 @@ def packed_forward(vlm, batch: dict, cell_layer: int = -1):
     return lm.norm(h), vision, at_cell
 
 
-def vision_ground_losses(
-    ground: GroundingHeads, vision: torch.Tensor, batch: dict
-) -> dict[str, torch.Tensor]:
+def vision_ground_losses(ground: GroundingHeads, vision: torch.Tensor, batch: dict) -> dict[str, torch.Tensor]:
     """Per-token heads on the merged vision tokens, and the image-level heads on every token of the image
     (multi-label for the sets, positives weighted up: most of the 72 groups are absent from any image)."""
     targets = {k: v.to(vision.device) for k, v in batch["ground"].items()}
@@ -97,17 +93,13 @@ def vision_ground_losses(
         seen = counts > 0
         pooled = sums[seen] / counts[seen, None].to(vision.dtype)
         for name in ("colour", "shape", "size"):
-            parts[f"object_{name}"] = F.cross_entropy(
-                ground(name, pooled).float(), targets[f"object_{name}"][seen]
-            )
+            parts[f"object_{name}"] = F.cross_entropy(ground(name, pooled).float(), targets[f"object_{name}"][seen])
     sizes = (batch["image_grid_thw"].prod(-1) // MERGE**2).to(vision.device)
     image_of_token = torch.repeat_interleave(torch.arange(len(sizes), device=vision.device), sizes)
     for name in IMAGE_SETS:
         target = targets[name][image_of_token]
         pos_weight = torch.tensor(float(target.shape[-1]) / 4, device=vision.device)
-        parts[name] = F.binary_cross_entropy_with_logits(
-            ground(name, vision).float(), target, pos_weight=pos_weight
-        )
+        parts[name] = F.binary_cross_entropy_with_logits(ground(name, vision).float(), target, pos_weight=pos_weight)
     parts["image_total"] = F.cross_entropy(
         ground("image_total", vision).float(), targets["image_total"][image_of_token]
     )
@@ -135,9 +127,7 @@ def packed_loss(vlm, batch: dict, ground: GroundingHeads | None = None, cell_lay
         parts.update(vision_ground_losses(ground, vision, batch))
         if at_cell is not None:
             image = batch["input_ids"] == vlm.config.image_token_id
-            parts["cell"] = F.cross_entropy(
-                ground("cell", at_cell[image]).float(), targets["cell"].to(vision.device)
-            )
+            parts["cell"] = F.cross_entropy(ground("cell", at_cell[image]).float(), targets["cell"].to(vision.device))
             # reading: at every answer position, what the image holds (its sets), from the mid-layer state
             rows = torch.arange(labels.shape[0], device=labels.device)[:, None].expand_as(labels)[sel]
             for name in READ_SETS:

@@ -51,9 +51,7 @@ def _tag(config: Path, overrides: tuple[str, ...]) -> str:
     return hashlib.sha1(text.encode()).hexdigest()[:10]
 
 
-def cached_captioner(
-    config: Path = CONFIG, overrides: tuple[str, ...] = (), root: Path | None = None
-) -> Path | None:
+def cached_captioner(config: Path = CONFIG, overrides: tuple[str, ...] = (), root: Path | None = None) -> Path | None:
     """The folder of this recipe shipped in models/ or cached, or None if it was not trained on this machine yet."""
     return find(folder_name(config, overrides), root)
 
@@ -95,16 +93,12 @@ def tiny_captioner(config: Path = CONFIG, overrides: tuple[str, ...] = (), root:
                f"run.out={run_dir}", *overrides, "run.max_minutes=0"]  # fmt: skip
         env = {
             **os.environ,
-            "PYTHONPATH": os.pathsep.join(
-                filter(None, [str(CONFIG.parents[2]), os.environ.get("PYTHONPATH")])
-            ),
+            "PYTHONPATH": os.pathsep.join(filter(None, [str(CONFIG.parents[2]), os.environ.get("PYTHONPATH")])),
         }
 
         def train(part: list[str]) -> None:
             if subprocess.call(part, env=env) != 0:
-                raise RuntimeError(
-                    f"training the tiny captioner failed; its run folder {run_dir} resumes on a re-run"
-                )
+                raise RuntimeError(f"training the tiny captioner failed; its run folder {run_dir} resumes on a re-run")
 
         limited = [f"run.threads={threads}"] if threads else []
         train([*cmd, *limited, *([f"run.stop_file={threads_until}"] if limited and threads_until else [])])
@@ -143,9 +137,7 @@ def main(argv: list[str] | None = None) -> int:
         else tiny_captioner(overrides=overrides, nproc=args.nproc, threads=args.threads)
     )
     if path is None:
-        print(
-            "no tiny captioner cached for this recipe: run `python -m train.captioner.tiny`", file=sys.stderr
-        )
+        print("no tiny captioner cached for this recipe: run `python -m train.captioner.tiny`", file=sys.stderr)
         return 1
     print(path)
     return 0

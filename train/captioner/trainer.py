@@ -67,11 +67,7 @@ def read_state(folder: Path) -> dict:
     if not path.is_file():
         raise TrainingError(f"{folder} is not a complete captioner checkpoint: no {STATE_FILE}")
     state = json.loads(path.read_text())
-    missing = [
-        k
-        for k in ("version", "step", "samples_consumed", "train_seconds", "base", "config")
-        if k not in state
-    ]
+    missing = [k for k in ("version", "step", "samples_consumed", "train_seconds", "base", "config") if k not in state]
     if missing or state["version"] != STATE_VERSION:
         raise TrainingError(
             f"{path}: not a captioner checkpoint state (missing {missing}, version {state.get('version')})"
@@ -92,9 +88,7 @@ def save_checkpoint(engine, run_dir: Path, state: dict, keep_last: int) -> Path:
         tmp.mkdir(parents=True)
         save_file({k: v.contiguous() for k, v in model.items()}, str(tmp / MODEL_FILE))
         save_file({k: v.contiguous() for k, v in moments.items()}, str(tmp / OPTIMIZER_FILE))
-        (tmp / STATE_FILE).write_text(
-            json.dumps({"version": STATE_VERSION, **state}, indent=1, sort_keys=True)
-        )
+        (tmp / STATE_FILE).write_text(json.dumps({"version": STATE_VERSION, **state}, indent=1, sort_keys=True))
         if folder.exists():
             shutil.rmtree(folder)
         tmp.rename(folder)
@@ -277,13 +271,9 @@ def train(cfg: CaptionerConfig) -> int:
     rank, world = distributed.init(device)
     if cfg.run.threads and not device.startswith("cuda"):
         torch.set_num_threads(cfg.run.threads)
-    base = (
-        read_state(resume)["base"] if resume else resolve_base(cfg.model.init, cfg.model.arch, cfg.model.seed)
-    )
+    base = read_state(resume)["base"] if resume else resolve_base(cfg.model.init, cfg.model.arch, cfg.model.seed)
     torch.manual_seed(cfg.run.seed)  # the same grounding-head init on every rank
-    module = CaptionerModule(
-        load_vlm(base, cfg), grounding=cfg.model.grounding, cell_layer=cfg.model.cell_layer
-    )
+    module = CaptionerModule(load_vlm(base, cfg), grounding=cfg.model.grounding, cell_layer=cfg.model.cell_layer)
     if resume:
         module.load_state_dict(checkpoint_weights(resume))
     if cfg.model.freeze_vision:
@@ -351,9 +341,7 @@ def train(cfg: CaptionerConfig) -> int:
 
         while step < cfg.run.steps:
             micro = [next(batches) for _ in range(accum)]
-            out_of_time = (
-                bool(cfg.run.max_minutes) and seconds - state["train_seconds"] > cfg.run.max_minutes * 60
-            )
+            out_of_time = bool(cfg.run.max_minutes) and seconds - state["train_seconds"] > cfg.run.max_minutes * 60
             res = train_step(engine, micro, cfg, ground_only=step < cfg.optim.ground_first_steps,
                              flags=(out_of_time, stop.asked))  # fmt: skip
             out_of_time, stopping = res.pop("flags")
@@ -363,9 +351,7 @@ def train(cfg: CaptionerConfig) -> int:
             now = time.time()
             seconds += now - t_last
             t_last = now
-            if (
-                not math.isfinite(res["loss"]) and step > cfg.optim.ground_first_steps
-            ):  # agreed: all ranks stop
+            if not math.isfinite(res["loss"]) and step > cfg.optim.ground_first_steps:  # agreed: all ranks stop
                 raise TrainingError(f"step {step}: non-finite loss; lower optim.lr")
             if rank == 0:
                 if step % cfg.run.log_every == 0 or step == cfg.run.steps:
@@ -413,9 +399,7 @@ def train(cfg: CaptionerConfig) -> int:
 
 def parse_args(argv: list[str] | None = None) -> CaptionerConfig:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument(
-        "--config", help="a YAML file (train/configs/captioner_*.yaml); key=value arguments override it"
-    )
+    p.add_argument("--config", help="a YAML file (train/configs/captioner_*.yaml); key=value arguments override it")
     p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     p.add_argument("overrides", nargs="*", help="key=value, e.g. optim.lr=1e-4 run.steps=50")
     args = p.parse_args(argv)

@@ -68,7 +68,7 @@ def caption_column(level: str, language: str) -> str:
 
 
 def parse_caption_column(column: str) -> tuple[str, str]:
-    """"caption_long_en" -> ("long", "en")."""
+    """ "caption_long_en" -> ("long", "en")."""
     prefix, level, language = column.split("_", 2)
     if prefix != "caption" or not level or not language:
         raise ValueError(f"{column!r} is not a caption column (caption_{{level}}_{{language}})")
@@ -101,9 +101,7 @@ def levels_languages(schema: pa.Schema) -> tuple[tuple[str, ...], tuple[str, ...
     return tuple(meta[META_LEVELS].decode().split(",")), tuple(meta[META_LANGUAGES].decode().split(","))
 
 
-def to_table(
-    rows: Iterable[dict], levels: Sequence[str] = LEVELS, languages: Sequence[str] = LANGUAGES
-) -> pa.Table:
+def to_table(rows: Iterable[dict], levels: Sequence[str] = LEVELS, languages: Sequence[str] = LANGUAGES) -> pa.Table:
     """Build a caption table from row dicts; missing columns become null, unknown keys are an error."""
     schema = caption_schema(levels, languages)
     rows = list(rows)

@@ -146,9 +146,7 @@ def validate(table: pa.Table, buckets: Sequence[Sequence[int]] | None = None) ->
             if bucket[i] != FAILED_BUCKET or d["offset"][i] is not None:
                 problems.append(f"row {i} ({key}): failed rows have bucket -1 and no image")
             if error_reason(error) not in ERROR_REASONS:
-                problems.append(
-                    f"row {i} ({key}): error {error!r} does not start with one of {ERROR_REASONS}"
-                )
+                problems.append(f"row {i} ({key}): error {error!r} does not start with one of {ERROR_REASONS}")
         else:
             problems.append(f"row {i} ({key}): status {status!r} not in {STATUSES}")
     raise_if(problems, "packed index")

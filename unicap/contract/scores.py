@@ -60,22 +60,16 @@ def parse_clip_column(column: str) -> tuple[str, str]:
     """ "clip_long_en" -> ("long", "en"); anything else is a ValueError."""
     m = CLIP_COLUMN.fullmatch(column) if isinstance(column, str) else None
     if not m:
-        raise ValueError(
-            f"{column!r} is not a clip score column (clip_{{level}}_{{language}}, e.g. clip_long_en)"
-        )
+        raise ValueError(f"{column!r} is not a clip score column (clip_{{level}}_{{language}}, e.g. clip_long_en)")
     return m.group(1), m.group(2)
 
 
-def clip_columns(
-    levels: Sequence[str] = caption.LEVELS, languages: Sequence[str] = caption.LANGUAGES
-) -> list[str]:
+def clip_columns(levels: Sequence[str] = caption.LEVELS, languages: Sequence[str] = caption.LANGUAGES) -> list[str]:
     """Clip score column names, level-major like the caption columns they score."""
     return [clip_column(lv, lang) for lv in levels for lang in languages]
 
 
-def score_schema(
-    levels: Sequence[str] = caption.LEVELS, languages: Sequence[str] = caption.LANGUAGES
-) -> pa.Schema:
+def score_schema(levels: Sequence[str] = caption.LEVELS, languages: Sequence[str] = caption.LANGUAGES) -> pa.Schema:
     """The Arrow schema of a score file for these caption levels and languages."""
     check_names((*levels, *languages))
     clip = [pa.field(c, pa.float32()) for c in clip_columns(levels, languages)]

@@ -274,9 +274,7 @@ def collect_captions(run: RunFolder) -> dict:
     per_reason: dict[str, dict] = {}
     for row in df[df["error"].notna()].itertuples(index=False):
         for reason, column, detail in failures_of(row.error):
-            r = per_reason.setdefault(
-                reason, {"rows": set(), "captions": 0, "columns": Counter(), "examples": []}
-            )
+            r = per_reason.setdefault(reason, {"rows": set(), "captions": 0, "columns": Counter(), "examples": []})
             r["rows"].add(row.key)
             r["captions"] += column is not None
             r["columns"][column or "(whole image)"] += 1
@@ -324,9 +322,7 @@ def load_scenes(truth: str | Path) -> dict[str, eval_captions.Scene]:
     truth_dir, shard_dir = truth_paths(truth)
     files = visible_parquet_files(truth_dir) if truth_dir.is_dir() else []
     if not files:
-        raise ValueError(
-            f"{truth}: no truth Parquet files (give `unicap synth --out DIR`'s DIR or DIR/truth)"
-        )
+        raise ValueError(f"{truth}: no truth Parquet files (give `unicap synth --out DIR`'s DIR or DIR/truth)")
     keys = _by_shard(
         (r["key"], r["shard"]) for f in files for r in pq.read_table(f, columns=["key", "shard"]).to_pylist()
     )
@@ -398,7 +394,9 @@ def collect_accuracy(run: RunFolder, truths: list[str | Path]) -> dict:
                 sec["tables"].append({"title": title, "source": f"{captions} against --truth {', '.join(matching)}",
                                       "metrics": _evaluate(files, scenes)})  # fmt: skip
                 if captions == run.captions:  # the filters' effect: the last stage's captions against the pool's
-                    sec["tables"] += _stage_tables(run, files, scenes, f"{captions} against --truth {', '.join(matching)}")
+                    sec["tables"] += _stage_tables(
+                        run, files, scenes, f"{captions} against --truth {', '.join(matching)}"
+                    )
                 continue
             sec["notes"].append(f"{captions}: none of its keys is in the answer key given with --truth"
                                 + (f" (`--truth {own_truth}` scores it)" if (own_truth / "truth").is_dir() else ""))  # fmt: skip
@@ -450,9 +448,7 @@ def collect_funnel(run: RunFolder, ingest: dict) -> dict:
     score_files = visible_parquet_files(run.scores) if run.scores.is_dir() else []
     if score_files:
         df, total = read_sample(score_files, ["caption_status"], SCORE_SAMPLE)
-        sec["caption_status_scores"] = {
-            str(k): int(v) for k, v in df["caption_status"].value_counts().items()
-        }
+        sec["caption_status_scores"] = {str(k): int(v) for k, v in df["caption_status"].value_counts().items()}
         sec["caption_status_sampled"] = (len(df), total) if total > len(df) else None
     s1 = rules.get("stage1", {})
     params = {"caption_status": ", ".join(map(str, s1.get("caption_status") or [])), "min_side": s1.get("min_side"),
@@ -466,17 +462,11 @@ def collect_funnel(run: RunFolder, ingest: dict) -> dict:
     for name, r in applied:
         why = RULE_WHY.get(name, name).format(**params)
         if name == "caption_not_ok" and sec["caption_status_scores"]:
-            bad = {
-                k: v
-                for k, v in sec["caption_status_scores"].items()
-                if k not in (s1.get("caption_status") or [])
-            }
+            bad = {k: v for k, v in sec["caption_status_scores"].items() if k not in (s1.get("caption_status") or [])}
             sampled = sec["caption_status_sampled"]
             of = f" in a sample of {sampled[0]:,} rows" if sampled else ""
             why += (" (" + ", ".join(f"{k}: {v:,}" for k, v in bad.items()) + of + ")") if bad else ""
-        steps.append(
-            {"name": name.replace("_", " "), "remaining": r["remaining"], "removed": r["removed"], "why": why}
-        )
+        steps.append({"name": name.replace("_", " "), "remaining": r["remaining"], "removed": r["removed"], "why": why})
     targets = funnel.get("targets") or ["?", "?", "?"]
     st1, st2, st3 = (funnel.get(s, {}) for s in manifest.STAGES)
     if st1:
@@ -513,15 +503,11 @@ def collect_scores(run: RunFolder, funnel: dict | None) -> dict:
     """CLIP and aesthetic distributions of the scored pool and of each stage's manifest."""
     sec = _section(series={}, counts={}, clip_columns=[], clip_model=None, summary=None)
     score_files = visible_parquet_files(run.scores) if run.scores.is_dir() else []
-    clip_cols = list(
-        ((funnel or {}).get("composite") or {}).get("clip_columns") or StageRules().composite.clip_columns
-    )
+    clip_cols = list(((funnel or {}).get("composite") or {}).get("clip_columns") or StageRules().composite.clip_columns)
     sec["clip_columns"] = clip_cols
     if score_files:
         sec["summary"] = _read_json(run.scores / "_summary.json")
-        df, total = read_sample(
-            score_files, ["decode_error", "aesthetic", "clip_model", *clip_cols], SCORE_SAMPLE
-        )
+        df, total = read_sample(score_files, ["decode_error", "aesthetic", "clip_model", *clip_cols], SCORE_SAMPLE)
         decoded = df[df["decode_error"].isna()] if "decode_error" in df else df
         sec["series"]["scored pool"] = {"clip": _finite(_clip_score(decoded, clip_cols)),
                                         "aesthetic": _finite(decoded.get("aesthetic", pd.Series(dtype=float)))}  # fmt: skip

@@ -150,9 +150,7 @@ def section_head(sec: Mapping) -> str:
     if sec.get("error"):
         out.append(f'<div class="error"><b>Could not read this part:</b> {esc(sec["error"])}</div>')
     for what, how in sec.get("missing") or []:
-        out.append(
-            f'<div class="missing"><b>Missing:</b> {esc(what)}. Produce it with {code_spans(how)}.</div>'
-        )
+        out.append(f'<div class="missing"><b>Missing:</b> {esc(what)}. Produce it with {code_spans(how)}.</div>')
     out += [f'<div class="note">{code_spans(n)}</div>' for n in sec.get("notes") or []]
     return "".join(out)
 
@@ -206,9 +204,7 @@ def overview(r: Mapping) -> str:
     body = f'<div class="tiles">{tile_html}</div>' if tiles else ""
     if missing or errors:
         items = "".join(f'<li><a href="#{sid}">{esc(sid)}</a>: {esc(what)}</li>' for sid, what in missing)
-        items += "".join(
-            f'<li><a href="#{sid}">{esc(sid)}</a>: could not read: {esc(e)}</li>' for sid, e in errors
-        )
+        items += "".join(f'<li><a href="#{sid}">{esc(sid)}</a>: could not read: {esc(e)}</li>' for sid, e in errors)
         body += f"<h3>Not in this folder yet</h3><ul>{items}</ul><p class='note'>Each section says how to produce its part.</p>"
     else:
         body += "<p>Every part of a run is here.</p>"
@@ -247,14 +243,10 @@ def captions_section(r: Mapping) -> str:
     if status:
         summary = sec.get("summary") or {}
         model = (summary.get("last_run") or {}).get("model")
-        body += "<p>Status of every row: " + " ".join(
-            status_badge(k) + f" {v:,}" for k, v in sorted(status.items())
-        )
+        body += "<p>Status of every row: " + " ".join(status_badge(k) + f" {v:,}" for k, v in sorted(status.items()))
         body += (f" &nbsp;·&nbsp; model <code>{esc(model)}</code>" if model else "") + "</p>"
     levels, languages = sec.get("levels") or [], sec.get("languages") or []
-    hist = plots.length_histograms(
-        sec.get("lengths") or {}, sec.get("truth_lengths") or {}, levels, languages
-    )
+    hist = plots.length_histograms(sec.get("lengths") or {}, sec.get("truth_lengths") or {}, levels, languages)
     if hist:
         body += "<h3>Caption lengths per level × language</h3>"
         body += ('<p class="legend">Blue bars: this run\'s captions; grey: the answer key (the synthetic set\'s exact '
@@ -272,7 +264,9 @@ def captions_section(r: Mapping) -> str:
             rows,
             num_cols=(1, 2, 3),
         )
-        body += '<p class="legend">rows / captions: in the rows read; job total: <code>captions/_summary.json</code>.</p>'
+        body += (
+            '<p class="legend">rows / captions: in the rows read; job total: <code>captions/_summary.json</code>.</p>'
+        )
         for x in reasons:
             ex = []
             for e in x["examples"]:
@@ -303,9 +297,7 @@ def accuracy_table(m: Mapping) -> str:
         cells += [(kk.get(k) or {}).get("recall") for k in kinds]
         cells += [(kk.get("object") or {}).get("precision"), h.get("instance_rate"), h.get("caption_rate")]
         rows.append(cells)
-    body = "<thead><tr>" + "".join(
-        f'<th class="num">{c}</th>' if i else f"<th>{c}</th>" for i, c in enumerate(head)
-    )
+    body = "<thead><tr>" + "".join(f'<th class="num">{c}</th>' if i else f"<th>{c}</th>" for i, c in enumerate(head))
     body += "</tr></thead><tbody>"
     for cells in rows:
         tds = [f"<td>{cells[0]}</td>", f'<td class="num">{cells[1]}</td>', f'<td class="num">{cells[2]}</td>']
@@ -323,13 +315,9 @@ def accuracy_section(r: Mapping) -> str:
     body = section_head(sec)
     for t in sec.get("tables") or []:
         m = t.get("metrics") or {}
-        status = " ".join(
-            status_badge(k) + f" {v:,}" for k, v in sorted((m.get("status") or {}).items(), key=str)
-        )
+        status = " ".join(status_badge(k) + f" {v:,}" for k, v in sorted((m.get("status") or {}).items(), key=str))
         goal = m.get("goal") or {}
-        verdict = (
-            badge("goal met", "ok") if goal.get("met") else badge("goal not met", "failed") if goal else ""
-        )
+        verdict = badge("goal met", "ok") if goal.get("met") else badge("goal not met", "failed") if goal else ""
         body += f"<h3>{esc(t['title'])} {verdict}</h3>"
         body += (f'<p class="legend">{esc(m.get("rows"))} rows ({status}), missing {esc(m.get("missing"))}, without '
                  f'truth {esc(m.get("rows_without_truth"))}; models {esc(", ".join(m.get("models") or []))}; '
@@ -339,7 +327,9 @@ def accuracy_section(r: Mapping) -> str:
         if misses:
             shown = "".join(f"<li>{esc(x)}</li>" for x in misses[:6])
             more = f"<li>… and {len(misses) - 6} more</li>" if len(misses) > 6 else ""
-            body += f"<details><summary>why the goal is not met ({len(misses)})</summary><ul>{shown}{more}</ul></details>"
+            body += (
+                f"<details><summary>why the goal is not met ({len(misses)})</summary><ul>{shown}{more}</ul></details>"
+            )
     if sec.get("tables"):
         body += ('<p class="legend">Recall: facts of the image a caption states / facts (– : the level is not asked '
                  "for that kind); precision: mentions that are true / mentions; CHAIR<sub>i</sub>: object mentions not "
@@ -356,9 +346,7 @@ def scores_section(r: Mapping) -> str:
     body = section_head(sec)
     series = sec.get("series") or {}
     clip_label = (
-        "CLIP score (mean of "
-        + ", ".join(c.removeprefix("clip_") for c in sec.get("clip_columns") or [])
-        + ")"
+        "CLIP score (mean of " + ", ".join(c.removeprefix("clip_") for c in sec.get("clip_columns") or []) + ")"
     )
     fig = plots.score_distributions(series, clip_label)
     if fig:

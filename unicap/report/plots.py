@@ -55,9 +55,7 @@ def _thousands(x, _pos=None) -> str:
 def funnel_chart(steps: Sequence[Mapping]) -> str | None:
     """Horizontal bars: what remains after each step, what it removed in red beside it. Steps that removed
     nothing are left out (the table beside the chart lists them), the stages always shown."""
-    steps = [
-        s for s in steps if s.get("remaining") is not None and (s.get("removed") or s["name"] in KEY_STEPS)
-    ]
+    steps = [s for s in steps if s.get("remaining") is not None and (s.get("removed") or s["name"] in KEY_STEPS)]
     if not steps:
         return None
     with plt.rc_context(STYLE):
@@ -177,9 +175,7 @@ def loss_curves(stages: Mapping[str, Mapping]) -> str | None:
             window = max(1, len(loss) // 15)
             smooth = [sum(loss[max(0, i - window + 1) : i + 1]) / len(loss[max(0, i - window + 1) : i + 1])
                       for i in range(len(loss))]  # fmt: skip
-            ax.plot(
-                steps, smooth, color=colour, linewidth=2, label=f"mean of {window}" if window > 1 else "_"
-            )
+            ax.plot(steps, smooth, color=colour, linewidth=2, label=f"mean of {window}" if window > 1 else "_")
             ax.set_title(stage, loc="left")
             ax.set_xlabel("step")
             ax.xaxis.set_major_locator(MaxNLocator(integer=True, nbins=5))

@@ -25,14 +25,10 @@ def compare(folder: str, handful: str, max_pixels: int) -> dict:
     tokenizer = AutoTokenizer.from_pretrained(folder)
     encoder = ChatEncoder(tokenizer, AutoImageProcessor.from_pretrained(folder, max_pixels=max_pixels))
     gen = json.loads((Path(folder) / "generation_config.json").read_text())
-    sampling = sorted(
-        k for k in ("temperature", "top_p", "top_k", "do_sample", "repetition_penalty") if k in gen
-    )
+    sampling = sorted(k for k in ("temperature", "top_p", "top_k", "do_sample", "repetition_penalty") if k in gen)
     engine = VLLMEngine(EngineConfig(model=folder, max_pixels=max_pixels, kv_cache_bytes=64 << 20))
     hf = Qwen2VLForConditionalGeneration.from_pretrained(folder).eval()
-    by_name = {
-        p.fields[0]: p for p in prompts.direct_prompts(["long", "medium", "short", "tags"], ["en", "zh"])
-    }
+    by_name = {p.fields[0]: p for p in prompts.direct_prompts(["long", "medium", "short", "tags"], ["en", "zh"])}
     out, prompt_ids_equal = [], True
     for i in range(len(source)):
         sample = source.sample(i)

@@ -45,9 +45,7 @@ def test_packed_rows_equal_the_separate_requests(tiny):
             # the turn alone is exactly the request the caption job makes, followed by the answer
             n_request = len(encoder.request_ids(col, r.grid_thw))
             assert ids[0, :n_request].tolist() == encoder.request_ids(col, r.grid_thw)
-            answer = encoder.tokenizer(src.sample(rows.index(r)).captions[col], add_special_tokens=False)[
-                "input_ids"
-            ]
+            answer = encoder.tokenizer(src.sample(rows.index(r)).captions[col], add_special_tokens=False)["input_ids"]
             assert ids[0, n_request:].tolist() == [*answer, encoder.end]
             mm = (ids == model.config.image_token_id).int()
             grid = torch.tensor([r.grid_thw])
@@ -77,11 +75,7 @@ def test_branch_mask_prefix_shared_branches_private_padding_alone():
 def test_synthetic_samples_are_pure_functions_of_the_index_and_canonical():
     src = cdata.SynthSource(seed=9, max_pixels=PX)
     a, b = src.sample(17), src.sample(17)
-    assert (
-        a.key == b.key
-        and a.captions == b.captions
-        and np.array_equal(np.asarray(a.image), np.asarray(b.image))
-    )
+    assert a.key == b.key and a.captions == b.captions and np.array_equal(np.asarray(a.image), np.asarray(b.image))
     plain = cdata.SynthSource(seed=9, max_pixels=PX, canonical_order=False)
     for g in range(60):
         s, p = src.sample(g), plain.sample(g)
@@ -114,11 +108,7 @@ def test_pick_columns_and_config_checks():
     cols = caption_record.caption_columns()
     assert cdata.pick_columns(cols, 0, 1, 5) == cols
     picked = cdata.pick_columns(cols, 3, 1, 5)
-    assert (
-        len(picked) == 3
-        and picked == cdata.pick_columns(cols, 3, 1, 5)
-        and picked == sorted(picked, key=cols.index)
-    )
+    assert len(picked) == 3 and picked == cdata.pick_columns(cols, 3, 1, 5) and picked == sorted(picked, key=cols.index)
     cfg = ccfg.load("train/configs/captioner_tiny.yaml", ["data.global_batch=16", "data.micro_batch=4"])
     assert cfg.grad_accum(2) == 2 and ccfg.deepspeed_config(cfg, 2)["train_batch_size"] == 16
     with pytest.raises(ValueError, match="grounding needs the synthetic source"):
@@ -142,14 +132,9 @@ def test_qwen2_5_vl_packs_the_same_way(tiny):
     text = cfg["text_config"]
     vision = dict(depth=2, hidden_size=64, intermediate_size=128, num_heads=4, out_hidden_size=text["hidden_size"],
                   patch_size=14, spatial_merge_size=2, temporal_patch_size=2, window_size=56, fullatt_block_indexes=[1])  # fmt: skip
-    ids = {
-        k: cfg[k]
-        for k in ("image_token_id", "video_token_id", "vision_start_token_id", "vision_end_token_id")
-    }
+    ids = {k: cfg[k] for k in ("image_token_id", "video_token_id", "vision_start_token_id", "vision_end_token_id")}
     torch.manual_seed(0)
-    model = Qwen2_5_VLForConditionalGeneration(
-        Qwen2_5_VLConfig(text_config=text, vision_config=vision, **ids)
-    ).eval()
+    model = Qwen2_5_VLForConditionalGeneration(Qwen2_5_VLConfig(text_config=text, vision_config=vision, **ids)).eval()
     src = cdata.SynthSource(seed=3, max_pixels=PX)
     rows = [encoder.encode(src.sample(g), list(encoder.branch)[:3]) for g in range(2)]
     with torch.no_grad():

@@ -119,6 +119,4 @@ print("RESULT " + json.dumps(compare({str(folder)!r}, {str(handful)!r}, {PX})))
         assert item["vllm"] == item["hf"], item
         assert item["finish_reason"] == "stop", item
     # memorised: what it says about its training images is their truth
-    assert (
-        sum(item["vllm"] == item["truth"] for item in result["captions"]) >= len(result["captions"]) // 2
-    ), result
+    assert sum(item["vllm"] == item["truth"] for item in result["captions"]) >= len(result["captions"]) // 2, result

@@ -58,7 +58,9 @@ def test_validate_names_each_violation(rows, message):
 
 def test_an_item_that_raised_is_a_valid_failure():
     """Jobs record an exception on one item as that item's row (reason processing_error), not a crash."""
-    caption_record.validate(caption_record.to_table([row("a", "failed", "processing_error: ValueError: x", fill=False)]))
+    caption_record.validate(
+        caption_record.to_table([row("a", "failed", "processing_error: ValueError: x", fill=False)])
+    )
 
 
 def test_validate_rejects_structural_problems():

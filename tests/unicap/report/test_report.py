@@ -97,10 +97,7 @@ def write_training(runs: Path, prompts: list[str]) -> None:
         d = runs / stage
         (d / "samples").mkdir(parents=True)
         (d / "final").mkdir()
-        lines = [
-            json.dumps({"step": s, "loss": 1.0 / (s + k + 1), "grad_norm": 0.5, "lr": 1e-3})
-            for s in range(1, 31)
-        ]
+        lines = [json.dumps({"step": s, "loss": 1.0 / (s + k + 1), "grad_norm": 0.5, "lr": 1e-3}) for s in range(1, 31)]
         (d / "metrics.jsonl").write_text("\n".join(lines) + "\n")
         state = {"step": 30, "samples_seen": 240, "skipped_samples": 0, "skipped_steps": 0, "world_size": 2,
                  "zero_stage": 2, "config": {"run": {"sample_prompts": prompts}}}  # fmt: skip
@@ -193,9 +190,7 @@ def words(page: str) -> str:
 def full_page(run_dir, tmp_path_factory) -> str:
     """The page of the complete run folder, through the installed `unicap` command."""
     out = tmp_path_factory.mktemp("out") / "report.html"
-    r = subprocess.run(
-        [UNICAP, "report", "--data", str(run_dir), "--out", str(out)], capture_output=True, text=True
-    )
+    r = subprocess.run([UNICAP, "report", "--data", str(run_dir), "--out", str(out)], capture_output=True, text=True)
     assert r.returncode == 0 and "0 missing part(s)" in r.stdout, r.stdout + r.stderr
     return out.read_text(encoding="utf-8")
 
@@ -227,9 +222,7 @@ def test_every_section_is_there_with_its_content(full_page, run_dir):
 
 def test_hostile_model_output_stays_text(full_page):
     tags = parse(full_page).tags
-    assert not [
-        t for t, a in tags if t in ("script", "iframe", "svg", "i") or a.get("id", "").startswith("pwned")
-    ]
+    assert not [t for t, a in tags if t in ("script", "iframe", "svg", "i") or a.get("id", "").startswith("pwned")]
     assert not [(t, k) for t, a in tags for k in a if k.startswith("on")]  # no event handler attributes
     assert HOSTILE not in full_page and HOSTILE_DETAIL not in full_page and HOSTILE_PROMPT not in full_page
     text = "".join(parse(full_page).text)
