@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import tarfile
 import tempfile
 import time
 from pathlib import Path
@@ -30,6 +29,7 @@ from pathlib import Path
 import pyarrow.parquet as pq
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from bench._data import load_images  # noqa: E402
 from bench._results import save  # noqa: E402
 
 LEVELS, LANGS = ("long", "medium", "short", "tags"), ("en", "zh")
@@ -37,27 +37,25 @@ MAX_TOKENS = {"long": 32, "medium": 24, "short": 16, "tags": 16}
 MAX_PIXELS = 224 * 224
 
 
-def load_images(shards: Path) -> list:
-    from unicap.captioner import decode_for_model, fit_max_pixels
-
-    out = []
-    for tar_path in sorted(shards.glob("*.tar")):
-        with tarfile.open(tar_path) as tar:
-            for m in tar.getmembers():
-                if m.name.endswith((".jpg", ".png")):
-                    out.append(
-                        fit_max_pixels(decode_for_model(tar.extractfile(m).read(), MAX_PIXELS).image, MAX_PIXELS)
-                    )
-    return out
-
-
 def requests_for(images, strategy: str):
     from unicap import prompts
     from unicap.engines import GenRequest
 
     ps = prompts.prompts_for(strategy, LEVELS, LANGS, MAX_TOKENS)
-    return [[GenRequest(prompts.chat_messages(p, "x"), im, p.max_tokens, json_schema=p.json_schema) for p in ps]
-            for im in images]  # fmt: skip
+
+    def request(p, im) -> GenRequest:
+        return GenRequest(prompts.chat_messages(p, "x"), im, p.max_tokens, json_schema=p.json_schema)
+
+    return [[request(p, im) for p in ps] for im in images]
+
+
+def chat_text(proc, p) -> str:
+    """Prompt P through the model's chat template, an image placeholder first: the legs that pass the image apart."""
+    from unicap import prompts
+
+    msgs = prompts.chat_messages(p, "x")
+    msgs[1]["content"][0] = {"type": "image"}
+    return proc.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False)
 
 
 def bench_bare(model: str, images, batch: int, strategy: str) -> dict:
@@ -72,8 +70,8 @@ def bench_bare(model: str, images, batch: int, strategy: str) -> dict:
         tokens += sum(r.num_tokens for r in res)
     dt = time.perf_counter() - t0
     del engine
-    return {"images_per_s": len(images) / dt, "seconds": dt, "tokens_per_image": tokens / len(images),
-            "seconds_per_image": dt / len(images)}  # fmt: skip
+    n = len(images)
+    return {"images_per_s": n / dt, "seconds": dt, "tokens_per_image": tokens / n, "seconds_per_image": dt / n}
 
 
 def bench_hf(model: str, images, batch: int) -> dict:
@@ -90,10 +88,7 @@ def bench_hf(model: str, images, batch: int) -> dict:
     def run(imgs):
         n = 0
         for p in ps:
-            msgs = prompts.chat_messages(p, "x")
-            msgs[1]["content"][0] = {"type": "image"}
-            text = proc.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False)
-            inputs = proc(text=[text] * len(imgs), images=imgs, return_tensors="pt", padding=True)
+            inputs = proc(text=[chat_text(proc, p)] * len(imgs), images=imgs, return_tensors="pt", padding=True)
             with torch.inference_mode():
                 out = net.generate(**inputs, max_new_tokens=p.max_tokens, do_sample=False)
             n += (out.shape[1] - inputs["input_ids"].shape[1]) * len(imgs)
@@ -125,11 +120,11 @@ def bench_ray_data_llm(model: str, images, batch: int) -> dict:
     rows = []
     for n, im in enumerate(images):
         for p in ps:
-            msgs = prompts.chat_messages(p, "x")
-            msgs[1]["content"][0] = {"type": "image"}
-            text = proc.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False)
+            text = chat_text(proc, p)
             rows.append({"image_id": n, "prompt": text, "image": np.asarray(im), "max_tokens": p.max_tokens})
     init_ray(None)
+    actor_env = {"VLLM_ENABLE_V1_MULTIPROCESSING": "0", "VLLM_HOST_IP": "127.0.0.1"}
+    actor_env |= threads_env(cpu_threads_per_actor(1))
     config = vLLMEngineProcessorConfig(
         model_source=model,
         engine_kwargs=vllm_engine_kwargs(EngineConfig(model=model, max_pixels=MAX_PIXELS)),
@@ -140,20 +135,18 @@ def bench_ray_data_llm(model: str, images, batch: int) -> dict:
         detokenize_stage=False,
         log_engine_metrics=False,  # its Prometheus logger imports ray.serve, which ray[data] lacks
         placement_group_config={"bundles": [{"CPU": 1}]},  # CPU vLLM (else it asks for a GPU)
-        runtime_env={
-            "env_vars": {
-                "VLLM_ENABLE_V1_MULTIPROCESSING": "0",
-                "VLLM_HOST_IP": "127.0.0.1",
-                **threads_env(cpu_threads_per_actor(1)),
-            }
-        },  # fmt: skip
+        runtime_env={"env_vars": actor_env},
     )
-    processor = build_processor(
-        config,
-        preprocess=lambda r: {"image_id": r["image_id"], "prompt": r["prompt"], "multimodal_data": {"image": r["image"]},
-                              "sampling_params": {"max_tokens": int(r["max_tokens"]), "temperature": 0.0}},
-        postprocess=lambda r: {"image_id": r["image_id"], "tokens": r["num_generated_tokens"]},
-    )  # fmt: skip
+
+    def preprocess(r: dict) -> dict:  # a row -> the processor's request: the image, greedy, the row's token budget
+        sampling = {"max_tokens": int(r["max_tokens"]), "temperature": 0.0}
+        image = {"image": r["image"]}
+        return {"image_id": r["image_id"], "prompt": r["prompt"], "multimodal_data": image, "sampling_params": sampling}
+
+    def postprocess(r: dict) -> dict:
+        return {"image_id": r["image_id"], "tokens": r["num_generated_tokens"]}
+
+    processor = build_processor(config, preprocess=preprocess, postprocess=postprocess)
     t0, arrivals, tokens = time.time(), [], 0
     for b in processor(ray.data.from_items(rows)).iter_batches(batch_size=None, batch_format="pandas"):
         arrivals.append((time.time(), len(b)))
@@ -162,8 +155,13 @@ def bench_ray_data_llm(model: str, images, batch: int) -> dict:
     ray.shutdown()
     n_req = sum(k for _, k in arrivals)
     steady = (n_req - arrivals[0][1]) / (arrivals[-1][0] - arrivals[0][0]) / len(ps)
-    return {"images_per_s_end_to_end": len(images) / wall, "images_per_s_steady": steady, "seconds": wall,
-            "tokens_per_image": tokens / len(images), "output_batches": len(arrivals)}  # fmt: skip
+    return {
+        "images_per_s_end_to_end": len(images) / wall,
+        "images_per_s_steady": steady,
+        "seconds": wall,
+        "tokens_per_image": tokens / len(images),
+        "output_batches": len(arrivals),
+    }
 
 
 def _run_job(model: str, shards: Path, batch: int, threads: int | None) -> dict:
@@ -175,18 +173,21 @@ def _run_job(model: str, shards: Path, batch: int, threads: int | None) -> dict:
     from unicap.engines import EngineConfig
 
     out = Path(tempfile.mkdtemp(prefix="bench-captions-"))
+    engine = EngineConfig(model=model, max_pixels=MAX_PIXELS)
+    cfg = CaptionConfig(levels=LEVELS, languages=LANGS, max_retries=0, max_pixels=MAX_PIXELS, max_tokens=MAX_TOKENS)
     t0 = time.time()
-    summary = run_job(shards, out, EngineConfig(model=model, max_pixels=MAX_PIXELS),
-                      CaptionConfig(levels=LEVELS, languages=LANGS, max_retries=0, max_pixels=MAX_PIXELS,
-                                    max_tokens=MAX_TOKENS), batch_size=batch, threads_per_actor=threads)  # fmt: skip
+    summary = run_job(shards, out, engine, cfg, batch_size=batch, threads_per_actor=threads)
     wall = time.time() - t0
     ray.shutdown()  # each run pays the same start-up: a fresh local Ray and a fresh engine actor
     files = sorted(out.glob("*.parquet"), key=lambda p: p.stat().st_mtime)
     first, last = files[0].stat().st_mtime, files[-1].stat().st_mtime
     after_first = summary["rows"] - pq.read_metadata(files[0]).num_rows
-    return {"images_per_s_end_to_end": summary["rows"] / wall, "seconds": wall,
-            "images_per_s_steady": after_first / (last - first),  # first shard (start-up, warm-up) excluded
-            "tokens_per_image": summary["output_tokens"] / summary["rows"]}  # fmt: skip
+    return {
+        "images_per_s_end_to_end": summary["rows"] / wall,
+        "seconds": wall,
+        "images_per_s_steady": after_first / (last - first),  # first shard (start-up, warm-up) excluded
+        "tokens_per_image": summary["output_tokens"] / summary["rows"],
+    }
 
 
 def main() -> int:
@@ -203,10 +204,13 @@ def main() -> int:
     model = str(tiny_qwen2vl())
     shards = Path(tempfile.mkdtemp(prefix="bench-shards-"))
     synth(str(shards), args.n, seed=1, shard_size=args.batch)
-    images = load_images(shards)
-    legs = {"job": lambda: _run_job(model, shards, args.batch, None),
-            "ray_data_llm": lambda: bench_ray_data_llm(model, images, args.batch),
-            "bare": lambda: bench_bare(model, images, args.batch, "direct"), "hf": lambda: bench_hf(model, images, args.batch)}  # fmt: skip
+    images = load_images(shards, MAX_PIXELS)
+    legs = {
+        "job": lambda: _run_job(model, shards, args.batch, None),
+        "ray_data_llm": lambda: bench_ray_data_llm(model, images, args.batch),
+        "bare": lambda: bench_bare(model, images, args.batch, "direct"),
+        "hf": lambda: bench_hf(model, images, args.batch),
+    }
     if args.only:
         print(legs[args.only]())
         return 0
@@ -217,16 +221,15 @@ def main() -> int:
     res["bare_direct"] = bench_bare(model, images, args.batch, "direct")
     res["bare_json"] = bench_bare(model, images, args.batch, "json")
     res["hf_generate"] = bench_hf(model, images, args.batch)
-    bare = res["bare_direct"]["images_per_s"]
-    res["ratio_job_steady_vs_bare"] = res["job"]["images_per_s_steady"] / bare
+    bare, hf = res["bare_direct"]["images_per_s"], res["hf_generate"]["images_per_s"]
+    job, ray_data_llm = res["job"]["images_per_s_steady"], res["ray_data_llm"]["images_per_s_steady"]
+    res["ratio_job_steady_vs_bare"] = job / bare
     res["ratio_job_1_thread_steady_vs_bare"] = res["job_1_thread"]["images_per_s_steady"] / bare
-    res["ratio_ray_data_llm_steady_vs_bare"] = res["ray_data_llm"]["images_per_s_steady"] / bare
-    res["ratio_job_steady_vs_ray_data_llm"] = (
-        res["job"]["images_per_s_steady"] / res["ray_data_llm"]["images_per_s_steady"]
-    )
+    res["ratio_ray_data_llm_steady_vs_bare"] = ray_data_llm / bare
+    res["ratio_job_steady_vs_ray_data_llm"] = job / ray_data_llm
     res["ratio_job_end_to_end_vs_bare"] = res["job"]["images_per_s_end_to_end"] / bare
-    res["ratio_job_steady_vs_hf"] = res["job"]["images_per_s_steady"] / res["hf_generate"]["images_per_s"]
-    res["ratio_bare_vs_hf"] = bare / res["hf_generate"]["images_per_s"]
+    res["ratio_job_steady_vs_hf"] = job / hf
+    res["ratio_bare_vs_hf"] = bare / hf
     res["ratio_json_vs_direct_time"] = res["bare_json"]["seconds"] / res["bare_direct"]["seconds"]
     save(res, args.out)
     return 0

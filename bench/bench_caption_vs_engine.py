@@ -36,28 +36,24 @@ import json
 import os
 import subprocess
 import sys
-import tarfile
 import tempfile
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+from bench._data import load_images  # noqa: E402
 from bench._results import save, spread  # noqa: E402
+from bench._runs import ENV  # noqa: E402
 
 LEVELS, LANGS = ("long", "medium", "short", "tags"), ("en", "zh")
 LEGS = ("job", "bare", "bare_all")
 BIG_VERSION = "1"
+BIG_MAX_TOKENS = {"long": 24, "medium": 16, "short": 12, "tags": 12}
 CASES = {
     # n images, batch (= shard size), max_pixels, max_tokens per level (None: the job's defaults), fixed lengths
     "tiny": {"n": 384, "batch": 32, "max_pixels": 28224, "max_tokens": None, "fixed": False},
-    "big": {
-        "n": 32,
-        "batch": 8,
-        "max_pixels": 28224,
-        "max_tokens": {"long": 24, "medium": 16, "short": 12, "tags": 12},
-        "fixed": True,
-    },  # fmt: skip
+    "big": {"n": 32, "batch": 8, "max_pixels": 28224, "max_tokens": BIG_MAX_TOKENS, "fixed": True},
 }
 
 
@@ -65,8 +61,8 @@ def big_arch():
     from unicap.tiny_vlm import Qwen2VLArch
 
     # text: 10 layers x (attention 1.6M + MLP 7.1M) + embeddings ~ 89M; vision: 4 blocks of width 384 ~ 7M
-    return Qwen2VLArch(hidden=768, heads=12, kv_heads=4, layers=10, intermediate=3072, vision_depth=4,
-                       vision_dim=384, vision_heads=6, vision_mlp_ratio=4, vocab_size=1024)  # fmt: skip
+    vision = dict(vision_depth=4, vision_dim=384, vision_heads=6, vision_mlp_ratio=4)
+    return Qwen2VLArch(hidden=768, heads=12, kv_heads=4, layers=10, intermediate=3072, **vision, vocab_size=1024)
 
 
 def big_model() -> Path:
@@ -74,38 +70,29 @@ def big_model() -> Path:
     from unicap.tiny_vlm import build_qwen2vl
 
     mark = {"kind": "bench-qwen2-vl-100m", "version": BIG_VERSION}
-    return cached(f"bench-qwen2-vl-100m-v{BIG_VERSION}",
-                  lambda p: build_qwen2vl(p, seed=0, arch=big_arch(), max_pixels=1024 * 1024, mark=mark))  # fmt: skip
+
+    def build(path: Path) -> None:
+        build_qwen2vl(path, seed=0, arch=big_arch(), max_pixels=1024 * 1024, mark=mark)
+
+    return cached(f"bench-qwen2-vl-100m-v{BIG_VERSION}", build)
 
 
 def tiny_captioner() -> Path:
-    out = subprocess.run([sys.executable, "-m", "train.captioner.tiny", "--no-train"], cwd=ROOT, check=True,
-                         capture_output=True, text=True).stdout  # fmt: skip
-    return Path(out.strip().splitlines()[-1])
-
-
-def load_images(shards: Path, max_pixels: int) -> list:
-    from unicap.captioner import decode_for_model, fit_max_pixels
-
-    out = []
-    for tar_path in sorted(shards.glob("*.tar")):
-        with tarfile.open(tar_path) as tar:
-            for m in tar.getmembers():
-                if m.name.endswith((".jpg", ".jpeg", ".png", ".webp")):
-                    decoded = decode_for_model(tar.extractfile(m).read(), max_pixels)
-                    out.append(fit_max_pixels(decoded.image, max_pixels))
-    return out
+    cmd = [sys.executable, "-m", "train.captioner.tiny", "--no-train"]
+    out = subprocess.run(cmd, cwd=ROOT, check=True, capture_output=True, text=True).stdout
+    return Path(out.strip().splitlines()[-1])  # its last line: the model's folder
 
 
 def configs(case: dict, model: str):
     from unicap.captioner import CaptionConfig
     from unicap.engines import EngineConfig
 
-    engine = EngineConfig(model=model, max_pixels=case["max_pixels"],
-                          sampling_extra={"ignore_eos": True} if case["fixed"] else {})  # fmt: skip
+    max_pixels = case["max_pixels"]
+    fixed_lengths = {"ignore_eos": True} if case["fixed"] else {}
+    engine = EngineConfig(model=model, max_pixels=max_pixels, sampling_extra=fixed_lengths)
     # no retries: the job sends exactly the requests bare sends (validation still runs)
-    caption = CaptionConfig(levels=LEVELS, languages=LANGS, max_retries=0, max_pixels=case["max_pixels"],
-                            max_tokens=case["max_tokens"] or {})  # fmt: skip
+    limits = {"max_retries": 0, "max_pixels": max_pixels, "max_tokens": case["max_tokens"] or {}}
+    caption = CaptionConfig(levels=LEVELS, languages=LANGS, **limits)
     return engine, caption
 
 
@@ -139,10 +126,15 @@ def leg_bare(case: dict, model: str, shards: Path, all_at_once: bool = False) ->
         ends.append(time.time())
         tokens.append(sum(len(o.outputs[0].token_ids) for o in outs))
     n_after = len(images) - case["batch"]
-    return {"images": len(images), "engine_load_s": round(load_s, 2), "first_batch_s": round(ends[0] - t0, 2),
-            "steady_s": round(ends[-1] - ends[0], 2), "images_per_s_steady": n_after / (ends[-1] - ends[0]),
-            "tokens_per_image": sum(tokens) / len(images),
-            "batch_s": [round(b - a, 3) for a, b in zip([t0, *ends[:-1]], ends, strict=True)]}  # fmt: skip
+    return {
+        "images": len(images),
+        "engine_load_s": round(load_s, 2),
+        "first_batch_s": round(ends[0] - t0, 2),
+        "steady_s": round(ends[-1] - ends[0], 2),
+        "images_per_s_steady": n_after / (ends[-1] - ends[0]),
+        "tokens_per_image": sum(tokens) / len(images),
+        "batch_s": batch_seconds([t0, *ends]),
+    }
 
 
 def leg_job(case: dict, model: str, shards: Path, threads: int | None) -> dict:
@@ -158,11 +150,22 @@ def leg_job(case: dict, model: str, shards: Path, threads: int | None) -> dict:
     files = sorted(out.glob("*.parquet"), key=lambda p: p.stat().st_mtime)
     ends = [p.stat().st_mtime for p in files]
     after_first = summary["rows"] - pq.read_metadata(files[0]).num_rows
-    return {"images": summary["rows"], "seconds_end_to_end": round(wall, 2), "first_shard_s": round(ends[0] - t0, 2),
-            "steady_s": round(ends[-1] - ends[0], 2), "images_per_s_steady": after_first / (ends[-1] - ends[0]),
-            "images_per_s_end_to_end": summary["rows"] / wall, "status": summary["status"],
-            "tokens_per_image": summary["output_tokens"] / summary["rows"],
-            "batch_s": [round(b - a, 3) for a, b in zip(ends, ends[1:], strict=False)]}  # fmt: skip
+    return {
+        "images": summary["rows"],
+        "seconds_end_to_end": round(wall, 2),
+        "first_shard_s": round(ends[0] - t0, 2),
+        "steady_s": round(ends[-1] - ends[0], 2),
+        "images_per_s_steady": after_first / (ends[-1] - ends[0]),
+        "images_per_s_end_to_end": summary["rows"] / wall,
+        "status": summary["status"],
+        "tokens_per_image": summary["output_tokens"] / summary["rows"],
+        "batch_s": batch_seconds(ends),  # from the first shard's write: its own time is first_shard_s
+    }
+
+
+def batch_seconds(times: list[float]) -> list[float]:
+    """The seconds between consecutive TIMES: each batch's, from the end of the one before."""
+    return [round(b - a, 3) for a, b in zip(times, times[1:], strict=False)]
 
 
 def loadavg() -> float:
@@ -170,22 +173,11 @@ def loadavg() -> float:
 
 
 def run_leg(leg: str, case: str, model: Path, shards: Path, threads: int | None, timeout: float) -> dict:
-    cmd = [
-        sys.executable,
-        __file__,
-        "--leg",
-        leg,
-        "--case",
-        case,
-        "--model",
-        str(model),
-        "--shards",
-        str(shards),
-    ]
+    cmd = [sys.executable, __file__, "--leg", leg, "--case", case, "--model", str(model), "--shards", str(shards)]
     if threads is not None:
         cmd += ["--threads", str(threads)]
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "VLLM_ENABLE_V1_MULTIPROCESSING": "0", "VLLM_HOST_IP": "127.0.0.1",
-           "VLLM_LOGGING_LEVEL": "WARNING", "RAY_USAGE_STATS_ENABLED": "0"}  # fmt: skip
+    vllm = {"VLLM_ENABLE_V1_MULTIPROCESSING": "0", "VLLM_HOST_IP": "127.0.0.1", "VLLM_LOGGING_LEVEL": "WARNING"}
+    env = {**ENV, **vllm, "RAY_USAGE_STATS_ENABLED": "0"}
     if threads is not None and leg.startswith("bare"):  # the same compute threads as the job's actor
         env["OMP_NUM_THREADS"] = env["MKL_NUM_THREADS"] = str(threads)
     before = loadavg()
@@ -216,9 +208,7 @@ def main() -> int:
     ap.add_argument("--n", type=int, default=None, help="images per leg (default: the case's)")
     ap.add_argument("--out", default="bench/results/caption_vs_engine.json")
     ap.add_argument(
-        "--legs",
-        default="job,bare,bare_all",
-        help="legs per pair, run in this order; ratios are job / each other leg",
+        "--legs", default="job,bare,bare_all", help="legs per pair, run in this order; ratios are job / each other leg"
     )
     ap.add_argument("--leg", choices=LEGS, help=argparse.SUPPRESS)  # one leg, in this process
     ap.add_argument("--case", help=argparse.SUPPRESS)
@@ -236,9 +226,13 @@ def main() -> int:
 
     from datagen.synth import synth
 
-    results = {"cores": os.cpu_count(), "threads_per_actor": args.threads or "job default (cores / actors)",
-               "steady": "images after the first batch / (end of last batch - end of first batch); job: shard writes",
-               "load_start": Path("/proc/loadavg").read_text().strip(), "cases": {}}  # fmt: skip
+    results = {
+        "cores": os.cpu_count(),
+        "threads_per_actor": args.threads or "job default (cores / actors)",
+        "steady": "images after the first batch / (end of last batch - end of first batch); job: shard writes",
+        "load_start": Path("/proc/loadavg").read_text().strip(),
+        "cases": {},
+    }
     t_start = time.time()
     for name in args.cases.split(","):
         case = dict(CASES[name])
@@ -251,10 +245,10 @@ def main() -> int:
         for rep in range(args.repeats):
             pair = {}
             for leg in args.legs.split(","):
-                pair[leg] = run_leg(leg, name, model, shards, args.threads, timeout=600)
-                print(f"[{name} #{rep}] {leg}: {pair[leg]['images_per_s_steady']:.2f} images/s steady "
-                      f"({pair[leg]['tokens_per_image']:.1f} tokens/image, load {pair[leg]['load_before']:.2f}"
-                      f"->{pair[leg]['load_after']:.2f})", flush=True)  # fmt: skip
+                res = pair[leg] = run_leg(leg, name, model, shards, args.threads, timeout=600)
+                load = f"load {res['load_before']:.2f}->{res['load_after']:.2f}"
+                rate = f"{res['images_per_s_steady']:.2f} images/s steady"
+                print(f"[{name} #{rep}] {leg}: {rate} ({res['tokens_per_image']:.1f} tokens/image, {load})", flush=True)
             others = [k for k in pair if k != "job"]
             for k in others:
                 pair[f"ratio_vs_{k}"] = pair["job"]["images_per_s_steady"] / pair[k]["images_per_s_steady"]

@@ -33,8 +33,9 @@ def caption_and_eval(model: str, data: Path, out: Path, max_pixels: int, *extra:
     from datagen.answer_key import evaluate_folder
     from unicap import eval_captions
 
-    cmd = [str(Path(sys.executable).with_name("unicap")), "caption", "--input", str(data), "--output", str(out),
-           "--model", model, "--max-pixels", str(max_pixels), "--batch-size", "32", *extra]  # fmt: skip
+    unicap = str(Path(sys.executable).with_name("unicap"))  # the venv's command line
+    where = ["--input", str(data), "--output", str(out)]
+    cmd = [unicap, "caption", *where, "--model", model, "--max-pixels", str(max_pixels), "--batch-size", "32", *extra]
     t0 = time.time()
     r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
     seconds = time.time() - t0
@@ -69,10 +70,17 @@ def main() -> int:
     provenance = json.loads((folder / "unicap_captioner.json").read_text())
     mark = json.loads((folder / DONE_MARK).read_text())
     cfg = load_config(tiny.CONFIG)
-    training = {"model": str(folder), "steps": provenance["step"], "images_seen": provenance["samples_consumed"],
-                "train_seconds": provenance["train_seconds"], "trained_now": args.retrain or wall > 60,
-                "wall_seconds_this_call": round(wall, 1), "recipe": str(tiny.CONFIG.relative_to(ROOT)),
-                "max_pixels": cfg.data.max_pixels, "mark": mark}  # fmt: skip
+    training = {
+        "model": str(folder),
+        "steps": provenance["step"],
+        "images_seen": provenance["samples_consumed"],
+        "train_seconds": provenance["train_seconds"],
+        "trained_now": args.retrain or wall > 60,
+        "wall_seconds_this_call": round(wall, 1),
+        "recipe": str(tiny.CONFIG.relative_to(ROOT)),
+        "max_pixels": cfg.data.max_pixels,
+        "mark": mark,
+    }
     data = work / f"heldout_{args.seed}_{args.n}"
     synth(str(data), args.n, seed=args.seed, shard_size=100)
     results = {"training": training, "heldout": {"seed": args.seed, "images": args.n}}
@@ -83,8 +91,9 @@ def main() -> int:
         untrained = tiny_base(cfg.model.arch, cfg.model.seed)
         results["untrained"] = caption_and_eval(str(untrained), data, work / "captions_untrained", cfg.data.max_pixels)
     goal = results["trained"]["metrics"]["goal"]
-    print(f"training: {training['steps']} steps, {training['images_seen']} images, {training['train_seconds']:.0f}s; "
-          f"goal {'met' if goal['met'] else 'not met: ' + '; '.join(goal['misses'][:6])}")  # fmt: skip
+    met = "met" if goal["met"] else "not met: " + "; ".join(goal["misses"][:6])
+    seen = f"{training['steps']} steps, {training['images_seen']} images, {training['train_seconds']:.0f}s"
+    print(f"training: {seen}; goal {met}")
     save(results, args.out)
     return 0
 

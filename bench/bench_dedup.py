@@ -26,7 +26,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bench._results import save  # noqa: E402
+from bench._results import run_child, save  # noqa: E402
 
 SHARD = 20_000
 
@@ -57,13 +57,13 @@ def write_pool(root: Path, n: int, dim: int, seed: int = 0) -> dict:
     for s in range(0, n, SHARD):
         rows = np.arange(s, min(n, s + SHARD))
         keys = [f"{r:09d}" for r in rows]
-        lists = pa.ListArray.from_arrays(
-            pa.array(np.arange(len(rows) + 1, dtype=np.int32) * dim), pa.array(emb[rows].ravel())
-        )
+        offsets = pa.array(np.arange(len(rows) + 1, dtype=np.int32) * dim)
+        lists = pa.ListArray.from_arrays(offsets, pa.array(emb[rows].ravel()))
         name = f"{s // SHARD:05d}.parquet"
         pq.write_table(pa.table({"key": keys, "embedding": lists}), root / "_embeddings" / name)
-        pq.write_table(pa.table({"key": keys, "sha256": list(sha[rows]), "min_side": np.full(len(rows), 512, np.int32),
-                                 "decode_error": pa.nulls(len(rows), pa.string())}), root / name)  # fmt: skip
+        min_side, decode_error = np.full(len(rows), 512, np.int32), pa.nulls(len(rows), pa.string())
+        scores = {"key": keys, "sha256": list(sha[rows]), "min_side": min_side, "decode_error": decode_error}
+        pq.write_table(pa.table(scores), root / name)
     return {"near_planted": n_near, "exact_planted": n_exact, "first_copy": first_copy}
 
 
@@ -112,11 +112,18 @@ def child(root: Path) -> dict:
     copies = dups[dups.key.astype(int) >= planted["first_copy"]]
     near = copies[copies.kind == "near"]
     exact = copies[copies.kind == "exact"]
-    return {"read_seconds": read_s, "dedup_seconds": dedup_s, "dedup_over_read": dedup_s / read_s,
-            "peak_rss_mb": peak / 1024, "rss_after_read_pass_mb": rss_read / 1024, "peak_anon_mb": anon.peak_mb,
-            "near_recall": len(near) / max(planted["near_planted"], 1),
-            "exact_recall": len(exact) / max(planted["exact_planted"], 1),
-            "other_flagged": int(len(dups) - len(near) - len(exact)), **planted}  # fmt: skip
+    return {
+        "read_seconds": read_s,
+        "dedup_seconds": dedup_s,
+        "dedup_over_read": dedup_s / read_s,
+        "peak_rss_mb": peak / 1024,
+        "rss_after_read_pass_mb": rss_read / 1024,
+        "peak_anon_mb": anon.peak_mb,
+        "near_recall": len(near) / max(planted["near_planted"], 1),
+        "exact_recall": len(exact) / max(planted["exact_planted"], 1),
+        "other_flagged": int(len(dups) - len(near) - len(exact)),
+        **planted,
+    }
 
 
 def main() -> int:
@@ -138,12 +145,12 @@ def main() -> int:
     for size in args.sizes.split(","):
         n, root = parse_size(size), Path(tempfile.mkdtemp(prefix="bench-dedup-")) / "scores"
         try:
-            me = [sys.executable, __file__, "--dim", str(args.dim)]
-            subprocess.run([*me, "--make", str(n), str(root)], check=True)
-            out = subprocess.run([*me, "--child", str(root)], capture_output=True, text=True, check=True).stdout
+            dim = ["--dim", str(args.dim)]
+            subprocess.run([sys.executable, __file__, *dim, "--make", str(n), str(root)], check=True)
+            measured = run_child(__file__, *dim, "--child", str(root))
         finally:
             shutil.rmtree(root.parent, ignore_errors=True)
-        run = {"rows": n, "embeddings_fp16_mb": n * args.dim * 2 / 2**20, **json.loads(out.strip().splitlines()[-1])}
+        run = {"rows": n, "embeddings_fp16_mb": n * args.dim * 2 / 2**20, **measured}
         run["peak_rss_over_embeddings"] = run["peak_rss_mb"] / run["embeddings_fp16_mb"]
         run["peak_anon_over_embeddings"] = run["peak_anon_mb"] / run["embeddings_fp16_mb"]
         res["runs"].append(run)

@@ -18,35 +18,21 @@ import argparse
 import io
 import json
 import resource
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bench._results import save  # noqa: E402
+from bench import _data  # noqa: E402
+from bench._results import run_child, save  # noqa: E402
 
 ROWS_PER_FILE = 10_000
 
 
 def packed_synth_stage(workdir: Path, images: int) -> Path:
     """The synthetic data set (datagen.synth), a manifest of all of it, packed at 256 px (Ray job)."""
-    import pandas as pd
-
-    from datagen.shards import read_index
-    from datagen.synth import synth
-    from pipelines.pack import pack_stage
-
-    data = workdir / f"synth_{images}"
-    synth(str(data), images, seed=11, shard_size=256)
-    index = read_index(data)
-    manifest = data / "stage.parquet"
-    if not manifest.exists():
-        pd.DataFrame({"key": index.key, "shard": index["shard"], "width": index.width, "height": index.height,
-                      "location": [str(data / f"{s}.tar") for s in index["shard"]]}).to_parquet(manifest)  # fmt: skip
-    out = workdir / f"packed_synth_{images}"
-    pack_stage(manifest, data / "truth", out, resolution=256, batch_size=32, concurrency=2)
-    return out
+    data, out = workdir / f"synth_{images}", workdir / f"packed_synth_{images}"
+    return _data.packed_synth_stage(data, out, images, seed=11, shard_size=256, batch_size=32, concurrency=2)
 
 
 def packed_texture_stage(workdir: Path, images: int) -> Path:
@@ -76,12 +62,10 @@ def packed_texture_stage(workdir: Path, images: int) -> Path:
             buf = io.BytesIO()
             im.save(buf, format="JPEG", quality=95)
             text = {c: f"{c} of texture {i}" for c in caption_record.caption_columns(levels, languages)}
-            rows.append({"key": f"t{i:06d}", "shard": shard, "bucket": b, "width": w, "height": h, "status": "ok",
-                         **text, "image": buf.getvalue()})  # fmt: skip
+            row = {"key": f"t{i:06d}", "shard": shard, "bucket": b, "width": w, "height": h, "status": "ok"}
+            rows.append({**row, **text, "image": buf.getvalue()})
         write_packed_shard(out, shard, pa.Table.from_pylist(rows, schema=row_schema(levels, languages)))
-    write_json({"version": packed.PACKED_VERSION, "resolution": 256, "multiple": 16, "buckets": table,
-                "levels": list(levels), "languages": list(languages), "shards": shards, "complete": True},
-               out / packed.PACK_META)  # fmt: skip
+    write_json(_data.pack_meta(table, levels, languages, shards), out / packed.PACK_META)
     return out
 
 
@@ -100,9 +84,18 @@ def loader_rate(packdir: Path, workers: int, micro_batch: int, epochs: int) -> d
         samples += len(next(it)["keys"])
     wall = time.time() - t0
     sizes = packed.read_index(packdir, columns=["size"]).column("size").to_pylist()
-    return {"stage": packdir.name, "workers": workers, "micro_batch": micro_batch, "batches": n,
-            "samples": samples, "seconds": round(wall, 2), "samples_per_s": round(samples / wall, 1),
-            "mean_jpeg_kb": round(sum(s for s in sizes if s) / max(1, sum(1 for s in sizes if s)) / 1024, 1)}  # fmt: skip
+    jpeg_sizes = [s for s in sizes if s]  # failed rows have no image
+    mean_jpeg_kb = sum(jpeg_sizes) / max(1, len(jpeg_sizes)) / 1024
+    return {
+        "stage": packdir.name,
+        "workers": workers,
+        "micro_batch": micro_batch,
+        "batches": n,
+        "samples": samples,
+        "seconds": round(wall, 2),
+        "samples_per_s": round(samples / wall, 1),
+        "mean_jpeg_kb": round(mean_jpeg_kb, 1),
+    }
 
 
 # ---------------------------------------------------------------- (b) a 10M-row index
@@ -136,18 +129,23 @@ def write_index_only_stage(out: Path, rows: int) -> Path:
         size = np.where(ok, rng.integers(15_000, 40_000, n), 0)
         offset = np.cumsum(size + 2048) - size
         keys = np.char.add(f"k{shard}_", np.arange(n).astype(str))
-        cols = {"key": keys, "shard": np.full(n, shard), "bucket": bucket.astype(np.int16),
-                "width": np.array([table[b][0] if b >= 0 else 0 for b in bucket], np.int32),
-                "height": np.array([table[b][1] if b >= 0 else 0 for b in bucket], np.int32),
-                "offset": offset.astype(np.int64), "size": size.astype(np.int32),
-                "json_offset": (offset + size + 512).astype(np.int64), "json_size": np.full(n, 900, np.int32),
-                "status": np.where(ok, "ok", "failed"), "error": np.where(ok, None, "undecodable_image: synthetic")}  # fmt: skip
+        cols = {
+            "key": keys,
+            "shard": np.full(n, shard),
+            "bucket": bucket.astype(np.int16),
+            "width": np.array([table[b][0] if b >= 0 else 0 for b in bucket], np.int32),
+            "height": np.array([table[b][1] if b >= 0 else 0 for b in bucket], np.int32),
+            "offset": offset.astype(np.int64),
+            "size": size.astype(np.int32),
+            "json_offset": (offset + size + 512).astype(np.int64),
+            "json_size": np.full(n, 900, np.int32),
+            "status": np.where(ok, "ok", "failed"),
+            "error": np.where(ok, None, "undecodable_image: synthetic"),
+        }
         for c in packed.text_columns(levels, languages):
             cols[c] = np.full(n, f"a {c} caption of about this length, repeated")
         write_parquet(pa.table(cols, schema=schema), path)
-    write_json({"version": packed.PACKED_VERSION, "resolution": 256, "multiple": 16, "buckets": table,
-                "levels": list(levels), "languages": list(languages), "shards": shards, "complete": True},
-               out / packed.PACK_META)  # fmt: skip
+    write_json(_data.pack_meta(table, levels, languages, shards), out / packed.PACK_META)
     return out
 
 
@@ -188,14 +186,27 @@ def scale_child(packdir: Path, micro_batch: int) -> dict:
     rows_s = time.time() - t0
     peak = peak_rss()
     n = stage.rows
-    return {"rows": n, "files": len(stage.files), "runs": len(stage.run_file), "micro_batch": micro_batch,
-            "batches_per_epoch": planner.batches_per_epoch, "startup_s": round(startup, 2),
-            "plan_build_s": round(plan_s, 3), "sample_10k_batches_s": round(sample_s, 3),
-            "batch_rows_10k_batches_s": round(rows_s, 3), "rows_drawn": rows,
-            "rss_before_mb": round(rss0 / 2**20, 1), "parquet_fixed_mb": round((rss0 - rss_import) / 2**20, 1),
-            "stage_bytes_per_row": round((rss_stage - rss0) / n, 3),
-            "stage_and_plan_bytes_per_row": round((rss_plan - rss0) / n, 3),
-            "peak_bytes_per_row": round((peak - rss0) / n, 3)}  # fmt: skip
+
+    def per_row(rss: int) -> float:  # bytes per index row above the RSS before the stage
+        return round((rss - rss0) / n, 3)
+
+    return {
+        "rows": n,
+        "files": len(stage.files),
+        "runs": len(stage.run_file),
+        "micro_batch": micro_batch,
+        "batches_per_epoch": planner.batches_per_epoch,
+        "startup_s": round(startup, 2),
+        "plan_build_s": round(plan_s, 3),
+        "sample_10k_batches_s": round(sample_s, 3),
+        "batch_rows_10k_batches_s": round(rows_s, 3),
+        "rows_drawn": rows,
+        "rss_before_mb": round(rss0 / 2**20, 1),
+        "parquet_fixed_mb": round((rss0 - rss_import) / 2**20, 1),
+        "stage_bytes_per_row": per_row(rss_stage),
+        "stage_and_plan_bytes_per_row": per_row(rss_plan),
+        "peak_bytes_per_row": per_row(peak),
+    }
 
 
 def main() -> int:
@@ -217,13 +228,8 @@ def main() -> int:
     workdir = Path(args.workdir)
     results: dict = {}
     if args.only in (None, "rate"):
-        synth_stage, texture_stage = (
-            packed_synth_stage(workdir, args.images),
-            packed_texture_stage(workdir, args.images),
-        )
-        results["throughput"] = [
-            loader_rate(s, w, 4, args.epochs) for s in (synth_stage, texture_stage) for w in (0, 2)
-        ]
+        stages = (packed_synth_stage(workdir, args.images), packed_texture_stage(workdir, args.images))
+        results["throughput"] = [loader_rate(s, w, 4, args.epochs) for s in stages for w in (0, 2)]
     if args.only in (None, "scale"):
         rows = parse_count(args.index_rows)
         t0 = time.time()
@@ -231,9 +237,7 @@ def main() -> int:
         results["index_write_s"] = round(time.time() - t0, 1)
         results["scale"] = []
         for mb in (4, 1):
-            out = subprocess.run([sys.executable, __file__, "--child-scale", str(index_dir), "--micro-batch", str(mb)],
-                                 capture_output=True, text=True, check=True).stdout.strip().splitlines()[-1]  # fmt: skip
-            results["scale"].append(json.loads(out))
+            results["scale"].append(run_child(__file__, "--child-scale", str(index_dir), "--micro-batch", str(mb)))
     save(results, args.out)
     return 0
 

@@ -19,13 +19,14 @@ import argparse
 import json
 import resource
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bench._results import save  # noqa: E402
+from bench._results import run_child, save  # noqa: E402
+
+Cases = list[tuple[int, int]]  # (image side in px, batch) of each measurement
 
 
 def make_inputs(cfg, batch: int, latent: int, device="cpu", dtype=None):
@@ -132,14 +133,7 @@ def timed_steps(model, inputs, iters: int, device: str) -> float:
     return (time.perf_counter() - t0) / iters
 
 
-def mfu(
-    config: str,
-    device: str,
-    cases: list[tuple[int, int]],
-    backends: list[str],
-    iters: int,
-    compile_blocks: bool = False,
-) -> dict:
+def mfu(config: str, device: str, cases: Cases, backends: list[str], iters: int, compile_blocks: bool = False) -> dict:
     """bf16 fwd+bwd of `config` at each (pixels, batch) and attention backend, as a fraction of the
     measured bf16 matmul rate. FLOPs: train.flops (useful work only: valid tokens, no recompute, so a
     run that falls back to activation checkpointing on OOM reports the lower, honest MFU)."""
@@ -173,10 +167,10 @@ def mfu(
                 res[f"{px}px_{backend}"] = {"error": str(e).splitlines()[0]}
                 continue
             ckpt = bool(model.checkpoint_blocks)
-            res[f"{px}px_{backend}"] = {"batch": batch, "seconds": dt, "tflops": flops / dt / 1e12,
-                                        "mfu": flops / dt / peak, "activation_checkpointing": ckpt}  # fmt: skip
-            print(f"{config} {px}px batch {batch} {backend}{' ckpt' if ckpt else ''}: {dt * 1e3:.1f} ms, "
-                  f"mfu {flops / dt / peak:.3f}", flush=True)  # fmt: skip
+            rates = {"seconds": dt, "tflops": flops / dt / 1e12, "mfu": flops / dt / peak}
+            res[f"{px}px_{backend}"] = {"batch": batch, **rates, "activation_checkpointing": ckpt}
+            leg = f"{config} {px}px batch {batch} {backend}{' ckpt' if ckpt else ''}"
+            print(f"{leg}: {dt * 1e3:.1f} ms, mfu {rates['mfu']:.3f}", flush=True)
         model.zero_grad(set_to_none=True)
     return res
 
@@ -198,10 +192,8 @@ def main() -> int:
         return 0
     res = {"config": args.config, "batch": args.batch, "latent": args.latent}
     for which in ("ours", "diffusers"):  # peak memory: each model alone in a fresh process
-        cmd = [sys.executable, __file__, "--child", which, "--config", args.config, "--batch", str(args.batch),
-               "--latent", str(args.latent), "--iters", "2"]  # fmt: skip
-        out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout.strip().splitlines()[-1]
-        res[which] = {"peak_rss_mb": json.loads(out)["peak_rss_mb"]}
+        sizes = ["--config", args.config, "--batch", str(args.batch), "--latent", str(args.latent), "--iters", "2"]
+        res[which] = {"peak_rss_mb": run_child(__file__, "--child", which, *sizes)["peak_rss_mb"]}
     times = interleaved_times(args.config, args.batch, args.latent, args.iters)
     for which in ("ours", "diffusers"):
         res[which]["seconds_fwd_bwd"] = times[which]
@@ -214,10 +206,11 @@ def main() -> int:
         if args.compile:
             res["cpu_mfu_compiled"] = mfu(args.config, "cpu", case, backends[:1], args.iters, compile_blocks=True)
     if args.gpu:
-        res["gpu"] = mfu("NextDiT_2B", "cuda", [(256, 32), (1024, 4)], backends, args.iters)
+        gpu_cases = [(256, 32), (1024, 4)]  # (px, batch)
+        res["gpu"] = mfu("NextDiT_2B", "cuda", gpu_cases, backends, args.iters)
         if args.compile:
-            res["gpu_compiled"] = mfu("NextDiT_2B", "cuda", [(256, 32), (1024, 4)], backends[:1] + backends[2:],
-                                      args.iters, compile_blocks=True)  # fmt: skip
+            sdpa_and_flash = backends[:1] + backends[2:]
+            res["gpu_compiled"] = mfu("NextDiT_2B", "cuda", gpu_cases, sdpa_and_flash, args.iters, compile_blocks=True)
     save(res, args.out)
     return 0
 

@@ -1,4 +1,4 @@
-"""The adherence the demo's quick preset reaches, over training seeds: where tests/pipelines/test_demo.py's floors come from.
+"""The demo quick preset's adherence over training seeds: where tests/pipelines/test_demo.py's floors come from.
 
     .venv/bin/python bench/bench_quick_floors.py [--seeds 0,1,2]
 
@@ -11,10 +11,7 @@ bench/results/quick_floors.json (per seed, and the minimum and median per attrib
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import statistics
-import subprocess
 import sys
 from pathlib import Path
 
@@ -22,15 +19,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bench._results import save  # noqa: E402
-
-ENV = {**os.environ, "PYTHONPATH": str(ROOT)}
-
-
-def run(cmd: list[str], log: Path) -> None:
-    with open(log, "w") as f:
-        r = subprocess.run(cmd, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT, env=ENV)
-    if r.returncode != 0:
-        raise RuntimeError(f"{' '.join(cmd[:4])} failed: see {log}")
+from bench._runs import adherence_rows, launch_cmd, run_logged  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -45,8 +34,8 @@ def main(argv: list[str] | None = None) -> int:
     work.mkdir(parents=True, exist_ok=True)
     preset = PRESETS["quick"]()
     for step in ("synth", "captioner", "caption", "score", "stages"):
-        run([sys.executable, "-m", "pipelines.demo", "--workdir", str(work), "--preset", "quick", "--step", step],
-            work / f"{step}.log")  # fmt: skip
+        demo = [sys.executable, "-m", "pipelines.demo", "--workdir", str(work), "--preset", "quick", "--step", step]
+        run_logged(demo, work / f"{step}.log")
     results = {
         "preset": "quick",
         "prompts": {"n": preset.adherence, "level": "long", "language": "en"},
@@ -55,20 +44,19 @@ def main(argv: list[str] | None = None) -> int:
     for seed in [int(s) for s in args.seeds.split(",")]:
         runs = work / f"seed{seed}"
         for stage in ("stage1", "stage2", "stage3"):
-            run([sys.executable, "-m", "train.launch", "--stage", stage, "--config", f"train/configs/{stage}_cpu.yaml",
-                 "--data", str(work), "--nproc", "2", "--", f"run.out={runs}", "run.progress=false", f"run.seed={seed}",
-                 *preset.train[stage]], work / f"seed{seed}-{stage}.log")  # fmt: skip
+            trainer = [f"run.out={runs}", "run.progress=false", f"run.seed={seed}", *preset.train[stage]]
+            run_logged(launch_cmd(stage, work, 2, trainer), work / f"seed{seed}-{stage}.log")
+        prompts = ["--n", str(preset.adherence), "--level", "long", "--language", "en", "--size", "64x64"]
+        weights = [arg for s in ("stage1", "stage3") for arg in ("--weights", f"{s}={runs / s / 'final'}")]
         out = work / f"seed{seed}-adherence"
-        run([sys.executable, "-m", "train.adherence", "--truth", str(work / "heldout"), "--out", str(out), "--n",
-             str(preset.adherence), "--level", "long", "--language", "en", "--size", "64x64",
-             "--weights", f"stage1={runs / 'stage1' / 'final'}", "--weights", f"stage3={runs / 'stage3' / 'final'}"],
-            work / f"seed{seed}-adherence.log")  # fmt: skip
-        results["seeds"][str(seed)] = json.loads((out / "adherence.json").read_text())["rows"]
+        rows = adherence_rows(work / "heldout", out, [*prompts, *weights], work / f"seed{seed}-adherence.log")
+        results["seeds"][str(seed)] = rows
         save(results, args.out)
     for row in ("stage1", "stage3", "stage3, shuffled prompts"):
         per = [r[row] for r in results["seeds"].values()]
-        results[row] = {a: {"min": min(v[a] for v in per), "median": statistics.median(v[a] for v in per)}
-                        for a in per[0] if all(v[a] is not None for v in per)}  # fmt: skip
+        attrs = [a for a in per[0] if all(v[a] is not None for v in per)]  # those judged on every seed
+        values = {a: [v[a] for v in per] for a in attrs}
+        results[row] = {a: {"min": min(x), "median": statistics.median(x)} for a, x in values.items()}
     save(results, args.out)
     return 0
 

@@ -25,6 +25,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from bench._results import save, spread  # noqa: E402
+from bench._runs import ENV  # noqa: E402
 
 LEGS = {"2 ranks x micro 4": (2, {"data.micro_batch": 4}), "1 rank x micro 8": (1, {"data.micro_batch": 8})}
 WARMUP = 10
@@ -53,7 +54,7 @@ def run_leg(data: Path, work: Path, ranks: int, extra: dict, steps: int) -> dict
     trainer = ["-m", "train.trainer", "--config", "train/configs/stage1_cpu.yaml"]
     cmd = [*torchrun, *rendezvous, *trainer, *(f"{k}={v}" for k, v in overrides.items())]
     t0 = time.time()
-    r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=ENV)
     wall = time.time() - t0
     if r.returncode != 0:
         raise RuntimeError(f"{ranks} ranks, {extra}: exit {r.returncode}\n{r.stderr[-3000:]}")

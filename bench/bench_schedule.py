@@ -28,19 +28,17 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bench._results import save  # noqa: E402
+from bench._runs import ATTRS, accuracy_cells, adherence_rows, launch_cmd, run_logged  # noqa: E402
 
 STAGES = ("stage1", "stage2", "stage3")
 HELDOUT_SEED = 9999  # neither the pool's (0), the demo's held-out set's (7777) nor the captioner's (1000)
-ATTRS = ("background", "colour", "shape", "count", "position")
 
 
 def steps(s1: int, s2: int, s3: int) -> dict[str, tuple[str, ...]]:
@@ -88,35 +86,18 @@ SEEDED = ("s1-600", "s23-noisier", "s1-300-s2-900-s3-200", "s1-300-s3-200")
 VARIANTS |= {f"{name}-seed1": plus(VARIANTS[name], "run.seed=1") for name in SEEDED}
 
 
-def run(cmd: list[str], log: Path) -> float:
-    """Run CMD in the repository root with its output in LOG; its wall seconds."""
-    t0 = time.time()
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    with open(log, "w") as f:
-        r = subprocess.run(cmd, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT, env=env)
-    if r.returncode != 0:
-        raise RuntimeError(f"{' '.join(cmd[:6])}... failed (exit {r.returncode}), see {log}")
-    return round(time.time() - t0, 1)
-
-
 def train(data: Path, out: Path, overrides: dict[str, tuple[str, ...]]) -> dict[str, float]:
     seconds = {}
     for stage in STAGES:
-        launch = ["-m", "train.launch", "--stage", stage, "--config", f"train/configs/{stage}_cpu.yaml"]
-        where = ["--data", str(data), "--nproc", "2"]
         trainer = [f"run.out={out}", "run.progress=false", "run.sample_every=0", *overrides.get(stage, ())]
-        cmd = [sys.executable, *launch, *where, "--", *trainer]
-        seconds[stage] = run(cmd, out / f"{stage}.log")
+        seconds[stage] = run_logged(launch_cmd(stage, data, 2, trainer), out / f"{stage}.log")
     return seconds
 
 
 def judge(truth: Path, runs: Path, dest: Path, language: str, n: int) -> dict:
     weights = [arg for s in ("stage1", "stage3") for arg in ("--weights", f"{s}={runs / s / 'final'}")]
     prompts = ["--n", str(n), "--level", "long", "--language", language, "--size", "64x64", "--examples", "4"]
-    where = ["--truth", str(truth), "--out", str(dest)]
-    cmd = [sys.executable, "-m", "train.adherence", *where, *prompts, *weights]
-    run(cmd, dest.with_suffix(".log"))
-    return json.loads((dest / "adherence.json").read_text())["rows"]
+    return adherence_rows(truth, dest, [*prompts, *weights], dest.with_suffix(".log"))
 
 
 def heldout(work: Path, n: int) -> Path:
@@ -180,8 +161,7 @@ def table(results: dict) -> str:
             for weights, accs in rows.items():
                 if weights == "truth images":
                     continue
-                cells = " | ".join("-" if accs[a] is None else f"{accs[a]:.2f}" for a in ATTRS)
-                lines.append(f"| {name} | {secs} | {lang} {weights} | {cells} |")
+                lines.append(f"| {name} | {secs} | {lang} {weights} | {accuracy_cells(accs)} |")
     return "\n".join(lines)
 
 

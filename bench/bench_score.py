@@ -77,12 +77,8 @@ def main() -> int:
             for m in tar.getmembers():
                 if m.name.endswith((".jpg", ".png")):
                     raw.append(tar.extractfile(m).read())
-                    caps.append(
-                        [
-                            truth.loc[m.name.split(".")[0], caption_column(lv, "en")]
-                            for lv in ("long", "medium", "short", "tags")
-                        ]
-                    )
+                    row = truth.loc[m.name.split(".")[0]]
+                    caps.append([row[caption_column(lv, "en")] for lv in ("long", "medium", "short", "tags")])
     scorer.embed_images([decode_image(raw[0]).image])  # warm-up
     t0 = time.perf_counter()
     for i in range(0, len(raw), args.batch):
@@ -108,16 +104,19 @@ def main() -> int:
     flops = img_flops + chunks * txt_flops  # per image: one image forward + its caption chunks
     loop_rate = len(raw) / loop_s
     res = {
-        "n": args.n, "clip": args.clip,
+        "n": args.n,
+        "clip": args.clip,
         "plain_loop_images_per_s": loop_rate,
-        "job_images_per_s_end_to_end": args.n / t_big, "job_images_per_s_marginal": marginal,
+        "job_images_per_s_end_to_end": args.n / t_big,
+        "job_images_per_s_marginal": marginal,
         "ratio_job_marginal_vs_loop": marginal / loop_rate,
         "ratio_job_end_to_end_vs_loop": (args.n / t_big) / loop_rate,
-        "model_gflop_per_image": flops / 1e9, "text_chunks_per_image": chunks,
+        "model_gflop_per_image": flops / 1e9,
+        "text_chunks_per_image": chunks,
         "loop_model_gflop_per_s": flops * loop_rate / 1e9,
         "matmul_gflop_per_s_bf16": matmul_rate(torch.bfloat16) / 1e9,
         "matmul_gflop_per_s_fp32": matmul_rate(torch.float32) / 1e9,
-    }  # fmt: skip
+    }
     res["loop_fraction_of_bf16_matmul"] = res["loop_model_gflop_per_s"] / res["matmul_gflop_per_s_bf16"]
     save(res, args.out)
     return 0

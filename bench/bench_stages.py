@@ -14,13 +14,12 @@ import argparse
 import json
 import resource
 import shutil
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bench._results import save  # noqa: E402
+from bench._results import run_child, save  # noqa: E402
 
 
 def child(rows: int, workdir: Path) -> dict:
@@ -36,9 +35,15 @@ def child(rows: int, workdir: Path) -> dict:
     shutil.rmtree(out, ignore_errors=True)  # else select_stages finds it up to date and does nothing
     t0 = time.time()
     f = select_stages(src, out, "1.0", "0.1", "0.1", threads=2)
-    return {"rows": rows, "seconds": time.time() - t0, "generate_seconds": gen_s,
-            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-            "rss_before_select_mb": rss_before / 1024, "selected": [f[s]["selected"] for s in ("stage1", "stage2", "stage3")]}  # fmt: skip
+    seconds = time.time() - t0
+    return {
+        "rows": rows,
+        "seconds": seconds,
+        "generate_seconds": gen_s,
+        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "rss_before_select_mb": rss_before / 1024,
+        "selected": [f[s]["selected"] for s in ("stage1", "stage2", "stage3")],
+    }
 
 
 def main() -> int:
@@ -56,9 +61,7 @@ def main() -> int:
     results = []
     for size in args.sizes.split(","):
         n = parse_count(size)
-        out = subprocess.run([sys.executable, __file__, "--child", str(n), "--workdir", args.workdir],
-                             capture_output=True, text=True, check=True).stdout.strip().splitlines()[-1]  # fmt: skip
-        results.append(json.loads(out))
+        results.append(run_child(__file__, "--child", str(n), "--workdir", args.workdir))
         print(results[-1], flush=True)
     base = results[0]
     for r in results:

@@ -16,16 +16,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bench._results import save  # noqa: E402
+from bench._runs import ATTRS, accuracy_cells, adherence_rows, launch_cmd, run_logged  # noqa: E402
 
 GEMMA = ("model.text_encoder=tiny",)  # a random tiny Gemma-2 (the plumbing's encoder)
 CAPTIONER = ("model.text_encoder=tiny-captioner",)  # the tiny UniCap's language model (2 layers, 128 wide)
@@ -44,27 +42,17 @@ VARIANTS = {  # name: (trainer overrides, ranks)
 
 
 def train(data: Path, out: Path, name: str, overrides: tuple[str, ...], nproc: int) -> float:
-    cmd = [sys.executable, "-m", "train.launch", "--stage", "stage1", "--config", "train/configs/stage1_cpu.yaml",
-           "--data", str(data), "--nproc", str(nproc), "--", f"run.out={out / name}", "run.progress=false",
-           "run.save_every=100000", "run.sample_every=0", *overrides]  # fmt: skip
-    t0 = time.time()
-    with open(out / f"{name}.log", "w") as log:
-        r = subprocess.run(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
-                           env={**os.environ, "PYTHONPATH": str(ROOT)})  # fmt: skip
-    if r.returncode != 0:
-        raise RuntimeError(f"{name}: training failed, see {out / f'{name}.log'}")
-    return round(time.time() - t0, 1)
+    """Stage1 of variant NAME into OUT/NAME; its wall seconds."""
+    run = [f"run.out={out / name}", "run.progress=false", "run.save_every=100000", "run.sample_every=0"]
+    return run_logged(launch_cmd("stage1", data, nproc, [*run, *overrides]), out / f"{name}.log")
 
 
 def judge(data: Path, out: Path, name: str, language: str, cfg: float) -> dict:
+    """Variant NAME's final stage1 weights judged on 32 long prompts in LANGUAGE at guidance scale CFG."""
     dest = out / f"{name}-adherence-{language}-cfg{cfg:g}"
-    cmd = [sys.executable, "-m", "train.adherence", "--truth", str(data / "heldout"), "--out", str(dest),
-           "--n", "32", "--level", "long", "--language", language, "--size", "64x64", "--cfg", str(cfg),
-           "--weights", f"{name}={out / name / 'stage1' / 'final'}"]  # fmt: skip
-    r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
-    if r.returncode != 0:
-        raise RuntimeError(f"{name}: adherence failed: {r.stderr[-2000:]}")
-    return json.loads((dest / "adherence.json").read_text())["rows"]
+    prompts = ["--n", "32", "--level", "long", "--language", language, "--size", "64x64", "--cfg", str(cfg)]
+    weights = ["--weights", f"{name}={out / name / 'stage1' / 'final'}"]
+    return adherence_rows(data / "heldout", dest, [*prompts, *weights], dest.with_suffix(".log"))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -96,12 +84,10 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def table(results: dict) -> str:
-    attrs = ("background", "colour", "shape", "count", "position")
-    lines = ["| variant | prompts | seconds | " + " | ".join(attrs) + " |", "|---" * (3 + len(attrs)) + "|"]
+    lines = ["| variant | prompts | seconds | " + " | ".join(ATTRS) + " |", "|---" * (3 + len(ATTRS)) + "|"]
     for name, row in results["variants"].items():
         for key, accs in row["adherence"].items():
-            cells = " | ".join("-" if accs[a] is None else f"{accs[a]:.2f}" for a in attrs)
-            lines.append(f"| {name} | {key} | {row['seconds']:.0f} | {cells} |")
+            lines.append(f"| {name} | {key} | {row['seconds']:.0f} | {accuracy_cells(accs)} |")
     return "\n".join(lines)
 
 

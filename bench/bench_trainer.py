@@ -30,34 +30,19 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+from bench import _data  # noqa: E402
 from bench._results import save, spread  # noqa: E402
 
 # the caption embedder's width (cap_feat_dim) is the loaded text encoder's, set in bench()
 BENCH_MODEL = dict(dim=384, n_layers=6, n_refiner_layers=2, n_heads=6, n_kv_heads=2, axes_dims=(16, 24, 24))
 BENCH_MODEL |= dict(multiple_of=64, in_channels=16)
+CONFIG = "train/configs/stage1_cpu.yaml"  # the trainer's CPU config; the bench overrides its data and codecs
 
 
 def packed_stage(workdir: Path, images: int, resolution: int) -> Path:
-    import pandas as pd
-    import ray
-
-    from datagen.shards import read_index
-    from datagen.synth import synth
-    from pipelines.pack import pack_stage
-
-    data = workdir / f"synth_{images}"
-    synth(str(data), images, seed=21, shard_size=128)
-    index = read_index(data)
-    manifest = data / "stage.parquet"
-    if not manifest.exists():
-        pd.DataFrame({"key": index.key, "shard": index["shard"], "width": index.width, "height": index.height,
-                      "location": [str(data / f"{s}.tar") for s in index["shard"]]}).to_parquet(manifest)  # fmt: skip
-    out = workdir / f"packed_{images}_{resolution}"
-    try:
-        pack_stage(manifest, data / "truth", out, resolution=resolution)
-    finally:
-        ray.shutdown()
-    return out
+    """The synthetic data set (datagen.synth) packed at RESOLUTION by the pack job (Ray, shut down after)."""
+    data, out = workdir / f"synth_{images}", workdir / f"packed_{images}_{resolution}"
+    return _data.packed_synth_stage(data, out, images, seed=21, shard_size=128, resolution=resolution)
 
 
 def main() -> int:
@@ -73,10 +58,7 @@ def main() -> int:
     p.add_argument("--packed", default=None, help="a packed stage at --resolution (default: made here, with Ray)")
     p.add_argument("--out", default=None, help="results JSON (default bench/results/trainer[_cuda].json)")
     p.add_argument(
-        "--set",
-        action="append",
-        default=[],
-        help="trainer config overrides (e.g. deepspeed.overlap_comm=false)",
+        "--set", action="append", default=[], help="trainer config overrides (e.g. deepspeed.overlap_comm=false)"
     )
     p.add_argument("--no-guard", action="store_true", help="remove the non-finite gradient hooks (to price them)")
     p.add_argument("--loader-batches", type=int, default=60, help="batches the loader leg reads per round")
@@ -108,8 +90,10 @@ def bench(args: argparse.Namespace) -> int:
 
     dev = args.device
     packed = Path(args.packed) if args.packed else packed_stage(Path(args.workdir), args.images, args.resolution)
-    cfg = load("train/configs/stage1_cpu.yaml", ["data.latent_cache_mb=0", f"data.packed={packed}", f"data.resolution={args.resolution}",
-               f"data.micro_batch={args.micro}", f"data.global_batch={args.micro}", "loss.lowres_weight=1.0", "model.vae=tiny", *args.set])  # fmt: skip
+    data = ["data.latent_cache_mb=0", f"data.packed={packed}", f"data.resolution={args.resolution}"]
+    data += [f"data.micro_batch={args.micro}"]  # the training legs' and the loader leg's
+    step = [f"data.global_batch={args.micro}", "loss.lowres_weight=1.0", "model.vae=tiny"]
+    cfg = load(CONFIG, [*data, *step, *args.set])
     distributed.init(dev)
     if dev == "cpu":
         torch.set_num_threads(os.cpu_count() or 1)
@@ -178,8 +162,7 @@ def bench(args: argparse.Namespace) -> int:
         sync()
         return time.perf_counter() - t0
 
-    loader_cfg = load("train/configs/stage1_cpu.yaml", ["data.latent_cache_mb=0", f"data.packed={packed}", f"data.resolution={args.resolution}",
-                      f"data.micro_batch={args.micro}", "data.num_workers=1"]).data  # fmt: skip
+    loader_cfg = load(CONFIG, [*data, "data.num_workers=1"]).data
 
     def loader_rate(n_batches: int) -> float:
         it = iter(make_loader(loader_cfg, seed=1, rank=0, world_size=1))
@@ -197,9 +180,16 @@ def bench(args: argparse.Namespace) -> int:
         td = timed(ds_step, batches)
         lr = loader_rate(args.loader_batches)
         ds_rate = args.steps * args.micro / td
-        rounds.append({"round": r, "plain_s_per_step": round(tp / args.steps, 4), "ds_s_per_step": round(td / args.steps, 4),
-                       "plain_over_ds": round(tp / td, 3), "trainer_samples_per_s": round(ds_rate, 2),
-                       "loader_samples_per_s": round(lr, 1), "loader_over_trainer": round(lr / ds_rate, 1)})  # fmt: skip
+        record = {
+            "round": r,
+            "plain_s_per_step": round(tp / args.steps, 4),
+            "ds_s_per_step": round(td / args.steps, 4),
+            "plain_over_ds": round(tp / td, 3),
+            "trainer_samples_per_s": round(ds_rate, 2),
+            "loader_samples_per_s": round(lr, 1),
+            "loader_over_trainer": round(lr / ds_rate, 1),
+        }
+        rounds.append(record)
         print(rounds[-1], flush=True)
 
     def summary(key):
@@ -218,14 +208,17 @@ def bench(args: argparse.Namespace) -> int:
         peak = matmul_rate("cuda", 8192)
         for leg in ("plain", "ds"):
             extra[f"{leg}_mfu"] = spread([flops / r[f"{leg}_s_per_step"] / peak for r in rounds], 4)
-        extra |= {"matmul_tflops": round(peak / 1e12, 1), "device_name": torch.cuda.get_device_name(0),
-                  "peak_memory_gib": round(torch.cuda.max_memory_allocated() / 2**30, 1)}  # fmt: skip
+        extra |= {"matmul_tflops": round(peak / 1e12, 1), "device_name": torch.cuda.get_device_name(0)}
+        extra["peak_memory_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 1)
         extra["goals_gpu"] = {"plain_over_deepspeed_time": ">= 0.9", "ds_mfu": ">= 0.45 at 256 px, batch 32"}
-    save({"model_params": n_params, "device": dev, "model": args.model, **extra, "resolution": args.resolution, "micro_batch": args.micro, "steps": args.steps,
-          "threads": torch.get_num_threads(), "rounds": rounds,
-          "plain_over_deepspeed_time": summary("plain_over_ds"), "loader_over_trainer": summary("loader_over_trainer"),
-          "goals": {"plain_over_deepspeed_time": ">= 0.9", "loader_over_trainer": ">= 3"}},
-         args.out or str(Path(__file__).parent / "results" / ("trainer.json" if dev == "cpu" else "trainer_cuda.json")))  # fmt: skip
+    shape = {"resolution": args.resolution, "micro_batch": args.micro, "steps": args.steps}
+    results = {"model_params": n_params, "device": dev, "model": args.model, **extra, **shape}
+    results |= {"threads": torch.get_num_threads(), "rounds": rounds}
+    results["plain_over_deepspeed_time"] = summary("plain_over_ds")
+    results["loader_over_trainer"] = summary("loader_over_trainer")
+    results["goals"] = {"plain_over_deepspeed_time": ">= 0.9", "loader_over_trainer": ">= 3"}
+    default_out = Path(__file__).parent / "results" / ("trainer.json" if dev == "cpu" else "trainer_cuda.json")
+    save(results, args.out or str(default_out))
     return 0
 
 

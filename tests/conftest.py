@@ -40,11 +40,8 @@ def http_server(tmp_path_factory):
     """Start `python -m http.server` on 127.0.0.1 serving a fresh folder; yields (root, base_url)."""
     root = tmp_path_factory.mktemp("www")
     port = free_port()
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "http.server", str(port), "--bind", "127.0.0.1", "--directory", str(root)],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
+    serve = [sys.executable, "-m", "http.server", str(port), "--bind", "127.0.0.1", "--directory", str(root)]
+    proc = subprocess.Popen(serve, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 20
     while time.time() < deadline:
         try:
@@ -69,6 +66,18 @@ def snapshot(directory: Path) -> dict[str, tuple[int, int]]:
     }
 
 
+# a Ray head's agent and server ports: RayHead gives each a free port, so that two heads on one machine do not collide
+RAY_AGENT_PORTS = (
+    "dashboard-agent-listen-port",
+    "dashboard-agent-grpc-port",
+    "metrics-export-port",
+    "runtime-env-agent-port",
+    "node-manager-port",
+    "object-manager-port",
+    "ray-client-server-port",
+)
+
+
 class RayHead:
     """`ray start --head` on 127.0.0.1 in its own session and temp dir; stopped by killing the processes of that
     session and temp dir by their ids (never `ray stop`, which would stop every Ray on the machine)."""
@@ -77,14 +86,14 @@ class RayHead:
         BIN = Path(sys.executable).parent  # noqa: N806 - the venv's bin, where `ray` lives
         self.temp = tempfile.mkdtemp(prefix="rr", dir="/tmp")  # short: Ray's socket paths are length-limited
         self.dashboard = free_port()
-        agents = [f"--{name}={free_port()}" for name in ("dashboard-agent-listen-port", "dashboard-agent-grpc-port",
-                  "metrics-export-port", "runtime-env-agent-port", "node-manager-port", "object-manager-port",
-                  "ray-client-server-port")]  # fmt: skip
-        cmd = [str(BIN / "ray"), "start", "--head", "--node-ip-address=127.0.0.1", f"--port={free_port()}",
-               "--dashboard-host=127.0.0.1", f"--dashboard-port={self.dashboard}", "--num-cpus=4",
-               f"--temp-dir={self.temp}", "--disable-usage-stats", "--include-dashboard=true", *agents]  # fmt: skip
-        proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                                start_new_session=True)  # fmt: skip
+        agents = [f"--{name}={free_port()}" for name in RAY_AGENT_PORTS]
+        head = ["--head", "--node-ip-address=127.0.0.1", f"--port={free_port()}", "--num-cpus=4"]
+        dashboard = ["--dashboard-host=127.0.0.1", f"--dashboard-port={self.dashboard}", "--include-dashboard=true"]
+        local = [f"--temp-dir={self.temp}", "--disable-usage-stats"]
+        cmd = [str(BIN / "ray"), "start", *head, *dashboard, *local, *agents]
+        proc = subprocess.Popen(
+            cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True
+        )
         self.session = proc.pid  # every process `ray start` spawns stays in this session
         out, _ = proc.communicate(timeout=180)
         if proc.returncode != 0:
@@ -128,15 +137,6 @@ def check_data(tmp_path_factory) -> Path:
     """make gpu-check's packed stage at 64 px, prepared with Ray (as `make gpu-bundle` does), shared by these tests."""
     data = tmp_path_factory.mktemp("gpu_check") / "data"
     root = Path(__file__).resolve().parents[1]
-    cmd = [
-        sys.executable,
-        "-m",
-        "pipelines.gpu_check",
-        "--prepare",
-        "--data",
-        str(data),
-        "--resolution",
-        "64",
-    ]
+    cmd = [sys.executable, "-m", "pipelines.gpu_check", "--prepare", "--data", str(data), "--resolution", "64"]
     subprocess.run(cmd, cwd=root, check=True, capture_output=True, timeout=600)
     return data

@@ -21,13 +21,8 @@ ROOT = Path(__file__).resolve().parents[2]
 def test_bench_nextdit_at_a_tiny_size(tmp_path):
     out = tmp_path / "nextdit.json"
     sizes = ["--config", "NextDiT_XS", "--batch", "2", "--latent", "8", "--iters", "1"]
-    r = subprocess.run(
-        [sys.executable, "bench/bench_nextdit.py", *sizes, "--out", str(out)],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    cmd = [sys.executable, "bench/bench_nextdit.py", *sizes, "--out", str(out)]
+    r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
     res = json.loads(out.read_text())
     assert res["ours"]["seconds_fwd_bwd"] > 0 and res["diffusers"]["seconds_fwd_bwd"] > 0
@@ -37,16 +32,7 @@ def test_bench_nextdit_at_a_tiny_size(tmp_path):
 def test_bench_trainer_fails_fast_and_leaves_no_process(tmp_path, check_data):
     """A failing rank ends the bench at once with a non-zero code (bc670f1's rank stayed alive for minutes,
     holding a fixed port), and two benches at once do not collide on a port."""
-    cmd = [
-        sys.executable,
-        "bench/bench_trainer.py",
-        "--micro",
-        "100000",
-        "--steps",
-        "1",
-        "--resolution",
-        "64",
-    ]
+    cmd = [sys.executable, "bench/bench_trainer.py", "--micro", "100000", "--steps", "1", "--resolution", "64"]
     cmd += ["--set", "model.text_encoder=tiny", "--packed", str(check_data / "packed")]
     t0 = time.time()
     quiet = {"cwd": ROOT, "stdout": subprocess.DEVNULL, "stderr": subprocess.PIPE, "text": True}

@@ -86,16 +86,7 @@ def test_gpu_check_refuses_bad_inputs_in_one_line(bare_machine, check_data, tmp_
     assert r.returncode == 2 and "GPU_PYTHON=3." in r.stderr and r.stderr.count("\n") == 1, r.stderr
     r = gpu_check(python, tmp_path, check_data, "--wheels", str(wheels), "--parts", "env,nothing")
     assert r.returncode == 2 and "unknown part 'nothing'" in r.stderr  # a typo is refused before anything runs
-    cmd = [
-        str(python),
-        "-m",
-        "pipelines.gpu_check",
-        "--allow-cpu",
-        "--data",
-        str(check_data),
-        "--resolution",
-        "256",
-    ]
+    cmd = [str(python), "-m", "pipelines.gpu_check", "--allow-cpu", "--data", str(check_data), "--resolution", "256"]
     r = subprocess.run([*cmd, "--wheels", str(wheels), "--parts", "env"], cwd=ROOT, capture_output=True, text=True)
     assert r.returncode == 2 and "packed at 64 px, --resolution is 256" in r.stderr, r.stderr
     assert not (tmp_path / "work").exists()  # refused before any part started
