@@ -54,13 +54,17 @@ def load_answer_key(truth: str | Path) -> dict[str, eval_captions.Scene]:
         for row in rows:
             scene = synth.scene_from_source(row.get("source"))
             if scene is None:
-                raise AnswerKeyError(f"{f}: row {row['key']} has source {row.get('source')!r}, not a synthetic "
-                                     "image (synth://seed=S/index=I): only the synthetic set has an answer key")  # fmt: skip
+                raise AnswerKeyError(
+                    f"{f}: row {row['key']} has source {row.get('source')!r}, not a synthetic "
+                    "image (synth://seed=S/index=I): only the synthetic set has an answer key"
+                )
             expected = synth.captions(scene)
             differ = [c for c, text in expected.items() if c in row and row[c] != text]
             if differ:
-                raise AnswerKeyError(f"{f}: row {row['key']}: {differ[0]} is not what datagen.synth writes for "
-                                     f"{row['source']}: the truth was made by another version; re-run `unicap synth`")  # fmt: skip
+                raise AnswerKeyError(
+                    f"{f}: row {row['key']}: {differ[0]} is not what datagen.synth writes for "
+                    f"{row['source']}: the truth was made by another version; re-run `unicap synth`"
+                )
             scenes[row["key"]] = eval_captions.Scene.from_dict(synth.scene_dict(scene))
     return scenes
 

@@ -34,6 +34,13 @@ from unicap.decode import decode_image
 MANIFEST = "_ingest.json"
 MAX_SIDECAR_BYTES = 1 << 20  # a caption file larger than this is not read
 MAX_IMAGE_BYTES = MAX_BYTES  # the URL ingest's limit: a larger file is a refused row, not read into memory
+SPECIAL_FILES = {  # stat.S_IFMT of a file that is not regular -> its name in the error message
+    stat.S_IFIFO: "fifo",
+    stat.S_IFSOCK: "socket",
+    stat.S_IFCHR: "character device",
+    stat.S_IFBLK: "block device",
+    stat.S_IFDIR: "folder",
+}
 
 
 def folder_key(relpath: str | bytes) -> str:
@@ -69,8 +76,7 @@ def read_inside(root_real: str, path: str, limit: int | None = None) -> bytes:
     try:
         st = os.stat(real, follow_symlinks=False)
         if not stat.S_ISREG(st.st_mode):
-            kind = {stat.S_IFIFO: "fifo", stat.S_IFSOCK: "socket", stat.S_IFCHR: "character device",
-                    stat.S_IFBLK: "block device", stat.S_IFDIR: "folder"}.get(stat.S_IFMT(st.st_mode), "special file")  # fmt: skip
+            kind = SPECIAL_FILES.get(stat.S_IFMT(st.st_mode), "special file")
             raise EntryError(f"not_a_regular_file: {shown} is a {kind}")
         fd = os.open(real, os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW | os.O_CLOEXEC)
         with os.fdopen(fd, "rb") as f:
@@ -186,11 +192,15 @@ def ingest_folder(root: str | Path, out: str | Path, shard_size: int = 10_000) -
                 "resume would mix shard assignments; ingest into a new --out"
             )
     else:
-        write_json(
-            {"root": root_real, "listing_sha256": listing, "shard_size": shard_size, "images": len(images),
-             "skipped_files": list(others), "skipped_reasons": others},
-            manifest_path,
-        )  # fmt: skip
+        manifest = {
+            "root": root_real,
+            "listing_sha256": listing,
+            "shard_size": shard_size,
+            "images": len(images),
+            "skipped_files": list(others),
+            "skipped_reasons": others,
+        }
+        write_json(manifest, manifest_path)
     remove_stale_temporaries(out, lambda rel: _is_folder_output(rel, False))
     shards = []
     for shard_id, start in enumerate(range(0, len(images), shard_size)):
@@ -212,7 +222,6 @@ def run(args: argparse.Namespace) -> int:
     res = ingest_folder(args.folder, args.out, args.shard_size)
     print(f"ingest-folder: {res['images']} images in {res['shards']} shard(s) under {args.out}")
     if res["skipped_files"]:
-        print(
-            f"  {len(res['skipped_files'])} other file(s) skipped, listed with the reason in {Path(args.out) / MANIFEST}"
-        )
+        listing = Path(args.out) / MANIFEST
+        print(f"  {len(res['skipped_files'])} other file(s) skipped, listed with the reason in {listing}")
     return 0

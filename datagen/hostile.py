@@ -75,30 +75,29 @@ def hostile_cases() -> list[HostileCase]:
     png = _save(Image.new("RGB", (120, 90), (10, 120, 230)), "PNG")
     rgba = Image.new("RGBA", (64, 64), (255, 0, 0, 0))
     rgba.paste((0, 0, 255, 255), (0, 0, 32, 64))
+    palette = _palette_transparent()
+    cmyk = _save(Image.new("CMYK", (80, 80), (0, 255, 255, 0)), "JPEG")
+    grey = _save(Image.new("L", (70, 70), 200), "JPEG", quality=95)
+    webp = _save(Image.new("RGB", (100, 80), (0, 128, 0)), "WEBP", lossless=True)
+    wide = _save(Image.new("RGB", (800, 100), (9, 9, 9)), "PNG")
     return [
-        HostileCase("exif_rotated_jpeg", _exif_rotated(), None, (20, 40), ["tiny"],
-                    pixel=((10, 5), (0, 0, 255))),
-        HostileCase("cmyk_jpeg", _save(Image.new("CMYK", (80, 80), (0, 255, 255, 0)), "JPEG"), None, (80, 80),
-                    pixel=((40, 40), (255, 0, 0))),
-        HostileCase("palette_transparent_png", _palette_transparent(), None, (96, 96),
-                    pixel=((10, 10), (255, 255, 255))),
+        HostileCase("exif_rotated_jpeg", _exif_rotated(), None, (20, 40), ["tiny"], pixel=((10, 5), (0, 0, 255))),
+        HostileCase("cmyk_jpeg", cmyk, None, (80, 80), pixel=((40, 40), (255, 0, 0))),
+        HostileCase("palette_transparent_png", palette, None, (96, 96), pixel=((10, 10), (255, 255, 255))),
         HostileCase("rgba_png", _save(rgba, "PNG"), None, (64, 64), pixel=((48, 10), (255, 255, 255))),
         HostileCase("grey16_png", _grey16(), None, (96, 96), pixel=((10, 10), (128, 128, 128))),
-        HostileCase("greyscale_jpeg", _save(Image.new("L", (70, 70), 200), "JPEG", quality=95), None, (70, 70),
-                    pixel=((5, 5), (200, 200, 200))),
-        HostileCase("webp", _save(Image.new("RGB", (100, 80), (0, 128, 0)), "WEBP", lossless=True), None, (100, 80),
-                    pixel=((50, 40), (0, 128, 0))),
+        HostileCase("greyscale_jpeg", grey, None, (70, 70), pixel=((5, 5), (200, 200, 200))),
+        HostileCase("webp", webp, None, (100, 80), pixel=((50, 40), (0, 128, 0))),
         HostileCase("animated_gif", _animated_gif(), None, (80, 80), ["animated"], pixel=((40, 40), (0, 200, 0))),
         HostileCase("tiny_png", _save(Image.new("RGB", (8, 8), (1, 2, 3)), "PNG"), None, (8, 8), ["tiny"]),
-        HostileCase("extreme_aspect_png", _save(Image.new("RGB", (800, 100), (9, 9, 9)), "PNG"), None, (800, 100),
-                    ["extreme_aspect"]),
+        HostileCase("extreme_aspect_png", wide, None, (800, 100), ["extreme_aspect"]),
         HostileCase("truncated_jpeg", jpeg[: len(jpeg) // 2], "truncated"),
         HostileCase("truncated_png", png[: len(png) - 30], "truncated"),
         HostileCase("zero_bytes", b"", "empty_file"),
         HostileCase("text_file", b"<html><body>404 not found</body></html>", "not_an_image"),
         HostileCase("pixel_limit_png", _bomb_png(9000, 9000), "too_many_pixels"),  # unicap's own limit
         HostileCase("decompression_bomb_png", _bomb_png(), "too_many_pixels"),  # Pillow's guard too
-    ]  # fmt: skip
+    ]
 
 
 # ---------------------------------------------------------------- pixel data and memory (decode limits)
@@ -136,4 +135,4 @@ def pixel_data_cases() -> list[HostileCase]:
         HostileCase("short_stream_png_7999", short_stream_png(), "truncated"),  # ~130 bytes declaring 64M pixels
         HostileCase("half_rows_png", short_stream_png(600, 400, rows=200, noise=True), "truncated"),
         HostileCase("large_valid_png_7999", large_png(), None, (7999, 7999), pixel=((100, 100), (90, 90, 90))),
-    ]  # fmt: skip
+    ]

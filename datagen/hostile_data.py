@@ -25,13 +25,22 @@ from datagen.hostile import short_stream_png
 from datagen.shards import ShardItem, shard_name, write_shard
 from unicap.atomic import atomic_path, write_parquet
 from unicap.contract import scores
-from unicap.contract.shards import tar_path
+from unicap.contract.shards import MISSING_FROM_TAR, tar_path
 
-SHARD_KINDS = ("unknown_key", "missing_key", "truncated_tar", "invalid_json", "zero_byte_image", "bomb_image",
-               "not_an_image", "duplicate_key_across_shards", "duplicate_key_in_tar", "index_failure",
-               "empty_shard")  # fmt: skip
-SCORE_KINDS = ("nan_score", "inf_score", "nan_aesthetic", "null_sha256", "duplicate_key_across_shards",
-               "empty_shard")  # fmt: skip
+SHARD_KINDS = (
+    "unknown_key",
+    "missing_key",
+    "truncated_tar",
+    "invalid_json",
+    "zero_byte_image",
+    "bomb_image",
+    "not_an_image",
+    "duplicate_key_across_shards",
+    "duplicate_key_in_tar",
+    "index_failure",
+    "empty_shard",
+)
+SCORE_KINDS = ("nan_score", "inf_score", "nan_aesthetic", "null_sha256", "duplicate_key_across_shards", "empty_shard")
 
 
 # ---------------------------------------------------------------- tars
@@ -119,23 +128,22 @@ def hostile_shards(directory: str | Path, seed: int, n_shards: int = 6, per_shar
             plant("duplicate_key_across_shards")
         items, planted = [], {}  # planted: key -> the outcome its content asks for
         for j, key in enumerate(keys):
-            fmt = "JPEG" if j % 2 else "PNG"
-            items.append(ShardItem(key=key, source=f"hostile://{shard}/{key}", caption=f"item {key}",
-                                   image=_image(rng, fmt), ext="jpg" if fmt == "JPEG" else "png",
-                                   width=72, height=64, sha256=f"sha-{key}"))  # fmt: skip
+            fmt, ext = ("JPEG", "jpg") if j % 2 else ("PNG", "png")
+            source, image = f"hostile://{shard}/{key}", _image(rng, fmt)
+            items.append(ShardItem(key, source, f"item {key}", image, ext, width=72, height=64, sha256=f"sha-{key}"))
             planted[key] = "ok"
         hostile = keys[1:]
         rng.shuffle(hostile)
         failed = None
         if "index_failure" in kinds:
             failed = hostile.pop()
-            items[keys.index(failed)] = ShardItem(
-                key=failed, source=f"hostile://{failed}", error="download_failed: 404"
-            )
+            items[keys.index(failed)] = ShardItem(failed, f"hostile://{failed}", error="download_failed: 404")
             plant("index_failure")
-        for kind, image, reason in (("zero_byte_image", b"", "undecodable_image: empty_file"),
-                                    ("bomb_image", short_stream_png(), "undecodable_image: truncated"),
-                                    ("not_an_image", b"<html>404</html>", "undecodable_image: not_an_image")):  # fmt: skip
+        for kind, image, reason in (
+            ("zero_byte_image", b"", "undecodable_image: empty_file"),
+            ("bomb_image", short_stream_png(), "undecodable_image: truncated"),
+            ("not_an_image", b"<html>404</html>", "undecodable_image: not_an_image"),
+        ):
             if kind in kinds:
                 k = hostile.pop()
                 items[keys.index(k)].image = image
@@ -155,8 +163,8 @@ def hostile_shards(directory: str | Path, seed: int, n_shards: int = 6, per_shar
             plant("missing_key")
         unknown = [f"h{seed}_{i}_ghost{u}" for u in range(int(rng.integers(1, 3)) if "unknown_key" in kinds else 0)]
         for ghost in unknown:  # between two samples
-            bounds = [x for x in range(len(members) + 1)
-                      if x in (0, len(members)) or members[x][0].split(".")[0] != members[x - 1][0].split(".")[0]]  # fmt: skip
+            stems = [name.split(".")[0] for name, _ in members]
+            bounds = [x for x in range(len(members) + 1) if x in (0, len(members)) or stems[x] != stems[x - 1]]
             members.insert(int(rng.choice(bounds)), (f"{ghost}.png", _image(rng)))
             plant("unknown_key")
         if "duplicate_key_in_tar" in kinds:
@@ -184,8 +192,7 @@ def hostile_shards(directory: str | Path, seed: int, n_shards: int = 6, per_shar
             else:
                 got[key] = "ok" if planted[key] == "undecodable_image: invalid" else planted[key]
         for key in keys:
-            out.expected[(shard, key)] = ("download_failed: 404" if key == failed
-                                          else got.get(key, "undecodable_image: missing from tar"))  # fmt: skip
+            out.expected[(shard, key)] = "download_failed: 404" if key == failed else got.get(key, MISSING_FROM_TAR)
         out.refused[shard] = refused
     return out
 
@@ -208,9 +215,11 @@ def hostile_score_tables(directory: str | Path, seed: int, n_files: int = 4, row
         t["min_side"] = [min(w, h) for w, h in zip(t["width"], t["height"], strict=True)]
         t["aspect_ratio"] = [max(w, h) / min(w, h) for w, h in zip(t["width"], t["height"], strict=True)]
         t["shard"] = [shard_name(f)] * rows
-        for col, kind, bad in ((scores.clip_column("long", "en"), "nan_score", float("nan")),
-                               (scores.clip_column("short", "en"), "inf_score", float("inf")),
-                               ("aesthetic", "nan_aesthetic", float("nan"))):  # fmt: skip
+        for col, kind, bad in (
+            (scores.clip_column("long", "en"), "nan_score", float("nan")),
+            (scores.clip_column("short", "en"), "inf_score", float("inf")),
+            ("aesthetic", "nan_aesthetic", float("nan")),
+        ):
             for i in rng.choice(rows, size=3, replace=False):
                 t[col][i] = bad if kind != "inf_score" or i % 2 else -bad
                 planted[kind] += 1

@@ -165,8 +165,10 @@ def read_url_list(path: str | Path, url_col: str = "url", caption_col: str | Non
     columns = {"url": url_col} | ({"caption": caption_col} if caption_col else {})
     missing = [c for c in columns.values() if c not in table.column_names]
     if missing:
-        raise preflight.UsageError(f"URL list {path} has no column {missing[0]!r} (columns: {table.column_names[:20]}); "
-                                   "name it with --url-col / --caption-col")  # fmt: skip
+        raise preflight.UsageError(
+            f"URL list {path} has no column {missing[0]!r} (columns: {table.column_names[:20]}); "
+            "name it with --url-col / --caption-col"
+        )
     return pa.table({k: _as_text(table.column(c), c, path) for k, c in columns.items()})
 
 

@@ -85,8 +85,11 @@ SQUARE_ABOVE, CIRCLE_ABOVE = 6.8, 5.2  # 1000 sqrt(k4x k4y) / mass^2: square 8.3
 
 _OBJECT_RGB = {name: np.array(rgb, dtype=np.float64) for name, (rgb, _) in COLORS.items()}
 _BACKGROUND_RGB = {name: np.array(rgb, dtype=np.float64) for name, (rgb, _) in BACKGROUNDS.items()}
-_NEUTRAL_RGB = {"ink black": np.zeros(3), "ink white": np.full(3, 255.0),
-                **{f"bg {k}": v for k, v in _BACKGROUND_RGB.items()}}  # fmt: skip
+_NEUTRAL_RGB = {
+    "ink black": np.zeros(3),
+    "ink white": np.full(3, 255.0),
+    **{f"bg {k}": v for k, v in _BACKGROUND_RGB.items()},
+}
 _YCC = np.array([[0.299, 0.587, 0.114], [-0.168736, -0.331264, 0.5], [0.5, -0.418688, -0.081312]])  # JPEG's
 _SHAPE_METRIC = _YCC.T @ np.diag([1.0, SHAPE_WEIGHT_CHROMA, SHAPE_WEIGHT_CHROMA]) @ _YCC
 
@@ -136,8 +139,8 @@ def _working_array(image: Image.Image) -> np.ndarray:
 
 def _border_rgb(a: np.ndarray) -> np.ndarray:
     b = max(1, round(min(a.shape[:2]) * BORDER))
-    ring = np.concatenate([a[:b].reshape(-1, 3), a[-b:].reshape(-1, 3),
-                           a[b:-b, :b].reshape(-1, 3), a[b:-b, -b:].reshape(-1, 3)])  # fmt: skip
+    top, bottom, left, right = a[:b], a[-b:], a[b:-b, :b], a[b:-b, -b:]
+    ring = np.concatenate([side.reshape(-1, 3) for side in (top, bottom, left, right)])
     return np.median(ring, axis=0)
 
 

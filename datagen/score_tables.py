@@ -36,16 +36,25 @@ def score_chunk(start: int, n: int, seed: int = 0, dup_rate: float = 0.02, bad_r
     sha[1:][dup[1:]] = sha[:-1][dup[1:]]
     clip = rng.normal(0.30, 0.05, n).astype(np.float32)
     col = scores.clip_column
-    return pa.table({
-        "key": keys, "shard": np.char.add("s", (idx // 10_000).astype(str)), "width": w.astype(np.int32),
-        "height": h.astype(np.int32), "min_side": np.minimum(w, h).astype(np.int32),
-        "aspect_ratio": (np.maximum(w, h) / np.minimum(w, h)).astype(np.float32), "sha256": sha.astype(str),
-        "source": keys, "caption_status": caption_status, "caption_levels_ok": np.full(n, "long,medium,short,tags"),
-        "decode_error": decode_error, col("long", "en"): clip,
+    columns = {
+        "key": keys,
+        "shard": np.char.add("s", (idx // 10_000).astype(str)),
+        "width": w.astype(np.int32),
+        "height": h.astype(np.int32),
+        "min_side": np.minimum(w, h).astype(np.int32),
+        "aspect_ratio": (np.maximum(w, h) / np.minimum(w, h)).astype(np.float32),
+        "sha256": sha.astype(str),
+        "source": keys,
+        "caption_status": caption_status,
+        "caption_levels_ok": np.full(n, "long,medium,short,tags"),
+        "decode_error": decode_error,
+        col("long", "en"): clip,
         col("medium", "en"): clip + rng.normal(0, 0.01, n).astype(np.float32),
         col("short", "en"): clip + rng.normal(0, 0.01, n).astype(np.float32),
-        "aesthetic": rng.normal(5.0, 1.0, n).astype(np.float32), "clip_model": np.full(n, "synthetic"),
-    }, schema=SCHEMA)  # fmt: skip
+        "aesthetic": rng.normal(5.0, 1.0, n).astype(np.float32),
+        "clip_model": np.full(n, "synthetic"),
+    }
+    return pa.table(columns, schema=SCHEMA)
 
 
 def write_score_table(out: str | Path, rows: int, rows_per_file: int = 1_000_000, seed: int = 0) -> list[Path]:

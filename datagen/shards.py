@@ -157,8 +157,7 @@ class _ShardReader:
 
     def row(self, key: str, members: dict[str, bytes | str]) -> dict:
         """One sample -> a reader row; members: extension -> bytes, or -> the reason it was not read."""
-        row = {"key": key, "shard": self.shard, "image": None, "source": None, "original_caption": None,
-               "sha256": None, "width": None, "height": None, READ_ERROR: None}  # fmt: skip
+        row = dict.fromkeys(READER_SCHEMA.names) | {"key": key, "shard": self.shard}  # the rest None until known
         if key not in self.listed:
             return row | {READ_ERROR: f"{REFUSED}: {key!r} is in {self.shard}.tar but not in its index"}
         if key in self.seen:
@@ -185,17 +184,33 @@ class _ShardReader:
         first = lambda name, cast: next(  # noqa: E731
             (v for v in (cast(meta.get(name)), cast(listed.get(name))) if v is not None), None
         )
-        return row | {"image": image, "source": first("url", _str), "sha256": first("sha256", _str),
-                      "original_caption": (txt.decode(errors="replace") if txt else None) or first("caption", _str),
-                      "width": first("width", _int), "height": first("height", _int)}  # fmt: skip
+        return row | {
+            "image": image,
+            "source": first("url", _str),
+            "sha256": first("sha256", _str),
+            "original_caption": (txt.decode(errors="replace") if txt else None) or first("caption", _str),
+            "width": first("width", _int),
+            "height": first("height", _int),
+        }
 
     def missing(self, why: str | None) -> list[dict]:
         """The index's images the tar did not deliver, as problem rows (metadata from the index)."""
         detail = MISSING_FROM_TAR + (f" ({why})" if why else "")
-        return [{"key": k, "shard": self.shard, "image": None, "source": _str(r.get("url")),
-                 "original_caption": _str(r.get("caption")), "sha256": _str(r.get("sha256")),
-                 "width": _int(r.get("width")), "height": _int(r.get("height")), READ_ERROR: detail}
-                for k, r in sorted(self.index.items()) if k not in self.seen]  # fmt: skip
+        return [
+            {
+                "key": k,
+                "shard": self.shard,
+                "image": None,
+                "source": _str(r.get("url")),
+                "original_caption": _str(r.get("caption")),
+                "sha256": _str(r.get("sha256")),
+                "width": _int(r.get("width")),
+                "height": _int(r.get("height")),
+                READ_ERROR: detail,
+            }
+            for k, r in sorted(self.index.items())
+            if k not in self.seen
+        ]
 
 
 def _samples(path: Path):
@@ -217,8 +232,8 @@ def _samples(path: Path):
                     yield key, members
                     members = {}
                 key = k
-                members[ext] = (tar.extractfile(m).read() if m.size <= MAX_MEMBER_BYTES
-                                else f"is {m.size} bytes (limit {MAX_MEMBER_BYTES})")  # fmt: skip
+                too_large = f"is {m.size} bytes (limit {MAX_MEMBER_BYTES})"
+                members[ext] = tar.extractfile(m).read() if m.size <= MAX_MEMBER_BYTES else too_large
                 count += 1
         except (tarfile.TarError, EOFError) as e:  # cut off or garbled: what was read before stands
             yield None, f"{path.name} is truncated or corrupt after {count} members: {type(e).__name__}: {e}"
@@ -228,8 +243,9 @@ def _samples(path: Path):
     yield None, None
 
 
-def iter_shard(directory: str | Path, shard: str, *, problems: bool = False, batch_rows: int = 64,
-               batch_bytes: int = 64 << 20) -> Iterator[pa.Table]:  # fmt: skip
+def iter_shard(
+    directory: str | Path, shard: str, *, problems: bool = False, batch_rows: int = 64, batch_bytes: int = 64 << 20
+) -> Iterator[pa.Table]:
     """One shard, read against its index, as tables of READER_SCHEMA (problems=True) or READ_COLUMNS.
 
     Every success row of the index comes out exactly once: as its image, or (problems=True) as a row

@@ -56,12 +56,20 @@ CELLS = [  # row-major 3x3 grid: (English, Chinese)
     ("top left", "左上角"), ("top", "上方"), ("top right", "右上角"),
     ("left", "左侧"), ("center", "中央"), ("right", "右侧"),
     ("bottom left", "左下角"), ("bottom", "下方"), ("bottom right", "右下角"),
-]  # fmt: skip
+]  # fmt: skip  # laid out as the grid it names: one row of cells a line
 WORDS = ["HELLO", "CAT", "SUN", "LUMINA", "OPEN", "DATA", "PIXEL", "RAY", "TREE", "MOON"]
 CANVASES = [  # (width, height, weight): square, landscape, portrait; a tail of >= 1024 px images
-    (256, 256, 4), (384, 256, 3), (256, 384, 3), (512, 512, 3), (640, 480, 2), (480, 640, 2),
-    (768, 512, 1), (1024, 1024, 1), (1280, 1024, 1), (1024, 1536, 1),
-]  # fmt: skip
+    (256, 256, 4),
+    (384, 256, 3),
+    (256, 384, 3),
+    (512, 512, 3),
+    (640, 480, 2),
+    (480, 640, 2),
+    (768, 512, 1),
+    (1024, 1024, 1),
+    (1280, 1024, 1),
+    (1024, 1536, 1),
+]
 EN_NUM = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
 ZH_NUM = ["零", "一", "两", "三", "四", "五", "六", "七", "八", "九"]
 
@@ -261,8 +269,13 @@ def scene_from_source(source: str) -> SynthScene | None:
 
 def scene_dict(scene: SynthScene) -> dict:
     """The scene graph as plain JSON data (what the shards' {key}.json holds, plus the canvas size)."""
-    return {"width": scene.width, "height": scene.height, "background": scene.background, "text": scene.text,
-            "objects": [asdict(o) for o in scene.objects]}  # fmt: skip
+    return {
+        "width": scene.width,
+        "height": scene.height,
+        "background": scene.background,
+        "text": scene.text,
+        "objects": [asdict(o) for o in scene.objects],
+    }
 
 
 def _encode(im: Image.Image, rng: random.Random) -> tuple[bytes, str]:

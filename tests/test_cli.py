@@ -51,8 +51,8 @@ def test_job_options_take_their_defaults_from_the_config_dataclasses():
     engine, caption = job.configs()
     assert engine == EngineConfig(model=job.model) and caption == CaptionConfig()  # nothing restated
     assert engine.max_pixels == caption.max_pixels == EngineConfig.max_pixels
-    job = config.from_args(CaptionJobConfig, _parse("pipelines.caption", [
-        "--input", "in", "--output", "out", "--levels", "short,tags", "--max-tokens", "short=9", "--max-pixels", "4096"]))  # fmt: skip
+    argv = "--input in --output out --levels short,tags --max-tokens short=9 --max-pixels 4096".split()
+    job = config.from_args(CaptionJobConfig, _parse("pipelines.caption", argv))
     engine, caption = job.configs()
     assert caption.levels == ("short", "tags") and caption.max_tokens == {"short": 9}
     assert engine.max_pixels == caption.max_pixels == 4096
@@ -141,6 +141,7 @@ def test_user_errors_from_the_command_line_and_unicap_debug(tmp_path):
     assert r.returncode == 2 and r.stderr.startswith("unicap ingest-folder: error: ") and "Traceback" not in r.stderr
     r = subprocess.run(argv, capture_output=True, text=True, env={**os.environ, "UNICAP_DEBUG": "1"})
     assert r.returncode == 1 and "Traceback" in r.stderr and "NotADirectoryError" in r.stderr
-    r = subprocess.run([sys.executable, "-m", "pipelines.caption", "--input", str(tmp_path), "--output", str(tmp_path / "c"),
-                        "--batch-size", "0"], capture_output=True, text=True, cwd=Path(__file__).resolve().parents[1])  # fmt: skip
+    argv = [sys.executable, "-m", "pipelines.caption", "--input", str(tmp_path), "--output", str(tmp_path / "c")]
+    repo = Path(__file__).resolve().parents[1]
+    r = subprocess.run([*argv, "--batch-size", "0"], capture_output=True, text=True, cwd=repo)
     assert r.returncode == 2 and "--batch-size must be" in r.stderr and "Traceback" not in r.stderr

@@ -39,8 +39,12 @@ def first_party_modules() -> dict[str, Path]:
 
 
 def _is_main_guard(node: ast.AST) -> bool:
-    return (isinstance(node, ast.If) and isinstance(node.test, ast.Compare)
-            and isinstance(node.test.left, ast.Name) and node.test.left.id == "__name__")  # fmt: skip
+    return (
+        isinstance(node, ast.If)
+        and isinstance(node.test, ast.Compare)
+        and isinstance(node.test.left, ast.Name)
+        and node.test.left.id == "__name__"
+    )
 
 
 def imports_of(source: str, module: str, known: set[str]) -> list[tuple[int, str]]:
@@ -133,8 +137,9 @@ def test_every_package_has_a_layer():
 
 def test_imports_only_go_down():
     graph = import_graph()
-    problems = [f"{m}:{line}: {why}" for m, imps in graph.items() for line, target in imps
-                for why in violations(m, target)]  # fmt: skip
+    problems = [
+        f"{m}:{line}: {why}" for m, imps in graph.items() for line, target in imps for why in violations(m, target)
+    ]
     assert not problems, "\n".join(problems)
 
 

@@ -251,15 +251,20 @@ def test_checked_blocks_parse_and_use_real_flags():
         if b.mark == "ci":
             makes = [c for c in commands(b.text) if c[0] == "make"]
             targets = [a for c in makes for a in c[1:]]
-            r = subprocess.run(["make", "-n", *targets], cwd=ROOT, env=block_env(None), capture_output=True,
-                               text=True, timeout=120)  # fmt: skip
+            r = subprocess.run(
+                ["make", "-n", *targets], cwd=ROOT, env=block_env(None), capture_output=True, text=True, timeout=120
+            )
             assert r.returncode == 0, f"{b}: make -n {' '.join(targets)}: {r.stderr[-2000:]}"
 
 
 def test_command_splitting():
     script = "a --x 1 \\\n  --y=2 && b -- c --z  # note\nprintf 'p q\\n' > hosts\nd '{\"k\": 1}' &\n"
-    assert commands(script) == [["a", "--x", "1", "--y=2"], ["b", "--", "c", "--z"], ["printf", "p q\\n", ">", "hosts"],
-                                ["d", '{"k": 1}']]  # fmt: skip
+    assert commands(script) == [
+        ["a", "--x", "1", "--y=2"],
+        ["b", "--", "c", "--z"],
+        ["printf", "p q\\n", ">", "hosts"],
+        ["d", '{"k": 1}'],
+    ]
     assert flags(["--x", "1", "--y=2", "--", "--z"]) == ["--x", "--y"]
 
 
@@ -272,8 +277,8 @@ def block_env(ws: Path | None) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if k not in drop}
     env["PATH"] = f"{BIN}{os.pathsep}{env.get('PATH', '')}"
     env["VIRTUAL_ENV"] = str(BIN.parent)
-    env.update(RAY_AUTH_MODE="disabled", RAY_USAGE_STATS_ENABLED="0", NO_ALBUMENTATIONS_UPDATE="1",
-               HF_DATASETS_OFFLINE="1", HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1")  # fmt: skip
+    env.update(RAY_AUTH_MODE="disabled", RAY_USAGE_STATS_ENABLED="0", NO_ALBUMENTATIONS_UPDATE="1")
+    env.update(HF_DATASETS_OFFLINE="1", HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1")
     # what `make` exports to the suite, for runs of this file outside make
     env.setdefault("UNICAP_CACHE", str(ROOT / ".cache"))
     env.setdefault("TORCH_EXTENSIONS_DIR", str(Path(env["UNICAP_CACHE"]) / "torch_extensions"))
@@ -315,8 +320,17 @@ def run_block(block: Block, text: str, env: dict[str, str], log: Path) -> tuple[
     else:  # as pasted into python in the repository root, then the marker
         cmd, stdin = [sys.executable, "-"], f"{text}\nprint({BLOCK_DONE!r}, flush=True)\n"
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
-    r = subprocess.run(cmd, input=stdin, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                       text=True, timeout=900, start_new_session=True)  # fmt: skip
+    r = subprocess.run(
+        cmd,
+        input=stdin,
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        timeout=900,
+        start_new_session=True,
+    )
     after = resource.getrusage(resource.RUSAGE_CHILDREN)
     cpu = after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime
     log.write_text(f"$ {block}\n{text}\n\n{r.stdout}")

@@ -84,10 +84,12 @@ def main(argv: list[str] | None = None) -> int:
 def module_main(module_name: str, argv: list[str] | None = None) -> int:
     """`python -m MODULE ...` for a job module: its own parser (add_arguments) and run(args)."""
     module = importlib.import_module(module_name)
-    p = argparse.ArgumentParser(prog=f"python -m {module_name}", description=module.__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+    prog = f"python -m {module_name}"
+    p = argparse.ArgumentParser(
+        prog=prog, description=module.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     module.add_arguments(p)
-    return run_reporting_user_errors(f"python -m {module_name}", module.run, p.parse_args(argv))
+    return run_reporting_user_errors(prog, module.run, p.parse_args(argv))
 
 
 if __name__ == "__main__":

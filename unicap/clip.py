@@ -35,9 +35,15 @@ class AestheticHead(torch.nn.Module):
     def __init__(self, dim: int):
         super().__init__()
         self.layers = torch.nn.Sequential(
-            torch.nn.Linear(dim, 1024), torch.nn.Dropout(0.2), torch.nn.Linear(1024, 128), torch.nn.Dropout(0.2),
-            torch.nn.Linear(128, 64), torch.nn.Dropout(0.1), torch.nn.Linear(64, 16), torch.nn.Linear(16, 1),
-        )  # fmt: skip
+            torch.nn.Linear(dim, 1024),
+            torch.nn.Dropout(0.2),
+            torch.nn.Linear(1024, 128),
+            torch.nn.Dropout(0.2),
+            torch.nn.Linear(128, 64),
+            torch.nn.Dropout(0.1),
+            torch.nn.Linear(64, 16),
+            torch.nn.Linear(16, 1),
+        )
 
     def forward(self, emb: torch.Tensor) -> torch.Tensor:
         return self.layers(emb).squeeze(-1)
@@ -190,7 +196,7 @@ def tiny_aesthetic_head(dim: int, seed: int = 0, root: Path | None = None) -> Pa
     def build(p: Path) -> None:
         torch.manual_seed(seed)
         torch.save(AestheticHead(dim).state_dict(), p / "aesthetic.pt")
-        (p / DONE_MARK).write_text(json.dumps({"kind": "tiny-aesthetic", "version": TINY_AESTHETIC_VERSION,
-                                               "dim": dim, "seed": seed}))  # fmt: skip
+        mark = {"kind": "tiny-aesthetic", "version": TINY_AESTHETIC_VERSION, "dim": dim, "seed": seed}
+        (p / DONE_MARK).write_text(json.dumps(mark))
 
     return cached(f"tiny-aesthetic-{TINY_AESTHETIC_VERSION}-{dim}-{seed}", build, root) / "aesthetic.pt"

@@ -101,9 +101,15 @@ def _pairs_in_runs(sorted_codes: np.ndarray, order: np.ndarray, max_bucket: int)
 
 
 def near_duplicate_pairs(
-    emb, threshold: float = 0.95, bands: int = 24, rows: int | None = None, max_bucket: int = 256,
-    seed: int = 0, valid: np.ndarray | None = None, workdir: Path | None = None,
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:  # fmt: skip
+    emb,
+    threshold: float = 0.95,
+    bands: int = 24,
+    rows: int | None = None,
+    max_bucket: int = 256,
+    seed: int = 0,
+    valid: np.ndarray | None = None,
+    workdir: Path | None = None,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Row pairs (i, j, centred cosine) with cosine >= threshold, i < j, found through LSH buckets.
 
     emb: (N, dim) array or np.memmap (read in chunks); valid: (N,) bool, rows to consider;
@@ -122,8 +128,11 @@ def near_duplicate_pairs(
     planes = np.random.default_rng(seed).standard_normal((dim, bands * rows)).astype(np.float32)
     weights = 1 << np.arange(rows, dtype=np.int64)
     # band-major: one band's codes are contiguous for sorting
-    codes = (np.empty((bands, n), np.int64) if workdir is None
-             else np.lib.format.open_memmap(Path(workdir) / "codes.npy", "w+", np.int64, (bands, max(n, 1)))[:, :n])  # fmt: skip
+    codes = (
+        np.empty((bands, n), np.int64)
+        if workdir is None
+        else np.lib.format.open_memmap(Path(workdir) / "codes.npy", "w+", np.int64, (bands, max(n, 1)))[:, :n]
+    )
     for s in range(0, n, CHUNK):
         x = emb[s : s + CHUNK].astype(np.float32) - mean
         norm = np.linalg.norm(x, axis=1)

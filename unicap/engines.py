@@ -187,8 +187,10 @@ class VLLMEngine:
         except Exception as e:  # noqa: BLE001 - one bad batch must not kill the actor
             return [GenResult(None, None, 0, f"engine_error: {type(e).__name__}: {e}"[:500]) for _ in requests]
         if len(outs) != len(requests):
-            return [GenResult(None, None, 0, f"engine_error: {len(outs)} outputs for {len(requests)} requests")
-                    for _ in requests]  # fmt: skip
+            return [
+                GenResult(None, None, 0, f"engine_error: {len(outs)} outputs for {len(requests)} requests")
+                for _ in requests
+            ]
         results = []
         for o in outs:
             c = o.outputs[0]
@@ -330,8 +332,9 @@ class ServerEngine:
                 except Exception as e:  # noqa: BLE001 - unreachable server: every request records it
                     why = "no answer within the timeout" if isinstance(e, TimeoutError) else f"{type(e).__name__}: {e}"
                     return [GenResult(None, None, 0, f"engine_error: server unreachable: {why}"[:300])] * len(requests)
-                return await asyncio.gather(*(self._one(client, sem, r, model) for r in requests),
-                                            return_exceptions=True)  # fmt: skip
+                return await asyncio.gather(
+                    *(self._one(client, sem, r, model) for r in requests), return_exceptions=True
+                )
 
         try:
             results = asyncio.run(run())

@@ -62,37 +62,86 @@ CELL_NAMES = (
 # ---------------------------------------------------------------- the closed vocabulary (canonical <- phrases)
 
 _EN = {
-    "colour": {"red": ["red"], "green": ["green"], "blue": ["blue"], "yellow": ["yellow"],
-               "purple": ["purple", "violet"], "orange": ["orange"]},
-    "shape": {"circle": ["circles?", "discs?", "disks?", "dots?"], "square": ["squares?"],
-              "triangle": ["triangles?"], "diamond": ["diamonds?", "rhombus(?:es)?", "rhombi", "lozenges?"]},
-    "size": {"small": ["small", "little", "tiny"], "medium": ["medium[ -]sized", "medium[ -]size", "mid[ -]sized",
-             "medium"], "large": ["large", "big", "huge"]},
-    "background": {"white": ["white"], "light grey": ["light gr[ae]y"], "beige": ["beige", "cream"],
-                   "pale blue": ["pale blue", "light blue", "baby blue"], "dark grey": ["dark gr[ae]y", "charcoal"],
-                   "grey": ["gr[ae]y"]},  # plain "grey" is neither light nor dark grey: a wrong mention
-    "position": {0: ["(?:top|upper)[ -]left", "left[ -]top"], 2: ["(?:top|upper)[ -]right", "right[ -]top"],
-                 6: ["(?:bottom|lower)[ -]left", "left[ -]bottom"], 8: ["(?:bottom|lower)[ -]right", "right[ -]bottom"],
-                 1: ["top", "upper"], 7: ["bottom", "lower"], 3: ["left"], 5: ["right"],
-                 4: ["center", "centre", "middle"]},
-}  # fmt: skip
+    "colour": {
+        "red": ["red"],
+        "green": ["green"],
+        "blue": ["blue"],
+        "yellow": ["yellow"],
+        "purple": ["purple", "violet"],
+        "orange": ["orange"],
+    },
+    "shape": {
+        "circle": ["circles?", "discs?", "disks?", "dots?"],
+        "square": ["squares?"],
+        "triangle": ["triangles?"],
+        "diamond": ["diamonds?", "rhombus(?:es)?", "rhombi", "lozenges?"],
+    },
+    "size": {
+        "small": ["small", "little", "tiny"],
+        "medium": ["medium[ -]sized", "medium[ -]size", "mid[ -]sized", "medium"],
+        "large": ["large", "big", "huge"],
+    },
+    "background": {
+        "white": ["white"],
+        "light grey": ["light gr[ae]y"],
+        "beige": ["beige", "cream"],
+        "pale blue": ["pale blue", "light blue", "baby blue"],
+        "dark grey": ["dark gr[ae]y", "charcoal"],
+        "grey": ["gr[ae]y"],  # plain "grey" is neither light nor dark grey: a wrong mention
+    },
+    "position": {
+        0: ["(?:top|upper)[ -]left", "left[ -]top"],
+        2: ["(?:top|upper)[ -]right", "right[ -]top"],
+        6: ["(?:bottom|lower)[ -]left", "left[ -]bottom"],
+        8: ["(?:bottom|lower)[ -]right", "right[ -]bottom"],
+        1: ["top", "upper"],
+        7: ["bottom", "lower"],
+        3: ["left"],
+        5: ["right"],
+        4: ["center", "centre", "middle"],
+    },
+}
 _ZH = {
-    "colour": {"red": ["红色", "红"], "green": ["绿色", "绿"], "blue": ["蓝色", "蓝"], "yellow": ["黄色", "黄"],
-               "purple": ["紫色", "紫"], "orange": ["橙色", "橘色", "橙"]},
-    "shape": {"circle": ["圆形", "圆圈", "圆点", "圆"], "square": ["正方形", "方形", "方块"], "triangle": ["三角形", "三角"],
-              "diamond": ["菱形"]},
-    "size": {"small": ["小型的", "小号的", "小的", "小型", "小"], "medium": ["中等大小的", "中等大小", "中等的", "中等", "中号的", "中号",
-             "中型的", "中型"], "large": ["大型的", "大号的", "大的", "大型", "巨大的", "大"]},
-    "background": {"white": ["白色"], "light grey": ["浅灰色", "淡灰色"], "beige": ["米色", "米黄色"],
-                   "pale blue": ["淡蓝色", "浅蓝色"], "dark grey": ["深灰色"], "grey": ["灰色"]},
-    "position": {0: ["左上角", "左上方", "左上部", "左上"], 2: ["右上角", "右上方", "右上部", "右上"],
-                 6: ["左下角", "左下方", "左下部", "左下"], 8: ["右下角", "右下方", "右下部", "右下"],
-                 1: ["正上方", "上方", "顶部", "上部", "上面"], 7: ["正下方", "下方", "底部", "下部", "下面"],
-                 3: ["左侧", "左边", "左方", "左部"], 5: ["右侧", "右边", "右方", "右部"],
-                 4: ["正中央", "中央", "中间", "中心", "正中"]},
-}  # fmt: skip
-EN_NUMBERS = {"a": 1, "an": 1, "one": 1, "single": 1, "two": 2, "three": 3, "four": 4, "five": 5, "six": 6,
-              "seven": 7, "eight": 8, "nine": 9, "ten": 10}  # fmt: skip
+    "colour": {
+        "red": ["红色", "红"],
+        "green": ["绿色", "绿"],
+        "blue": ["蓝色", "蓝"],
+        "yellow": ["黄色", "黄"],
+        "purple": ["紫色", "紫"],
+        "orange": ["橙色", "橘色", "橙"],
+    },
+    "shape": {
+        "circle": ["圆形", "圆圈", "圆点", "圆"],
+        "square": ["正方形", "方形", "方块"],
+        "triangle": ["三角形", "三角"],
+        "diamond": ["菱形"],
+    },
+    "size": {
+        "small": ["小型的", "小号的", "小的", "小型", "小"],
+        "medium": ["中等大小的", "中等大小", "中等的", "中等", "中号的", "中号", "中型的", "中型"],
+        "large": ["大型的", "大号的", "大的", "大型", "巨大的", "大"],
+    },
+    "background": {
+        "white": ["白色"],
+        "light grey": ["浅灰色", "淡灰色"],
+        "beige": ["米色", "米黄色"],
+        "pale blue": ["淡蓝色", "浅蓝色"],
+        "dark grey": ["深灰色"],
+        "grey": ["灰色"],
+    },
+    "position": {
+        0: ["左上角", "左上方", "左上部", "左上"],
+        2: ["右上角", "右上方", "右上部", "右上"],
+        6: ["左下角", "左下方", "左下部", "左下"],
+        8: ["右下角", "右下方", "右下部", "右下"],
+        1: ["正上方", "上方", "顶部", "上部", "上面"],
+        7: ["正下方", "下方", "底部", "下部", "下面"],
+        3: ["左侧", "左边", "左方", "左部"],
+        5: ["右侧", "右边", "右方", "右部"],
+        4: ["正中央", "中央", "中间", "中心", "正中"],
+    },
+}
+EN_NUMBERS = dict(a=1, an=1, one=1, single=1, two=2, three=3, four=4, five=5, six=6, seven=7, eight=8, nine=9, ten=10)
 ZH_NUMBERS = {
     "一": 1,
     "两": 2,
@@ -347,10 +396,13 @@ def evaluate(
     for level in levels:
         for lang in languages:
             col = caption_record.caption_column(level, lang)
+            asked = LEVEL_KINDS.get(level, KINDS)  # the kinds this level's captions are recalled on
             total = CaptionScore(
-                recalled=dict.fromkeys(LEVEL_KINDS.get(level, KINDS), 0), facts=dict.fromkeys(LEVEL_KINDS.get(level, KINDS), 0),
-                correct=dict.fromkeys(KINDS, 0), mentions=dict.fromkeys(KINDS, 0),
-            )  # fmt: skip
+                recalled=dict.fromkeys(asked, 0),
+                facts=dict.fromkeys(asked, 0),
+                correct=dict.fromkeys(KINDS, 0),
+                mentions=dict.fromkeys(KINDS, 0),
+            )
             present = right_lang = wrong_lang_failed = with_hallucination = 0
             reasons: Counter = Counter()
             for r in scored:
@@ -425,8 +477,8 @@ def goal_check(metrics: dict, goal: Mapping = GOAL) -> dict:
         h = m["hallucination"]["instance_rate"]
         if h is None or h > goal["hallucination"]:
             misses.append(f"{col} hallucination {_fmt(h)} > {goal['hallucination']}")
-    return {"met": not misses, "misses": misses, "goal": {k: list(v) if isinstance(v, tuple) else v
-                                                          for k, v in goal.items()}}  # fmt: skip
+    goal_json = {k: list(v) if isinstance(v, tuple) else v for k, v in goal.items()}
+    return {"met": not misses, "misses": misses, "goal": goal_json}
 
 
 def _fmt(v: float | None) -> str:
@@ -450,14 +502,18 @@ def format_table(metrics: dict) -> str:
     for col, m in metrics["columns"].items():
         cells = [col.removeprefix("caption_"), _fmt(m["present_share"]), _fmt(m["right_language"])]
         cells += [_fmt(m["kinds"][k]["recall"]) for k in KINDS]
-        cells += [_fmt(m["kinds"]["object"]["precision"]), _fmt(m["hallucination"]["instance_rate"]),
-                  _fmt(m["hallucination"]["caption_rate"])]  # fmt: skip
+        chair = m["hallucination"]
+        cells += [_fmt(m["kinds"]["object"]["precision"]), _fmt(chair["instance_rate"]), _fmt(chair["caption_rate"])]
         lines.append(
             " ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(cells, widths, strict=True)))
         )
     status = ", ".join(f"{k} {v}" for k, v in sorted(metrics["status"].items(), key=lambda kv: str(kv[0])))
-    lines.append(f"rows {metrics['rows']} (status: {status}; ok share {_fmt(metrics['ok_share']).strip()}), "
-                 f"missing {metrics['missing']}, without truth {metrics['rows_without_truth']}")  # fmt: skip
-    lines.append("R: recall over the captions present ('-': the level is not asked for it); P: precision; "
-                 "CHAIR_i: object mentions not in the image / object mentions; CHAIR_s: captions with one or more")  # fmt: skip
+    lines.append(
+        f"rows {metrics['rows']} (status: {status}; ok share {_fmt(metrics['ok_share']).strip()}), "
+        f"missing {metrics['missing']}, without truth {metrics['rows_without_truth']}"
+    )
+    lines.append(
+        "R: recall over the captions present ('-': the level is not asked for it); P: precision; "
+        "CHAIR_i: object mentions not in the image / object mentions; CHAIR_s: captions with one or more"
+    )
     return "\n".join(lines)

@@ -41,8 +41,16 @@ LEVEL_INSTRUCTIONS = {
         "style, setting. No numbering, no sentences."
     ),
 }
-LANGUAGE_NAMES = {"en": "English", "zh": "Simplified Chinese", "ja": "Japanese", "ko": "Korean",
-                  "de": "German", "fr": "French", "es": "Spanish", "ru": "Russian"}  # fmt: skip
+LANGUAGE_NAMES = {
+    "en": "English",
+    "zh": "Simplified Chinese",
+    "ja": "Japanese",
+    "ko": "Korean",
+    "de": "German",
+    "fr": "French",
+    "es": "Spanish",
+    "ru": "Russian",
+}
 DEFAULT_MAX_TOKENS = {"long": 512, "medium": 160, "short": 64, "tags": 128}
 
 
@@ -99,11 +107,13 @@ def json_prompt(levels: Sequence[str], languages: Sequence[str], max_tokens: dic
         "required": keys,
         "additionalProperties": False,
     }
-    parts = [f'"{json_key(lv, lang)}": {LEVEL_INSTRUCTIONS[lv]} Written in {language_name(lang)}.'
-             for lv in levels for lang in languages]  # fmt: skip
-    text = "Caption this image at several levels of detail. Return one JSON object with these keys:\n" + "\n".join(
-        parts
-    )
+    parts = [
+        f'"{json_key(lv, lang)}": {LEVEL_INSTRUCTIONS[lv]} Written in {language_name(lang)}.'
+        for lv in levels
+        for lang in languages
+    ]
+    header = "Caption this image at several levels of detail. Return one JSON object with these keys:\n"
+    text = header + "\n".join(parts)
     budget = sum(max_tokens[lv] for lv in levels for _ in languages) + 16 * len(keys)
     fields = tuple(caption_column(lv, lang) for lv in levels for lang in languages)
     return Prompt("json", text, budget, json_schema=schema, fields=fields)

@@ -101,8 +101,12 @@ def init_ray(address: str | None = None, *, quiet: bool = False) -> None:
     if address:
         ray.init(address=address, log_to_driver=not quiet)
     else:
-        ray.init(num_cpus=max(4, 2 * (os.cpu_count() or 1)), include_dashboard=False, configure_logging=False,
-                 log_to_driver=not quiet)  # fmt: skip
+        ray.init(
+            num_cpus=max(4, 2 * (os.cpu_count() or 1)),
+            include_dashboard=False,
+            configure_logging=False,
+            log_to_driver=not quiet,
+        )
 
 
 def cluster_gpus(address: str | None = None) -> float:
@@ -133,8 +137,10 @@ def engine_gpus(cluster: float, per_engine: int, engines: int) -> int:
     if cluster <= 0:
         return 0
     if per_engine * engines > cluster:
-        raise ValueError(f"{engines} engine(s) x {per_engine} GPU(s) each need {per_engine * engines} GPUs; the "
-                         f"cluster has {cluster:g}: lower --concurrency or --tensor-parallel")  # fmt: skip
+        raise ValueError(
+            f"{engines} engine(s) x {per_engine} GPU(s) each need {per_engine * engines} GPUs; the "
+            f"cluster has {cluster:g}: lower --concurrency or --tensor-parallel"
+        )
     return per_engine
 
 

@@ -21,9 +21,14 @@ from unicap.tiny_build import DONE_MARK, cached, train_bpe
 # bump when the build changes (3: tokenizer corpus from unicap's own prompts and vocabulary)
 TINY_QWEN2VL_VERSION = "3"
 SPECIAL_TOKENS = [
-    "<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>",
-    "<|image_pad|>", "<|video_pad|>",
-]  # fmt: skip
+    "<|endoftext|>",
+    "<|im_start|>",
+    "<|im_end|>",
+    "<|vision_start|>",
+    "<|vision_end|>",
+    "<|image_pad|>",
+    "<|video_pad|>",
+]
 
 # Qwen2-VL's chat template (image / video / text content parts), as shipped with the real models.
 CHAT_TEMPLATE = (
@@ -40,12 +45,39 @@ CHAT_TEMPLATE = (
     "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
 )
 # the tokenizer corpus's visual vocabulary: (English, Chinese)
-COLOURS = [("red", "红色"), ("green", "绿色"), ("blue", "蓝色"), ("yellow", "黄色"), ("purple", "紫色"),
-           ("orange", "橙色"), ("white", "白色"), ("grey", "灰色"), ("black", "黑色"), ("beige", "米色")]  # fmt: skip
-SHAPES = [("circle", "圆形"), ("square", "正方形"), ("triangle", "三角形"), ("diamond", "菱形"),
-          ("cat", "猫"), ("tree", "树"), ("house", "房子"), ("car", "汽车")]  # fmt: skip
-PLACES = [("top left", "左上角"), ("top", "上方"), ("top right", "右上角"), ("left", "左侧"), ("center", "中央"),
-          ("right", "右侧"), ("bottom left", "左下角"), ("bottom", "下方"), ("bottom right", "右下角")]  # fmt: skip
+COLOURS = [
+    ("red", "红色"),
+    ("green", "绿色"),
+    ("blue", "蓝色"),
+    ("yellow", "黄色"),
+    ("purple", "紫色"),
+    ("orange", "橙色"),
+    ("white", "白色"),
+    ("grey", "灰色"),
+    ("black", "黑色"),
+    ("beige", "米色"),
+]
+SHAPES = [
+    ("circle", "圆形"),
+    ("square", "正方形"),
+    ("triangle", "三角形"),
+    ("diamond", "菱形"),
+    ("cat", "猫"),
+    ("tree", "树"),
+    ("house", "房子"),
+    ("car", "汽车"),
+]
+PLACES = [
+    ("top left", "左上角"),
+    ("top", "上方"),
+    ("top right", "右上角"),
+    ("left", "左侧"),
+    ("center", "中央"),
+    ("right", "右侧"),
+    ("bottom left", "左下角"),
+    ("bottom", "下方"),
+    ("bottom right", "右下角"),
+]
 
 
 def tokenizer_corpus() -> list[str]:
@@ -102,13 +134,13 @@ def _word_bpe(corpus: Sequence[str], words: Sequence[str], vocab_size: int):
 
     alternation = "|".join(sorted(map(re.escape, words), key=len, reverse=True))
     tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.Split(Regex(f"{alternation}|[\u3400-\u9fff]"), behavior="isolated"),
-        pre_tokenizers.ByteLevel(add_prefix_space=False),
-    ])  # fmt: skip
+    keep_whole = pre_tokenizers.Split(Regex(f"{alternation}|[\u3400-\u9fff]"), behavior="isolated")
+    tok.pre_tokenizer = pre_tokenizers.Sequence([keep_whole, pre_tokenizers.ByteLevel(add_prefix_space=False)])
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)  # fmt: skip
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS, initial_alphabet=alphabet, show_progress=False
+    )
     tok.train_from_iterator(list(corpus), trainer)
     return tok
 
@@ -117,10 +149,9 @@ def _build_tokenizer(out: Path, extra_corpus: Sequence[str] = (), vocab_size: in
     from transformers import PreTrainedTokenizerFast
 
     corpus = [*tokenizer_corpus(), *extra_corpus]
+    bpe = _word_bpe(corpus, words, vocab_size) if words else train_bpe(corpus, SPECIAL_TOKENS, vocab_size)
     fast = PreTrainedTokenizerFast(
-        tokenizer_object=_word_bpe(corpus, words, vocab_size)
-        if words
-        else train_bpe(corpus, SPECIAL_TOKENS, vocab_size),
+        tokenizer_object=bpe,
         eos_token="<|im_end|>",
         pad_token="<|endoftext|>",
         unk_token=None,
@@ -138,9 +169,14 @@ def _build_tokenizer(out: Path, extra_corpus: Sequence[str] = (), vocab_size: in
 
 
 def build_qwen2vl(
-    out: Path, seed: int, arch: Qwen2VLArch = Qwen2VLArch(), extra_corpus: Sequence[str] = (),
-    max_pixels: int = 1024 * 1024, mark: dict | None = None, words: Sequence[str] = (),
-) -> None:  # fmt: skip
+    out: Path,
+    seed: int,
+    arch: Qwen2VLArch = Qwen2VLArch(),
+    extra_corpus: Sequence[str] = (),
+    max_pixels: int = 1024 * 1024,
+    mark: dict | None = None,
+    words: Sequence[str] = (),
+) -> None:
     """Write a complete random-weight Qwen2-VL folder (weights, tokenizer, chat template, processor and
     generation configs) into `out`; the done mark (unicap.tiny_build.DONE_MARK) is written last.
     `extra_corpus` adds tokenizer training text; `words` (e.g. Chinese words) are kept whole by it."""
@@ -155,6 +191,10 @@ def build_qwen2vl(
     _build_tokenizer(out, extra_corpus, arch.vocab_size, words)
     tokenizer = AutoTokenizer.from_pretrained(out)
     ids = {t: tokenizer.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS}
+    # the same in the text config and the top-level one, as in the real checkpoints
+    special_ids = dict(
+        bos_token_id=ids["<|endoftext|>"], eos_token_id=ids["<|im_end|>"], pad_token_id=ids["<|endoftext|>"]
+    )
     config = Qwen2VLConfig(
         text_config=dict(
             vocab_size=len(tokenizer),
@@ -165,9 +205,7 @@ def build_qwen2vl(
             num_key_value_heads=arch.kv_heads,
             max_position_embeddings=4096,
             rope_parameters={"rope_type": "default", "mrope_section": arch.mrope_section(), "rope_theta": 1_000_000.0},
-            bos_token_id=ids["<|endoftext|>"],
-            eos_token_id=ids["<|im_end|>"],
-            pad_token_id=ids["<|endoftext|>"],
+            **special_ids,
             tie_word_embeddings=False,
         ),
         vision_config=dict(
@@ -179,14 +217,12 @@ def build_qwen2vl(
             patch_size=14,
             spatial_merge_size=2,
             temporal_patch_size=2,
-        ),  # fmt: skip
+        ),
         image_token_id=ids["<|image_pad|>"],
         video_token_id=ids["<|video_pad|>"],
         vision_start_token_id=ids["<|vision_start|>"],
         vision_end_token_id=ids["<|vision_end|>"],
-        bos_token_id=ids["<|endoftext|>"],
-        eos_token_id=ids["<|im_end|>"],
-        pad_token_id=ids["<|endoftext|>"],
+        **special_ids,
         tie_word_embeddings=False,
     )
     torch.manual_seed(seed)

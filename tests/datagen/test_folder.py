@@ -99,10 +99,16 @@ def test_links_special_files_and_odd_names_are_rows_and_nothing_outside_is_read(
     assert res["images"] == 9 and sorted(res["skipped_files"]) == ["pipe", "up"]
     index = read_index(out).set_index("key")
     expect = {
-        "a.png": None, "c.png": None, os.fsdecode(b"f\xff.png"): None,
-        "b.png": "refused: ", "d.png": "dangling_symlink: ", "e.png": "not_a_regular_file: ",
-        "g.png": "undecodable_image: empty_file", "h.png": "unreadable_file: ", "loop.png": "dangling_symlink: ",
-    }  # fmt: skip
+        "a.png": None,
+        "c.png": None,
+        os.fsdecode(b"f\xff.png"): None,
+        "b.png": "refused: ",
+        "d.png": "dangling_symlink: ",
+        "e.png": "not_a_regular_file: ",
+        "g.png": "undecodable_image: empty_file",
+        "h.png": "unreadable_file: ",
+        "loop.png": "dangling_symlink: ",
+    }
     assert sorted(index.index) == sorted(folder_key(name) for name in expect)
     for name, error in expect.items():
         row = index.loc[folder_key(name)]
@@ -150,8 +156,14 @@ def test_only_this_jobs_temporaries_are_cleaned(photo_folder, tmp_path):
     # remove_stale_temporaries touches the atomic_path pattern only, and with `names` only those files
     d = tmp_path / "d"
     (d / "sub").mkdir(parents=True)
-    names = [".00001.parquet.tmp-deadbeef", ".notes.txt.tmp-deadbeef", ".x.tmp-notahex", "a.tmp-deadbeef",
-             "sub/.00002.parquet.tmp-0123abcd", ".00003.parquet.tmp-deadbeef.bak"]  # fmt: skip
+    names = [
+        ".00001.parquet.tmp-deadbeef",
+        ".notes.txt.tmp-deadbeef",
+        ".x.tmp-notahex",
+        "a.tmp-deadbeef",
+        "sub/.00002.parquet.tmp-0123abcd",
+        ".00003.parquet.tmp-deadbeef.bak",
+    ]
     for n in names:
         (d / n).write_text("x")
     (d / ".dir.tmp-deadbeef").mkdir()

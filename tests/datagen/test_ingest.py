@@ -113,10 +113,14 @@ def test_hostile_urls_each_get_their_row_and_redirects_are_checked(local_web, tm
 
 @pytest.mark.parametrize(
     "extra, message",
-    [(["--shard-size", "0"], "--shard-size must be"), (["--threads", "0"], "--threads must be"),
-     (["--timeout", "0"], "--timeout must be"), (["--retries", "-1"], "--retries must be"),
-     (["--url-col", "link"], "no column 'link'")],
-)  # fmt: skip
+    [
+        (["--shard-size", "0"], "--shard-size must be"),
+        (["--threads", "0"], "--threads must be"),
+        (["--timeout", "0"], "--timeout must be"),
+        (["--retries", "-1"], "--retries must be"),
+        (["--url-col", "link"], "no column 'link'"),
+    ],
+)
 def test_bad_arguments_are_one_line_errors_before_any_download(extra, message, tmp_path, capsys):
     path = tmp_path / "urls.csv"
     pd.DataFrame({"url": ["http://127.0.0.1:9/a.png"]}).to_csv(path, index=False)

@@ -110,16 +110,18 @@ def _scene_with(scene: synth.SynthScene, **change) -> synth.SynthScene:
 
 
 def _one_object_scene(seed: int = 11) -> synth.SynthScene:
-    i = next(i for i in range(1000) if len(synth.scene_of(seed, i).objects) == 1
-             and synth.scene_of(seed, i).objects[0].size != "small")  # fmt: skip
-    return synth.scene_of(seed, i)
+    scenes = (synth.scene_of(seed, i) for i in range(1000))
+    return next(s for s in scenes if len(s.objects) == 1 and s.objects[0].size != "small")
 
 
-@pytest.mark.parametrize("change, wrong", [
-    ({"shape": "other"}, {"shape"}),
-    ({"color": "other"}, {"colour", "count"}),
-    ({"cell": "other"}, {"position"}),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "change, wrong",
+    [
+        ({"shape": "other"}, {"shape"}),
+        ({"color": "other"}, {"colour", "count"}),
+        ({"cell": "other"}, {"position"}),
+    ],
+)
 def test_a_planted_error_fails_exactly_its_attribute(change, wrong):
     scene = _one_object_scene()
     first = scene.objects[0]
@@ -160,11 +162,12 @@ def test_an_empty_canvas_has_its_background_and_nothing_else():
 
 
 def test_groups_follow_the_captions():
-    scene = synth.SynthScene(256, 256, "white", [
+    objects = [
         synth.SynthObject("circle", "red", "small", 4, (0, 0, 1, 1)),
         synth.SynthObject("circle", "red", "large", 0, (0, 0, 1, 1)),  # another size: the same group in short
         synth.SynthObject("square", "red", "small", 8, (0, 0, 1, 1)),
-    ], None)  # fmt: skip
+    ]
+    scene = synth.SynthScene(256, 256, "white", objects, None)
     assert scene_judge.prompt_groups(scene) == [("red", "circle", [0, 4]), ("red", "square", [8])]
 
 

@@ -14,10 +14,19 @@ PUBLIC_V4 = "93.184.215.14"
 
 @pytest.mark.parametrize(
     "url",
-    ["http://127.0.0.1/x.jpg", "http://localhost:8000/a.png", "http://10.1.2.3/a", "http://192.168.0.1/a",
-     "http://169.254.169.254/latest/meta-data", "http://[::1]/a", "http://0.0.0.0/a", "http://[::ffff:10.0.0.1]/a",
-     "http://100.64.0.1/a", "http://[2002:7f00:1::]/a"],
-)  # fmt: skip
+    [
+        "http://127.0.0.1/x.jpg",
+        "http://localhost:8000/a.png",
+        "http://10.1.2.3/a",
+        "http://192.168.0.1/a",
+        "http://169.254.169.254/latest/meta-data",
+        "http://[::1]/a",
+        "http://0.0.0.0/a",
+        "http://[::ffff:10.0.0.1]/a",
+        "http://100.64.0.1/a",
+        "http://[2002:7f00:1::]/a",
+    ],
+)
 def test_internal_hosts_refused(url):
     reason = refusal_reason(url)
     assert reason.startswith("refused: host") and "--allow-private" in reason
@@ -66,8 +75,18 @@ def test_public_addresses(address):
     assert refusal_reason(f"http://{host}/a.jpg") is None  # an IP literal needs no DNS
 
 
-@pytest.mark.parametrize("url", ["file:///etc/passwd", "ftp://example.com/a.jpg", "gopher://x/", "data:image/png;base64,AA",
-                                 "javascript:alert(1)", "//no-scheme/a.png", "/etc/passwd"])  # fmt: skip
+@pytest.mark.parametrize(
+    "url",
+    [
+        "file:///etc/passwd",
+        "ftp://example.com/a.jpg",
+        "gopher://x/",
+        "data:image/png;base64,AA",
+        "javascript:alert(1)",
+        "//no-scheme/a.png",
+        "/etc/passwd",
+    ],
+)
 @pytest.mark.parametrize("allow_private", [False, True])
 def test_only_http_and_https_even_with_allow_private(url, allow_private):
     assert refusal_reason(url, allow_private=allow_private).startswith("refused: scheme")
@@ -75,9 +94,17 @@ def test_only_http_and_https_even_with_allow_private(url, allow_private):
 
 @pytest.mark.parametrize(
     "url",
-    ["http://" + "a" * 64 + ".com/x.jpg", "http://a..b/x.jpg", "http://[::1/x", "http://h:99999/x", "", None,
-     "http://x/" + "a" * 10_000, "http:///x.jpg"],
-)  # fmt: skip
+    [
+        "http://" + "a" * 64 + ".com/x.jpg",
+        "http://a..b/x.jpg",
+        "http://[::1/x",
+        "http://h:99999/x",
+        "",
+        None,
+        "http://x/" + "a" * 10_000,
+        "http:///x.jpg",
+    ],
+)
 def test_malformed_urls_are_refused_not_raised(url):
     reason = refusal_reason(url, allow_private=True)
     assert reason is not None and reason.startswith("refused"), reason

@@ -114,8 +114,10 @@ def test_engine_errors_and_undecodable_images_are_failed_rows():
     assert row["status"] == "failed" and row["error"] == "timeout: caption_short_en: no answer within 180s"
     assert len(engine.calls) == 2
 
-    items = [{"key": "bad", "shard": "00000", "image": b"not an image"},
-             {"key": "ok", "shard": "00000", "image": png()}]  # fmt: skip
+    items = [
+        {"key": "bad", "shard": "00000", "image": b"not an image"},
+        {"key": "ok", "shard": "00000", "image": png()},
+    ]
     rows, engine = caption(cfg, good, items)
     assert rows[0]["status"] == "failed" and rows[0]["error"].startswith("undecodable_image: not_an_image")
     assert rows[0]["width"] is None and rows[1]["status"] == "ok"

@@ -99,8 +99,9 @@ def test_a_batch_of_large_images_and_bombs_stays_within_its_memory_budget(tmp_pa
         (tmp_path / f"png{i}.png").write_bytes(big)
         (tmp_path / f"jpg{i}.jpg").write_bytes(jpeg.getvalue())
         (tmp_path / f"bomb{i}.png").write_bytes(short_stream_png())
-    out = subprocess.run([sys.executable, "-c", BATCH_PROBE, str(tmp_path)], capture_output=True, text=True,
-                         check=True, cwd=Path(__file__).resolve().parents[2]).stdout.split()  # fmt: skip
+    repo = Path(__file__).resolve().parents[2]
+    argv = [sys.executable, "-c", BATCH_PROBE, str(tmp_path)]
+    out = subprocess.run(argv, capture_output=True, text=True, check=True, cwd=repo).stdout.split()
     ok, grown_mb = int(out[0]), int(out[1])
     assert ok == 8  # the bombs are refused, the large images delivered
     assert grown_mb < 8 * 12 + 64 + 100, grown_mb  # unbounded: 8 x 192 MB of RGB (and more in conversion)

@@ -71,11 +71,12 @@ def write_pool(root, emb, sha, min_side, shard_size=500):
     for s in range(0, n, shard_size):
         rows = range(s, min(n, s + shard_size))
         keys = [f"k{r:05d}" for r in rows]
-        pq.write_table(pa.table({"key": keys, "sha256": [sha[r] for r in rows], "min_side": [min_side[r] for r in rows],
-                                 "decode_error": [None] * len(keys)}), root / f"{s // shard_size:05d}.parquet")  # fmt: skip
+        shard = f"{s // shard_size:05d}.parquet"
+        score = {"key": keys, "sha256": [sha[r] for r in rows], "min_side": [min_side[r] for r in rows]}
+        pq.write_table(pa.table({**score, "decode_error": [None] * len(keys)}), root / shard)
         vectors = [None if r == 10 else emb[r].tolist() for r in rows]  # row 10: undecodable, no embedding
-        pq.write_table(pa.table({"key": keys, "embedding": pa.array(vectors, pa.list_(pa.float16()))}),
-                       root / "_embeddings" / f"{s // shard_size:05d}.parquet")  # fmt: skip
+        embeddings = pa.array(vectors, pa.list_(pa.float16()))
+        pq.write_table(pa.table({"key": keys, "embedding": embeddings}), root / "_embeddings" / shard)
 
 
 def test_find_duplicates_over_a_score_folder(tmp_path):
@@ -89,8 +90,12 @@ def test_find_duplicates_over_a_score_folder(tmp_path):
     (tmp_path / "_dedup" / ".work-killed").mkdir(parents=True)  # what a killed run leaves
     dups = find_duplicates(tmp_path, 0.95).to_pandas()
     got = {(r.key, r.duplicate_of, r.kind) for r in dups.itertuples()}
-    assert got == {("k01500", "k00000", "near"), ("k00001", "k01501", "near"), ("k01502", "k00002", "near"),
-                   ("k00021", "k00020", "exact")}  # fmt: skip
+    assert got == {
+        ("k01500", "k00000", "near"),
+        ("k00001", "k01501", "near"),
+        ("k01502", "k00002", "near"),
+        ("k00021", "k00020", "exact"),
+    }
     assert (dups.similarity >= 0.95).all()
     assert list((tmp_path / "_dedup").iterdir()) == []  # the memmap work folder is gone
     exact_only = find_duplicates(tmp_path, None).to_pandas()
@@ -111,8 +116,9 @@ def test_missing_sha256_nan_embeddings_and_a_key_in_two_shards(tmp_path):
     t.loc[0, "key"] = e.loc[0, "key"] = "k00000"
     e.at[0, "embedding"] = emb[0].tolist()
     pq.write_table(pa.Table.from_pandas(t, preserve_index=False), tmp_path / "00001.parquet")
-    pq.write_table(pa.Table.from_pandas(e, preserve_index=False).cast(pa.schema([("key", pa.string()),
-                   ("embedding", pa.list_(pa.float16()))])), tmp_path / "_embeddings" / "00001.parquet")  # fmt: skip
+    schema = pa.schema([("key", pa.string()), ("embedding", pa.list_(pa.float16()))])
+    table = pa.Table.from_pandas(e, preserve_index=False).cast(schema)
+    pq.write_table(table, tmp_path / "_embeddings" / "00001.parquet")
     dups = find_duplicates(tmp_path, 0.95)
     from unicap.contract import dedup as dedup_contract
 

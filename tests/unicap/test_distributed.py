@@ -17,11 +17,29 @@ ROOT = Path(__file__).resolve().parents[2]
 PACKAGES = ("unicap", "datagen", "pipelines", "train")
 HELPER = ROOT / "unicap" / "distributed.py"
 COLLECTIVES = {
-    "all_reduce", "all_gather", "all_gather_into_tensor", "all_gather_object", "all_to_all", "all_to_all_single",
-    "barrier", "monitored_barrier", "broadcast", "broadcast_object_list", "reduce", "reduce_scatter",
-    "reduce_scatter_tensor", "gather", "gather_object", "scatter", "scatter_object_list", "send", "recv", "isend",
-    "irecv", "batch_isend_irecv",
-}  # fmt: skip
+    "all_reduce",
+    "all_gather",
+    "all_gather_into_tensor",
+    "all_gather_object",
+    "all_to_all",
+    "all_to_all_single",
+    "barrier",
+    "monitored_barrier",
+    "broadcast",
+    "broadcast_object_list",
+    "reduce",
+    "reduce_scatter",
+    "reduce_scatter_tensor",
+    "gather",
+    "gather_object",
+    "scatter",
+    "scatter_object_list",
+    "send",
+    "recv",
+    "isend",
+    "irecv",
+    "batch_isend_irecv",
+}
 
 
 def collective_calls(source: str) -> list[tuple[int, str]]:
@@ -119,10 +137,11 @@ dist.destroy_process_group()
 def test_agree_adds_sums_ors_flags_in_one_collective_on_two_ranks(tmp_path):
     script = tmp_path / "agree.py"
     script.write_text(AGREE_SCRIPT)
-    cmd = [str(Path(sys.executable).parent / "torchrun"), "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-           "--master_port", str(free_port()), str(script)]  # fmt: skip
-    r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300,
-                       env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin", "OMP_NUM_THREADS": "1"})  # fmt: skip
+    torchrun = str(Path(sys.executable).parent / "torchrun")
+    port = str(free_port())
+    cmd = [torchrun, "--nproc_per_node", "2", "--master_addr", "127.0.0.1", "--master_port", port, str(script)]
+    env = {"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin", "OMP_NUM_THREADS": "1"}
+    r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300, env=env)
     assert r.returncode == 0 and r.stdout.count("AGREE-OK") == 2, (r.stdout[-2000:], r.stderr[-3000:])
 
 
@@ -143,6 +162,6 @@ def test_run_main_ends_a_failed_process_at_once(tmp_path):
     rank: data-loader workers that ignore SIGTERM, an NCCL teardown)."""
     script = tmp_path / "exit.py"
     script.write_text(EXIT_SCRIPT)
-    r = subprocess.run([sys.executable, str(script), "raise"], cwd=ROOT, env={"PYTHONPATH": str(ROOT)},
-                       capture_output=True, text=True, timeout=60)  # fmt: skip
+    argv, env = [sys.executable, str(script), "raise"], {"PYTHONPATH": str(ROOT)}
+    r = subprocess.run(argv, cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
     assert r.returncode == 1 and "RuntimeError: boom" in r.stderr, r.stderr

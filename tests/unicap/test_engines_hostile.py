@@ -29,10 +29,25 @@ def _answer(content, **extra) -> bytes:
 
 @pytest.mark.parametrize(
     "raw",
-    [_answer(None), _answer(["a", "list"]), _answer(42), _answer({"text": "x"}), _answer(True), b"", b"null",
-     b"[]", b"{}", b'{"choices": []}', b'{"choices": [null]}', b'{"choices": [{"message": "hi"}]}',
-     b'{"choices": "x"}', b"[" * 100_000 + b"]" * 100_000, _answer("\ud800"), b"\xff\xfe"],
-)  # fmt: skip
+    [
+        _answer(None),
+        _answer(["a", "list"]),
+        _answer(42),
+        _answer({"text": "x"}),
+        _answer(True),
+        b"",
+        b"null",
+        b"[]",
+        b"{}",
+        b'{"choices": []}',
+        b'{"choices": [null]}',
+        b'{"choices": [{"message": "hi"}]}',
+        b'{"choices": "x"}',
+        b"[" * 100_000 + b"]" * 100_000,
+        _answer("\ud800"),
+        b"\xff\xfe",
+    ],
+)
 def test_unusable_answers_are_malformed_output(raw):
     r = parse_chat_answer(raw)
     assert r.text is None and caption_record.error_reason(r.error) == "malformed_output", r.error
@@ -97,11 +112,14 @@ def test_unreachable_server_and_bad_engine_settings():
     )
     assert results[0].error.startswith("engine_error: server unreachable")
     for kwargs, message in [
-        ({"timeout_s": 0}, "--timeout"), ({"timeout_s": float("nan")}, "--timeout"),
-        ({"max_concurrent": 0}, "--max-concurrent-requests"), ({"http_retries": -1}, "--http-retries"),
-        ({"server": "file:///etc/passwd"}, "--server"), ({"server": "127.0.0.1:8000"}, "--server"),
+        ({"timeout_s": 0}, "--timeout"),
+        ({"timeout_s": float("nan")}, "--timeout"),
+        ({"max_concurrent": 0}, "--max-concurrent-requests"),
+        ({"http_retries": -1}, "--http-retries"),
+        ({"server": "file:///etc/passwd"}, "--server"),
+        ({"server": "127.0.0.1:8000"}, "--server"),
         ({"max_pixels": 0}, "--max-pixels"),
-    ]:  # fmt: skip
+    ]:
         with pytest.raises(ValueError, match=message):
             EngineConfig(**kwargs)
 
@@ -162,11 +180,18 @@ def test_a_row_is_ok_only_with_every_caption():
 
 @pytest.mark.parametrize(
     "kwargs, message",
-    [({"max_retries": -1}, "--max-retries"), ({"levels": ()}, "--levels is empty"), ({"languages": ()}, "--languages"),
-     ({"levels": ("poem",)}, "unknown level 'poem'"), ({"languages": ("xx",)}, "unknown language 'xx'"),
-     ({"levels": ("long", "long")}, "names one twice"), ({"max_tokens": {"long": 0}}, "max-tokens long"),
-     ({"retry_temperature": -1.0}, "--retry-temperature"), ({"strategy": "fancy"}, "unknown strategy")],
-)  # fmt: skip
+    [
+        ({"max_retries": -1}, "--max-retries"),
+        ({"levels": ()}, "--levels is empty"),
+        ({"languages": ()}, "--languages"),
+        ({"levels": ("poem",)}, "unknown level 'poem'"),
+        ({"languages": ("xx",)}, "unknown language 'xx'"),
+        ({"levels": ("long", "long")}, "names one twice"),
+        ({"max_tokens": {"long": 0}}, "max-tokens long"),
+        ({"retry_temperature": -1.0}, "--retry-temperature"),
+        ({"strategy": "fancy"}, "unknown strategy"),
+    ],
+)
 def test_bad_caption_settings_are_refused(kwargs, message):
     with pytest.raises(ValueError, match=message):
         CaptionConfig(**kwargs)

@@ -64,8 +64,12 @@ def test_a_wrong_colour_is_a_miss_and_a_hallucination():
     m = metrics(RED_CIRCLE, text="A blue circle on white.")
     assert recall(m, "colour") == 0.0 and recall(m, "object") == 0.0 and recall(m, "shape") == 1.0
     assert precision(m, "object") == 0.0 and recall(m, "background") == 1.0
-    assert m["hallucination"] == {"objects_mentioned": 1, "objects_hallucinated": 1, "instance_rate": 1.0,
-                                  "caption_rate": 1.0}  # fmt: skip
+    assert m["hallucination"] == {
+        "objects_mentioned": 1,
+        "objects_hallucinated": 1,
+        "instance_rate": 1.0,
+        "caption_rate": 1.0,
+    }
 
 
 def test_a_missing_object_halves_recall_and_is_no_hallucination():
@@ -107,8 +111,8 @@ def test_chinese_numerals_words_and_digits():
 def test_the_wrong_language_is_counted_and_parsed_as_what_the_column_should_be():
     m = metrics(RED_CIRCLE, lang="zh", text="A red circle on white.")
     assert m["right_language"] == 0.0 and recall(m, "object") == 0.0  # no Chinese mention of anything
-    failed = metrics(RED_CIRCLE, lang="zh", text=None, status="failed",
-                     error="wrong_language: caption_short_zh: Chinese caption with 0% CJK characters")  # fmt: skip
+    error = "wrong_language: caption_short_zh: Chinese caption with 0% CJK characters"
+    failed = metrics(RED_CIRCLE, lang="zh", text=None, status="failed", error=error)
     assert failed["present"] == 0 and failed["right_language"] == 0.0
     assert failed["failures"] == {"wrong_language": 1} and recall(failed, "object") is None
 
@@ -120,8 +124,11 @@ def test_positions_sizes_words_and_synonyms():
         background="light grey",
         text="SUN",
     )
-    m = metrics(s, level="long", text=('In the top-left corner there is a big violet rhombus; a tiny green dot sits in '
-                                       'the middle. The background is light gray. A sign reads "SUN" along the bottom.'))  # fmt: skip
+    text = (
+        "In the top-left corner there is a big violet rhombus; a tiny green dot sits in "
+        'the middle. The background is light gray. A sign reads "SUN" along the bottom.'
+    )
+    m = metrics(s, level="long", text=text)
     for kind in ("object", "size", "position", "background", "word"):
         assert recall(m, kind) == 1.0 and precision(m, kind) == 1.0, kind
     wrong = metrics(
@@ -150,8 +157,8 @@ def synth_set(tmp_path_factory):
 
 
 def test_command_line_truth_against_itself_and_a_damaged_copy(synth_set, tmp_path):
-    r = subprocess.run([UNICAP, "eval-captions", "--captions", str(synth_set / "truth"), "--truth", str(synth_set),
-                        "--out", str(tmp_path / "m.json")], capture_output=True, text=True)  # fmt: skip
+    args = ["--captions", str(synth_set / "truth"), "--truth", str(synth_set), "--out", str(tmp_path / "m.json")]
+    r = subprocess.run([UNICAP, "eval-captions", *args], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
     assert "long_en" in r.stdout and "goal" in r.stdout
     m = json.loads((tmp_path / "m.json").read_text())
@@ -167,8 +174,8 @@ def test_command_line_truth_against_itself_and_a_damaged_copy(synth_set, tmp_pat
     write_parquet(caption_record.to_table(df.to_dict("records")), caps / "00000.parquet")
     metrics_ = answer_key.evaluate_folder(caps, synth_set)
     col = metrics_["columns"]["caption_short_en"]
-    truth_has_red_circle = sum(("red", "circle") in ev.facts(s, "short")["object"]
-                               for s in answer_key.load_answer_key(synth_set).values())  # fmt: skip
+    scenes = answer_key.load_answer_key(synth_set).values()
+    truth_has_red_circle = sum(("red", "circle") in ev.facts(s, "short")["object"] for s in scenes)
     assert col["kinds"]["object"]["correct"] == truth_has_red_circle
     assert col["hallucination"]["objects_hallucinated"] == 24 - truth_has_red_circle
     assert not metrics_["goal"]["met"]

@@ -85,12 +85,18 @@ def caption_schema(levels: Sequence[str] = LEVELS, languages: Sequence[str] = LA
     check_names((*levels, *languages))
     fields = [*IDENTITY_FIELDS, *(pa.field(c, pa.string()) for c in caption_columns(levels, languages))]
     fields += PROVENANCE_FIELDS
-    meta = {
-        META_VERSION: SCHEMA_VERSION.encode(),
-        META_LEVELS: ",".join(levels).encode(),
-        META_LANGUAGES: ",".join(languages).encode(),
-    }
+    meta = {META_VERSION: SCHEMA_VERSION.encode(), **levels_metadata(levels, languages)}
     return pa.schema(fields, metadata=meta)
+
+
+def levels_metadata(levels: Sequence[str], languages: Sequence[str]) -> dict[bytes, bytes]:
+    """The levels and languages as schema metadata, comma-separated: caption files and packed indexes carry it."""
+    return {META_LEVELS: ",".join(levels).encode(), META_LANGUAGES: ",".join(languages).encode()}
+
+
+def parse_levels_metadata(meta: dict[bytes, bytes]) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """(levels, languages) from metadata that `levels_metadata` wrote."""
+    return tuple(meta[META_LEVELS].decode().split(",")), tuple(meta[META_LANGUAGES].decode().split(","))
 
 
 def levels_languages(schema: pa.Schema) -> tuple[tuple[str, ...], tuple[str, ...]]:
@@ -98,7 +104,7 @@ def levels_languages(schema: pa.Schema) -> tuple[tuple[str, ...], tuple[str, ...
     meta = schema.metadata or {}
     if META_LEVELS not in meta or META_LANGUAGES not in meta:
         raise SchemaError("not a unicap caption file: no unicap.levels / unicap.languages in the metadata")
-    return tuple(meta[META_LEVELS].decode().split(",")), tuple(meta[META_LANGUAGES].decode().split(","))
+    return parse_levels_metadata(meta)
 
 
 def to_table(rows: Iterable[dict], levels: Sequence[str] = LEVELS, languages: Sequence[str] = LANGUAGES) -> pa.Table:

@@ -30,8 +30,11 @@ from pathlib import Path
 CHECKPOINT_VERSION = 1
 CHECKPOINTS_DIR = "checkpoints"
 FINAL_DIR = "final"
-MODEL_FILE, EMA_FILE, RAW_FILE, OPTIMIZER_FILE, STATE_FILE = (
-    "model.safetensors", "ema.safetensors", "model_raw.safetensors", "optimizer.safetensors", "state.json")  # fmt: skip
+MODEL_FILE = "model.safetensors"
+EMA_FILE = "ema.safetensors"
+RAW_FILE = "model_raw.safetensors"
+OPTIMIZER_FILE = "optimizer.safetensors"
+STATE_FILE = "state.json"
 DIFFUSERS_DIR = "diffusers"
 
 # state.json: every key is required; values are JSON.
@@ -66,8 +69,11 @@ def step_dir_name(step: int) -> str:
 
 def validate_state(state: dict, where: str = "state.json") -> dict:
     problems = [f"missing {k}" for k in STATE_KEYS if k not in state]
-    problems += [f"{k} is {type(state[k]).__name__}, expected {t}" for k, t in STATE_KEYS.items()
-                 if k in state and not isinstance(state[k], t)]  # fmt: skip
+    problems += [
+        f"{k} is {type(state[k]).__name__}, expected {t}"
+        for k, t in STATE_KEYS.items()
+        if k in state and not isinstance(state[k], t)
+    ]
     if not problems and state["version"] != CHECKPOINT_VERSION:
         problems.append(f"version {state['version']} != {CHECKPOINT_VERSION}")
     if problems:

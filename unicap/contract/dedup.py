@@ -19,8 +19,9 @@ from unicap.contract.base import key_problems, missing_or_mistyped, raise_if
 DEDUP_DIR = "_dedup"
 DUPLICATES_FILE = "duplicates.parquet"
 KINDS = ("exact", "near")
-DUP_SCHEMA = pa.schema([("key", pa.string()), ("duplicate_of", pa.string()), ("kind", pa.string()),
-                        ("similarity", pa.float32())])  # fmt: skip
+DUP_SCHEMA = pa.schema(
+    [("key", pa.string()), ("duplicate_of", pa.string()), ("kind", pa.string()), ("similarity", pa.float32())]
+)
 
 
 def duplicates_path(score_dir: str | Path) -> Path:

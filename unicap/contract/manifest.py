@@ -20,12 +20,21 @@ from unicap.contract.base import key_problems, missing_or_mistyped, raise_if
 
 STAGES = ("stage1", "stage2", "stage3")
 FUNNEL_FILE = "funnel.json"
-MANIFEST_SCHEMA = pa.schema([
-    pa.field("key", pa.string(), nullable=False), pa.field("shard", pa.string()), pa.field("location", pa.string()),
-    pa.field("caption_levels_ok", pa.string()), pa.field("width", pa.int32()), pa.field("height", pa.int32()),
-    pa.field("min_side", pa.int32()), pa.field("aspect_ratio", pa.float32()), pa.field("aesthetic", pa.float32()),
-    pa.field("clip_score", pa.float32()), pa.field("composite", pa.float64()),
-])  # fmt: skip
+MANIFEST_SCHEMA = pa.schema(
+    [
+        pa.field("key", pa.string(), nullable=False),
+        pa.field("shard", pa.string()),
+        pa.field("location", pa.string()),
+        pa.field("caption_levels_ok", pa.string()),
+        pa.field("width", pa.int32()),
+        pa.field("height", pa.int32()),
+        pa.field("min_side", pa.int32()),
+        pa.field("aspect_ratio", pa.float32()),
+        pa.field("aesthetic", pa.float32()),
+        pa.field("clip_score", pa.float32()),
+        pa.field("composite", pa.float64()),
+    ]
+)
 MANIFEST_COLUMNS: list[str] = MANIFEST_SCHEMA.names
 
 

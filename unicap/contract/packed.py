@@ -47,9 +47,7 @@ FAILED_BUCKET = -1
 PACK_META = "_pack.json"
 JPEG_QUALITY = 95
 
-META_VERSION = b"unicap.packed_version"
-META_LEVELS = caption_record.META_LEVELS
-META_LANGUAGES = caption_record.META_LANGUAGES
+META_VERSION = b"unicap.packed_version"  # beside caption_record's levels and languages metadata
 
 # The columns the loader reads: run structure at start-up, tar positions per file when a batch needs them.
 RUN_COLUMNS = ["bucket"]
@@ -100,11 +98,7 @@ def packed_schema(
         pa.field("error", pa.string()),
         *(pa.field(c, pa.string()) for c in text_columns(levels, languages)),
     ]
-    meta = {
-        META_VERSION: PACKED_VERSION.encode(),
-        META_LEVELS: ",".join(levels).encode(),
-        META_LANGUAGES: ",".join(languages).encode(),
-    }
+    meta = {META_VERSION: PACKED_VERSION.encode(), **caption_record.levels_metadata(levels, languages)}
     return pa.schema(fields, metadata=meta)
 
 
@@ -112,7 +106,7 @@ def levels_languages(schema: pa.Schema) -> tuple[tuple[str, ...], tuple[str, ...
     meta = schema.metadata or {}
     if meta.get(META_VERSION) is None:
         raise SchemaError("not a packed index: no unicap.packed_version in the Parquet metadata")
-    return tuple(meta[META_LEVELS].decode().split(",")), tuple(meta[META_LANGUAGES].decode().split(","))
+    return caption_record.parse_levels_metadata(meta)
 
 
 def error_reason(error: str | None) -> str | None:

@@ -51,11 +51,19 @@ READ_COLUMNS = ("key", "shard", "image", "source", "original_caption", "sha256",
 # of a key, a sample of a row the index lists as failed) is yielded with the REFUSED reason and a key no
 # index can hold (keys have no "/": "k1/second-sample"): the jobs refuse it and count it in the shard's stats.
 READ_ERROR = "read_error"
-READER_SCHEMA = pa.schema([
-    pa.field("key", pa.string()), pa.field("shard", pa.string()), pa.field("image", pa.binary()),
-    pa.field("source", pa.string()), pa.field("original_caption", pa.string()), pa.field("sha256", pa.string()),
-    pa.field("width", pa.int64()), pa.field("height", pa.int64()), pa.field(READ_ERROR, pa.string()),
-])  # fmt: skip
+READER_SCHEMA = pa.schema(
+    [
+        pa.field("key", pa.string()),
+        pa.field("shard", pa.string()),
+        pa.field("image", pa.binary()),
+        pa.field("source", pa.string()),
+        pa.field("original_caption", pa.string()),
+        pa.field("sha256", pa.string()),
+        pa.field("width", pa.int64()),
+        pa.field("height", pa.int64()),
+        pa.field(READ_ERROR, pa.string()),
+    ]
+)
 MISSING_FROM_TAR = "undecodable_image: missing from tar"  # an index success row with no sample in the tar
 REFUSED = "refused"  # reason of a tar sample that belongs to no input row (never written as a row)
 MAX_MEMBER_BYTES = 256 << 20  # a tar member larger than this is not read (its item fails: too large)

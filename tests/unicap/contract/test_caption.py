@@ -15,19 +15,27 @@ def row(key: str, status: str = "ok", error: str | None = None, fill: bool = Tru
 def test_schema_columns_and_metadata():
     s = caption_record.caption_schema(levels=("long", "tags"), languages=("en", "zh", "ja"))
     assert [c for c in s.names if c.startswith("caption_")] == [
-        "caption_long_en", "caption_long_zh", "caption_long_ja", "caption_tags_en", "caption_tags_zh", "caption_tags_ja",
-    ]  # fmt: skip
-    for name in ("key", "shard", "sha256", "width", "height", "source", "original_caption", "status", "error",
-                 "model", "prompt_version", "engine", "num_output_tokens", "created_at"):  # fmt: skip
+        "caption_long_en",
+        "caption_long_zh",
+        "caption_long_ja",
+        "caption_tags_en",
+        "caption_tags_zh",
+        "caption_tags_ja",
+    ]
+    required = "key shard sha256 width height source original_caption status error model prompt_version engine"
+    for name in [*required.split(), "num_output_tokens", "created_at"]:
         assert name in s.names
     assert s.metadata[caption_record.META_VERSION] == caption_record.SCHEMA_VERSION.encode()
     assert caption_record.levels_languages(s) == (("long", "tags"), ("en", "zh", "ja"))
 
 
 def test_valid_table_roundtrips_through_parquet_and_pandas(tmp_path):
-    t = caption_record.to_table([row("a"), row("b", "failed", "undecodable_image: truncated: cut", fill=False),
-                         row("c", "partial", "wrong_language: caption_long_zh has no CJK",
-                             caption_long_zh=None)])  # fmt: skip
+    rows = [
+        row("a"),
+        row("b", "failed", "undecodable_image: truncated: cut", fill=False),
+        row("c", "partial", "wrong_language: caption_long_zh has no CJK", caption_long_zh=None),
+    ]
+    t = caption_record.to_table(rows)
     caption_record.validate(t)
     write_parquet(t, tmp_path / "00000.parquet")
     back = pq.read_table(tmp_path / "00000.parquet")

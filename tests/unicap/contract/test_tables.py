@@ -27,8 +27,10 @@ def replace(table: pa.Table, name: str, values) -> pa.Table:
 
 @pytest.fixture
 def index(tmp_path) -> pa.Table:
-    items = [ShardItem("a", "a.png", image=b"\x89PNG", ext="png", width=2, height=2, sha256="x"),
-             ShardItem("b", "b.png", error="undecodable_image: truncated: cut")]  # fmt: skip
+    items = [
+        ShardItem("a", "a.png", image=b"\x89PNG", ext="png", width=2, height=2, sha256="x"),
+        ShardItem("b", "b.png", error="undecodable_image: truncated: cut"),
+    ]
     stats = write_shard(tmp_path, "00000", items)
     table = pq.read_table(shards.index_path(tmp_path, "00000"))
     shards.validate_stats(stats, table)
@@ -120,8 +122,10 @@ def test_score_structure():
 def test_embeddings_contract():
     keys = ["a", "b", "c"]
     unit = np.eye(3, 4, dtype=np.float16)
-    emb = pa.table({"key": keys, "embedding": pa.array([list(r) for r in unit], pa.list_(pa.float16()))},
-                   schema=scores.EMBEDDINGS_SCHEMA)  # fmt: skip
+    emb = pa.table(
+        {"key": keys, "embedding": pa.array([list(r) for r in unit], pa.list_(pa.float16()))},
+        schema=scores.EMBEDDINGS_SCHEMA,
+    )
     score = pa.table({"key": keys})
     scores.validate_embeddings(emb, score)
     with pytest.raises(SchemaError, match="keys differ"):
@@ -138,20 +142,32 @@ def test_embeddings_contract():
 
 
 def test_duplicates_contract():
-    t = pa.table({"key": ["b", "d"], "duplicate_of": ["a", "c"], "kind": ["exact", "near"],
-                  "similarity": [1.0, 0.97]}, schema=dedup.DUP_SCHEMA)  # fmt: skip
+    t = pa.table(
+        {"key": ["b", "d"], "duplicate_of": ["a", "c"], "kind": ["exact", "near"], "similarity": [1.0, 0.97]},
+        schema=dedup.DUP_SCHEMA,
+    )
     dedup.validate(t)
-    for column, values, message in [("kind", ["exact", "fuzzy"], "kind"), ("duplicate_of", ["b", "c"], "own"),
-                                     ("similarity", [0.9, 0.97], "exact duplicates with similarity"),
-                                     ("key", ["b", "b"], "duplicate keys")]:  # fmt: skip
+    for column, values, message in [
+        ("kind", ["exact", "fuzzy"], "kind"),
+        ("duplicate_of", ["b", "c"], "own"),
+        ("similarity", [0.9, 0.97], "exact duplicates with similarity"),
+        ("key", ["b", "b"], "duplicate keys"),
+    ]:
         with pytest.raises(SchemaError, match=message):
             dedup.validate(replace(t, column, values))
 
 
+def filler(f: pa.Field, n: int) -> pa.Array:
+    """n values of the field's type: 1, 1.0 or "{name}{i}"."""
+    if pa.types.is_integer(f.type):
+        return pa.array([1] * n, f.type)
+    if pa.types.is_floating(f.type):
+        return pa.array([1.0] * n, f.type)
+    return pa.array([f"{f.name}{i}" for i in range(n)], f.type)
+
+
 def manifest_table(composite) -> pa.Table:
-    n = len(composite)
-    cols = {f.name: pa.array([1] * n if pa.types.is_integer(f.type) else [1.0] * n if pa.types.is_floating(f.type)
-                             else [f"{f.name}{i}" for i in range(n)], f.type) for f in manifest.MANIFEST_SCHEMA}  # fmt: skip
+    cols = {f.name: filler(f, len(composite)) for f in manifest.MANIFEST_SCHEMA}
     cols["composite"] = pa.array(composite, pa.float64())
     return pa.table(cols, schema=manifest.MANIFEST_SCHEMA)
 
