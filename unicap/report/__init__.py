@@ -12,10 +12,15 @@ captions, training loss curves, sample grids and prompt adherence. It reads the 
     DIR/scores/   DIR/stages/   DIR/runs/stage{1,2,3}/   DIR/adherence/adherence.json
     DIR/adherence_*/adherence.json (more prompt languages or levels, e.g. the demo's adherence_zh/)
 
-A part that is missing becomes a section that says so and how to produce it. The report only reads:
-collect.py reads the folders into plain dicts, plots.py draws the figures (matplotlib), page.py writes
-the HTML. `--truth T` (a synthetic set: `unicap synth --out T`'s T or T/truth) scores each caption folder of
-the run whose keys are in T's answer key (heldout_captions/, captions/) with unicap.eval_captions, as
+A part that is missing becomes a section that says so and how to produce it. The report only reads.
+Each section has one module that reads its part into a plain dict and writes its HTML (funnel.py,
+captions.py, accuracy.py, scores.py, gallery.py, training.py, adherence.py; overview.py sums them up);
+run_folder.py holds the layout and the shared readers, markup.py the shared HTML pieces, plots.py the
+figures (matplotlib), images.py the inlined images; collect.py runs every section's reader, page.py
+assembles the page.
+
+`--truth T` (a synthetic set: `unicap synth --out T`'s T or T/truth) scores each caption folder of the run
+whose keys are in T's answer key (heldout_captions/, captions/) with unicap.eval_captions, as
 `unicap eval-captions` does; without it, the folders' `_eval.json` are shown.
 """
 
@@ -30,13 +35,16 @@ from pathlib import Path
 from unicap.atomic import atomic_path, visible_parquet_files
 from unicap.report import collect, page
 
+TRUTH_HELP = (
+    "a synthetic set's answer key (synth's DIR or DIR/truth), e.g. DIR/heldout or DIR/data: the "
+    "run's caption folders with keys in it are scored against it (repeat for several)"
+)
+
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", required=True, help="the run folder (e.g. the demo's `demo`)")
     p.add_argument("--out", required=True, help="the HTML file to write (e.g. report.html)")
-    p.add_argument("--truth", action="append", default=[], metavar="DIR",
-                   help="a synthetic set's answer key (synth's DIR or DIR/truth), e.g. DIR/heldout or DIR/data: the "
-                   "run's caption folders with keys in it are scored against it (repeat for several)")  # fmt: skip
+    p.add_argument("--truth", action="append", default=[], metavar="DIR", help=TRUTH_HELP)
 
 
 def build(data: str | Path, truth: Iterable[str | Path] = (), on_error=None) -> tuple[str, dict]:

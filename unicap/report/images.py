@@ -52,8 +52,8 @@ def read_tar_members(tar: Path, wanted: set[str], suffixes: tuple[str, ...]) -> 
         with tarfile.open(tar, "r:*") as tf:
             for m in tf:
                 key, _, suffix = m.name.rpartition(".")
-                if key in wanted and key not in out and suffix.lower() in suffixes and m.isfile() \
-                        and m.size <= shard_contract.MAX_MEMBER_BYTES:  # fmt: skip
+                wanted_name = key in wanted and key not in out and suffix.lower() in suffixes
+                if wanted_name and m.isfile() and m.size <= shard_contract.MAX_MEMBER_BYTES:
                     f = tf.extractfile(m)
                     out[key] = (suffix.lower(), f.read() if f else b"")
                     if len(out) == len(wanted):
@@ -63,8 +63,9 @@ def read_tar_members(tar: Path, wanted: set[str], suffixes: tuple[str, ...]) -> 
     return out
 
 
-def thumbnails(shard_dir: Path, keys_by_shard: Mapping[str, Iterable[str]], side: int,
-               locations: Mapping[str, str] | None = None) -> dict[str, str | None]:  # fmt: skip
+def thumbnails(
+    shard_dir: Path, keys_by_shard: Mapping[str, Iterable[str]], side: int, locations: Mapping[str, str] | None = None
+) -> dict[str, str | None]:
     """key -> data URI of its image from the shard tars (None: not found or not decodable).
     `locations`: shard -> tar path recorded in a stage manifest, tried when shard_dir lacks the tar."""
     out: dict[str, str | None] = {}

@@ -17,13 +17,21 @@ matplotlib.use("Agg")  # no display: figures are only ever written to PNG bytes
 import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.ticker import FuncFormatter, MaxNLocator  # noqa: E402
 
-from unicap.report.collect import length_unit  # noqa: E402
 from unicap.report.images import data_uri  # noqa: E402
+from unicap.report.run_folder import length_unit  # noqa: E402
 
 # one colour per series, the same everywhere on the page (the CSS uses the same values)
-PALETTE = {"scored pool": "#9aa5b1", "stage1": "#4c78a8", "stage2": "#f58518", "stage3": "#54a24b",
-           "captions": "#4c78a8", "answer key": "#a39a8c", "removed": "#e45756"}  # fmt: skip
+PALETTE = {
+    "scored pool": "#9aa5b1",
+    "stage1": "#4c78a8",
+    "stage2": "#f58518",
+    "stage3": "#54a24b",
+    "captions": "#4c78a8",
+    "answer key": "#a39a8c",
+    "removed": "#e45756",
+}
 KEY_STEPS = ("input rows", "scored rows", "stage1", "stage2", "stage3")  # always in the funnel chart
+Lengths = Mapping[str, Sequence[int]]  # caption column -> caption lengths
 POINTS = 400  # points drawn per box (a random sample of larger series)
 STYLE = {
     "font.size": 9,
@@ -39,6 +47,16 @@ STYLE = {
     "axes.axisbelow": True,
     "legend.frameon": False,
 }
+# a box from the 5th to the 95th percentile around the quartiles, no outliers: the points are drawn over it
+BOX = {
+    "vert": False,
+    "widths": 0.55,
+    "whis": (5, 95),
+    "showfliers": False,
+    "patch_artist": True,
+    "boxprops": {"facecolor": "none", "linewidth": 1.4},
+    "medianprops": {"color": "#1f2933", "linewidth": 2},
+}
 
 
 def _png(fig) -> str:
@@ -50,6 +68,20 @@ def _png(fig) -> str:
 
 def _thousands(x, _pos=None) -> str:
     return f"{x:,.0f}"
+
+
+def _say(ax, text: str) -> None:
+    """An empty panel that says why it is empty."""
+    ax.text(0.5, 0.5, text, ha="center", va="center", transform=ax.transAxes, color="#888")
+
+
+def _moving_mean(values: Sequence[float], window: int) -> list[float]:
+    """The mean of each value and the (up to) window - 1 values before it."""
+    out = []
+    for i in range(len(values)):
+        last = values[max(0, i - window + 1) : i + 1]
+        out.append(sum(last) / len(last))
+    return out
 
 
 def funnel_chart(steps: Sequence[Mapping]) -> str | None:
@@ -84,45 +116,36 @@ def funnel_chart(steps: Sequence[Mapping]) -> str | None:
         return _png(fig)
 
 
-def length_histograms(lengths: Mapping[str, Sequence[int]], truth: Mapping[str, Sequence[int]],
-                      levels: Sequence[str], languages: Sequence[str]) -> str | None:  # fmt: skip
+def _length_panel(ax, ours: list[int], key: list[int]) -> None:
+    """One level x language: the captions' lengths, the answer key's as an outline over them (filled when
+    there are no captions)."""
+    both = ours + key
+    if not both:
+        _say(ax, "no captions")
+        return
+    lo, hi = min(both), max(both)
+    bins = range(lo, hi + 2, max(1, math.ceil((hi - lo + 1) / 30)))
+    if ours:
+        ax.hist(ours, bins=bins, color=PALETTE["captions"], alpha=0.75, label=f"captions ({len(ours):,})")
+    if key:
+        outline = {"histtype": "step", "alpha": 1.0} if ours else {"histtype": "stepfilled", "alpha": 0.8}
+        label = f"answer key ({len(key):,})"
+        ax.hist(key, bins=bins, color=PALETTE["answer key"], linewidth=1.6, label=label, **outline)
+    ax.legend(fontsize=7, loc="upper right")
+
+
+def length_histograms(lengths: Lengths, truth: Lengths, levels: Sequence[str], languages: Sequence[str]) -> str | None:
     """A grid of histograms, one per level (rows) x language (columns): the captions' lengths, and the
     answer key's lengths in grey behind them when there is one."""
     if not levels or not languages or not any(list(lengths.values()) + list(truth.values())):
         return None
     with plt.rc_context(STYLE):
-        fig, axes = plt.subplots(len(levels), len(languages), figsize=(4.3 * len(languages), 1.9 * len(levels)),
-                                 squeeze=False)  # fmt: skip
+        size = (4.3 * len(languages), 1.9 * len(levels))
+        fig, axes = plt.subplots(len(levels), len(languages), figsize=size, squeeze=False)
         for i, lv in enumerate(levels):
             for j, lang in enumerate(languages):
                 ax, col = axes[i][j], f"caption_{lv}_{lang}"
-                ours, key = list(lengths.get(col) or []), list(truth.get(col) or [])
-                both = ours + key
-                if both:
-                    lo, hi = min(both), max(both)
-                    bins = range(lo, hi + 2, max(1, math.ceil((hi - lo + 1) / 30)))
-                    if ours:
-                        ax.hist(
-                            ours,
-                            bins=bins,
-                            color=PALETTE["captions"],
-                            alpha=0.75,
-                            label=f"captions ({len(ours):,})",
-                        )
-                    if key:  # an outline over the captions' bars; filled when there are none
-                        ax.hist(key, bins=bins, color=PALETTE["answer key"], histtype="step" if ours else "stepfilled",
-                                linewidth=1.6, alpha=1.0 if ours else 0.8, label=f"answer key ({len(key):,})")  # fmt: skip
-                    ax.legend(fontsize=7, loc="upper right")
-                else:
-                    ax.text(
-                        0.5,
-                        0.5,
-                        "no captions",
-                        ha="center",
-                        va="center",
-                        transform=ax.transAxes,
-                        color="#888",
-                    )
+                _length_panel(ax, list(lengths.get(col) or []), list(truth.get(col) or []))
                 ax.set_title(f"{lv} · {lang}", loc="left")
                 ax.set_xlabel(length_unit(lang), fontsize=8)
                 ax.xaxis.set_major_locator(MaxNLocator(integer=True))
@@ -144,15 +167,13 @@ def score_distributions(series: Mapping[str, Mapping[str, Sequence[float]]], cli
             rows = [(i, n, list(series[n].get(metric) or [])) for i, n in enumerate(names)]
             rows = [(i, n, v) for i, n, v in rows if v]
             if rows:
-                ax.boxplot([v for _, _, v in rows], positions=[i for i, _, _ in rows], vert=False, widths=0.55,
-                           whis=(5, 95), showfliers=False, patch_artist=True,
-                           boxprops={"facecolor": "none", "linewidth": 1.4}, medianprops={"color": "#1f2933", "linewidth": 2})  # fmt: skip
+                ax.boxplot([v for _, _, v in rows], positions=[i for i, _, _ in rows], **BOX)
                 for i, name, v in rows:
                     pts = v if len(v) <= POINTS else rng.sample(v, POINTS)
-                    ax.scatter(pts, [i + rng.uniform(-0.2, 0.2) for _ in pts], s=9, alpha=0.55,
-                               color=PALETTE.get(name, "#555"), linewidths=0, zorder=3)  # fmt: skip
+                    jittered = [i + rng.uniform(-0.2, 0.2) for _ in pts]
+                    ax.scatter(pts, jittered, s=9, alpha=0.55, color=PALETTE.get(name, "#555"), linewidths=0, zorder=3)
             else:
-                ax.text(0.5, 0.5, "no scores", ha="center", va="center", transform=ax.transAxes, color="#888")
+                _say(ax, "no scores")
             ax.set_yticks(range(len(names)), [f"{n} ({len(series[n].get(metric) or []):,})" for n in names])
             ax.set_ylim(len(names) - 0.5, -0.5)
             ax.grid(axis="y", visible=False)
@@ -173,8 +194,7 @@ def loss_curves(stages: Mapping[str, Mapping]) -> str | None:
             colour = PALETTE.get(stage, "#4c78a8")
             ax.plot(steps, loss, color=colour, alpha=0.3, linewidth=1, label="loss")
             window = max(1, len(loss) // 15)
-            smooth = [sum(loss[max(0, i - window + 1) : i + 1]) / len(loss[max(0, i - window + 1) : i + 1])
-                      for i in range(len(loss))]  # fmt: skip
+            smooth = _moving_mean(loss, window)
             ax.plot(steps, smooth, color=colour, linewidth=2, label=f"mean of {window}" if window > 1 else "_")
             ax.set_title(stage, loc="left")
             ax.set_xlabel("step")

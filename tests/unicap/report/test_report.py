@@ -30,8 +30,10 @@ from unicap.report.page import NAV
 
 UNICAP = str(Path(sys.executable).with_name("unicap"))
 CHROMIUM = "/usr/bin/chromium"
-CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
-                 "--disable-component-update", "--disable-sync"]  # fmt: skip
+CHROMIUM_ARGS = (
+    "--no-sandbox --disable-gpu --disable-quic --no-first-run --disable-background-networking "
+    "--disable-component-update --disable-sync"
+).split()
 # model output that would be markup if it reached the page unescaped
 HOSTILE = '</td></table><script>alert("caption")</script><img id="pwned" src=x onerror="alert(1)"> & \'"'
 HOSTILE_DETAIL = '<b id="pwned-detail">bold</b> no CJK in <iframe src="javascript:alert(2)">'
@@ -61,31 +63,33 @@ def write_captions(truth_dir: Path, out: Path) -> None:
                 caption_long_zh=None,
                 error=f"wrong_language: caption_long_zh: {HOSTILE_DETAIL}",
             )
-            rows[2].update(status="failed", error="undecodable_image: truncated: pixel data ends early",
-                           **dict.fromkeys(caption_record.caption_columns(), None))  # fmt: skip
+            no_captions = dict.fromkeys(caption_record.caption_columns(), None)
+            rows[2].update(status="failed", error="undecodable_image: truncated: pixel data ends early", **no_captions)
         table = caption_record.to_table(rows)
         caption_record.validate(table)
         write_parquet(table, out / f.name)
-    write_json({"rows": 24, "shards": 2, "status": {"ok": 22, "partial": 1, "failed": 1},
-                "failures_by_reason": {"wrong_language": 1, "undecodable_image": 1},
-                "last_run": {"model": "stand-in <i>model</i>"}}, out / "_summary.json")  # fmt: skip
+    summary = {"rows": 24, "shards": 2, "status": {"ok": 22, "partial": 1, "failed": 1}}
+    summary["failures_by_reason"] = {"wrong_language": 1, "undecodable_image": 1}
+    summary["last_run"] = {"model": "stand-in <i>model</i>"}
+    write_json(summary, out / "_summary.json")
 
 
 def write_scores(captions: Path, out: Path) -> None:
     """Score files against unicap.contract.scores: random CLIP and aesthetic scores, the captions' statuses."""
     rng = np.random.default_rng(0)
     levels, languages = ("long", "medium", "short"), ("en",)
+    clip_columns = [score_contract.clip_column(lv, "en") for lv in levels]
     for f in visible_parquet_files(captions):
         rows = []
         for r in pq.read_table(f).to_pylist():
             w, h = r["width"], r["height"]
             best = r["caption_short_en"] == HOSTILE  # ranked first: the gallery shows it
-            rows.append({"key": r["key"], "shard": r["shard"], "width": w, "height": h, "min_side": min(w, h),
-                         "aspect_ratio": max(w, h) / min(w, h), "sha256": r["sha256"], "source": r["source"],
-                         "caption_status": r["status"], "caption_levels_ok": "long,medium,short,tags",
-                         "decode_error": None, "aesthetic": 9.0 if best else float(rng.normal(5, 1)), "clip_model": "test-clip",
-                         **{score_contract.clip_column(lv, "en"): 0.5 if best else float(rng.uniform(0.1, 0.4))
-                            for lv in levels}})  # fmt: skip
+            aesthetic = 9.0 if best else float(rng.normal(5, 1))  # drawn before the CLIP scores (seeded order)
+            clip = {c: 0.5 if best else float(rng.uniform(0.1, 0.4)) for c in clip_columns}
+            row = {"key": r["key"], "shard": r["shard"], "width": w, "height": h, "min_side": min(w, h)}
+            row.update(aspect_ratio=max(w, h) / min(w, h), sha256=r["sha256"], source=r["source"])
+            row.update(caption_status=r["status"], caption_levels_ok="long,medium,short,tags", decode_error=None)
+            rows.append({**row, "aesthetic": aesthetic, "clip_model": "test-clip", **clip})
         table = pa.Table.from_pylist(rows, schema=score_contract.score_schema(levels, languages))
         score_contract.validate(table)
         write_parquet(table, out / f.name)
@@ -99,8 +103,8 @@ def write_training(runs: Path, prompts: list[str]) -> None:
         (d / "final").mkdir()
         lines = [json.dumps({"step": s, "loss": 1.0 / (s + k + 1), "grad_norm": 0.5, "lr": 1e-3}) for s in range(1, 31)]
         (d / "metrics.jsonl").write_text("\n".join(lines) + "\n")
-        state = {"step": 30, "samples_seen": 240, "skipped_samples": 0, "skipped_steps": 0, "world_size": 2,
-                 "zero_stage": 2, "config": {"run": {"sample_prompts": prompts}}}  # fmt: skip
+        state = {"step": 30, "samples_seen": 240, "skipped_samples": 0, "skipped_steps": 0}
+        state.update(world_size=2, zero_stage=2, config={"run": {"sample_prompts": prompts}})
         (d / "final" / "state.json").write_text(json.dumps(state))
         (d / "config.yaml").write_text("run:\n  steps: 30\n")
         for step in (10, 30):  # the latest grid is the one shown
@@ -114,17 +118,16 @@ def write_adherence(d: Path, prompt: str, language: str = "en") -> None:
     (d / "truth").mkdir()
     (d / "stage3" / "00000.png").write_bytes(png_bytes((64, 64), (200, 30, 30)))
     (d / "truth" / "00000.png").write_bytes(png_bytes((64, 64), (30, 200, 30)))
-    data = {
-        "version": 1, "size": [64, 64], "prompts": {"n": 8, "level": "short", "language": language, "truth": "heldout"},
-        "attributes": ATTRS,
-        "rows": {"truth images": dict.fromkeys(ATTRS, 1.0), "stage1": {**dict.fromkeys(ATTRS, 0.125), "position": None},
-                 "stage3": dict.fromkeys(ATTRS, 0.75)},
-        "facts": {row: dict.fromkeys(ATTRS, 8) for row in ("truth images", "stage1", "stage3")},
-        "examples": [{"weights": "stage3", "prompt": prompt, "image": "stage3/00000.png", "truth_image": "truth/00000.png",
-                      "verdicts": {"background": True, "colour": False, "shape": True, "count": None, "position": False}},
-                     {"weights": "stage3", "prompt": "escapes the folder", "image": "../../../etc/passwd",
-                      "truth_image": "truth/00000.png", "verdicts": {}}],
-    }  # fmt: skip
+    prompts = {"n": 8, "level": "short", "language": language, "truth": "heldout"}
+    rows = {"truth images": dict.fromkeys(ATTRS, 1.0), "stage1": {**dict.fromkeys(ATTRS, 0.125), "position": None}}
+    rows["stage3"] = dict.fromkeys(ATTRS, 0.75)
+    facts = {row: dict.fromkeys(ATTRS, 8) for row in rows}
+    verdicts = {"background": True, "colour": False, "shape": True, "count": None, "position": False}
+    drawn = {"weights": "stage3", "prompt": prompt, "image": "stage3/00000.png", "truth_image": "truth/00000.png"}
+    escaping = {"weights": "stage3", "prompt": "escapes the folder", "image": "../../../etc/passwd"}
+    examples = [{**drawn, "verdicts": verdicts}, {**escaping, "truth_image": "truth/00000.png", "verdicts": {}}]
+    data = {"version": 1, "size": [64, 64], "prompts": prompts, "attributes": ATTRS, "rows": rows, "facts": facts}
+    data["examples"] = examples
     (d / "adherence.json").write_text(json.dumps(data))
 
 
@@ -135,8 +138,8 @@ def run_dir(tmp_path_factory) -> Path:
     synth(str(root / "data"), 24, seed=3, shard_size=12)
     write_captions(root / "data" / "truth", root / "captions")
     write_scores(root / "captions", root / "scores")
-    select_stages(root / "scores", root / "stages", "1.0", "0.5", "0.5", rules={"stage2": {"min_side": 256}},
-                  shards_dir=str(root / "data"))  # fmt: skip
+    rules = {"stage2": {"min_side": 256}}
+    select_stages(root / "scores", root / "stages", "1.0", "0.5", "0.5", rules=rules, shards_dir=str(root / "data"))
     synth(str(root / "heldout"), 8, seed=9, shard_size=8)
     shutil.copytree(root / "heldout" / "truth", root / "heldout_captions")
     write_json(
@@ -313,10 +316,9 @@ def test_the_page_renders_in_headless_chromium(full_page, tmp_path):
     path.write_text(full_page, encoding="utf-8")
     problems: list[str] = []
     with sync_playwright() as p:
-        browser = p.chromium.launch_persistent_context(
-            str(tmp_path / "profile"), executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True,
-            viewport={"width": 1280, "height": 900},
-        )  # fmt: skip
+        options = {"executable_path": CHROMIUM, "args": CHROMIUM_ARGS, "headless": True}
+        viewport = {"width": 1280, "height": 900}
+        browser = p.chromium.launch_persistent_context(str(tmp_path / "profile"), viewport=viewport, **options)
         try:
             page = browser.new_page()
             page.on(

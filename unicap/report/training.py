@@ -1,0 +1,164 @@
+"""The Training and Samples sections, both read from runs/stageN/: the loss curve and final state of each
+stage, and its latest sample grid with the prompts it was drawn from (one collect for the two)."""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from collections.abc import Mapping
+from pathlib import Path
+
+from unicap import config
+from unicap.contract import manifest
+from unicap.report import plots
+from unicap.report.images import image_inline
+from unicap.report.markup import Section, esc, figure, num, section_head, table
+from unicap.report.run_folder import RunFolder, empty_section, how_to, read_json
+
+MAX_INLINE_SIDE = 1536  # sample grids are shrunk to this before they are inlined
+SAMPLE_WIDTH = 640  # px: sample grids narrower than this are enlarged (pixelated) to it
+
+# ---------------------------------------------------------------- collect
+
+
+def _step_of(path: Path) -> int:
+    m = re.search(r"(\d+)", path.stem)
+    return int(m.group(1)) if m else -1
+
+
+def read_metrics(path: Path) -> tuple[list[int], list[float], int]:
+    """(steps, losses, lines that are not a step's JSON) of a metrics.jsonl; steps without a finite loss
+    are left out."""
+    steps: list[int] = []
+    losses: list[float] = []
+    bad_lines = 0
+    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+        try:
+            m = json.loads(line)
+            step, loss = int(m["step"]), m.get("loss")
+        except (json.JSONDecodeError, KeyError, TypeError, ValueError):
+            bad_lines += bool(line.strip())
+            continue
+        if isinstance(loss, int | float) and math.isfinite(loss):
+            steps.append(step)
+            losses.append(float(loss))
+    return steps, losses, bad_lines
+
+
+def _sample_prompts(d: Path, state: dict | None) -> list[str]:
+    """run.sample_prompts of the config saved in the final state, else of the stage's config.yaml."""
+    run_cfg = ((state or {}).get("config") or {}).get("run")
+    if run_cfg is None and (d / "config.yaml").is_file():
+        run_cfg = config.read_yaml(d / "config.yaml").get("run")
+    return [str(p) for p in (run_cfg or {}).get("sample_prompts") or []]
+
+
+def read_stage(d: Path) -> dict:
+    """One stage's run folder: the loss curve, the final state, the latest sample grid that decodes and its
+    prompts, and what is missing."""
+    metrics = d / "metrics.jsonl"
+    missing: list[str] = []
+    steps, loss, bad_lines = read_metrics(metrics) if metrics.is_file() else ([], [], 0)
+    if not metrics.is_file():
+        missing.append(f"{metrics} (the trainer writes one line per step)")
+    state = read_json(d / "final" / "state.json")
+    if state is None:
+        missing.append(f"{d / 'final' / 'state.json'} (written when the stage finishes)")
+    info = {"steps": steps, "loss": loss, "bad_lines": bad_lines, "state": state, "sample": None, "sample_step": None}
+    prompts = _sample_prompts(d, state)
+    grids = sorted((d / "samples").glob("step-*.png"), key=_step_of) if (d / "samples").is_dir() else []
+    info.update(sample_steps=[_step_of(g) for g in grids], prompts=prompts, missing=missing)
+    for grid in reversed(grids):  # the latest step that decodes
+        inlined = image_inline(grid.read_bytes(), MAX_INLINE_SIDE, keep_png=True)
+        if inlined:
+            info["sample"], info["sample_width"], _ = inlined
+            info["sample_step"] = _step_of(grid)
+            break
+    if info["sample"] is None:
+        missing.append(f"sample grids in {d / 'samples'} (run.sample_every, and at the end)")
+    return info
+
+
+def collect_training(run: RunFolder) -> dict:
+    """Per stage: the loss curve (metrics.jsonl), the final state, the latest sample grid and its prompts."""
+    sec = empty_section(stages={})
+    for stage in manifest.STAGES:
+        d = run.runs / stage
+        if d.is_dir():
+            sec["stages"][stage] = read_stage(d)
+        else:
+            sec["missing"].append((f"{d}", how_to(run)["runs"].replace("stage1 stage2 stage3", stage)))
+    return sec
+
+
+# ---------------------------------------------------------------- render: training
+
+STATE_KEYS = ("step", "samples_seen", "skipped_samples", "skipped_steps", "world_size", "zero_stage")
+HEAD = ["stage", "steps", "samples seen", "skipped samples", "skipped steps", "ranks", "ZeRO", "loss first → last"]
+
+
+def training_body(r: Mapping) -> str:
+    sec = r["training"]
+    out = section_head(sec)
+    stages = sec.get("stages") or {}
+    rows = []
+    for stage, info in stages.items():
+        st = info.get("state") or {}
+        loss = info.get("loss") or []
+        curve = f"{loss[0]:.3f} → {loss[-1]:.3f}" if loss else "–"
+        rows.append([esc(stage), *(num(st.get(k)) for k in STATE_KEYS), curve])
+        for m in info.get("missing") or []:
+            if "samples" not in m:
+                out += f'<div class="missing"><b>{esc(stage)}:</b> missing {esc(m)}.</div>'
+        if info.get("bad_lines"):
+            bad = f"{info['bad_lines']} lines of metrics.jsonl are not JSON; skipped."
+            out += f'<div class="note">{esc(stage)}: {bad}</div>'
+    if rows:
+        out += table(HEAD, rows, num_cols=range(1, len(HEAD)))
+    return out + figure(plots.loss_curves(stages), "training loss per stage")
+
+
+TRAINING_LEAD = (
+    "Next-DiT's flow-matching loss at every logged step (<code>runs/stageN/metrics.jsonl</code>); "
+    "each stage starts from the previous one's weights."
+)
+TRAINING = Section("training", "Training", "Training loss per stage", TRAINING_LEAD, training_body)
+
+# ---------------------------------------------------------------- render: samples
+
+PROMPTS_LEGEND = "Prompts from the run's config (<code>run.sample_prompts</code>), one per column."
+
+
+def _sample_grid(stage: str, info: Mapping) -> str:
+    """A stage's latest grid, small grids enlarged to SAMPLE_WIDTH, with its prompts one per column."""
+    prompts = info.get("prompts") or []
+    natural = int(info["sample_width"])
+    shown = natural if natural >= SAMPLE_WIDTH else min(SAMPLE_WIDTH, natural * 4)  # small grids enlarged
+    pixelated = ' style="image-rendering:pixelated"' if shown > natural else ""
+    labels = "".join(f"<div>{esc(p)}</div>" for p in prompts)
+    columns = f"grid-template-columns:repeat({max(len(prompts), 1)}, 1fr)"
+    grid = f'<div class="prompts" style="{columns}">{labels}</div>' if prompts else ""
+    img = f'<img src="{info["sample"]}" alt="{esc(stage)} samples"{pixelated}>'
+    steps = info.get("sample_steps") or []
+    return (
+        f"<h3>{esc(stage)} · step {esc(info['sample_step'])}</h3>"
+        f'<figure style="max-width:{shown}px">{img}{grid}</figure>'
+        f'<p class="legend">{len(steps)} grid(s) saved; the latest shown. {PROMPTS_LEGEND}</p>'
+    )
+
+
+def samples_body(r: Mapping) -> str:
+    stages = r["training"].get("stages") or {}
+    out = section_head({"missing": [m for m in r["training"].get("missing") or []]})
+    for stage, info in stages.items():
+        if info.get("sample"):
+            out += _sample_grid(stage, info)
+        else:
+            why = esc(", ".join(info.get("missing") or []))
+            out += f'<div class="missing"><b>{esc(stage)}:</b> no sample grid ({why}).</div>'
+    return f'<div class="samples">{out}</div>'
+
+
+SAMPLES_LEAD = "Images generated from fixed prompts with each stage's EMA weights (<code>runs/stageN/samples/</code>)."
+SAMPLES = Section("samples", "Samples", "Sample grids per stage", SAMPLES_LEAD, samples_body)
