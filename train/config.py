@@ -20,8 +20,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from train.config_base import TrainerConfig
 from unicap import config as uconfig
-from unicap import runtime
 
 STAGES = ("stage1", "stage2", "stage3")
 
@@ -123,7 +123,7 @@ class RunConfig:
 
 
 @dataclass
-class TrainConfig:
+class TrainConfig(TrainerConfig):
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
@@ -134,20 +134,8 @@ class TrainConfig:
     def __post_init__(self):
         if self.run.stage not in STAGES:
             raise ValueError(f"run.stage {self.run.stage!r}: one of {STAGES}")
-        if self.deepspeed.zero_stage not in (0, 1, 2, 3):
-            raise ValueError(f"deepspeed.zero_stage {self.deepspeed.zero_stage}: 0, 1, 2 or 3")
-        if self.deepspeed.precision not in ("auto", "bf16", "fp32"):
-            raise ValueError(f"deepspeed.precision {self.deepspeed.precision!r}: auto, bf16 or fp32")
-        for name, v in (
-            ("data.micro_batch", self.data.micro_batch),
-            ("run.steps", self.run.steps),
-            ("run.save_every", self.run.save_every),
-            ("run.keep_last", self.run.keep_last),
-            ("optim.grad_accum", self.optim.grad_accum),
-            ("data.resolution", self.data.resolution),
-        ):
-            if v < 1:
-                raise ValueError(f"{name} must be >= 1, got {v}")
+        self.check_deepspeed()
+        self.check_at_least_one("data.resolution")
         if self.data.latent_cache_mb < 0:
             raise ValueError(f"data.latent_cache_mb {self.data.latent_cache_mb}: 0 (off) or a size in MiB")
         if not 0.0 <= self.data.caption_dropout < 1.0:
@@ -158,19 +146,6 @@ class TrainConfig:
     @property
     def run_dir(self) -> Path:
         return Path(self.run.out) / self.run.stage
-
-    def grad_accum(self, world_size: int) -> int:
-        """Micro-batches per rank per optimizer step; refuses a global batch the ranks cannot split."""
-        if self.data.global_batch is None:
-            return self.optim.grad_accum
-        per_step = self.data.micro_batch * world_size
-        if self.data.global_batch % per_step:
-            raise ValueError(f"data.global_batch {self.data.global_batch} is not a multiple of micro_batch "
-                             f"{self.data.micro_batch} x world size {world_size} = {per_step}")  # fmt: skip
-        return self.data.global_batch // per_step
-
-    def global_batch(self, world_size: int) -> int:
-        return self.data.micro_batch * self.grad_accum(world_size) * world_size
 
 
 def load(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> TrainConfig:
@@ -183,21 +158,10 @@ def deepspeed_config(cfg: TrainConfig, world_size: int, device: str | None = Non
     The optimizer is a torch AdamW built by the trainer (no JIT-compiled fused optimizer on CPU);
     gradient clipping and accumulation are DeepSpeed's."""
     ds = cfg.deepspeed
-    accum = cfg.grad_accum(world_size)
-    zero: dict = {"stage": ds.zero_stage, "overlap_comm": ds.overlap_comm,
-                  "reduce_bucket_size": ds.reduce_bucket_size, "contiguous_gradients": True}  # fmt: skip
+    zero: dict = {"overlap_comm": ds.overlap_comm, "reduce_bucket_size": ds.reduce_bucket_size}
+    zero["contiguous_gradients"] = True
     if ds.zero_stage == 3:
         zero |= {"stage3_gather_16bit_weights_on_model_save": False, "stage3_param_persistence_threshold": 0}
-    return {
-        "train_micro_batch_size_per_gpu": cfg.data.micro_batch,
-        "gradient_accumulation_steps": accum,
-        "train_batch_size": cfg.data.micro_batch * accum * world_size,
-        "gradient_clipping": cfg.optim.grad_clip,
-        # non-finite gradients are caught by the trainer's own guard (train.trainer.GradGuard) under every
-        # ZeRO stage; DeepSpeed's bf16 overflow check would be a second pass over the gradients
-        "bf16": {"enabled": runtime.resolve_precision(ds.precision, device) == "bf16", "check_grad_overflow": False},
-        "zero_optimization": zero,
-        "zero_allow_untested_optimizer": True,
-        "steps_per_print": 10**9,
-        "wall_clock_breakdown": False,
-    }
+    # non-finite gradients are caught by the trainer's own guard (train.trainer.GradGuard) under every ZeRO
+    # stage; DeepSpeed's bf16 overflow check would be a second pass over the gradients
+    return cfg.deepspeed_config_with(world_size, device, zero, bf16={"check_grad_overflow": False})

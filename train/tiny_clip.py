@@ -18,8 +18,6 @@ true captions against shuffled ones (another held-out image's caption), per leve
 
 from __future__ import annotations
 
-import argparse
-import dataclasses
 import json
 import random
 import sys
@@ -27,7 +25,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from unicap.tiny_build import DONE_MARK, cached, find, recipe_overrides, recipe_tag
+from train.tiny_trained import Log, TrainedTiny
+from unicap.tiny_build import recipe_overrides
 
 TINY_CLIP_TRAINED_VERSION = "1"  # bump when the build code changes
 
@@ -50,16 +49,12 @@ class Recipe:
     lr: float = 2e-3
     warmup: int = 100
 
-    def tag(self) -> str:
-        return recipe_tag(TINY_CLIP_TRAINED_VERSION, self)
-
 
 RECIPE = Recipe()
-
-
-def with_overrides(recipe: Recipe, overrides: list[str] | tuple[str, ...]) -> Recipe:
-    """`key=value` overrides of the recipe (values parsed as JSON: steps=300)."""
-    return recipe_overrides(recipe, overrides)
+TINY_CLIP = TrainedTiny("tiny-clip-trained", TINY_CLIP_TRAINED_VERSION, RECIPE, "train.tiny_clip")
+with_overrides = recipe_overrides  # `key=value` overrides of a recipe (values parsed as JSON: steps=300)
+folder_name = TINY_CLIP.folder_name
+cached_clip = TINY_CLIP.find  # the folder shipped in models/ or cached, else None
 
 
 def open_clip_config(recipe: Recipe, vocab: int, pad_id: int, eos_id: int) -> dict:
@@ -74,7 +69,7 @@ def open_clip_config(recipe: Recipe, vocab: int, pad_id: int, eos_id: int) -> di
                 "width": recipe.width,
                 "layers": recipe.layers,
                 "head_width": recipe.width // heads,
-            },  # fmt: skip
+            },
             "text_cfg": {
                 "context_length": recipe.context,
                 "vocab_size": vocab,
@@ -85,7 +80,7 @@ def open_clip_config(recipe: Recipe, vocab: int, pad_id: int, eos_id: int) -> di
                 "pool_type": "eos",
                 "eos_id": eos_id,
                 "pad_id": pad_id,
-            },  # fmt: skip
+            },
         },
         "preprocess_cfg": {"resize_mode": "squash", "interpolation": "bicubic"},
     }
@@ -94,16 +89,14 @@ def open_clip_config(recipe: Recipe, vocab: int, pad_id: int, eos_id: int) -> di
 def write_tokenizer(out: Path):
     """The tiny Gemma-2's BPE (train.tiny_codecs.caption_corpus), ending every text with <eos> (CLIP pools there)."""
     from tokenizers.processors import TemplateProcessing
-    from transformers import PreTrainedTokenizerFast
 
-    from train.tiny_codecs import GEMMA_SPECIAL_TOKENS, caption_corpus
+    from train.tiny_codecs import GEMMA_SPECIAL_TOKENS, caption_corpus, gemma_tokenizer
     from unicap.tiny_build import train_bpe
 
     bpe = train_bpe(caption_corpus(), GEMMA_SPECIAL_TOKENS)
     eos = bpe.token_to_id("<eos>")
     bpe.post_processor = TemplateProcessing(single="$A <eos>", special_tokens=[("<eos>", eos)])
-    tok = PreTrainedTokenizerFast(tokenizer_object=bpe, pad_token="<pad>", eos_token="<eos>", unk_token="<unk>",
-                                  bos_token="<bos>", model_max_length=4096)  # fmt: skip
+    tok = gemma_tokenizer(bpe, model_max_length=4096)
     tok.save_pretrained(out)
     return tok
 
@@ -157,7 +150,7 @@ def _auc(pos, neg) -> float:
 # ---------------------------------------------------------------- training
 
 
-def train_clip(recipe: Recipe, out: Path, log=print) -> dict:
+def train_clip(recipe: Recipe, out: Path, log: Log = print) -> dict:
     """Writes the trained model into `out` (config, tokenizer, weights); returns the summary."""
     import open_clip
     import torch
@@ -194,14 +187,14 @@ def train_clip(recipe: Recipe, out: Path, log=print) -> dict:
         opt.step()
         losses.append(loss.item())
         if (step + 1) % 100 == 0:
-            log(f"[tiny-clip] step {step + 1}/{recipe.steps}  loss {sum(losses[-100:]) / 100:.3f}  "
-                f"{time.time() - t0:.0f}s")  # fmt: skip
+            recent = sum(losses[-100:]) / 100
+            log(f"[tiny-clip] step {step + 1}/{recipe.steps}  loss {recent:.3f}  {time.time() - t0:.0f}s")
     model.eval()
     auc = agreement_auc(model, tokenizer, *held)
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(out / "open_clip_model.safetensors"))
-    return {"train_seconds": round(time.time() - t0, 1), "data_seconds": round(t_data, 1),
-            "first_loss": round(sum(losses[:20]) / 20, 4), "final_loss": round(sum(losses[-100:]) / 100, 4),
-            "heldout_auc": auc, "threads": torch.get_num_threads()}  # fmt: skip
+    seconds = {"train_seconds": round(time.time() - t0, 1), "data_seconds": round(t_data, 1)}
+    losses_seen = {"first_loss": round(sum(losses[:20]) / 20, 4), "final_loss": round(sum(losses[-100:]) / 100, 4)}
+    return {**seconds, **losses_seen, "heldout_auc": auc, "threads": torch.get_num_threads()}
 
 
 def _cos(frac: float) -> float:
@@ -210,38 +203,13 @@ def _cos(frac: float) -> float:
     return math.cos(math.pi * frac)
 
 
-def folder_name(recipe: Recipe = RECIPE) -> str:
-    return f"tiny-clip-trained-{recipe.tag()}"
-
-
-def cached_clip(recipe: Recipe = RECIPE, root: Path | None = None) -> Path | None:
-    """The folder of this recipe shipped in models/ or cached, or None if it was not trained on this machine yet."""
-    return find(folder_name(recipe), root)
-
-
-def _build(out: Path, recipe: Recipe) -> None:
-    summary = train_clip(recipe, out, log=lambda s: print(s, file=sys.stderr, flush=True))
-    (out / DONE_MARK).write_text(json.dumps({"kind": "tiny-clip-trained", "version": TINY_CLIP_TRAINED_VERSION,
-                                             "recipe": dataclasses.asdict(recipe), **summary}))  # fmt: skip
-
-
 def tiny_clip(recipe: Recipe = RECIPE, root: Path | None = None) -> Path:
     """The trained tiny CLIP's folder (`local-dir:` for open_clip; unicap.clip.load_clip takes the folder)."""
-    return cached(folder_name(recipe), lambda p: _build(p, recipe), root)
+    return TINY_CLIP.build(recipe, root, lambda out, log: train_clip(recipe, out, log))
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--no-train", action="store_true", help="only report the shipped or cached folder")
-    p.add_argument("overrides", nargs="*", help="key=value overrides of the recipe (a different cache entry)")
-    args = p.parse_args(argv)
-    recipe = with_overrides(RECIPE, args.overrides)
-    path = cached_clip(recipe) if args.no_train else tiny_clip(recipe)
-    if path is None:
-        print("no trained tiny CLIP for this recipe: run `python -m train.tiny_clip`", file=sys.stderr)
-        return 1
-    print(path)
-    return 0
+    return TINY_CLIP.main(argv, __doc__, tiny_clip)
 
 
 if __name__ == "__main__":

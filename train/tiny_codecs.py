@@ -7,6 +7,9 @@ the same code as google/gemma-2-2b and FLUX.1's VAE.
   trained on the synthetic set's captions, the family of Lumina-Image 2.0's Gemma-2-2B.
 - `tiny_flux_vae()`: a diffusers AutoencoderKL in the FLUX layout (16 latent channels, 8x down, no
   quant convs, shift 0.1159, scale 0.3611) with 4 narrow blocks.
+
+`flux_layout_vae` and `gemma_tokenizer` build that layout and that tokenizer for the trained tiny models too
+(train.tiny_vae, train.tiny_clip).
 """
 
 from __future__ import annotations
@@ -41,20 +44,37 @@ def caption_corpus() -> list[str]:
     return lines
 
 
+def gemma_tokenizer(bpe, model_max_length: int):
+    """A transformers tokenizer on a BPE trained with GEMMA_SPECIAL_TOKENS (unicap.tiny_build.train_bpe), each
+    special token in its role."""
+    from transformers import PreTrainedTokenizerFast
+
+    roles = {"pad_token": "<pad>", "eos_token": "<eos>", "bos_token": "<bos>", "unk_token": "<unk>"}
+    return PreTrainedTokenizerFast(tokenizer_object=bpe, model_max_length=model_max_length, **roles)
+
+
+def flux_layout_vae(block_out_channels: tuple[int, ...], **sizes):
+    """A diffusers AutoencoderKL in FLUX's layout: RGB in and out, 16 latent channels, one encoder and one decoder
+    block per entry of block_out_channels (n blocks: 2^(n-1) x down), no quant convs. `sizes`: layers_per_block,
+    norm_num_groups, mid_block_add_attention, scaling_factor, shift_factor."""
+    from diffusers import AutoencoderKL
+
+    n = len(block_out_channels)
+    blocks = {"down_block_types": ("DownEncoderBlock2D",) * n, "up_block_types": ("UpDecoderBlock2D",) * n}
+    layout = {"in_channels": 3, "out_channels": 3, "latent_channels": 16, "block_out_channels": block_out_channels}
+    return AutoencoderKL(**layout, **blocks, use_quant_conv=False, use_post_quant_conv=False, **sizes)
+
+
 def _build_gemma2(out: Path, seed: int) -> None:
     import torch
-    from transformers import AutoTokenizer, Gemma2Config, Gemma2Model, PreTrainedTokenizerFast
+    from transformers import AutoTokenizer, Gemma2Config, Gemma2Model
 
-    PreTrainedTokenizerFast(tokenizer_object=train_bpe(caption_corpus(), GEMMA_SPECIAL_TOKENS), model_max_length=512,
-                            pad_token="<pad>", eos_token="<eos>", bos_token="<bos>", unk_token="<unk>",
-                            ).save_pretrained(out)  # fmt: skip
+    gemma_tokenizer(train_bpe(caption_corpus(), GEMMA_SPECIAL_TOKENS), model_max_length=512).save_pretrained(out)
     tok = AutoTokenizer.from_pretrained(out)
-    cfg = Gemma2Config(
-        vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-        num_key_value_heads=1, head_dim=16, query_pre_attn_scalar=16, max_position_embeddings=512,
-        sliding_window=128, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
-        bos_token_id=tok.bos_token_id,
-    )  # fmt: skip
+    sizes = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2}
+    attention = {"num_key_value_heads": 1, "head_dim": 16, "query_pre_attn_scalar": 16, "sliding_window": 128}
+    special = {"pad_token_id": tok.pad_token_id, "eos_token_id": tok.eos_token_id, "bos_token_id": tok.bos_token_id}
+    cfg = Gemma2Config(vocab_size=len(tok), max_position_embeddings=512, **sizes, **attention, **special)
     torch.manual_seed(seed)
     Gemma2Model(cfg).save_pretrained(out, safe_serialization=True)
     (out / DONE_MARK).write_text(json.dumps({"kind": "tiny-gemma2", "version": TINY_GEMMA2_VERSION, "seed": seed}))
@@ -62,16 +82,10 @@ def _build_gemma2(out: Path, seed: int) -> None:
 
 def _build_flux_vae(out: Path, seed: int) -> None:
     import torch
-    from diffusers import AutoencoderKL
 
     torch.manual_seed(seed)
-    vae = AutoencoderKL(
-        in_channels=3, out_channels=3, latent_channels=16,
-        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
-        block_out_channels=(16, 16, 32, 32), layers_per_block=1, norm_num_groups=8,
-        scaling_factor=0.3611, shift_factor=0.1159, use_quant_conv=False, use_post_quant_conv=False,
-        mid_block_add_attention=True,
-    )  # fmt: skip
+    sizes = {"layers_per_block": 1, "norm_num_groups": 8, "mid_block_add_attention": True}
+    vae = flux_layout_vae((16, 16, 32, 32), scaling_factor=0.3611, shift_factor=0.1159, **sizes)
     vae.save_pretrained(out, safe_serialization=True)
     (out / DONE_MARK).write_text(json.dumps({"kind": "tiny-flux-vae", "version": TINY_FLUX_VAE_VERSION, "seed": seed}))
 

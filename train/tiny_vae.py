@@ -34,11 +34,8 @@ is judged over seeds and thread counts (bench/bench_tiny_vae_seeds.py), never on
 
 from __future__ import annotations
 
-import argparse
 import contextlib
-import dataclasses
 import io
-import json
 import math
 import os
 import random
@@ -47,7 +44,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from unicap.tiny_build import DONE_MARK, cached, find, recipe_overrides, recipe_tag
+from train.tiny_trained import Log, TrainedTiny
+from unicap.tiny_build import recipe_overrides
 
 # bump when the build code changes: a new folder is built instead of a stale one loaded
 TINY_VAE_VERSION = "1"
@@ -81,16 +79,13 @@ class Recipe:
     # GroupNorm erases a flat region's absolute colour within a group: few, wide groups
     norm_num_groups: int = 4
 
-    def tag(self) -> str:
-        return recipe_tag(TINY_VAE_VERSION, self)
-
 
 RECIPE = Recipe()
-
-
-def with_overrides(recipe: Recipe, overrides: list[str] | tuple[str, ...]) -> Recipe:
-    """`key=value` overrides of a recipe (values parsed as JSON: steps=200, block_out_channels=[16,32,32,32])."""
-    return recipe_overrides(recipe, overrides)
+TINY_VAE = TrainedTiny("tiny-vae", TINY_VAE_VERSION, RECIPE, "train.tiny_vae")
+# `key=value` overrides of a recipe (values parsed as JSON: steps=200, block_out_channels=[16,32,32,32])
+with_overrides = recipe_overrides
+folder_name = TINY_VAE.folder_name
+cached_vae = TINY_VAE.find  # the folder shipped in models/ or cached, else None
 
 
 # ---------------------------------------------------------------- images
@@ -142,16 +137,11 @@ def _pool(seed: int, n: int) -> dict[int, dict[tuple[int, int], list]]:
 
 
 def build_model(recipe: Recipe):
-    from diffusers import AutoencoderKL
+    from train.tiny_codecs import flux_layout_vae
 
-    n = len(recipe.block_out_channels)
-    return AutoencoderKL(
-        in_channels=3, out_channels=3, latent_channels=16,
-        down_block_types=("DownEncoderBlock2D",) * n, up_block_types=("UpDecoderBlock2D",) * n,
-        block_out_channels=recipe.block_out_channels, layers_per_block=recipe.layers_per_block,
-        norm_num_groups=recipe.norm_num_groups, use_quant_conv=False, use_post_quant_conv=False,
-        mid_block_add_attention=False, scaling_factor=1.0, shift_factor=0.0,
-    )  # fmt: skip
+    sizes = {"layers_per_block": recipe.layers_per_block, "norm_num_groups": recipe.norm_num_groups}
+    latents = {"scaling_factor": 1.0, "shift_factor": 0.0}  # set from held-out latents after training
+    return flux_layout_vae(recipe.block_out_channels, mid_block_add_attention=False, **sizes, **latents)
 
 
 def _batches(recipe: Recipe, pool: dict, rng: random.Random):
@@ -178,7 +168,7 @@ def _batches(recipe: Recipe, pool: dict, rng: random.Random):
         step += 1
 
 
-def train_vae(recipe: Recipe, log=print):
+def train_vae(recipe: Recipe, log: Log = print):
     """The trained AutoencoderKL (eval mode, shift/scale set) and a summary dict."""
     import torch
 
@@ -213,15 +203,14 @@ def train_vae(recipe: Recipe, log=print):
         sched.step()
         l1_avg = l1.item() if l1_avg is None else 0.98 * l1_avg + 0.02 * l1.item()
         if step % 100 == 0 or step == recipe.steps:
-            log(f"[tiny-vae] step {step}/{recipe.steps}  l1 {l1_avg:.4f}  kl {kl.item():.1f}  "
-                f"{time.time() - t1:.0f}s")  # fmt: skip
+            log(f"[tiny-vae] step {step}/{recipe.steps}  l1 {l1_avg:.4f}  kl {kl.item():.1f}  {time.time() - t1:.0f}s")
     t_train = time.time() - t1
     vae.eval().requires_grad_(False)
     fold_color_transform(vae, color)
     shift, std = latent_stats(vae, recipe.stats_seed, recipe.stats_images)
     vae.register_to_config(shift_factor=shift, scaling_factor=1.0 / std)
-    return vae, {"data_seconds": round(t_data, 1), "train_seconds": round(t_train, 1), "final_l1": l1_avg,
-                 "shift_factor": shift, "scaling_factor": 1.0 / std}  # fmt: skip
+    seconds = {"data_seconds": round(t_data, 1), "train_seconds": round(t_train, 1)}
+    return vae, {**seconds, "final_l1": l1_avg, "shift_factor": shift, "scaling_factor": 1.0 / std}
 
 
 def latent_stats(vae, seed: int, n: int) -> tuple[float, float]:
@@ -286,24 +275,14 @@ def _threads(n: int | None):
         torch.set_num_threads(before)
 
 
-def folder_name(recipe: Recipe = RECIPE) -> str:
-    return f"tiny-vae-{recipe.tag()}"
-
-
-def cached_vae(recipe: Recipe = RECIPE, root: Path | None = None) -> Path | None:
-    """The folder of this recipe shipped in models/ or cached, or None if it was not trained on this machine yet."""
-    return find(folder_name(recipe), root)
-
-
-def _build(out: Path, recipe: Recipe, threads: int | None) -> None:
+def _train_into(out: Path, recipe: Recipe, threads: int | None, log: Log) -> dict:
     import torch
 
     with _threads(threads):
-        vae, summary = train_vae(recipe, log=lambda s: print(s, file=sys.stderr, flush=True))
+        vae, summary = train_vae(recipe, log=log)
         summary["threads"] = torch.get_num_threads()  # not in the cache key, but it decides the exact model
     vae.save_pretrained(out, safe_serialization=True)
-    (out / DONE_MARK).write_text(json.dumps({"kind": "tiny-vae", "version": TINY_VAE_VERSION,
-                                             "recipe": dataclasses.asdict(recipe), **summary}))  # fmt: skip
+    return summary
 
 
 def tiny_vae(recipe: Recipe = RECIPE, root: Path | None = None, threads: int | None = None) -> Path:
@@ -311,22 +290,11 @@ def tiny_vae(recipe: Recipe = RECIPE, root: Path | None = None, threads: int | N
 
     threads: torch threads for the training (None: every core); not part of the cache key (`make demo` trains
     it on one core beside the captioner)."""
-    return cached(folder_name(recipe), lambda p: _build(p, recipe, threads), root)  # one builder per machine
+    return TINY_VAE.build(recipe, root, lambda out, log: _train_into(out, recipe, threads, log))
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--no-train", action="store_true", help="only report the cached folder")
-    p.add_argument("--threads", type=int, default=None, help="torch threads for the training (default: every core)")
-    p.add_argument("overrides", nargs="*", help="key=value overrides of the recipe (a different cache entry)")
-    args = p.parse_args(argv)
-    recipe = with_overrides(RECIPE, args.overrides)
-    path = cached_vae(recipe) if args.no_train else tiny_vae(recipe, threads=args.threads)
-    if path is None:
-        print("no tiny VAE cached for this recipe: run `python -m train.tiny_vae`", file=sys.stderr)
-        return 1
-    print(path)
-    return 0
+    return TINY_VAE.main(argv, __doc__, tiny_vae, threads=True)
 
 
 if __name__ == "__main__":

@@ -8,6 +8,7 @@ Values are checked against the field types (int, float, str, bool, tuples, lists
 Literal, nested dataclasses): a wrong type or an unknown key is a `ConfigError` naming the field, never
 a silently ignored typo. Override values are parsed as YAML scalars (`1e-4`, `true`, `[1, 2]`).
 `add_arguments(parser, cls)` gives a flat dataclass an argparse interface whose defaults come from it.
+`check_at_least` and `check_one_of` are the checks a config's `__post_init__` makes (a ValueError naming the field).
 """
 
 from __future__ import annotations
@@ -104,6 +105,21 @@ def _coerce(tp: Any, value: Any, where: str) -> Any:
     if isinstance(tp, type) and not isinstance(value, tp):
         raise ConfigError(f"{where}: expected {tp.__name__}, got {value!r}")
     return value
+
+
+def check_at_least(low: float, values: dict[str, Any]) -> None:
+    """A ValueError naming the first of `values` (field name -> value) that is not >= low."""
+    for name, value in values.items():
+        if not value >= low:
+            raise ValueError(f"{name} must be >= {low}, got {value}")
+
+
+def check_one_of(name: str, value: Any, options: Iterable[Any]) -> None:
+    """A ValueError `name value: a, b or c` unless value is one of options."""
+    options = list(options)
+    if value not in options:
+        shown = ", ".join(map(str, options[:-1])) + f" or {options[-1]}" if len(options) > 1 else str(options[0])
+        raise ValueError(f"{name} {value!r}: {shown}")
 
 
 def _hints(cls: type) -> dict[str, Any]:
@@ -203,7 +219,7 @@ def add_arguments(parser: argparse.ArgumentParser, cls: type, *, skip: Iterable[
             continue
         flag = "--" + f.name.replace("_", "-")
         required = f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
-        default = None if required else f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+        default = _default(f)
         help_ = f.metadata.get("help", "") + ("" if required else f" (default: {_show(default)})")
         tp = hints[f.name]
         if tp is bool:
@@ -235,8 +251,18 @@ def add_arguments(parser: argparse.ArgumentParser, cls: type, *, skip: Iterable[
             except ConfigError as e:
                 raise argparse.ArgumentTypeError(str(e)) from None
 
-        parser.add_argument(flag, type=convert, default=default, required=required, help=help_, dest=f.name,
-                            metavar=metavar)  # fmt: skip
+        parser.add_argument(
+            flag, type=convert, default=default, required=required, help=help_, dest=f.name, metavar=metavar
+        )
+
+
+def _default(f: dataclasses.Field) -> Any:
+    """A field's default value (None for a field without one: a required option)."""
+    if f.default is not dataclasses.MISSING:
+        return f.default
+    if f.default_factory is not dataclasses.MISSING:
+        return f.default_factory()
+    return None
 
 
 def _show(default: Any) -> Any:

@@ -24,20 +24,20 @@ def _flag(name: str) -> str:
 
 def at_least(name: str, value, minimum, *, optional: bool = False) -> None:
     """`value` (an option named `name`) is a finite number >= minimum (or None when optional)."""
-    if value is None and optional:
-        return
-    ok = isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value) and value >= minimum
-    if not ok:
-        raise UsageError(f"{_flag(name)} must be a number >= {minimum}, got {value!r}")
+    _number(name, value, minimum, optional, strict=False)
 
 
 def above(name: str, value, minimum, *, optional: bool = False) -> None:
     """`value` is a finite number > minimum (or None when optional)."""
+    _number(name, value, minimum, optional, strict=True)
+
+
+def _number(name: str, value, minimum, optional: bool, strict: bool) -> None:
     if value is None and optional:
         return
-    ok = isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value) and value > minimum
-    if not ok:
-        raise UsageError(f"{_flag(name)} must be a number > {minimum}, got {value!r}")
+    number = isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+    if not (number and (value > minimum if strict else value >= minimum)):
+        raise UsageError(f"{_flag(name)} must be a number {'>' if strict else '>='} {minimum}, got {value!r}")
 
 
 # (path relative to the output folder, is a folder) -> whether the job writes such an entry

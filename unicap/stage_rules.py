@@ -33,8 +33,8 @@ class Stage1Rules:
     drop_duplicates: bool = True  # exact (sha256) and near (the score job's clusters)
 
     def __post_init__(self) -> None:
-        _at_least("min_side", self.min_side, 0)
-        _at_least("max_aspect", self.max_aspect, 1.0)
+        config.check_at_least(0, {"min_side": self.min_side})
+        config.check_at_least(1.0, {"max_aspect": self.max_aspect})
         unknown = [s for s in self.caption_status if s not in CAPTION_STATUSES]
         if unknown or not self.caption_status:
             raise ValueError(f"caption_status {self.caption_status}: use some of {list(CAPTION_STATUSES)}")
@@ -45,7 +45,7 @@ class Stage2Rules:
     min_side: int = 1024  # stage2 = the best of stage1 among images at least this large
 
     def __post_init__(self) -> None:
-        _at_least("min_side", self.min_side, 0)
+        config.check_at_least(0, {"min_side": self.min_side})
 
 
 @dataclass
@@ -54,7 +54,7 @@ class Stage3Rules:
 
     def __post_init__(self) -> None:
         if self.min_side is not None:
-            _at_least("min_side", self.min_side, 0)
+            config.check_at_least(0, {"min_side": self.min_side})
 
 
 @dataclass
@@ -85,11 +85,6 @@ class StageRules:
     def __post_init__(self) -> None:
         if not MEMORY_LIMIT.fullmatch(self.memory_limit.strip()):
             raise ValueError(f"memory_limit {self.memory_limit!r}: use a size such as 512MB, 2GB or 1.5GiB")
-
-
-def _at_least(name: str, value: float, low: float) -> None:
-    if not value >= low:
-        raise ValueError(f"{name} must be >= {low}, got {value}")
 
 
 def load_rules(path: str | None = None, overrides: list[str] | tuple[str, ...] = ()) -> StageRules:

@@ -1,11 +1,14 @@
-"""`make stage*` -> train.launch: the launcher command for one node, several launchers, and a hostfile."""
+"""`make stage*` -> train.launch, `unicap train-captioner` -> train.captioner.launch: both on train.launcher
+(one node, several launchers, a hostfile)."""
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
+from pathlib import Path
 
-from train import launch
+REPO = Path(__file__).resolve().parents[2]
 
 
 def args(*extra: str):
@@ -13,9 +16,13 @@ def args(*extra: str):
     return p
 
 
+def launch(*cli: str) -> subprocess.CompletedProcess:
+    """`python -m train.launch <cli>` from the repository root."""
+    return subprocess.run([sys.executable, "-m", "train.launch", *cli], capture_output=True, text=True, cwd=REPO)
+
+
 def run_dry(tmp_path, *extra: str) -> str:
-    r = subprocess.run([sys.executable, "-m", "train.launch", "--dry-run", *args(*extra)], capture_output=True,
-                       text=True, cwd=launch.Path(__file__).resolve().parents[2])  # fmt: skip
+    r = launch("--dry-run", *args(*extra))
     assert r.returncode == 0, r.stderr[-2000:]
     return r.stdout
 
@@ -44,13 +51,42 @@ def test_one_launcher_per_node(tmp_path):
 
 
 def test_a_bad_override_fails_before_anything_starts(tmp_path):
-    r = subprocess.run([sys.executable, "-m", "train.launch", *args("--dry-run", "--", "optim.lr=fast")],
-                       capture_output=True, text=True, cwd=launch.Path(__file__).resolve().parents[2])  # fmt: skip
+    r = launch(*args("--dry-run", "--", "optim.lr=fast"))
     assert r.returncode == 2 and "optim.lr" in r.stderr and "Traceback" not in r.stderr, r.stderr
 
 
 def test_a_missing_manifest_is_a_clear_error(tmp_path):
-    r = subprocess.run([sys.executable, "-m", "train.launch", "--stage", "stage1", "--config",
-                        "train/configs/stage1_cpu.yaml", "--data", str(tmp_path)],
-                       capture_output=True, text=True, cwd=launch.Path(__file__).resolve().parents[2])  # fmt: skip
+    r = launch("--stage", "stage1", "--config", "train/configs/stage1_cpu.yaml", "--data", str(tmp_path))
     assert r.returncode == 2 and "no stage manifest" in r.stderr and "Traceback" not in r.stderr, r.stderr
+
+
+def test_the_captioner_launcher_shares_the_launch_command(tmp_path):
+    """`unicap train-captioner` (train.captioner.launch): the same launcher, its own trainer module and port."""
+
+    def dry(*cli: str) -> subprocess.CompletedProcess:
+        cmd = [sys.executable, "-m", "train.captioner.launch", "--dry-run", *cli]
+        return subprocess.run(cmd, capture_output=True, text=True, cwd=REPO)
+
+    r = dry("--config", "train/configs/captioner_tiny.yaml", "--nproc", "2", "run.steps=900")
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "torchrun --nnodes 1 --node_rank 0 --nproc_per_node 2 --master_addr 127.0.0.1" in r.stdout
+    assert "-m train.captioner.trainer --config train/configs/captioner_tiny.yaml run.steps=900" in r.stdout
+    r = dry("--hostfile", "hosts", "--nproc", "8")
+    assert "deepspeed --hostfile hosts --num_gpus 8 --master_addr 127.0.0.1 --master_port 29510" in r.stdout
+    assert r.stdout.rstrip().endswith("--module train.captioner.trainer")  # no --config: the defaults
+    r = dry("optim.lr=fast")
+    assert r.returncode == 2 and "optim.lr" in r.stderr and "Traceback" not in r.stderr, r.stderr
+
+
+def test_launch_runs_the_command_with_this_checkout_on_pythonpath(tmp_path, monkeypatch, capfd):
+    from train.launcher import launch as run_launch
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("PYTHONPATH", "elsewhere")
+    monkeypatch.setenv("DS_ACCELERATOR", "set-by-user")
+    show = "import os; print(os.environ['PYTHONPATH'], os.environ['DS_ACCELERATOR'], os.environ['EXTRA'])"
+    defaults = {"DS_ACCELERATOR": "cpu", "EXTRA": "default"}
+    assert run_launch([sys.executable, "-c", show + "; raise SystemExit(3)"], dry_run=False, env_defaults=defaults) == 3
+    out = capfd.readouterr().out.splitlines()
+    assert out[0].startswith("[launch] ") and out[1] == f"{tmp_path}{os.pathsep}elsewhere set-by-user default"
+    assert run_launch(["false"], dry_run=True) == 0  # printed, not run

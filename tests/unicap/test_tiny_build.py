@@ -44,8 +44,8 @@ def test_two_ranks_get_a_complete_folder(tmp_path):
     script = tmp_path / "race.py"
     script.write_text(SCRIPT)
     torchrun = Path(sys.executable).with_name("torchrun")
-    cmd = [str(torchrun), "--nproc_per_node", "2", "--master_addr", "127.0.0.1", "--master_port", str(free_port()),
-           str(script), str(tmp_path / "cache")]  # fmt: skip
+    rendezvous = ["--master_addr", "127.0.0.1", "--master_port", str(free_port())]
+    cmd = [str(torchrun), "--nproc_per_node", "2", *rendezvous, str(script), str(tmp_path / "cache")]
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=Path(__file__).resolve().parents[2])
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
     assert "rank 0 ok" in r.stdout and "rank 1 ok" in r.stdout
@@ -72,8 +72,9 @@ print(cached("built-once", build, root))
 def test_concurrent_processes_build_once(tmp_path):
     """Two processes (a demo beside a test, outside any process group) meet an empty cache: one builds, the
     other waits on the lock and gets the same folder instead of training the same model a second time."""
-    procs = [subprocess.Popen([sys.executable, "-c", BUILD_ONCE, str(tmp_path)], stdout=subprocess.PIPE,
-                              text=True, cwd=Path(__file__).resolve().parents[2]) for _ in range(2)]  # fmt: skip
+    cmd = [sys.executable, "-c", BUILD_ONCE, str(tmp_path)]
+    repo = Path(__file__).resolve().parents[2]
+    procs = [subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True, cwd=repo) for _ in range(2)]
     outs = [p.communicate(timeout=120)[0].strip() for p in procs]
     assert [p.returncode for p in procs] == [0, 0]
     assert outs[0] == outs[1] == str(tmp_path / "built-once")

@@ -17,8 +17,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from train.config_base import TrainerConfig
 from unicap import config as uconfig
-from unicap import runtime
 from unicap.contract import caption as caption_record
 from unicap.engines import MAX_PIXELS
 from unicap.tiny_vlm import Qwen2VLArch
@@ -93,7 +93,9 @@ class RunConfig:
 
 
 @dataclass
-class CaptionerConfig:
+class CaptionerConfig(TrainerConfig):
+    ZERO_STAGES = (1, 2, 3)
+
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
@@ -101,8 +103,7 @@ class CaptionerConfig:
     run: RunConfig = field(default_factory=RunConfig)
 
     def __post_init__(self):
-        if self.data.source not in ("synth", "folder"):
-            raise ValueError(f"data.source {self.data.source!r}: synth or folder")
+        uconfig.check_one_of("data.source", self.data.source, ("synth", "folder"))
         if self.data.source == "folder" and not (self.data.captions and self.data.shards):
             raise ValueError("data.source folder needs data.captions (caption Parquet) and data.shards (its images)")
         if self.optim.ground_first_steps and not self.model.grounding:
@@ -111,36 +112,15 @@ class CaptionerConfig:
             raise ValueError(f"optim.ground_first_steps {self.optim.ground_first_steps}: in [0, run.steps)")
         if self.model.grounding and self.data.source != "synth":
             raise ValueError("model.grounding needs the synthetic source (its scene graphs are the targets)")
-        if self.deepspeed.zero_stage not in (1, 2, 3):
-            raise ValueError(f"deepspeed.zero_stage {self.deepspeed.zero_stage}: 1, 2 or 3")
-        if self.deepspeed.precision not in ("auto", "bf16", "fp32"):
-            raise ValueError(f"deepspeed.precision {self.deepspeed.precision!r}: auto, bf16 or fp32")
-        if self.model.export_dtype not in ("bfloat16", "float16", "float32"):
-            raise ValueError(f"model.export_dtype {self.model.export_dtype!r}: bfloat16, float16 or float32")
-        if self.optim.schedule not in ("cosine", "constant"):
-            raise ValueError(f"optim.schedule {self.optim.schedule!r}: cosine or constant")
+        self.check_deepspeed()
+        uconfig.check_one_of("model.export_dtype", self.model.export_dtype, ("bfloat16", "float16", "float32"))
+        uconfig.check_one_of("optim.schedule", self.optim.schedule, ("cosine", "constant"))
         caption_record.caption_schema(self.data.levels, self.data.languages)  # usable names, else ValueError
-        for name, v in (("data.micro_batch", self.data.micro_batch), ("run.steps", self.run.steps),
-                        ("run.save_every", self.run.save_every), ("run.keep_last", self.run.keep_last),
-                        ("optim.grad_accum", self.optim.grad_accum), ("data.max_pixels", self.data.max_pixels)):  # fmt: skip
-            if v < 1:
-                raise ValueError(f"{name} must be >= 1, got {v}")
+        self.check_at_least_one("data.max_pixels")
 
     @property
     def run_dir(self) -> Path:
         return Path(self.run.out)
-
-    def grad_accum(self, world_size: int) -> int:
-        if self.data.global_batch is None:
-            return self.optim.grad_accum
-        per_step = self.data.micro_batch * world_size
-        if self.data.global_batch % per_step:
-            raise ValueError(f"data.global_batch {self.data.global_batch} is not a multiple of micro_batch "
-                             f"{self.data.micro_batch} x world size {world_size} = {per_step}")  # fmt: skip
-        return self.data.global_batch // per_step
-
-    def global_batch(self, world_size: int) -> int:
-        return self.data.micro_batch * self.grad_accum(world_size) * world_size
 
 
 def load(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> CaptionerConfig:
@@ -149,20 +129,5 @@ def load(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] 
 
 def deepspeed_config(cfg: CaptionerConfig, world_size: int, device: str | None = None) -> dict:
     """The DeepSpeed config, derived from the CaptionerConfig (never a second hand-kept file)."""
-    accum = cfg.grad_accum(world_size)
-    return {
-        "train_micro_batch_size_per_gpu": cfg.data.micro_batch,
-        "gradient_accumulation_steps": accum,
-        "train_batch_size": cfg.data.micro_batch * accum * world_size,
-        "gradient_clipping": cfg.optim.grad_clip,
-        "bf16": {"enabled": runtime.resolve_precision(cfg.deepspeed.precision, device) == "bf16"},
-        "zero_optimization": {
-            "stage": cfg.deepspeed.zero_stage,
-            "contiguous_gradients": True,
-            "overlap_comm": False,
-            "reduce_bucket_size": 50_000_000,
-        },  # fmt: skip
-        "zero_allow_untested_optimizer": True,
-        "steps_per_print": 10**9,
-        "wall_clock_breakdown": False,
-    }
+    zero = {"contiguous_gradients": True, "overlap_comm": False, "reduce_bucket_size": 50_000_000}
+    return cfg.deepspeed_config_with(world_size, device, zero)
