@@ -86,20 +86,26 @@ class CaptionJobConfig:
     limit_shards: int | None = field(default=None, metadata=_help("caption at most this many pending shards"))
 
     def __post_init__(self) -> None:
-        check_run_options(self.batch_size, self.concurrency, self.cpus_per_actor, self.threads_per_actor,
-                          self.limit_shards)  # fmt: skip
+        actors = (self.concurrency, self.cpus_per_actor, self.threads_per_actor)
+        check_run_options(self.batch_size, *actors, self.limit_shards)
         for name in ("input", "output"):
             if not str(getattr(self, name)).strip():
                 raise preflight.UsageError(f"--{name} is empty")
 
     def configs(self) -> tuple[EngineConfig, CaptionConfig]:
         """The engine's and the captioner's configs; max_pixels goes to both, so they agree."""
-        engine = EngineConfig(model=self.model, server=self.server, max_pixels=self.max_pixels,
-                              timeout_s=self.timeout, max_concurrent=self.max_concurrent_requests,
-                              tensor_parallel=self.tensor_parallel)  # fmt: skip
-        caption = CaptionConfig(levels=self.levels, languages=self.languages, strategy=self.strategy,
-                                max_retries=self.max_retries, max_pixels=self.max_pixels, max_tokens=self.max_tokens)  # fmt: skip
+        model = dict(model=self.model, server=self.server, tensor_parallel=self.tensor_parallel)
+        requests = dict(timeout_s=self.timeout, max_concurrent=self.max_concurrent_requests)
+        engine = EngineConfig(**model, **requests, max_pixels=self.max_pixels)
+        asked = dict(levels=self.levels, languages=self.languages, strategy=self.strategy)
+        limits = dict(max_retries=self.max_retries, max_tokens=self.max_tokens)
+        caption = CaptionConfig(**asked, **limits, max_pixels=self.max_pixels)
         return engine, caption
+
+    def run_options(self) -> dict:
+        """run_job's keyword arguments, as the command line gave them."""
+        names = ("batch_size", "concurrency", "cpus_per_actor", "threads_per_actor", "address", "limit_shards")
+        return {name: getattr(self, name) for name in names}
 
 
 def check_run_options(batch_size, concurrency, cpus_per_actor, threads_per_actor, limit_shards) -> None:
@@ -145,8 +151,8 @@ class CaptionStage:
 
 
 def failure_rows(failures: list[dict], cfg: CaptionConfig, model: str, engine: str) -> pa.Table:
-    rows = [{**f, "status": "failed", "model": model, "prompt_version": PROMPT_VERSION, "engine": engine,
-             "num_output_tokens": 0, "created_at": caption_record.utcnow()} for f in failures]  # fmt: skip
+    failed = dict(status="failed", model=model, prompt_version=PROMPT_VERSION, engine=engine, num_output_tokens=0)
+    rows = [{**f, **failed, "created_at": caption_record.utcnow()} for f in failures]
     return caption_record.to_table(rows, cfg.levels, cfg.languages)
 
 
@@ -177,11 +183,10 @@ def run_job(
     check_run_options(batch_size, concurrency, cpus_per_actor, threads_per_actor, limit_shards)
     check_folders(input_dir, output)  # before Ray or an engine starts
     # in-process engines go where the cluster's GPUs are, one actor per tensor-parallel group
-    gpus = (
-        0
-        if engine_cfg.server
-        else runtime.engine_gpus(runtime.cluster_gpus(address), engine_cfg.tensor_parallel, concurrency)
-    )
+    if engine_cfg.server:
+        gpus = 0
+    else:
+        gpus = runtime.engine_gpus(runtime.cluster_gpus(address), engine_cfg.tensor_parallel, concurrency)
     gpu = gpus > 0
     engine_name = "vllm-server" if engine_cfg.server else "vllm"
     job = ShardJob(
@@ -205,8 +210,8 @@ def run_job(
         nonlocal tokens
         tokens += int(pa.compute.sum(batch.column("num_output_tokens")).as_py() or 0)
 
-    run = run_sharded(job, input_dir, output, batch_size=batch_size, concurrency=concurrency, address=address,
-                      limit_shards=limit_shards, on_batch=count_tokens)  # fmt: skip
+    ray_opts = dict(batch_size=batch_size, concurrency=concurrency, address=address)
+    run = run_sharded(job, input_dir, output, **ray_opts, limit_shards=limit_shards, on_batch=count_tokens)
     run.update(
         tokens_per_s=round(tokens / run["seconds"], 2) if run["seconds"] and tokens else 0.0,
         engine="server " + engine_cfg.server if engine_cfg.server else "vllm",
@@ -224,14 +229,13 @@ def run(args: argparse.Namespace) -> int:
     job = config.from_args(CaptionJobConfig, args)
     engine, caption = job.configs()
     try:
-        s = run_job(job.input, job.output, engine, caption, batch_size=job.batch_size, concurrency=job.concurrency,
-                    cpus_per_actor=job.cpus_per_actor, threads_per_actor=job.threads_per_actor, address=job.address,
-                    limit_shards=job.limit_shards)  # fmt: skip
+        s = run_job(job.input, job.output, engine, caption, **job.run_options())
     except IncompleteJobError as e:  # the shards that could be written are; the message names the others
         return exit_status(e)
     r = s["last_run"]
-    print(f"caption: {r['images']} images in {r['seconds']}s ({r['images_per_s']} images/s, "
-          f"{r['tokens_per_s']} tokens/s); output holds {s['rows']} rows in {s['shards']} shards")  # fmt: skip
+    rates = f"{r['images_per_s']} images/s, {r['tokens_per_s']} tokens/s"
+    held = f"output holds {s['rows']} rows in {s['shards']} shards"
+    print(f"caption: {r['images']} images in {r['seconds']}s ({rates}); {held}")
     print(f"  status: {s['status']}  failures by reason: {s['failures_by_reason']}")
     print(f"  open with: pandas.read_parquet({str(job.output)!r})   summary: {Path(job.output) / '_summary.json'}")
     return 0

@@ -14,35 +14,33 @@ importable.
 Parts: env, trainer (ZeRO-2 steps, SIGTERM then resume, final weights, diffusers export, sample grid),
 zero3, crash (a rank raising mid-run ends the launcher within seconds), sample (`unicap sample`), adherence,
 captioner (the captioner trainer), score (needs Ray + open_clip), gpu-tests (pytest -m gpu), mfu
-(bench/bench_nextdit.py --gpu), step (bench/bench_trainer.py: the trainer's step against a plain loop).
+(bench/bench_nextdit.py --gpu), step (bench/bench_trainer.py: the trainer's step against a plain loop). The parts
+are in pipelines.gpu_check_parts.
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
-import importlib.util
+import importlib
 import json
 import os
-import re
 import shutil
-import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
 from urllib.parse import unquote, urlparse
 
-ROOT = Path(__file__).resolve().parents[1]
-PARTS = ("env", "trainer", "zero3", "crash", "sample", "adherence", "captioner", "score", "gpu-tests", "mfu",
-         "step")  # fmt: skip
-# the random tiny codecs: transformers and diffusers only (a bare GPU machine has no open_clip for tiny-clip)
-TRAIN = ["model.vae=tiny", "model.text_encoder=tiny", "data.micro_batch=4", "data.global_batch=8",
-         "data.num_workers=2", "run.progress=false", "run.tensorboard=false", "run.sample_steps=4"]  # fmt: skip
+from pipelines.gpu_check_parts import PARTS, TRAIN, cuda_available, has
 
-
-def has(module: str) -> bool:
-    return importlib.util.find_spec(module) is not None
+TRAINING = ("deepspeed", "diffusers", "transformers", "pyarrow", "PIL", "yaml")
+NEEDS = {  # what each part imports, beyond torch: a part whose packages are missing is skipped, saying which
+    **dict.fromkeys(("trainer", "zero3", "crash", "step"), TRAINING),
+    "captioner": ("deepspeed", "transformers", "pyarrow", "PIL", "yaml"),
+    "sample": ("diffusers", "transformers", "PIL", "yaml"),
+    "adherence": ("diffusers", "transformers", "pyarrow", "PIL", "yaml"),
+}
+DATA_PARTS = ("trainer", "zero3", "crash", "adherence", "score", "step")
 
 
 class InputError(Exception):
@@ -110,61 +108,6 @@ def _missing_wheels(wheels: Path, site: Path) -> list[str]:
     return [unquote(urlparse(item["download_info"]["url"]).path) for item in picked]
 
 
-def env_vars() -> dict:
-    env = {
-        **os.environ,
-        "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
-    }
-    env.setdefault("TOKENIZERS_PARALLELISM", "false")
-    env.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
-    if not _cuda():
-        env["DS_ACCELERATOR"] = "cpu"  # --allow-cpu: the same parts, on gloo
-    else:
-        env.setdefault("DS_ACCELERATOR", "cuda")  # a deepspeed wheel built on a CPU machine records 'cpu'
-    return env
-
-
-def _cuda() -> bool:
-    import torch
-
-    return torch.cuda.is_available()
-
-
-def sh(cmd: list[str], timeout: float) -> subprocess.CompletedProcess:
-    """Run a command in its own session; on timeout its whole process group goes (ranks hold GPUs)."""
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=env_vars(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, start_new_session=True)  # fmt: skip
-    try:
-        out, err = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        _kill_group(proc)
-        out, err = proc.communicate()
-        err += f"\ngpu-check: killed after {timeout:g}s"
-    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
-
-
-def _kill_group(proc: subprocess.Popen) -> None:
-    try:
-        os.killpg(proc.pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
-
-
-def launcher(nproc: int, *args: str) -> list[str]:
-    from unicap.runtime import master_port
-
-    return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_addr",
-            "127.0.0.1", "--master_port", str(master_port(None, 1, 29500)), *args]  # fmt: skip
-
-
-def tail(r: subprocess.CompletedProcess, n: int = 1500) -> str:
-    """The end of a command's output; for a failed rank, its own traceback (not the launcher's after it)."""
-    failed_rank = re.search(r"rank \d+ failed:", r.stderr)
-    if failed_rank:
-        return r.stderr[failed_rank.start() :][:n].strip()
-    return (r.stdout[-n:] + "\n" + r.stderr[-n:]).strip()
-
-
 # ---------------------------------------------------------------- data
 
 
@@ -180,254 +123,21 @@ def prepare(data: Path, resolution: int = 256) -> Path:
     if meta.exists() and json.loads(meta.read_text())["resolution"] == resolution:
         return data
     shutil.rmtree(data / "packed", ignore_errors=True)  # packed at another resolution: the shards are kept
-    synth(str(data / "shards"), 256, seed=7, shard_size=64)  # a 256 px bucket fills micro-batches of 32
-    index = read_index(data / "shards")
-    manifest = pd.DataFrame({"key": index.key, "shard": index["shard"],
-                             "location": [str(data / "shards" / f"{s}.tar") for s in index["shard"]],
-                             "width": index.width, "height": index.height})  # fmt: skip
-    (data / "stages").mkdir(parents=True, exist_ok=True)
-    manifest.to_parquet(data / "stages" / "stage1.parquet")
+    shards, stage1 = data / "shards", data / "stages" / "stage1.parquet"
+    synth(str(shards), 256, seed=7, shard_size=64)  # a 256 px bucket fills micro-batches of 32
+    index = read_index(shards)
+    locations = [str(shards / f"{s}.tar") for s in index["shard"]]
+    size = {"width": index.width, "height": index.height}
+    manifest = pd.DataFrame({"key": index.key, "shard": index["shard"], "location": locations, **size})
+    stage1.parent.mkdir(parents=True, exist_ok=True)
+    manifest.to_parquet(stage1)
     try:
-        pack_stage(data / "stages" / "stage1.parquet", data / "shards" / "truth", data / "packed",
-                   shards_dir=data / "shards", resolution=resolution)  # fmt: skip
+        pack_stage(stage1, shards / "truth", data / "packed", shards_dir=shards, resolution=resolution)
     finally:
         import ray
 
         ray.shutdown()
     return data
-
-
-# ---------------------------------------------------------------- parts
-
-
-def part_env(ctx: dict) -> dict:
-    import torch
-
-    info = {"torch": torch.__version__, "cuda": torch.version.cuda, "python": sys.version.split()[0]}
-    if torch.cuda.is_available():
-        info |= {"device": torch.cuda.get_device_name(0), "gpus": torch.cuda.device_count(),
-                 "memory_gib": round(torch.cuda.get_device_properties(0).total_memory / 2**30, 1)}  # fmt: skip
-    for m in ("deepspeed", "diffusers", "transformers", "ray", "vllm", "open_clip", "pytest"):
-        info[m] = _version(m)
-    return {"status": "ok", **info}
-
-
-def _version(module: str) -> str | None:
-    if not has(module):
-        return None
-    try:
-        return getattr(__import__(module), "__version__", "present")
-    except Exception as e:  # noqa: BLE001 - a broken install is a finding, not a crash of the check
-        return f"broken: {type(e).__name__}: {e}"[:120]
-
-
-def _metrics(run: Path) -> dict[int, dict]:
-    path = run / "metrics.jsonl"
-    lines = path.read_text().splitlines() if path.exists() else []
-    return {m["step"]: m for m in map(json.loads, lines)}
-
-
-TRAINER_STEPS = 20
-
-
-def part_trainer(ctx: dict) -> dict:
-    """20 steps with a checkpoint every 6: SIGTERM at step >= 3 (its checkpoint), then the same command resumes
-    to the end; the final folder, its diffusers export and the sample grid. One run stopped and resumed, not an
-    uninterrupted run beside it: every launch costs its start-up (~25 s on 2 CPU cores). The CPU trainer tests
-    compare resumed and uninterrupted losses (gloo); on a GPU this checks that the resume runs to the end."""
-    out, nproc = ctx["work"] / "trainer", ctx["nproc"]
-    trainer = ["-m", "train.trainer", "--config", "train/configs/stage1_cpu.yaml"]
-    overrides = [f"data.packed={ctx['packed']}", f"run.out={out}", *ctx["train"]]
-    args = [*trainer, *overrides, f"run.steps={TRAINER_STEPS}", "run.save_every=6"]
-    run = out / "stage1"
-    t0 = time.time()
-    proc = subprocess.Popen(launcher(nproc, *args), cwd=ROOT, env=env_vars(), stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, start_new_session=True)  # fmt: skip
-    deadline = time.time() + ctx["timeout"]
-    while proc.poll() is None and time.time() < deadline and max(_metrics(run), default=0) < 3:
-        time.sleep(0.2)
-    if proc.poll() is None:
-        with contextlib.suppress(ProcessLookupError):  # it may end between the poll and the signal
-            os.killpg(proc.pid, signal.SIGTERM)
-    try:
-        text, _ = proc.communicate(timeout=120)
-    except subprocess.TimeoutExpired:
-        _kill_group(proc)
-        text = proc.communicate()[0] + "\ngpu-check: killed 120 s after SIGTERM"
-    stopped = "stopped by signal" in text
-    if proc.returncode != 0 and not stopped:  # it failed by itself (start-up, config): its own output, no relaunch
-        return {"status": "failed", "seconds": round(time.time() - t0, 1), "why": text[-3000:]}
-    if not stopped:
-        text += "\ngpu-check: the run ended before the SIGTERM reached it (no checkpoint by signal to resume from)"
-    r = sh(launcher(nproc, *args), ctx["timeout"])
-    took = time.time() - t0
-    m = _metrics(run)
-    final = run / "final"
-    resumed = r.returncode == 0 and "resuming" in r.stdout and sorted(m) == list(range(1, TRAINER_STEPS + 1))
-    last = m.get(TRAINER_STEPS, {})
-    res = {
-        "seconds": round(took, 1),
-        "steps": len(m),
-        "loss_first_last": [m.get(1, {}).get("loss"), last.get("loss")],
-        "samples_per_s_last": last.get("samples_per_s"),
-        "sigterm_checkpoint": stopped,
-        "resumed": resumed,
-        "final_weights": (final / "model.safetensors").exists(),
-        "diffusers_export": (final / "diffusers" / "config.json").exists(),
-        "sample_grid": any((run / "samples").glob("*.png")),
-    }
-    good = stopped and resumed and res["final_weights"] and res["diffusers_export"] and res["sample_grid"]
-    if res["final_weights"]:
-        ctx["final"] = final
-    return {"status": "ok" if good else "failed", **res, **({} if good else {"why": text[-1500:] + tail(r)})}
-
-
-def part_zero3(ctx: dict) -> dict:
-    out = ctx["work"] / "zero3"
-    r = sh(launcher(ctx["nproc"], "-m", "train.trainer", "--config", "train/configs/stage1_cpu.yaml",
-                    f"data.packed={ctx['packed']}", f"run.out={out}", *ctx["train"], "run.steps=4",
-                    "deepspeed.zero_stage=3", "run.sample_prompts=[]"), ctx["timeout"])  # fmt: skip
-    m = _metrics(out / "stage1")
-    ok = r.returncode == 0 and len(m) == 4
-    return {"status": "ok" if ok else "failed", "loss_first_last": [m.get(1, {}).get("loss"), m.get(4, {}).get("loss")],
-            **({} if ok else {"why": tail(r)})}  # fmt: skip
-
-
-CRASH = r"""
-import os, runpy, sys, time
-import train.flow
-real, seen, mark = train.flow.flow_loss, [0], sys.argv[1]
-def faulty(*a, **k):
-    seen[0] += 1
-    if int(os.environ["RANK"]) == int(os.environ["WORLD_SIZE"]) - 1 and seen[0] == 3:
-        open(mark, "w").write(repr(time.time()))
-        raise RuntimeError("gpu-check: injected failure at step 3")
-    return real(*a, **k)
-train.flow.flow_loss = faulty
-sys.argv = ["train.trainer", *sys.argv[2:]]
-runpy.run_module("train.trainer", run_name="__main__", alter_sys=True)
-"""
-
-
-def part_crash(ctx: dict) -> dict:
-    """The last rank raises at step 3 (data-loader workers running): the launcher must return non-zero within
-    seconds (torchrun's own SIGKILL comes after 30 s) with no rank left."""
-    script, mark = ctx["work"] / "crash.py", ctx["work"] / "crash.failed_at"
-    script.write_text(CRASH)
-    r = sh(launcher(ctx["nproc"], str(script), str(mark), "--config", "train/configs/stage1_cpu.yaml",
-                    f"data.packed={ctx['packed']}", f"run.out={ctx['work'] / 'crash'}", *ctx["train"], "run.steps=50",
-                    "run.sample_prompts=[]"), ctx["timeout"])  # fmt: skip
-    if not mark.exists():
-        return {"status": "failed", "why": "the injected failure never ran: " + tail(r)}
-    took = time.time() - float(mark.read_text())
-    ok = r.returncode != 0 and took < 10
-    peers = "" if ctx["nproc"] > 1 else " (one rank: no peer was left waiting in a collective)"
-    return {"status": "ok" if ok else "failed", "exit_code": r.returncode, "seconds_to_exit": round(took, 1),
-            "ranks": ctx["nproc"], "note": f"the last rank raised at its 3rd micro-batch{peers}"}  # fmt: skip
-
-
-def part_sample(ctx: dict) -> dict:
-    if "final" not in ctx:
-        return {"status": "skipped", "why": "no trained weights (the trainer part did not run or failed)"}
-    out = ctx["work"] / "samples"
-    t0 = time.time()
-    r = sh([sys.executable, "-m", "unicap.cli", "sample", "--ckpt", str(ctx["final"]), "--prompt", "a red circle",
-            "--prompt", "两个蓝色的正方形", "--out", str(out), "--size", f"{ctx['size']}x{ctx['size']}", "--steps", "8"], ctx["timeout"])  # fmt: skip
-    n = len(list(out.glob("*.png")))
-    ok = r.returncode == 0 and n == 2
-    return {"status": "ok" if ok else "failed", "images": n, "seconds": round(time.time() - t0, 1),
-            **({} if ok else {"why": tail(r)})}  # fmt: skip
-
-
-def part_adherence(ctx: dict) -> dict:
-    if "final" not in ctx:
-        return {"status": "skipped", "why": "no trained weights (the trainer part did not run or failed)"}
-    out = ctx["work"] / "adherence"
-    r = sh([sys.executable, "-m", "unicap.cli", "adherence", "--weights", f"stage1={ctx['final']}", "--truth",
-            str(ctx["data"] / "shards"), "--out", str(out), "--n", "8", "--steps", "4"], ctx["timeout"])  # fmt: skip
-    ok = r.returncode == 0 and (out / "adherence.json").exists()
-    return {"status": "ok" if ok else "failed", **({} if ok else {"why": tail(r)})}
-
-
-def part_captioner(ctx: dict) -> dict:
-    out = ctx["work"] / "captioner"
-    r = sh([sys.executable, "-m", "unicap.cli", "train-captioner", "--config", "train/configs/captioner_tiny.yaml",
-            "--nproc", str(ctx["nproc"]), f"run.out={out}", "run.steps=4", "run.save_every=2",
-            "optim.ground_first_steps=2", "optim.warmup_steps=1", "run.max_minutes=0", "run.progress=false",
-            "run.log_every=1", "data.num_workers=0"], ctx["timeout"])  # fmt: skip
-    ok = r.returncode == 0 and (out / "final" / "unicap_captioner.json").exists()
-    return {"status": "ok" if ok else "failed", **({} if ok else {"why": tail(r)})}
-
-
-def part_score(ctx: dict) -> dict:
-    missing = [m for m in ("ray", "open_clip") if not has(m)]
-    if missing:
-        return {"status": "skipped", "why": f"not installed: {', '.join(missing)}"}
-    out = ctx["work"] / "scores"
-    r = sh([sys.executable, "-m", "unicap.cli", "score", "--input", str(ctx["data"] / "shards"), "--captions",
-            str(ctx["data"] / "shards" / "truth"), "--output", str(out), "--clip", "tiny"], ctx["timeout"])  # fmt: skip
-    ok = r.returncode == 0 and any(out.glob("*.parquet"))
-    return {"status": "ok" if ok else "failed", **({} if ok else {"why": tail(r)})}
-
-
-def part_gpu_tests(ctx: dict) -> dict:
-    if not has("pytest"):
-        return {"status": "skipped", "why": "pytest not installed"}
-    r = sh(
-        [
-            sys.executable,
-            "-m",
-            "pytest",
-            "-q",
-            "-m",
-            "gpu",
-            "-p",
-            "no:cacheprovider",
-            "tests/train/test_gpu.py",
-        ],
-        ctx["timeout"],
-    )
-    last = (r.stdout.strip().splitlines() or [""])[-1]
-    return {"status": "ok" if r.returncode in (0, 5) else "failed", "summary": last}
-
-
-def part_mfu(ctx: dict) -> dict:
-    if not _cuda():
-        return {"status": "skipped", "why": "needs CUDA"}
-    out = ctx["work"] / "mfu.json"
-    r = sh([sys.executable, "bench/bench_nextdit.py", "--gpu", "--out", str(out)], ctx["timeout"])
-    ok = r.returncode == 0
-    return {"status": "ok" if ok else "failed", "table": r.stdout[-2500:] if ok else None,
-            **({} if ok else {"why": tail(r)})}  # fmt: skip
-
-
-def part_step(ctx: dict) -> dict:
-    """The trainer's whole step (loader batch, VAE + text encoding, ZeRO-2, the non-finite guard, EMA-free) against
-    a plain PyTorch loop: on CUDA a NextDiT_2B-width model, batch 32, with the MFU of each leg; on CPU
-    (--allow-cpu) the bench's small model for two steps, so that the command the GPU runs is the one tested."""
-    out = ctx["work"] / "trainer_step.json"
-    if _cuda():
-        sizing = ["--device", "cuda", "--model", "2b-width", "--micro", "32", "--steps", "5", "--rounds", "3"]
-    else:
-        sizing = ["--device", "cpu", "--model", "bench", "--micro", "4", "--steps", "2", "--rounds", "1"]
-        sizing += ["--loader-batches", "4"]
-    # the tiny codecs of the other parts: the CPU configs' tiny CLIP would need open_clip (gpu_bundle.py says why)
-    codecs = ["--set", "model.text_encoder=tiny"]
-    inputs = ["--resolution", str(ctx["size"]), "--packed", str(ctx["packed"]), "--out", str(out)]
-    r = sh([sys.executable, "bench/bench_trainer.py", *sizing, *codecs, *inputs], ctx["timeout"])
-    if r.returncode != 0 or not out.exists():
-        return {"status": "failed", "why": tail(r)}
-    res = json.loads(out.read_text())
-    keys = ("plain_over_deepspeed_time", "plain_mfu", "ds_mfu", "peak_memory_gib", "matmul_tflops")
-    return {"status": "ok", **{k: res[k] for k in keys if k in res}}
-
-
-TRAINING = ("deepspeed", "diffusers", "transformers", "pyarrow", "PIL", "yaml")
-NEEDS = {"trainer": TRAINING, "zero3": TRAINING, "crash": TRAINING, "step": TRAINING,
-         "captioner": ("deepspeed", "transformers", "pyarrow", "PIL", "yaml"),
-         "sample": ("diffusers", "transformers", "PIL", "yaml"),
-         "adherence": ("diffusers", "transformers", "pyarrow", "PIL", "yaml")}  # fmt: skip
-DATA_PARTS = ("trainer", "zero3", "crash", "adherence", "score", "step")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -436,8 +146,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--work", default=".cache/gpu_check/work", help="scratch folder (emptied first)")
     p.add_argument("--data", default=".cache/gpu_check/data", help="prepared data (see --prepare)")
     p.add_argument("--prepare", action="store_true", help="only make --data (needs Ray) and exit")
-    p.add_argument("--wheels", default=".cache/gpu_wheels", help="make gpu-bundle's wheels, used when deepspeed "
-                   "or diffusers is missing")  # fmt: skip
+    wheels_help = "make gpu-bundle's wheels, used when deepspeed or diffusers is missing"
+    p.add_argument("--wheels", default=".cache/gpu_wheels", help=wheels_help)
     p.add_argument("--parts", default=",".join(PARTS), help=f"comma-separated, of {','.join(PARTS)}")
     p.add_argument("--allow-cpu", action="store_true", help="run on a machine without CUDA (the check's own test)")
     p.add_argument("--timeout", type=float, default=240, help="seconds per command")
@@ -460,7 +170,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if bundle:
         print(f"gpu-check: {bundle}", flush=True)
-    if not _cuda() and not args.allow_cpu:
+    if not cuda_available() and not args.allow_cpu:
         print("error: torch sees no CUDA device (run it on a GPU machine, or --allow-cpu)", file=sys.stderr)
         return 2
     import torch
@@ -468,42 +178,39 @@ def main(argv: list[str] | None = None) -> int:
     work = Path(args.work).resolve()
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
-    ctx = {"work": work, "data": data, "packed": data / "packed", "timeout": args.timeout,
-           "train": [*TRAIN, f"data.resolution={args.resolution}"], "size": args.resolution,
-           "nproc": max(1, min(2, torch.cuda.device_count())) if _cuda() else 2}  # fmt: skip
+    nproc = max(1, min(2, torch.cuda.device_count())) if cuda_available() else 2
+    ctx = {"work": work, "data": data, "packed": data / "packed", "timeout": args.timeout}
+    ctx |= {"train": [*TRAIN, f"data.resolution={args.resolution}"], "size": args.resolution, "nproc": nproc}
     results: dict[str, dict] = {}
     for name in args.parts.split(","):
         t0 = time.time()
-        missing = [m for m in NEEDS.get(name, ()) if not has(m)]
-        if missing:
-            res = {"status": "skipped", "why": f"not installed: {', '.join(missing)}"}
-        elif (
-            name in DATA_PARTS
-            and not (ctx["packed"] / "_pack.json").exists()
-            and not _try_prepare(data, args.resolution)
-        ):
-            res = {
-                "status": "skipped",
-                "why": f"no packed data in {data} and no Ray to make it (--prepare elsewhere)",
-            }
-        else:
-            try:
-                res = globals()[f"part_{name.replace('-', '_')}"](ctx)
-            except Exception as e:  # noqa: BLE001 - one part failing must not hide the others
-                res = {"status": "failed", "why": f"{type(e).__name__}: {e}"}
+        res = run_part(name, ctx)
         res["wall_s"] = round(time.time() - t0, 1)
         results[name] = res
         detail = res.get("why") or ", ".join(f"{k}={v}" for k, v in res.items() if k not in ("status", "table"))
-        print(
-            f"{name:10s} {res['status']:8s} {res['wall_s']:7.1f}s  {str(detail).splitlines()[0][:150]}",
-            flush=True,
-        )
+        print(f"{name:10s} {res['status']:8s} {res['wall_s']:7.1f}s  {str(detail).splitlines()[0][:150]}", flush=True)
         if res.get("table"):
             print(res["table"])
     Path(args.out).write_text(json.dumps(results, indent=1, ensure_ascii=False, default=str))
     failed = [n for n, r in results.items() if r["status"] == "failed"]
     print(f"gpu-check: {len(results) - len(failed)} of {len(results)} parts ok or skipped; JSON {args.out}")
     return 1 if failed else 0
+
+
+def run_part(name: str, ctx: dict) -> dict:
+    """One part's result; skipped, saying why, when its packages or the packed data (and Ray to make it) are
+    missing; failed when it raises, so that the other parts still run."""
+    missing = [m for m in NEEDS.get(name, ()) if not has(m)]
+    if missing:
+        return {"status": "skipped", "why": f"not installed: {', '.join(missing)}"}
+    data = ctx["data"]
+    unpacked = name in DATA_PARTS and not (ctx["packed"] / "_pack.json").exists()
+    if unpacked and not _try_prepare(data, ctx["size"]):
+        return {"status": "skipped", "why": f"no packed data in {data} and no Ray to make it (--prepare elsewhere)"}
+    try:
+        return PARTS[name](ctx)
+    except Exception as e:  # noqa: BLE001 - one part failing must not hide the others
+        return {"status": "failed", "why": f"{type(e).__name__}: {e}"}
 
 
 def check_data(data: Path, resolution: int) -> None:

@@ -101,8 +101,10 @@ def split_manifest(manifest: str | Path, work: Path, fp: str) -> dict[str, int]:
     bad = [s for s in counts if not shards.shard_name_ok(s)]
     if bad:
         con.close()
-        raise ValueError(f"{manifest}: rows name shards {bad[:5]!r}, which are not shard names (a file name "
-                         "without '/' and not starting with '.'): the manifest is not unicap stages output")  # fmt: skip
+        raise ValueError(
+            f"{manifest}: rows name shards {bad[:5]!r}, which are not shard names (a file name "
+            "without '/' and not starting with '.'): the manifest is not unicap stages output"
+        )
     con.execute("COPY manifest TO $path (FORMAT PARQUET, PARTITION_BY (shard))", {"path": str(work / "manifest")})
     con.close()
     shutil.rmtree(work / "duckdb_tmp", ignore_errors=True)
@@ -158,8 +160,8 @@ class PackFailures:
                 error = "missing_in_tar: " + error[len("undecodable_image: ") :]
             elif packed.error_reason(error) not in packed.ERROR_REASONS:
                 error = f"undecodable_image: {error}"
-            rows.append({"key": r["key"], "shard": r["shard"], "bucket": packed.FAILED_BUCKET, "status": "failed",
-                         "error": error[:2000]})  # fmt: skip
+            failed = {"bucket": packed.FAILED_BUCKET, "status": "failed", "error": error[:2000]}
+            rows.append({"key": r["key"], "shard": r["shard"], **failed})
         return pa.Table.from_pylist(rows, schema=self.schema)
 
 
@@ -208,8 +210,8 @@ class PackStage:
         w, h = self.buckets[b]
         buf = io.BytesIO()
         resize_to_bucket(d.image, (w, h)).save(buf, format="JPEG", quality=packed.JPEG_QUALITY)
-        return {"key": key, "shard": shard, "bucket": b, "width": w, "height": h, "status": "ok", **text,
-                "image": buf.getvalue()}  # fmt: skip
+        placed = {"bucket": b, "width": w, "height": h, "status": "ok"}
+        return {"key": key, "shard": shard, **placed, **text, "image": buf.getvalue()}
 
 
 # ---------------------------------------------------------------- the writer
@@ -243,12 +245,8 @@ def write_packed_shard(output: Path, shard: str, table: pa.Table) -> None:
             offset[i], size[i] = _add(tar, f"{key}.jpg", image), len(image)
             text = json.dumps({"key": key, **{c: d[c][i] for c in text_columns}}, ensure_ascii=False).encode()
             json_offset[i], json_size[i] = _add(tar, f"{key}.json", text), len(text)
-    for name, values in (
-        ("offset", offset),
-        ("size", size),
-        ("json_offset", json_offset),
-        ("json_size", json_size),
-    ):
+    located = {"offset": offset, "size": size, "json_offset": json_offset, "json_size": json_size}
+    for name, values in located.items():
         i = table.schema.get_field_index(name)
         table = table.set_column(i, table.schema.field(i), pa.array(values, table.schema.field(i).type))
     write_parquet(table.drop_columns(["image"]), packed.index_path(output, shard))
@@ -256,16 +254,25 @@ def write_packed_shard(output: Path, shard: str, table: pa.Table) -> None:
 
 def shard_stats(table: pa.Table) -> dict:
     reasons = Counter(packed.error_reason(e) for e in table.column("error").to_pylist() if e)
-    return {"rows": table.num_rows, "status": dict(Counter(table.column("status").to_pylist())),
-            "failures_by_reason": dict(reasons)}  # fmt: skip
+    status = Counter(table.column("status").to_pylist())
+    return {"rows": table.num_rows, "status": dict(status), "failures_by_reason": dict(reasons)}
 
 
 # ---------------------------------------------------------------- the job
 
 
-def pack_stage(manifest: str | Path, captions: str | Path, output: str | Path, *, shards_dir: str | Path | None = None,
-               resolution: int = 256, multiple: int = 16, batch_size: int = 32, concurrency: int = 1,
-               address: str | None = None) -> dict:  # fmt: skip
+def pack_stage(
+    manifest: str | Path,
+    captions: str | Path,
+    output: str | Path,
+    *,
+    shards_dir: str | Path | None = None,
+    resolution: int = 256,
+    multiple: int = 16,
+    batch_size: int = 32,
+    concurrency: int = 1,
+    address: str | None = None,
+) -> dict:
     """Pack the manifest's rows into OUTPUT; returns _pack.json's content. Re-running with nothing
     left to do writes nothing."""
     manifest, captions, output = Path(manifest), Path(captions), Path(output)
@@ -273,13 +280,12 @@ def pack_stage(manifest: str | Path, captions: str | Path, output: str | Path, *
     fp, buckets = fingerprint(manifest), bucket_table(resolution, multiple)
     meta_path = output / packed.PACK_META
     meta = json.loads(meta_path.read_text()) if meta_path.exists() else None
-    if meta and [meta["manifest_fingerprint"], meta["resolution"], meta["multiple"]] != [
-        fp,
-        resolution,
-        multiple,
-    ]:
-        raise ValueError(f"{output} was packed from {meta['manifest']} at {meta['resolution']} px (multiple "
-                         f"{meta['multiple']}); this run asks {manifest} at {resolution} px: use another --output")  # fmt: skip
+    asked = [fp, resolution, multiple]
+    if meta and [meta["manifest_fingerprint"], meta["resolution"], meta["multiple"]] != asked:
+        raise ValueError(
+            f"{output} was packed from {meta['manifest']} at {meta['resolution']} px (multiple "
+            f"{meta['multiple']}); this run asks {manifest} at {resolution} px: use another --output"
+        )
     if meta and meta["complete"] and set(meta["shards"]) <= done_shards(output):
         print(f"pack: {output} is up to date with {manifest}; nothing written")
         return meta
@@ -287,11 +293,20 @@ def pack_stage(manifest: str | Path, captions: str | Path, output: str | Path, *
     rows_per_shard = split_manifest(manifest, work, fp)
     names = sorted(rows_per_shard)
     levels, languages = caption_levels(captions, names)
-    meta = {"version": packed.PACKED_VERSION, "resolution": resolution, "multiple": multiple,
-            "buckets": [list(b) for b in buckets],
-            "manifest": str(manifest.resolve()), "manifest_fingerprint": fp, "captions": str(captions.resolve()),
-            "shards_dir": str(shards_dir.resolve()), "levels": list(levels), "languages": list(languages),
-            "shards": names, "complete": False}  # fmt: skip
+    meta = {
+        "version": packed.PACKED_VERSION,
+        "resolution": resolution,
+        "multiple": multiple,
+        "buckets": [list(b) for b in buckets],
+        "manifest": str(manifest.resolve()),
+        "manifest_fingerprint": fp,
+        "captions": str(captions.resolve()),
+        "shards_dir": str(shards_dir.resolve()),
+        "levels": list(levels),
+        "languages": list(languages),
+        "shards": names,
+        "complete": False,
+    }
     if not meta_path.exists():
         write_json(meta, meta_path)  # the bucket table is known before any shard is written
     schema = row_schema(levels, languages)
@@ -310,13 +325,9 @@ def pack_stage(manifest: str | Path, captions: str | Path, output: str | Path, *
     job = ShardJob(
         name="pack",
         stage_cls=PackStage,
-        stage_kwargs={
-            "work": str(work),
-            "captions": str(captions),
-            "buckets": buckets,
-            "levels": list(levels),
-            "languages": list(languages),
-        },  # fmt: skip
+        stage_kwargs=dict(
+            work=str(work), captions=str(captions), buckets=buckets, levels=list(levels), languages=list(languages)
+        ),
         schema=schema,
         stats_fn=shard_stats,
         failure_table=PackFailures(str(work), schema),  # initial_rows replaces the index failures
@@ -325,12 +336,12 @@ def pack_stage(manifest: str | Path, captions: str | Path, output: str | Path, *
         initial_rows=initial_rows,
     )
     t0 = time.time()
-    run = run_sharded(job, shards_dir, output, batch_size=batch_size, concurrency=concurrency, address=address,
-                      shards=names)  # fmt: skip
+    ray_opts = dict(batch_size=batch_size, concurrency=concurrency, address=address)
+    run = run_sharded(job, shards_dir, output, shards=names, **ray_opts)
     summary = summarise(output, run)
-    meta |= {"complete": True, "seconds": round(time.time() - t0, 2),
-             "counts": {"rows": summary.get("rows", 0), "status": summary["status"],
-                        "failures_by_reason": summary["failures_by_reason"]}}  # fmt: skip
+    counts = {"rows": summary.get("rows", 0), "status": summary["status"]}
+    counts["failures_by_reason"] = summary["failures_by_reason"]
+    meta |= {"complete": True, "seconds": round(time.time() - t0, 2), "counts": counts}
     write_json(meta, meta_path)
     shutil.rmtree(work, ignore_errors=True)
     return meta
@@ -350,15 +361,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     try:
-        meta = pack_stage(args.manifest, args.captions, args.output, shards_dir=args.shards,
-                          resolution=args.resolution, multiple=args.patch_multiple, batch_size=args.batch_size,
-                          concurrency=args.concurrency, address=args.address)  # fmt: skip
+        sizes = dict(resolution=args.resolution, multiple=args.patch_multiple, batch_size=args.batch_size)
+        where = dict(shards_dir=args.shards, concurrency=args.concurrency, address=args.address)
+        meta = pack_stage(args.manifest, args.captions, args.output, **sizes, **where)
     except IncompleteJobError as e:
         return exit_status(e)
     c = meta.get("counts", {})
-    print(f"pack: {c.get('rows')} rows {c.get('status')} in {len(meta['shards'])} shards -> {args.output}; "
-          f"failures {c.get('failures_by_reason')}")  # fmt: skip
-    print(f"  index: unicap.contract.packed.read_index({str(args.output)!r}).to_pandas(); buckets {meta['buckets']}")
+    where = f"{len(meta['shards'])} shards -> {args.output}"
+    print(f"pack: {c.get('rows')} rows {c.get('status')} in {where}; failures {c.get('failures_by_reason')}")
+    index = f"unicap.contract.packed.read_index({str(args.output)!r}).to_pandas()"
+    print(f"  index: {index}; buckets {meta['buckets']}")
     return 0
 
 

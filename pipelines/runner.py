@@ -86,6 +86,18 @@ def actor_threads(job: ShardJob, concurrency: int) -> int | None:
     return runtime.cpu_threads_per_actor(concurrency) if not job.num_gpus else None
 
 
+def actor_pool(job: ShardJob, concurrency: int) -> dict:
+    """map_batches' actors: `concurrency` of them, each taking job.max_concurrency calls at once when above 1."""
+    if job.max_concurrency == 1:
+        return {"concurrency": concurrency}
+    import ray
+
+    strategy = ray.data.ActorPoolStrategy(
+        size=concurrency, max_concurrent_calls_per_actor=job.max_concurrency, enable_true_multi_threading=True
+    )
+    return {"compute": strategy}
+
+
 def index_failures(input_dir: str | Path, shard: str) -> list[dict]:
     """The shard's index rows that are not images: key, shard, sha256, source, original_caption, error."""
     out = []
@@ -93,9 +105,10 @@ def index_failures(input_dir: str | Path, shard: str) -> list[dict]:
         if r["status"] == SUCCESS:
             continue
         msg = r.get("error_message") or r["status"]
-        error = msg if caption_record.error_reason(msg) in caption_record.ERROR_REASONS else f"download_failed: {msg}"
-        out.append({"key": r["key"], "shard": shard, "sha256": r.get("sha256"), "source": r.get("url"),
-                    "original_caption": r.get("caption"), "error": error[:2000]})  # fmt: skip
+        known = caption_record.error_reason(msg) in caption_record.ERROR_REASONS
+        error = msg if known else f"download_failed: {msg}"
+        where = {"key": r["key"], "shard": shard, "sha256": r.get("sha256"), "source": r.get("url")}
+        out.append(failure_record({**where, "original_caption": r.get("caption")}, error))
     return out
 
 
@@ -106,8 +119,8 @@ def index_keys(input_dir: str | Path, shard: str) -> set[str]:
 
 def failure_record(row: dict, error: str) -> dict:
     """A reader row (or part of one) -> the failure record every job's failure_table takes."""
-    return {"key": row["key"], "shard": row["shard"], "sha256": row.get("sha256"), "source": row.get("source"),
-            "original_caption": row.get("original_caption"), "error": error[:2000]}  # fmt: skip
+    where = {"key": row["key"], "shard": row["shard"], "sha256": row.get("sha256"), "source": row.get("source")}
+    return {**where, "original_caption": row.get("original_caption"), "error": error[:2000]}
 
 
 class GuardedStage:
@@ -140,11 +153,10 @@ class GuardedStage:
         except Exception as e:  # noqa: BLE001 - one item's exception is that item's failure row
             if batch.num_rows > 1:
                 return [t for i in range(batch.num_rows) for t in self._process(batch.slice(i, 1))]
-            row = (
-                batch.drop_columns(["image"]).to_pylist()[0] if "image" in batch.column_names else batch.to_pylist()[0]
-            )
-            print(f"[{type(self.stage).__name__}] item {row['key']} of shard {row['shard']} raised:\n"
-                  f"{traceback.format_exc()}", file=sys.stderr, flush=True)  # fmt: skip
+            item = batch.drop_columns(["image"]) if "image" in batch.column_names else batch
+            row = item.to_pylist()[0]
+            where = f"[{type(self.stage).__name__}] item {row['key']} of shard {row['shard']}"
+            print(f"{where} raised:\n{traceback.format_exc()}", file=sys.stderr, flush=True)
             return [self.failure_table([failure_record(row, f"processing_error: {type(e).__name__}: {e}")])]
 
 
@@ -165,9 +177,9 @@ def summarise(output: Path, run: dict) -> dict:
         totals.update(s.get("status", {}))
         reasons.update(s.get("failures_by_reason", {}))
         sums.update({k: v for k, v in s.items() if isinstance(v, int | float) and k != "written_at"})
-    summary = {"output": str(output), "shards": len(done_shards(output)), **dict(sums), "status": dict(totals),
-               "failures_by_reason": dict(reasons.most_common()), "failed_shards": run.get("failed_shards", {}),
-               "last_run": run}  # fmt: skip
+    summary = {"output": str(output), "shards": len(done_shards(output)), **dict(sums), "status": dict(totals)}
+    summary |= {"failures_by_reason": dict(reasons.most_common()), "failed_shards": run.get("failed_shards", {})}
+    summary["last_run"] = run
     write_json(summary, output / "_summary.json")
     return summary
 
@@ -201,55 +213,35 @@ def run_sharded(
     def on_shard(shard: str, stats: dict) -> None:
         status = stats.get("status", {})
         refused = f", {stats['refused_samples']} tar samples refused" if stats.get("refused_samples") else ""
-        print(f"[{job.name}] shard {shard}: {stats['rows']} rows {status}{refused} -> {output / (shard + '.parquet')}",
-              flush=True)  # fmt: skip
+        written = output / (shard + ".parquet")
+        print(f"[{job.name}] shard {shard}: {stats['rows']} rows {status}{refused} -> {written}", flush=True)
 
     def initial_rows(shard: str) -> pa.Table | None:
         failures = index_failures(input_dir, shard)
         return job.failure_table(failures) if failures else None
 
-    sink = ShardCollector(output, shards, job.expected_keys or (lambda s: index_keys(input_dir, s)), job.schema,
-                          initial_rows=job.initial_rows or initial_rows, stats_fn=job.stats_fn, on_shard=on_shard,
-                          write_fn=job.write_fn)  # fmt: skip
+    expected = job.expected_keys or (lambda s: index_keys(input_dir, s))
+    hooks = dict(initial_rows=job.initial_rows or initial_rows, on_shard=on_shard)
+    sink = ShardCollector(output, shards, expected, job.schema, stats_fn=job.stats_fn, write_fn=job.write_fn, **hooks)
     to_read = [s for s in shards if is_complete(input_dir, s)]
     for shard in sorted(set(shards) - set(to_read)):  # nothing to read: complete from its initial rows, or not
         sink.settle(shard)
     error = None
     if to_read:
-        import ray
-
         runtime.init_ray(address)
         guarded = type(job.stage_cls.__name__, (GuardedStage,), {})  # named after the stage in Ray's progress
+        actor = dict(stage_cls=job.stage_cls, stage_kwargs=job.stage_kwargs, failure_table=job.failure_table)
+        threads = runtime.threads_env(actor_threads(job, concurrency))
+        env = {"TOKENIZERS_PARALLELISM": "false", **threads, **job.env_vars}
         ds = read_shards(input_dir, to_read, problems=True).map_batches(
             guarded,
-            fn_constructor_kwargs={
-                "stage_cls": job.stage_cls,
-                "stage_kwargs": job.stage_kwargs,
-                "failure_table": job.failure_table,
-                "schema": job.schema,
-            },  # fmt: skip
+            fn_constructor_kwargs={**actor, "schema": job.schema},
             batch_size=batch_size,
             batch_format="pyarrow",
-            **(
-                {"concurrency": concurrency}
-                if job.max_concurrency == 1
-                else {
-                    "compute": ray.data.ActorPoolStrategy(
-                        size=concurrency,
-                        max_concurrent_calls_per_actor=job.max_concurrency,
-                        enable_true_multi_threading=True,
-                    )
-                }
-            ),
+            **actor_pool(job, concurrency),
             num_cpus=job.num_cpus,
             num_gpus=job.num_gpus,
-            runtime_env={
-                "env_vars": {
-                    "TOKENIZERS_PARALLELISM": "false",
-                    **runtime.threads_env(actor_threads(job, concurrency)),
-                    **job.env_vars,
-                }
-            },
+            runtime_env={"env_vars": env},
         )
         # a task that fails (a tar that cannot be opened, a worker that died) costs its shards, not the job:
         # their rows never arrive, the collector names them, the other shards are written
@@ -268,8 +260,8 @@ def run_sharded(
         sink.count_late_refusals()
         failed = {s: f"not finished: {type(error).__name__}: {error}"[:300] for s in sorted(sink.pending)}
     wall = time.time() - t0
-    run = {"shards_written": sink.written, "images": rows, "seconds": round(wall, 2),
-           "images_per_s": round(rows / wall, 2) if wall and rows else 0.0, "failed_shards": failed}  # fmt: skip
+    run = {"shards_written": sink.written, "images": rows, "seconds": round(wall, 2)}
+    run |= {"images_per_s": round(rows / wall, 2) if wall and rows else 0.0, "failed_shards": failed}
     if sink.stray_rows:
         run["stray_rows_refused"] = sink.stray_rows
     if error is not None or failed:
@@ -277,10 +269,12 @@ def run_sharded(
         if error is not None:
             raise error
         lines = "; ".join(f"{s}: {why}" for s, why in failed.items())
-        raise IncompleteJobError(
+        message = (
             f"{job.name}: {len(failed)} of {len(shards)} shards could not be completed and were not written "
             f"({lines}); {len(sink.written)} were. Fix the cause (see the log above) and re-run: complete shards "
-            f"are skipped. Summary: {output / '_summary.json'}", summary, failed)  # fmt: skip
+            f"are skipped. Summary: {output / '_summary.json'}"
+        )
+        raise IncompleteJobError(message, summary, failed)
     return run
 
 

@@ -61,7 +61,8 @@ class ScoreConfig:
     near_dedup: bool = field(
         default=True,
         metadata=_help(
-            "near duplicates too (off: exact only, e.g. with --clip tiny, whose random embeddings cannot tell images apart)"
+            "near duplicates too (off: exact only, e.g. with --clip tiny, whose random embeddings cannot tell "
+            "images apart)"
         ),
     )
     precision: Literal["bf16", "fp32"] = field(default="bf16", metadata=_help("autocast (on CPU, bf16 uses AMX)"))
@@ -81,8 +82,17 @@ class ScoreConfig:
 class ScoreStage:
     """Ray Data actor: one open_clip model per actor; batches of shard rows -> score rows."""
 
-    def __init__(self, clip: str, aesthetic: str | None, captions: str | None, levels, languages,
-                 multilingual: str | None = None, precision: str = "bf16", device: str = "cpu"):  # fmt: skip
+    def __init__(
+        self,
+        clip: str,
+        aesthetic: str | None,
+        captions: str | None,
+        levels,
+        languages,
+        multilingual: str | None = None,
+        precision: str = "bf16",
+        device: str = "cpu",
+    ):
         from unicap.clip import ClipScorer
 
         bf16 = precision == "bf16"
@@ -93,6 +103,8 @@ class ScoreStage:
             self.multi = self.scorer if same else ClipScorer(multilingual, device=device, autocast=bf16)
         self.captions = Path(captions) if captions else None
         self.levels, self.languages = tuple(levels), tuple(languages)
+        # a level is ok for a row when its caption is there in every language
+        self.level_columns = {lv: [caption_record.caption_column(lv, g) for g in self.languages] for lv in self.levels}
         self.schema = scores.with_embedding(scores.score_schema(self.levels, self.languages))
         self._cache: dict[str, dict[str, dict]] = {}
 
@@ -113,14 +125,13 @@ class ScoreStage:
         for it, d in zip(items, decoded, strict=True):
             cap = self._captions_of(it["shard"]).get(it["key"], {})
             w, h = d.width, d.height
-            levels_ok = [lv for lv in self.levels
-                         if all(cap.get(caption_record.caption_column(lv, g)) for g in self.languages)]  # fmt: skip
-            rows.append({
-                "key": it["key"], "shard": it["shard"], "width": w, "height": h,
-                "min_side": min(w, h) if w else None, "aspect_ratio": (max(w, h) / min(w, h)) if w else None,
-                "sha256": it["sha256"], "source": it["source"], "caption_status": cap.get("status", "missing"),
-                "caption_levels_ok": ",".join(levels_ok), "decode_error": d.error, "clip_model": self.scorer.spec,
-            })  # fmt: skip
+            shape = {"width": w, "height": h, "min_side": None, "aspect_ratio": None}
+            if w:
+                shape.update(min_side=min(w, h), aspect_ratio=max(w, h) / min(w, h))
+            levels_ok = [lv for lv, cols in self.level_columns.items() if all(cap.get(c) for c in cols)]
+            caption = {"caption_status": cap.get("status", "missing"), "caption_levels_ok": ",".join(levels_ok)}
+            row = {"key": it["key"], "shard": it["shard"], **shape, "sha256": it["sha256"], "source": it["source"]}
+            rows.append({**row, **caption, "decode_error": d.error, "clip_model": self.scorer.spec})
         for j, i in enumerate(ok):
             if np.isfinite(emb[j]).all():  # a NaN embedding is no embedding: no score derives from it
                 rows[i]["embedding"] = emb[j].astype(np.float16).tolist()
@@ -130,22 +141,18 @@ class ScoreStage:
         return pa.Table.from_pylist(rows, schema=self.schema)
 
     def _score_captions(self, rows, ok, emb, items) -> None:
+        caps = [self._captions_of(items[i]["shard"]).get(items[i]["key"], {}) for i in ok]  # the ok items' captions
         for lang in self.languages:
             scorer = self.scorer if lang == "en" else self.multi
             if scorer is None:
                 continue  # no multilingual tower configured: those columns stay null
-            img = (
-                emb
-                if scorer is self.scorer
-                else scorer.embed_images([decode_image(items[i]["image"]).image for i in ok])
-            )
+            if scorer is self.scorer:
+                img = emb
+            else:
+                img = scorer.embed_images([decode_image(items[i]["image"]).image for i in ok])
             for lv in self.levels:
                 col = caption_record.caption_column(lv, lang)
-                texts = [
-                    (j, self._captions_of(items[i]["shard"]).get(items[i]["key"], {}).get(col))
-                    for j, i in enumerate(ok)
-                ]
-                texts = [(j, t) for j, t in texts if t]
+                texts = [(j, cap[col]) for j, cap in enumerate(caps) if cap.get(col)]
                 if not texts:
                     continue
                 te = scorer.embed_texts([t for _, t in texts])
@@ -161,8 +168,10 @@ def finite(value) -> float | None:
 
 
 def failure_table(failures: list[dict], levels, languages) -> pa.Table:
-    rows = [{"key": f["key"], "shard": f["shard"], "sha256": f["sha256"], "source": f["source"],
-             "caption_status": "failed", "caption_levels_ok": "", "decode_error": f["error"]} for f in failures]  # fmt: skip
+    rows = []
+    for f in failures:
+        where = {k: f[k] for k in ("key", "shard", "sha256", "source")}
+        rows.append({**where, "caption_status": "failed", "caption_levels_ok": "", "decode_error": f["error"]})
     return pa.Table.from_pylist(rows, schema=scores.with_embedding(scores.score_schema(levels, languages)))
 
 
@@ -173,33 +182,26 @@ def write_scores(output: Path, shard: str, table: pa.Table) -> None:
 
 
 def shard_stats(table: pa.Table) -> dict:
-    decoded = Counter(
-        "ok" if e is None else caption_record.error_reason(e) for e in table.column("decode_error").to_pylist()
-    )
+    errors = table.column("decode_error").to_pylist()
+    decoded = Counter("ok" if e is None else caption_record.error_reason(e) for e in errors)
     return {"rows": table.num_rows, "status": dict(decoded)}
 
 
-def run_job(input_dir: str | Path, captions: str | Path | None, output: str | Path,
-            cfg: ScoreConfig | None = None) -> dict:  # fmt: skip
+def run_job(
+    input_dir: str | Path, captions: str | Path | None, output: str | Path, cfg: ScoreConfig | None = None
+) -> dict:
     """Score the pending shards of `input_dir` (captions from `captions`, a caption folder, or none)."""
     from unicap.dedup import find_duplicates
 
     cfg = cfg or ScoreConfig()
     device = runtime.cluster_device(cfg.device, cfg.address)  # the cluster's GPUs, not the driver's
     gpu = device == "cuda"
+    model = dict(clip=cfg.clip, aesthetic=cfg.aesthetic, multilingual=cfg.clip_multilingual)
+    columns = dict(captions=str(captions) if captions else None, levels=list(cfg.levels), languages=list(cfg.languages))
     job = ShardJob(
         name="score",
         stage_cls=ScoreStage,
-        stage_kwargs=dict(
-            clip=cfg.clip,
-            aesthetic=cfg.aesthetic,
-            captions=str(captions) if captions else None,
-            levels=list(cfg.levels),
-            languages=list(cfg.languages),
-            multilingual=cfg.clip_multilingual,
-            precision=cfg.precision,
-            device=device,
-        ),  # fmt: skip
+        stage_kwargs={**model, **columns, "precision": cfg.precision, "device": device},
         schema=scores.with_embedding(scores.score_schema(cfg.levels, cfg.languages)),
         stats_fn=shard_stats,
         failure_table=lambda f: failure_table(f, cfg.levels, cfg.languages),
@@ -236,8 +238,8 @@ def run(args: argparse.Namespace) -> int:
     except IncompleteJobError as e:
         return exit_status(e)
     r = s["last_run"]
-    print(f"score: {r['images']} rows in {r['seconds']}s; output holds {s['rows']} rows in {s['shards']} shards; "
-          f"duplicates {r.get('duplicates')}")  # fmt: skip
+    held = f"output holds {s['rows']} rows in {s['shards']} shards"
+    print(f"score: {r['images']} rows in {r['seconds']}s; {held}; duplicates {r.get('duplicates')}")
     print(f"  open with: pandas.read_parquet({str(args.output)!r})")
     return 0
 

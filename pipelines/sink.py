@@ -160,8 +160,9 @@ class ShardCollector:
             self._write(shard)
             return True
         missing = sorted(state.keys - state.rows.keys())
-        self.failed[shard] = (f"{len(missing)} of {len(state.keys)} rows never arrived (e.g. "
-                              f"{', '.join(missing[:EXAMPLES])}): their read or processing failed")  # fmt: skip
+        examples = ", ".join(missing[:EXAMPLES])
+        lost = f"{len(missing)} of {len(state.keys)} rows never arrived (e.g. {examples})"
+        self.failed[shard] = f"{lost}: their read or processing failed"
         self.pending.discard(shard)
         del self.open[shard]
         return False
@@ -174,8 +175,8 @@ class ShardCollector:
             self.write_fn(self.output, shard, table)
         else:
             write_parquet(table, self.output / f"{shard}.parquet")
-        stats = {"shard": shard, **self.stats_fn(table), "refused_samples": state.refused,
-                 "duplicate_rows_dropped": state.duplicates, "written_at": time.time()}  # fmt: skip
+        stats = {"shard": shard, **self.stats_fn(table), "refused_samples": state.refused}
+        stats |= {"duplicate_rows_dropped": state.duplicates, "written_at": time.time()}
         if state.refused:
             stats["refused_examples"] = state.refused_examples
         write_json(stats, self.output / STATS_DIR / f"{shard}.json")

@@ -101,16 +101,27 @@ def _manifest_select(shards_dir: str | None) -> str:
     """The manifest's columns (unicap.contract.manifest), each cast to its contract type."""
     cols = []
     for f in manifest.MANIFEST_SCHEMA:
-        expr = "$location_prefix || shard || '.tar'" if f.name == "location" and shards_dir else (
-            "shard" if f.name == "location" else ident(f.name))  # fmt: skip
+        if f.name != "location":
+            expr = ident(f.name)
+        elif shards_dir:
+            expr = "$location_prefix || shard || '.tar'"  # the shard's full path
+        else:
+            expr = "shard"
         cols.append(f"CAST({expr} AS {DUCKDB_TYPES[f.type]}) AS {ident(f.name)}")
     return ", ".join(cols)
 
 
-def select_stages(scores: str | Path, output: str | Path, stage1: str = StagesConfig.stage1,
-                  stage2: str = StagesConfig.stage2, stage3: str = StagesConfig.stage3, *,
-                  rules: StageRules | dict | None = None, shards_dir: str | None = None,
-                  threads: int | None = None) -> dict:  # fmt: skip
+def select_stages(
+    scores: str | Path,
+    output: str | Path,
+    stage1: str = StagesConfig.stage1,
+    stage2: str = StagesConfig.stage2,
+    stage3: str = StagesConfig.stage3,
+    *,
+    rules: StageRules | dict | None = None,
+    shards_dir: str | None = None,
+    threads: int | None = None,
+) -> dict:
     import duckdb
 
     scores, output = Path(scores), Path(output)
@@ -151,13 +162,14 @@ def select_stages(scores: str | Path, output: str | Path, stage1: str = StagesCo
     clip_cols = [c for c in rules.composite.clip_columns if c in cols]
     score_cols = clip_cols + (["aesthetic"] if "aesthetic" in cols else [])
     # NaN and inf are missing values (one NaN made every composite NaN and the ranking key order)
-    clip_expr = (f"({' + '.join(f'coalesce({finite(c)}, 0)' for c in clip_cols)}) / {len(clip_cols)}"
-                 if clip_cols else "0.0")  # fmt: skip
+    clip_sum = " + ".join(f"coalesce({finite(c)}, 0)" for c in clip_cols)
+    clip_expr = f"({clip_sum}) / {len(clip_cols)}" if clip_cols else "0.0"
     aes_expr = f"coalesce({finite('aesthetic')}, 0.0)" if "aesthetic" in cols else "0.0"
     r1 = rules.stage1
-    p = {"statuses": list(r1.caption_status), "min_side1": int(r1.min_side), "max_aspect": float(r1.max_aspect),
-         "min_side2": int(rules.stage2.min_side), "min_side3": rules.stage3.min_side,
-         "location_prefix": f"{Path(shards_dir).resolve()}/" if shards_dir else None}  # fmt: skip
+    # the SQL's named parameters ($name)
+    p = dict(statuses=list(r1.caption_status), min_side1=int(r1.min_side), max_aspect=float(r1.max_aspect))
+    p.update(min_side2=int(rules.stage2.min_side), min_side3=rules.stage3.min_side)
+    p.update(location_prefix=f"{Path(shards_dir).resolve()}/" if shards_dir else None)
     conditions = [
         ("undecodable", "decode_error IS NULL"),
         ("caption_not_ok", "list_contains($statuses, caption_status)"),
@@ -165,20 +177,20 @@ def select_stages(scores: str | Path, output: str | Path, stage1: str = StagesCo
         ("extreme_aspect", "aspect_ratio <= $max_aspect"),
     ]
     cumulative = [" AND ".join(c for _, c in conditions[: i + 1]) for i in range(len(conditions))]
-    non_finite = [f"count(*) FILTER (WHERE NOT isfinite({ident(c)}))" for c in score_cols]
-    counts = _sql(con, "SELECT count(*), " + ", ".join(f"count(*) FILTER (WHERE {c})" for c in cumulative)
-                  + "".join(f", {n}" for n in non_finite) + " FROM scores", p).fetchone()  # fmt: skip
+    passing = ", ".join(f"count(*) FILTER (WHERE {c})" for c in cumulative)
+    non_finite = "".join(f", count(*) FILTER (WHERE NOT isfinite({ident(c)}))" for c in score_cols)
+    counts = _sql(con, f"SELECT count(*), {passing}{non_finite} FROM scores", p).fetchone()
     total, remaining = counts[0], list(counts[1 : 1 + len(cumulative)])
     bad_values = dict(zip(score_cols, counts[1 + len(cumulative) :], strict=True))
     aesthetic = finite("aesthetic") if "aesthetic" in cols else "NULL::FLOAT"
-    _sql(con, f"""CREATE TABLE pool AS SELECT key, shard, nullif(sha256, '') AS sha256, caption_levels_ok, width,
-                  height, min_side, aspect_ratio, {aesthetic} AS aesthetic, {clip_expr} AS clip_score, {aes_expr} AS aes
-                  FROM scores WHERE {cumulative[-1]}""", p)  # fmt: skip
+    kept = "key, shard, nullif(sha256, '') AS sha256, caption_levels_ok, width, height, min_side, aspect_ratio"
+    scored = f"{aesthetic} AS aesthetic, {clip_expr} AS clip_score, {aes_expr} AS aes"
+    _sql(con, f"CREATE TABLE pool AS SELECT {kept}, {scored} FROM scores WHERE {cumulative[-1]}", p)
     # a key in two shards' score files (ingested twice): one row, the first shard's, so a manifest never
     # names a key twice; the full order makes the choice deterministic
     con.execute("""DELETE FROM pool WHERE rowid IN (SELECT rowid FROM (SELECT rowid, row_number() OVER
                    (PARTITION BY key ORDER BY shard, min_side DESC, width, height, sha256, caption_levels_ok,
-                    aspect_ratio, aesthetic, clip_score) AS rn FROM pool) WHERE rn > 1)""")  # fmt: skip
+                    aspect_ratio, aesthetic, clip_score) AS rn FROM pool) WHERE rn > 1)""")
     conditions.append(("duplicate_key", ""))
     remaining.append(con.execute("SELECT count(*) FROM pool").fetchone()[0])
     null_sha256 = con.execute("SELECT count(*) FROM pool WHERE sha256 IS NULL").fetchone()[0]
@@ -187,16 +199,20 @@ def select_stages(scores: str | Path, output: str | Path, stage1: str = StagesCo
         # a row without a sha256 is nobody's copy (NULLs would otherwise form one big group)
         con.execute("""DELETE FROM pool WHERE key IN (SELECT key FROM (SELECT key, row_number() OVER
                        (PARTITION BY sha256 ORDER BY min_side DESC, key) AS rn FROM pool WHERE sha256 IS NOT NULL)
-                       WHERE rn > 1)""")  # fmt: skip
+                       WHERE rn > 1)""")
         conditions.append(("exact_duplicate", ""))
         remaining.append(con.execute("SELECT count(*) FROM pool").fetchone()[0])
         # near: the score job's clusters (unicap.dedup)
         con.execute("DELETE FROM pool WHERE key IN (SELECT key FROM dups WHERE kind = 'near')")
         conditions.append(("near_duplicate", ""))
         remaining.append(con.execute("SELECT count(*) FROM pool").fetchone()[0])
-    funnel = {"total": total, "stage1_rules": {}, "targets": [str(t) for t in (stage1, stage2, stage3)],
-              "non_finite_scores": {c: n for c, n in bad_values.items() if n},  # rows, per column: read as missing
-              "pool_rows_without_sha256": null_sha256}  # kept, never exact duplicates of each other  # fmt: skip
+    funnel = {
+        "total": total,
+        "stage1_rules": {},
+        "targets": [str(t) for t in (stage1, stage2, stage3)],
+        "non_finite_scores": {c: n for c, n in bad_values.items() if n},  # rows, per column: read as missing
+        "pool_rows_without_sha256": null_sha256,  # kept, never exact duplicates of each other
+    }
     prev = total
     for (name, _), n in zip(conditions, remaining, strict=True):
         funnel["stage1_rules"][name] = {"removed": prev - n, "remaining": n}
@@ -208,11 +224,13 @@ def select_stages(scores: str | Path, output: str | Path, stage1: str = StagesCo
     for name, mean, std in (("clip", mc, sc), ("aesthetic", ma, sa)):
         if not all(v is None or math.isfinite(v) for v in (mean, std)):
             con.close()
-            raise ValueError(f"stages: the {name} scores of the pool have mean {mean} and std {std}: not finite "
-                             f"(values too large to rank by); check the score files in {scores}")  # fmt: skip
+            raise ValueError(
+                f"stages: the {name} scores of the pool have mean {mean} and std {std}: not finite "
+                f"(values too large to rank by); check the score files in {scores}"
+            )
     w = rules.composite
-    p.update(w_clip=float(w.clip), w_aes=float(w.aesthetic), clip_mean=float(mc or 0), clip_std=float(sc or 0),
-             aes_mean=float(ma or 0), aes_std=float(sa or 0))  # fmt: skip
+    p.update(w_clip=float(w.clip), clip_mean=float(mc or 0), clip_std=float(sc or 0))
+    p.update(w_aes=float(w.aesthetic), aes_mean=float(ma or 0), aes_std=float(sa or 0))
     z_clip = "((clip_score - $clip_mean) / $clip_std)" if sc and sc > 0 else "0.0"
     z_aes = "((aes - $aes_mean) / $aes_std)" if sa and sa > 0 else "0.0"
     con.execute("ALTER TABLE pool ADD COLUMN composite DOUBLE")
@@ -229,29 +247,29 @@ def select_stages(scores: str | Path, output: str | Path, stage1: str = StagesCo
     eligible2 = _sql(con, "SELECT count(*) FROM s1 WHERE min_side >= $min_side2", p).fetchone()[0]
     want[1] = requested(targets[1], n1)
     n2 = min(want[1], eligible2)
-    _sql(con, """CREATE TABLE s2 AS SELECT * FROM s1 WHERE min_side >= $min_side2
-                 ORDER BY composite DESC, key LIMIT $n""", {**p, "n": n2})  # fmt: skip
+    top2 = "CREATE TABLE s2 AS SELECT * FROM s1 WHERE min_side >= $min_side2 ORDER BY composite DESC, key LIMIT $n"
+    _sql(con, top2, {**p, "n": n2})
     base3 = "s2" if rules.nested else "(SELECT * FROM s1 WHERE min_side >= $min_side2)"
     want[2] = requested(targets[2], n2)
     n3 = min(want[2], n2 if rules.nested else eligible2)
     where3 = "WHERE min_side >= $min_side3" if rules.stage3.min_side else ""
-    _sql(
-        con, f"CREATE TABLE s3 AS SELECT * FROM {base3} {where3} ORDER BY composite DESC, key LIMIT $n", {**p, "n": n3}
-    )
+    top3 = f"CREATE TABLE s3 AS SELECT * FROM {base3} {where3} ORDER BY composite DESC, key LIMIT $n"
+    _sql(con, top3, {**p, "n": n3})
     select = _manifest_select(shards_dir)
     for stage, table in zip(manifest.STAGES, ("s1", "s2", "s3"), strict=True):
         with atomic_path(manifest.manifest_path(output, stage)) as tmpfile:
-            _sql(con, f"COPY (SELECT {select} FROM {table} ORDER BY composite DESC, key) TO $path (FORMAT PARQUET)",
-                 {**p, "path": str(tmpfile)})  # fmt: skip
+            copy = f"COPY (SELECT {select} FROM {table} ORDER BY composite DESC, key) TO $path (FORMAT PARQUET)"
+            _sql(con, copy, {**p, "path": str(tmpfile)})
     sizes = [con.execute(f"SELECT count(*) FROM {t}").fetchone()[0] for t in ("s1", "s2", "s3")]
+    picked = [{"target": t, "selected": n, "shortfall": max(0, t - n)} for t, n in zip(want, sizes, strict=True)]
+    composite = dict(clip_columns=clip_cols, clip_mean=mc, clip_std=sc, aesthetic_mean=ma, aesthetic_std=sa)
     funnel.update(
-        stage1={"pool": pool, "target": want[0], "selected": sizes[0], "shortfall": max(0, want[0] - sizes[0])},
-        stage2={"eligible_min_side": eligible2, "removed_below_min_side": sizes[0] - eligible2,
-                "target": want[1], "selected": sizes[1], "shortfall": max(0, want[1] - sizes[1])},
-        stage3={"target": want[2], "selected": sizes[2], "shortfall": max(0, want[2] - sizes[2])},
-        composite={"clip_columns": clip_cols, "clip_mean": mc, "clip_std": sc, "aesthetic_mean": ma, "aesthetic_std": sa},
+        stage1={"pool": pool, **picked[0]},
+        stage2={"eligible_min_side": eligible2, "removed_below_min_side": sizes[0] - eligible2, **picked[1]},
+        stage3=picked[2],
+        composite=composite,
         seconds=round(time.time() - t0, 2),
-    )  # fmt: skip
+    )
     con.close()
     dbfile.unlink(missing_ok=True)
     write_json(funnel, output / manifest.FUNNEL_FILE)
@@ -268,21 +286,23 @@ def print_funnel(f: dict) -> None:
     for name, r in f["stage1_rules"].items():
         print(f"  - {name:16s} removed {r['removed']:>10}  remaining {r['remaining']:>10}")
     print(f"  stage1: {f['stage1']['selected']} (target {f['stage1']['target']})")
-    print(f"  stage2: {f['stage2']['selected']} (target {f['stage2']['target']}, "
-          f"{f['stage2']['removed_below_min_side']} below min side, shortfall {f['stage2']['shortfall']})")  # fmt: skip
-    print(f"  stage3: {f['stage3']['selected']} (target {f['stage3']['target']}, shortfall {f['stage3']['shortfall']})")
+    s2, s3 = f["stage2"], f["stage3"]
+    below = f"{s2['removed_below_min_side']} below min side"
+    print(f"  stage2: {s2['selected']} (target {s2['target']}, {below}, shortfall {s2['shortfall']})")
+    print(f"  stage3: {s3['selected']} (target {s3['target']}, shortfall {s3['shortfall']})")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     config.add_arguments(p, StagesConfig, skip=["rule"])
-    p.add_argument("--rule", action="append", default=[], metavar="SECTION.KEY=VALUE",
-                   help=StagesConfig.__dataclass_fields__["rule"].metadata["help"])  # fmt: skip
+    rule_help = StagesConfig.__dataclass_fields__["rule"].metadata["help"]
+    p.add_argument("--rule", action="append", default=[], metavar="SECTION.KEY=VALUE", help=rule_help)
 
 
 def run(args: argparse.Namespace) -> int:
     cfg = config.from_args(StagesConfig, args)
-    f = select_stages(cfg.scores, cfg.output, cfg.stage1, cfg.stage2, cfg.stage3, rules=load_rules(cfg.rules, cfg.rule),
-                      shards_dir=cfg.shards, threads=cfg.threads)  # fmt: skip
+    targets = (cfg.stage1, cfg.stage2, cfg.stage3)
+    rules = load_rules(cfg.rules, cfg.rule)
+    f = select_stages(cfg.scores, cfg.output, *targets, rules=rules, shards_dir=cfg.shards, threads=cfg.threads)
     print_funnel(f)
     print(f"  manifests: {cfg.output}/stage{{1,2,3}}.parquet  funnel: {cfg.output}/funnel.json")
     return 0

@@ -1,6 +1,6 @@
 """`make tiny-models`: the trained tiny models that ship with the repository, built from their recipes.
 
-    python -m pipelines.tiny_models           # train what models/ lacks (in the cache), copy it there, drop stale folders
+    python -m pipelines.tiny_models           # train what models/ lacks (in the cache), copy it in, drop stale folders
     python -m pipelines.tiny_models --check   # exit 1, naming each folder that is missing or stale
 
 Each model's folder name carries its recipe's hash (unicap.tiny_build): a changed recipe names a folder that

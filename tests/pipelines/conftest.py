@@ -14,6 +14,7 @@ import pytest
 from tests.conftest import free_port
 
 TINY_MAX_TOKENS = {"long": 24, "medium": 16, "short": 12, "tags": 12}  # the random model never stops
+TINY_MAX_TOKENS_ARG = ",".join(f"{k}={v}" for k, v in TINY_MAX_TOKENS.items())  # as --max-tokens takes them
 
 
 @pytest.fixture(scope="session")
@@ -57,12 +58,11 @@ def vllm_server(tiny_vlm):
 
     port = free_port()
     env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_HOST_IP": "127.0.0.1", "VLLM_LOGGING_LEVEL": "WARNING"}
-    cmd = [
-        sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(tiny_vlm),
-        "--host", "127.0.0.1", "--port", str(port), "--enforce-eager", "--max-model-len", "4096",
-        "--limit-mm-per-prompt", '{"image": 1, "video": 0}', "--mm-processor-kwargs", '{"max_pixels": 200704}',
-        "--dtype", vllm_engine_kwargs(EngineConfig())["dtype"],  # the offline engine's: float32 where bf16 is emulated
-    ]  # fmt: skip
+    dtype = vllm_engine_kwargs(EngineConfig())["dtype"]  # the offline engine's: float32 where bf16 is emulated
+    serve = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(tiny_vlm)]
+    where = ["--host", "127.0.0.1", "--port", str(port)]
+    sizes = ["--enforce-eager", "--max-model-len", "4096", "--limit-mm-per-prompt", '{"image": 1, "video": 0}']
+    cmd = [*serve, *where, *sizes, "--mm-processor-kwargs", '{"max_pixels": 200704}', "--dtype", dtype]
     log = open(Path(os.environ.get("TMPDIR", "/tmp")) / f"vllm-server-{port}.log", "w")  # noqa: SIM115
     proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     try:

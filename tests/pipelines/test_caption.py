@@ -18,7 +18,7 @@ from datagen.folder import folder_key, ingest_folder
 from datagen.hostile import hostile_cases
 from pipelines.caption import run_job
 from tests.conftest import snapshot
-from tests.pipelines.conftest import TINY_MAX_TOKENS, kill_tree
+from tests.pipelines.conftest import TINY_MAX_TOKENS, TINY_MAX_TOKENS_ARG, kill_tree
 from tests.pipelines.standin_server import BEHAVIOURS, StandInServer
 from unicap.captioner import CaptionConfig
 from unicap.contract import caption as caption_record
@@ -39,8 +39,8 @@ def read_output(out: Path) -> pd.DataFrame:
 
 def test_offline_job_captions_every_key_once(ray_local, tiny_vlm, synth_shards, tmp_path):
     out = tmp_path / "captions"
-    summary = run_job(synth_shards, out, EngineConfig(model=str(tiny_vlm), max_pixels=112 * 112), caption_cfg(),
-                      batch_size=8)  # fmt: skip
+    engine = EngineConfig(model=str(tiny_vlm), max_pixels=112 * 112)
+    summary = run_job(synth_shards, out, engine, caption_cfg(), batch_size=8)
     df = read_output(out)
     truth = pd.read_parquet(synth_shards / "truth")
     assert sorted(df.key) == sorted(truth.key) and df.key.is_unique
@@ -121,13 +121,12 @@ def test_hostile_images_and_model_outputs_are_recorded(ray_local, tmp_path):
         run_job(tmp_path / "shards", out, cfg, CaptionConfig(max_retries=1), batch_size=8)
     df = read_output(out).set_index("key")
     assert sorted(df.index) == sorted(expected)  # every image is a row, undecodable ones included
-    reason = {
-        "empty": "empty_output", "loop": "repetition_loop", "wrong_language": "wrong_language",
-        "truncated": "truncated", "refusal": "refusal", "malformed": "malformed_output", "timeout": "timeout",
-        "undecodable": "undecodable_image", "trickle": "timeout",  # a deadline per request, not per read
-        "null_content": "malformed_output", "list_content": "malformed_output", "number_content": "malformed_output",
-        "surrogate": "malformed_output", "empty_body": "malformed_output", "huge": "malformed_output",
-    }  # fmt: skip
+    # the reason each hostile behaviour is recorded with
+    malformed = ("malformed", "null_content", "list_content", "number_content", "surrogate", "empty_body", "huge")
+    reason = dict.fromkeys(malformed, "malformed_output")
+    reason |= {"timeout": "timeout", "trickle": "timeout"}  # a deadline per request, not per read
+    reason |= {"empty": "empty_output", "loop": "repetition_loop", "wrong_language": "wrong_language"}
+    reason |= {"truncated": "truncated", "refusal": "refusal", "undecodable": "undecodable_image"}
     for key, behaviour in expected.items():
         row = df.loc[key]
         if behaviour in ("good", "flaky"):
@@ -151,11 +150,12 @@ def test_kill_9_mid_job_then_rerun_loses_nothing_and_duplicates_nothing(ray_loca
     shards = tmp_path / "shards"
     synth(str(shards), 24, seed=9, shard_size=3)  # 8 shards
     out = tmp_path / "captions"
-    cmd = [sys.executable, "-m", "pipelines.caption", "--input", str(shards), "--output", str(out),
-           "--model", str(tiny_vlm), "--batch-size", "3", "--max-retries", "0", "--max-pixels", str(112 * 112),
-           "--max-tokens", ",".join(f"{k}={v}" for k, v in TINY_MAX_TOKENS.items())]  # fmt: skip
-    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            start_new_session=True, env={**os.environ, "RAY_USAGE_STATS_ENABLED": "0"})  # fmt: skip
+    job = ["--input", str(shards), "--output", str(out), "--model", str(tiny_vlm), "--batch-size", "3"]
+    limits = ["--max-retries", "0", "--max-pixels", str(112 * 112), "--max-tokens", TINY_MAX_TOKENS_ARG]
+    cmd = [sys.executable, "-m", "pipelines.caption", *job, *limits]
+    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
+    silent = dict(stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env, start_new_session=True, **silent)
     try:
         deadline = time.time() + 300
         while time.time() < deadline and not list(out.glob("*.parquet")):

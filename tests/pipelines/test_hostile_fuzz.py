@@ -68,8 +68,9 @@ def test_hostile_shards_through_caption_score_and_stages(world):
     root, planted, _ = world
     inputs = snapshot(root)
     expected = planted.expected
-    print(f"\n[fuzz seed {SEED}] {sum(planted.planted.values())} hostile inputs of {len(planted.planted)} kinds "
-          f"in {len(expected)} index rows: {planted.planted}")  # fmt: skip
+    kinds = planted.planted
+    inputs_planted = f"{sum(kinds.values())} hostile inputs of {len(kinds)} kinds"
+    print(f"\n[fuzz seed {SEED}] {inputs_planted} in {len(expected)} index rows: {kinds}")
     assert set(planted.planted) == set(SHARD_KINDS)
 
     # caption: every index row once per shard, ok or failed with the reason its input asks for
@@ -138,8 +139,8 @@ def test_hostile_score_tables_through_stages(world):
         manifest.validate(t)  # unique keys, finite composite, best first
     assert all(t.num_rows for t in tables)
     bad = f["non_finite_scores"]
-    assert bad == {"clip_long_en": planted["nan_score"], "clip_short_en": planted["inf_score"],
-                   "aesthetic": planted["nan_aesthetic"]}  # fmt: skip
+    clip = {"clip_long_en": planted["nan_score"], "clip_short_en": planted["inf_score"]}
+    assert bad == {**clip, "aesthetic": planted["nan_aesthetic"]}
     assert f["stage1_rules"]["duplicate_key"]["removed"] == planted["duplicate_key_across_shards"]
     assert f["pool_rows_without_sha256"] > 0
     df = outputs(root / "hostile_scores")

@@ -21,8 +21,8 @@ from unicap.contract import packed
 
 
 def _truth_row(item, caps: dict, shard: str) -> dict:
-    return {"key": item.key, "shard": shard, "width": item.width, "height": item.height, "source": item.source,
-            "original_caption": item.caption, **caps, "status": "ok"}  # fmt: skip
+    row = {"key": item.key, "shard": shard, "width": item.width, "height": item.height, "source": item.source}
+    return {**row, "original_caption": item.caption, **caps, "status": "ok"}
 
 
 @pytest.fixture(scope="module")
@@ -81,8 +81,8 @@ def test_every_manifest_row_is_packed_or_failed_with_a_reason(stage, packed_stag
     assert (df.status == "failed").sum() == 6 and df[df.status == "failed"].bucket.eq(-1).all()
     counts = meta["counts"]
     assert counts["rows"] == len(manifest) and counts["status"] == {"ok": len(manifest) - 6, "failed": 6}
-    assert counts["failures_by_reason"] == {"missing_in_tar": 1, "missing_shard": 2, "no_caption_row": 1,
-                                            "undecodable_image": 1, "no_usable_caption": 1}  # fmt: skip
+    reasons = dict(missing_in_tar=1, missing_shard=2, no_caption_row=1, undecodable_image=1, no_usable_caption=1)
+    assert counts["failures_by_reason"] == reasons
     truth = pd.read_parquet(captions).set_index("key")
     ok = df[df.status == "ok"].set_index("key")
     assert (ok.caption_long_en == truth.caption_long_en.reindex(ok.index)).all()

@@ -12,7 +12,7 @@ import pandas as pd
 import pytest
 
 from tests.conftest import RayHead
-from tests.pipelines.conftest import TINY_MAX_TOKENS
+from tests.pipelines.conftest import TINY_MAX_TOKENS_ARG
 
 REPO = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
@@ -23,8 +23,8 @@ def ray_head():
     """`ray start --head` on 127.0.0.1 (tests.conftest.RayHead: its own session and temp dir, stopped by its own
     processes' ids, never `ray stop`)."""
     # as after `source .venv/bin/activate`: the job entrypoint `python` is the project venv's
-    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0",
-           "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"}  # fmt: skip
+    path = f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0", "PATH": path}
     head = RayHead(env)
     try:
         yield head.address, env
@@ -35,10 +35,10 @@ def ray_head():
 def test_caption_job_through_ray_job_submit(ray_head, tiny_vlm, synth_shards, tmp_path):
     address, env = ray_head
     out = tmp_path / "captions"
-    cmd = [str(BIN / "ray"), "job", "submit", "--address", address, "--working-dir", str(REPO), "--",
-           "python", "-m", "pipelines.caption", "--input", str(synth_shards), "--output", str(out),
-           "--model", str(tiny_vlm), "--batch-size", "8", "--max-retries", "0", "--max-pixels", str(112 * 112),
-           "--max-tokens", ",".join(f"{k}={v}" for k, v in TINY_MAX_TOKENS.items())]  # fmt: skip
+    submit = [str(BIN / "ray"), "job", "submit", "--address", address, "--working-dir", str(REPO), "--"]
+    job = ["--input", str(synth_shards), "--output", str(out), "--model", str(tiny_vlm), "--batch-size", "8"]
+    limits = ["--max-retries", "0", "--max-pixels", str(112 * 112), "--max-tokens", TINY_MAX_TOKENS_ARG]
+    cmd = [*submit, "python", "-m", "pipelines.caption", *job, *limits]
     t0 = time.time()
     for _ in range(15):  # the head's job agent comes up a few seconds after `ray start` returns
         r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)

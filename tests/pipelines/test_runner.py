@@ -19,29 +19,26 @@ from unicap.runtime import cpu_threads_per_actor
 SCHEMA = pa.schema([pa.field("key", pa.string()), pa.field("shard", pa.string()), pa.field("threads", pa.int32())])
 
 
+def count_rows(table: pa.Table) -> dict:
+    return {"rows": table.num_rows}
+
+
 class ThreadsStage:
     """Reports the compute threads torch has inside the actor."""
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         import torch
 
-        n = batch.num_rows
-        return pa.table({"key": batch.column("key"), "shard": batch.column("shard"),
-                         "threads": pa.array([torch.get_num_threads()] * n, pa.int32())})  # fmt: skip
+        threads = pa.array([torch.get_num_threads()] * batch.num_rows, pa.int32())
+        return pa.table({"key": batch.column("key"), "shard": batch.column("shard"), "threads": threads})
 
 
 def test_cpu_actors_get_their_share_of_the_cores(ray_local, synth_shards, tmp_path):
     """Ray sets OMP_NUM_THREADS to an actor's num_cpus (1 for 0.5): CPU inference ran on one thread
     until the runner passed the actor its share of the cores (caption job 0.76x -> see bench)."""
-    job = ShardJob(
-        name="threads",
-        stage_cls=ThreadsStage,
-        stage_kwargs={},
-        schema=SCHEMA,
-        stats_fn=lambda t: {"rows": t.num_rows},
-        failure_table=lambda f: SCHEMA.empty_table(),
-        num_cpus=0.5,
-    )  # fmt: skip  (no threads=: the runner's default for a CPU actor)
+    # no threads=: the runner's default for a CPU actor
+    stage = dict(stage_cls=ThreadsStage, stage_kwargs={}, schema=SCHEMA, num_cpus=0.5)
+    job = ShardJob(name="threads", **stage, stats_fn=count_rows, failure_table=lambda f: SCHEMA.empty_table())
     run_sharded(job, synth_shards, tmp_path, batch_size=4, limit_shards=1)
     threads = set(pq.read_table(tmp_path).column("threads").to_pylist())
     assert threads == {max(1, os.cpu_count() or 1)}
@@ -50,8 +47,7 @@ def test_cpu_actors_get_their_share_of_the_cores(ray_local, synth_shards, tmp_pa
 
 # ---------------------------------------------------------------- hostile shards: every input row exactly once
 
-ROW = pa.schema([pa.field("key", pa.string()), pa.field("shard", pa.string()), pa.field("status", pa.string()),
-                 pa.field("error", pa.string())])  # fmt: skip
+ROW = pa.schema([pa.field(name, pa.string()) for name in ("key", "shard", "status", "error")])
 
 
 class DecodeStage:
@@ -63,18 +59,19 @@ class DecodeStage:
             if it["image"].startswith(b"RAISE"):
                 raise ValueError(f"cannot handle {it['key']}")
             d = decode_image(it["image"])
-            rows.append({"key": it["key"], "shard": it["shard"], "status": "ok" if d.ok else "failed",
-                         "error": None if d.ok else f"undecodable_image: {d.error}"})  # fmt: skip
+            status, error = ("ok", None) if d.ok else ("failed", f"undecodable_image: {d.error}")
+            rows.append({"key": it["key"], "shard": it["shard"], "status": status, "error": error})
         return pa.Table.from_pylist(rows, schema=ROW)
 
 
 def failures(records: list[dict]) -> pa.Table:
-    return pa.Table.from_pylist([{"key": r["key"], "shard": r["shard"], "status": "failed", "error": r["error"]}
-                                 for r in records], schema=ROW)  # fmt: skip
+    rows = [{"key": r["key"], "shard": r["shard"], "status": "failed", "error": r["error"]} for r in records]
+    return pa.Table.from_pylist(rows, schema=ROW)
 
 
-DECODE_JOB = ShardJob(name="decode", stage_cls=DecodeStage, stage_kwargs={}, schema=ROW,
-                      stats_fn=lambda t: {"rows": t.num_rows}, failure_table=failures)  # fmt: skip
+DECODE_JOB = ShardJob(
+    name="decode", stage_cls=DecodeStage, stage_kwargs={}, schema=ROW, stats_fn=count_rows, failure_table=failures
+)
 
 
 def _png(colour) -> bytes:
@@ -84,8 +81,10 @@ def _png(colour) -> bytes:
 
 
 def _shard(directory: Path, shard: str, keys: list[str], **images: bytes) -> list[tuple[str, bytes]]:
-    items = [ShardItem(key=k, source=k, image=images.get(k, _png((9 * i, 90, 200))), ext="png", width=70, height=70)
-             for i, k in enumerate(keys)]  # fmt: skip
+    items = []
+    for i, k in enumerate(keys):
+        image = images.get(k, _png((9 * i, 90, 200)))  # a colour of its own, unless the test gives the bytes
+        items.append(ShardItem(key=k, source=k, image=image, ext="png", width=70, height=70))
     write_shard(directory, shard, items)
     return tar_members(tar_path(directory, shard))
 
@@ -120,14 +119,7 @@ def test_a_truncated_tar_keeps_its_rows_and_names_the_missing_keys(ray_local, tm
     tar_path(data, "00001").write_bytes(tar_path(data, "00001").read_bytes()[:inside_e])  # cut inside e's image
     run_sharded(DECODE_JOB, data, out, batch_size=2)
     got = outputs(out)
-    assert {k: s for k, (s, _) in got.items()} == {
-        "a": "ok",
-        "b": "ok",
-        "c": "ok",
-        "d": "ok",
-        "e": "failed",
-        "f": "failed",
-    }
+    assert {k: s for k, (s, _) in got.items()} == dict.fromkeys("abcd", "ok") | dict.fromkeys("ef", "failed")
     assert got["e"][1].startswith(
         "undecodable_image: missing from tar (00001.tar is truncated or corrupt after 6 members"
     )

@@ -26,8 +26,9 @@ def scores(tmp_path_factory):
     df = pd.read_parquet(d)
     good = df[(df.decode_error.isna()) & (df.caption_status == "ok") & (df.min_side >= 256)]
     near = good.key.iloc[:25].tolist()
-    write_parquet(pa.table({"key": near, "duplicate_of": good.key.iloc[25:50].tolist(), "kind": ["near"] * 25,
-                            "similarity": [0.99] * 25}), d / "_dedup" / "duplicates.parquet")  # fmt: skip
+    of = good.key.iloc[25:50].tolist()
+    clusters = pa.table({"key": near, "duplicate_of": of, "kind": ["near"] * 25, "similarity": [0.99] * 25})
+    write_parquet(clusters, d / "_dedup" / "duplicates.parquet")
     dedup.validate(pq.read_table(dedup.duplicates_path(d)).cast(dedup.DUP_SCHEMA))
     return d, near
 
@@ -131,8 +132,9 @@ def test_paths_with_quotes_and_the_command_line_rule_overrides(scores, tmp_path)
     assert s1.location.iloc[0] == f"{shards_dir}/{s1.shard.iloc[0]}.tar"
     plain = select_stages(d, tmp_path / "plain", "3000", "0.1", "50")  # the same selection as without quotes
     assert f["stage1_rules"] == plain["stage1_rules"] and f["stage1_rules"]["near_duplicate"]["removed"] > 0
-    assert unicap(["stages", "--scores", str(quoted), "--output", str(tmp_path / "cli"), "--stage1", "1.0",
-                   "--rule", "stage1.min_side=512", "--rule", "composite.clip_columns=[clip_short_en]"]) == 0  # fmt: skip
+    folders = ["--scores", str(quoted), "--output", str(tmp_path / "cli")]
+    rules = ["--rule", "stage1.min_side=512", "--rule", "composite.clip_columns=[clip_short_en]"]
+    assert unicap(["stages", *folders, "--stage1", "1.0", *rules]) == 0
     s1_cli, _, _ = validate_manifests(tmp_path / "cli")
     state = json.loads((tmp_path / "cli" / "_stages.json").read_text())
     assert (s1_cli.min_side >= 512).all() and state["rules"]["composite"]["clip_columns"] == ["clip_short_en"]
