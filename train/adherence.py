@@ -23,9 +23,9 @@ i+1's prompt and judges the image against scene i: the chance level of a model t
 
 Writes OUT/adherence.json (accuracy = facts that held / facts judged, per attribute; null when none was
 judged), OUT/<weights>/NNNNN.png, OUT/truth/NNNNN.png and OUT/vae-WxH/NNNNN.png, and prints the table.
-Examples (both images and the verdicts) are listed for the first --examples prompts of every weights folder. Weights are read only
-through train.checkpoint.load_weights (safetensors + JSON); generation runs on a GPU when there is one
-(train.sample.load_for_sampling), else on the CPU.
+Examples (both images and the verdicts) are listed for the first --examples prompts of every weights folder.
+Weights are read only through train.checkpoint.load_weights (safetensors + JSON); generation runs on a GPU
+when there is one (train.sample.load_for_sampling), else on the CPU.
 """
 
 from __future__ import annotations
@@ -107,11 +107,15 @@ def read_prompts(truth: Path, n: int, level: str, language: str) -> list[dict]:
     for row in rows[:n]:
         scene = synth.scene_from_source(row["source"])
         if scene is None:
-            raise ValueError(f"{truth}: row {row['key']} has source {row['source']!r}, not a synthetic image "
-                             "(synth://seed=S/index=I): only the synthetic set has an answer key")  # fmt: skip
+            raise ValueError(
+                f"{truth}: row {row['key']} has source {row['source']!r}, not a synthetic image "
+                "(synth://seed=S/index=I): only the synthetic set has an answer key"
+            )
         if synth.captions(scene)[column] != row[column]:
-            raise ValueError(f"{truth}: row {row['key']}: {column} is not what datagen.synth writes for "
-                             f"{row['source']}: the truth was made by another version; re-run `unicap synth`")  # fmt: skip
+            raise ValueError(
+                f"{truth}: row {row['key']}: {column} is not what datagen.synth writes for "
+                f"{row['source']}: the truth was made by another version; re-run `unicap synth`"
+            )
         out.append({"key": row["key"], "shard": row["shard"], "prompt": row[column], "scene": scene})
     return out
 
@@ -128,19 +132,34 @@ def truth_images(truth: Path, prompts: list[dict]) -> list[Image.Image]:
             for key, image in zip(batch.column("key").to_pylist(), batch.column("image").to_pylist(), strict=True):
                 if key in wanted:
                     found[key] = image
-    return [Image.open(io.BytesIO(found[p["key"]])).convert("RGB") if p["key"] in found else synth.render(p["scene"])
-            for p in prompts]  # fmt: skip
+    return [
+        Image.open(io.BytesIO(found[p["key"]])).convert("RGB") if p["key"] in found else synth.render(p["scene"])
+        for p in prompts
+    ]
 
 
-def generate_all(folder: Path, prompts: list[str], *, size: tuple[int, int], steps: int, cfg: float, seed: int,
-                 batch: int, codecs: dict, device: str = "auto") -> list[Image.Image]:  # fmt: skip
+def generate_all(
+    folder: Path,
+    prompts: list[str],
+    *,
+    size: tuple[int, int],
+    steps: int,
+    cfg: float,
+    seed: int,
+    batch: int,
+    codecs: dict,
+    device: str = "auto",
+) -> list[Image.Image]:
     """One image per prompt from a weights folder (EMA weights of a checkpoint folder, as `unicap sample`)."""
     weights = contract.EMA_FILE if (folder / contract.EMA_FILE).exists() else contract.MODEL_FILE
     model, te, vae = load_for_sampling(folder, weights, device, codecs)  # folders of one run share codecs
+    width, height = size
     images: list[Image.Image] = []
     for start in range(0, len(prompts), batch):  # image i always gets the noise of seed + i
-        images += generate(model, te, vae, prompts[start : start + batch], width=size[0], height=size[1],
-                           steps=steps, cfg_scale=cfg, seed=seed + start)  # fmt: skip
+        chunk = prompts[start : start + batch]
+        images += generate(
+            model, te, vae, chunk, width=width, height=height, steps=steps, cfg_scale=cfg, seed=seed + start
+        )
     return images
 
 
@@ -175,14 +194,30 @@ def accuracy(judgements: list[scene_judge.Judgement]) -> tuple[dict, dict]:
     return {a: (held[a] / facts[a] if facts[a] else None) for a in scene_judge.ATTRIBUTES}, facts
 
 
-def adherence(weights: dict[str, Path], truth: Path, out: Path, *, n: int = 32, size: tuple[int, int] = (64, 64),
-              level: str = "short", language: str = "en", steps: int = 20, cfg: float = 4.0, seed: int = 0,
-              examples: int = 8, batch: int = 16, device: str = "auto", control: bool = True,
-              draw: str = "trained") -> dict:  # fmt: skip
+def adherence(
+    weights: dict[str, Path],
+    truth: Path,
+    out: Path,
+    *,
+    n: int = 32,
+    size: tuple[int, int] = (64, 64),
+    level: str = "short",
+    language: str = "en",
+    steps: int = 20,
+    cfg: float = 4.0,
+    seed: int = 0,
+    examples: int = 8,
+    batch: int = 16,
+    device: str = "auto",
+    control: bool = True,
+    draw: str = "trained",
+) -> dict:
     """Generate, judge and write OUT/adherence.json (see the module doc); returns what it wrote."""
     if level not in caption_record.LEVELS or language not in caption_record.LANGUAGES:
-        raise ValueError(f"--level {level!r} / --language {language!r}: levels {caption_record.LEVELS}, "
-                         f"languages {caption_record.LANGUAGES}")  # fmt: skip
+        raise ValueError(
+            f"--level {level!r} / --language {language!r}: levels {caption_record.LEVELS}, "
+            f"languages {caption_record.LANGUAGES}"
+        )
     if n < 1 or steps < 1 or examples < 0 or batch < 1:
         raise ValueError("--n, --steps and --batch must be positive, --examples not negative")
     draw_sizes, ceilings = {}, []
@@ -221,38 +256,30 @@ def adherence(weights: dict[str, Path], truth: Path, out: Path, *, n: int = 32, 
                 row, sub = f"{row} ({vae_name})", f"{sub}-{len(rows)}"
             save(images, sub)
             rows[row], facts[row] = accuracy(judge_row(images, prompts, attributes))
-    codecs: dict = {}
+    sampling = {"steps": steps, "cfg": cfg, "seed": seed, "batch": batch, "codecs": {}, "device": device}
+
+    def drawn(name: str, folder: Path, prompt_texts: list[str]) -> list[Image.Image]:
+        """The weights' images of prompt_texts, drawn at their draw size and resized to the judging size."""
+        images = generate_all(folder, prompt_texts, size=draw_sizes[name], **sampling)
+        return [im.resize(size, Image.Resampling.LANCZOS) if im.size != size else im for im in images]
+
     for name, folder in weights.items():
-        images = generate_all(
-            folder,
-            texts,
-            size=draw_sizes[name],
-            steps=steps,
-            cfg=cfg,
-            seed=seed,
-            batch=batch,
-            codecs=codecs,
-            device=device,
-        )
-        images = [im.resize(size, Image.Resampling.LANCZOS) if im.size != size else im for im in images]
+        images = drawn(name, folder, texts)
         paths = save(images, name)
         judgements = judge_row(images, prompts, attributes)
         rows[name], facts[name] = accuracy(judgements)
         for i in range(min(examples, n)):
-            example_list.append({"weights": name, "prompt": texts[i], "image": paths[i], "truth_image": truth_paths[i],
-                                 "verdicts": judgements[i].verdicts})  # fmt: skip
+            example = {"weights": name, "prompt": texts[i], "image": paths[i], "truth_image": truth_paths[i]}
+            example_list.append({**example, "verdicts": judgements[i].verdicts})
     if control and weights:
         # the chance level of what the model draws anyway: the last weights given image i+1's prompt, judged
         # against image i's scene (a model that ignores its prompts scores the same here as on its own row)
         name, folder = list(weights.items())[-1]
         shifted = texts[1:] + texts[:1]
-        images = generate_all(folder, shifted, size=draw_sizes[name], steps=steps, cfg=cfg, seed=seed, batch=batch,
-                              codecs=codecs, device=device)  # fmt: skip
-        images = [im.resize(size, Image.Resampling.LANCZOS) if im.size != size else im for im in images]
+        images = drawn(name, folder, shifted)
         save(images, CONTROL_DIR)
-        rows[f"{name}{CONTROL_SUFFIX}"], facts[f"{name}{CONTROL_SUFFIX}"] = accuracy(
-            judge_row(images, prompts, attributes)
-        )
+        control_row = f"{name}{CONTROL_SUFFIX}"
+        rows[control_row], facts[control_row] = accuracy(judge_row(images, prompts, attributes))
     result = {
         "version": VERSION,
         "size": list(size),
@@ -281,8 +308,13 @@ def table(result: dict) -> str:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--weights", action="append", required=True, metavar="NAME=FOLDER",
-                   help="a weights folder to judge, e.g. stage3=runs/stage3/final (repeat for more)")  # fmt: skip
+    p.add_argument(
+        "--weights",
+        action="append",
+        required=True,
+        metavar="NAME=FOLDER",
+        help="a weights folder to judge, e.g. stage3=runs/stage3/final (repeat for more)",
+    )
     p.add_argument("--truth", required=True, help="the held-out synthetic set (`unicap synth --out DIR`'s DIR)")
     p.add_argument("--out", required=True, help="folder for adherence.json and the images")
     p.add_argument("--n", type=int, default=32, help="held-out prompts (the first N by key; default 32)")
@@ -295,18 +327,39 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--examples", type=int, default=8, help="prompts listed with images in the JSON (default 8)")
     p.add_argument("--batch", type=int, default=16, help="prompts generated at once (default 16)")
     p.add_argument("--device", default="auto", help="auto (a GPU when there is one, bf16) | cpu | cuda | cuda:N")
-    p.add_argument("--draw", choices=("trained", "judge"), default="trained",
-                   help="trained (default): each weights draws at its training resolution, then the image is resized "
-                   "to --size; judge: every weights draws at --size")  # fmt: skip
-    p.add_argument("--no-control", dest="control", action="store_false",
-                   help="leave out the control row (the last weights drawing another prompt's image)")  # fmt: skip
+    p.add_argument(
+        "--draw",
+        choices=("trained", "judge"),
+        default="trained",
+        help="trained (default): each weights draws at its training resolution, then the image is resized "
+        "to --size; judge: every weights draws at --size",
+    )
+    p.add_argument(
+        "--no-control",
+        dest="control",
+        action="store_false",
+        help="leave out the control row (the last weights drawing another prompt's image)",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
-    result = adherence(parse_weights(args.weights), Path(args.truth), Path(args.out), n=args.n,
-                       size=parse_size(args.size), level=args.level, language=args.language, steps=args.steps,
-                       cfg=args.cfg, seed=args.seed, examples=args.examples, batch=args.batch,
-                       device=args.device, control=args.control, draw=args.draw)  # fmt: skip
+    result = adherence(
+        parse_weights(args.weights),
+        Path(args.truth),
+        Path(args.out),
+        n=args.n,
+        size=parse_size(args.size),
+        level=args.level,
+        language=args.language,
+        steps=args.steps,
+        cfg=args.cfg,
+        seed=args.seed,
+        examples=args.examples,
+        batch=args.batch,
+        device=args.device,
+        control=args.control,
+        draw=args.draw,
+    )
     p = result["prompts"]
     print(f"adherence: {p['n']} prompts ({p['level']}, {p['language']}) at {args.size}; accuracy (facts judged):")
     print(table(result))

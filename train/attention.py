@@ -105,8 +105,10 @@ class SeqBatch:
             return o.transpose(1, 2)
         kernel = torch_varlen_kernel if self.backend == "torch_varlen" else flash_varlen_kernel()
         if kernel is None:
-            raise RuntimeError("attention backend 'flash_varlen' needs flash-attn: pip install flash-attn "
-                               "(CUDA), or use backend 'sdpa' / 'torch_varlen'")  # fmt: skip
+            raise RuntimeError(
+                "attention backend 'flash_varlen' needs flash-attn: pip install flash-attn "
+                "(CUDA), or use backend 'sdpa' / 'torch_varlen'"
+            )
         if self.indices is None:  # every sequence full: packing is a reshape
             o = kernel(q.flatten(0, 1), k.flatten(0, 1), v.flatten(0, 1), self.cu_seqlens, self.cu_seqlens, S, S)
             return o.view(B, S, H, Dh)

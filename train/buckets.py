@@ -21,7 +21,7 @@ from PIL import Image, ImageOps
 DEFAULT_RATIOS: tuple[tuple[int, int], ...] = (
     (1, 4), (1, 3), (1, 2), (9, 16), (2, 3), (3, 4), (4, 5), (1, 1),
     (5, 4), (4, 3), (3, 2), (16, 9), (2, 1), (3, 1), (4, 1),
-)  # fmt: skip
+)  # fmt: skip  # a table: portrait ratios up to 1:1, then their landscape mirrors
 
 
 def _best_size(area: float, ratio: float, multiple: int) -> tuple[int, int]:

@@ -60,8 +60,11 @@ def save_checkpoint(engine, ema, run_dir: str | Path, state: dict, keep_last: in
     tensors = gather_training_state(engine, ema)
     folder = Path(run_dir) / contract.CHECKPOINTS_DIR / contract.step_dir_name(state["step"])
     if _rank() == 0:
-        files = {contract.MODEL_FILE: tensors["model"], contract.EMA_FILE: tensors["ema"],
-                 contract.OPTIMIZER_FILE: tensors["optimizer"]}  # fmt: skip
+        files = {
+            contract.MODEL_FILE: tensors["model"],
+            contract.EMA_FILE: tensors["ema"],
+            contract.OPTIMIZER_FILE: tensors["optimizer"],
+        }
         _write_folder(folder, files, state)
         for old in contract.complete_checkpoints(run_dir)[:-keep_last]:
             shutil.rmtree(old, ignore_errors=True)
@@ -78,20 +81,36 @@ def save_final(engine, ema, run_dir: str | Path, state: dict) -> Path:
     tensors = gather_training_state(engine, ema)
     folder = Path(run_dir) / contract.FINAL_DIR
     if _rank() == 0:
-        files = {contract.MODEL_FILE: tensors["ema"], contract.RAW_FILE: tensors["model"],
-                 contract.OPTIMIZER_FILE: tensors["optimizer"]}  # fmt: skip
+        files = {
+            contract.MODEL_FILE: tensors["ema"],
+            contract.RAW_FILE: tensors["model"],
+            contract.OPTIMIZER_FILE: tensors["optimizer"],
+        }
         _write_folder(folder, files, state)
     _barrier()
     return folder
 
 
-def save_weights(folder: str | Path, model: NextDiT, text_encoder: str, vae: str, *, step: int = 0,
-                 stage: str = "stage1") -> Path:  # fmt: skip
+def save_weights(
+    folder: str | Path, model: NextDiT, text_encoder: str, vae: str, *, step: int = 0, stage: str = "stage1"
+) -> Path:
     """A weights folder (model.safetensors + state.json) for a model trained or converted outside the
     DeepSpeed trainer; `load_weights`, `unicap sample` and the next stage read it like a final/ folder."""
-    state = {"version": contract.CHECKPOINT_VERSION, "stage": stage, "step": step, "batches_consumed": 0,
-             "samples_seen": 0, "skipped_samples": 0, "skipped_steps": 0, "world_size": 1, "zero_stage": 0,
-             "model_config": asdict(model.cfg), "text_encoder": text_encoder, "vae": vae, "config": {}}  # fmt: skip
+    state = {
+        "version": contract.CHECKPOINT_VERSION,
+        "stage": stage,
+        "step": step,
+        "batches_consumed": 0,
+        "samples_seen": 0,
+        "skipped_samples": 0,
+        "skipped_steps": 0,
+        "world_size": 1,
+        "zero_stage": 0,
+        "model_config": asdict(model.cfg),
+        "text_encoder": text_encoder,
+        "vae": vae,
+        "config": {},
+    }
     tensors = {k: v.detach().float().cpu() for k, v in model.state_dict().items()}
     folder = Path(folder)
     folder.parent.mkdir(parents=True, exist_ok=True)
@@ -159,6 +178,13 @@ def base_state(cfg, model: NextDiT, world_size: int) -> dict:
     """The fields of state.json that do not change during a run."""
     from unicap import config as uconfig
 
-    return {"version": contract.CHECKPOINT_VERSION, "stage": cfg.run.stage, "world_size": world_size,
-            "zero_stage": cfg.deepspeed.zero_stage, "model_config": asdict(model.cfg),
-            "text_encoder": cfg.model.text_encoder, "vae": cfg.model.vae, "config": uconfig.to_dict(cfg)}  # fmt: skip
+    return {
+        "version": contract.CHECKPOINT_VERSION,
+        "stage": cfg.run.stage,
+        "world_size": world_size,
+        "zero_stage": cfg.deepspeed.zero_stage,
+        "model_config": asdict(model.cfg),
+        "text_encoder": cfg.model.text_encoder,
+        "vae": cfg.model.vae,
+        "config": uconfig.to_dict(cfg),
+    }

@@ -58,8 +58,9 @@ def _resolve(name: str, kind: str) -> str:
     return name
 
 
-def text_encoder(name: str = "tiny", max_length: int = 256, system_prompt: str = SYSTEM_PROMPT,
-                 dtype: torch.dtype = torch.float32) -> torch.nn.Module:  # fmt: skip
+def text_encoder(
+    name: str = "tiny", max_length: int = 256, system_prompt: str = SYSTEM_PROMPT, dtype: torch.dtype = torch.float32
+) -> torch.nn.Module:
     """The text encoder `name` names: a CLIP text tower for an open_clip folder ("tiny-clip" is one), else a
     language model (transformers AutoModel: Gemma-2, the tiny captioner's). Both give (features, prefix mask)."""
     path = _resolve(name, "text")
@@ -69,8 +70,14 @@ def text_encoder(name: str = "tiny", max_length: int = 256, system_prompt: str =
 
 
 class TextEncoder(torch.nn.Module):
-    def __init__(self, name: str = "tiny", max_length: int = 256, system_prompt: str = SYSTEM_PROMPT,
-                 dtype: torch.dtype = torch.float32, path: str | None = None):  # fmt: skip
+    def __init__(
+        self,
+        name: str = "tiny",
+        max_length: int = 256,
+        system_prompt: str = SYSTEM_PROMPT,
+        dtype: torch.dtype = torch.float32,
+        path: str | None = None,
+    ):
         super().__init__()
         from transformers import AutoModel, AutoTokenizer
 
@@ -98,11 +105,17 @@ class TextEncoder(torch.nn.Module):
     @torch.no_grad()
     def forward(self, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
         """captions -> features (B, L, dim) from the second-to-last layer, mask (B, L) bool (prefix)."""
-        tok = self.tokenizer([format_prompt(c, self.system_prompt) for c in captions], padding=True,
-                             truncation=True, max_length=self.max_length, return_tensors="pt")  # fmt: skip
+        tok = self.tokenizer(
+            [format_prompt(c, self.system_prompt) for c in captions],
+            padding=True,
+            truncation=True,
+            max_length=self.max_length,
+            return_tensors="pt",
+        )
         dev = next(self.model.parameters()).device
-        out = self.model(input_ids=tok.input_ids.to(dev), attention_mask=tok.attention_mask.to(dev),
-                         output_hidden_states=True)  # fmt: skip
+        out = self.model(
+            input_ids=tok.input_ids.to(dev), attention_mask=tok.attention_mask.to(dev), output_hidden_states=True
+        )
         return out.hidden_states[-2], tok.attention_mask.to(dev).bool()
 
 

@@ -67,26 +67,47 @@ def diffusers_config(cfg: NextDiTConfig) -> dict:
     if reason := not_in_diffusers(cfg):
         raise ValueError(f"no diffusers export: {reason}")
     return dict(
-        sample_size=128, patch_size=cfg.patch_size, in_channels=cfg.in_channels, out_channels=None,
-        hidden_size=cfg.dim, num_layers=cfg.n_layers, num_refiner_layers=cfg.n_refiner_layers,
-        num_attention_heads=cfg.n_heads, num_kv_heads=cfg.n_kv_heads, multiple_of=cfg.multiple_of,
-        ffn_dim_multiplier=cfg.ffn_dim_multiplier, norm_eps=cfg.norm_eps, scaling_factor=1.0,
-        axes_dim_rope=tuple(cfg.axes_dims), axes_lens=tuple(cfg.axes_lens), cap_feat_dim=cfg.cap_feat_dim,
-    )  # fmt: skip
+        sample_size=128,
+        patch_size=cfg.patch_size,
+        in_channels=cfg.in_channels,
+        out_channels=None,
+        hidden_size=cfg.dim,
+        num_layers=cfg.n_layers,
+        num_refiner_layers=cfg.n_refiner_layers,
+        num_attention_heads=cfg.n_heads,
+        num_kv_heads=cfg.n_kv_heads,
+        multiple_of=cfg.multiple_of,
+        ffn_dim_multiplier=cfg.ffn_dim_multiplier,
+        norm_eps=cfg.norm_eps,
+        scaling_factor=1.0,
+        axes_dim_rope=tuple(cfg.axes_dims),
+        axes_lens=tuple(cfg.axes_lens),
+        cap_feat_dim=cfg.cap_feat_dim,
+    )
 
 
 def config_from_diffusers(config) -> NextDiTConfig:
     c = dict(config)
     if c.get("out_channels") not in (None, c["in_channels"]):
-        raise ValueError(f"out_channels {c['out_channels']} != in_channels {c['in_channels']}: NextDiT predicts "
-                         "as many channels as it reads")  # fmt: skip
+        raise ValueError(
+            f"out_channels {c['out_channels']} != in_channels {c['in_channels']}: NextDiT predicts "
+            "as many channels as it reads"
+        )
     return NextDiTConfig(
-        dim=c["hidden_size"], n_layers=c["num_layers"], n_refiner_layers=c["num_refiner_layers"],
-        n_heads=c["num_attention_heads"], n_kv_heads=c["num_kv_heads"], patch_size=c["patch_size"],
-        in_channels=c["in_channels"], multiple_of=c["multiple_of"], ffn_dim_multiplier=c["ffn_dim_multiplier"],
-        norm_eps=c["norm_eps"], cap_feat_dim=c["cap_feat_dim"], axes_dims=tuple(c["axes_dim_rope"]),
+        dim=c["hidden_size"],
+        n_layers=c["num_layers"],
+        n_refiner_layers=c["num_refiner_layers"],
+        n_heads=c["num_attention_heads"],
+        n_kv_heads=c["num_kv_heads"],
+        patch_size=c["patch_size"],
+        in_channels=c["in_channels"],
+        multiple_of=c["multiple_of"],
+        ffn_dim_multiplier=c["ffn_dim_multiplier"],
+        norm_eps=c["norm_eps"],
+        cap_feat_dim=c["cap_feat_dim"],
+        axes_dims=tuple(c["axes_dim_rope"]),
         axes_lens=tuple(c["axes_lens"]),
-    )  # fmt: skip
+    )
 
 
 def _rename(key: str, to_diffusers: bool) -> str:
@@ -167,10 +188,10 @@ def export_diffusers(folder: str | Path, weights: str = contract.MODEL_FILE) -> 
     out = folder / contract.DIFFUSERS_DIR
     tmp = folder / f".{contract.DIFFUSERS_DIR}.tmp-{uuid.uuid4().hex[:8]}"
     tmp.mkdir()
-    (tmp / "config.json").write_text(json.dumps({"_class_name": "Lumina2Transformer2DModel",
-                                                 **diffusers_config(model.cfg)}, indent=1))  # fmt: skip
-    save_file({k: v.contiguous() for k, v in to_diffusers(model.state_dict(), model.cfg).items()},
-              str(tmp / "diffusion_pytorch_model.safetensors"))  # fmt: skip
+    config = {"_class_name": "Lumina2Transformer2DModel", **diffusers_config(model.cfg)}
+    (tmp / "config.json").write_text(json.dumps(config, indent=1))
+    tensors = {k: v.contiguous() for k, v in to_diffusers(model.state_dict(), model.cfg).items()}
+    save_file(tensors, str(tmp / "diffusion_pytorch_model.safetensors"))
     if out.exists():
         shutil.rmtree(out)
     tmp.rename(out)

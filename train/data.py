@@ -48,8 +48,8 @@ import torch
 from PIL import Image
 
 from train.buckets import resize_to_bucket
+from train.captions import CaptionPicker, sample_uniforms
 from train.config import DataConfig
-from unicap.contract import caption as caption_record
 from unicap.contract import packed
 
 log = logging.getLogger(__name__)
@@ -107,8 +107,13 @@ class PackedStage:
         self.run_length = _cat([r[2] for _, r in runs], np.int64)  # (R,) rows
         self.rows = int(self.run_length.sum())  # ok rows, the samples of one epoch
         if self.missing:
-            log.warning("packed stage %s: %d of %d files missing or unreadable, skipped: %s", self.packdir,
-                        len(self.missing), len(self.files), self.missing[:10])  # fmt: skip
+            log.warning(
+                "packed stage %s: %d of %d files missing or unreadable, skipped: %s",
+                self.packdir,
+                len(self.missing),
+                len(self.files),
+                self.missing[:10],
+            )
         if not self.complete:
             log.warning("packed stage %s is incomplete (the pack job has not finished)", self.packdir)
 
@@ -182,9 +187,16 @@ class BatchPlanner:
         run, chunk = self.plan(epoch).locate(position)
         s, mb = self.stage, self.micro_batch
         length = int(s.run_length[run])
-        return BatchRef(g=int(g), epoch=epoch, file=int(s.run_file[run]), bucket=int(s.run_bucket[run]),
-                        run_start=int(s.run_start[run]), run_length=length, chunk_start=chunk * mb,
-                        count=min(mb, length - chunk * mb))  # fmt: skip
+        return BatchRef(
+            g=int(g),
+            epoch=epoch,
+            file=int(s.run_file[run]),
+            bucket=int(s.run_bucket[run]),
+            run_start=int(s.run_start[run]),
+            run_length=length,
+            chunk_start=chunk * mb,
+            count=min(mb, length - chunk * mb),
+        )
 
 
 def batch_rows(ref: BatchRef, seed: int) -> np.ndarray:
@@ -208,74 +220,6 @@ class RankBatchSampler(torch.utils.data.Sampler):
         while True:
             yield self.planner.ref(g)
             g += self.world_size
-
-
-# ---------------------------------------------------------------- captions: one per sample
-
-
-_G = np.uint64(0x9E3779B97F4A7C15)
-
-
-def _mix(x: np.ndarray) -> np.ndarray:
-    """splitmix64's finaliser, elementwise on uint64 (wrap-around arithmetic)."""
-    x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
-    x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
-    return x ^ (x >> np.uint64(31))
-
-
-def sample_uniforms(seed: int, epoch: int, file: int, rows: np.ndarray, k: int = 5) -> np.ndarray:
-    """(n, k) uniforms in [0, 1), a pure function of (seed, epoch, file, row): a sample's caption draw
-    in an epoch does not depend on the world size or the worker that reads it (nor on the micro-batch, unless
-    data.group_caption_levels gives a micro-batch its first sample's level x language draw)."""
-    with np.errstate(over="ignore"):
-        key = np.zeros(1, np.uint64)
-        for v in (seed, epoch, file):
-            key = _mix(key ^ (np.uint64(v & 0xFFFFFFFFFFFFFFFF) + _G))
-        x = _mix(key ^ np.asarray(rows, np.uint64))[:, None]  # (n, 1)
-        x = _mix(x + _G * np.arange(1, k + 1, dtype=np.uint64))  # (n, k)
-    return (x >> np.uint64(11)).astype(np.float64) * 2.0**-53
-
-
-class CaptionPicker:
-    """Chooses one caption per sample: dropout, the original alt text, else a level x language draw."""
-
-    def __init__(self, cfg: DataConfig, levels: tuple[str, ...], languages: tuple[str, ...]):
-        self.dropout, self.original = cfg.caption_dropout, cfg.original_caption_weight
-        lv = [(k, w) for k, w in cfg.level_weights.items() if w > 0 and k in levels]
-        lg = [(k, w) for k, w in cfg.language_weights.items() if w > 0 and k in languages]
-        unknown = set(cfg.level_weights) - set(levels) | set(cfg.language_weights) - set(languages)
-        if unknown:
-            log.warning("caption weights for %s: not in the packed stage (levels %s, languages %s)",
-                        sorted(unknown), levels, languages)  # fmt: skip
-        self.levels = [k for k, _ in lv]
-        self.level_cdf = np.cumsum([w for _, w in lv]) / max(sum(w for _, w in lv), 1e-12)
-        self.languages = [k for k, _ in lg]
-        self.language_cdf = np.cumsum([w for _, w in lg]) / max(sum(w for _, w in lg), 1e-12)
-        self.pairs = [(caption_record.caption_column(a, b), wa * wb) for a, wa in lv for b, wb in lg]
-
-    def __call__(self, text: dict, u: np.ndarray) -> str | None:
-        """`text`: caption columns + original_caption of one sample; `u`: 5 uniforms. None: nothing usable."""
-        original = (text.get("original_caption") or "").strip()
-        have = [(c, w) for c, w in self.pairs if (text.get(c) or "").strip()]
-        if not have and not original:
-            return None
-        if u[0] < self.dropout:
-            return ""
-        if original and (u[1] < self.original or not have):
-            return original
-        if self.levels and self.languages:
-            col = caption_record.caption_column(
-                self.levels[_draw(self.level_cdf, u[2])], self.languages[_draw(self.language_cdf, u[3])]
-            )
-            if (text.get(col) or "").strip():
-                return text[col].strip()
-        cdf = np.cumsum([w for _, w in have])  # the drawn caption is missing: redraw among those present
-        return text[have[_draw(cdf / cdf[-1], u[4])][0]].strip()
-
-
-def _draw(cdf: np.ndarray, u: float) -> int:
-    """Index drawn by the uniform `u` from a normalised cumulative distribution."""
-    return min(int(np.searchsorted(cdf, u, side="right")), len(cdf) - 1)
 
 
 # ---------------------------------------------------------------- reading batches
@@ -331,9 +275,16 @@ class PackedBatches(torch.utils.data.Dataset):
             images.append(image)
             captions.append(caption)
             keys.append(text["key"])
-        return {"images": _to_tensor(images, w, h), "captions": captions, "keys": keys, "g": ref.g,
-                "epoch": ref.epoch, "bucket": (w, h), "skipped": sum(reasons.values()),
-                "skip_reasons": dict(reasons)}  # fmt: skip
+        return {
+            "images": _to_tensor(images, w, h),
+            "captions": captions,
+            "keys": keys,
+            "g": ref.g,
+            "epoch": ref.epoch,
+            "bucket": (w, h),
+            "skipped": sum(reasons.values()),
+            "skip_reasons": dict(reasons),
+        }
 
     def _read_sample(self, fd: int, pos: np.ndarray, size: tuple[int, int]) -> tuple[np.ndarray, dict] | str:
         """One pread covers the image and its captions json (the pack writes them adjacent); a reason on failure."""
@@ -420,8 +371,10 @@ def make_loader(cfg: DataConfig, seed: int, rank: int, world_size: int, start: i
     (the trainer's batches_consumed). Each item is one micro-batch dict (see the module docstring)."""
     stage = PackedStage(cfg.packed)
     if stage.resolution != cfg.resolution:
-        raise ValueError(f"{cfg.packed} was packed at {stage.resolution} px but data.resolution is {cfg.resolution}: "
-                         f"pack the stage at {cfg.resolution} (unicap pack --resolution {cfg.resolution})")  # fmt: skip
+        raise ValueError(
+            f"{cfg.packed} was packed at {stage.resolution} px but data.resolution is {cfg.resolution}: "
+            f"pack the stage at {cfg.resolution} (unicap pack --resolution {cfg.resolution})"
+        )
     workers = cfg.num_workers
     return torch.utils.data.DataLoader(
         PackedBatches(stage, cfg, seed),

@@ -63,8 +63,10 @@ class NextDiTConfig:
 
     def __post_init__(self):
         if self.dim % self.n_heads or self.n_heads % self.n_kv_heads:
-            raise ValueError(f"NextDiTConfig: dim {self.dim} must divide into n_heads {self.n_heads}, and n_heads "
-                             f"into n_kv_heads {self.n_kv_heads}")  # fmt: skip
+            raise ValueError(
+                f"NextDiTConfig: dim {self.dim} must divide into n_heads {self.n_heads}, and n_heads "
+                f"into n_kv_heads {self.n_kv_heads}"
+            )
         if sum(self.axes_dims) != self.head_dim:
             raise ValueError(f"NextDiTConfig: axes_dims {self.axes_dims} must sum to head_dim {self.head_dim}")
         if any(d % 2 for d in self.axes_dims):
@@ -82,7 +84,7 @@ NextDiT_configs: dict[str, NextDiTConfig] = {
                                   axes_dims=(8, 12, 12), multiple_of=64, in_channels=16),
     "NextDiT_XS": NextDiTConfig(dim=96, n_layers=2, n_refiner_layers=1, n_heads=3, n_kv_heads=1,
                                 cap_feat_dim=32, axes_dims=(8, 12, 12), multiple_of=32, in_channels=4),
-}  # fmt: skip
+}  # fmt: skip  # the model table: one config an entry, its sizes side by side
 
 
 # ---------------------------------------------------------------- building blocks

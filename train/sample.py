@@ -68,8 +68,8 @@ def generate(
         return model(x.to(dtype), t, feats.to(device, dtype), mask.to(device)).float()
 
     tokens = (shape[1] // model.cfg.patch_size) * (shape[2] // model.cfg.patch_size)
-    latents = sample(velocity, noise, steps=steps, method=method, mu=shift_mu(tokens), cfg_scale=cfg_scale,
-                     renorm_cfg=renorm_cfg, cfg_trunc=cfg_trunc, cfg_trunc_mode=cfg_trunc_mode)  # fmt: skip
+    guidance = dict(cfg_scale=cfg_scale, renorm_cfg=renorm_cfg, cfg_trunc=cfg_trunc, cfg_trunc_mode=cfg_trunc_mode)
+    latents = sample(velocity, noise, steps=steps, method=method, mu=shift_mu(tokens), **guidance)
     return to_images(vae.decode(latents))
 
 
@@ -126,10 +126,22 @@ def run(args: argparse.Namespace) -> int:
     default = contract.EMA_FILE if (folder / contract.EMA_FILE).exists() else contract.MODEL_FILE
     model, te, vae = load_for_sampling(folder, args.weights or default, args.device)
     width, height = (int(v) for v in args.size.lower().split("x"))
-    images = generate(model, te, vae, args.prompt, width=width, height=height, steps=args.steps,
-                      cfg_scale=args.cfg, renorm_cfg=args.renorm_cfg, cfg_trunc=args.cfg_trunc,
-                      cfg_trunc_mode=args.cfg_trunc_mode, method=args.method,
-                      negative_prompt=args.negative_prompt, seed=args.seed)  # fmt: skip
+    images = generate(
+        model,
+        te,
+        vae,
+        args.prompt,
+        width=width,
+        height=height,
+        steps=args.steps,
+        cfg_scale=args.cfg,
+        renorm_cfg=args.renorm_cfg,
+        cfg_trunc=args.cfg_trunc,
+        cfg_trunc_mode=args.cfg_trunc_mode,
+        method=args.method,
+        negative_prompt=args.negative_prompt,
+        seed=args.seed,
+    )
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     for i, (prompt, im) in enumerate(zip(args.prompt, images, strict=True)):

@@ -59,9 +59,12 @@ class StopFlag:
                     break
                 if self.boundaries == seen:
                     name = signal.Signals(got[0]).name
-                    distributed.exit_now(128 + got[0], f"rank {distributed.rank()}: {name} and no step boundary "
-                                         f"within {self.grace_s:g}s (a rank has failed or a collective is stuck): "
-                                         "exiting without a checkpoint")  # fmt: skip
+                    distributed.exit_now(
+                        128 + got[0],
+                        f"rank {distributed.rank()}: {name} and no step boundary "
+                        f"within {self.grace_s:g}s (a rank has failed or a collective is stuck): "
+                        "exiting without a checkpoint",
+                    )
 
     def why(self) -> str:
         return "by signal" if self.requested else f"by {self.stop_file}"

@@ -66,8 +66,11 @@ def ensure_optimizer_state(engine) -> None:
     for group in opt.param_groups:
         for p in group["params"]:
             if not opt.state.get(p):
-                opt.state[p] = {"step": torch.tensor(0.0, device="cpu"), "exp_avg": torch.zeros_like(p),
-                                "exp_avg_sq": torch.zeros_like(p)}  # fmt: skip
+                opt.state[p] = {
+                    "step": torch.tensor(0.0, device="cpu"),
+                    "exp_avg": torch.zeros_like(p),
+                    "exp_avg_sq": torch.zeros_like(p),
+                }
     link = getattr(engine.optimizer, "_lazy_init_hp_params_optimizer_state", None)
     if link is not None:  # ZeRO-1/2 link the per-parameter fragments to the state after the first step
         link()

@@ -15,11 +15,12 @@ from tests.conftest import free_port
 
 PY = sys.executable
 BIN = Path(sys.executable).parent
+ROOT = Path(__file__).resolve().parents[2]
 CPU_CONFIG = "train/configs/stage1_cpu.yaml"
 # a small, fast run: 64 px, micro 2, global batch 4, no sample grids unless a test asks; the random tiny VAE (the
 # trainer's mechanics do not depend on what it decodes; the trained one is tested in test_tiny_vae and the demo)
-FAST = ["model.vae=tiny", "data.resolution=64", "data.micro_batch=2", "data.global_batch=4", "data.num_workers=0",
-        "run.sample_prompts=[]", "run.progress=false", "run.tensorboard=false", "run.save_every=1000"]  # fmt: skip
+FAST = ["model.vae=tiny", "data.resolution=64", "data.micro_batch=2", "data.global_batch=4", "data.num_workers=0"]
+FAST += ["run.sample_prompts=[]", "run.progress=false", "run.tensorboard=false", "run.save_every=1000"]
 N_IMAGES = 24
 
 
@@ -33,16 +34,18 @@ def packed_stage(tmp_path_factory) -> Path:
     from pipelines.pack import pack_stage
 
     root = tmp_path_factory.mktemp("stage")
-    synth(str(root / "shards"), N_IMAGES, seed=3, shard_size=8)
-    index = read_index(root / "shards")
-    manifest = pd.DataFrame({"key": index.key, "shard": index["shard"],
-                             "location": [str(root / "shards" / f"{s}.tar") for s in index["shard"]],
-                             "width": index.width, "height": index.height})  # fmt: skip
+    shards = root / "shards"
+    synth(str(shards), N_IMAGES, seed=3, shard_size=8)
+    index = read_index(shards)
+    locations = [str(shards / f"{s}.tar") for s in index["shard"]]
+    columns = {"key": index.key, "shard": index["shard"], "location": locations}
+    manifest = pd.DataFrame({**columns, "width": index.width, "height": index.height})
     (root / "stages").mkdir()
     manifest.to_parquet(root / "stages" / "stage1.parquet")
     try:
-        pack_stage(root / "stages" / "stage1.parquet", root / "shards" / "truth", root / "packed",
-                   shards_dir=root / "shards", resolution=64)  # fmt: skip
+        pack_stage(
+            root / "stages" / "stage1.parquet", shards / "truth", root / "packed", shards_dir=shards, resolution=64
+        )
     finally:
         ray.shutdown()
     corrupt_one_image(root / "packed")
@@ -62,22 +65,30 @@ def corrupt_one_image(packed: Path) -> str:
 
 
 def env() -> dict:
-    cwd = str(Path(__file__).resolve().parents[2])
-    return {**os.environ, "DS_ACCELERATOR": "cpu", "PYTHONPATH": cwd, "OMP_NUM_THREADS": "1",
-            "TOKENIZERS_PARALLELISM": "false"}  # fmt: skip
+    single_threaded = {"OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    return {**os.environ, "DS_ACCELERATOR": "cpu", "PYTHONPATH": str(ROOT), **single_threaded}
 
 
-def trainer_cmd(packed: Path, out: Path, overrides: list[str], *, nproc: int = 2, config: str = CPU_CONFIG,
-                nnodes: int = 1, node_rank: int = 0, port: int | None = None) -> list[str]:  # fmt: skip
-    return [str(BIN / "torchrun"), "--nnodes", str(nnodes), "--node_rank", str(node_rank),
-            "--nproc_per_node", str(nproc), "--master_addr", "127.0.0.1", "--master_port", str(port or free_port()),
-            "-m", "train.trainer", "--config", config, f"data.packed={packed}", f"run.out={out}", *FAST,
-            *overrides]  # fmt: skip
+def trainer_cmd(
+    packed: Path,
+    out: Path,
+    overrides: list[str],
+    *,
+    nproc: int = 2,
+    config: str = CPU_CONFIG,
+    nnodes: int = 1,
+    node_rank: int = 0,
+    port: int | None = None,
+) -> list[str]:
+    ranks = ["--nnodes", str(nnodes), "--node_rank", str(node_rank), "--nproc_per_node", str(nproc)]
+    rendezvous = ["--master_addr", "127.0.0.1", "--master_port", str(port or free_port())]
+    trainer = ["-m", "train.trainer", "--config", config, f"data.packed={packed}", f"run.out={out}"]
+    return [str(BIN / "torchrun"), *ranks, *rendezvous, *trainer, *FAST, *overrides]
 
 
 def run_trainer(packed: Path, out: Path, overrides: list[str], timeout: int = 600, **kw) -> subprocess.CompletedProcess:
-    r = subprocess.run(trainer_cmd(packed, out, overrides, **kw), env=env(), capture_output=True, text=True,
-                       timeout=timeout, cwd=Path(__file__).resolve().parents[2])  # fmt: skip
+    cmd = trainer_cmd(packed, out, overrides, **kw)
+    r = subprocess.run(cmd, env=env(), capture_output=True, text=True, timeout=timeout, cwd=ROOT)
     assert r.returncode == 0, (r.stdout[-3000:], r.stderr[-6000:])
     return r
 

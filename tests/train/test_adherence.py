@@ -1,4 +1,5 @@
-"""`python -m train.adherence` on cheap weights (freshly initialised NextDiT_tiny, tiny codecs) and a tiny held-out set."""
+"""`python -m train.adherence` on cheap weights (freshly initialised NextDiT_tiny, tiny codecs) and a tiny
+held-out set."""
 
 from __future__ import annotations
 
@@ -32,12 +33,12 @@ def run(tmp_path_factory):
     for i, name in enumerate(("early", "late")):
         torch.manual_seed(i)
         weights[name] = save_weights(root / "runs" / name / "final", build_model("NextDiT_tiny"), "tiny", "tiny")
-    cmd = [sys.executable, "-m", "train.adherence", "--truth", str(root / "heldout"), "--out", str(root / "out"),
-           "--n", str(N), "--size", "64x64", "--steps", "2", "--examples", str(EXAMPLES)]  # fmt: skip
+    cmd = [sys.executable, "-m", "train.adherence", "--truth", str(root / "heldout"), "--out", str(root / "out")]
+    cmd += ["--n", str(N), "--size", "64x64", "--steps", "2", "--examples", str(EXAMPLES)]
     for name, folder in weights.items():
         cmd += ["--weights", f"{name}={folder}"]
-    r = subprocess.run(cmd, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)}, capture_output=True, text=True,
-                       timeout=300)  # fmt: skip
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    r = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
     return root, r.stdout, json.loads((root / "out" / "adherence.json").read_text())
 
@@ -124,8 +125,11 @@ def test_weights_named_like_an_output_folder_are_refused(tmp_path, capsys):
 def test_a_bad_weights_argument_is_a_one_line_error(run, tmp_path, capsys):
     root, _, _ = run
     common = ["--truth", str(root / "heldout"), "--out", str(tmp_path / "out"), "--n", "2"]
-    for weights, message in (("no-equals-sign", "NAME=FOLDER"), (f"truth={root}/runs/early/final", "not 'truth'"),
-                             (f"x={tmp_path}/missing", "missing")):  # fmt: skip
+    for weights, message in (
+        ("no-equals-sign", "NAME=FOLDER"),
+        (f"truth={root}/runs/early/final", "not 'truth'"),
+        (f"x={tmp_path}/missing", "missing"),
+    ):
         assert module_main("train.adherence", ["--weights", weights, *common]) == 2
         err = capsys.readouterr().err.strip()
         assert message in err and len(err.splitlines()) == 1, err

@@ -8,8 +8,11 @@ from train.attention import SeqBatch, flash_varlen_kernel, resolve_backend
 def qkv(lens, S, H=4, H_kv=2, Dh=8, seed=0):
     g = torch.Generator().manual_seed(seed)
     B = len(lens)
-    return (torch.randn(B, S, H, Dh, generator=g), torch.randn(B, S, H_kv, Dh, generator=g),
-            torch.randn(B, S, H_kv, Dh, generator=g))  # fmt: skip
+    return (
+        torch.randn(B, S, H, Dh, generator=g),
+        torch.randn(B, S, H_kv, Dh, generator=g),
+        torch.randn(B, S, H_kv, Dh, generator=g),
+    )
 
 
 @pytest.mark.parametrize("lens", [[7, 3, 5], [6, 6]])
@@ -72,8 +75,10 @@ def test_backend_choice_and_errors():
             m(torch.randn(1, 4, 4, 4), torch.rand(1), torch.randn(1, 3, 32), torch.ones(1, 3, dtype=torch.bool))
 
 
-@pytest.mark.skipif(not torch.cuda.is_available() or flash_varlen_kernel() is None,
-                    reason="GPU-only: flash-attn varlen needs CUDA and flash-attn installed")  # fmt: skip
+@pytest.mark.skipif(
+    not torch.cuda.is_available() or flash_varlen_kernel() is None,
+    reason="GPU-only: flash-attn varlen needs CUDA and flash-attn installed",
+)
 def test_flash_varlen_matches_sdpa_on_gpu():
     m = randomised(SMALL).cuda().to(torch.bfloat16)
     xs = [

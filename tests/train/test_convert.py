@@ -14,11 +14,21 @@ from train.convert import (
     from_original,
     nextdit_from_diffusers,
     to_diffusers,
-)  # fmt: skip
+)
 from train.model import NextDiT_configs, NextDiTConfig, build_model
 
-OTHER = NextDiTConfig(dim=128, n_layers=3, n_refiner_layers=2, n_heads=4, n_kv_heads=2, cap_feat_dim=48,
-                      axes_dims=(8, 12, 12), multiple_of=48, in_channels=16, patch_size=2)  # fmt: skip
+OTHER = NextDiTConfig(
+    dim=128,
+    n_layers=3,
+    n_refiner_layers=2,
+    n_heads=4,
+    n_kv_heads=2,
+    cap_feat_dim=48,
+    axes_dims=(8, 12, 12),
+    multiple_of=48,
+    in_channels=16,
+    patch_size=2,
+)
 
 
 def inputs(cfg, B=3, L=9, H=6, W=10, seed=1):

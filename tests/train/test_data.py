@@ -48,18 +48,19 @@ def write_stage(root, rows_per_file=ROWS, resolution=64, seed=0):
     buckets = [0, len(table) // 2, len(table) - 1]
     shards = [f"{i:05d}" for i in range(len(rows_per_file))]
     for shard, n in zip(shards, rows_per_file, strict=True):
-        rows = [{"key": f"f{shard}_failed", "shard": shard, "bucket": -1, "status": "failed",
-                 "error": "undecodable_image: synthetic"}]  # fmt: skip
+        failed = {"key": f"f{shard}_failed", "shard": shard, "bucket": -1, "status": "failed"}
+        rows = [{**failed, "error": "undecodable_image: synthetic"}]
         for i in range(n):
             key, b = f"f{shard}_{i:04d}", int(rng.choice(buckets))
             text = {c: f"{c} {key}" for c in caption_record.caption_columns(LEVELS, LANGUAGES)}
-            rows.append({"key": key, "shard": shard, "bucket": b, "width": table[b][0], "height": table[b][1],
-                         "status": "ok", **text, "original_caption": f"alt {key}",
-                         "image": _jpeg(table[b], tuple(int(v) for v in rng.integers(0, 255, 3)))})  # fmt: skip
+            colour = tuple(int(v) for v in rng.integers(0, 255, 3))
+            ok = {"key": key, "shard": shard, "bucket": b, "width": table[b][0], "height": table[b][1], "status": "ok"}
+            rows.append({**ok, **text, "original_caption": f"alt {key}", "image": _jpeg(table[b], colour)})
         write_packed_shard(root, shard, pa.Table.from_pylist(rows, schema=row_schema(LEVELS, LANGUAGES)))
-    write_json({"version": packed.PACKED_VERSION, "resolution": resolution, "multiple": 16,
-                "buckets": [list(b) for b in table], "levels": list(LEVELS), "languages": list(LANGUAGES),
-                "shards": shards, "complete": True}, root / packed.PACK_META)  # fmt: skip
+    bucket_sizes = [list(b) for b in table]
+    meta = {"version": packed.PACKED_VERSION, "resolution": resolution, "multiple": 16, "buckets": bucket_sizes}
+    meta |= {"levels": list(LEVELS), "languages": list(LANGUAGES), "shards": shards, "complete": True}
+    write_json(meta, root / packed.PACK_META)
     return root
 
 
@@ -170,8 +171,12 @@ def test_loader_with_workers_on_two_ranks_covers_the_epoch(stage_dir):
 
 
 def test_caption_draws_follow_the_weights_and_dropout():
-    cfg = DataConfig(level_weights={"long": 0.4, "medium": 0.3, "short": 0.2, "tags": 0.1},
-                     language_weights={"en": 0.7, "zh": 0.3}, original_caption_weight=0.2, caption_dropout=0.1)  # fmt: skip
+    cfg = DataConfig(
+        level_weights={"long": 0.4, "medium": 0.3, "short": 0.2, "tags": 0.1},
+        language_weights={"en": 0.7, "zh": 0.3},
+        original_caption_weight=0.2,
+        caption_dropout=0.1,
+    )
     pick = CaptionPicker(cfg, LEVELS, LANGUAGES)
     text = {c: c for c in caption_record.caption_columns(LEVELS, LANGUAGES)} | {"original_caption": "alt"}
     n = 40_000

@@ -27,8 +27,11 @@ BIN = Path(sys.executable).parent
 
 def audit_env(folder: Path) -> dict:
     base = env()
-    return {**base, "UNICAP_DEVICE_AUDIT": str(folder),
-            "PYTHONPATH": os.pathsep.join([str(ROOT / "tests" / "device_audit"), base["PYTHONPATH"]])}  # fmt: skip
+    return {
+        **base,
+        "UNICAP_DEVICE_AUDIT": str(folder),
+        "PYTHONPATH": os.pathsep.join([str(ROOT / "tests" / "device_audit"), base["PYTHONPATH"]]),
+    }
 
 
 def findings(folder: Path) -> tuple[list[str], int]:
@@ -53,11 +56,12 @@ def test_the_audit_records_a_factory_call_without_a_device(tmp_path):
 def test_trainer_sampling_and_checkpoints_name_every_device(packed_stage, tmp_path):
     audit = tmp_path / "audit"
     out = tmp_path / "out"
-    run(trainer_cmd(packed_stage, out, ["run.steps=3", "run.save_every=2", "run.sample_prompts=['a red circle']",
-                                        "run.sample_steps=2"]), audit)  # fmt: skip
+    overrides = ["run.steps=3", "run.save_every=2", "run.sample_prompts=['a red circle']", "run.sample_steps=2"]
+    run(trainer_cmd(packed_stage, out, overrides), audit)
     final = out / "stage1" / "final"
-    run([str(BIN / "unicap"), "sample", "--ckpt", str(final), "--prompt", "a red circle", "--prompt", "两个蓝色的正方形",
-         "--out", str(tmp_path / "samples"), "--size", "64x64", "--steps", "2"], audit)  # fmt: skip
+    prompts = ["--prompt", "a red circle", "--prompt", "两个蓝色的正方形"]
+    sample = [str(BIN / "unicap"), "sample", "--ckpt", str(final), *prompts, "--out", str(tmp_path / "samples")]
+    run([*sample, "--size", "64x64", "--steps", "2"], audit)
     assert len(list((tmp_path / "samples").glob("*.png"))) == 2
     found, processes = findings(audit)
     assert processes >= 3  # two ranks and the sampler were audited
@@ -67,12 +71,12 @@ def test_trainer_sampling_and_checkpoints_name_every_device(packed_stage, tmp_pa
 def test_captioner_trainer_names_every_device(tmp_path):
     """The synthetic source (grounding on: its scene graphs are the targets), a grounding-only step then a full one."""
     audit = tmp_path / "audit"
-    cmd = [str(BIN / "unicap"), "train-captioner", "--config", "train/configs/captioner_tiny.yaml", "--nproc", "2",
-           "--master-port", str(free_port()), f"run.out={tmp_path / 'run'}", "data.micro_batch=2",
-           "data.global_batch=4", "data.num_workers=0", f"data.max_pixels={112 * 112}", "data.levels=[short]",
-           "optim.ground_first_steps=1", "optim.warmup_steps=1", "run.steps=2", "run.save_every=2",
-           "run.max_minutes=0", "run.progress=false", "run.log_every=1", "run.threads=1",
-           "model.export_dtype=float32", "deepspeed.precision=auto"]  # fmt: skip
+    cmd = [str(BIN / "unicap"), "train-captioner", "--config", "train/configs/captioner_tiny.yaml", "--nproc", "2"]
+    cmd += ["--master-port", str(free_port()), f"run.out={tmp_path / 'run'}"]
+    cmd += ["data.micro_batch=2", "data.global_batch=4", "data.num_workers=0", f"data.max_pixels={112 * 112}"]
+    cmd += ["data.levels=[short]", "optim.ground_first_steps=1", "optim.warmup_steps=1", "run.steps=2"]
+    cmd += ["run.save_every=2", "run.max_minutes=0", "run.progress=false", "run.log_every=1", "run.threads=1"]
+    cmd += ["model.export_dtype=float32", "deepspeed.precision=auto"]
     run(cmd, audit)
     found, processes = findings(audit)
     assert processes >= 2

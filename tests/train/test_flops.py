@@ -5,8 +5,17 @@ from torch.utils.flop_counter import FlopCounterMode
 from train.flops import forward_flops, train_step_flops
 from train.model import NextDiT_configs, NextDiTConfig, build_model
 
-ODD = NextDiTConfig(dim=96, n_layers=3, n_refiner_layers=2, n_heads=6, n_kv_heads=2, cap_feat_dim=40,
-                    axes_dims=(4, 6, 6), multiple_of=48, in_channels=4)  # fmt: skip
+ODD = NextDiTConfig(
+    dim=96,
+    n_layers=3,
+    n_refiner_layers=2,
+    n_heads=6,
+    n_kv_heads=2,
+    cap_feat_dim=40,
+    axes_dims=(4, 6, 6),
+    multiple_of=48,
+    in_channels=4,
+)
 
 
 def counted(cfg, cap_lens, grids, backend="sdpa"):

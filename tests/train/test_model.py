@@ -3,8 +3,17 @@ import torch
 
 from train.model import NextDiT_configs, NextDiTConfig, build_model, count_parameters, frame_code
 
-SMALL = NextDiTConfig(dim=96, n_layers=2, n_refiner_layers=1, n_heads=3, n_kv_heads=1, cap_feat_dim=32,
-                      axes_dims=(8, 12, 12), multiple_of=32, in_channels=4)  # fmt: skip
+SMALL = NextDiTConfig(
+    dim=96,
+    n_layers=2,
+    n_refiner_layers=1,
+    n_heads=3,
+    n_kv_heads=1,
+    cap_feat_dim=32,
+    axes_dims=(8, 12, 12),
+    multiple_of=32,
+    in_channels=4,
+)
 
 
 def randomised(cfg: NextDiTConfig, seed: int = 0):
@@ -127,8 +136,11 @@ def test_every_module_runs_as_often_for_any_batch_size():
 
     def calls(batch: int) -> dict[str, int]:
         seen: dict[str, int] = {}
-        hooks = [m.register_forward_pre_hook(lambda mod, args, name=n: seen.__setitem__(name, seen.get(name, 0) + 1))
-                 for n, m in model.named_modules() if list(m.parameters(recurse=False))]  # fmt: skip
+        hooks = [
+            m.register_forward_pre_hook(lambda mod, args, name=n: seen.__setitem__(name, seen.get(name, 0) + 1))
+            for n, m in model.named_modules()
+            if list(m.parameters(recurse=False))
+        ]
         x = torch.randn(batch, 16, 8, 8)
         cap, mask = torch.randn(batch, 6, model.cfg.cap_feat_dim), torch.ones(batch, 6, dtype=torch.bool)
         with torch.no_grad():

@@ -18,8 +18,17 @@ from train.codecs import VAE, TextEncoder
 from train.model import NextDiTConfig, build_model
 
 UNICAP = str(Path(sys.executable).with_name("unicap"))
-CFG = NextDiTConfig(dim=128, n_layers=4, n_refiner_layers=1, n_heads=4, n_kv_heads=2, cap_feat_dim=32,
-                    axes_dims=(8, 12, 12), multiple_of=64, in_channels=16)  # fmt: skip
+CFG = NextDiTConfig(
+    dim=128,
+    n_layers=4,
+    n_refiner_layers=1,
+    n_heads=4,
+    n_kv_heads=2,
+    cap_feat_dim=32,
+    axes_dims=(8, 12, 12),
+    multiple_of=64,
+    in_channels=16,
+)
 STEPS = 600
 
 
@@ -28,8 +37,13 @@ def overfit(tmp_path_factory):
     torch.manual_seed(0)
     te, vae = TextEncoder("tiny"), VAE("tiny")
     items = [synth_item(0, i) for i in range(4)]
-    imgs = [torch.from_numpy(np.array(Image.open(io.BytesIO(it.image)).convert("RGB").resize((64, 64))))
-            .permute(2, 0, 1).float() / 127.5 - 1 for it, _ in items]  # fmt: skip
+
+    def pixels(image: bytes) -> torch.Tensor:
+        """(3, 64, 64) in [-1, 1]"""
+        rgb = np.array(Image.open(io.BytesIO(image)).convert("RGB").resize((64, 64)))
+        return torch.from_numpy(rgb).permute(2, 0, 1).float() / 127.5 - 1
+
+    imgs = [pixels(it.image) for it, _ in items]
     x1 = vae.encode(torch.stack(imgs))
     x1 = (x1 - x1.mean()) / x1.std()  # unit-scale targets: the random tiny VAE's latents are small
     feats, mask = te([caps["caption_short_en"] for _, caps in items])
@@ -65,8 +79,8 @@ def test_loss_falls_by_an_order_of_magnitude(overfit):
 
 def test_sample_command_writes_deterministic_pngs(overfit, tmp_path):
     _, _, ckpt, prompts = overfit
-    cmd = [UNICAP, "sample", "--ckpt", str(ckpt), "--prompt", prompts[0], "--prompt", "两个蓝色的圆形",
-           "--size", "64x64", "--steps", "6", "--cfg", "3.0", "--seed", "5"]  # fmt: skip
+    cmd = [UNICAP, "sample", "--ckpt", str(ckpt), "--prompt", prompts[0], "--prompt", "两个蓝色的圆形"]
+    cmd += ["--size", "64x64", "--steps", "6", "--cfg", "3.0", "--seed", "5"]
     for out in ("a", "b"):
         r = subprocess.run([*cmd, "--out", str(tmp_path / out)], capture_output=True, text=True)
         assert r.returncode == 0, r.stderr[-2000:]

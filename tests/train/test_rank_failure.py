@@ -55,8 +55,9 @@ runpy.run_module("train.trainer", run_name="__main__", alter_sys=True)
 """
 
 
-def _run_with_fault(packed: Path, tmp: Path, mode: str, nproc: int, fail_rank: int, at_step: int,
-                    extra: list[str] = (), on_fail=None) -> tuple[int, float, str, list[int]]:  # fmt: skip
+def _run_with_fault(
+    packed: Path, tmp: Path, mode: str, nproc: int, fail_rank: int, at_step: int, extra: list[str] = (), on_fail=None
+) -> tuple[int, float, str, list[int]]:
     """Start the run, wait for the injected failure; returns (exit code, seconds from failure to the launcher's
     exit, or from the time on_fail returns, output, rank pids)."""
     script, marks = tmp / "fault.py", tmp / "marks"
@@ -105,8 +106,10 @@ def test_a_rank_that_raises_mid_run_ends_the_launcher_within_seconds(packed_stag
 
 def test_a_failure_after_training_ends_a_single_rank_at_once(packed_stage, tmp_path):
     """Defect 3 as seen: one rank, the final sample grid raises after training."""
-    rc, took, out, pids = _run_with_fault(packed_stage, tmp_path, "sample", nproc=1, fail_rank=0, at_step=0,
-                                          extra=["run.steps=2", "data.num_workers=1", "run.sample_prompts=['a red circle']"])  # fmt: skip
+    extra = ["run.steps=2", "data.num_workers=1", "run.sample_prompts=['a red circle']"]
+    rc, took, out, pids = _run_with_fault(
+        packed_stage, tmp_path, "sample", nproc=1, fail_rank=0, at_step=0, extra=extra
+    )
     assert rc != 0 and "injected failure in the sample grid" in out, out[-3000:]
     assert took < WITHIN_S, (took, out[-3000:])
     assert not _left_running(pids)
@@ -123,8 +126,9 @@ def test_sigterm_to_ranks_stuck_in_a_step_ends_them_after_the_grace(packed_stage
             child.send_signal(signal.SIGTERM)
         return time.time()
 
-    rc, took, out, pids = _run_with_fault(packed_stage, tmp_path, "hang", nproc=2, fail_rank=1, at_step=3,
-                                          extra=["run.term_grace_s=3"], on_fail=terminate)  # fmt: skip
+    rc, took, out, pids = _run_with_fault(
+        packed_stage, tmp_path, "hang", nproc=2, fail_rank=1, at_step=3, extra=["run.term_grace_s=3"], on_fail=terminate
+    )
     assert rc != 0, out[-3000:]
     assert "no step boundary within 3s" in out, out[-3000:]
     assert took < WITHIN_S, (took, out[-3000:])

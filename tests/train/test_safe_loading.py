@@ -29,8 +29,8 @@ def hostile_checkpoint(tmp_path) -> tuple[Path, Path]:
     path.write_bytes(pickle.dumps({"config": {}, "model": _Payload(marker)}))
     # sanity: the file does run code when unpickled the unsafe way
     probe = tmp_path / "probe"
-    subprocess.run([sys.executable, "-c", "import pickle,sys; pickle.load(open(sys.argv[1],'rb'))", str(path)],
-                   check=False, capture_output=True)  # fmt: skip
+    unpickle = [sys.executable, "-c", "import pickle,sys; pickle.load(open(sys.argv[1],'rb'))", str(path)]
+    subprocess.run(unpickle, check=False, capture_output=True)
     assert marker.exists()
     marker.unlink()
     assert not probe.exists()
@@ -39,8 +39,8 @@ def hostile_checkpoint(tmp_path) -> tuple[Path, Path]:
 
 def test_convert_refuses_a_pickled_payload(hostile_checkpoint, tmp_path):
     path, marker = hostile_checkpoint
-    r = subprocess.run([sys.executable, "-m", "train.convert", "--to", "diffusers", str(path), str(tmp_path / "out")],
-                       capture_output=True, text=True)  # fmt: skip
+    cmd = [sys.executable, "-m", "train.convert", "--to", "diffusers", str(path), str(tmp_path / "out")]
+    r = subprocess.run(cmd, capture_output=True, text=True)
     assert r.returncode != 0
     assert "weights_only" in r.stderr or "Unsupported" in r.stderr or "WeightsUnpickler" in r.stderr, r.stderr[-2000:]
     assert not marker.exists()
@@ -48,7 +48,7 @@ def test_convert_refuses_a_pickled_payload(hostile_checkpoint, tmp_path):
 
 def test_sample_refuses_a_file_that_is_not_a_weights_folder(hostile_checkpoint, tmp_path):
     path, marker = hostile_checkpoint
-    r = subprocess.run([UNICAP, "sample", "--ckpt", str(path), "--prompt", "x", "--out", str(tmp_path / "s")],
-                       capture_output=True, text=True)  # fmt: skip
+    cmd = [UNICAP, "sample", "--ckpt", str(path), "--prompt", "x", "--out", str(tmp_path / "s")]
+    r = subprocess.run(cmd, capture_output=True, text=True)
     assert r.returncode != 0 and "not a complete checkpoint" in r.stderr, r.stderr[-2000:]
     assert not marker.exists()

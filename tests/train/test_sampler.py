@@ -46,14 +46,30 @@ def test_guidance_formula_and_truncation_steps():
         return torch.full_like(x, 1.0 if cond else 0.0)
 
     seen = []
-    out = sampler.sample(fn, torch.zeros(1, 2), steps=4, cfg_scale=3.0, renorm_cfg=0.0, cfg_trunc=0.5,
-                         cfg_trunc_mode="step", on_step=lambda i, t, g: seen.append(g))  # fmt: skip
+    out = sampler.sample(
+        fn,
+        torch.zeros(1, 2),
+        steps=4,
+        cfg_scale=3.0,
+        renorm_cfg=0.0,
+        cfg_trunc=0.5,
+        cfg_trunc_mode="step",
+        on_step=lambda i, t, g: seen.append(g),
+    )
     assert seen == [True, True, True, False]  # i/N = 0, .25, .5 guided; .75 not
     # guided steps: v = 0 + 3 * (1 - 0) = 3 over dt = .25 (x3 steps), last step v_c = 1
     assert torch.allclose(out, torch.full((1, 2), 3 * 0.25 * 3 + 0.25))
     assert calls.count(False) == 3  # the unconditional pass is skipped where guidance is off
     seen.clear()
-    sampler.sample(fn, torch.zeros(1, 2), steps=4, mu=math.log(3.0), cfg_scale=3.0, cfg_trunc=0.5,
-                   cfg_trunc_mode="time", on_step=lambda i, t, g: seen.append((round(t, 4), g)))  # fmt: skip
+    sampler.sample(
+        fn,
+        torch.zeros(1, 2),
+        steps=4,
+        mu=math.log(3.0),
+        cfg_scale=3.0,
+        cfg_trunc=0.5,
+        cfg_trunc_mode="time",
+        on_step=lambda i, t, g: seen.append((round(t, 4), g)),
+    )
     # shifted times 1 - 3s/(3s + 1 - s): 0, 0.1, 0.25, 0.5 -> guided while t < 0.5
     assert seen == [(0.0, True), (0.1, True), (0.25, True), (0.5, False)]

@@ -29,7 +29,7 @@ print("NOT REACHED", flush=True)
 
 
 def test_progress_keeps_a_signalled_rank_alive_and_a_stuck_one_exits_after_the_grace():
-    r = subprocess.run([sys.executable, "-c", SCRIPT], cwd=ROOT, env={"PYTHONPATH": str(ROOT)},
-                       capture_output=True, text=True, timeout=60)  # fmt: skip
+    env = {"PYTHONPATH": str(ROOT)}
+    r = subprocess.run([sys.executable, "-c", SCRIPT], cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
     assert "SERVED" in r.stdout and "NOT REACHED" not in r.stdout, (r.stdout, r.stderr)
     assert r.returncode == 128 + 15 and "SIGTERM and no step boundary within 1s" in r.stderr, r.stderr

@@ -16,7 +16,7 @@ import torch
 from safetensors.torch import load_file
 
 from tests.conftest import free_port
-from tests.train.conftest import env, keys_seen, metrics, run_trainer, trainer_cmd
+from tests.train.conftest import ROOT, env, keys_seen, metrics, run_trainer, trainer_cmd
 from unicap.contract import checkpoint as contract
 
 pytestmark = pytest.mark.slow
@@ -27,8 +27,8 @@ REF_STEPS = 8  # 8 steps x global batch 4 = 32 samples: more than the stage's ep
 def reference(packed_stage, tmp_path_factory):
     """The uninterrupted run every other run is compared with: 2 ranks, ZeRO-2, bf16."""
     out = tmp_path_factory.mktemp("ref")
-    run_trainer(packed_stage, out, [f"run.steps={REF_STEPS}", "run.log_keys=true", "run.tensorboard=true",
-                                    "run.sample_prompts=['a red circle']", "run.sample_steps=2"])  # fmt: skip
+    overrides = [f"run.steps={REF_STEPS}", "run.log_keys=true", "run.tensorboard=true"]
+    run_trainer(packed_stage, out, [*overrides, "run.sample_prompts=['a red circle']", "run.sample_steps=2"])
     return out / "stage1"
 
 
@@ -113,8 +113,7 @@ def test_zero3_gives_the_losses_of_zero2(reference, packed_stage, tmp_path):
 
 def _sigterm_at(cmd: list[str], run_dir: Path, step: int) -> int:
     """Start a run, SIGTERM its ranks once `step` is logged (as a scheduler would), return the exit code."""
-    proc = subprocess.Popen(cmd, env=env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            cwd=Path(__file__).resolve().parents[2])  # fmt: skip
+    proc = subprocess.Popen(cmd, env=env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT)
     deadline = time.time() + 600
     while time.time() < deadline and proc.poll() is None:
         if (run_dir / "metrics.jsonl").exists() and max(metrics(run_dir), default=0) >= step:
@@ -154,10 +153,12 @@ def test_sigterm_then_resume_on_the_same_and_another_world_size(reference, packe
 def test_two_launchers_of_one_rank_train_like_one_launcher_of_two(reference, packed_stage, tmp_path):
     """What a hostfile does: one launcher per node meeting at a rendezvous (here both on 127.0.0.1)."""
     port = free_port()
-    cmds = [trainer_cmd(packed_stage, tmp_path, [f"run.steps={REF_STEPS}"], nproc=1, nnodes=2, node_rank=i, port=port)
-            for i in (0, 1)]  # fmt: skip
-    procs = [subprocess.Popen(c, env=env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                              cwd=Path(__file__).resolve().parents[2]) for c in cmds]  # fmt: skip
+    steps = [f"run.steps={REF_STEPS}"]
+    cmds = [trainer_cmd(packed_stage, tmp_path, steps, nproc=1, nnodes=2, node_rank=i, port=port) for i in (0, 1)]
+    procs = [
+        subprocess.Popen(c, env=env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT)
+        for c in cmds
+    ]
     outs = [p.communicate(timeout=600)[0] for p in procs]
     assert all(p.returncode == 0 for p in procs), [o[-2000:] for o in outs]
     two_nodes, ref = losses(tmp_path / "stage1"), losses(reference)
@@ -165,12 +166,19 @@ def test_two_launchers_of_one_rank_train_like_one_launcher_of_two(reference, pac
         assert two_nodes[s] == pytest.approx(ref[s], rel=1e-5, abs=1e-7), (s, two_nodes, ref)
 
 
+def _torchrun(nproc: int, *args: str) -> list[str]:
+    """torchrun of `args` (a script and its arguments) on nproc local ranks, at a free port."""
+    rendezvous = ["--master_addr", "127.0.0.1", "--master_port", str(free_port())]
+    return [str(Path(sys.executable).parent / "torchrun"), "--nproc_per_node", str(nproc), *rendezvous, *args]
+
+
 NAN_SCRIPT = r"""
 import sys, torch, deepspeed
 from train import trainer, zero
 from unicap import distributed
 from train.config import load, deepspeed_config
-cfg = load("train/configs/stage1_cpu.yaml", ["model.vae=tiny", "data.latent_cache_mb=0", "data.micro_batch=2", "data.global_batch=2", f"data.packed={sys.argv[1]}"])
+overrides = ["model.vae=tiny", "data.latent_cache_mb=0", "data.micro_batch=2", "data.global_batch=2"]
+cfg = load("train/configs/stage1_cpu.yaml", [*overrides, f"data.packed={sys.argv[1]}"])
 distributed.init("cpu")
 codecs = trainer.load_codecs(cfg, "cpu")
 model = trainer.build_model(cfg, codecs.text.dim)
@@ -200,10 +208,8 @@ print("NAN-OK")
 def test_a_non_finite_loss_skips_the_step_without_touching_the_weights(packed_stage, tmp_path):
     script = tmp_path / "nan_step.py"
     script.write_text(NAN_SCRIPT)
-    cmd = [str(Path(sys.executable).parent / "torchrun"), "--nproc_per_node", "1", "--master_addr", "127.0.0.1",
-           "--master_port", str(free_port()), str(script), str(packed_stage)]  # fmt: skip
-    r = subprocess.run(cmd, env=env(), capture_output=True, text=True, timeout=600,
-                       cwd=Path(__file__).resolve().parents[2])  # fmt: skip
+    cmd = _torchrun(1, str(script), str(packed_stage))
+    r = subprocess.run(cmd, env=env(), capture_output=True, text=True, timeout=600, cwd=ROOT)
     assert r.returncode == 0 and "NAN-OK" in r.stdout, (r.stdout[-2000:], r.stderr[-4000:])
 
 
@@ -214,8 +220,8 @@ from unicap import distributed
 from train.config import load, deepspeed_config
 from train.ema import ShardedEMA, ema_decay
 stage = int(sys.argv[2])
-cfg = load("train/configs/stage1_cpu.yaml", ["model.vae=tiny", "data.latent_cache_mb=0", "data.micro_batch=2", "data.global_batch=4", f"data.packed={sys.argv[1]}",
-                                             f"deepspeed.zero_stage={stage}"])
+overrides = ["model.vae=tiny", "data.latent_cache_mb=0", "data.micro_batch=2", "data.global_batch=4"]
+cfg = load("train/configs/stage1_cpu.yaml", [*overrides, f"data.packed={sys.argv[1]}", f"deepspeed.zero_stage={stage}"])
 _, world = distributed.init("cpu")
 codecs = trainer.load_codecs(cfg, "cpu")
 model = trainer.build_model(cfg, codecs.text.dim)
@@ -247,10 +253,8 @@ print("EMA-OK", stage, world, worst)
 def test_sharded_ema_equals_a_full_ema(packed_stage, tmp_path, zero_stage):
     script = tmp_path / "ema.py"
     script.write_text(EMA_SCRIPT)
-    cmd = [str(Path(sys.executable).parent / "torchrun"), "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-           "--master_port", str(free_port()), str(script), str(packed_stage), str(zero_stage)]  # fmt: skip
-    r = subprocess.run(cmd, env=env(), capture_output=True, text=True, timeout=600,
-                       cwd=Path(__file__).resolve().parents[2])  # fmt: skip
+    cmd = _torchrun(2, str(script), str(packed_stage), str(zero_stage))
+    r = subprocess.run(cmd, env=env(), capture_output=True, text=True, timeout=600, cwd=ROOT)
     assert r.returncode == 0 and "EMA-OK" in r.stdout, (r.stdout[-2000:], r.stderr[-4000:])
 
 

@@ -20,9 +20,10 @@ from unicap.tiny_vlm import TINY_QWEN2VL_VERSION, Qwen2VLArch, build_qwen2vl
 
 BASE_VERSION = "2"  # bump when the corpus or the build changes
 # Chinese words of the synthetic captions' templates, kept whole by the tokenizer (other CJK: one per character)
-ZH_FRAME_WORDS = ["一幅", "扁平", "极简", "风格", "数字", "插画", "背景", "是", "纯", "画面", "中", "有", "个", "几何",
-                  "图形", "位于", "的", "底部", "用", "大写字母", "写着", "单词", "没有", "其他", "物体", "阴影", "也",
-                  "纹理", "上", "和", "文字"]  # fmt: skip
+ZH_FRAME_WORDS = (
+    "一幅 扁平 极简 风格 数字 插画 背景 是 纯 画面 中 有 个 几何 图形 位于 "
+    "的 底部 用 大写字母 写着 单词 没有 其他 物体 阴影 也 纹理 上 和 文字"
+).split()
 
 
 def zh_words() -> list[str]:
@@ -38,15 +39,24 @@ def caption_corpus(n: int = 600, seed: int = 424242) -> list[str]:
     return [text for i in range(n) for text in synth.captions(synth.scene_of(seed, i)).values()]
 
 
-def tiny_base(arch: Qwen2VLArch = Qwen2VLArch(), seed: int = 0, max_pixels: int = 1024 * 1024,
-              root: Path | None = None) -> Path:  # fmt: skip
+def tiny_base(
+    arch: Qwen2VLArch = Qwen2VLArch(), seed: int = 0, max_pixels: int = 1024 * 1024, root: Path | None = None
+) -> Path:
     """The folder of a tiny random Qwen2-VL with a tokenizer that knows the synthetic vocabulary."""
-    spec = {"version": BASE_VERSION, "tiny": TINY_QWEN2VL_VERSION, "arch": asdict(arch), "seed": seed,
-            "max_pixels": max_pixels}  # fmt: skip
+    spec = {
+        "version": BASE_VERSION,
+        "tiny": TINY_QWEN2VL_VERSION,
+        "arch": asdict(arch),
+        "seed": seed,
+        "max_pixels": max_pixels,
+    }
     tag = hashlib.sha1(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:10]
     mark = {"kind": "tiny-captioner-base", **spec}
-    return cached(f"tiny-captioner-base-{tag}",
-                  lambda p: build_qwen2vl(p, seed, arch, caption_corpus(), max_pixels, mark, zh_words()), root)  # fmt: skip
+    return cached(
+        f"tiny-captioner-base-{tag}",
+        lambda p: build_qwen2vl(p, seed, arch, caption_corpus(), max_pixels, mark, zh_words()),
+        root,
+    )
 
 
 def resolve_base(init: str, arch: Qwen2VLArch, seed: int = 0) -> str:

@@ -54,10 +54,19 @@ MAX_OBJECTS = 6  # synth draws 1-2 groups of 1-3 objects
 # (colour, shape) pairs, (size, colour, shape) groups are present) and its object count, predicted from EVERY
 # image token: the vision tower learns to broadcast what the image holds, which a language model can read
 # before it learns where to look
-GROUND_HEADS = {"colour": 1 + len(GROUND_COLOURS), "shape": 1 + len(GROUND_SHAPES), "size": 1 + len(GROUND_SIZES),
-                "background": len(GROUND_BACKGROUNDS), "word": 1 + len(GROUND_WORDS), "cell": 9,
-                "image_colours": len(GROUND_COLOURS), "image_shapes": len(GROUND_SHAPES),
-                "image_pairs": len(GROUND_PAIRS), "image_triples": len(GROUND_TRIPLES), "image_total": 1 + MAX_OBJECTS}  # fmt: skip
+GROUND_HEADS = {
+    "colour": 1 + len(GROUND_COLOURS),
+    "shape": 1 + len(GROUND_SHAPES),
+    "size": 1 + len(GROUND_SIZES),
+    "background": len(GROUND_BACKGROUNDS),
+    "word": 1 + len(GROUND_WORDS),
+    "cell": 9,
+    "image_colours": len(GROUND_COLOURS),
+    "image_shapes": len(GROUND_SHAPES),
+    "image_pairs": len(GROUND_PAIRS),
+    "image_triples": len(GROUND_TRIPLES),
+    "image_total": 1 + MAX_OBJECTS,
+}
 IMAGE_SETS = ("image_colours", "image_shapes", "image_pairs", "image_triples")
 
 
@@ -80,9 +89,8 @@ def _rng(*parts) -> random.Random:
 def canonical_scene(scene: synth.SynthScene) -> synth.SynthScene:
     """The same scene with its objects listed by (colour, shape, size, cell): synth's captions then name the
     groups in that order, a function of the pixels (synth's own order is the order it drew them in)."""
-    order = {k: i for i, k in enumerate(GROUND_COLOURS)}, {k: i for i, k in enumerate(GROUND_SHAPES)}, {
-        k: i for i, k in enumerate(GROUND_SIZES)}  # fmt: skip
-    objects = sorted(scene.objects, key=lambda o: (order[0][o.color], order[1][o.shape], order[2][o.size], o.cell))
+    colour, shape, size = ({k: i for i, k in enumerate(ks)} for ks in (GROUND_COLOURS, GROUND_SHAPES, GROUND_SIZES))
+    objects = sorted(scene.objects, key=lambda o: (colour[o.color], shape[o.shape], size[o.size], o.cell))
     return synth.SynthScene(scene.width, scene.height, scene.background, objects, scene.text)
 
 
@@ -115,8 +123,14 @@ class SynthSource:
 class FolderSource:
     """A caption folder and its image shards; every caption present in a row (ok or partial) is a turn."""
 
-    def __init__(self, captions: str | Path, shards: str | Path, seed: int = 0, max_pixels: int = 224 * 224,
-                 columns: Sequence[str] | None = None):  # fmt: skip
+    def __init__(
+        self,
+        captions: str | Path,
+        shards: str | Path,
+        seed: int = 0,
+        max_pixels: int = 224 * 224,
+        columns: Sequence[str] | None = None,
+    ):
         import tarfile
 
         import pyarrow.parquet as pq
@@ -186,8 +200,13 @@ class Row:
 class ChatEncoder:
     """Builds a sample's chat turns from `unicap.prompts` and the model's chat template and processor."""
 
-    def __init__(self, tokenizer, image_processor, levels: Sequence[str] = caption_record.LEVELS,
-                 languages: Sequence[str] = caption_record.LANGUAGES):  # fmt: skip
+    def __init__(
+        self,
+        tokenizer,
+        image_processor,
+        levels: Sequence[str] = caption_record.LEVELS,
+        languages: Sequence[str] = caption_record.LANGUAGES,
+    ):
         self.tokenizer, self.image_processor = tokenizer, image_processor
         self.image_pad = tokenizer.convert_tokens_to_ids("<|image_pad|>")
         self.vision_end = tokenizer.convert_tokens_to_ids("<|vision_end|>")
@@ -205,8 +224,9 @@ class ChatEncoder:
     def prompt_pieces(self, prompt: prompts.Prompt) -> tuple[list[int], list[int]]:
         """Token ids before the image placeholder (ending with <|vision_start|>) and after it (starting
         after <|vision_end|>, ending with the assistant header), as the chat template renders the request."""
-        text = self.tokenizer.apply_chat_template(prompts.chat_messages(prompt, "image"), tokenize=False,
-                                                  add_generation_prompt=True)  # fmt: skip
+        text = self.tokenizer.apply_chat_template(
+            prompts.chat_messages(prompt, "image"), tokenize=False, add_generation_prompt=True
+        )
         ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
         if ids.count(self.image_pad) != 1:
             raise ValueError(f"the chat template renders {ids.count(self.image_pad)} image placeholders, not 1")
@@ -234,8 +254,11 @@ class ChatEncoder:
         segment = [0] * len(ids)
         rows, cols = np.divmod(np.arange(n), w)
         text_after = s + max(h, w)  # the position of <|vision_end|>
-        pos = [np.tile(np.arange(s), (3, 1)), np.stack([np.full(n, s), s + rows, s + cols]),
-               np.full((3, 1), text_after)]  # fmt: skip
+        pos = [
+            np.tile(np.arange(s), (3, 1)),
+            np.stack([np.full(n, s), s + rows, s + cols]),
+            np.full((3, 1), text_after),
+        ]
         for b, col in enumerate(columns):
             answer = self.tokenizer(sample.captions[col], add_special_tokens=False)["input_ids"] + [self.end]
             branch = self.branch[col] + answer

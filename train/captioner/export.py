@@ -33,8 +33,9 @@ def generation_config(tokenizer):
     return GenerationConfig(eos_token_id=eos, pad_token_id=pad, bos_token_id=tokenizer.bos_token_id)
 
 
-def export_folder(base: str, weights: dict[str, torch.Tensor], out: str | Path, provenance: dict,
-                  dtype: str = "bfloat16") -> Path:  # fmt: skip
+def export_folder(
+    base: str, weights: dict[str, torch.Tensor], out: str | Path, provenance: dict, dtype: str = "bfloat16"
+) -> Path:
     """Write the folder `out` from the base model folder / hub id and trained weights (HF parameter names)."""
     from transformers import AutoConfig, AutoImageProcessor, AutoModelForImageTextToText, AutoTokenizer
 

@@ -26,8 +26,16 @@ VISION_HEADS = ("colour", "shape", "size", "background", "word")
 READ_SETS = ("image_colours", "image_shapes", "image_pairs")
 # every grounding loss a step can report (which ones a batch has depends on its content): the trainer agrees
 # on all of them in one fixed layout, the same on every rank
-PART_NAMES = (*VISION_HEADS, "object_colour", "object_shape", "object_size", *IMAGE_SETS, "image_total", "cell",
-              *(f"read_{name}" for name in READ_SETS))  # fmt: skip
+PART_NAMES = (
+    *VISION_HEADS,
+    "object_colour",
+    "object_shape",
+    "object_size",
+    *IMAGE_SETS,
+    "image_total",
+    "cell",
+    *(f"read_{name}" for name in READ_SETS),
+)
 
 
 class GroundingHeads(nn.Module):

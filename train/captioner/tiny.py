@@ -4,8 +4,9 @@
     python -m train.captioner.tiny --no-train   # the path if cached, else exit code 1
 
 The recipe is train/configs/captioner_tiny.yaml; the cache key is the resolved recipe (plus `overrides`, less the
-settings that only say where and how fast it runs: NOT_RECIPE), so changing the recipe trains a new model. The run folder beside the cached model keeps its checkpoints: an interrupted
-training resumes where it stopped. Evaluate it at the resolution it was trained at (`max_pixels`).
+settings that only say where and how fast it runs: NOT_RECIPE), so changing the recipe trains a new model. The
+run folder beside the cached model keeps its checkpoints: an interrupted training resumes where it stopped.
+Evaluate it at the resolution it was trained at (`max_pixels`).
 """
 
 from __future__ import annotations
@@ -30,8 +31,19 @@ SHORT_RECIPE = ("run.steps=400", "optim.ground_first_steps=100", "data.single_gr
 
 
 # what a run's settings do not change in the model it trains: where and how fast it runs
-NOT_RECIPE = ("run.out", "run.progress", "run.threads", "run.stop_file", "run.term_grace_s", "run.max_minutes",
-              "run.save_every", "run.keep_last", "run.log_every", "run.resume", "data.num_workers")  # fmt: skip
+NOT_RECIPE = (
+    "run.out",
+    "run.progress",
+    "run.threads",
+    "run.stop_file",
+    "run.term_grace_s",
+    "run.max_minutes",
+    "run.save_every",
+    "run.keep_last",
+    "run.log_every",
+    "run.resume",
+    "data.num_workers",
+)
 
 
 def recipe(config: Path = CONFIG, overrides: tuple[str, ...] = ()) -> dict:
@@ -74,8 +86,14 @@ def max_pixels(config: Path = CONFIG, overrides: tuple[str, ...] = ()) -> int:
     return load_config(config, list(overrides)).data.max_pixels
 
 
-def tiny_captioner(config: Path = CONFIG, overrides: tuple[str, ...] = (), root: Path | None = None,
-                   nproc: int = 1, threads: int | None = None, threads_until: Path | None = None) -> Path:  # fmt: skip
+def tiny_captioner(
+    config: Path = CONFIG,
+    overrides: tuple[str, ...] = (),
+    root: Path | None = None,
+    nproc: int = 1,
+    threads: int | None = None,
+    threads_until: Path | None = None,
+) -> Path:
     """The tiny captioner's model folder, trained (through `unicap train-captioner`'s launcher) if absent.
 
     threads: torch threads per rank (None: the cores shared among the ranks); with threads_until, only until
@@ -89,8 +107,8 @@ def tiny_captioner(config: Path = CONFIG, overrides: tuple[str, ...] = (), root:
     def build(tmp: Path) -> None:
         # run.max_minutes=0: the cached model is the whole recipe, whatever the machine's load (the cap is for
         # runs by hand on shared machines); not part of the cache key
-        cmd = [sys.executable, "-m", "train.captioner.launch", "--config", str(config), "--nproc", str(nproc),
-               f"run.out={run_dir}", *overrides, "run.max_minutes=0"]  # fmt: skip
+        launch = [sys.executable, "-m", "train.captioner.launch", "--config", str(config), "--nproc", str(nproc)]
+        cmd = [*launch, f"run.out={run_dir}", *overrides, "run.max_minutes=0"]
         env = {
             **os.environ,
             "PYTHONPATH": os.pathsep.join(filter(None, [str(CONFIG.parents[2]), os.environ.get("PYTHONPATH")])),
@@ -105,15 +123,16 @@ def tiny_captioner(config: Path = CONFIG, overrides: tuple[str, ...] = (), root:
         if limited and threads_until and threads_until.exists() and not _finished(run_dir, steps):
             train(cmd)  # resumes at the first part's checkpoint, with the shared cores
         if not _finished(run_dir, steps):  # stopped by a signal, or by run.max_minutes in an override
-            raise RuntimeError(f"the tiny captioner stopped before step {steps}: not cached; a re-run resumes "
-                               f"from {run_dir}")  # fmt: skip
+            raise RuntimeError(
+                f"the tiny captioner stopped before step {steps}: not cached; a re-run resumes from {run_dir}"
+            )
         final = run_dir / "final"
         for f in final.iterdir():
             shutil.copy(f, tmp / f.name)
         provenance = json.loads((final / "unicap_captioner.json").read_text())
-        (tmp / DONE_MARK).write_text(json.dumps({"kind": "tiny-captioner", "version": TINY_CAPTIONER_VERSION,
-                                                 "steps": provenance["step"], "train_seconds": provenance["train_seconds"],
-                                                 "overrides": list(overrides)}))  # fmt: skip
+        trained = {"steps": provenance["step"], "train_seconds": provenance["train_seconds"]}
+        mark = {"kind": "tiny-captioner", "version": TINY_CAPTIONER_VERSION, **trained, "overrides": list(overrides)}
+        (tmp / DONE_MARK).write_text(json.dumps(mark))
 
     return cached(name, build, root)
 

@@ -206,8 +206,9 @@ def lr_factor(cfg: CaptionerConfig, step: int) -> float:
 # ---------------------------------------------------------------- the step
 
 
-def train_step(engine, micro_batches: list[dict], cfg: CaptionerConfig, ground_only: bool = False,
-               flags: tuple = ()) -> dict:  # fmt: skip
+def train_step(
+    engine, micro_batches: list[dict], cfg: CaptionerConfig, ground_only: bool = False, flags: tuple = ()
+) -> dict:
     """One optimizer step over this rank's micro-batches; returns global mean losses (`loss`: the captions';
     nan in a grounding-only step) and, under "flags", `flags` or-ed over the ranks. The losses stay on the
     device; they and the flags reach every rank in one collective (unicap.distributed.agree)."""
@@ -286,10 +287,12 @@ def train(cfg: CaptionerConfig) -> int:
     vision = {id(p) for p in module.vlm.model.visual.parameters()}
     vision |= {id(p) for p in module.ground.parameters()} if module.ground is not None else set()
     trainable = [p for p in module.parameters() if p.requires_grad]
-    groups = [{"params": [p for p in trainable if id(p) not in vision], "lr": cfg.optim.lr},
-              {"params": [p for p in trainable if id(p) in vision], "lr": cfg.optim.lr * cfg.optim.vision_lr_scale}]  # fmt: skip
-    opt = torch.optim.AdamW([g for g in groups if g["params"]], betas=cfg.optim.betas, eps=cfg.optim.eps,
-                            weight_decay=cfg.optim.weight_decay)  # fmt: skip
+    groups = [
+        {"params": [p for p in trainable if id(p) not in vision], "lr": cfg.optim.lr},
+        {"params": [p for p in trainable if id(p) in vision], "lr": cfg.optim.lr * cfg.optim.vision_lr_scale},
+    ]
+    nonempty = [g for g in groups if g["params"]]
+    opt = torch.optim.AdamW(nonempty, betas=cfg.optim.betas, eps=cfg.optim.eps, weight_decay=cfg.optim.weight_decay)
     start_step = state["step"]
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: lr_factor(cfg, start_step + i))
     ds_config = deepspeed_config(cfg, world, device)
@@ -303,13 +306,18 @@ def train(cfg: CaptionerConfig) -> int:
     per_rank_micro = (cfg.run.steps - start_step) * accum
     start_micro = state["samples_consumed"] // (cfg.data.micro_batch * world)
     if state["samples_consumed"] % (cfg.data.micro_batch * world):
-        raise TrainingError(f"{resume}: {state['samples_consumed']} samples consumed is not a whole number of "
-                            f"micro-batches of {cfg.data.micro_batch} x {world} ranks: resume with the same micro_batch")  # fmt: skip
+        raise TrainingError(
+            f"{resume}: {state['samples_consumed']} samples consumed is not a whole number of "
+            f"micro-batches of {cfg.data.micro_batch} x {world} ranks: resume with the same micro_batch"
+        )
     loader = torch.utils.data.DataLoader(
-        dataset, batch_sampler=RankBatches(cfg.data.micro_batch, rank, world, start_micro, per_rank_micro),
-        collate_fn=functools.partial(cdata.collate, pad_id=dataset.encoder.pad), num_workers=cfg.data.num_workers,
-        persistent_workers=False, multiprocessing_context="spawn" if cfg.data.num_workers else None,
-    )  # fmt: skip
+        dataset,
+        batch_sampler=RankBatches(cfg.data.micro_batch, rank, world, start_micro, per_rank_micro),
+        collate_fn=functools.partial(cdata.collate, pad_id=dataset.encoder.pad),
+        num_workers=cfg.data.num_workers,
+        persistent_workers=False,
+        multiprocessing_context="spawn" if cfg.data.num_workers else None,
+    )
     batches = iter(loader)
     fixed = {"base": base, "world_size": world, "config": uconfig.to_dict(cfg)}
     if rank == 0:
@@ -317,16 +325,21 @@ def train(cfg: CaptionerConfig) -> int:
         uconfig.save(cfg, run_dir / "config.yaml")
         n_params = sum(p.numel() for p in module.vlm.parameters())
         how = f"resuming {resume}" if resume else f"from {base}"
-        print(f"[captioner] {n_params / 1e6:.2f}M-parameter Qwen2-VL on {world} rank(s) ({device}), global batch "
-              f"{cfg.data.micro_batch} x {accum} x {world} = {cfg.global_batch(world)} images, ZeRO-{cfg.deepspeed.zero_stage}, "
-              f"{cfg.deepspeed.precision}; steps {start_step} -> {cfg.run.steps}; {how}", flush=True)  # fmt: skip
+        global_batch = f"{cfg.data.micro_batch} x {accum} x {world} = {cfg.global_batch(world)} images"
+        print(
+            f"[captioner] {n_params / 1e6:.2f}M-parameter Qwen2-VL on {world} rank(s) ({device}), "
+            f"global batch {global_batch}, ZeRO-{cfg.deepspeed.zero_stage}, {cfg.deepspeed.precision}; "
+            f"steps {start_step} -> {cfg.run.steps}; {how}",
+            flush=True,
+        )
     metrics = open(run_dir / "metrics.jsonl", "a") if rank == 0 else None  # noqa: SIM115 - one line per log
     bar = None
     if rank == 0 and cfg.run.progress:
         from tqdm import tqdm
 
-        bar = tqdm(total=cfg.run.steps, initial=start_step, desc="captioner", unit="step", dynamic_ncols=True,
-                   file=sys.stdout)  # fmt: skip
+        bar = tqdm(
+            total=cfg.run.steps, initial=start_step, desc="captioner", unit="step", dynamic_ncols=True, file=sys.stdout
+        )
     with StopFlag(cfg.run.stop_file, grace_s=cfg.run.term_grace_s) as stop:
         step, t_last = start_step, time.time()
         seconds = state["train_seconds"]
@@ -342,8 +355,8 @@ def train(cfg: CaptionerConfig) -> int:
         while step < cfg.run.steps:
             micro = [next(batches) for _ in range(accum)]
             out_of_time = bool(cfg.run.max_minutes) and seconds - state["train_seconds"] > cfg.run.max_minutes * 60
-            res = train_step(engine, micro, cfg, ground_only=step < cfg.optim.ground_first_steps,
-                             flags=(out_of_time, stop.asked))  # fmt: skip
+            ground_only = step < cfg.optim.ground_first_steps
+            res = train_step(engine, micro, cfg, ground_only=ground_only, flags=(out_of_time, stop.asked))
             out_of_time, stopping = res.pop("flags")
             stop.answer(stopping)  # every rank reached this boundary: progress for the SIGTERM watchdog
             step += 1
@@ -355,8 +368,9 @@ def train(cfg: CaptionerConfig) -> int:
                 raise TrainingError(f"step {step}: non-finite loss; lower optim.lr")
             if rank == 0:
                 if step % cfg.run.log_every == 0 or step == cfg.run.steps:
-                    metrics.write(json.dumps({"step": step, "lr": engine.get_lr()[0], "seconds": round(seconds, 1),
-                                              **{k: round(v, 5) if math.isfinite(v) else None for k, v in res.items()}}) + "\n")  # fmt: skip
+                    losses = {k: round(v, 5) if math.isfinite(v) else None for k, v in res.items()}
+                    row = {"step": step, "lr": engine.get_lr()[0], "seconds": round(seconds, 1), **losses}
+                    metrics.write(json.dumps(row) + "\n")
                     metrics.flush()
                 if bar is not None:
                     bar.update(1)
@@ -370,8 +384,11 @@ def train(cfg: CaptionerConfig) -> int:
                     print(f"step {step} loss {res['loss']:.4f} ({seconds:.0f}s)", flush=True)
             if out_of_time:
                 if rank == 0:
-                    print(f"[captioner] run.max_minutes {cfg.run.max_minutes} reached at step {step}: stopping, "
-                          "exporting what there is", flush=True)  # fmt: skip
+                    print(
+                        f"[captioner] run.max_minutes {cfg.run.max_minutes} reached at step {step}: stopping, "
+                        "exporting what there is",
+                        flush=True,
+                    )
                 fixed["stopped_early"] = True
                 break
             if step % cfg.run.save_every == 0 or stopping:
@@ -389,10 +406,13 @@ def train(cfg: CaptionerConfig) -> int:
     params = {n: zero.full_master(p) for n, p in zero.trainable(engine.module)}
     if rank == 0:
         full = {n: t.detach().float().cpu() for n, t in module.state_dict().items()} | params
-        out = export_folder(base, {k.removeprefix("vlm."): v for k, v in full.items() if k.startswith("vlm.")},
-                            final, provenance=current(), dtype=cfg.model.export_dtype)  # fmt: skip
-        print(f"[captioner] done: {step} steps, {state['samples_consumed']} images, {seconds:.0f}s of training; "
-              f"model folder {out}", flush=True)  # fmt: skip
+        vlm_weights = {k.removeprefix("vlm."): v for k, v in full.items() if k.startswith("vlm.")}
+        out = export_folder(base, vlm_weights, final, provenance=current(), dtype=cfg.model.export_dtype)
+        print(
+            f"[captioner] done: {step} steps, {state['samples_consumed']} images, {seconds:.0f}s of training; "
+            f"model folder {out}",
+            flush=True,
+        )
     distributed.barrier()
     return 0
 

@@ -37,19 +37,30 @@ def compare(folder: str, handful: str, max_pixels: int) -> dict:
             msgs = prompts.chat_messages(by_name[col], "placeholder")
             result = engine.generate([GenRequest(msgs, sample.image, 48)])[0]
             # the prompt vLLM ran is the one the trainer built
-            conv = [{**m, "content": [{"type": "image_pil", "image_pil": sample.image} if c.get("type") == "image_url"
-                                      else c for c in m["content"]]} if isinstance(m["content"], list) else m
-                    for m in msgs]  # fmt: skip
+            conv = _with_pil_image(msgs, sample.image)
             request = engine.llm.chat([conv], SamplingParams(max_tokens=1), use_tqdm=False)[0]
             prompt_ids_equal &= list(request.prompt_token_ids) == encoder.request_ids(col, grid)
             ids = torch.tensor([encoder.request_ids(col, grid)])
+            mm = (ids == hf.config.image_token_id).int()
+            image = {"pixel_values": pixel_values, "image_grid_thw": torch.tensor([grid]), "mm_token_type_ids": mm}
             with torch.no_grad():
-                g = hf.generate(input_ids=ids, attention_mask=torch.ones_like(ids), pixel_values=pixel_values,
-                                image_grid_thw=torch.tensor([grid]), mm_token_type_ids=(ids == hf.config.image_token_id).int(),
-                                max_new_tokens=48, do_sample=False)  # fmt: skip
+                g = hf.generate(
+                    input_ids=ids, attention_mask=torch.ones_like(ids), **image, max_new_tokens=48, do_sample=False
+                )
             text = tokenizer.decode(g[0, ids.shape[1] :], skip_special_tokens=True)
-            out.append({"key": sample.key, "column": col, "vllm": result.text, "hf": text,
-                        "finish_reason": result.finish_reason, "truth": truth.loc[sample.key, col]})  # fmt: skip
+            row = {"key": sample.key, "column": col, "vllm": result.text, "hf": text}
+            out.append({**row, "finish_reason": result.finish_reason, "truth": truth.loc[sample.key, col]})
     eos = tokenizer.convert_tokens_to_ids("<|im_end|>")
-    return {"captions": out, "prompt_ids_equal": prompt_ids_equal,
-            "generation_config": {"eos_is_end_of_turn": gen.get("eos_token_id") == eos, "sampling_keys": sampling}}  # fmt: skip
+    config = {"eos_is_end_of_turn": gen.get("eos_token_id") == eos, "sampling_keys": sampling}
+    return {"captions": out, "prompt_ids_equal": prompt_ids_equal, "generation_config": config}
+
+
+def _with_pil_image(messages: list[dict], image) -> list[dict]:
+    """The chat messages with each image_url part replaced by the PIL image itself (what vLLM's chat takes)."""
+
+    def part(c: dict) -> dict:
+        return {"type": "image_pil", "image_pil": image} if c.get("type") == "image_url" else c
+
+    return [
+        {**m, "content": [part(c) for c in m["content"]]} if isinstance(m["content"], list) else m for m in messages
+    ]

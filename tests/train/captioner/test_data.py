@@ -89,8 +89,10 @@ def test_synthetic_samples_are_pure_functions_of_the_index_and_canonical():
                 == ev.score_caption(p.captions[col], lang, truth, level).facts
             )
     curriculum = cdata.SynthSource(seed=9, max_pixels=PX, single_group_until=40)
-    assert all(len({(o["size"], o["color"], o["shape"]) for o in curriculum.sample(g).scene["objects"]}) == 1
-               for g in range(40))  # fmt: skip
+    assert all(
+        len({(o["size"], o["color"], o["shape"]) for o in curriculum.sample(g).scene["objects"]}) == 1
+        for g in range(40)
+    )
 
 
 def test_grounding_targets_follow_the_objects():
@@ -130,8 +132,9 @@ def test_qwen2_5_vl_packs_the_same_way(tiny):
     encoder, _ = tiny
     cfg = json.loads((tiny_base() / "config.json").read_text())
     text = cfg["text_config"]
-    vision = dict(depth=2, hidden_size=64, intermediate_size=128, num_heads=4, out_hidden_size=text["hidden_size"],
-                  patch_size=14, spatial_merge_size=2, temporal_patch_size=2, window_size=56, fullatt_block_indexes=[1])  # fmt: skip
+    vision = dict(depth=2, hidden_size=64, intermediate_size=128, num_heads=4, out_hidden_size=text["hidden_size"])
+    vision |= dict(patch_size=14, spatial_merge_size=2, temporal_patch_size=2)
+    vision |= dict(window_size=56, fullatt_block_indexes=[1])
     ids = {k: cfg[k] for k in ("image_token_id", "video_token_id", "vision_start_token_id", "vision_end_token_id")}
     torch.manual_seed(0)
     model = Qwen2_5_VLForConditionalGeneration(Qwen2_5_VLConfig(text_config=text, vision_config=vision, **ids)).eval()
@@ -145,9 +148,9 @@ def test_qwen2_5_vl_packs_the_same_way(tiny):
             idx = [i for i, s in enumerate(r.segment) if s in (0, b + 1)]
             tokens = torch.tensor([[r.input_ids[i] for i in idx]])
             mm = (tokens == model.config.image_token_id).int()
+            image = dict(pixel_values=r.pixel_values, image_grid_thw=torch.tensor([r.grid_thw]), mm_token_type_ids=mm)
             with torch.no_grad():
-                logits = model(input_ids=tokens, pixel_values=r.pixel_values, image_grid_thw=torch.tensor([r.grid_thw]),
-                               mm_token_type_ids=mm).logits[0]  # fmt: skip
+                logits = model(input_ids=tokens, **image).logits[0]
             labels = torch.tensor([r.labels[i] for i in idx])
             sel = labels != cdata.IGNORE
             total += torch.nn.functional.cross_entropy(logits[sel], labels[sel], reduction="sum").item()

@@ -19,16 +19,18 @@ ROOT = Path(__file__).resolve().parents[3]
 UNICAP = str(Path(sys.executable).with_name("unicap"))
 # minimums of: the ok share; over the columns, background recall, right-language share, colour recall, (colour,
 # shape) pair recall. Measured with the shipped model (336 px) on these 16 images: 1.0 / 1.0 / 1.0 / 0.95 / 0.73
-FLOOR = {"ok_share": 0.9, "background": 0.9, "language": 0.9, "colour": 0.8, "pairs": 0.6}  # fmt: skip
+FLOOR = {"ok_share": 0.9, "background": 0.9, "language": 0.9, "colour": 0.8, "pairs": 0.6}
 
 
 def measured(metrics: dict) -> dict:
     cols = metrics["columns"].values()
-    return {"ok_share": metrics["ok_share"] or 0.0,
-            "background": min(c["kinds"]["background"]["recall"] or 0.0 for c in cols),
-            "language": min(c["right_language"] or 0.0 for c in cols),
-            "colour": min(c["kinds"]["colour"]["recall"] or 0.0 for c in cols),
-            "pairs": min(c["kinds"]["object"]["recall"] or 0.0 for c in cols)}  # fmt: skip
+    return {
+        "ok_share": metrics["ok_share"] or 0.0,
+        "background": min(c["kinds"]["background"]["recall"] or 0.0 for c in cols),
+        "language": min(c["right_language"] or 0.0 for c in cols),
+        "colour": min(c["kinds"]["colour"]["recall"] or 0.0 for c in cols),
+        "pairs": min(c["kinds"]["object"]["recall"] or 0.0 for c in cols),
+    }
 
 
 def passes(m: dict, floor: dict) -> bool:
@@ -38,8 +40,8 @@ def passes(m: dict, floor: dict) -> bool:
 def caption(model: Path, data: Path, out: Path, max_pixels: int, *extra: str) -> dict:
     from datagen.answer_key import evaluate_folder
 
-    cmd = [UNICAP, "caption", "--input", str(data), "--output", str(out), "--model", str(model),
-           "--max-pixels", str(max_pixels), "--max-retries", "0", "--batch-size", "16", *extra]  # fmt: skip
+    cmd = [UNICAP, "caption", "--input", str(data), "--output", str(out), "--model", str(model)]
+    cmd += ["--max-pixels", str(max_pixels), "--max-retries", "0", "--batch-size", "16", *extra]
     r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
     v = subprocess.run([UNICAP, "validate", str(out)], capture_output=True, text=True)
@@ -64,8 +66,9 @@ def test_the_tiny_captioner_through_the_caption_job(tmp_path):
     print(f"tiny captioner: {trained}")
     assert passes(trained, FLOOR), (trained, FLOOR)
     cfg = load_config(tiny.CONFIG)
-    untrained = measured(caption(tiny_base(cfg.model.arch, cfg.model.seed), data, tmp_path / "untrained", max_pixels,
-                                 "--max-tokens", "long=32,medium=24,short=16,tags=16"))  # fmt: skip
+    base = tiny_base(cfg.model.arch, cfg.model.seed)
+    short = ("--max-tokens", "long=32,medium=24,short=16,tags=16")
+    untrained = measured(caption(base, data, tmp_path / "untrained", max_pixels, *short))
     assert not passes(untrained, FLOOR), untrained
 
 
@@ -75,11 +78,11 @@ def test_a_short_run_of_the_recipe_still_learns(tmp_path):
     """60 steps of the recipe (30 of grounding, 30 of the whole model) on smaller batches: the vision tower's
     colour head and the captions' loss both fall."""
     # precision auto: fp32 where bf16 is emulated (16 s/step there in bf16, 0.5 in fp32)
-    recipe = ("run.steps=60", "optim.ground_first_steps=30", "optim.warmup_steps=5", "data.micro_batch=8",
-              "data.num_workers=0", "run.log_every=5", "run.progress=false", "deepspeed.precision=auto")  # fmt: skip
+    recipe = ("run.steps=60", "optim.ground_first_steps=30", "optim.warmup_steps=5", "data.micro_batch=8")
+    recipe += ("data.num_workers=0", "run.log_every=5", "run.progress=false", "deepspeed.precision=auto")
     tiny_recipe.tiny_captioner(overrides=recipe, root=tmp_path)
-    rows = [json.loads(line) for line in (tiny_recipe.run_folder(overrides=recipe, root=tmp_path) / "metrics.jsonl")
-            .read_text().splitlines()]  # fmt: skip
+    run = tiny_recipe.run_folder(overrides=recipe, root=tmp_path)
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     colour = [r["object_colour"] for r in rows if r["step"] <= 30]
     loss = [r["loss"] for r in rows if r["step"] > 30 and r["loss"] is not None]
     assert min(colour[-2:]) < 0.6 * colour[0], colour  # measured: 1.46 -> ~0.2 by step 40 in the full run
@@ -96,8 +99,8 @@ def test_threads_until_a_file_then_every_core_resumes_the_same_run(tmp_path, cap
 
     release = tmp_path / "released"
     release.touch()  # already there: the first part stops after its first step
-    recipe = ("run.steps=5", "optim.ground_first_steps=2", "data.micro_batch=4", "data.num_workers=0",
-              "run.log_every=1", "run.progress=false", "deepspeed.precision=auto")  # fmt: skip
+    recipe = ("run.steps=5", "optim.ground_first_steps=2", "data.micro_batch=4", "data.num_workers=0")
+    recipe += ("run.log_every=1", "run.progress=false", "deepspeed.precision=auto")
     folder = tiny.tiny_captioner(overrides=recipe, root=tmp_path, threads=1, threads_until=release)
     out = capfd.readouterr().out
     assert f"stopped by {release} at step 1;" in out, out[-3000:]

@@ -32,20 +32,19 @@ def handful(tmp_path_factory) -> Path:
 
 
 def overrides(handful: Path, out: Path, *extra: str) -> list[str]:
-    return [f"run.out={out}", "data.source=folder", f"data.captions={handful / 'truth'}", f"data.shards={handful}",
-            "data.micro_batch=2", "data.global_batch=4", "data.num_workers=0", f"data.max_pixels={PX}",
-            "data.levels=[medium,short,tags]",
-        "data.turns_per_image=0",  # the recipe's grounding-first phase, curriculum and turn sampling: off here
-        "optim.ground_first_steps=0",
-        "optim.vision_lr_scale=1.0",
-        "run.max_minutes=0",
-            "optim.lr=3e-3", "optim.warmup_steps=3", "optim.schedule=constant", "model.grounding=false",
-            "model.export_dtype=float32", "run.progress=false", "run.log_every=1", "run.threads=1", "deepspeed.precision=auto", *extra]  # fmt: skip
+    args = [f"run.out={out}", "data.source=folder", f"data.captions={handful / 'truth'}", f"data.shards={handful}"]
+    args += ["data.micro_batch=2", "data.global_batch=4", "data.num_workers=0", f"data.max_pixels={PX}"]
+    args += ["data.levels=[medium,short,tags]"]
+    # the recipe's grounding-first phase, curriculum and turn sampling: off here
+    args += ["data.turns_per_image=0", "optim.ground_first_steps=0", "optim.vision_lr_scale=1.0", "run.max_minutes=0"]
+    args += ["optim.lr=3e-3", "optim.warmup_steps=3", "optim.schedule=constant", "model.grounding=false"]
+    args += ["model.export_dtype=float32", "run.progress=false", "run.log_every=1", "run.threads=1"]
+    return [*args, "deepspeed.precision=auto", *extra]
 
 
 def launch(args: list[str], nproc: int = 1) -> subprocess.CompletedProcess:
-    cmd = [str(BIN / "unicap"), "train-captioner", "--config", "train/configs/captioner_tiny.yaml",
-           "--nproc", str(nproc), "--master-port", str(free_port()), *args]  # fmt: skip
+    cmd = [str(BIN / "unicap"), "train-captioner", "--config", "train/configs/captioner_tiny.yaml"]
+    cmd += ["--nproc", str(nproc), "--master-port", str(free_port()), *args]
     r = subprocess.run(cmd, cwd=ROOT, env=env(), capture_output=True, text=True, timeout=900)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     return r
@@ -108,8 +107,10 @@ sys.path.insert(0, {str(ROOT)!r})
 from tests.train.captioner.serve_check import compare
 print("RESULT " + json.dumps(compare({str(folder)!r}, {str(handful)!r}, {PX})))
 """
-    r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env={**env(), "VLLM_ENABLE_V1_MULTIPROCESSING": "0"},
-                       capture_output=True, text=True, timeout=600)  # fmt: skip
+    vllm_env = {**env(), "VLLM_ENABLE_V1_MULTIPROCESSING": "0"}
+    r = subprocess.run(
+        [sys.executable, "-c", code], cwd=ROOT, env=vllm_env, capture_output=True, text=True, timeout=600
+    )
     line = next((x for x in r.stdout.splitlines() if x.startswith("RESULT ")), None)
     assert line, r.stdout[-3000:] + r.stderr[-3000:]
     result = json.loads(line[7:])
