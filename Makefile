@@ -31,11 +31,12 @@ ifneq ($(HAS_CUDA),1)
   export DS_ACCELERATOR := cpu
 endif
 
-.PHONY: install test lint demo bench clean-demo help stage1 stage2 stage3 gpu-check gpu-bundle tiny-models
+.PHONY: install test test-fast lint demo bench clean-demo help stage1 stage2 stage3 gpu-check gpu-bundle tiny-models
 help:
 	@echo "make demo   run the offline end-to-end job on the synthetic data set"
 	@echo "make stage1|stage2|stage3  train Next-DiT on a stage (CONFIG, DATA, NPROC, HOSTFILE, ARGS)"
-	@echo "make test   ruff + pytest (what CI runs)"
+	@echo "make test   ruff (lint + format check) + pytest (what CI runs)"
+	@echo "make test-fast  ruff + the tests not marked slow (the edit loop)"
 	@echo "make install  create or update $(VENV) ($(FLAVOUR) stack)"
 	@echo "make gpu-check  check and measure the GPU path on this GPU machine (table + gpu_check.json)"
 	@echo "make tiny-models  train the tiny models that ship in models/ from their recipes (after a recipe changes)"
@@ -55,14 +56,19 @@ endif
 	@rm -f $(VENV)/.unicap-installed-*
 	@touch $@
 
+# the one format, enforced (as diffusers' `make quality`): ruff's lint rules, E501 at 120 included, and its formatter
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 
-test: $(STAMP)
-	$(VENV)/bin/ruff check .
+test: lint
 	bash tools/ensure_chromium.sh
 	$(PY) -m pytest -q -ra --durations=30 $(PYTEST_ARGS)
+
+# the edit loop: lint + every test not marked slow (no end-to-end runs); CI runs `make test`, all of them
+test-fast: lint
+	bash tools/ensure_chromium.sh
+	$(PY) -m pytest -q -ra -m "not slow" --durations=15 $(PYTEST_ARGS)
 
 # make demo [PRESET=quick] [DEMO_DIR=demo]: quick is the same flow on less data and training (the tests run it)
 PRESET ?= full

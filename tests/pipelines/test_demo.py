@@ -1,7 +1,8 @@
 """`make demo` end to end (PRESET=quick: the same flow on less data and training), then a re-run that redoes nothing.
 
 The real target through make: synth -> read -> the tiny captioner (shipped in models/) -> the caption job on the pool
-and the held-out set -> eval-captions -> scores of the model's captions -> stages -> stage1/2/3 with DeepSpeed -> adherence -> report.
+and the held-out set -> eval-captions -> scores of the model's captions -> stages -> stage1/2/3 with DeepSpeed
+-> adherence -> report.
 """
 
 import json
