@@ -24,6 +24,10 @@ from unicap import distributed
 from unicap.contract import checkpoint as contract
 
 STALE_SAVE = re.compile(r"\.step-\d{8}\.tmp-[0-9a-f]{8}")  # what _write_folder names a save in progress
+# file -> the gathered state it holds. A checkpoint keeps the master weights as the model; the final folder's model
+# is the EMA (what sampling and the next stage load), the master beside it as model_raw.
+CHECKPOINT_FILES = {contract.MODEL_FILE: "model", contract.EMA_FILE: "ema", contract.OPTIMIZER_FILE: "optimizer"}
+FINAL_FILES = {contract.MODEL_FILE: "ema", contract.RAW_FILE: "model", contract.OPTIMIZER_FILE: "optimizer"}
 
 
 def _rank() -> int:
@@ -60,12 +64,7 @@ def save_checkpoint(engine, ema, run_dir: str | Path, state: dict, keep_last: in
     tensors = gather_training_state(engine, ema)
     folder = Path(run_dir) / contract.CHECKPOINTS_DIR / contract.step_dir_name(state["step"])
     if _rank() == 0:
-        files = {
-            contract.MODEL_FILE: tensors["model"],
-            contract.EMA_FILE: tensors["ema"],
-            contract.OPTIMIZER_FILE: tensors["optimizer"],
-        }
-        _write_folder(folder, files, state)
+        _write_folder(folder, {file: tensors[part] for file, part in CHECKPOINT_FILES.items()}, state)
         for old in contract.complete_checkpoints(run_dir)[:-keep_last]:
             shutil.rmtree(old, ignore_errors=True)
         for stale in folder.parent.glob(".step-*.tmp-*"):  # temporaries of killed saves: exactly our names
@@ -81,12 +80,7 @@ def save_final(engine, ema, run_dir: str | Path, state: dict) -> Path:
     tensors = gather_training_state(engine, ema)
     folder = Path(run_dir) / contract.FINAL_DIR
     if _rank() == 0:
-        files = {
-            contract.MODEL_FILE: tensors["ema"],
-            contract.RAW_FILE: tensors["model"],
-            contract.OPTIMIZER_FILE: tensors["optimizer"],
-        }
-        _write_folder(folder, files, state)
+        _write_folder(folder, {file: tensors[part] for file, part in FINAL_FILES.items()}, state)
     _barrier()
     return folder
 

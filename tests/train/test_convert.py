@@ -15,19 +15,12 @@ from train.convert import (
     nextdit_from_diffusers,
     to_diffusers,
 )
-from train.model import NextDiT_configs, NextDiTConfig, build_model
+from train.model import NextDiT_configs, build_model
 
-OTHER = NextDiTConfig(
-    dim=128,
-    n_layers=3,
-    n_refiner_layers=2,
-    n_heads=4,
-    n_kv_heads=2,
-    cap_feat_dim=48,
-    axes_dims=(8, 12, 12),
-    multiple_of=48,
-    in_channels=16,
-    patch_size=2,
+# beside SMALL: two refiner layers of each kind, a text width unlike the model's, 16 latent channels and an FFN
+# width rounded to 48 (4 x 128 -> 528)
+OTHER = dataclasses.replace(
+    NextDiT_configs["NextDiT_tiny"], n_layers=3, n_refiner_layers=2, cap_feat_dim=48, multiple_of=48
 )
 
 

@@ -15,20 +15,10 @@ from datagen.synth import synth_item
 from train import flow
 from train.checkpoint import save_weights
 from train.codecs import VAE, TextEncoder
-from train.model import NextDiTConfig, build_model
+from train.model import NextDiT_configs, build_model
 
 UNICAP = str(Path(sys.executable).with_name("unicap"))
-CFG = NextDiTConfig(
-    dim=128,
-    n_layers=4,
-    n_refiner_layers=1,
-    n_heads=4,
-    n_kv_heads=2,
-    cap_feat_dim=32,
-    axes_dims=(8, 12, 12),
-    multiple_of=64,
-    in_channels=16,
-)
+CFG = NextDiT_configs["NextDiT_tiny"]  # the CPU trainer's model: fits the tiny codecs (16 latent channels, 32-d text)
 STEPS = 600
 
 

@@ -1,4 +1,4 @@
-"""What every table contract shares: the error it raises and the structural check of a schema.
+"""What every table contract shares: the error it raises, its fields' notation and the structural check of a schema.
 
 Each contract module (caption, shards, scores, dedup, manifest) defines its Arrow schema once and a
 `validate(table)` that raises `SchemaError` naming every problem it found, so a reader can check a
@@ -16,6 +16,16 @@ MAX_PROBLEMS = 50
 
 class SchemaError(ValueError):
     """A table does not follow its contract; the message lists every problem found."""
+
+
+def nullable(**types: pa.DataType) -> list[pa.Field]:
+    """Nullable Arrow fields, named and typed as written and in that order: `nullable(width=pa.int32())`."""
+    return [pa.field(name, type_) for name, type_ in types.items()]
+
+
+def required(**types: pa.DataType) -> list[pa.Field]:
+    """Non-nullable Arrow fields (a value on every row), named and typed as written and in that order."""
+    return [pa.field(name, type_, nullable=False) for name, type_ in types.items()]
 
 
 def check_names(names: Iterable[str]) -> None:

@@ -19,7 +19,7 @@ from collections.abc import Iterable, Sequence
 
 import pyarrow as pa
 
-from unicap.contract.base import SchemaError, check_names, key_problems, missing_or_mistyped
+from unicap.contract.base import SchemaError, check_names, key_problems, missing_or_mistyped, nullable, required
 
 SCHEMA_VERSION = "1"
 LEVELS: tuple[str, ...] = ("long", "medium", "short", "tags")
@@ -44,22 +44,14 @@ META_LEVELS = b"unicap.levels"
 META_LANGUAGES = b"unicap.languages"
 
 IDENTITY_FIELDS: tuple[pa.Field, ...] = (
-    pa.field("key", pa.string(), nullable=False),
-    pa.field("shard", pa.string(), nullable=False),
-    pa.field("sha256", pa.string()),
-    pa.field("width", pa.int32()),
-    pa.field("height", pa.int32()),
-    pa.field("source", pa.string()),
-    pa.field("original_caption", pa.string()),
+    *required(key=pa.string(), shard=pa.string()),
+    *nullable(sha256=pa.string(), width=pa.int32(), height=pa.int32()),
+    *nullable(source=pa.string(), original_caption=pa.string()),
 )
 PROVENANCE_FIELDS: tuple[pa.Field, ...] = (
-    pa.field("status", pa.string(), nullable=False),
-    pa.field("error", pa.string()),
-    pa.field("model", pa.string()),
-    pa.field("prompt_version", pa.string()),
-    pa.field("engine", pa.string()),
-    pa.field("num_output_tokens", pa.int32()),
-    pa.field("created_at", pa.timestamp("us", tz="UTC")),
+    *required(status=pa.string()),
+    *nullable(error=pa.string(), model=pa.string(), prompt_version=pa.string(), engine=pa.string()),
+    *nullable(num_output_tokens=pa.int32(), created_at=pa.timestamp("us", tz="UTC")),
 )
 
 

@@ -16,23 +16,16 @@ from pathlib import Path
 
 import pyarrow as pa
 
-from unicap.contract.base import key_problems, missing_or_mistyped, raise_if
+from unicap.contract.base import key_problems, missing_or_mistyped, nullable, raise_if, required
 
 STAGES = ("stage1", "stage2", "stage3")
 FUNNEL_FILE = "funnel.json"
 MANIFEST_SCHEMA = pa.schema(
     [
-        pa.field("key", pa.string(), nullable=False),
-        pa.field("shard", pa.string()),
-        pa.field("location", pa.string()),
-        pa.field("caption_levels_ok", pa.string()),
-        pa.field("width", pa.int32()),
-        pa.field("height", pa.int32()),
-        pa.field("min_side", pa.int32()),
-        pa.field("aspect_ratio", pa.float32()),
-        pa.field("aesthetic", pa.float32()),
-        pa.field("clip_score", pa.float32()),
-        pa.field("composite", pa.float64()),
+        *required(key=pa.string()),
+        *nullable(shard=pa.string(), location=pa.string(), caption_levels_ok=pa.string()),
+        *nullable(width=pa.int32(), height=pa.int32(), min_side=pa.int32(), aspect_ratio=pa.float32()),
+        *nullable(aesthetic=pa.float32(), clip_score=pa.float32(), composite=pa.float64()),
     ]
 )
 MANIFEST_COLUMNS: list[str] = MANIFEST_SCHEMA.names

@@ -31,7 +31,7 @@ import pyarrow.parquet as pq
 
 from unicap.atomic import visible_parquet_files
 from unicap.contract import caption as caption_record
-from unicap.contract.base import SchemaError, key_problems, missing_or_mistyped, raise_if
+from unicap.contract.base import SchemaError, key_problems, missing_or_mistyped, nullable, raise_if, required
 
 PACKED_VERSION = "1"
 STATUSES: tuple[str, ...] = ("ok", "failed")
@@ -85,17 +85,11 @@ def packed_schema(
 ) -> pa.Schema:
     """The Arrow schema of a packed index for these caption levels and languages."""
     fields = [
-        pa.field("key", pa.string(), nullable=False),
-        pa.field("shard", pa.string(), nullable=False),
-        pa.field("bucket", pa.int16(), nullable=False),
-        pa.field("width", pa.int32()),
-        pa.field("height", pa.int32()),
-        pa.field("offset", pa.int64()),
-        pa.field("size", pa.int32()),
-        pa.field("json_offset", pa.int64()),
-        pa.field("json_size", pa.int32()),
-        pa.field("status", pa.string(), nullable=False),
-        pa.field("error", pa.string()),
+        *required(key=pa.string(), shard=pa.string(), bucket=pa.int16()),
+        *nullable(width=pa.int32(), height=pa.int32()),
+        *nullable(offset=pa.int64(), size=pa.int32(), json_offset=pa.int64(), json_size=pa.int32()),
+        *required(status=pa.string()),
+        *nullable(error=pa.string()),
         *(pa.field(c, pa.string()) for c in text_columns(levels, languages)),
     ]
     meta = {META_VERSION: PACKED_VERSION.encode(), **caption_record.levels_metadata(levels, languages)}
@@ -109,8 +103,7 @@ def levels_languages(schema: pa.Schema) -> tuple[tuple[str, ...], tuple[str, ...
     return caption_record.parse_levels_metadata(meta)
 
 
-def error_reason(error: str | None) -> str | None:
-    return None if error is None else error.split(":", 1)[0].strip()
+error_reason = caption_record.error_reason  # the same "<reason>: <detail>" errors, the same reading
 
 
 def validate(table: pa.Table, buckets: Sequence[Sequence[int]] | None = None) -> None:

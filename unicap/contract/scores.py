@@ -23,7 +23,15 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from unicap.contract import caption
-from unicap.contract.base import SchemaError, check_names, key_problems, missing_or_mistyped, raise_if
+from unicap.contract.base import (
+    SchemaError,
+    check_names,
+    key_problems,
+    missing_or_mistyped,
+    nullable,
+    raise_if,
+    required,
+)
 
 EMBED_DIR = "_embeddings"  # "_": not read by pandas.read_parquet(scores/)
 CAPTION_STATUSES: tuple[str, ...] = (*caption.STATUSES, "missing")  # "missing": no caption row for the image
@@ -32,22 +40,12 @@ CLIP_COLUMN = re.compile(r"clip_([A-Za-z][A-Za-z0-9]*)_([A-Za-z][A-Za-z0-9]*)")
 COSINE_SLACK = 1e-3  # bf16 autocast may put a cosine a hair outside [-1, 1]
 
 IDENTITY_FIELDS: tuple[pa.Field, ...] = (
-    pa.field("key", pa.string(), nullable=False),
-    pa.field("shard", pa.string(), nullable=False),
-    pa.field("width", pa.int32()),
-    pa.field("height", pa.int32()),
-    pa.field("min_side", pa.int32()),
-    pa.field("aspect_ratio", pa.float32()),
-    pa.field("sha256", pa.string()),
-    pa.field("source", pa.string()),
-    pa.field("caption_status", pa.string()),
-    pa.field("caption_levels_ok", pa.string()),
-    pa.field("decode_error", pa.string()),
+    *required(key=pa.string(), shard=pa.string()),
+    *nullable(width=pa.int32(), height=pa.int32(), min_side=pa.int32(), aspect_ratio=pa.float32()),
+    *nullable(sha256=pa.string(), source=pa.string()),
+    *nullable(caption_status=pa.string(), caption_levels_ok=pa.string(), decode_error=pa.string()),
 )
-TRAILING_FIELDS: tuple[pa.Field, ...] = (
-    pa.field("aesthetic", pa.float32()),
-    pa.field("clip_model", pa.string()),
-)
+TRAILING_FIELDS: tuple[pa.Field, ...] = tuple(nullable(aesthetic=pa.float32(), clip_model=pa.string()))
 EMBEDDING_FIELD = pa.field("embedding", pa.list_(pa.float16()))
 EMBEDDINGS_SCHEMA = pa.schema([pa.field("key", pa.string(), nullable=False), EMBEDDING_FIELD])
 

@@ -19,7 +19,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from unicap.contract.base import key_problems, raise_if
+from unicap.contract.base import key_problems, nullable, raise_if
 
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "gif", "bmp", "tif", "tiff")
 SUCCESS = "success"
@@ -28,16 +28,11 @@ STATS_SUFFIX = "_stats.json"
 
 INDEX_SCHEMA = pa.schema(
     [
-        pa.field("key", pa.string()),
-        pa.field("url", pa.string()),  # URL or local path: the caption record's `source`
-        pa.field("caption", pa.string()),  # alt text / original caption
-        pa.field("status", pa.string()),
-        pa.field("error_message", pa.string()),
-        pa.field("width", pa.int64()),
-        pa.field("height", pa.int64()),
-        pa.field("original_width", pa.int64()),
-        pa.field("original_height", pa.int64()),
-        pa.field("sha256", pa.string()),
+        # url: a URL or local path (the caption record's `source`); caption: the alt text / original caption
+        *nullable(key=pa.string(), url=pa.string(), caption=pa.string()),
+        *nullable(status=pa.string(), error_message=pa.string()),
+        *nullable(width=pa.int64(), height=pa.int64(), original_width=pa.int64(), original_height=pa.int64()),
+        *nullable(sha256=pa.string()),
     ]
 )
 REQUIRED_INDEX_COLUMNS = ("key", "status", "error_message")
@@ -53,14 +48,9 @@ READ_COLUMNS = ("key", "shard", "image", "source", "original_caption", "sha256",
 READ_ERROR = "read_error"
 READER_SCHEMA = pa.schema(
     [
-        pa.field("key", pa.string()),
-        pa.field("shard", pa.string()),
-        pa.field("image", pa.binary()),
-        pa.field("source", pa.string()),
-        pa.field("original_caption", pa.string()),
-        pa.field("sha256", pa.string()),
-        pa.field("width", pa.int64()),
-        pa.field("height", pa.int64()),
+        *nullable(key=pa.string(), shard=pa.string(), image=pa.binary()),
+        *nullable(source=pa.string(), original_caption=pa.string(), sha256=pa.string()),
+        *nullable(width=pa.int64(), height=pa.int64()),
         pa.field(READ_ERROR, pa.string()),
     ]
 )
