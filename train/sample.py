@@ -126,22 +126,10 @@ def run(args: argparse.Namespace) -> int:
     default = contract.EMA_FILE if (folder / contract.EMA_FILE).exists() else contract.MODEL_FILE
     model, te, vae = load_for_sampling(folder, args.weights or default, args.device)
     width, height = (int(v) for v in args.size.lower().split("x"))
-    images = generate(
-        model,
-        te,
-        vae,
-        args.prompt,
-        width=width,
-        height=height,
-        steps=args.steps,
-        cfg_scale=args.cfg,
-        renorm_cfg=args.renorm_cfg,
-        cfg_trunc=args.cfg_trunc,
-        cfg_trunc_mode=args.cfg_trunc_mode,
-        method=args.method,
-        negative_prompt=args.negative_prompt,
-        seed=args.seed,
-    )
+    guidance = dict(cfg_scale=args.cfg, renorm_cfg=args.renorm_cfg, negative_prompt=args.negative_prompt)
+    guidance |= dict(cfg_trunc=args.cfg_trunc, cfg_trunc_mode=args.cfg_trunc_mode)
+    solver = dict(steps=args.steps, method=args.method, seed=args.seed)
+    images = generate(model, te, vae, args.prompt, width=width, height=height, **solver, **guidance)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     for i, (prompt, im) in enumerate(zip(args.prompt, images, strict=True)):
