@@ -228,8 +228,9 @@ def main(argv: list[str] | None = None) -> int:
         if Path(args.src).is_dir():
             model, _ = load_weights(args.src, args.weights)
         else:
+            state = from_original(_release_state(args.src))  # refused here, before a 2.6B model is built
             model = NextDiT(NextDiT_configs[args.config])
-            model.load_state_dict(from_original(_release_state(args.src)))
+            model.load_state_dict(state)
         if reason := not_in_diffusers(model.cfg):
             print(f"{args.src}: no diffusers export: {reason}", file=sys.stderr)
             return 2
