@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pandas as pd
 import pyarrow.parquet as pq
+import pytest
 from PIL import Image
 
 from datagen.folder import folder_key, ingest_folder
@@ -23,6 +24,9 @@ from tests.pipelines.standin_server import BEHAVIOURS, StandInServer
 from unicap.captioner import CaptionConfig
 from unicap.contract import caption as caption_record
 from unicap.engines import EngineConfig
+
+# slow: a real Ray cluster and vLLM engines and servers in every test: make test runs it, make test-fast does not
+pytestmark = pytest.mark.slow
 
 REPO = Path(__file__).resolve().parents[2]
 

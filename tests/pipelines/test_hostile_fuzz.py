@@ -34,6 +34,9 @@ from unicap.contract import caption as caption_record
 from unicap.contract import manifest, scores
 from unicap.engines import EngineConfig
 
+# slow: the caption, score and stages jobs on Ray: make test runs it, make test-fast does not
+pytestmark = pytest.mark.slow
+
 SEED = int(os.environ.get("UNICAP_FUZZ_SEED", "0"))
 LENIENT_RULES = {"stage1": {"min_side": 1, "caption_status": ["ok", "partial"]}, "stage2": {"min_side": 1}}
 

@@ -14,6 +14,9 @@ import pytest
 from tests.conftest import RayHead
 from tests.pipelines.conftest import TINY_MAX_TOKENS_ARG
 
+# slow: a Ray head and `ray job submit`: make test runs it, make test-fast does not
+pytestmark = pytest.mark.slow
+
 REPO = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
 

@@ -21,6 +21,9 @@ from unicap.clip import TINY_CLIP_NAME, tiny_aesthetic_head, tiny_clip
 from unicap.contract import dedup, scores
 from unicap.decode import decode_image
 
+# slow: the score job on Ray with open_clip: make test runs it, make test-fast does not
+pytestmark = pytest.mark.slow
+
 
 def validate_output(out) -> None:
     """Every score file, its embeddings and the duplicates table follow unicap.contract."""

@@ -17,6 +17,9 @@ from train.checkpoint import save_weights
 from train.codecs import VAE, TextEncoder
 from train.model import NextDiT_configs, build_model
 
+# slow: 600 training steps and a `unicap sample` run: make test runs it, make test-fast does not
+pytestmark = pytest.mark.slow
+
 UNICAP = str(Path(sys.executable).with_name("unicap"))
 CFG = NextDiT_configs["NextDiT_tiny"]  # the CPU trainer's model: fits the tiny codecs (16 latent channels, 32-d text)
 STEPS = 600

@@ -50,6 +50,7 @@ def test_the_shipped_clip_tells_true_captions_from_others():
     assert random_clip["all"] < 0.7, random_clip
 
 
+@pytest.mark.slow  # 150 training steps
 @pytest.mark.timeout(900)
 def test_a_short_run_of_the_recipe_learns(tmp_path):
     """The recipe still trains: 150 steps on 256 scenes move the held-out AUC well above chance."""
