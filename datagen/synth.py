@@ -52,11 +52,11 @@ BACKGROUNDS = {
 }
 SHAPES = {"circle": "圆形", "square": "正方形", "triangle": "三角形", "diamond": "菱形"}
 SIZES = {"small": (0.35, "小"), "medium": (0.6, "中等大小的"), "large": (0.85, "大")}
-CELLS = [  # row-major 3x3 grid: (English, Chinese)
-    ("top left", "左上角"), ("top", "上方"), ("top right", "右上角"),
-    ("left", "左侧"), ("center", "中央"), ("right", "右侧"),
-    ("bottom left", "左下角"), ("bottom", "下方"), ("bottom right", "右下角"),
-]  # fmt: skip  # laid out as the grid it names: one row of cells a line
+# the 3x3 grid of places, one row a line: (English, Chinese)
+TOP_ROW = [("top left", "左上角"), ("top", "上方"), ("top right", "右上角")]
+MIDDLE_ROW = [("left", "左侧"), ("center", "中央"), ("right", "右侧")]
+BOTTOM_ROW = [("bottom left", "左下角"), ("bottom", "下方"), ("bottom right", "右下角")]
+CELLS = [*TOP_ROW, *MIDDLE_ROW, *BOTTOM_ROW]  # row-major
 WORDS = ["HELLO", "CAT", "SUN", "LUMINA", "OPEN", "DATA", "PIXEL", "RAY", "TREE", "MOON"]
 CANVASES = [  # (width, height, weight): square, landscape, portrait; a tail of >= 1024 px images
     (256, 256, 4),

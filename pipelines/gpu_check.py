@@ -67,10 +67,11 @@ def use_bundle(wheels: Path) -> str | None:
         shutil.rmtree(site, ignore_errors=True)
         site.mkdir(parents=True)
         picks = _missing_wheels(wheels, site)
-        install = ["install", "-q", "--no-index", "--no-deps", "--target", str(site), *picks]
-        r = subprocess.run([sys.executable, "-m", "pip", *install], capture_output=True, text=True) if picks else None
-        if r is not None and r.returncode != 0:
-            raise InputError(f"installing {wheels}: {r.stderr.strip()[-300:]}")
+        if picks:
+            install = ["install", "-q", "--no-index", "--no-deps", "--target", str(site), *picks]
+            r = subprocess.run([sys.executable, "-m", "pip", *install], capture_output=True, text=True)
+            if r.returncode != 0:
+                raise InputError(f"installing {wheels}: {r.stderr.strip()[-300:]}")
         stamp.write_text("\n".join(found))
     sys.path.insert(0, str(site))
     os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(site), os.environ.get("PYTHONPATH")]))

@@ -17,11 +17,10 @@ from collections.abc import Sequence
 import numpy as np
 from PIL import Image, ImageOps
 
-# width:height, 1:4 ... 4:1
-DEFAULT_RATIOS: tuple[tuple[int, int], ...] = (
-    (1, 4), (1, 3), (1, 2), (9, 16), (2, 3), (3, 4), (4, 5), (1, 1),
-    (5, 4), (4, 3), (3, 2), (16, 9), (2, 1), (3, 1), (4, 1),
-)  # fmt: skip  # a table: portrait ratios up to 1:1, then their landscape mirrors
+# width:height, 1:4 ... 4:1: the portrait ratios, 1:1, then their landscape mirrors
+PORTRAIT_RATIOS: tuple[tuple[int, int], ...] = ((1, 4), (1, 3), (1, 2), (9, 16), (2, 3), (3, 4), (4, 5))
+LANDSCAPE_RATIOS = tuple((h, w) for w, h in reversed(PORTRAIT_RATIOS))
+DEFAULT_RATIOS: tuple[tuple[int, int], ...] = (*PORTRAIT_RATIOS, (1, 1), *LANDSCAPE_RATIOS)
 
 
 def _best_size(area: float, ratio: float, multiple: int) -> tuple[int, int]:

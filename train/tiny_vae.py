@@ -190,7 +190,9 @@ def train_vae(recipe: Recipe, log: Log = print):
     for step in range(1, recipe.steps + 1):
         x = torch.einsum("ij,bjhw->bihw", color, next(batches))
         post = vae.encode(x).latent_dist
-        z = post.mean + post.std * torch.randn(post.mean.shape, generator=gen) if recipe.sample_posterior else post.mean
+        z = post.mean
+        if recipe.sample_posterior:  # the noise is drawn on the CPU: the same on any device
+            z = z + post.std * torch.randn(z.shape, generator=gen).to(z.device)
         rec = vae.decode(z).sample
         l1 = (rec - x).abs().mean()
         mse = (rec - x).pow(2).mean()
