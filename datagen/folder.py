@@ -1,6 +1,7 @@
 """Folder ingest: a folder tree of local images -> image shards, in the URL ingest's format.
 
     unicap ingest-folder photos/ --out data/shards
+    unicap ingest-folder photos/ --out s3://bucket/shards     # --out may be any URI unicap.storage opens
 
 Keys are stable: the first 16 hex digits of sha1(relative path, as the file system's bytes), so the
 same file gets the same key on every run. A `name.txt` beside `name.jpg` is taken as its original
@@ -19,15 +20,14 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import json
 import os
 import stat
 from pathlib import Path
 
-from datagen.shards import ShardItem, is_complete, shard_name, write_shard
+from datagen.shards import ShardFolder, ShardItem, shard_name, write_shard
 from datagen.url_guard import MAX_BYTES
-from unicap import preflight
-from unicap.atomic import remove_stale_temporaries, write_json
+from unicap import preflight, storage
+from unicap.atomic import remove_stale_temporaries
 from unicap.contract.shards import IMAGE_EXTENSIONS, STATS_SUFFIX
 from unicap.decode import decode_image
 
@@ -171,21 +171,24 @@ def _is_folder_output(rel: str, is_dir: bool) -> bool:
     return stem.isdigit() and rel in (f"{stem}.tar", f"{stem}.parquet", f"{stem}{STATS_SUFFIX}")
 
 
-def ingest_folder(root: str | Path, out: str | Path, shard_size: int = 10_000) -> dict:
-    """Shard every image under `root` into `out`; returns {"images", "shards", "skipped_files"}."""
-    root, out = Path(root), Path(out)
+def ingest_folder(root: str | Path, out: str | os.PathLike | storage.Location, shard_size: int = 10_000) -> dict:
+    """Shard every image under the local folder `root` into `out` (a folder or a URI);
+    returns {"images", "shards", "skipped_files"}."""
+    root, out = storage.resolve(root).local_path, storage.resolve(out)
     preflight.at_least("shard_size", shard_size, 1)
     if not root.is_dir():
         raise NotADirectoryError(f"{root} is not a folder")
+    if not out.is_local:
+        storage.check_writable(out)  # one line for a missing bucket or refused credentials
     preflight.check_output_folder(out, _is_folder_output, "ingest-folder")
     root_real = os.path.realpath(root)
-    images, others = _scan(root, exclude={os.path.realpath(out)})
+    images, others = _scan(root, exclude={os.path.realpath(out.path)} if out.is_local else set())
     if not images:
         raise preflight.UsageError(f"no image files ({', '.join(IMAGE_EXTENSIONS)}) under {root}")
     listing = hashlib.sha256(b"\n".join(os.fsencode(r) for r in images)).hexdigest()
-    manifest_path = out / MANIFEST
+    manifest_path = out.join(MANIFEST)
     if manifest_path.exists():
-        previous = json.loads(manifest_path.read_text())
+        previous = manifest_path.read_json()
         if previous["listing_sha256"] != listing or previous["shard_size"] != shard_size:
             raise preflight.UsageError(
                 f"{root} changed since {out} was first written (or --shard-size differs): "
@@ -200,13 +203,15 @@ def ingest_folder(root: str | Path, out: str | Path, shard_size: int = 10_000) -
             "skipped_files": list(others),
             "skipped_reasons": others,
         }
-        write_json(manifest, manifest_path)
-    remove_stale_temporaries(out, lambda rel: _is_folder_output(rel, False))
+        manifest_path.write_json(manifest)
+    if out.is_local:  # a bucket has no temporaries: an upload is visible only once complete
+        remove_stale_temporaries(out.path, lambda rel: _is_folder_output(rel, False))
+    done = set(ShardFolder(out).list())  # one listing, not a request per shard
     shards = []
     for shard_id, start in enumerate(range(0, len(images), shard_size)):
         shard = shard_name(shard_id)
         shards.append(shard)
-        if not is_complete(out, shard):
+        if shard not in done:
             batch = images[start : start + shard_size]
             write_shard(out, shard, (_item(root, root_real, rel) for rel in batch))
     return {"images": len(images), "shards": len(shards), "skipped_files": list(others)}
@@ -214,7 +219,7 @@ def ingest_folder(root: str | Path, out: str | Path, shard_size: int = 10_000) -
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("folder", help="folder of images (searched recursively)")
-    p.add_argument("--out", required=True, help="output folder for the shards")
+    p.add_argument("--out", required=True, help="output folder or URI for the shards")
     p.add_argument("--shard-size", type=int, default=10_000, help="images per shard (default 10000)")
 
 
@@ -222,6 +227,6 @@ def run(args: argparse.Namespace) -> int:
     res = ingest_folder(args.folder, args.out, args.shard_size)
     print(f"ingest-folder: {res['images']} images in {res['shards']} shard(s) under {args.out}")
     if res["skipped_files"]:
-        listing = Path(args.out) / MANIFEST
+        listing = storage.resolve(args.out).join(MANIFEST)
         print(f"  {len(res['skipped_files'])} other file(s) skipped, listed with the reason in {listing}")
     return 0

@@ -1,6 +1,7 @@
 """URL ingest: a CSV / TSV / Parquet / JSON / txt list of URLs -> image shards, with img2dataset.
 
     unicap ingest urls.csv --out data/shards [--caption-col caption] [--allow-private]
+    unicap ingest urls.csv --out s3://bucket/shards      # --out may be a URI (img2dataset writes through fsspec)
 
 img2dataset does the sharding, per-shard `_stats.json` and resume by shard (incremental mode).
 unicap plugs three things into it:
@@ -15,6 +16,9 @@ unicap plugs three things into it:
   (`status=failed_to_resize`, `error_message="undecodable_image: truncated: ..."`).
 Every URL comes out as a row of the shard's Parquet index with `status` and `error_message`;
 a shard that still ends incomplete is reported (exit 1) and redone by the next run.
+What unicap itself reads and checks of the output (the output folder, the stats files, the index) goes
+through unicap.storage; img2dataset writes the shards through fsspec (s3fs for s3://), from the same
+environment (AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID, ...).
 """
 
 from __future__ import annotations
@@ -23,7 +27,6 @@ import argparse
 import contextlib
 import functools
 import io
-import json
 import os
 import re
 import sys
@@ -41,9 +44,9 @@ import pyarrow.parquet as pq  # noqa: E402
 img2dataset_main = importlib.import_module("img2dataset.main")
 img2dataset_downloader = importlib.import_module("img2dataset.downloader")
 
-from datagen.shards import list_shards  # noqa: E402
+from datagen.shards import ShardFolder  # noqa: E402
 from datagen.url_guard import USER_AGENT, FetchError, fetch  # noqa: E402
-from unicap import preflight  # noqa: E402
+from unicap import preflight, storage  # noqa: E402
 from unicap.contract.shards import STATS_SUFFIX  # noqa: E402
 from unicap.decode import decode_image  # noqa: E402
 
@@ -133,12 +136,17 @@ def _as_text(column: pa.ChunkedArray, name: str, source: Path) -> pa.ChunkedArra
         raise preflight.UsageError(f"{source}: column {name!r} is not text ({column.type}): {e}") from None
 
 
-def read_url_list(path: str | Path, url_col: str = "url", caption_col: str | None = None) -> pa.Table:
-    """The URL list as a table of `url` (and `caption`) strings, one row per URL, in list order."""
-    path = Path(path)
-    fmt = INPUT_FORMATS.get(path.suffix.lower())
+def read_url_list(
+    path: str | os.PathLike | storage.Location, url_col: str = "url", caption_col: str | None = None
+) -> pa.Table:
+    """The URL list (a local file or a URI) as a table of `url` (and `caption`) strings, one row per URL, in
+    list order."""
+    path = storage.resolve(path)
+    fmt = INPUT_FORMATS.get(os.path.splitext(path.name)[1].lower())
     if fmt is None:
         raise preflight.UsageError(f"unsupported URL list {path.name}: use one of {sorted(INPUT_FORMATS)}")
+    if not path.is_local:
+        storage.check_readable(path)  # one line for a missing bucket or refused credentials
     if not path.is_file():
         raise FileNotFoundError(f"URL list {path} does not exist (or is not a file)")
     if fmt == "txt":  # one URL per line; undecodable bytes become U+FFFD, so the line stays one row
@@ -148,18 +156,21 @@ def read_url_list(path: str | Path, url_col: str = "url", caption_col: str | Non
         if fmt in ("csv", "tsv"):
             from pyarrow import csv
 
-            table = csv.read_csv(
-                path,
-                read_options=csv.ReadOptions(block_size=64 << 20),  # a long URL must fit in a block
-                parse_options=csv.ParseOptions(delimiter="\t" if fmt == "tsv" else ","),
-                convert_options=csv.ConvertOptions(column_types={c: pa.string() for c in (url_col, caption_col) if c}),
-            )
+            with path.open_input() as f:
+                table = csv.read_csv(
+                    f,
+                    read_options=csv.ReadOptions(block_size=64 << 20),  # a long URL must fit in a block
+                    parse_options=csv.ParseOptions(delimiter="\t" if fmt == "tsv" else ","),
+                    convert_options=csv.ConvertOptions(
+                        column_types={c: pa.string() for c in (url_col, caption_col) if c}
+                    ),
+                )
         elif fmt == "json":
             import pandas as pd
 
-            table = pa.Table.from_pandas(pd.read_json(path), preserve_index=False)
+            table = pa.Table.from_pandas(pd.read_json(io.BytesIO(path.read_bytes())), preserve_index=False)
         else:
-            table = pq.read_table(path)
+            table = path.read_parquet()
     except (pa.ArrowInvalid, ValueError, OSError) as e:
         raise preflight.UsageError(f"cannot read URL list {path}: {str(e).splitlines()[0]}") from None
     columns = {"url": url_col} | ({"caption": caption_col} if caption_col else {})
@@ -186,52 +197,44 @@ def check_ingest_args(shard_size: int, processes: int, threads: int, timeout: fl
     preflight.at_least("retries", retries, 0)
 
 
-def incomplete_shards(out: str | Path, n_urls: int, shard_size: int) -> dict[int, str]:
+def incomplete_shards(out: str | os.PathLike | storage.Location, n_urls: int, shard_size: int) -> dict[int, str]:
     """Shard id -> what is wrong, for every shard of an `n_urls` list that is not complete in `out`."""
-    complete = {int(s): s for s in list_shards(out) if s.isdigit()}
+    folder = ShardFolder(out)
+    complete = {int(s): s for s in folder.list() if s.isdigit()}
     problems = {}
     for shard_id in range(-(-n_urls // shard_size)):
         want = min(shard_size, n_urls - shard_id * shard_size)
         if shard_id not in complete:
             problems[shard_id] = f"no {STATS_SUFFIX} ({want} URLs not recorded)"
             continue
-        stats = json.loads((Path(out) / f"{complete[shard_id]}{STATS_SUFFIX}").read_text())
+        stats = folder.stats_file(complete[shard_id]).read_json()
         if stats.get("count") != want:
             problems[shard_id] = f"{stats.get('count')} rows, expected {want}"
     return problems
 
 
-def ingest_urls(
-    url_list: str | Path,
-    out: str | Path,
+def _download(
+    table: pa.Table,
+    out: storage.Location,
+    captions: bool,
+    allow_private: bool,
     *,
-    url_col: str = "url",
-    caption_col: str | None = None,
-    allow_private: bool = False,
-    shard_size: int = 10_000,
-    processes: int = 1,
-    threads: int = 16,
-    timeout: float = 10,
-    retries: int = 0,
-) -> dict:
-    """Download every URL of `url_list` into shards under `out`; returns counts by status.
-
-    Raises UsageError (bad arguments, an unreadable list, an output folder with other files) before
-    anything is fetched, and IngestIncomplete when shards are missing at the end."""
-    check_ingest_args(shard_size, processes, threads, timeout, retries)
-    table = read_url_list(url_list, url_col, caption_col)
-    if table.num_rows == 0:
-        raise preflight.UsageError(f"URL list {url_list} holds no URLs")
-    preflight.check_output_folder(out, _is_ingest_output, "ingest")
+    shard_size: int,
+    processes: int,
+    threads: int,
+    timeout: float,
+    retries: int,
+) -> None:
+    """img2dataset over the URL table (url, caption), into `out`, resuming by shard (its incremental mode)."""
     with tempfile.TemporaryDirectory(prefix="unicap-ingest-") as tmp, _patched_img2dataset(allow_private):
         listed = Path(tmp) / "urls.parquet"
         pq.write_table(table, listed)
         img2dataset_main.download(
             url_list=str(listed),
-            output_folder=str(out),
+            output_folder=out.uri,  # a local path or a URI fsspec opens (s3fs, from the same environment)
             input_format="parquet",
             url_col="url",
-            caption_col="caption" if caption_col else None,
+            caption_col="caption" if captions else None,
             output_format="webdataset",
             resize_mode="no",
             number_sample_per_shard=shard_size,
@@ -245,20 +248,51 @@ def ingest_urls(
             extract_exif=False,
             enable_wandb=False,
         )
+
+
+def ingest_urls(
+    url_list: str | Path,
+    out: str | os.PathLike | storage.Location,
+    *,
+    url_col: str = "url",
+    caption_col: str | None = None,
+    allow_private: bool = False,
+    shard_size: int = 10_000,
+    processes: int = 1,
+    threads: int = 16,
+    timeout: float = 10,
+    retries: int = 0,
+) -> dict:
+    """Download every URL of `url_list` into shards under `out` (a folder or a URI); returns counts by status.
+
+    Raises UsageError (bad arguments, an unreadable list, an output folder with other files) before
+    anything is fetched, and IngestIncomplete when shards are missing at the end."""
+    check_ingest_args(shard_size, processes, threads, timeout, retries)
+    out = storage.resolve(out)
+    table = read_url_list(url_list, url_col, caption_col)
+    if table.num_rows == 0:
+        raise preflight.UsageError(f"URL list {url_list} holds no URLs")
+    if not out.is_local:
+        storage.check_writable(out)  # one line for a missing bucket or refused credentials
+    preflight.check_output_folder(out, _is_ingest_output, "ingest")
+    if incomplete_shards(out, table.num_rows, shard_size):  # a complete output starts no download processes
+        settings = dict(shard_size=shard_size, processes=processes, threads=threads, timeout=timeout, retries=retries)
+        _download(table, out, caption_col is not None, allow_private, **settings)
     problems = incomplete_shards(out, table.num_rows, shard_size)
     if problems:
         listed = "; ".join(f"shard {i}: {p}" for i, p in sorted(problems.items())[:5])
         raise IngestIncomplete(f"{len(problems)} shard(s) of {out} incomplete ({listed}); re-run to redo them")
     counts: dict[str, int] = {}
-    for shard in list_shards(out):
-        for status in pq.read_table(Path(out) / f"{shard}.parquet", columns=["status"]).column(0).to_pylist():
+    folder = ShardFolder(out)
+    for shard in folder.list():
+        for status in folder.index(shard, columns=["status"]).column(0).to_pylist():
             counts[status] = counts.get(status, 0) + 1
     return counts
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("urls", help="URL list: .csv, .tsv, .parquet, .json or .txt (one URL per line)")
-    p.add_argument("--out", required=True, help="output folder for the shards")
+    p.add_argument("--out", required=True, help="output folder or URI for the shards")
     p.add_argument("--url-col", default="url", help="URL column name (default url)")
     p.add_argument("--caption-col", default=None, help="alt-text / caption column, if any")
     p.add_argument(
@@ -291,5 +325,5 @@ def run(args: argparse.Namespace) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 1
     print(f"ingest: {sum(counts.values())} URLs -> {args.out}: {counts}")
-    print(f"  index: datagen.shards.read_index({str(args.out)!r})")
+    print(f"  index: datagen.shards.read_index({storage.resolve(args.out).uri!r})")
     return 0

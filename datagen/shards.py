@@ -6,55 +6,117 @@ The format (tar + Parquet index + stats file written last) is the contract unica
     DIR/00000.parquet      the index: one row per input item, failures included (status, error_message)
     DIR/00000_stats.json   counts per status; written LAST, so its presence marks the shard complete
 
-Readers: `read_index(DIR)` (pandas) and `read_shards(DIR)` (Ray Data: key, shard, image bytes,
-metadata), the one reader every later job uses. A tar is read against its index (`iter_shard`): a
-truncated tar, a key the index lacks, an invalid {key}.json each cost their own items, never the shard.
+DIR is a local folder or a URI (unicap.storage): `ShardFolder(DIR)` is the one object every job uses for it
+(list, complete?, index, failures, read), and it pickles, so Ray workers read their own shards. Readers for
+users: `read_index(DIR)` (pandas) and `read_shards(DIR)` (Ray Data: key, shard, image bytes, metadata). A tar
+is read against its index (datagen.shard_reader): a truncated tar, a key the index lacks, an invalid
+{key}.json each cost their own items, never the shard.
 """
 
 from __future__ import annotations
 
 import io
 import json
+import os
 import tarfile
 from collections import Counter
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
-from pathlib import Path
 
 import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 
-from unicap.atomic import atomic_path, write_json, write_parquet
-from unicap.contract.shards import (
-    IMAGE_EXTENSIONS,
-    INDEX_SCHEMA,
-    MAX_MEMBER_BYTES,
-    MISSING_FROM_TAR,
-    READ_COLUMNS,
-    READ_ERROR,
-    READER_SCHEMA,
-    REFUSED,
-    STATS_SUFFIX,
-    SUCCESS,
-    index_path,
-    stats_path,
-    tar_path,
-)
+from datagen.shard_reader import iter_tar
+from unicap import storage
+from unicap.contract import caption as caption_record
+from unicap.contract.shards import INDEX_SCHEMA, STATS_SUFFIX, SUCCESS
+from unicap.storage import Location
 
 
 def shard_name(shard_id: int) -> str:
     return f"{shard_id:05d}"
 
 
-def is_complete(directory: str | Path, shard: str) -> bool:
-    return stats_path(directory, shard).exists()
+class ShardFolder:
+    """A folder of image shards, local or in a bucket: what it holds, and each shard's index, failures and rows."""
+
+    def __init__(self, where: str | os.PathLike | Location):
+        self.loc = storage.resolve(where)
+
+    def __repr__(self) -> str:
+        return f"ShardFolder({self.loc.uri!r})"
+
+    @property
+    def uri(self) -> str:
+        return self.loc.uri
+
+    def tar(self, shard: str) -> Location:
+        return self.loc.join(f"{shard}.tar")
+
+    def index_file(self, shard: str) -> Location:
+        return self.loc.join(f"{shard}.parquet")
+
+    def stats_file(self, shard: str) -> Location:
+        return self.loc.join(f"{shard}{STATS_SUFFIX}")
+
+    def list(self) -> list[str]:
+        """Names of the complete shards, sorted (one listing of the folder)."""
+        return sorted(f.name[: -len(STATS_SUFFIX)] for f in self.loc.files(STATS_SUFFIX))
+
+    def is_complete(self, shard: str) -> bool:
+        return self.stats_file(shard).exists()
+
+    def index(self, shard: str, columns: list[str] | None = None) -> pa.Table:
+        return self.index_file(shard).read_parquet(columns=columns)
+
+    def index_keys(self, shard: str) -> pa.Array:
+        """Every key of the shard's index (failures included): what a job's output of it must hold."""
+        return self.index(shard, columns=["key"]).column("key").combine_chunks()
+
+    def failures(self, shard: str, index: pa.Table | None = None) -> list[dict]:
+        """The index rows that are not images, as failure records: key, shard, sha256, source, original_caption,
+        error (a known failure reason, else `download_failed: ...`)."""
+        index = self.index(shard) if index is None else index
+        failed = index.filter(pc.not_equal(index.column("status"), SUCCESS))
+        out = []
+        for r in failed.to_pylist():  # failures only: a handful of rows per shard
+            msg = r.get("error_message") or r["status"]
+            known = caption_record.error_reason(msg) in caption_record.ERROR_REASONS
+            where = {"key": r["key"], "shard": shard, "sha256": r.get("sha256"), "source": r.get("url")}
+            error = msg if known else f"download_failed: {msg}"
+            out.append({**where, "original_caption": r.get("caption"), "error": error})
+        return out
+
+    def iter_shard(
+        self,
+        shard: str,
+        *,
+        problems: bool = False,
+        batch_rows: int = 64,
+        batch_bytes: int = 64 << 20,
+        index: pa.Table | None = None,
+    ) -> Iterator[pa.Table]:
+        """One shard, read against its index (see datagen.shard_reader.iter_tar); the tar is streamed.
+        Opening the tar may raise OSError: a shard that cannot be read at all is its job's failure."""
+        index = self.index(shard) if index is None else index
+        tar = self.tar(shard)
+        stream = tar.fs.open_input_stream(tar.path)
+        kwargs = dict(problems=problems, batch_rows=batch_rows, batch_bytes=batch_bytes)
+        yield from iter_tar(index, stream, f"{shard}.tar", shard, **kwargs)
 
 
-def list_shards(directory: str | Path) -> list[str]:
+def is_complete(directory: str | os.PathLike | Location, shard: str) -> bool:
+    return ShardFolder(directory).is_complete(shard)
+
+
+def list_shards(directory: str | os.PathLike | Location) -> list[str]:
     """Names of the complete shards in a folder, sorted."""
-    return sorted(p.name[: -len(STATS_SUFFIX)] for p in Path(directory).glob(f"*{STATS_SUFFIX}"))
+    return ShardFolder(directory).list()
+
+
+def iter_shard(directory: str | os.PathLike | Location, shard: str, **kwargs) -> Iterator[pa.Table]:
+    return ShardFolder(directory).iter_shard(shard, **kwargs)
 
 
 @dataclass
@@ -81,51 +143,44 @@ def _add_member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
     tar.addfile(info, io.BytesIO(data))
 
 
-def write_shard(directory: str | Path, shard: str, items: Iterable[ShardItem]) -> dict:
-    """Write one complete shard (tar, index, stats), each file atomically, stats last."""
-    directory = Path(directory)
-    rows, counts = [], Counter()
-    with (
-        atomic_path(tar_path(directory, shard)) as tmp,
-        tarfile.open(tmp, "w", format=tarfile.USTAR_FORMAT) as tar,
-    ):
+def _index_row(it: ShardItem, status: str) -> dict:
+    size = {"width": it.width, "height": it.height, "original_width": it.width, "original_height": it.height}
+    where = {"key": it.key, "url": it.source, "caption": it.caption}
+    return {**where, "status": status, "error_message": it.error, **size, "sha256": it.sha256}
+
+
+def write_shard(directory: str | os.PathLike | Location, shard: str, items: Iterable[ShardItem]) -> dict:
+    """Write one complete shard (tar, index, stats), each file whole (storage: a file that exists is complete),
+    stats last."""
+    folder = ShardFolder(directory)
+    folder.loc.mkdir()
+    rows, counts, buffer = [], Counter(), io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w", format=tarfile.USTAR_FORMAT) as tar:
         for it in items:
             if "." in it.key or "/" in it.key:
                 raise ValueError(f"shard keys may not contain '.' or '/': {it.key!r}")
-            ok = it.error is None
-            status = SUCCESS if ok else "failed_to_download"
+            status = SUCCESS if it.error is None else "failed_to_download"
             counts[status] += 1
-            rows.append(
-                {
-                    "key": it.key,
-                    "url": it.source,
-                    "caption": it.caption,
-                    "status": status,
-                    "error_message": it.error,
-                    "width": it.width,
-                    "height": it.height,
-                    "original_width": it.width,
-                    "original_height": it.height,
-                    "sha256": it.sha256,
-                }
-            )
-            if not ok:
+            rows.append(_index_row(it, status))
+            if it.error is not None:
                 continue
             meta = {k: v for k, v in rows[-1].items() if k != "error_message"} | (it.meta or {})
             _add_member(tar, f"{it.key}.{it.ext}", it.image)
             _add_member(tar, f"{it.key}.txt", (it.caption or "").encode())
             _add_member(tar, f"{it.key}.json", json.dumps(meta, sort_keys=True).encode())
-    write_parquet(pa.Table.from_pylist(rows, schema=INDEX_SCHEMA), index_path(directory, shard))
+    folder.tar(shard).write_bytes(buffer.getvalue())
+    folder.index_file(shard).write_parquet(pa.Table.from_pylist(rows, schema=INDEX_SCHEMA))
     stats = {"shard": shard, "count": len(rows), "successes": counts[SUCCESS], "status": dict(counts)}
-    write_json(stats, stats_path(directory, shard))
+    folder.stats_file(shard).write_json(stats)
     return stats
 
 
-def read_index(directory: str | Path) -> pd.DataFrame:
+def read_index(directory: str | os.PathLike | Location) -> pd.DataFrame:
     """Every input row of every complete shard (failures included), with a `shard` column."""
+    folder = ShardFolder(directory)
     frames = []
-    for shard in list_shards(directory):
-        df = pd.read_parquet(index_path(directory, shard))
+    for shard in folder.list():
+        df = folder.index(shard).to_pandas()
         df["shard"] = shard
         frames.append(df)
     if not frames:
@@ -133,167 +188,26 @@ def read_index(directory: str | Path) -> pd.DataFrame:
     return pd.concat(frames, ignore_index=True)
 
 
-# ---------------------------------------------------------------- reading a shard against its index
+def _read_shard_batches(batch: pa.Table, folder: ShardFolder, problems: bool) -> Iterator[pa.Table]:
+    for shard in batch.column("shard").to_pylist():
+        yield from folder.iter_shard(shard, problems=problems)
 
 
-def _str(v) -> str | None:
-    return v if isinstance(v, str) else None
-
-
-def _int(v) -> int | None:
-    return v if isinstance(v, int) and not isinstance(v, bool) and -(2**63) <= v < 2**63 else None
-
-
-class _ShardReader:
-    """Reads one shard's tar as a stream of samples (consecutive members sharing a key) and turns each
-    into a reader row; remembers what it saw, so that the index rows the tar lacks come out too."""
-
-    def __init__(self, directory: Path, shard: str):
-        self.shard = shard
-        index = pq.read_table(index_path(directory, shard)).to_pylist()
-        self.index = {r["key"]: r for r in index if r.get("status") == SUCCESS}  # the images the tar must hold
-        self.listed = {r["key"] for r in index}
-        self.seen: set[str] = set()
-
-    def row(self, key: str, members: dict[str, bytes | str]) -> dict:
-        """One sample -> a reader row; members: extension -> bytes, or -> the reason it was not read."""
-        row = dict.fromkeys(READER_SCHEMA.names) | {"key": key, "shard": self.shard}  # the rest None until known
-        if key not in self.listed:
-            return row | {READ_ERROR: f"{REFUSED}: {key!r} is in {self.shard}.tar but not in its index"}
-        if key in self.seen:
-            return row | {
-                "key": f"{key}/second-sample",
-                READ_ERROR: f"{REFUSED}: a second sample of {key!r} in the tar",
-            }
-        if key not in self.index:
-            return row | {"key": f"{key}/index-failed", READ_ERROR: f"{REFUSED}: the index lists {key!r} as failed"}
-        self.seen.add(key)
-        too_large = [f"{key}.{ext} {v}" for ext, v in members.items() if isinstance(v, str)]
-        if too_large:
-            return row | {READ_ERROR: f"undecodable_image: {'; '.join(too_large)}"}
-        try:
-            meta = json.loads(members["json"]) if "json" in members else {}
-            if not isinstance(meta, dict):
-                raise ValueError(f"a JSON {type(meta).__name__}, not an object")
-        except ValueError as e:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
-            return row | {READ_ERROR: f"undecodable_image: invalid {key}.json: {e}"[:2000]}
-        image = next((members[ext] for ext in IMAGE_EXTENSIONS if ext in members), None)
-        if image is None:
-            return row | {READ_ERROR: f"undecodable_image: no image member ({', '.join(sorted(members)) or 'none'})"}
-        txt, listed = members.get("txt"), self.index[key]  # the index fills in what the sample lacks
-        first = lambda name, cast: next(  # noqa: E731
-            (v for v in (cast(meta.get(name)), cast(listed.get(name))) if v is not None), None
-        )
-        return row | {
-            "image": image,
-            "source": first("url", _str),
-            "sha256": first("sha256", _str),
-            "original_caption": (txt.decode(errors="replace") if txt else None) or first("caption", _str),
-            "width": first("width", _int),
-            "height": first("height", _int),
-        }
-
-    def missing(self, why: str | None) -> list[dict]:
-        """The index's images the tar did not deliver, as problem rows (metadata from the index)."""
-        detail = MISSING_FROM_TAR + (f" ({why})" if why else "")
-        return [
-            {
-                "key": k,
-                "shard": self.shard,
-                "image": None,
-                "source": _str(r.get("url")),
-                "original_caption": _str(r.get("caption")),
-                "sha256": _str(r.get("sha256")),
-                "width": _int(r.get("width")),
-                "height": _int(r.get("height")),
-                READ_ERROR: detail,
-            }
-            for k, r in sorted(self.index.items())
-            if k not in self.seen
-        ]
-
-
-def _samples(path: Path):
-    """(key, {extension: bytes | reason}) per sample of a webdataset tar, streamed; then (None, why)
-    where why says how the tar ended early (None: it ended well). When the tar is cut off, the samples
-    read before the cut stand and the one in progress is dropped (its key comes out as missing).
-    Opening the file may raise OSError: a shard that cannot be read at all is the job's error."""
-    key, members, count = None, {}, 0
-    with open(path, "rb") as f:
-        try:
-            tar = tarfile.open(fileobj=f, mode="r|")
-            for m in tar:
-                if not m.isfile():
-                    continue
-                base = m.name.rsplit("/", 1)[-1]
-                k = m.name[: len(m.name) - len(base)] + base.split(".", 1)[0]
-                ext = base.split(".", 1)[1].lower() if "." in base else ""
-                if k != key and key is not None:
-                    yield key, members
-                    members = {}
-                key = k
-                too_large = f"is {m.size} bytes (limit {MAX_MEMBER_BYTES})"
-                members[ext] = tar.extractfile(m).read() if m.size <= MAX_MEMBER_BYTES else too_large
-                count += 1
-        except (tarfile.TarError, EOFError) as e:  # cut off or garbled: what was read before stands
-            yield None, f"{path.name} is truncated or corrupt after {count} members: {type(e).__name__}: {e}"
-            return
-    if key is not None:
-        yield key, members
-    yield None, None
-
-
-def iter_shard(
-    directory: str | Path, shard: str, *, problems: bool = False, batch_rows: int = 64, batch_bytes: int = 64 << 20
-) -> Iterator[pa.Table]:
-    """One shard, read against its index, as tables of READER_SCHEMA (problems=True) or READ_COLUMNS.
-
-    Every success row of the index comes out exactly once: as its image, or (problems=True) as a row
-    with `read_error` and no image: missing from the tar (also when the tar is cut off: the samples
-    before the cut stand), an invalid {key}.json, no image member, a member over MAX_MEMBER_BYTES.
-    Tar samples that belong to no input row come out with the REFUSED reason, for the jobs to refuse
-    and count. With problems=False those rows are left out (the index keeps every input row)."""
-    reader, rows, size = _ShardReader(Path(directory), shard), [], 0
-
-    def flush() -> pa.Table:
-        table = pa.Table.from_pylist(rows, schema=READER_SCHEMA)
-        if not problems:
-            table = table.filter(pc.is_null(table.column(READ_ERROR))).select(list(READ_COLUMNS))
-        rows.clear()
-        return table
-
-    for key, members in _samples(tar_path(directory, shard)):
-        if key is None:
-            rows.extend(reader.missing(members))
-            break
-        rows.append(reader.row(key, members))
-        size += len(rows[-1]["image"] or b"")
-        if len(rows) >= batch_rows or size >= batch_bytes:
-            yield flush()
-            size = 0
-    if rows:
-        yield flush()
-
-
-def _read_shard_batches(batch: pa.Table, problems: bool) -> Iterator[pa.Table]:
-    for directory, shard in zip(batch.column("directory").to_pylist(), batch.column("shard").to_pylist(), strict=True):
-        yield from iter_shard(directory, shard, problems=problems)
-
-
-def read_shards(directory: str | Path, shards: Iterable[str] | None = None, *, problems: bool = False):
+def read_shards(
+    directory: str | os.PathLike | Location, shards: Iterable[str] | None = None, *, problems: bool = False
+):
     """Ray Dataset over the complete shards of `directory` (or the named `shards`), one read task per shard.
 
     Columns: key, shard, image (raw bytes, undecoded: decode with unicap.decode.decode_image in
     the consuming stage), source, original_caption, sha256, width, height. Failed index rows have
-    no tar member and do not appear; read them with `read_index`. problems=True (the jobs): also
-    `read_error`, and a row for every item the tar could not deliver (see `iter_shard`)."""
+    no tar member and do not appear; read them with `read_index`. problems=True: also `read_error`,
+    and a row for every item the tar could not deliver (see datagen.shard_reader.iter_tar)."""
     import ray
 
-    names = list_shards(directory) if shards is None else list(shards)
+    folder = ShardFolder(directory)
+    names = folder.list() if shards is None else list(shards)
     if not names:
-        raise FileNotFoundError(f"no complete shards (*_stats.json) in {directory}")
-    root = str(Path(directory).resolve())
-    items = ray.data.from_items([{"directory": root, "shard": s} for s in names], override_num_blocks=len(names))
-    return items.map_batches(
-        _read_shard_batches, batch_size=1, batch_format="pyarrow", fn_kwargs={"problems": problems}
-    )
+        raise FileNotFoundError(f"no complete shards (*_stats.json) in {folder.uri}")
+    items = ray.data.from_items([{"shard": s} for s in names], override_num_blocks=len(names))
+    fn_kwargs = {"folder": folder, "problems": problems}
+    return items.map_batches(_read_shard_batches, batch_size=1, batch_format="pyarrow", fn_kwargs=fn_kwargs)

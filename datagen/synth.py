@@ -9,6 +9,7 @@ The scene graph of every image is its answer key: in the shard's `{key}.json`, a
 row's `source` (synth://seed=S/index=I) by `scene_from_source` (`unicap eval-captions` reads it so).
 
     unicap synth --out data/synth --n 64 --seed 0
+    unicap synth --out s3://bucket/synth --n 64 --seed 0    # any URI unicap.storage opens
     pandas.read_parquet("data/synth/truth")
 """
 
@@ -18,17 +19,19 @@ import argparse
 import datetime as dt
 import hashlib
 import io
+import multiprocessing
+import os
 import random
 import re
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass
-from pathlib import Path
 
 from PIL import Image, ImageDraw, ImageFont
 
-from datagen.shards import ShardItem, is_complete, shard_name, write_shard
-from unicap.atomic import write_parquet
+from datagen.shards import ShardFolder, ShardItem, shard_name, write_shard
+from unicap import storage
 from unicap.contract import caption as caption_record
+from unicap.storage import Location
 
 TRUTH_MODEL = "synthetic-ground-truth"
 TRUTH_PROMPT_VERSION = "truth-v1"
@@ -311,8 +314,8 @@ def synth_item(seed: int, index: int) -> tuple[ShardItem, dict[str, str]]:
     return item, caps
 
 
-def write_synth_shard(out: str, shard_id: int, seed: int, start: int, stop: int) -> str:
-    out_dir, shard = Path(out), shard_name(shard_id)
+def write_synth_shard(out: str | os.PathLike | Location, shard_id: int, seed: int, start: int, stop: int) -> str:
+    out_dir, shard = storage.resolve(out), shard_name(shard_id)
     pairs = [synth_item(seed, i) for i in range(start, stop)]
     truth = [
         {
@@ -336,21 +339,30 @@ def write_synth_shard(out: str, shard_id: int, seed: int, start: int, stop: int)
     table = caption_record.to_table(truth)
     caption_record.validate(table)
     # truth first: the shard's stats file (written last by write_shard) marks both complete
-    write_parquet(table, out_dir / "truth" / f"{shard}.parquet")
+    out_dir.join("truth", f"{shard}.parquet").write_parquet(table)
     write_shard(out_dir, shard, (it for it, _ in pairs))
     return shard
 
 
-def synth(out: str, n: int, seed: int = 0, shard_size: int = 1000, processes: int = 1) -> list[str]:
-    """Write `n` synthetic images as shards under `out`, truth under `out/truth`; resumes by shard."""
+def synth(
+    out: str | os.PathLike | Location, n: int, seed: int = 0, shard_size: int = 1000, processes: int = 1
+) -> list[str]:
+    """Write `n` synthetic images as shards under `out` (a folder or a URI), truth under `out/truth`;
+    resumes by shard (a shard whose stats file exists is complete, truth included)."""
     if n <= 0 or shard_size <= 0:
         raise ValueError("--n and --shard-size must be positive")
+    out = storage.resolve(out)
+    if not out.is_local:
+        storage.check_writable(out)  # one line for a missing bucket or refused credentials
+    done = set(ShardFolder(out).list())  # one listing, not a request per shard
     jobs = []
     for shard_id, start in enumerate(range(0, n, shard_size)):
-        if not is_complete(out, shard_name(shard_id)):
+        if shard_name(shard_id) not in done:
             jobs.append((out, shard_id, seed, start, min(start + shard_size, n)))
     if processes > 1 and len(jobs) > 1:
-        with ProcessPoolExecutor(processes) as pool:
+        # a forked child would inherit the parent's object-store client (threads, sockets): spawn a fresh one
+        context = None if out.is_local else multiprocessing.get_context("spawn")
+        with ProcessPoolExecutor(processes, mp_context=context) as pool:
             list(pool.map(write_synth_shard, *zip(*jobs, strict=True)))
     else:
         for job in jobs:
@@ -359,7 +371,7 @@ def synth(out: str, n: int, seed: int = 0, shard_size: int = 1000, processes: in
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--out", required=True, help="output folder (shards; ground truth in OUT/truth)")
+    p.add_argument("--out", required=True, help="output folder or URI (shards; ground truth in OUT/truth)")
     p.add_argument("--n", type=int, default=64, help="number of images (default 64)")
     p.add_argument("--seed", type=int, default=0, help="same seed, same bytes (default 0)")
     p.add_argument("--shard-size", type=int, default=1000, help="images per shard (default 1000)")
@@ -369,5 +381,5 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     shards = synth(args.out, args.n, args.seed, args.shard_size, args.processes)
     print(f"synth: {args.n} images in {len(shards)} shard(s) under {args.out}")
-    print(f"  ground truth: pandas.read_parquet({str(Path(args.out) / 'truth')!r})")
+    print(f"  ground truth: pandas.read_parquet({storage.resolve(args.out).join('truth').uri!r})")
     return 0

@@ -25,10 +25,10 @@ from typing import Literal
 import pyarrow as pa
 import pyarrow.compute  # noqa: F401  (pa.compute)
 
-from datagen.shards import list_shards
+from datagen.shards import ShardFolder
 from pipelines.runner import IncompleteJobError, ShardJob, exit_status, run_sharded, summarise
 from pipelines.sink import STATS_DIR
-from unicap import config, preflight, runtime
+from unicap import config, preflight, runtime, storage
 from unicap.captioner import CaptionConfig, Captioner
 from unicap.contract import caption as caption_record
 from unicap.engines import EngineConfig, make_engine
@@ -127,15 +127,18 @@ def _is_caption_output(rel: str, is_dir: bool) -> bool:
 
 
 def check_folders(input_dir: str | Path, output: str | Path) -> None:
-    """The input holds complete shards; the output is new, empty, or the caption job's own."""
-    inp = Path(input_dir)
-    if not inp.is_dir():
-        raise FileNotFoundError(f"--input {inp} is not a folder of image shards")
-    if not list_shards(inp):
+    """The input holds complete shards; the output is new, empty, or the caption job's own (local or a URI)."""
+    inp, out = ShardFolder(input_dir), storage.resolve(output)
+    for check, where in ((storage.check_readable, inp.loc), (storage.check_writable, out)):
+        if not where.is_local:  # a bucket that does not exist, credentials missing or refused, read-only
+            check(where)
+    if not inp.loc.is_dir():
+        raise FileNotFoundError(f"--input {inp.uri} is not a folder of image shards")
+    if not inp.list():
         raise preflight.UsageError(
-            f"--input {inp} holds no complete shard (*_stats.json): ingest, ingest-folder or synth write them"
+            f"--input {inp.uri} holds no complete shard (*_stats.json): ingest, ingest-folder or synth write them"
         )
-    preflight.check_output_folder(output, _is_caption_output, "caption")
+    preflight.check_output_folder(out, _is_caption_output, "caption")
 
 
 class CaptionStage:
@@ -204,21 +207,16 @@ def run_job(
         # serialises engine calls); the in-process engine otherwise waits on that CPU work batch after batch
         max_concurrency=1 if engine_cfg.server else 2,
     )
-    tokens = 0
-
-    def count_tokens(batch: pa.Table) -> None:
-        nonlocal tokens
-        tokens += int(pa.compute.sum(batch.column("num_output_tokens")).as_py() or 0)
-
     ray_opts = dict(batch_size=batch_size, concurrency=concurrency, address=address)
-    run = run_sharded(job, input_dir, output, **ray_opts, limit_shards=limit_shards, on_batch=count_tokens)
+    run = run_sharded(job, input_dir, output, **ray_opts, limit_shards=limit_shards)
+    tokens = run["this_run"].get("output_tokens", 0)
     run.update(
         tokens_per_s=round(tokens / run["seconds"], 2) if run["seconds"] and tokens else 0.0,
         engine="server " + engine_cfg.server if engine_cfg.server else "vllm",
         model=engine_cfg.model,
         strategy=caption_cfg.strategy,
     )
-    return summarise(Path(output), run)
+    return summarise(output, run)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -237,7 +235,8 @@ def run(args: argparse.Namespace) -> int:
     held = f"output holds {s['rows']} rows in {s['shards']} shards"
     print(f"caption: {r['images']} images in {r['seconds']}s ({rates}); {held}")
     print(f"  status: {s['status']}  failures by reason: {s['failures_by_reason']}")
-    print(f"  open with: pandas.read_parquet({str(job.output)!r})   summary: {Path(job.output) / '_summary.json'}")
+    out = storage.resolve(job.output)
+    print(f"  open with: pandas.read_parquet({out.uri!r})   summary: {out.join('_summary.json')}")
     return 0
 
 

@@ -19,37 +19,52 @@ Every manifest row comes out: failures (undecodable image, key missing in the ta
 no caption row, no usable caption) are index rows with status "failed" and a reason, counted.
 
 Only the manifest's shards are read. The manifest is first split by shard with DuckDB (bounded
-memory, spills to disk) into OUTPUT/_work/, so the driver and each actor read one shard's keys,
-never the 100M-row manifest.
+memory, spills to a local disk) into OUTPUT/_work/manifest/{shard}.parquet, so the driver and each
+actor read one shard's keys, never the 100M-row manifest.
+
+Storage: --manifest, --captions, --shards and --output are local paths or URIs (unicap.storage). The
+per-shard key files are written to OUTPUT/_work/ through storage, so an actor on another node reads its
+shard's keys, captions and index from where they are; DuckDB's own files stay on the driver (beside a local
+output, else in a temporary folder). A manifest's fingerprint is its files' sizes and mtimes.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import io
 import json
-import shutil
+import os
 import sys
 import tarfile
+import tempfile
 import time
 from collections import Counter
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from functools import lru_cache
 from pathlib import Path
 
+import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 
-from datagen.shards import list_shards
+from datagen.shards import ShardFolder
 from pipelines.runner import IncompleteJobError, ShardJob, exit_status, run_sharded, summarise
 from pipelines.sink import done_shards
 from train.buckets import assign_bucket, bucket_table, resize_to_bucket
-from unicap.atomic import atomic_path, visible_parquet_files, write_json, write_parquet
+from unicap import storage
 from unicap.contract import caption as caption_record
 from unicap.contract import packed, shards
 from unicap.decode import decode_image
+from unicap.storage import Location
 
 WORK_DIR = "_work"  # "_": invisible to readers of OUTPUT; removed when the pack is complete
+SPLIT_LAYOUT = 2  # split.json's layout: 2 = manifest/{shard}.parquet (1 was DuckDB's manifest/shard=S/ folders)
+UPLOADS = 8  # key files written at once (on a bucket each is one PUT)
 
 
 # ---------------------------------------------------------------- schema of the rows in flight
@@ -68,69 +83,145 @@ def failed_rows(keys: list[str], shard: str, error: str, schema: pa.Schema) -> p
 # ---------------------------------------------------------------- the manifest, split by shard
 
 
-def fingerprint(path: str | Path) -> str:
-    """Identity of the manifest file(s): path, size and mtime (a changed manifest is a different pack)."""
+def fingerprint(manifest: str | os.PathLike | Location) -> str:
+    """Identity of the manifest file(s): where, size and mtime (a changed manifest is a different pack).
+    A local file is named by its resolved path, as before URIs were accepted; a bucket's object by its URI."""
     h = hashlib.sha256()
-    for f in map(Path, manifest_files(path)):
-        st = f.stat()
-        h.update(f"{f.resolve()}:{st.st_size}:{st.st_mtime_ns}".encode())
+    for f in manifest_files(manifest):
+        info = f.info()
+        where = Path(f.path).resolve() if f.is_local else f.uri
+        h.update(f"{where}:{info.size}:{info.mtime_ns}".encode())
     return h.hexdigest()
 
 
-def manifest_files(path: str | Path) -> list[str]:
+def manifest_files(manifest: str | os.PathLike | Location) -> list[Location]:
     """The manifest's Parquet file(s): the file, or a folder's visible files."""
-    p = Path(path)
-    return [str(f) for f in visible_parquet_files(p)] if p.is_dir() else [str(p)]
+    loc = storage.resolve(manifest)
+    if loc.is_dir():
+        return [f for f in loc.files(".parquet") if not f.name.startswith(("_", "."))]
+    return [loc]
 
 
-def split_manifest(manifest: str | Path, work: Path, fp: str) -> dict[str, int]:
-    """Rows per shard, and work/manifest/shard=S/*.parquet with each shard's keys (DuckDB, out of core).
-    Paths reach DuckDB as a relation built in Python and as parameters, never as SQL text."""
+@contextlib.contextmanager
+def _scratch(work: Location) -> Iterator[Path]:
+    """DuckDB's local folder: under a local OUTPUT/_work (its disk), else a temporary folder of this machine."""
+    if work.is_local:
+        scratch = work.local_path / "duckdb_tmp"
+        scratch.mkdir(parents=True, exist_ok=True)
+        try:
+            yield scratch
+        finally:
+            work.fs.delete_dir(str(scratch))
+        return
+    with tempfile.TemporaryDirectory(prefix="unicap-pack-") as scratch:
+        yield Path(scratch)
+
+
+def _manifest_view(con, files: list[Location]) -> None:
+    """The view `manifest` (key, shard) over the manifest files: DuckDB's reader on a local disk, an Arrow
+    dataset on the files' filesystem otherwise. Paths never become SQL text."""
+    if all(f.is_local for f in files):
+        con.read_parquet([f.path for f in files]).project("key, shard").create_view("manifest")
+        return
+    schema = pa.schema([("key", pa.string()), ("shard", pa.string())])
+    dataset = pads.dataset([f.path for f in files], schema=schema, filesystem=files[0].fs, format="parquet")
+    con.register("manifest", dataset)
+
+
+def split_manifest(manifest: str | os.PathLike | Location, work: Location, fp: str) -> dict[str, int]:
+    """Rows per shard, and work/manifest/{shard}.parquet with each shard's keys, written through storage (DuckDB
+    sorts out of core on a local disk; one shard's keys in memory at a time)."""
     import duckdb
 
-    done = work / "split.json"
-    if done.exists() and json.loads(done.read_text())["fingerprint"] == fp:
-        return json.loads(done.read_text())["rows_per_shard"]
-    shutil.rmtree(work / "manifest", ignore_errors=True)
-    work.mkdir(parents=True, exist_ok=True)
-    con = duckdb.connect()
-    con.execute("SET memory_limit = ?", ["2GB"])
-    con.execute("SET temp_directory = ?", [str(work / "duckdb_tmp")])
-    con.read_parquet(manifest_files(manifest)).project("key, shard").create_view("manifest")
-    counts = dict(con.execute("SELECT shard, count(*) FROM manifest GROUP BY shard ORDER BY shard").fetchall())
-    bad = [s for s in counts if not shards.shard_name_ok(s)]
-    if bad:
-        con.close()
-        raise ValueError(
-            f"{manifest}: rows name shards {bad[:5]!r}, which are not shard names (a file name "
-            "without '/' and not starting with '.'): the manifest is not unicap stages output"
+    work, done = storage.resolve(work), storage.resolve(work).join("split.json")
+    if done.exists():
+        state = done.read_json()
+        if state["fingerprint"] == fp and state.get("layout") == SPLIT_LAYOUT:
+            return state["rows_per_shard"]
+    with contextlib.suppress(FileNotFoundError):
+        work.fs.delete_dir_contents(work.join("manifest").path, missing_dir_ok=True)
+    work.mkdir()
+    with _scratch(work) as scratch:
+        con = duckdb.connect()
+        con.execute("SET memory_limit = ?", ["2GB"])
+        con.execute("SET temp_directory = ?", [str(scratch / "spill")])
+        _manifest_view(con, manifest_files(manifest))
+        counts = dict(con.execute("SELECT shard, count(*) FROM manifest GROUP BY shard ORDER BY shard").fetchall())
+        bad = [s for s in counts if not shards.shard_name_ok(s)]
+        if bad:
+            con.close()
+            raise ValueError(
+                f"{storage.resolve(manifest)}: rows name shards {bad[:5]!r}, which are not shard names (a file "
+                "name without '/' and not starting with '.'): the manifest is not unicap stages output"
+            )
+        by_shard = scratch / "by_shard.parquet"
+        con.execute(
+            "COPY (SELECT key, shard FROM manifest ORDER BY shard, key) TO $path (FORMAT PARQUET)",
+            {"path": str(by_shard)},
         )
-    con.execute("COPY manifest TO $path (FORMAT PARQUET, PARTITION_BY (shard))", {"path": str(work / "manifest")})
-    con.close()
-    shutil.rmtree(work / "duckdb_tmp", ignore_errors=True)
-    write_json({"fingerprint": fp, "rows_per_shard": counts}, done)
+        con.close()
+        _write_key_files(by_shard, work.join("manifest"))
+    done.write_json({"fingerprint": fp, "layout": SPLIT_LAYOUT, "rows_per_shard": counts})
     return counts
 
 
-def manifest_keys(work: Path, shard: str) -> list[str]:
-    part = work / "manifest" / f"shard={shard}"
-    return pq.read_table(part, columns=["key"]).column("key").to_pylist() if part.exists() else []
+def _write_key_files(by_shard: Path, folder: Location) -> None:
+    """A local Parquet file sorted by shard -> folder/{shard}.parquet (column key), one shard at a time,
+    UPLOADS writes in flight."""
+
+    def shard_runs() -> Iterator[tuple[str, pa.Table]]:
+        current, parts = None, []
+        for batch in pq.ParquetFile(by_shard).iter_batches(batch_size=1 << 16):
+            shard = batch.column("shard")
+            changes = pc.not_equal(shard.slice(1), shard.slice(0, len(shard) - 1)).to_numpy(zero_copy_only=False)
+            bounds = [0, *(np.flatnonzero(changes) + 1).tolist(), len(shard)]
+            for start, end in zip(bounds[:-1], bounds[1:], strict=True):
+                name = shard[start].as_py()
+                if current is not None and name != current:  # a shard's run may go on in the next batch
+                    yield current, pa.Table.from_batches(parts).select(["key"])
+                    parts = []
+                current = name
+                parts.append(batch.slice(start, end - start))
+        if parts:
+            yield current, pa.Table.from_batches(parts).select(["key"])
+
+    with ThreadPoolExecutor(UPLOADS) as pool:
+        in_flight = []
+        for shard, keys in shard_runs():
+            in_flight.append(pool.submit(folder.join(f"{shard}.parquet").write_parquet, keys))
+            if len(in_flight) >= 4 * UPLOADS:
+                in_flight.pop(0).result()
+        for f in in_flight:
+            f.result()
 
 
-def shards_dir_of(manifest: str | Path) -> Path:
-    """The image shard folder, from the manifest's location column (tar paths, when stages had --shards)."""
-    loc = pq.read_table(manifest, columns=["location"]).slice(0, 1).column("location").to_pylist()
+def manifest_keys(work: str | os.PathLike | Location, shard: str) -> list[str]:
+    """The manifest's keys of one shard (split_manifest's file), [] for a shard the manifest does not name."""
+    try:
+        table = storage.resolve(work).join("manifest", f"{shard}.parquet").read_parquet(columns=["key"])
+    except FileNotFoundError:
+        return []
+    return table.column("key").to_pylist()
+
+
+def shards_dir_of(manifest: str | os.PathLike | Location) -> str:
+    """The image shard folder (a path or a URI), from the manifest's location column (tar paths, when
+    stages had --shards)."""
+    with manifest_files(manifest)[0].open_input() as f:
+        first = next(pq.ParquetFile(f).iter_batches(batch_size=1, columns=["location"]), None)
+    loc = first.column("location").to_pylist() if first is not None else []
     if not loc or not str(loc[0]).endswith(".tar"):
         raise ValueError("the manifest's location column holds shard names, not tar paths: give --shards DIR")
-    return Path(loc[0]).parent
+    return str(loc[0]).rpartition("/")[0]
 
 
-def caption_levels(captions: Path, names: list[str]) -> tuple[tuple[str, ...], tuple[str, ...]]:
+def caption_levels(captions: Location, names: list[str]) -> tuple[tuple[str, ...], tuple[str, ...]]:
     """Levels and languages declared by the caption files (the first one found), else the defaults."""
     for s in names:
-        p = captions / f"{s}.parquet"
+        p = captions.join(f"{s}.parquet")
         if p.exists():
-            return caption_record.levels_languages(pq.read_schema(p))
+            with p.open_input() as f:
+                return caption_record.levels_languages(pq.read_schema(f))
     return caption_record.LEVELS, caption_record.LANGUAGES
 
 
@@ -141,8 +232,8 @@ class PackFailures:
     """Failure records (items the reader could not deliver, items that raised) -> packed failed rows,
     for the manifest's keys only (the actor drops the rest); reasons in the packed contract's words."""
 
-    def __init__(self, work: str, schema: pa.Schema):
-        self.work, self.schema = Path(work), schema
+    def __init__(self, work: str | Location, schema: pa.Schema):
+        self.work, self.schema = storage.resolve(work), schema
         self.keys: dict[str, frozenset[str]] = {}  # the last shards' manifest keys (shards arrive in order)
 
     def _keys(self, shard: str) -> frozenset[str]:
@@ -168,8 +259,8 @@ class PackFailures:
 class PackStage:
     """Ray Data actor: shard rows -> packed rows (bucket, resized JPEG, captions) for the manifest's keys."""
 
-    def __init__(self, work: str, captions: str, buckets: list, levels: list, languages: list):
-        self.work, self.captions = Path(work), Path(captions)
+    def __init__(self, work: str | Location, captions: str | Location, buckets: list, levels: list, languages: list):
+        self.work, self.captions = storage.resolve(work), storage.resolve(captions)
         self.buckets = [tuple(b) for b in buckets]
         self.text_columns = packed.text_columns(levels, languages)
         self.schema = row_schema(levels, languages)
@@ -177,12 +268,13 @@ class PackStage:
         self._caps = lru_cache(maxsize=2)(self._load_captions)
 
     def _load_captions(self, shard: str) -> dict[str, dict] | None:
-        path = self.captions / f"{shard}.parquet"
+        path = self.captions.join(f"{shard}.parquet")
         if not path.exists():
             return None
-        names = pq.read_schema(path).names
+        with path.open_input() as f:
+            names = pq.read_schema(f).names
         cols = ["key", *(c for c in self.text_columns if c in names)]
-        return {r["key"]: r for r in pq.read_table(path, columns=cols).to_pylist()}
+        return {r["key"]: r for r in path.read_parquet(columns=cols).to_pylist()}
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         rows = []
@@ -225,7 +317,7 @@ def _add(tar: tarfile.TarFile, name: str, data: bytes) -> int:
     return tar.offset - -(-len(data) // tarfile.BLOCKSIZE) * tarfile.BLOCKSIZE  # data padded to 512 bytes
 
 
-def write_packed_shard(output: Path, shard: str, table: pa.Table) -> None:
+def write_packed_shard(output: Location, shard: str, table: pa.Table) -> None:
     """Rows of `row_schema` -> OUTPUT/{shard}.tar (image, then captions json, per ok row), then the
     index OUTPUT/{shard}.parquet (the completion mark), rows sorted by (bucket, key)."""
     table = table.sort_by([("bucket", "ascending"), ("key", "ascending")])
@@ -234,10 +326,8 @@ def write_packed_shard(output: Path, shard: str, table: pa.Table) -> None:
     d = table.select(["key", "status", "image", *text_columns]).to_pydict()
     n = table.num_rows
     offset, size, json_offset, json_size = [None] * n, [None] * n, [None] * n, [None] * n
-    with (
-        atomic_path(packed.tar_path(output, shard)) as tmp,
-        tarfile.open(tmp, "w", format=tarfile.PAX_FORMAT) as tar,
-    ):
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w", format=tarfile.PAX_FORMAT) as tar:
         for i, key in enumerate(d["key"]):
             if d["status"][i] != "ok":
                 continue
@@ -245,11 +335,12 @@ def write_packed_shard(output: Path, shard: str, table: pa.Table) -> None:
             offset[i], size[i] = _add(tar, f"{key}.jpg", image), len(image)
             text = json.dumps({"key": key, **{c: d[c][i] for c in text_columns}}, ensure_ascii=False).encode()
             json_offset[i], json_size[i] = _add(tar, f"{key}.json", text), len(text)
+    output.join(f"{shard}.tar").write_bytes(buffer.getvalue())
     located = {"offset": offset, "size": size, "json_offset": json_offset, "json_size": json_size}
     for name, values in located.items():
         i = table.schema.get_field_index(name)
         table = table.set_column(i, table.schema.field(i), pa.array(values, table.schema.field(i).type))
-    write_parquet(table.drop_columns(["image"]), packed.index_path(output, shard))
+    output.join(f"{shard}.parquet").write_parquet(table.drop_columns(["image"]))
 
 
 def shard_stats(table: pa.Table) -> dict:
@@ -262,24 +353,29 @@ def shard_stats(table: pa.Table) -> dict:
 
 
 def pack_stage(
-    manifest: str | Path,
-    captions: str | Path,
-    output: str | Path,
+    manifest: str | os.PathLike | Location,
+    captions: str | os.PathLike | Location,
+    output: str | os.PathLike | Location,
     *,
-    shards_dir: str | Path | None = None,
+    shards_dir: str | os.PathLike | Location | None = None,
     resolution: int = 256,
     multiple: int = 16,
     batch_size: int = 32,
     concurrency: int = 1,
     address: str | None = None,
 ) -> dict:
-    """Pack the manifest's rows into OUTPUT; returns _pack.json's content. Re-running with nothing
-    left to do writes nothing."""
-    manifest, captions, output = Path(manifest), Path(captions), Path(output)
-    shards_dir = Path(shards_dir) if shards_dir else shards_dir_of(manifest)
+    """Pack the manifest's rows into OUTPUT (each a local path or a URI); returns _pack.json's content.
+    Re-running with nothing left to do writes nothing."""
+    manifest, captions, output = storage.resolve(manifest), storage.resolve(captions), storage.resolve(output)
+    for loc in (manifest, captions, *([storage.resolve(shards_dir)] if shards_dir else [])):
+        if not loc.is_local:
+            storage.check_readable(loc)  # a missing bucket or refused credentials: one line, before Ray starts
+    if not output.is_local:
+        storage.check_writable(output)
+    shards_dir = storage.resolve(shards_dir or shards_dir_of(manifest))
     fp, buckets = fingerprint(manifest), bucket_table(resolution, multiple)
-    meta_path = output / packed.PACK_META
-    meta = json.loads(meta_path.read_text()) if meta_path.exists() else None
+    meta_path = output.join(packed.PACK_META)
+    meta = meta_path.read_json() if meta_path.exists() else None
     asked = [fp, resolution, multiple]
     if meta and [meta["manifest_fingerprint"], meta["resolution"], meta["multiple"]] != asked:
         raise ValueError(
@@ -289,7 +385,7 @@ def pack_stage(
     if meta and meta["complete"] and set(meta["shards"]) <= done_shards(output):
         print(f"pack: {output} is up to date with {manifest}; nothing written")
         return meta
-    work = output / WORK_DIR
+    work = output.join(WORK_DIR)
     rows_per_shard = split_manifest(manifest, work, fp)
     names = sorted(rows_per_shard)
     levels, languages = caption_levels(captions, names)
@@ -298,60 +394,69 @@ def pack_stage(
         "resolution": resolution,
         "multiple": multiple,
         "buckets": [list(b) for b in buckets],
-        "manifest": str(manifest.resolve()),
+        "manifest": _shown(manifest),
         "manifest_fingerprint": fp,
-        "captions": str(captions.resolve()),
-        "shards_dir": str(shards_dir.resolve()),
+        "captions": _shown(captions),
+        "shards_dir": _shown(shards_dir),
         "levels": list(levels),
         "languages": list(languages),
         "shards": names,
         "complete": False,
     }
     if not meta_path.exists():
-        write_json(meta, meta_path)  # the bucket table is known before any shard is written
+        meta_path.write_json(meta)  # the bucket table is known before any shard is written
     schema = row_schema(levels, languages)
-    available = set(list_shards(shards_dir))
+    source = ShardFolder(shards_dir)
+    available = set(source.list())
 
     def initial_rows(shard: str) -> pa.Table | None:
-        """Manifest rows no actor will see: the whole shard if it is missing, keys absent from its tar."""
+        """Manifest rows no actor will see: the whole shard if it is missing, keys absent from its tar.
+        Runs in the worker: it reads through Locations (they pickle), never a driver-local path."""
         keys = manifest_keys(work, shard)
         if shard not in available:
-            return failed_rows(keys, shard, f"missing_shard: no complete {shard} in {shards_dir}", schema)
-        index = pq.read_table(shards.index_path(shards_dir, shard), columns=["key", "status"]).to_pydict()
+            return failed_rows(keys, shard, f"missing_shard: no complete {shard} in {source.uri}", schema)
+        index = source.index(shard, columns=["key", "status"]).to_pydict()
         in_tar = {k for k, s in zip(index["key"], index["status"], strict=True) if s == shards.SUCCESS}
         lost = [k for k in keys if k not in in_tar]
-        return failed_rows(lost, shard, f"missing_in_tar: not in {shards.tar_path(shards_dir, shard)}", schema)
+        return failed_rows(lost, shard, f"missing_in_tar: not in {source.tar(shard).uri}", schema)
 
     job = ShardJob(
         name="pack",
         stage_cls=PackStage,
         stage_kwargs=dict(
-            work=str(work), captions=str(captions), buckets=buckets, levels=list(levels), languages=list(languages)
+            work=work, captions=captions, buckets=buckets, levels=list(levels), languages=list(languages)
         ),
         schema=schema,
         stats_fn=shard_stats,
-        failure_table=PackFailures(str(work), schema),  # initial_rows replaces the index failures
+        failure_table=PackFailures(work, schema),  # initial_rows replaces the index failures
         write_fn=write_packed_shard,
         expected_keys=lambda shard: set(manifest_keys(work, shard)),
         initial_rows=initial_rows,
     )
     t0 = time.time()
     ray_opts = dict(batch_size=batch_size, concurrency=concurrency, address=address)
-    run = run_sharded(job, shards_dir, output, shards=names, **ray_opts)
+    run = run_sharded(job, source.loc, output, shards=names, **ray_opts)
     summary = summarise(output, run)
     counts = {"rows": summary.get("rows", 0), "status": summary["status"]}
     counts["failures_by_reason"] = summary["failures_by_reason"]
     meta |= {"complete": True, "seconds": round(time.time() - t0, 2), "counts": counts}
-    write_json(meta, meta_path)
-    shutil.rmtree(work, ignore_errors=True)
+    meta_path.write_json(meta)
+    with contextlib.suppress(FileNotFoundError):
+        work.fs.delete_dir(work.path)
     return meta
 
 
+def _shown(loc: Location) -> str:
+    """How _pack.json names an input: a local file by its resolved path (as before URIs), else its URI."""
+    return str(Path(loc.path).resolve()) if loc.is_local else loc.uri
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--manifest", required=True, help="the stage manifest (unicap stages output: stage1.parquet)")
-    p.add_argument("--captions", required=True, help="caption Parquet folder ({shard}.parquet)")
+    where = "a local path or a URI (s3://, gs://, ...)"
+    p.add_argument("--manifest", required=True, help=f"the stage manifest (unicap stages' stage1.parquet); {where}")
+    p.add_argument("--captions", required=True, help=f"caption Parquet folder ({{shard}}.parquet); {where}")
     p.add_argument("--shards", default=None, help="image shard folder (default: the manifest's location column)")
-    p.add_argument("--output", required=True, help="folder for the packed training shards")
+    p.add_argument("--output", required=True, help=f"folder for the packed training shards; {where}")
     p.add_argument("--resolution", type=int, default=256, help="buckets hold about resolution^2 pixels")
     p.add_argument("--patch-multiple", type=int, default=16, help="bucket sides: multiples of VAE x patch")
     p.add_argument("--batch-size", type=int, default=32)

@@ -1,8 +1,13 @@
-"""The shared driver of every per-shard Ray Data job (caption, score, pack).
+"""The shared driver of every per-shard Ray Data job (caption, score, pack): the workers write, the driver schedules.
 
-    pending shards (complete in the input, absent from the output)
-      -> read_shards (each tar read against its index) -> map_batches(GuardedStage(job's stage), actor pool)
-      -> driver -> ShardCollector: one output file per shard, atomically, when all its keys are in
+    pending shards (in the input, absent from the output)
+      -> Ray Data: one row per shard -> map_batches(ShardWorker(job's stage), actor pool)
+         each call: read the shard against its index (ShardFolder, local or a bucket), run the stage on its
+         batches, keep one row per expected key, write {shard}.parquet and _stats/{shard}.json to the output
+      -> driver: one small stats row per shard; _summary.json
+
+No image row reaches the driver: its cost is per shard, not per row, and every output goes from the worker
+that produced it straight to the output filesystem (unicap.storage), as img2dataset's workers do.
 
 Every input row comes out exactly once, and one bad item costs only itself:
 - index rows that never became images (download or decode failures at ingest) are turned into the
@@ -12,33 +17,38 @@ Every input row comes out exactly once, and one bad item costs only itself:
 - an exception in the stage is retried item by item; an item that still raises is its own failure
   row (`processing_error: ...`), the rest of the batch goes on;
 - tar samples that belong to no input row (a key the index lacks, a second sample of a key) are refused
-  by the collector and counted in the shard's stats (refused_samples).
-A shard that fails as a whole (its tar cannot be opened, a task died) is not written: the other
-shards go on, and the job ends with IncompleteJobError naming it (exit status 1 on the command
-line), after writing _summary.json. Re-running redoes exactly the shards that are not written.
+  and counted in the shard's stats (refused_samples).
+A shard that fails as a whole (its tar cannot be opened, its index cannot be read, a worker died) is not
+written: the other shards go on, and the job ends with IncompleteJobError naming it (exit status 1 on the
+command line), after writing _summary.json. Re-running redoes exactly the shards that are not written.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import sys
 import time
 import traceback
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 
-from datagen.shards import is_complete, list_shards, read_shards
-from pipelines.sink import STATS_DIR, ShardCollector, done_shards
-from unicap import runtime
-from unicap.atomic import write_json
-from unicap.contract import caption as caption_record
-from unicap.contract.shards import READ_ERROR, SUCCESS, index_path
+from datagen.shards import ShardFolder
+from pipelines.sink import (
+    STATS_DIR,
+    IncompleteShard,
+    complete_table,
+    done_shards,
+    prepare_output,
+    write_shard_output,
+)
+from unicap import runtime, storage
+from unicap.contract.shards import READ_ERROR
+from unicap.storage import Location
 
 
 class IncompleteJobError(RuntimeError):
@@ -58,9 +68,9 @@ class ShardJob:
     schema: pa.Schema
     stats_fn: Callable[[pa.Table], dict]
     # failure records (key, shard, sha256, source, original_caption, error) -> rows of `schema`. Runs in the
-    # driver (index failures) and in the actors (items the reader could not deliver, items that raised).
+    # workers: for the index's failures, items the reader could not deliver, items that raised.
     failure_table: Callable[[list[dict]], pa.Table]
-    write_fn: Callable[[Path, str, pa.Table], None] | None = None
+    write_fn: Callable[[Location, str, pa.Table], None] | None = None
     num_cpus: float = 0.5
     num_gpus: float = 0
     env_vars: dict = field(default_factory=dict)
@@ -68,15 +78,15 @@ class ShardJob:
     # fractional claim), which starves CPU inference. None: CPU actors (num_gpus 0) get their share
     # of the cores (runtime.cpu_threads_per_actor), GPU actors keep Ray's choice.
     threads: int | None = None
-    # Batches one actor works on at once, each on a thread of its own (Ray's max_concurrency): with 2, the
-    # next batch's CPU work (decode, resize: C code that releases the GIL) overlaps the engine's run on this
-    # one. A stage that takes more than 1 must be thread-safe (the caption stage serialises its engine calls).
+    # Shards one actor works on at once, each on a thread of its own (Ray's max_concurrency): with 2, one
+    # shard's CPU work (read, decode, resize: C code that releases the GIL) overlaps the engine's run on the
+    # other. A stage that takes more than 1 must be thread-safe (the caption stage serialises its engine calls).
     max_concurrency: int = 1
     # Jobs whose output rows are not the input index's rows (pack: a stage manifest's rows of a shard):
-    # the keys each shard will output (default: its index keys), and rows the driver writes itself
-    # (default: failure_table(index failures)); the actor drops rows it does not own. Both are called
-    # when a shard is first touched, so that memory follows the shards in flight.
-    expected_keys: Callable[[str], set[str]] | None = None
+    # the keys each shard will output (default: its index keys), and rows the worker adds itself
+    # (default: failure_table(index failures)); the stage drops rows it does not own. Both run in the
+    # worker that has the shard, so they must pickle (no local paths on a cluster with no shared disk).
+    expected_keys: Callable[[str], pa.Array | set[str]] | None = None
     initial_rows: Callable[[str], pa.Table | None] | None = None
 
 
@@ -98,33 +108,20 @@ def actor_pool(job: ShardJob, concurrency: int) -> dict:
     return {"compute": strategy}
 
 
-def index_failures(input_dir: str | Path, shard: str) -> list[dict]:
-    """The shard's index rows that are not images: key, shard, sha256, source, original_caption, error."""
-    out = []
-    for r in pq.read_table(index_path(input_dir, shard)).to_pylist():
-        if r["status"] == SUCCESS:
-            continue
-        msg = r.get("error_message") or r["status"]
-        known = caption_record.error_reason(msg) in caption_record.ERROR_REASONS
-        error = msg if known else f"download_failed: {msg}"
-        where = {"key": r["key"], "shard": shard, "sha256": r.get("sha256"), "source": r.get("url")}
-        out.append(failure_record({**where, "original_caption": r.get("caption")}, error))
-    return out
-
-
-def index_keys(input_dir: str | Path, shard: str) -> set[str]:
-    """Every key of the shard's index (failures included): what its output must hold."""
-    return set(pq.read_table(index_path(input_dir, shard), columns=["key"]).column("key").to_pylist())
-
-
 def failure_record(row: dict, error: str) -> dict:
     """A reader row (or part of one) -> the failure record every job's failure_table takes."""
     where = {"key": row["key"], "shard": row["shard"], "sha256": row.get("sha256"), "source": row.get("source")}
     return {**where, "original_caption": row.get("original_caption"), "error": error[:2000]}
 
 
+def conform(parts: list[pa.Table], schema: pa.Schema) -> pa.Table:
+    """Tables of one job's rows (the stage's, failure rows) -> one table in `schema`, column by column."""
+    parts = [p.select(schema.names).cast(schema) for p in parts if p.num_rows]
+    return pa.concat_tables(parts) if parts else schema.empty_table()
+
+
 class GuardedStage:
-    """Ray Data actor around a job's stage: one bad item costs only itself.
+    """A job's stage, guarded: one bad item costs only itself.
 
     Rows with a `read_error` become failure rows without reaching the stage; an exception on a
     batch is retried item by item, and an item that still raises becomes a `processing_error`
@@ -138,14 +135,13 @@ class GuardedStage:
         parts = []
         if READ_ERROR in batch.column_names:
             bad = pc.is_valid(batch.column(READ_ERROR))
-            problems = batch.filter(bad).drop_columns(["image"]).to_pylist()
+            problems = batch.filter(bad).drop_columns(["image"]).to_pylist()  # the problem rows only
             if problems:
                 parts.append(self.failure_table([failure_record(r, r[READ_ERROR]) for r in problems]))
             batch = batch.filter(pc.invert(bad)).drop_columns([READ_ERROR])
         if batch.num_rows:
             parts += self._process(batch)
-        rows = [r for p in parts for r in p.to_pylist()]
-        return pa.Table.from_pylist(rows, schema=self.schema)
+        return conform(parts, self.schema)
 
     def _process(self, batch: pa.Table) -> list[pa.Table]:
         try:
@@ -160,110 +156,159 @@ class GuardedStage:
             return [self.failure_table([failure_record(row, f"processing_error: {type(e).__name__}: {e}")])]
 
 
-def repair_stats(output: Path, stats_fn: Callable[[pa.Table], dict]) -> None:
+RESULT_SCHEMA = pa.schema([("shard", pa.string()), ("stats", pa.string()), ("error", pa.string())])
+
+
+class ShardWorker:
+    """Ray Data actor: each call is one shard (a one-row batch), read, processed and written here.
+    Returns one row per shard: its stats (JSON) or why it could not be completed."""
+
+    def __init__(self, job: ShardJob, source: ShardFolder, output: Location, batch_size: int):
+        self.job, self.source, self.output, self.batch_size = job, source, output, batch_size
+        self.stage = GuardedStage(job.stage_cls, job.stage_kwargs, job.failure_table, job.schema)
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        results = [self._one(shard) for shard in batch.column("shard").to_pylist()]
+        return pa.Table.from_pylist(results, schema=RESULT_SCHEMA)
+
+    def _one(self, shard: str) -> dict:
+        try:
+            return {"shard": shard, "stats": json.dumps(self.run_shard(shard)), "error": None}
+        except Exception as e:  # noqa: BLE001 - one shard's failure is that shard's, the job goes on
+            print(f"[{self.job.name}] shard {shard}:\n{traceback.format_exc()}", file=sys.stderr, flush=True)
+            return {"shard": shard, "stats": None, "error": str(e)[:500]}
+
+    def run_shard(self, shard: str) -> dict:
+        job, source = self.job, self.source
+        try:
+            expected = job.expected_keys(shard) if job.expected_keys else source.index_keys(shard)
+            if not isinstance(expected, pa.Array):
+                expected = pa.array(sorted(expected), pa.string())
+            index = None if job.initial_rows else source.index(shard)
+            first = job.initial_rows(shard) if job.initial_rows else job.failure_table(source.failures(shard, index))
+        except Exception as e:
+            raise RuntimeError(f"its expected keys could not be read: {type(e).__name__}: {e}") from e
+        parts = [first] if first is not None else []
+        try:
+            if job.expected_keys is None or source.is_complete(shard):
+                read = source.iter_shard(shard, problems=True, batch_rows=self.batch_size, index=index)
+                parts += [self.stage(b) for b in read]
+        except OSError as e:  # the tar cannot be read at all: the keys it held never arrive
+            error = f"the shard could not be read: {type(e).__name__}: {e}"
+        else:
+            error = None
+        try:
+            table, accounting = complete_table(conform(parts, job.schema), expected, job.schema)
+        except IncompleteShard as e:
+            raise IncompleteShard(f"{e}: {error or 'their read or processing failed'}") from None
+        return write_shard_output(self.output, shard, table, accounting, job.stats_fn, job.write_fn)
+
+
+def _sums(stats) -> Counter:
+    """The numeric fields of shard stats, summed (counts and totals; the write time is not one)."""
+    sums = Counter()
+    for s in stats:
+        sums.update({k: v for k, v in s.items() if isinstance(v, int | float) and k != "written_at"})
+    return sums
+
+
+def repair_stats(output: Location, stats_fn: Callable[[pa.Table], dict], done: set[str]) -> None:
     """A kill between a shard's Parquet and its stats file: rebuild the stats from the Parquet."""
-    for shard in done_shards(output):
-        path = output / STATS_DIR / f"{shard}.json"
-        if not path.exists():
-            write_json({"shard": shard, **stats_fn(pq.read_table(output / f"{shard}.parquet"))}, path)
+    have = {f.name[: -len(".json")] for f in output.join(STATS_DIR).files(".json")}
+    for shard in sorted(done - have):
+        table = output.join(f"{shard}.parquet").read_parquet()
+        output.join(STATS_DIR, f"{shard}.json").write_json({"shard": shard, **stats_fn(table)})
 
 
-def summarise(output: Path, run: dict) -> dict:
+def summarise(output: str | os.PathLike | Location, run: dict) -> dict:
     """Totals over every shard's stats (all runs so far) plus this run's numbers -> _summary.json.
     `failed_shards`: the shards this run could not complete (not written; a re-run retries them)."""
-    totals, reasons, sums = Counter(), Counter(), Counter()
-    for p in sorted((output / STATS_DIR).glob("*.json")):
-        s = json.loads(p.read_text())
+    output = storage.resolve(output)
+    totals, reasons, every = Counter(), Counter(), [f.read_json() for f in output.join(STATS_DIR).files(".json")]
+    for s in every:
         totals.update(s.get("status", {}))
         reasons.update(s.get("failures_by_reason", {}))
-        sums.update({k: v for k, v in s.items() if isinstance(v, int | float) and k != "written_at"})
-    summary = {"output": str(output), "shards": len(done_shards(output)), **dict(sums), "status": dict(totals)}
+    sums = _sums(every)
+    summary = {"output": output.uri, "shards": len(done_shards(output)), **dict(sums), "status": dict(totals)}
     summary |= {"failures_by_reason": dict(reasons.most_common()), "failed_shards": run.get("failed_shards", {})}
     summary["last_run"] = run
-    write_json(summary, output / "_summary.json")
+    output.join("_summary.json").write_json(summary)
     return summary
+
+
+def _schedule(job: ShardJob, source: ShardFolder, output: Location, shards: list[str], opts: dict):
+    """The Ray Dataset of per-shard results: one row in, one shard's stats (or failure) out."""
+    import ray
+
+    runtime.init_ray(opts["address"])
+    worker = type(job.stage_cls.__name__, (ShardWorker,), {})  # named after the stage in Ray's progress
+    threads = runtime.threads_env(actor_threads(job, opts["concurrency"]))
+    env = {"TOKENIZERS_PARALLELISM": "false", **threads, **job.env_vars}
+    ds = ray.data.from_items([{"shard": s} for s in shards], override_num_blocks=len(shards)).map_batches(
+        worker,
+        fn_constructor_kwargs=dict(job=job, source=source, output=output, batch_size=opts["batch_size"]),
+        batch_size=1,
+        batch_format="pyarrow",
+        **actor_pool(job, opts["concurrency"]),
+        num_cpus=job.num_cpus,
+        num_gpus=job.num_gpus,
+        runtime_env={"env_vars": env},
+    )
+    # a task that dies (a worker killed) costs its shard, not the job: its result never arrives, the
+    # driver names it, the other shards are written
+    ds.context.max_errored_blocks = -1
+    return ds
 
 
 def run_sharded(
     job: ShardJob,
-    input_dir: str | Path,
-    output: str | Path,
+    input_dir: str | os.PathLike | Location,
+    output: str | os.PathLike | Location,
     *,
     batch_size: int = 16,
     concurrency: int = 1,
     address: str | None = None,
     limit_shards: int | None = None,
-    on_batch: Callable[[pa.Table], None] | None = None,
     shards: list[str] | None = None,
 ) -> dict:
-    """Run `job` over the pending shards of `input_dir` (or of `shards`); returns this run's numbers.
+    """Run `job` over the pending shards of `input_dir` (or of `shards`); returns this run's numbers
+    (`this_run`: the numeric stats of the shards written in this run, summed).
 
     Raises IncompleteJobError (after writing every shard it could and _summary.json) when some shards
     could not be completed; an error of the whole job (e.g. the stage cannot load its model) is raised
     as it is, after the summary."""
-    output = Path(output)
-    output.mkdir(parents=True, exist_ok=True)
-    repair_stats(output, job.stats_fn)
-    shards = list_shards(input_dir) if shards is None else shards
-    shards = [s for s in shards if s not in done_shards(output)]
+    source, output = ShardFolder(input_dir), storage.resolve(output)
+    prepare_output(output)
+    done = done_shards(output)
+    repair_stats(output, job.stats_fn, done)
+    shards = [s for s in (source.list() if shards is None else shards) if s not in done]
     if limit_shards is not None:
         shards = shards[:limit_shards]
-    t0, rows = time.time(), 0
-
-    def on_shard(shard: str, stats: dict) -> None:
-        status = stats.get("status", {})
-        refused = f", {stats['refused_samples']} tar samples refused" if stats.get("refused_samples") else ""
-        written = output / (shard + ".parquet")
-        print(f"[{job.name}] shard {shard}: {stats['rows']} rows {status}{refused} -> {written}", flush=True)
-
-    def initial_rows(shard: str) -> pa.Table | None:
-        failures = index_failures(input_dir, shard)
-        return job.failure_table(failures) if failures else None
-
-    expected = job.expected_keys or (lambda s: index_keys(input_dir, s))
-    hooks = dict(initial_rows=job.initial_rows or initial_rows, on_shard=on_shard)
-    sink = ShardCollector(output, shards, expected, job.schema, stats_fn=job.stats_fn, write_fn=job.write_fn, **hooks)
-    to_read = [s for s in shards if is_complete(input_dir, s)]
-    for shard in sorted(set(shards) - set(to_read)):  # nothing to read: complete from its initial rows, or not
-        sink.settle(shard)
-    error = None
-    if to_read:
-        runtime.init_ray(address)
-        guarded = type(job.stage_cls.__name__, (GuardedStage,), {})  # named after the stage in Ray's progress
-        actor = dict(stage_cls=job.stage_cls, stage_kwargs=job.stage_kwargs, failure_table=job.failure_table)
-        threads = runtime.threads_env(actor_threads(job, concurrency))
-        env = {"TOKENIZERS_PARALLELISM": "false", **threads, **job.env_vars}
-        ds = read_shards(input_dir, to_read, problems=True).map_batches(
-            guarded,
-            fn_constructor_kwargs={**actor, "schema": job.schema},
-            batch_size=batch_size,
-            batch_format="pyarrow",
-            **actor_pool(job, concurrency),
-            num_cpus=job.num_cpus,
-            num_gpus=job.num_gpus,
-            runtime_env={"env_vars": env},
-        )
-        # a task that fails (a tar that cannot be opened, a worker that died) costs its shards, not the job:
-        # their rows never arrive, the collector names them, the other shards are written
-        ds.context.max_errored_blocks = -1
+    t0, written, failed, stats, error = time.time(), [], {}, {}, None
+    if shards:
+        opts = dict(batch_size=batch_size, concurrency=concurrency, address=address)
         try:
-            for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
-                sink.add_batch(batch)
-                rows += batch.num_rows
-                if on_batch:
-                    on_batch(batch)
+            for r in _schedule(job, source, output, shards, opts).iter_rows():
+                if r["error"] is not None:
+                    failed[r["shard"]] = r["error"]
+                    continue
+                stats[r["shard"]] = s = json.loads(r["stats"])
+                written.append(r["shard"])
+                refused = f", {s['refused_samples']} tar samples refused" if s.get("refused_samples") else ""
+                where = output.join(f"{r['shard']}.parquet")
+                line = f"[{job.name}] shard {r['shard']}: {s['rows']} rows {s.get('status', {})}{refused} -> {where}"
+                print(line, flush=True)
         except Exception as e:  # noqa: BLE001 - recorded in the summary, raised below
             error = e
+    reason = f"not finished: {type(error).__name__}: {error}"[:300] if error else "not finished: its worker died"
+    failed |= {s: reason for s in shards if s not in stats and s not in failed}
     if error is None:
-        failed = sink.close()
-    else:
-        sink.count_late_refusals()
-        failed = {s: f"not finished: {type(error).__name__}: {error}"[:300] for s in sorted(sink.pending)}
+        failed = {s: failed[s] for s in sorted(failed)}
     wall = time.time() - t0
-    run = {"shards_written": sink.written, "images": rows, "seconds": round(wall, 2)}
+    rows = sum(s["rows"] for s in stats.values())
+    run = {"shards_written": written, "images": rows, "seconds": round(wall, 2)}
     run |= {"images_per_s": round(rows / wall, 2) if wall and rows else 0.0, "failed_shards": failed}
-    if sink.stray_rows:
-        run["stray_rows_refused"] = sink.stray_rows
+    run["this_run"] = {k: v for k, v in _sums(stats.values()).items() if k != "rows"}  # e.g. output_tokens
     if error is not None or failed:
         summary = summarise(output, run | {"error": f"{type(error).__name__}: {error}" if error else None})
         if error is not None:
@@ -271,8 +316,8 @@ def run_sharded(
         lines = "; ".join(f"{s}: {why}" for s, why in failed.items())
         message = (
             f"{job.name}: {len(failed)} of {len(shards)} shards could not be completed and were not written "
-            f"({lines}); {len(sink.written)} were. Fix the cause (see the log above) and re-run: complete shards "
-            f"are skipped. Summary: {output / '_summary.json'}"
+            f"({lines}); {len(written)} were. Fix the cause (see the log above) and re-run: complete shards "
+            f"are skipped. Summary: {output.join('_summary.json')}"
         )
         raise IncompleteJobError(message, summary, failed)
     return run

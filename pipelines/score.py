@@ -26,15 +26,13 @@ from typing import Literal
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 from pipelines.runner import IncompleteJobError, ShardJob, exit_status, run_sharded, summarise
-from unicap import config, runtime
-from unicap.atomic import write_parquet
+from unicap import config, runtime, storage
 from unicap.contract import caption as caption_record
 from unicap.contract import scores
-from unicap.contract.dedup import duplicates_path
 from unicap.decode import decode_image
+from unicap.storage import Location
 
 
 def _help(text: str) -> dict:
@@ -101,7 +99,7 @@ class ScoreStage:
         if multilingual:  # the same model named twice (a CLIP that reads every language) is loaded once
             same = multilingual == clip
             self.multi = self.scorer if same else ClipScorer(multilingual, device=device, autocast=bf16)
-        self.captions = Path(captions) if captions else None
+        self.captions = storage.resolve(captions) if captions else None
         self.levels, self.languages = tuple(levels), tuple(languages)
         # a level is ok for a row when its caption is there in every language
         self.level_columns = {lv: [caption_record.caption_column(lv, g) for g in self.languages] for lv in self.levels}
@@ -110,8 +108,8 @@ class ScoreStage:
 
     def _captions_of(self, shard: str) -> dict[str, dict]:
         if shard not in self._cache:
-            path = self.captions / f"{shard}.parquet" if self.captions else None
-            rows = pq.read_table(path).to_pylist() if path and path.exists() else []
+            path = self.captions.join(f"{shard}.parquet") if self.captions else None
+            rows = path.read_parquet().to_pylist() if path and path.exists() else []
             self._cache = {shard: {r["key"]: r for r in rows}}  # shards arrive roughly in order: keep one
         return self._cache[shard]
 
@@ -175,10 +173,10 @@ def failure_table(failures: list[dict], levels, languages) -> pa.Table:
     return pa.Table.from_pylist(rows, schema=scores.with_embedding(scores.score_schema(levels, languages)))
 
 
-def write_scores(output: Path, shard: str, table: pa.Table) -> None:
+def write_scores(output: Location, shard: str, table: pa.Table) -> None:
     """Embeddings first, the score file last: its presence marks the shard complete."""
-    write_parquet(table.select(scores.EMBEDDINGS_SCHEMA.names), scores.embeddings_path(output, shard))
-    write_parquet(table.drop_columns([scores.EMBEDDING_FIELD.name]), output / f"{shard}.parquet")
+    output.join(scores.EMBED_DIR, f"{shard}.parquet").write_parquet(table.select(scores.EMBEDDINGS_SCHEMA.names))
+    output.join(f"{shard}.parquet").write_parquet(table.drop_columns([scores.EMBEDDING_FIELD.name]))
 
 
 def shard_stats(table: pa.Table) -> dict:
@@ -191,13 +189,14 @@ def run_job(
     input_dir: str | Path, captions: str | Path | None, output: str | Path, cfg: ScoreConfig | None = None
 ) -> dict:
     """Score the pending shards of `input_dir` (captions from `captions`, a caption folder, or none)."""
-    from unicap.dedup import find_duplicates
+    from unicap.dedup import write_duplicates
 
     cfg = cfg or ScoreConfig()
     device = runtime.cluster_device(cfg.device, cfg.address)  # the cluster's GPUs, not the driver's
     gpu = device == "cuda"
     model = dict(clip=cfg.clip, aesthetic=cfg.aesthetic, multilingual=cfg.clip_multilingual)
-    columns = dict(captions=str(captions) if captions else None, levels=list(cfg.levels), languages=list(cfg.languages))
+    captions_uri = storage.resolve(captions).uri if captions else None
+    columns = dict(captions=captions_uri, levels=list(cfg.levels), languages=list(cfg.languages))
     job = ShardJob(
         name="score",
         stage_cls=ScoreStage,
@@ -212,11 +211,10 @@ def run_job(
     run = run_sharded(
         job, input_dir, output, batch_size=cfg.batch_size, concurrency=cfg.concurrency, address=cfg.address
     )
-    if cfg.dedup:
-        dups = find_duplicates(Path(output), near_threshold=cfg.near_threshold if cfg.near_dedup else None)
-        write_parquet(dups, duplicates_path(output))
+    if cfg.dedup:  # read from and written to the output's Location (a local folder or a bucket)
+        dups = write_duplicates(output, near_threshold=cfg.near_threshold if cfg.near_dedup else None)
         run["duplicates"] = dict(Counter(dups.column("kind").to_pylist()))
-    return summarise(Path(output), run)
+    return summarise(output, run)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:

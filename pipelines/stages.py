@@ -27,27 +27,40 @@ text; the only names put into SQL are clip columns, checked against the score-co
 The manifests follow unicap.contract.manifest. Every output is written under a temporary name and
 renamed; `_stages.json` records a fingerprint of the inputs and rules, so a re-run with nothing changed
 writes nothing.
+
+Storage: --scores, --output and --shards are local folders or URIs (unicap.storage). Local score files are
+read by DuckDB's own Parquet reader; files elsewhere as an Arrow dataset on their filesystem (pyarrow reads,
+DuckDB scans it in batches): the same rows, the same SQL, the same manifests. DuckDB's database file and
+spill folder stay on this machine: beside a local output (as before), else in a temporary folder (TMPDIR).
+The manifests are uploaded whole (an object is visible only once complete), then funnel.json, _stages.json.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import json
 import math
+import os
 import re
 import sys
+import tempfile
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import pyarrow as pa
+import pyarrow.dataset as pads
+import pyarrow.fs as pafs
 
-from unicap import config
-from unicap.atomic import atomic_path, visible_parquet_files, write_json
+from unicap import config, storage
+from unicap.atomic import atomic_path
 from unicap.contract import manifest
-from unicap.contract.dedup import duplicates_path
+from unicap.contract.dedup import DEDUP_DIR, DUPLICATES_FILE
 from unicap.stage_rules import StageRules, load_rules, parse_target, requested
+from unicap.storage import Location
 
 __all__ = ["StagesConfig", "StageRules", "load_rules", "parse_target", "print_funnel", "select_stages"]
 
@@ -58,8 +71,8 @@ DUCKDB_TYPES = {pa.string(): "VARCHAR", pa.int32(): "INTEGER", pa.float32(): "FL
 class StagesConfig:
     """The `unicap stages` command line (its defaults are select_stages' too)."""
 
-    scores: str = field(metadata={"help": "score folder (unicap score output)"})
-    output: str = field(metadata={"help": "folder for stage1/2/3.parquet and funnel.json"})
+    scores: str = field(metadata={"help": "score folder (unicap score output), a local path or a URI"})
+    output: str = field(metadata={"help": "folder for stage1/2/3.parquet and funnel.json (a path or a URI)"})
     stage1: str = field(default="1.0", metadata={"help": "count (100M, 5000) or fraction of the filtered pool"})
     stage2: str = field(default="0.1", metadata={"help": "count or fraction of stage1"})
     stage3: str = field(default="0.1", metadata={"help": "count or fraction of stage2"})
@@ -89,12 +102,60 @@ def _sql(con, sql: str, params: dict | None = None):
     return con.execute(sql, used) if used else con.execute(sql)
 
 
-def _fingerprint(files: list[str], rules: StageRules, targets: list) -> str:
+def _parquet_files(folder: Location) -> list[pafs.FileInfo]:
+    """The visible Parquet files of a folder ("." and "_" names left out), sorted, with their size and
+    mtime: one listing (on a bucket, one LIST request per 1000 files, no HEAD per file)."""
+    selector = pafs.FileSelector(folder.path, allow_not_found=True)
+    infos = [i for i in folder.fs.get_file_info(selector) if i.type == pafs.FileType.File]
+    return sorted(
+        (i for i in infos if i.base_name.endswith(".parquet") and not i.base_name.startswith(("_", "."))),
+        key=lambda i: i.base_name,
+    )
+
+
+def _fingerprint(files: list[tuple[str, pafs.FileInfo]], rules: StageRules, targets: list) -> str:
+    """The rules, the targets and every input file's URI, size and mtime (local: in nanoseconds)."""
     h = hashlib.sha256(json.dumps([config.to_dict(rules), [str(t) for t in targets]], sort_keys=True).encode())
-    for f in files:
-        st = Path(f).stat()
-        h.update(f"{f}:{st.st_size}:{st.st_mtime_ns}".encode())
+    for uri, info in files:
+        h.update(f"{uri}:{info.size}:{info.mtime_ns}".encode())
     return h.hexdigest()
+
+
+def _register(con, name: str, folder: Location, infos: list[pafs.FileInfo]) -> None:
+    """A DuckDB view `name` over these Parquet files of `folder`, columns united by name: DuckDB's own reader
+    for a local folder, an Arrow dataset on the folder's filesystem (a bucket) otherwise, registered for
+    this session. Paths never become SQL text."""
+    paths = [i.path for i in infos]
+    if folder.is_local:
+        con.read_parquet(paths, union_by_name=True).create_view(name)
+        return
+    schemas = []
+    for path in paths:  # the footers only
+        with folder.fs.open_input_file(path) as f:
+            schemas.append(pads.ParquetFileFormat().make_fragment(f).physical_schema)
+    schema = pa.unify_schemas(schemas, promote_options="permissive")
+    con.register(name, pads.dataset(paths, schema=schema, filesystem=folder.fs, format="parquet"))
+
+
+@contextlib.contextmanager
+def _scratch(output: Location) -> Iterator[Path]:
+    """DuckDB's local folder (database file, spill): beside a local output, else a temporary folder here,
+    removed afterwards."""
+    if output.is_local:
+        yield output.local_path
+        return
+    with tempfile.TemporaryDirectory(prefix="unicap-stages-") as scratch:
+        yield Path(scratch)
+
+
+def _manifest_location(output: Location, stage: str) -> Location:
+    return output.join(manifest.manifest_path("", stage).name)
+
+
+def _publish(local: Path, target: Location) -> None:
+    """A finished local file to a non-local Location: one streamed upload (a multipart upload on S3), which
+    becomes visible only when complete; the manifests can be larger than memory wants to hold."""
+    pafs.copy_files(str(local), target.path, source_filesystem=pafs.LocalFileSystem(), destination_filesystem=target.fs)
 
 
 def _manifest_select(shards_dir: str | None) -> str:
@@ -112,8 +173,8 @@ def _manifest_select(shards_dir: str | None) -> str:
 
 
 def select_stages(
-    scores: str | Path,
-    output: str | Path,
+    scores: str | os.PathLike | Location,
+    output: str | os.PathLike | Location,
     stage1: str = StagesConfig.stage1,
     stage2: str = StagesConfig.stage2,
     stage3: str = StagesConfig.stage3,
@@ -124,156 +185,169 @@ def select_stages(
 ) -> dict:
     import duckdb
 
-    scores, output = Path(scores), Path(output)
+    scores, output = storage.resolve(scores), storage.resolve(output)
+    for loc, check in ((scores, storage.check_readable), (output, storage.check_writable)):
+        if not loc.is_local:
+            check(loc)  # a missing bucket or refused credentials: one line, before any work
     rules = config.from_dict(StageRules, rules) if isinstance(rules, dict) else (rules or StageRules())
     targets = [parse_target(t) for t in (stage1, stage2, stage3)]
-    files = [str(p) for p in visible_parquet_files(scores)]
+    files = _parquet_files(scores)
     if not files:
         raise FileNotFoundError(f"no score Parquet files in {scores}")
-    dup_file = duplicates_path(scores)
-    fp = _fingerprint(files + ([str(dup_file)] if dup_file.exists() else []), rules, targets)
-    state_path = output / "_stages.json"
+    dup_folder = scores.join(DEDUP_DIR)
+    dup_files = [i for i in _parquet_files(dup_folder) if i.base_name == DUPLICATES_FILE]
+    inputs = [(scores.join(i.base_name).uri, i) for i in files] + [
+        (dup_folder.join(DUPLICATES_FILE).uri, i) for i in dup_files
+    ]
+    fp = _fingerprint(inputs, rules, targets)
+    state_path = output.join("_stages.json")
     if (
         state_path.exists()
-        and json.loads(state_path.read_text()).get("fingerprint") == fp
-        and all(manifest.manifest_path(output, s).exists() for s in manifest.STAGES)
+        and state_path.read_json().get("fingerprint") == fp
+        and all(_manifest_location(output, s).exists() for s in manifest.STAGES)
     ):
-        funnel = json.loads((output / manifest.FUNNEL_FILE).read_text())
+        funnel = output.join(manifest.FUNNEL_FILE).read_json()
         print(f"stages: {output} is up to date with {scores}; nothing written")
         return funnel
-    output.mkdir(parents=True, exist_ok=True)
+    output.mkdir()
     t0 = time.time()
-    tmp, dbfile = output / ".duckdb_tmp", output / ".stages.duckdb"
-    dbfile.unlink(missing_ok=True)
-    con = duckdb.connect(str(dbfile))  # file-backed: tables larger than memory_limit live on disk
-    con.execute("SET memory_limit = ?", [rules.memory_limit.strip()])
-    con.execute("SET temp_directory = ?", [str(tmp)])
-    con.execute("SET preserve_insertion_order = false")
-    if threads:
-        con.execute("SET threads = ?", [int(threads)])
-    # views over the files as relations: paths never become SQL text
-    con.read_parquet(files, union_by_name=True).create_view("scores")
-    if dup_file.exists():
-        con.read_parquet([str(dup_file)]).project("key, kind").create_view("dups")
-    else:
-        con.execute("CREATE VIEW dups AS SELECT NULL::VARCHAR AS key, NULL::VARCHAR AS kind WHERE false")
-    cols = set(con.execute("SELECT * FROM scores LIMIT 0").fetchdf().columns)
-    # clip columns are checked against the score-column pattern (StageRules) and quoted
-    clip_cols = [c for c in rules.composite.clip_columns if c in cols]
-    score_cols = clip_cols + (["aesthetic"] if "aesthetic" in cols else [])
-    # NaN and inf are missing values (one NaN made every composite NaN and the ranking key order)
-    clip_sum = " + ".join(f"coalesce({finite(c)}, 0)" for c in clip_cols)
-    clip_expr = f"({clip_sum}) / {len(clip_cols)}" if clip_cols else "0.0"
-    aes_expr = f"coalesce({finite('aesthetic')}, 0.0)" if "aesthetic" in cols else "0.0"
-    r1 = rules.stage1
-    # the SQL's named parameters ($name)
-    p = dict(statuses=list(r1.caption_status), min_side1=int(r1.min_side), max_aspect=float(r1.max_aspect))
-    p.update(min_side2=int(rules.stage2.min_side), min_side3=rules.stage3.min_side)
-    p.update(location_prefix=f"{Path(shards_dir).resolve()}/" if shards_dir else None)
-    conditions = [
-        ("undecodable", "decode_error IS NULL"),
-        ("caption_not_ok", "list_contains($statuses, caption_status)"),
-        ("below_min_side", "min_side >= $min_side1"),
-        ("extreme_aspect", "aspect_ratio <= $max_aspect"),
-    ]
-    cumulative = [" AND ".join(c for _, c in conditions[: i + 1]) for i in range(len(conditions))]
-    passing = ", ".join(f"count(*) FILTER (WHERE {c})" for c in cumulative)
-    non_finite = "".join(f", count(*) FILTER (WHERE NOT isfinite({ident(c)}))" for c in score_cols)
-    counts = _sql(con, f"SELECT count(*), {passing}{non_finite} FROM scores", p).fetchone()
-    total, remaining = counts[0], list(counts[1 : 1 + len(cumulative)])
-    bad_values = dict(zip(score_cols, counts[1 + len(cumulative) :], strict=True))
-    aesthetic = finite("aesthetic") if "aesthetic" in cols else "NULL::FLOAT"
-    kept = "key, shard, nullif(sha256, '') AS sha256, caption_levels_ok, width, height, min_side, aspect_ratio"
-    scored = f"{aesthetic} AS aesthetic, {clip_expr} AS clip_score, {aes_expr} AS aes"
-    _sql(con, f"CREATE TABLE pool AS SELECT {kept}, {scored} FROM scores WHERE {cumulative[-1]}", p)
-    # a key in two shards' score files (ingested twice): one row, the first shard's, so a manifest never
-    # names a key twice; the full order makes the choice deterministic
-    con.execute("""DELETE FROM pool WHERE rowid IN (SELECT rowid FROM (SELECT rowid, row_number() OVER
-                   (PARTITION BY key ORDER BY shard, min_side DESC, width, height, sha256, caption_levels_ok,
-                    aspect_ratio, aesthetic, clip_score) AS rn FROM pool) WHERE rn > 1)""")
-    conditions.append(("duplicate_key", ""))
-    remaining.append(con.execute("SELECT count(*) FROM pool").fetchone()[0])
-    null_sha256 = con.execute("SELECT count(*) FROM pool WHERE sha256 IS NULL").fetchone()[0]
-    if r1.drop_duplicates:
-        # exact: among rows that pass the filters above, keep one per sha256 (largest short side, then key);
-        # a row without a sha256 is nobody's copy (NULLs would otherwise form one big group)
-        con.execute("""DELETE FROM pool WHERE key IN (SELECT key FROM (SELECT key, row_number() OVER
-                       (PARTITION BY sha256 ORDER BY min_side DESC, key) AS rn FROM pool WHERE sha256 IS NOT NULL)
-                       WHERE rn > 1)""")
-        conditions.append(("exact_duplicate", ""))
+    with _scratch(output) as scratch:
+        tmp, dbfile = scratch / ".duckdb_tmp", scratch / ".stages.duckdb"
+        dbfile.unlink(missing_ok=True)
+        con = duckdb.connect(str(dbfile))  # file-backed: tables larger than memory_limit live on disk
+        con.execute("SET memory_limit = ?", [rules.memory_limit.strip()])
+        con.execute("SET temp_directory = ?", [str(tmp)])
+        con.execute("SET preserve_insertion_order = false")
+        if threads:
+            con.execute("SET threads = ?", [int(threads)])
+        # views over the files as relations: paths never become SQL text
+        _register(con, "scores", scores, files)
+        if dup_files:
+            _register(con, "dup_files", dup_folder, dup_files)
+            con.execute("CREATE VIEW dups AS SELECT key, kind FROM dup_files")
+        else:
+            con.execute("CREATE VIEW dups AS SELECT NULL::VARCHAR AS key, NULL::VARCHAR AS kind WHERE false")
+        cols = set(con.execute("SELECT * FROM scores LIMIT 0").fetchdf().columns)
+        # clip columns are checked against the score-column pattern (StageRules) and quoted
+        clip_cols = [c for c in rules.composite.clip_columns if c in cols]
+        score_cols = clip_cols + (["aesthetic"] if "aesthetic" in cols else [])
+        # NaN and inf are missing values (one NaN made every composite NaN and the ranking key order)
+        clip_sum = " + ".join(f"coalesce({finite(c)}, 0)" for c in clip_cols)
+        clip_expr = f"({clip_sum}) / {len(clip_cols)}" if clip_cols else "0.0"
+        aes_expr = f"coalesce({finite('aesthetic')}, 0.0)" if "aesthetic" in cols else "0.0"
+        r1 = rules.stage1
+        # the SQL's named parameters ($name)
+        p = dict(statuses=list(r1.caption_status), min_side1=int(r1.min_side), max_aspect=float(r1.max_aspect))
+        p.update(min_side2=int(rules.stage2.min_side), min_side3=rules.stage3.min_side)
+        p.update(location_prefix=f"{storage.resolve(shards_dir).uri}/" if shards_dir else None)
+        conditions = [
+            ("undecodable", "decode_error IS NULL"),
+            ("caption_not_ok", "list_contains($statuses, caption_status)"),
+            ("below_min_side", "min_side >= $min_side1"),
+            ("extreme_aspect", "aspect_ratio <= $max_aspect"),
+        ]
+        cumulative = [" AND ".join(c for _, c in conditions[: i + 1]) for i in range(len(conditions))]
+        passing = ", ".join(f"count(*) FILTER (WHERE {c})" for c in cumulative)
+        non_finite = "".join(f", count(*) FILTER (WHERE NOT isfinite({ident(c)}))" for c in score_cols)
+        counts = _sql(con, f"SELECT count(*), {passing}{non_finite} FROM scores", p).fetchone()
+        total, remaining = counts[0], list(counts[1 : 1 + len(cumulative)])
+        bad_values = dict(zip(score_cols, counts[1 + len(cumulative) :], strict=True))
+        aesthetic = finite("aesthetic") if "aesthetic" in cols else "NULL::FLOAT"
+        kept = "key, shard, nullif(sha256, '') AS sha256, caption_levels_ok, width, height, min_side, aspect_ratio"
+        scored = f"{aesthetic} AS aesthetic, {clip_expr} AS clip_score, {aes_expr} AS aes"
+        _sql(con, f"CREATE TABLE pool AS SELECT {kept}, {scored} FROM scores WHERE {cumulative[-1]}", p)
+        # a key in two shards' score files (ingested twice): one row, the first shard's, so a manifest never
+        # names a key twice; the full order makes the choice deterministic
+        con.execute("""DELETE FROM pool WHERE rowid IN (SELECT rowid FROM (SELECT rowid, row_number() OVER
+                       (PARTITION BY key ORDER BY shard, min_side DESC, width, height, sha256, caption_levels_ok,
+                        aspect_ratio, aesthetic, clip_score) AS rn FROM pool) WHERE rn > 1)""")
+        conditions.append(("duplicate_key", ""))
         remaining.append(con.execute("SELECT count(*) FROM pool").fetchone()[0])
-        # near: the score job's clusters (unicap.dedup)
-        con.execute("DELETE FROM pool WHERE key IN (SELECT key FROM dups WHERE kind = 'near')")
-        conditions.append(("near_duplicate", ""))
-        remaining.append(con.execute("SELECT count(*) FROM pool").fetchone()[0])
-    funnel = {
-        "total": total,
-        "stage1_rules": {},
-        "targets": [str(t) for t in (stage1, stage2, stage3)],
-        "non_finite_scores": {c: n for c, n in bad_values.items() if n},  # rows, per column: read as missing
-        "pool_rows_without_sha256": null_sha256,  # kept, never exact duplicates of each other
-    }
-    prev = total
-    for (name, _), n in zip(conditions, remaining, strict=True):
-        funnel["stage1_rules"][name] = {"removed": prev - n, "remaining": n}
-        prev = n
-    pool = prev
-    mc, sc, ma, sa = con.execute(
-        "SELECT avg(clip_score), coalesce(stddev_pop(clip_score), 0), avg(aes), coalesce(stddev_pop(aes), 0) FROM pool"
-    ).fetchone()
-    for name, mean, std in (("clip", mc, sc), ("aesthetic", ma, sa)):
-        if not all(v is None or math.isfinite(v) for v in (mean, std)):
+        null_sha256 = con.execute("SELECT count(*) FROM pool WHERE sha256 IS NULL").fetchone()[0]
+        if r1.drop_duplicates:
+            # exact: among rows that pass the filters above, keep one per sha256 (largest short side, then key);
+            # a row without a sha256 is nobody's copy (NULLs would otherwise form one big group)
+            con.execute("""DELETE FROM pool WHERE key IN (SELECT key FROM (SELECT key, row_number() OVER
+                           (PARTITION BY sha256 ORDER BY min_side DESC, key) AS rn FROM pool WHERE sha256 IS NOT NULL)
+                           WHERE rn > 1)""")
+            conditions.append(("exact_duplicate", ""))
+            remaining.append(con.execute("SELECT count(*) FROM pool").fetchone()[0])
+            # near: the score job's clusters (unicap.dedup)
+            con.execute("DELETE FROM pool WHERE key IN (SELECT key FROM dups WHERE kind = 'near')")
+            conditions.append(("near_duplicate", ""))
+            remaining.append(con.execute("SELECT count(*) FROM pool").fetchone()[0])
+        funnel = {
+            "total": total,
+            "stage1_rules": {},
+            "targets": [str(t) for t in (stage1, stage2, stage3)],
+            "non_finite_scores": {c: n for c, n in bad_values.items() if n},  # rows, per column: read as missing
+            "pool_rows_without_sha256": null_sha256,  # kept, never exact duplicates of each other
+        }
+        prev = total
+        for (name, _), n in zip(conditions, remaining, strict=True):
+            funnel["stage1_rules"][name] = {"removed": prev - n, "remaining": n}
+            prev = n
+        pool = prev
+        moments = "avg(clip_score), coalesce(stddev_pop(clip_score), 0), avg(aes), coalesce(stddev_pop(aes), 0)"
+        mc, sc, ma, sa = con.execute(f"SELECT {moments} FROM pool").fetchone()
+        for name, mean, std in (("clip", mc, sc), ("aesthetic", ma, sa)):
+            if not all(v is None or math.isfinite(v) for v in (mean, std)):
+                con.close()
+                raise ValueError(
+                    f"stages: the {name} scores of the pool have mean {mean} and std {std}: not finite "
+                    f"(values too large to rank by); check the score files in {scores}"
+                )
+        w = rules.composite
+        p.update(w_clip=float(w.clip), clip_mean=float(mc or 0), clip_std=float(sc or 0))
+        p.update(w_aes=float(w.aesthetic), aes_mean=float(ma or 0), aes_std=float(sa or 0))
+        z_clip = "((clip_score - $clip_mean) / $clip_std)" if sc and sc > 0 else "0.0"
+        z_aes = "((aes - $aes_mean) / $aes_std)" if sa and sa > 0 else "0.0"
+        con.execute("ALTER TABLE pool ADD COLUMN composite DOUBLE")
+        _sql(con, f"UPDATE pool SET composite = $w_clip * {z_clip} + $w_aes * {z_aes}", p)
+        unranked = con.execute("SELECT count(*) FROM pool WHERE NOT isfinite(composite)").fetchone()[0]
+        if unranked:  # cannot happen with finite inputs and statistics; never rank by NaN silently
             con.close()
-            raise ValueError(
-                f"stages: the {name} scores of the pool have mean {mean} and std {std}: not finite "
-                f"(values too large to rank by); check the score files in {scores}"
-            )
-    w = rules.composite
-    p.update(w_clip=float(w.clip), clip_mean=float(mc or 0), clip_std=float(sc or 0))
-    p.update(w_aes=float(w.aesthetic), aes_mean=float(ma or 0), aes_std=float(sa or 0))
-    z_clip = "((clip_score - $clip_mean) / $clip_std)" if sc and sc > 0 else "0.0"
-    z_aes = "((aes - $aes_mean) / $aes_std)" if sa and sa > 0 else "0.0"
-    con.execute("ALTER TABLE pool ADD COLUMN composite DOUBLE")
-    _sql(con, f"UPDATE pool SET composite = $w_clip * {z_clip} + $w_aes * {z_aes}", p)
-    unranked = con.execute("SELECT count(*) FROM pool WHERE NOT isfinite(composite)").fetchone()[0]
-    if unranked:  # cannot happen with finite inputs and statistics; never rank by NaN silently
-        con.close()
-        raise ValueError(f"stages: {unranked} pool rows have a non-finite composite score; check {scores}")
+            raise ValueError(f"stages: {unranked} pool rows have a non-finite composite score; check {scores}")
 
-    want = [0, 0, 0]
-    want[0] = requested(targets[0], pool)
-    n1 = min(want[0], pool)
-    _sql(con, "CREATE TABLE s1 AS SELECT * FROM pool ORDER BY composite DESC, key LIMIT $n", {"n": n1})
-    eligible2 = _sql(con, "SELECT count(*) FROM s1 WHERE min_side >= $min_side2", p).fetchone()[0]
-    want[1] = requested(targets[1], n1)
-    n2 = min(want[1], eligible2)
-    top2 = "CREATE TABLE s2 AS SELECT * FROM s1 WHERE min_side >= $min_side2 ORDER BY composite DESC, key LIMIT $n"
-    _sql(con, top2, {**p, "n": n2})
-    base3 = "s2" if rules.nested else "(SELECT * FROM s1 WHERE min_side >= $min_side2)"
-    want[2] = requested(targets[2], n2)
-    n3 = min(want[2], n2 if rules.nested else eligible2)
-    where3 = "WHERE min_side >= $min_side3" if rules.stage3.min_side else ""
-    top3 = f"CREATE TABLE s3 AS SELECT * FROM {base3} {where3} ORDER BY composite DESC, key LIMIT $n"
-    _sql(con, top3, {**p, "n": n3})
-    select = _manifest_select(shards_dir)
-    for stage, table in zip(manifest.STAGES, ("s1", "s2", "s3"), strict=True):
-        with atomic_path(manifest.manifest_path(output, stage)) as tmpfile:
+        want = [0, 0, 0]
+        want[0] = requested(targets[0], pool)
+        n1 = min(want[0], pool)
+        _sql(con, "CREATE TABLE s1 AS SELECT * FROM pool ORDER BY composite DESC, key LIMIT $n", {"n": n1})
+        eligible2 = _sql(con, "SELECT count(*) FROM s1 WHERE min_side >= $min_side2", p).fetchone()[0]
+        want[1] = requested(targets[1], n1)
+        n2 = min(want[1], eligible2)
+        top2 = "CREATE TABLE s2 AS SELECT * FROM s1 WHERE min_side >= $min_side2 ORDER BY composite DESC, key LIMIT $n"
+        _sql(con, top2, {**p, "n": n2})
+        base3 = "s2" if rules.nested else "(SELECT * FROM s1 WHERE min_side >= $min_side2)"
+        want[2] = requested(targets[2], n2)
+        n3 = min(want[2], n2 if rules.nested else eligible2)
+        where3 = "WHERE min_side >= $min_side3" if rules.stage3.min_side else ""
+        top3 = f"CREATE TABLE s3 AS SELECT * FROM {base3} {where3} ORDER BY composite DESC, key LIMIT $n"
+        _sql(con, top3, {**p, "n": n3})
+        select = _manifest_select(shards_dir)
+        for stage, table in zip(manifest.STAGES, ("s1", "s2", "s3"), strict=True):
+            target = _manifest_location(output, stage)
             copy = f"COPY (SELECT {select} FROM {table} ORDER BY composite DESC, key) TO $path (FORMAT PARQUET)"
-            _sql(con, copy, {**p, "path": str(tmpfile)})
-    sizes = [con.execute(f"SELECT count(*) FROM {t}").fetchone()[0] for t in ("s1", "s2", "s3")]
-    picked = [{"target": t, "selected": n, "shortfall": max(0, t - n)} for t, n in zip(want, sizes, strict=True)]
-    composite = dict(clip_columns=clip_cols, clip_mean=mc, clip_std=sc, aesthetic_mean=ma, aesthetic_std=sa)
-    funnel.update(
-        stage1={"pool": pool, **picked[0]},
-        stage2={"eligible_min_side": eligible2, "removed_below_min_side": sizes[0] - eligible2, **picked[1]},
-        stage3=picked[2],
-        composite=composite,
-        seconds=round(time.time() - t0, 2),
-    )
-    con.close()
-    dbfile.unlink(missing_ok=True)
-    write_json(funnel, output / manifest.FUNNEL_FILE)
-    write_json({"fingerprint": fp, "scores": str(scores), "rules": config.to_dict(rules)}, state_path)
+            if target.is_local:
+                with atomic_path(target.path) as tmpfile:
+                    _sql(con, copy, {**p, "path": str(tmpfile)})
+            else:
+                _sql(con, copy, {**p, "path": str(scratch / target.name)})
+                _publish(scratch / target.name, target)
+        sizes = [con.execute(f"SELECT count(*) FROM {t}").fetchone()[0] for t in ("s1", "s2", "s3")]
+        picked = [{"target": t, "selected": n, "shortfall": max(0, t - n)} for t, n in zip(want, sizes, strict=True)]
+        composite = dict(clip_columns=clip_cols, clip_mean=mc, clip_std=sc, aesthetic_mean=ma, aesthetic_std=sa)
+        funnel.update(
+            stage1={"pool": pool, **picked[0]},
+            stage2={"eligible_min_side": eligible2, "removed_below_min_side": sizes[0] - eligible2, **picked[1]},
+            stage3=picked[2],
+            composite=composite,
+            seconds=round(time.time() - t0, 2),
+        )
+        con.close()
+        dbfile.unlink(missing_ok=True)
+        output.join(manifest.FUNNEL_FILE).write_json(funnel)
+        state_path.write_json({"fingerprint": fp, "scores": scores.uri, "rules": config.to_dict(rules)})
     return funnel
 
 

@@ -11,8 +11,13 @@ projection per image plus the candidate pairs, about N/16 random ones per band f
 only (star), not all pairs. In each cluster the copy with the largest short side (then the
 smallest key) is kept.
 
+The score folder is a local folder or a URI (unicap.storage): every file is read through its Location, and
+the duplicates table goes back to it (write_duplicates). Exact duplicates: DuckDB over an Arrow dataset of
+the score files on the folder's filesystem (pyarrow reads, DuckDB groups out of core).
+
 Bounded memory at pool scale (stage1 is 100M images): the embeddings are copied once into a
-float16 memory-mapped file beside the output (`_dedup/.work/`, removed afterwards) and every pass
+float16 memory-mapped file (local scratch, removed afterwards: `_dedup/.work-*/` beside a local score
+folder, on its disk; a temporary folder of this machine for a folder in a bucket) and every pass
 over them (mean, hashing, verification) goes in chunks; rows are integer ids (position in the
 sorted embedding files), keys are read back only for the duplicates found. The band codes go to a
 memmap too. What stays in RAM is ~25 bytes per row (one band's codes, sorted, and their order;
@@ -21,6 +26,7 @@ the row norms), not the N x dim embeddings nor N Python strings.
 
 from __future__ import annotations
 
+import os
 import shutil
 import tempfile
 from pathlib import Path
@@ -28,39 +34,51 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 
-from unicap.atomic import visible_parquet_files
-from unicap.contract.dedup import DEDUP_DIR, DUP_SCHEMA
+from unicap import storage
+from unicap.contract.dedup import DEDUP_DIR, DUP_SCHEMA, DUPLICATES_FILE
 from unicap.contract.scores import EMBED_DIR
+from unicap.storage import Location
 
 CHUNK = 1 << 13  # rows per step of a pass: 8k x 768 x 4 bytes = 25 MB of float32 (and 8k x 24 x 20 bits)
 PAIR_CHUNK = 1 << 14  # candidate pairs verified per step: 2 x 16k x 768 x 4 bytes = 100 MB
 
 
-def _score_files(score_dir: Path) -> list[str]:
-    return [str(p) for p in visible_parquet_files(score_dir)]
+# the score columns the exact step reads; a file may hold them as other types (an all-null column as null)
+EXACT_SCHEMA = pa.schema(
+    [("key", pa.string()), ("sha256", pa.string()), ("min_side", pa.int32()), ("decode_error", pa.string())]
+)
 
 
-def exact_duplicates(score_dir: Path) -> pa.Table:
+def _visible_parquet(folder: Location) -> list[Location]:
+    """The Parquet files a reader of `folder` sees: hidden (".") and private ("_") names left out."""
+    return [f for f in folder.files(".parquet") if not f.name.startswith(("_", "."))]
+
+
+def exact_duplicates(score_dir: str | os.PathLike | Location) -> pa.Table:
     """Rows whose sha256 another decodable row shares, each pointing at its group's kept copy."""
     import duckdb
 
-    files = _score_files(score_dir)
+    folder = storage.resolve(score_dir)
+    files = _visible_parquet(folder)
     if not files:
         return DUP_SCHEMA.empty_table()
+    # an Arrow dataset on the folder's filesystem (local disk or bucket): DuckDB scans it in batches
+    scores = pads.dataset([f.path for f in files], schema=EXACT_SCHEMA, filesystem=folder.fs, format="parquet")
     con = duckdb.connect()
+    con.register("scores", scores)
     # a missing sha256 (null or empty) is nobody's copy; a key in two score files is listed once
     return (
         con.sql(
             """
         SELECT key, keep AS duplicate_of, 'exact' AS kind, 1.0::FLOAT AS similarity FROM (
             SELECT key, first(key ORDER BY min_side DESC NULLS LAST, key) OVER (PARTITION BY sha256) AS keep
-            FROM read_parquet(?) WHERE nullif(sha256, '') IS NOT NULL AND decode_error IS NULL
+            FROM scores WHERE nullif(sha256, '') IS NOT NULL AND decode_error IS NULL
             QUALIFY count(*) OVER (PARTITION BY sha256) > 1
         ) WHERE key <> keep QUALIFY row_number() OVER (PARTITION BY key ORDER BY keep) = 1 ORDER BY key
-        """,
-            params=[files],
+        """
         )
         .to_arrow_table()
         .cast(DUP_SCHEMA)
@@ -188,16 +206,16 @@ def clusters(i: np.ndarray, j: np.ndarray) -> dict[int, list[int]]:
 class _Pool:
     """The score folder's embeddings as one float16 memmap; rows addressed by position."""
 
-    def __init__(self, score_dir: Path, dropped: pa.Array, workdir: Path):
-        self.files = sorted((score_dir / EMBED_DIR).glob("*.parquet"))
-        self.score_files = [score_dir / f.name for f in self.files]
-        counts = [pq.read_metadata(f).num_rows for f in self.files]
+    def __init__(self, score_dir: Location, dropped: pa.Array, workdir: Path):
+        self.files = _visible_parquet(score_dir.join(EMBED_DIR))
+        self.score_files = [score_dir.join(f.name) for f in self.files]
+        counts = [_num_rows(f) for f in self.files]
         self.offsets = np.r_[0, np.cumsum(counts)].astype(np.int64)
         n, dim = int(self.offsets[-1]), self._dim()
         self.valid = np.zeros(n, bool)
         self.emb = np.lib.format.open_memmap(workdir / "emb.npy", "w+", np.float16, (max(n, 1), max(dim, 1)))[:n]
         for f, s in zip(self.files, self.offsets[:-1], strict=True):
-            t = pq.read_table(f)
+            t = f.read_parquet()
             col = t.column("embedding").combine_chunks()
             null = pc.is_null(col).to_numpy(zero_copy_only=False)
             gone = pc.is_in(t.column("key"), value_set=dropped).to_numpy(zero_copy_only=False)
@@ -213,7 +231,7 @@ class _Pool:
 
     def _dim(self) -> int:
         for f in self.files:
-            lengths = pc.list_value_length(pq.read_table(f, columns=["embedding"]).column("embedding")).drop_null()
+            lengths = pc.list_value_length(f.read_parquet(columns=["embedding"]).column("embedding")).drop_null()
             if len(lengths):
                 return lengths[0].as_py()
         return 0
@@ -225,24 +243,38 @@ class _Pool:
         for fi in np.unique(file_of):
             sel = np.flatnonzero(file_of == fi)
             path = self.files[fi] if column == "key" else self.score_files[fi]
-            values = pq.read_table(path, columns=[column]).column(column)
+            values = path.read_parquet(columns=[column]).column(column)
             taken = values.take(pa.array(rows[sel] - self.offsets[fi])).to_pylist()
             for k, v in zip(sel.tolist(), taken, strict=True):
                 out[k] = v
         return out
 
 
-def find_duplicates(score_dir: Path, near_threshold: float | None = 0.95) -> pa.Table:
-    """Every duplicate row of a score folder: key, duplicate_of (the kept copy), kind, similarity.
-    near_threshold None: exact duplicates only."""
-    score_dir = Path(score_dir)
-    exact = exact_duplicates(score_dir)
-    if near_threshold is None or not (score_dir / EMBED_DIR).is_dir():
-        return exact
-    (score_dir / DEDUP_DIR).mkdir(exist_ok=True)
-    for stale in (score_dir / DEDUP_DIR).glob(".work-*"):  # left by a killed run
+def _num_rows(f: Location) -> int:
+    with f.open_input() as handle:  # the footer only
+        return pq.ParquetFile(handle).metadata.num_rows
+
+
+def _scratch(score_dir: Location) -> Path:
+    """A fresh local folder for the memmaps: beside a local score folder (its disk holds N x dim float16),
+    else a temporary folder of this machine (TMPDIR), never in a bucket."""
+    if not score_dir.is_local:
+        return Path(tempfile.mkdtemp(prefix="unicap-dedup-"))
+    work = score_dir.local_path / DEDUP_DIR
+    work.mkdir(exist_ok=True)
+    for stale in work.glob(".work-*"):  # left by a killed run
         shutil.rmtree(stale, ignore_errors=True)
-    workdir = Path(tempfile.mkdtemp(prefix=".work-", dir=score_dir / DEDUP_DIR))
+    return Path(tempfile.mkdtemp(prefix=".work-", dir=work))
+
+
+def find_duplicates(score_dir: str | os.PathLike | Location, near_threshold: float | None = 0.95) -> pa.Table:
+    """Every duplicate row of a score folder (a local folder or a URI): key, duplicate_of (the kept copy),
+    kind, similarity. near_threshold None: exact duplicates only."""
+    score_dir = storage.resolve(score_dir)
+    exact = exact_duplicates(score_dir)
+    if near_threshold is None or not _visible_parquet(score_dir.join(EMBED_DIR)):
+        return exact
+    workdir = _scratch(score_dir)
     try:
         pool = _Pool(score_dir, exact.column("key").combine_chunks(), workdir)
         i, j, sim = near_duplicate_pairs(pool.emb, near_threshold, valid=pool.valid, workdir=workdir)
@@ -268,3 +300,12 @@ def find_duplicates(score_dir: Path, near_threshold: float | None = 0.95) -> pa.
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
     return pa.concat_tables([exact, pa.Table.from_pylist(near, schema=DUP_SCHEMA)])
+
+
+def write_duplicates(score_dir: str | os.PathLike | Location, near_threshold: float | None = 0.95) -> pa.Table:
+    """find_duplicates, written to SCORE_DIR/_dedup/duplicates.parquet (unicap.contract.dedup) through
+    unicap.storage; returns the table."""
+    score_dir = storage.resolve(score_dir)
+    dups = find_duplicates(score_dir, near_threshold)
+    score_dir.join(DEDUP_DIR, DUPLICATES_FILE).write_parquet(dups)
+    return dups

@@ -9,9 +9,12 @@ from __future__ import annotations
 import math
 import os
 from collections.abc import Callable
-from pathlib import Path
 
+import pyarrow.fs as pafs
+
+from unicap import storage
 from unicap.atomic import final_name
+from unicap.storage import Location
 
 
 class UsageError(ValueError):
@@ -44,38 +47,35 @@ def _number(name: str, value, minimum, optional: bool, strict: bool) -> None:
 IsOurs = Callable[[str, bool], bool]
 
 
-def foreign_entries(directory: str | os.PathLike, is_ours: IsOurs) -> list[str]:
-    """Entries of `directory` that the job would not have written (temporaries of its files count as
-    its own); folders it owns are searched too. Sorted, relative paths."""
-    directory = Path(directory)
+def foreign_entries(directory: str | os.PathLike | Location, is_ours: IsOurs) -> list[str]:
+    """Entries of `directory` (a local folder or a URI) that the job would not have written (temporaries of its
+    files count as its own); folders it owns are searched too. Sorted, relative paths; one listing."""
+    loc = storage.resolve(directory)
+    base = loc.path.rstrip("/") + "/"
+    infos = loc.fs.get_file_info(pafs.FileSelector(loc.path, recursive=True, allow_not_found=True))
     out: list[str] = []
-
-    def walk(d: Path, prefix: str) -> None:
-        for entry in sorted(os.scandir(d), key=lambda e: e.name):
-            rel = prefix + entry.name
-            is_dir = entry.is_dir(follow_symlinks=False)
-            final = None if is_dir else final_name(entry.name)
-            if not is_ours(prefix + final if final else rel, is_dir):
-                out.append(rel + ("/" if is_dir else ""))
-            elif is_dir:
-                walk(Path(entry.path), rel + "/")
-
-    walk(directory, "")
+    for info in sorted(infos, key=lambda i: i.path):
+        rel = info.path[len(base) :] if info.path.startswith(base) else info.path
+        if any(rel.startswith(f) for f in out if f.endswith("/")):
+            continue  # inside a folder already named
+        is_dir = info.type == pafs.FileType.Directory
+        head, _, name = rel.rpartition("/")
+        final = None if is_dir else final_name(name)
+        if not is_ours(f"{head}/{final}".lstrip("/") if final else rel, is_dir):
+            out.append(rel + ("/" if is_dir else ""))
     return out
 
 
-def check_output_folder(directory: str | os.PathLike, is_ours: IsOurs, job: str) -> None:
+def check_output_folder(directory: str | os.PathLike | Location, is_ours: IsOurs, job: str) -> None:
     """Refuse an output path that is a file, or a folder holding entries `job` does not write: the job
     resumes by the names it finds there, and cleans its own temporaries, so it must be alone in it."""
-    p = Path(directory)
-    if p.exists() and not p.is_dir():
-        raise UsageError(f"output {p} exists and is not a folder")
-    if not p.is_dir():
-        return
-    foreign = foreign_entries(p, is_ours)
+    loc = storage.resolve(directory)
+    if loc.is_file():
+        raise UsageError(f"output {loc} exists and is not a folder")
+    foreign = foreign_entries(loc, is_ours)
     if foreign:
         shown = ", ".join(repr(f) for f in foreign[:3]) + (", ..." if len(foreign) > 3 else "")
         raise UsageError(
-            f"output folder {p} holds {len(foreign)} entr{'y' if len(foreign) == 1 else 'ies'} that {job} does not "
+            f"output folder {loc} holds {len(foreign)} entr{'y' if len(foreign) == 1 else 'ies'} that {job} does not "
             f"write ({shown}): give {job} an empty or new folder, or one that only {job} wrote"
         )

@@ -1,25 +1,28 @@
-"""`unicap validate DIR|FILE...`: check caption Parquet against the caption record, summarise it."""
+"""`unicap validate DIR|FILE|URI...`: check caption Parquet against the caption record, summarise it.
+
+Each path may be a local file or folder, or a URI (s3://bucket/captions, ...: unicap.storage)."""
 
 from __future__ import annotations
 
 import argparse
 from collections import Counter
-from pathlib import Path
 
-import pyarrow.parquet as pq
-
-from unicap.atomic import visible_parquet_files
+from unicap import storage
 from unicap.contract import caption as caption_record
+from unicap.storage import Location
 
 
-def parquet_files(paths: list[str]) -> list[Path]:
-    """Every visible .parquet file under the given files/folders (hidden temporaries excluded)."""
-    files: list[Path] = []
-    for p in map(Path, paths):
-        if p.is_dir():
-            files += visible_parquet_files(p)
+def parquet_files(paths: list[str]) -> list[Location]:
+    """Every visible .parquet file under the given files/folders, local or URIs (hidden "." and private "_"
+    names excluded). A bucket that is missing or refuses the credentials is one StorageError line."""
+    files: list[Location] = []
+    for loc in map(storage.resolve, paths):
+        if not loc.is_local:
+            storage.check_readable(loc)
+        if loc.is_dir():
+            files += [f for f in loc.files(".parquet") if not f.name.startswith("_")]
         else:
-            files.append(p)
+            files.append(loc)
     return files
 
 
@@ -35,7 +38,7 @@ def run(args: argparse.Namespace) -> int:
     bad, statuses, reasons, keys = 0, Counter(), Counter(), set()
     for f in files:
         try:
-            table = pq.read_table(f)
+            table = f.read_parquet()
             caption_record.validate(table)
         except (caption_record.SchemaError, OSError, ValueError) as e:
             bad += 1

@@ -2,8 +2,13 @@
 
 import io
 import json
+import os
 import shutil
+import subprocess
+import sys
 import tarfile
+import tempfile
+from pathlib import Path
 
 import pandas as pd
 import pyarrow.parquet as pq
@@ -12,12 +17,17 @@ from PIL import Image
 
 from datagen.shards import ShardItem, write_shard
 from datagen.synth import synth, synth_item
-from pipelines.pack import pack_stage
+from pipelines.pack import manifest_keys, pack_stage, shards_dir_of, split_manifest
 from tests.conftest import snapshot
 from train.buckets import bucket_table
+from unicap import storage
 from unicap.atomic import write_parquet
+from unicap.cli import main as unicap
 from unicap.contract import caption as caption_record
 from unicap.contract import packed
+
+pytest_plugins = ["tests.s3_server"]  # the fixtures s3_server, bucket, s3
+REPO = Path(__file__).resolve().parents[2]
 
 
 def _truth_row(item, caps: dict, shard: str) -> dict:
@@ -164,3 +174,75 @@ def test_paths_with_quotes_reach_duckdb_as_parameters_and_bad_shard_names_are_re
     with pytest.raises(ValueError, match=r"shards \[.\.\./escaped.\], which are not shard names"):
         pack_stage(quoted / "stage1.parquet", captions, tmp_path / "other", shards_dir=data)
     assert not (tmp_path / "escaped.parquet").exists()
+
+
+# ---------------------------------------------------------------- object storage
+
+
+def upload(local: Path, target) -> None:
+    """Every file under the local folder `local`, to the same relative paths under the Location `target`."""
+    for f in sorted(p for p in local.rglob("*") if p.is_file()):
+        target.join(f.relative_to(local).as_posix()).write_bytes(f.read_bytes())
+
+
+def test_the_manifest_split_in_a_bucket_equals_the_local_one(stage, tmp_path, s3):
+    """The per-shard key files the workers read (OUTPUT/_work/manifest/{shard}.parquet) are written through
+    storage: the same keys per shard from a manifest and a work folder in a bucket as on a local disk."""
+    data, _, manifest, *_ = stage
+    bucket = storage.resolve(s3)
+    bucket.join("stage1.parquet").write_bytes((data / "stage1.parquet").read_bytes())
+    local = split_manifest(data / "stage1.parquet", storage.resolve(tmp_path / "work"), "fp")
+    remote = split_manifest(f"{s3}/stage1.parquet", bucket.join("out", "_work"), "fp")
+    assert remote == local == manifest.groupby("shard").size().to_dict()
+    for shard in local:
+        want = sorted(manifest.key[manifest.shard == shard])
+        assert manifest_keys(bucket.join("out", "_work"), shard) == manifest_keys(tmp_path / "work", shard) == want
+    assert manifest_keys(bucket.join("out", "_work"), "00003") == []  # a shard the manifest does not name
+    assert [p.name for p in tmp_path.joinpath("work").iterdir()] != [] and not (
+        tmp_path / "work" / "duckdb_tmp"
+    ).exists()
+    assert shards_dir_of(f"{s3}/stage1.parquet") == str(data)  # the location column's folder
+
+
+@pytest.mark.slow  # a Ray instance of its own, in a subprocess that has the bucket's AWS_* variables
+def test_pack_from_and_to_a_bucket_equals_the_local_pack(stage, packed_stage, tmp_path, s3):
+    """`python -m pipelines.pack` with every path a URI: the same index rows, the same tar bytes and the same
+    counts as the local pack; nothing but _pack.json, the shards and the job's own files in the bucket."""
+    data, *_ = stage
+    out, meta = packed_stage
+    bucket = storage.resolve(s3)
+    upload(data, bucket.join("data"))
+    work = tmp_path / "cwd"
+    work.mkdir()
+    scratch = tempfile.mkdtemp(prefix="pk")  # short: Ray's socket paths under TMPDIR must fit in 107 bytes
+    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "TMPDIR": scratch, "PYTHONPATH": str(REPO)}
+    env.pop("RAY_ADDRESS", None)
+    uris = ["--manifest", f"{s3}/data/stage1.parquet", "--captions", f"{s3}/data/captions", "--shards", f"{s3}/data"]
+    cmd = [sys.executable, "-m", "pipelines.pack", *uris, "--output", f"{s3}/packed", "--batch-size", "4"]
+    try:
+        r = subprocess.run(cmd, cwd=work, env=env, capture_output=True, text=True, timeout=300)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert os.listdir(work) == []  # nothing written to the working folder
+    packed_dir = bucket.join("packed")
+    got = packed_dir.join(packed.PACK_META).read_json()
+    assert got["complete"] and got["counts"] == meta["counts"] and got["shards"] == meta["shards"]
+    assert got["shards_dir"] == f"{s3}/data" and got["buckets"] == meta["buckets"]
+    assert not packed_dir.join("_work").is_dir()
+    for shard in meta["shards"]:
+        index = packed_dir.join(f"{shard}.parquet").read_parquet()
+        want = pq.read_table(out / f"{shard}.parquet")
+        packed.validate(index, [tuple(b) for b in meta["buckets"]])
+        assert index.drop_columns(["error"]).equals(want.drop_columns(["error"])), shard
+        reasons = [packed.error_reason(e) if e else None for e in index.column("error").to_pylist()]
+        assert reasons == [packed.error_reason(e) if e else None for e in want.column("error").to_pylist()]
+        assert packed_dir.join(f"{shard}.tar").read_bytes() == (out / f"{shard}.tar").read_bytes()
+
+
+def test_a_manifest_in_a_missing_bucket_is_one_line_and_exit_status_2(s3, tmp_path, capsys):
+    missing = s3.replace("s3://", "s3://no-such-")
+    args = ["--manifest", f"{missing}/stage1.parquet", "--captions", f"{s3}/captions", "--output", str(tmp_path)]
+    assert unicap(["pack", *args]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "error: " in err and "does not exist" in err and len(err.splitlines()) == 1, err

@@ -17,6 +17,8 @@ from unicap.cli import main as unicap
 from unicap.contract import dedup, manifest
 from unicap.contract import scores as score_contract
 
+pytest_plugins = ["tests.s3_server"]  # the fixtures s3_server, bucket, s3
+
 
 @pytest.fixture(scope="module")
 def scores(tmp_path_factory):
@@ -201,3 +203,53 @@ def test_scores_whose_statistics_are_not_finite_are_an_error(tmp_path):
     t.to_parquet(d / "00000.parquet")
     with pytest.raises(ValueError, match="aesthetic scores of the pool have mean .* not finite"):
         select_stages(d, tmp_path / "out", "1.0", "0.5", "0.5")
+
+
+# ---------------------------------------------------------------- object storage
+
+
+def upload(local, target) -> None:
+    """Every file under the local folder `local`, to the same relative paths under the Location `target`."""
+    for f in sorted(p for p in local.rglob("*") if p.is_file()):
+        target.join(f.relative_to(local).as_posix()).write_bytes(f.read_bytes())
+
+
+def test_scores_and_stages_in_a_bucket_give_the_same_manifests(scores, tmp_path, s3, s3_server):
+    """--scores, --output and --shards as URIs: the same rows in the same order as on local folders, locations
+    naming the bucket's tars, funnel.json and _stages.json in the bucket, DuckDB's files kept off it."""
+    from unicap import storage
+
+    d, _ = scores
+    local = select_stages(d, tmp_path / "local", "3000", "0.1", "50", shards_dir=str(tmp_path / "shards"))
+    upload(d, storage.resolve(s3).join("scores"))
+    out = storage.resolve(s3).join("stages")
+    f = select_stages(f"{s3}/scores", out.uri, "3000", "0.1", "50", shards_dir=f"{s3}/shards")
+    exact = ("seconds", "composite")  # the pool's moments may differ in the last bit (parallel sums)
+    assert {k: v for k, v in f.items() if k not in exact} == {k: v for k, v in local.items() if k not in exact}
+    moments = ("clip_mean", "clip_std", "aesthetic_mean", "aesthetic_std")
+    assert [f["composite"][m] for m in moments] == pytest.approx([local["composite"][m] for m in moments], rel=1e-9)
+    assert sorted(x.name for x in out.files()) == [
+        "_stages.json",
+        "funnel.json",
+        *(f"{s}.parquet" for s in manifest.STAGES),
+    ]
+    for stage in manifest.STAGES:
+        got = out.join(f"{stage}.parquet").read_parquet()
+        manifest.validate(got)
+        want = pq.read_table(manifest.manifest_path(tmp_path / "local", stage))
+        assert got.drop_columns(["location", "composite"]).equals(want.drop_columns(["location", "composite"]))
+        assert got.column("composite").to_pylist() == pytest.approx(want.column("composite").to_pylist(), rel=1e-9)
+        shard = got.column("shard")[0].as_py()
+        assert got.column("location")[0].as_py() == f"{s3}/shards/{shard}.tar"
+    before = {x.name: x.info().mtime_ns for x in out.files()}
+    s3_server.reset()
+    select_stages(f"{s3}/scores", out.uri, "3000", "0.1", "50", shards_dir=f"{s3}/shards")  # up to date
+    assert {x.name: x.info().mtime_ns for x in out.files()} == before
+    assert s3_server.requests()["PUT", "put"] <= 2  # check_writable's probe object only
+
+
+def test_a_missing_bucket_is_one_line_and_exit_status_2(s3, tmp_path, capsys):
+    missing = s3.replace("s3://", "s3://no-such-") + "/scores"
+    assert unicap(["stages", "--scores", missing, "--output", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "error: " in err and "does not exist" in err and len(err.splitlines()) == 1, err

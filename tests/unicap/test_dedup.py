@@ -2,8 +2,14 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
+import pytest
 
-from unicap.dedup import _pairs_in_runs, clusters, find_duplicates, near_duplicate_pairs
+from unicap import storage
+from unicap.contract import dedup as dedup_contract
+from unicap.dedup import _pairs_in_runs, clusters, find_duplicates, near_duplicate_pairs, write_duplicates
+from unicap.storage import StorageError
+
+pytest_plugins = ["tests.s3_server"]  # the fixtures s3_server, bucket, s3
 
 
 def brute_pairs(codes, max_bucket):
@@ -120,8 +126,36 @@ def test_missing_sha256_nan_embeddings_and_a_key_in_two_shards(tmp_path):
     table = pa.Table.from_pandas(e, preserve_index=False).cast(schema)
     pq.write_table(table, tmp_path / "_embeddings" / "00001.parquet")
     dups = find_duplicates(tmp_path, 0.95)
-    from unicap.contract import dedup as dedup_contract
-
     dedup_contract.validate(dups)  # each key once, never its own duplicate_of
     got = {(r["key"], r["duplicate_of"], r["kind"]) for r in dups.to_pylist()}
     assert got == {("k00600", "k00000", "near"), ("k00601", "k00001", "near")}, got
+
+
+def upload(local, target) -> None:
+    """Every file under the local folder `local`, to the same relative paths under the Location `target`."""
+    for f in sorted(p for p in local.rglob("*") if p.is_file()):
+        target.join(f.relative_to(local).as_posix()).write_bytes(f.read_bytes())
+
+
+def test_a_score_folder_in_a_bucket_gives_the_same_duplicates(tmp_path, s3, s3_server):
+    """Exact (DuckDB over an Arrow dataset on S3) and near (embeddings read per file) from a bucket; the table
+    is written back to the bucket, and the memmaps stay on this machine (nothing but the table is put)."""
+    emb = planted(n=900, copies=3)
+    sha = [f"h{r}" for r in range(len(emb))]
+    sha[20] = sha[21] = "same"
+    write_pool(tmp_path / "scores", emb, sha, [256] * len(emb), shard_size=300)
+    local = write_duplicates(tmp_path / "scores", 0.95)
+    bucket = storage.resolve(s3).join("scores")
+    upload(tmp_path / "scores", bucket)
+    s3_server.reset()
+    remote = write_duplicates(s3 + "/scores", 0.95)
+    assert remote.equals(local) and remote.num_rows == 4
+    written = bucket.join(dedup_contract.DEDUP_DIR, dedup_contract.DUPLICATES_FILE)
+    assert written.read_parquet().equals(pq.read_table(dedup_contract.duplicates_path(tmp_path / "scores")))
+    assert s3_server.requests()["PUT", "put"] == 1  # the duplicates table only: no scratch in the bucket
+    assert [f.name for f in bucket.join(dedup_contract.DEDUP_DIR).files(recursive=True)] == ["duplicates.parquet"]
+
+
+def test_an_unknown_scheme_is_a_one_line_error():
+    with pytest.raises(StorageError, match="unknown storage scheme 'nope://'"):
+        find_duplicates("nope://scores")

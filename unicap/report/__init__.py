@@ -19,6 +19,9 @@ run_folder.py holds the layout and the shared readers, markup.py the shared HTML
 figures (matplotlib), images.py the inlined images; collect.py runs every section's reader, page.py
 assembles the page.
 
+Storage: `--out` is a local path or a URI (s3://, gs://, ...; written whole through unicap.storage). The run
+folder and `--truth` are read from a local disk for now: a URI there is a one-line error that says so.
+
 `--truth T` (a synthetic set: `unicap synth --out T`'s T or T/truth) scores each caption folder of the run
 whose keys are in T's answer key (heldout_captions/, captions/) with unicap.eval_captions, as
 `unicap eval-captions` does; without it, the folders' `_eval.json` are shown.
@@ -32,8 +35,10 @@ import sys
 from collections.abc import Iterable
 from pathlib import Path
 
-from unicap.atomic import atomic_path, visible_parquet_files
+from unicap import storage
+from unicap.atomic import visible_parquet_files
 from unicap.report import collect, page
+from unicap.storage import StorageError
 
 TRUTH_HELP = (
     "a synthetic set's answer key (synth's DIR or DIR/truth), e.g. DIR/heldout or DIR/data: the "
@@ -43,7 +48,7 @@ TRUTH_HELP = (
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", required=True, help="the run folder (e.g. the demo's `demo`)")
-    p.add_argument("--out", required=True, help="the HTML file to write (e.g. report.html)")
+    p.add_argument("--out", required=True, help="the HTML file to write (e.g. report.html), a local path or a URI")
     p.add_argument("--truth", action="append", default=[], metavar="DIR", help=TRUTH_HELP)
 
 
@@ -53,7 +58,21 @@ def build(data: str | Path, truth: Iterable[str | Path] = (), on_error=None) -> 
     return page.render(report), report
 
 
+def local_folder(path: str | Path, what: str) -> Path:
+    """A run folder or answer key the report reads: a local path (a URI is a one-line StorageError)."""
+    loc = storage.resolve(path)
+    if not loc.is_local:
+        raise StorageError(f"{what} {loc.uri}: the report reads local folders only for now; copy it here first")
+    return loc.local_path
+
+
 def run(args: argparse.Namespace) -> int:
+    out = storage.resolve(args.out)
+    local_folder(args.data, "--data")
+    for truth in args.truth:
+        local_folder(truth, "--truth")
+    if not out.is_local:
+        storage.check_writable(out.parent)  # before the page is built
     for truth in args.truth:
         if not visible_parquet_files(collect.truth_paths(truth)[0]):
             raise FileNotFoundError(
@@ -67,9 +86,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"unicap report: warning: section {name}: {type(e).__name__}: {e}", file=sys.stderr)
 
     html, report = build(args.data, args.truth, on_error)
-    out = Path(args.out)
-    with atomic_path(out) as tmp:
-        tmp.write_text(html, encoding="utf-8")
+    out.write_text(html)  # whole: a local temporary renamed, or one upload
     missing = sum(len(s.get("missing") or []) for s in report.values() if isinstance(s, dict))
     print(f"report: {out} ({len(html.encode()) / 1e6:.1f} MB); {missing} missing part(s) named on the page")
     return 0

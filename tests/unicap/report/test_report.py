@@ -28,6 +28,8 @@ from unicap.contract import scores as score_contract
 from unicap.report import collect
 from unicap.report.page import NAV
 
+pytest_plugins = ["tests.s3_server"]  # the fixtures s3_server, bucket, s3
+
 UNICAP = str(Path(sys.executable).with_name("unicap"))
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = (
@@ -347,3 +349,21 @@ def test_the_page_renders_in_headless_chromium(full_page, tmp_path):
     colours = im.resize((64, im.height // 20)).getcolors(maxcolors=1 << 16)
     assert colours is None or len(colours) > 50
     print(f"screenshot: {shot}")
+
+
+# ---------------------------------------------------------------- object storage
+
+
+def test_the_page_can_be_written_to_a_bucket(run_dir, tmp_path, s3):
+    from unicap import storage
+
+    local, _ = report(run_dir, tmp_path / "report.html")
+    assert unicap(["report", "--data", str(run_dir), "--out", f"{s3}/pages/report.html"]) == 0
+    assert storage.resolve(f"{s3}/pages/report.html").read_text() == local
+
+
+def test_a_run_folder_given_as_a_uri_is_a_one_line_error(s3, tmp_path, capsys):
+    assert unicap(["report", "--data", f"{s3}/run", "--out", str(tmp_path / "r.html")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "error: " in err and "reads local folders only" in err and len(err.splitlines()) == 1, err
+    assert not (tmp_path / "r.html").exists()
