@@ -30,6 +30,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+DATA = Path(tempfile.gettempdir()) / "unicap-bench-scale"  # the driver legs' inputs, kept between runs
 sys.path.insert(0, str(ROOT))
 from bench._results import save, spread  # noqa: E402
 
@@ -75,13 +76,16 @@ def driver_leg(kind: str, rows: int, work: Path) -> dict:
     """(child) one job over ROWS rows; the driver's CPU seconds and peak RSS over the job."""
     from unicap.runtime import init_ray
 
-    data, out = work / "shards", work / "out"
-    if kind == "score":
-        from datagen.synth import synth
+    data, out = DATA / f"{kind}-{rows}", work / "out"  # the input is made once and shared by every round and tree
+    if not (data / "done").exists():
+        shutil.rmtree(data, ignore_errors=True)
+        if kind == "score":
+            from datagen.synth import synth
 
-        synth(str(data), rows, seed=3, shard_size=1000)
-    else:
-        cheap_shards(data, rows, 1000)
+            synth(str(data), rows, seed=3, shard_size=1000)
+        else:
+            cheap_shards(data, rows, 1000)
+        (data / "done").write_text("")
     init_ray(quiet=True)
     before = resource.getrusage(resource.RUSAGE_SELF)
     t0 = time.time()
@@ -202,7 +206,7 @@ def throughput_leg(where: str, work: Path) -> dict:
 def child(args: list[str], tree: Path) -> dict:
     """This script's --child leg in a fresh process, with the repository tree TREE first on the path."""
     work = Path(tempfile.mkdtemp(prefix="bench-scale-"))
-    env = {**os.environ, "PYTHONPATH": str(tree), "RAY_USAGE_STATS_ENABLED": "0"}
+    env = {**os.environ, "PYTHONPATH": str(tree), "RAY_USAGE_STATS_ENABLED": "0", "RAY_ADDRESS": "local"}
     cmd = [sys.executable, str(tree / "bench" / "bench_scale.py"), "--child", *args, "--work", str(work)]
     try:
         r = subprocess.run(cmd, cwd=tree, env=env, capture_output=True, text=True)

@@ -34,6 +34,9 @@ from unicap.contract.shards import INDEX_SCHEMA, STATS_SUFFIX, SUCCESS
 from unicap.storage import Location
 
 
+READ_BUFFER = 16 << 20  # bytes a shard's tar is read by
+
+
 def shard_name(shard_id: int) -> str:
     return f"{shard_id:05d}"
 
@@ -101,7 +104,8 @@ class ShardFolder:
         Opening the tar may raise OSError: a shard that cannot be read at all is its job's failure."""
         index = self.index(shard) if index is None else index
         tar = self.tar(shard)
-        stream = tar.fs.open_input_stream(tar.path)
+        # buffered: one ranged GET per READ_BUFFER on an object store, not one per tar block
+        stream = tar.fs.open_input_stream(tar.path, buffer_size=READ_BUFFER)
         kwargs = dict(problems=problems, batch_rows=batch_rows, batch_bytes=batch_bytes)
         yield from iter_tar(index, stream, f"{shard}.tar", shard, **kwargs)
 

@@ -158,6 +158,26 @@ def _publish(local: Path, target: Location) -> None:
     pafs.copy_files(str(local), target.path, source_filesystem=pafs.LocalFileSystem(), destination_filesystem=target.fs)
 
 
+def _write_manifest(con, query: str, params: dict, target: Location, scratch: Path) -> tuple[Path, int]:
+    """The query's rows, streamed by DuckDB into the stage's manifest (under a temporary name, renamed; or to a
+    local file, then uploaded); returns that local file, for the next stage to read, and its row count."""
+    copy = f"COPY ({query}) TO $path (FORMAT PARQUET)"
+    if target.is_local:
+        with atomic_path(target.path) as tmpfile:
+            rows = _sql(con, copy, {**params, "path": str(tmpfile)}).fetchone()[0]
+        return target.local_path, rows
+    local = scratch / target.name
+    rows = _sql(con, copy, {**params, "path": str(local)}).fetchone()[0]
+    _publish(local, target)
+    return local, rows
+
+
+def _view(con, name: str, manifest_file: Path) -> None:
+    """A view over a manifest just written, whose rows DuckDB reads in file order (best first): a stage's
+    prefix is a LIMIT of it, with insertion order preserved (it is, for every query but the pool's)."""
+    con.read_parquet(str(manifest_file)).create_view(name)
+
+
 def _manifest_select(shards_dir: str | None) -> str:
     """The manifest's columns (unicap.contract.manifest), each cast to its contract type."""
     cols = []
@@ -257,18 +277,22 @@ def select_stages(
         scored = f"{aesthetic} AS aesthetic, {clip_expr} AS clip_score, {aes_expr} AS aes"
         _sql(con, f"CREATE TABLE pool AS SELECT {kept}, {scored} FROM scores WHERE {cumulative[-1]}", p)
         # a key in two shards' score files (ingested twice): one row, the first shard's, so a manifest never
-        # names a key twice; the full order makes the choice deterministic
+        # names a key twice; the full order makes the choice deterministic. Only the keys found twice are ranked
+        # (a hash aggregate finds them): a window over every row would sort the whole pool, all its columns
         con.execute("""DELETE FROM pool WHERE rowid IN (SELECT rowid FROM (SELECT rowid, row_number() OVER
                        (PARTITION BY key ORDER BY shard, min_side DESC, width, height, sha256, caption_levels_ok,
-                        aspect_ratio, aesthetic, clip_score) AS rn FROM pool) WHERE rn > 1)""")
+                        aspect_ratio, aesthetic, clip_score) AS rn FROM pool
+                        WHERE key IN (SELECT key FROM pool GROUP BY key HAVING count(*) > 1)) WHERE rn > 1)""")
         conditions.append(("duplicate_key", ""))
         remaining.append(con.execute("SELECT count(*) FROM pool").fetchone()[0])
         null_sha256 = con.execute("SELECT count(*) FROM pool WHERE sha256 IS NULL").fetchone()[0]
         if r1.drop_duplicates:
             # exact: among rows that pass the filters above, keep one per sha256 (largest short side, then key);
-            # a row without a sha256 is nobody's copy (NULLs would otherwise form one big group)
-            con.execute("""DELETE FROM pool WHERE key IN (SELECT key FROM (SELECT key, row_number() OVER
-                           (PARTITION BY sha256 ORDER BY min_side DESC, key) AS rn FROM pool WHERE sha256 IS NOT NULL)
+            # a row without a sha256 is nobody's copy (NULLs would otherwise form one big group). Keys are unique
+            # now, so a row is its rowid; only the sha256 values found twice are ranked
+            con.execute("""DELETE FROM pool WHERE rowid IN (SELECT rowid FROM (SELECT rowid, row_number() OVER
+                           (PARTITION BY sha256 ORDER BY min_side DESC, key) AS rn FROM pool WHERE sha256 IN
+                           (SELECT sha256 FROM pool WHERE sha256 IS NOT NULL GROUP BY sha256 HAVING count(*) > 1))
                            WHERE rn > 1)""")
             conditions.append(("exact_duplicate", ""))
             remaining.append(con.execute("SELECT count(*) FROM pool").fetchone()[0])
@@ -302,39 +326,40 @@ def select_stages(
         p.update(w_aes=float(w.aesthetic), aes_mean=float(ma or 0), aes_std=float(sa or 0))
         z_clip = "((clip_score - $clip_mean) / $clip_std)" if sc and sc > 0 else "0.0"
         z_aes = "((aes - $aes_mean) / $aes_std)" if sa and sa > 0 else "0.0"
-        con.execute("ALTER TABLE pool ADD COLUMN composite DOUBLE")
-        _sql(con, f"UPDATE pool SET composite = $w_clip * {z_clip} + $w_aes * {z_aes}", p)
-        unranked = con.execute("SELECT count(*) FROM pool WHERE NOT isfinite(composite)").fetchone()[0]
+        # the composite is computed where it is read (never stored: an UPDATE of every pool row is slow and holds
+        # its undo data in memory), the same expression on the same values every time
+        ranked = f"SELECT *, CAST($w_clip * {z_clip} + $w_aes * {z_aes} AS DOUBLE) AS composite FROM pool"
+        unranked = _sql(con, f"SELECT count(*) FROM ({ranked}) WHERE NOT isfinite(composite)", p).fetchone()[0]
         if unranked:  # cannot happen with finite inputs and statistics; never rank by NaN silently
             con.close()
             raise ValueError(f"stages: {unranked} pool rows have a non-finite composite score; check {scores}")
 
+        # stage1 is the one full sort (out of core); each later stage is a prefix of the manifest before it (or of
+        # its stage2-eligible rows), read back in file order: a streamed filter and LIMIT, no second sort
+        select = _manifest_select(shards_dir)
+        best_first = "ORDER BY composite DESC, key"
         want = [0, 0, 0]
         want[0] = requested(targets[0], pool)
         n1 = min(want[0], pool)
-        _sql(con, "CREATE TABLE s1 AS SELECT * FROM pool ORDER BY composite DESC, key LIMIT $n", {"n": n1})
-        eligible2 = _sql(con, "SELECT count(*) FROM s1 WHERE min_side >= $min_side2", p).fetchone()[0]
+        limit1 = "LIMIT $n" if n1 < pool else ""  # a LIMIT of the whole pool would only cost a check
+        query1 = f"SELECT {select} FROM ({ranked}) {best_first} {limit1}"
+        s1, size1 = _write_manifest(con, query1, {**p, "n": n1}, _manifest_location(output, "stage1"), scratch)
+        con.execute("SET preserve_insertion_order = true")  # from here on, LIMIT takes the first rows in file order
+        _view(con, "s1", s1)
+        where2 = "WHERE min_side >= $min_side2"
+        eligible2 = _sql(con, f"SELECT count(*) FROM s1 {where2}", p).fetchone()[0]
         want[1] = requested(targets[1], n1)
         n2 = min(want[1], eligible2)
-        top2 = "CREATE TABLE s2 AS SELECT * FROM s1 WHERE min_side >= $min_side2 ORDER BY composite DESC, key LIMIT $n"
-        _sql(con, top2, {**p, "n": n2})
-        base3 = "s2" if rules.nested else "(SELECT * FROM s1 WHERE min_side >= $min_side2)"
+        query2 = f"SELECT * FROM s1 {where2} LIMIT $n"
+        s2, size2 = _write_manifest(con, query2, {**p, "n": n2}, _manifest_location(output, "stage2"), scratch)
+        _view(con, "s2", s2)
+        base3 = "s2" if rules.nested else f"(SELECT * FROM s1 {where2})"
         want[2] = requested(targets[2], n2)
         n3 = min(want[2], n2 if rules.nested else eligible2)
         where3 = "WHERE min_side >= $min_side3" if rules.stage3.min_side else ""
-        top3 = f"CREATE TABLE s3 AS SELECT * FROM {base3} {where3} ORDER BY composite DESC, key LIMIT $n"
-        _sql(con, top3, {**p, "n": n3})
-        select = _manifest_select(shards_dir)
-        for stage, table in zip(manifest.STAGES, ("s1", "s2", "s3"), strict=True):
-            target = _manifest_location(output, stage)
-            copy = f"COPY (SELECT {select} FROM {table} ORDER BY composite DESC, key) TO $path (FORMAT PARQUET)"
-            if target.is_local:
-                with atomic_path(target.path) as tmpfile:
-                    _sql(con, copy, {**p, "path": str(tmpfile)})
-            else:
-                _sql(con, copy, {**p, "path": str(scratch / target.name)})
-                _publish(scratch / target.name, target)
-        sizes = [con.execute(f"SELECT count(*) FROM {t}").fetchone()[0] for t in ("s1", "s2", "s3")]
+        query3 = f"SELECT * FROM {base3} {where3} LIMIT $n"
+        _, size3 = _write_manifest(con, query3, {**p, "n": n3}, _manifest_location(output, "stage3"), scratch)
+        sizes = [size1, size2, size3]
         picked = [{"target": t, "selected": n, "shortfall": max(0, t - n)} for t, n in zip(want, sizes, strict=True)]
         composite = dict(clip_columns=clip_cols, clip_mean=mc, clip_std=sc, aesthetic_mean=ma, aesthetic_std=sa)
         funnel.update(

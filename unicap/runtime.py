@@ -100,8 +100,9 @@ def init_ray(address: str | None = None, *, quiet: bool = False) -> None:
     address = address or os.environ.get("RAY_ADDRESS")
     if address:
         ray.init(address=address, log_to_driver=not quiet)
-    else:
+    else:  # "local": a new instance even when another runs on this machine (ray.init() would join that one)
         ray.init(
+            address="local",
             num_cpus=max(4, 2 * (os.cpu_count() or 1)),
             include_dashboard=False,
             configure_logging=False,

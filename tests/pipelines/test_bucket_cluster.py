@@ -66,13 +66,25 @@ def upload(local: Path, uri: str) -> None:
 
 
 def table(where) -> pa.Table:
-    t = storage.resolve(where).read_parquet()
+    """The Parquet file at WHERE, or the Parquet files of the folder WHERE (not its tars), as one table by key."""
+    loc = storage.resolve(where)
+    t = pa.concat_tables([f.read_parquet() for f in loc.files(".parquet")]) if loc.is_dir() else loc.read_parquet()
     return t.drop_columns([c for c in VOLATILE if c in t.column_names]).sort_by("key")
 
 
-def flow(root: str, model: str, address: list[str]) -> list[list[str]]:
-    """synth -> caption -> eval-captions -> score -> stages -> pack, every path under ROOT (a folder or a URI)."""
-    caption = ["--model", model, "--batch-size", "4", *CAPTION_LIMITS, *address]
+@pytest.fixture(scope="module")
+def captioner() -> list[str]:
+    """The tiny captioner shipped in models/ at the resolution it was trained at: real captions, so that the
+    pool's rows are ok and the stages are not empty."""
+    from train.captioner import tiny
+
+    return ["--model", str(tiny.tiny_captioner()), "--max-pixels", str(tiny.max_pixels())]
+
+
+def flow(root: str, captioner: list[str], address: list[str]) -> list[list[str]]:
+    """synth -> caption -> eval-captions -> score -> stages -> pack -> report, every path under ROOT (a folder or a
+    URI)."""
+    caption = [*captioner, "--batch-size", "4", *address]
     return [
         ["synth", "--out", f"{root}/shards", "--n", "24", "--seed", "5", "--shard-size", "4"],
         ["caption", "--input", f"{root}/shards", "--output", f"{root}/captions", "--concurrency", "2", *caption],
@@ -81,21 +93,23 @@ def flow(root: str, model: str, address: list[str]) -> list[list[str]]:
         + ["--clip", "tiny", "--no-near-dedup", "--concurrency", "2", *address],
         ["stages", "--scores", f"{root}/scores", "--output", f"{root}/stages", "--shards", f"{root}/shards"]
         + ["--stage1", "1.0", "--stage2", "0.5", "--stage3", "0.25"],
-        ["pack", "--manifest", f"{root}/stages/stage1.parquet", "--captions", f"{root}/captions"]
+        ["pack", "--manifest", f"{root}/stages/stage1.parquet", "--captions", f"{root}/captions", "--shards"]
+        + [f"{root}/shards"]
         + ["--output", f"{root}/packed/stage1", "--resolution", "64", "--concurrency", "2", *address],
+        ["report", "--data", root, "--truth", f"{root}/shards", "--out", f"{root}/report.html"],
     ]
 
 
 UNICAP = [str(Path(sys.executable).with_name("unicap"))]
 
 
-def test_the_data_flow_on_a_bucket_across_two_nodes_equals_the_local_run(cluster, s3, tiny_vlm, tmp_path):
+def test_the_data_flow_on_a_bucket_across_two_nodes_equals_the_local_run(cluster, s3, captioner, tmp_path):
     work = tmp_path / "work"
     work.mkdir()
-    for command in flow(s3, str(tiny_vlm), ["--address", cluster.address]):
+    for command in flow(s3, captioner, ["--address", cluster.address]):
         run_cli(command, work, UNICAP)
     assert os.listdir(work) == []  # nothing written to the local disk outside temporary and cache folders
-    for command in flow(str(tmp_path / "local"), str(tiny_vlm), []):
+    for command in flow(str(tmp_path / "local"), captioner, []):
         run_cli(command, tmp_path, UNICAP)
 
     bucket, local = storage.resolve(s3), tmp_path / "local"
@@ -109,6 +123,8 @@ def test_the_data_flow_on_a_bucket_across_two_nodes_equals_the_local_run(cluster
         assert got.column("key").to_pylist() == want.column("key").to_pylist() and got.num_rows > 0, stage
     tars = {f.name: f.read_bytes() for f in bucket.join("packed", "stage1").files(".tar")}
     assert tars and tars == {p.name: p.read_bytes() for p in (local / "packed" / "stage1").glob("*.tar")}
+    page = bucket.join("report.html").read_text()
+    assert len(page) > 10_000 and page.count("data:image/") >= 1, "the page from the bucket lacks its images"
     evaluated = bucket.join("captions", "_eval.json").read_json()
     assert evaluated["rows"] == 24 == json.loads((local / "captions" / "_eval.json").read_text())["rows"]
 

@@ -19,8 +19,10 @@ run_folder.py holds the layout and the shared readers, markup.py the shared HTML
 figures (matplotlib), images.py the inlined images; collect.py runs every section's reader, page.py
 assembles the page.
 
-Storage: `--out` is a local path or a URI (s3://, gs://, ...; written whole through unicap.storage). The run
-folder and `--truth` are read from a local disk for now: a URI there is a one-line error that says so.
+Storage: `--data`, `--truth` and `--out` are each a local path or a URI (s3://, gs://, ...): everything is read
+through unicap.storage (images included, as bytes), so a run folder in a bucket gives the same page as the same
+folder on a local disk, and the page is written whole. A bucket that is missing or cannot be read is a one-line
+error before anything is read.
 
 `--truth T` (a synthetic set: `unicap synth --out T`'s T or T/truth) scores each caption folder of the run
 whose keys are in T's answer key (heldout_captions/, captions/) with unicap.eval_captions, as
@@ -33,12 +35,11 @@ import argparse
 import os
 import sys
 from collections.abc import Iterable
-from pathlib import Path
 
 from unicap import storage
-from unicap.atomic import visible_parquet_files
 from unicap.report import collect, page
-from unicap.storage import StorageError
+from unicap.report.run_folder import parquet_files
+from unicap.storage import Location
 
 TRUTH_HELP = (
     "a synthetic set's answer key (synth's DIR or DIR/truth), e.g. DIR/heldout or DIR/data: the "
@@ -47,34 +48,29 @@ TRUTH_HELP = (
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--data", required=True, help="the run folder (e.g. the demo's `demo`)")
+    p.add_argument("--data", required=True, help="the run folder (e.g. the demo's `demo`), a local path or a URI")
     p.add_argument("--out", required=True, help="the HTML file to write (e.g. report.html), a local path or a URI")
     p.add_argument("--truth", action="append", default=[], metavar="DIR", help=TRUTH_HELP)
 
 
-def build(data: str | Path, truth: Iterable[str | Path] = (), on_error=None) -> tuple[str, dict]:
-    """(the page, the collected report) of run folder `data`."""
+def build(
+    data: str | os.PathLike | Location, truth: Iterable[str | os.PathLike | Location] = (), on_error=None
+) -> tuple[str, dict]:
+    """(the page, the collected report) of run folder `data` (a local path or a URI)."""
     report = collect.collect(data, truth, on_error=on_error)
     return page.render(report), report
 
 
-def local_folder(path: str | Path, what: str) -> Path:
-    """A run folder or answer key the report reads: a local path (a URI is a one-line StorageError)."""
-    loc = storage.resolve(path)
-    if not loc.is_local:
-        raise StorageError(f"{what} {loc.uri}: the report reads local folders only for now; copy it here first")
-    return loc.local_path
-
-
 def run(args: argparse.Namespace) -> int:
     out = storage.resolve(args.out)
-    local_folder(args.data, "--data")
-    for truth in args.truth:
-        local_folder(truth, "--truth")
+    for given in (args.data, *args.truth):
+        loc = storage.resolve(given)
+        if not loc.is_local:
+            storage.check_readable(loc)  # a missing bucket or bad credentials: one line, before anything is read
     if not out.is_local:
         storage.check_writable(out.parent)  # before the page is built
     for truth in args.truth:
-        if not visible_parquet_files(collect.truth_paths(truth)[0]):
+        if not parquet_files(collect.truth_paths(truth)[0]):
             raise FileNotFoundError(
                 f"--truth {truth}: no answer key there (give `unicap synth --out DIR`'s DIR or DIR/truth)"
             )

@@ -4,43 +4,47 @@ held-out captions and the pool's, and for stage3's rows of the pool's."""
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Mapping
-from pathlib import Path
 
-import pyarrow.parquet as pq
-
-from unicap import eval_captions
-from unicap.atomic import visible_parquet_files
-from unicap.contract import manifest
+from unicap import eval_captions, storage
 from unicap.contract import shards as shard_contract
 from unicap.report.images import read_tar_members
 from unicap.report.markup import Section, badge, esc, level_class, pct, section_head, status_chips
-from unicap.report.run_folder import RunFolder, by_shard, caption_levels_languages, empty_section, how_to, read_json
+from unicap.report.run_folder import (
+    RunFolder,
+    by_shard,
+    caption_levels_languages,
+    empty_section,
+    how_to,
+    parquet_files,
+    read_json,
+)
+from unicap.storage import Location
 
 # ---------------------------------------------------------------- collect
 
 
-def truth_paths(path: str | Path) -> tuple[Path, Path]:
-    """A synthetic set (`unicap synth --out DIR`'s DIR) or its truth/ -> (truth Parquet folder, shard folder)."""
-    path = Path(path)
-    if (path / "truth").is_dir():
-        return path / "truth", path
-    return path, path.parent
+def truth_paths(path: str | os.PathLike | Location) -> tuple[Location, Location]:
+    """A synthetic set (`unicap synth --out DIR`'s DIR, a path or a URI) or its truth/ -> (truth Parquet
+    folder, shard folder)."""
+    loc = storage.resolve(path)
+    if loc.join("truth").is_dir():
+        return loc.join("truth"), loc
+    return loc, loc.parent
 
 
-def load_scenes(truth: str | Path) -> dict[str, eval_captions.Scene]:
+def load_scenes(truth: str | os.PathLike | Location) -> dict[str, eval_captions.Scene]:
     """key -> scene graph of every truth row, read from the shards' {key}.json (datagen.synth writes each
     image's scene graph there; `unicap eval-captions` regenerates the same graph from the row's source)."""
     truth_dir, shard_dir = truth_paths(truth)
-    files = visible_parquet_files(truth_dir) if truth_dir.is_dir() else []
+    files = parquet_files(truth_dir)
     if not files:
         raise ValueError(f"{truth}: no truth Parquet files (give `unicap synth --out DIR`'s DIR or DIR/truth)")
-    keys = by_shard(
-        (r["key"], r["shard"]) for f in files for r in pq.read_table(f, columns=["key", "shard"]).to_pylist()
-    )
+    keys = by_shard((r["key"], r["shard"]) for f in files for r in f.read_parquet(columns=["key", "shard"]).to_pylist())
     scenes: dict[str, eval_captions.Scene] = {}
     for shard, shard_keys in keys.items():
-        tar = shard_contract.tar_path(shard_dir, shard)
+        tar = shard_dir.join(shard_contract.tar_path("", shard).name)
         for key, (_, data) in read_tar_members(tar, set(shard_keys), ("json",)).items():
             meta = json.loads(data)
             if isinstance(meta, dict) and "objects" in meta and "background" in meta:
@@ -54,11 +58,15 @@ def load_scenes(truth: str | Path) -> dict[str, eval_captions.Scene]:
     return scenes
 
 
-def _evaluate(files: list[Path], scenes: Mapping[str, eval_captions.Scene], keys: set[str] | None = None) -> dict:
+def _keys(files: list[Location]) -> set[str]:
+    return {k for f in files for k in f.read_parquet(columns=["key"]).column("key").to_pylist()}
+
+
+def _evaluate(files: list[Location], scenes: Mapping[str, eval_captions.Scene], keys: set[str] | None = None) -> dict:
     """unicap.eval_captions.evaluate + goal_check of caption files (only the rows of `keys` when given), as
     `unicap eval-captions` reports them."""
     levels, languages = caption_levels_languages(files)
-    rows = [r for f in files for r in pq.read_table(f).to_pylist() if keys is None or r["key"] in keys]
+    rows = [r for f in files for r in f.read_parquet().to_pylist() if keys is None or r["key"] in keys]
     metrics = eval_captions.evaluate(rows, scenes, levels, languages)
     metrics["goal"] = eval_captions.goal_check(metrics)
     metrics["models"] = sorted({str(r.get("model")) for r in rows})
@@ -69,27 +77,28 @@ def _table(title: str, source: str, metrics: dict | None) -> dict:
     return {"title": title, "source": source, "metrics": metrics}
 
 
-def _stage_tables(run: RunFolder, files: list[Path], scenes: Mapping[str, eval_captions.Scene], source: str) -> list:
+def _stage_tables(
+    run: RunFolder, files: list[Location], scenes: Mapping[str, eval_captions.Scene], source: str
+) -> list:
     """stage3's rows of the pool's captions scored alone: do the CLIP filters keep captions that are right?"""
-    path = manifest.manifest_path(run.stages, "stage3")
-    if not path.is_file():
+    stage3 = run.manifest("stage3")
+    if not stage3.is_file():
         return []
-    keys = set(pq.read_table(path, columns=["key"]).column("key").to_pylist())
     title = "stage3's captions (the same captions, the rows the filters kept)"
-    return [_table(title, f"{source}, rows of {path}", _evaluate(files, scenes, keys))]
+    return [_table(title, f"{source}, rows of {stage3}", _evaluate(files, scenes, _keys([stage3])))]
 
 
-def evaluate_against_answer_key(captions: str | Path, truth: str | Path) -> dict:
+def evaluate_against_answer_key(captions: str | os.PathLike | Location, truth: str | os.PathLike | Location) -> dict:
     """The metrics `unicap eval-captions --captions CAPTIONS --truth TRUTH` writes."""
-    files = visible_parquet_files(captions)
+    files = parquet_files(storage.resolve(captions))
     if not files:
         raise ValueError(f"{captions}: no caption Parquet files")
     metrics = _evaluate(files, load_scenes(truth))
-    metrics["captions"], metrics["truth"] = str(captions), str(truth_paths(truth)[0])
+    metrics["captions"], metrics["truth"] = str(captions), truth_paths(truth)[0].uri
     return metrics
 
 
-def collect_accuracy(run: RunFolder, truths: list[str | Path]) -> dict:
+def collect_accuracy(run: RunFolder, truths: list[str | os.PathLike | Location]) -> dict:
     """Caption accuracy against the synthetic answer key, for the held-out captions and the pool's.
 
     With --truth (one or more answer keys), every caption folder of the run whose keys are in one is scored
@@ -102,32 +111,33 @@ def collect_accuracy(run: RunFolder, truths: list[str | Path]) -> dict:
         ("this run's captions", run.captions, run.data),
     )
     for title, captions, own_truth in folders:
-        files = visible_parquet_files(captions) if captions.is_dir() else []
-        evaluated = captions / "_eval.json"
+        pool = captions.uri == run.captions.uri
+        files = parquet_files(captions)
+        evaluated = captions.join("_eval.json")
         if files and answer_keys:
-            keys = {k for f in files for k in pq.read_table(f, columns=["key"]).column("key").to_pylist()}
+            keys = _keys(files)
             matching = [t for t, scenes in answer_keys.items() if keys & scenes.keys()]
             if matching:
                 scenes = {k: v for t in matching for k, v in answer_keys[t].items()}
                 source = f"{captions} against --truth {', '.join(matching)}"
                 sec["tables"].append(_table(title, source, _evaluate(files, scenes)))
-                if captions == run.captions:  # the filters' effect: the last stage's captions against the pool's
+                if pool:  # the filters' effect: the last stage's captions against the pool's
                     sec["tables"] += _stage_tables(run, files, scenes, source)
                 continue
-            hint = f" (`--truth {own_truth}` scores it)" if (own_truth / "truth").is_dir() else ""
+            hint = f" (`--truth {own_truth}` scores it)" if own_truth.join("truth").is_dir() else ""
             sec["notes"].append(f"{captions}: none of its keys is in the answer key given with --truth{hint}")
         if evaluated.is_file():
             sec["tables"].append(_table(title, str(evaluated), read_json(evaluated)))
-        elif files and captions == run.heldout_captions and run.heldout_truth.is_dir():
+        elif files and not pool and run.heldout_truth.is_dir():
             source = f"{captions} against {run.heldout} (computed here: no _eval.json)"
             sec["tables"].append(_table(title, source, evaluate_against_answer_key(captions, run.heldout)))
-        elif files and captions == run.captions and run.truth.is_dir() and not answer_keys:
+        elif files and pool and run.truth.is_dir() and not answer_keys:
             sec["notes"].append(
                 f"this pool is synthetic ({run.truth} exists): add `--truth {run.data}` to score "
                 "its captions against the answer key too"
             )
     if not any(t["title"] == folders[0][0] for t in sec["tables"]):
-        scored = f"held-out captions scored against the answer key ({run.heldout_captions / '_eval.json'})"
+        scored = f"held-out captions scored against the answer key ({run.heldout_captions.join('_eval.json')})"
         sec["missing"].append((scored, how_to(run)["heldout"]))
     return sec
 

@@ -3,28 +3,39 @@ accuracy per weights and examples beside their truth images, for every adherence
 
 from __future__ import annotations
 
+import posixpath
 from collections.abc import Mapping
 from pathlib import Path
 
 from unicap.report.images import image_uri
 from unicap.report.markup import Section, badge, esc, level_class, section_head, thumb
 from unicap.report.run_folder import THUMB_SIDE, RunFolder, empty_section, how_to, read_json
+from unicap.storage import Location
 
 # ---------------------------------------------------------------- collect
 
 
-def _adherence_examples(folder: Path, data: dict) -> list[dict]:
+def inside(folder: Location, rel) -> Location | None:
+    """The file `rel` names inside `folder`; None when `rel` is not a relative path that stays inside it
+    (on a local disk, symbolic links followed) or names no file."""
+    if not isinstance(rel, str) or not rel or rel.startswith(("/", "\\")) or "://" in rel:
+        return None
+    rel = posixpath.normpath(rel.replace("\\", "/"))
+    if rel == ".." or rel.startswith("../"):
+        return None
+    loc = folder.join(rel)
+    if folder.is_local and not Path(loc.path).resolve().is_relative_to(Path(folder.path).resolve()):
+        return None
+    return loc if loc.is_file() else None
+
+
+def _adherence_examples(folder: Location, data: dict) -> list[dict]:
     """The examples of one adherence.json with their images inlined (paths that leave the folder are not
     read)."""
-    root = folder.resolve()
 
     def inline(rel) -> str | None:
-        if not isinstance(rel, str):
-            return None
-        p = (folder / rel).resolve()
-        if not p.is_relative_to(root) or not p.is_file():
-            return None
-        return image_uri(p.read_bytes(), THUMB_SIDE)
+        loc = inside(folder, rel)
+        return image_uri(loc.read_bytes(), THUMB_SIDE) if loc is not None else None
 
     examples = [ex for ex in data.get("examples") or [] if isinstance(ex, dict)]
     return [{**ex, "image_uri": inline(ex.get("image")), "truth_uri": inline(ex.get("truth_image"))} for ex in examples]
@@ -35,11 +46,12 @@ def collect_adherence(run: RunFolder) -> dict:
     levels: the demo's adherence_zh/), one entry each in "runs": attribute accuracy per weights, the facts
     behind it, examples with their images."""
     sec = empty_section(runs=[])
-    extra = sorted(p for p in run.root.glob("adherence_*") if p.is_dir() and (p / "adherence.json").is_file())
+    beside = [run.root.join(name) for name in run.root.listdir() if name.startswith("adherence_")]
+    extra = [folder for folder in beside if folder.join("adherence.json").is_file()]
     for folder in [run.adherence, *extra]:
-        data = read_json(folder / "adherence.json")
+        data = read_json(folder.join("adherence.json"))
         if data is None:
-            sec["missing"].append((str(folder / "adherence.json"), how_to(run)["adherence"]))
+            sec["missing"].append((str(folder.join("adherence.json")), how_to(run)["adherence"]))
             continue
         sec["runs"].append({"folder": folder.name, "data": data, "examples": _adherence_examples(folder, data)})
     return sec

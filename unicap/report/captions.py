@@ -8,7 +8,6 @@ from collections.abc import Mapping
 
 import pandas as pd
 
-from unicap.atomic import visible_parquet_files
 from unicap.contract import caption as caption_record
 from unicap.report import plots
 from unicap.report.images import thumbnails
@@ -31,6 +30,7 @@ from unicap.report.run_folder import (
     caption_levels_languages,
     empty_section,
     how_to,
+    parquet_files,
     read_json,
     read_sample,
 )
@@ -99,8 +99,8 @@ def collect_captions(run: RunFolder) -> dict:
     answer key's caption lengths beside them on the synthetic set."""
     sec = empty_section(summary=None, rows=0, sampled=0, status={}, levels=[], languages=[], lengths={})
     sec.update(truth_lengths={}, reasons=[])
-    files = visible_parquet_files(run.captions) if run.captions.is_dir() else []
-    truth_files = visible_parquet_files(run.truth) if run.truth.is_dir() else []
+    files = parquet_files(run.captions)
+    truth_files = parquet_files(run.truth)
     if not files:
         sec["missing"].append((f"caption Parquet in {run.captions}", how_to(run)["captions"]))
     levels, languages = caption_levels_languages(files or truth_files)
@@ -111,7 +111,7 @@ def collect_captions(run: RunFolder) -> dict:
         sec["truth_lengths"] = caption_lengths(tdf, levels, languages)
     if not files:
         return sec
-    sec["summary"] = read_json(run.captions / "_summary.json")
+    sec["summary"] = read_json(run.captions.join("_summary.json"))
     df, total = read_sample(files, ["key", "shard", "status", "error", *cols], CAPTION_SAMPLE)
     sec.update(rows=total, sampled=len(df))
     summary = sec["summary"] or {}

@@ -3,14 +3,15 @@
 Each section's module (funnel, captions, accuracy, scores, gallery, training, adherence) holds the function
 that reads its part; `collect` runs them all, each guarded so that one bad file costs only its section.
 The names other code reads from here (`collect.truth_paths`, `collect.evaluate_against_answer_key`) are
-re-exported below.
+re-exported below. The run folder and the answer keys are local paths or URIs, read through unicap.storage.
 """
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterable
-from pathlib import Path
 
+from unicap import storage
 from unicap.report.accuracy import collect_accuracy, evaluate_against_answer_key, load_scenes, truth_paths
 from unicap.report.adherence import collect_adherence
 from unicap.report.captions import collect_captions
@@ -19,6 +20,7 @@ from unicap.report.gallery import collect_gallery
 from unicap.report.run_folder import RunFolder, empty_section
 from unicap.report.scores import collect_scores
 from unicap.report.training import collect_training
+from unicap.storage import Location
 
 __all__ = [  # what other code reads from here
     "RunFolder",
@@ -37,11 +39,14 @@ __all__ = [  # what other code reads from here
 ]
 
 
-def collect(data: str | Path, truth: Iterable[str | Path] = (), on_error=None) -> dict:
-    """Every section of the report of run folder `data`, with the answer keys `truth` (synthetic sets).
+def collect(
+    data: str | os.PathLike | Location, truth: Iterable[str | os.PathLike | Location] = (), on_error=None
+) -> dict:
+    """Every section of the report of run folder `data`, with the answer keys `truth` (synthetic sets);
+    each a local path or a URI.
     A section whose files cannot be read becomes a section with that error (`on_error(name, exc)` is told
     first), so one bad file costs only its section."""
-    run, truth = RunFolder(Path(data)), list(truth)
+    run, truth = RunFolder(storage.resolve(data)), list(truth)
     if not run.root.is_dir():
         raise NotADirectoryError(f"{run.root}: not a folder (give the run folder, e.g. the demo's `demo`)")
 
@@ -58,7 +63,7 @@ def collect(data: str | Path, truth: Iterable[str | Path] = (), on_error=None) -
     ingest = guarded("ingest", collect_ingest, run)
     funnel = guarded("funnel", collect_funnel, run, ingest)
     out = {
-        "root": str(run.root),
+        "root": run.root.uri,
         "truth": [str(t) for t in truth],
         "ingest": ingest,
         "funnel": funnel,

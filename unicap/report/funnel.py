@@ -7,12 +7,19 @@ from collections import Counter
 from collections.abc import Mapping
 
 from unicap import config
-from unicap.atomic import visible_parquet_files
 from unicap.contract import manifest
 from unicap.contract import shards as shard_contract
 from unicap.report import plots
 from unicap.report.markup import Section, esc, figure, num, section_head, status_chips, table
-from unicap.report.run_folder import SCORE_SAMPLE, RunFolder, empty_section, how_to, read_json, read_sample
+from unicap.report.run_folder import (
+    SCORE_SAMPLE,
+    RunFolder,
+    empty_section,
+    how_to,
+    parquet_files,
+    read_json,
+    read_sample,
+)
 from unicap.stage_rules import StageRules
 
 # ---------------------------------------------------------------- collect
@@ -31,7 +38,7 @@ RULE_WHY = {
 def collect_ingest(run: RunFolder) -> dict:
     """The shard indexes: rows, images in the tars, failures by message."""
     sec = empty_section(rows=None, successes=None, status={}, errors=[], shards=0)
-    stats = sorted(run.data.glob(f"*{shard_contract.STATS_SUFFIX}")) if run.data.is_dir() else []
+    stats = run.data.files(shard_contract.STATS_SUFFIX)
     if not stats:
         sec["missing"].append((f"image shards in {run.data}", how_to(run)["data"]))
         return sec
@@ -44,7 +51,7 @@ def collect_ingest(run: RunFolder) -> dict:
         status.update({str(k): int(v) for k, v in (s.get("status") or {}).items()})
     sec.update(rows=rows, successes=successes, status=dict(status), shards=len(stats))
     if rows > successes:
-        df, _ = read_sample(visible_parquet_files(run.data), ["status", "error_message"], SCORE_SAMPLE)
+        df, _ = read_sample(parquet_files(run.data), ["status", "error_message"], SCORE_SAMPLE)
         failed = df[df["status"] != shard_contract.SUCCESS] if "status" in df else df
         if "error_message" in failed:
             messages = failed["error_message"].fillna("(no message)").astype(str).str.slice(0, 160)
@@ -94,8 +101,9 @@ def _stage_steps(funnel: Mapping, rules: Mapping) -> list[dict]:
 def collect_funnel(run: RunFolder, ingest: dict) -> dict:
     """Ingest -> scored rows -> each stage1 rule -> stage1 -> stage2 -> stage3, with the reason of every drop."""
     sec = empty_section(steps=[], funnel=None, caption_status_scores={}, caption_status_sampled=None)
-    funnel = read_json(run.stages / manifest.FUNNEL_FILE)
-    rules = (read_json(run.stages / "_stages.json") or {}).get("rules") or config.to_dict(StageRules())
+    funnel_file = run.stages.join(manifest.FUNNEL_FILE)
+    funnel = read_json(funnel_file)
+    rules = (read_json(run.stages.join("_stages.json")) or {}).get("rules") or config.to_dict(StageRules())
     steps = sec["steps"]
     if ingest.get("rows") is not None:
         steps.append(_step("input rows", ingest["rows"], 0, f"rows of the shard indexes ({ingest['shards']} shards)"))
@@ -103,10 +111,10 @@ def collect_funnel(run: RunFolder, ingest: dict) -> dict:
         why = ", ".join(f"{k}: {v:,}" for k, v in failed.items()) or "every row has its image"
         steps.append(_step("images in the shards", ingest["successes"], ingest["rows"] - ingest["successes"], why))
     if funnel is None:
-        sec["missing"].append((f"{run.stages / manifest.FUNNEL_FILE}", how_to(run)["stages"]))
+        sec["missing"].append((f"{funnel_file}", how_to(run)["stages"]))
         return sec
     sec["funnel"] = funnel
-    score_files = visible_parquet_files(run.scores) if run.scores.is_dir() else []
+    score_files = parquet_files(run.scores)
     if score_files:
         df, total = read_sample(score_files, ["caption_status"], SCORE_SAMPLE)
         sec["caption_status_scores"] = {str(k): int(v) for k, v in df["caption_status"].value_counts().items()}

@@ -5,9 +5,6 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
-import pyarrow.parquet as pq
-
-from unicap.atomic import visible_parquet_files
 from unicap.contract import caption as caption_record
 from unicap.contract import manifest
 from unicap.contract import shards as shard_contract
@@ -21,8 +18,11 @@ from unicap.report.run_folder import (
     caption_levels_languages,
     empty_section,
     how_to,
+    parquet_file,
+    parquet_files,
     read_sample,
     rows_for_keys,
+    stem,
 )
 
 GALLERY_SIZE = 8
@@ -52,7 +52,8 @@ def collect_gallery(run: RunFolder, *, heldout: bool = False) -> dict:
     cap_dir = run.heldout_captions if heldout else run.captions
     truth_dir = run.heldout_truth if heldout else run.truth
     size = HELDOUT_GALLERY_SIZE if heldout else GALLERY_SIZE
-    sec = empty_section(items=[], levels=[], languages=[], has_truth=truth_dir.is_dir())
+    has_truth = truth_dir.is_dir()
+    sec = empty_section(items=[], levels=[], languages=[], has_truth=has_truth)
     picked: list[tuple[str, str, str]] = []  # key, shard, where it was picked from
     locations: dict[str, str] = {}
 
@@ -65,25 +66,25 @@ def collect_gallery(run: RunFolder, *, heldout: bool = False) -> dict:
 
     if not heldout:
         for stage in reversed(manifest.STAGES):
-            path = manifest.manifest_path(run.stages, stage)
-            if path.is_file() and len(picked) < size:
-                m = pq.ParquetFile(path)
-                batch = next(m.iter_batches(batch_size=size, columns=["key", "shard", "location"]), None)
+            path = run.manifest(stage)
+            if len(picked) < size and path.is_file():
+                with parquet_file(path) as m:
+                    batch = next(m.iter_batches(batch_size=size, columns=["key", "shard", "location"]), None)
                 for r in batch.to_pylist() if batch is not None else []:
                     if pick(r["key"], r["shard"], stage) and r.get("location"):
                         locations[r["shard"]] = r["location"]
-    cap_files = visible_parquet_files(cap_dir) if cap_dir.is_dir() else []
-    source = cap_files or (visible_parquet_files(truth_dir) if truth_dir.is_dir() else [])
+    cap_files = parquet_files(cap_dir)
+    source = cap_files or parquet_files(truth_dir)
     if len(picked) < size and source:
         df, _ = read_sample(source, ["key", "shard", "status"], 500)
         df = df.assign(_o=df["status"].map(STATUS_ORDER).fillna(3)).sort_values("_o", kind="stable")
         for r in df.itertuples(index=False):
             pick(r.key, r.shard, "held-out set" if heldout else "captions")
-    if len(picked) < size and shards.is_dir():  # no captions: the first images of the shards
-        for f in visible_parquet_files(shards)[:size]:
-            for r in pq.read_table(f, columns=["key", "status"]).to_pylist():
+    if len(picked) < size:  # no captions: the first images of the shards
+        for f in parquet_files(shards)[:size]:
+            for r in f.read_parquet(columns=["key", "status"]).to_pylist():
                 if r["status"] == shard_contract.SUCCESS:
-                    pick(r["key"], f.stem, "shards")
+                    pick(r["key"], stem(f), "shards")
     if not picked:
         sec["missing"].append((f"images in {shards}", how_to(run)["heldout" if heldout else "data"]))
         return sec
@@ -92,7 +93,7 @@ def collect_gallery(run: RunFolder, *, heldout: bool = False) -> dict:
     columns = caption_record.caption_columns(levels, languages)
     keys = by_shard((k, s) for k, s, _ in picked)
     captions = rows_for_keys(cap_dir, keys) if cap_files else {}
-    truth = rows_for_keys(truth_dir, keys) if truth_dir.is_dir() else {}
+    truth = rows_for_keys(truth_dir, keys) if has_truth else {}
     thumbs = thumbnails(shards, keys, THUMB_SIDE, locations)
     for key, shard, origin in picked:
         item = _item(key, shard, origin, captions.get(key) or {}, truth.get(key) or {}, columns)

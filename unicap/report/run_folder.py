@@ -4,21 +4,28 @@ Every section's collect function returns a dict made by `empty_section`: `missin
 missing, how to produce it)) and `notes` beside its data, so a folder that lacks a part yields a section
 that says so, never an exception. Large tables are sampled (the first rows of every file, up to a bound),
 and the page says so.
+
+Every part is a unicap.storage Location, so a run folder in a bucket (s3://, gs://, ...) reads as the same
+folder on a local disk does: the readers here take Locations and read through their filesystems.
 """
 
 from __future__ import annotations
 
+import functools
 import json
+import os
 import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from pathlib import Path
 
 import pandas as pd
 import pyarrow.parquet as pq
 
+from unicap import storage
 from unicap.contract import caption as caption_record
+from unicap.contract import manifest
 from unicap.contract import shards as shard_contract
+from unicap.storage import Location
 
 SCORE_SAMPLE = 200_000  # score / manifest rows read for the distributions
 THUMB_SIDE = 256  # px, the long side of a gallery thumbnail
@@ -27,52 +34,59 @@ CHARACTER_LANGUAGES = ("zh", "ja", "ko", "th")  # caption length counted in char
 
 @dataclass(frozen=True)
 class RunFolder:
-    """The conventional layout of a run folder (what `make demo` writes); a real run may lack parts."""
+    """The conventional layout of a run folder (what `make demo` writes); a real run may lack parts.
+    `root` is a local path or a URI (a str or Path is resolved to its Location)."""
 
-    root: Path
+    root: Location
 
-    @property
-    def data(self) -> Path:
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "root", storage.resolve(self.root))
+
+    @functools.cached_property
+    def data(self) -> Location:
         """The pool's image shards: DIR/data, or DIR/shards (the trainer accepts both)."""
-        if not (self.root / "data").is_dir() and (self.root / "shards").is_dir():
-            return self.root / "shards"
-        return self.root / "data"
+        data, shards = self.root.join("data"), self.root.join("shards")
+        return shards if not data.is_dir() and shards.is_dir() else data
 
     @property
-    def truth(self) -> Path:  # the synthetic pool's answer key, as caption records
-        return self.data / "truth"
+    def truth(self) -> Location:  # the synthetic pool's answer key, as caption records
+        return self.data.join("truth")
 
     @property
-    def heldout(self) -> Path:
-        return self.root / "heldout"
+    def heldout(self) -> Location:
+        return self.root.join("heldout")
 
     @property
-    def heldout_truth(self) -> Path:
-        return self.heldout / "truth"
+    def heldout_truth(self) -> Location:
+        return self.heldout.join("truth")
 
     @property
-    def captions(self) -> Path:
-        return self.root / "captions"
+    def captions(self) -> Location:
+        return self.root.join("captions")
 
     @property
-    def heldout_captions(self) -> Path:
-        return self.root / "heldout_captions"
+    def heldout_captions(self) -> Location:
+        return self.root.join("heldout_captions")
 
     @property
-    def scores(self) -> Path:
-        return self.root / "scores"
+    def scores(self) -> Location:
+        return self.root.join("scores")
 
     @property
-    def stages(self) -> Path:
-        return self.root / "stages"
+    def stages(self) -> Location:
+        return self.root.join("stages")
 
     @property
-    def runs(self) -> Path:
-        return self.root / "runs"
+    def runs(self) -> Location:
+        return self.root.join("runs")
 
     @property
-    def adherence(self) -> Path:
-        return self.root / "adherence"
+    def adherence(self) -> Location:
+        return self.root.join("adherence")
+
+    def manifest(self, stage: str) -> Location:
+        """stages/{stage}.parquet, the stage's manifest (unicap.contract.manifest names it)."""
+        return self.stages.join(manifest.manifest_path("", stage).name)
 
 
 def how_to(run: RunFolder) -> dict[str, str]:
@@ -101,20 +115,40 @@ def empty_section(**data) -> dict:
     return {"missing": [], "notes": [], **data}
 
 
-def read_json(path: Path) -> dict | None:
+def parquet_files(folder: Location) -> list[Location]:
+    """The Parquet files a reader of `folder` sees (hidden "." and private "_" names left out), sorted;
+    [] when there is no such folder."""
+    try:
+        files = folder.files(".parquet")
+    except NotADirectoryError:  # a file where the folder should be: nothing to read there
+        return []
+    return [f for f in files if not f.name.startswith("_")]
+
+
+def stem(loc: Location) -> str:
+    """A file's name without its last suffix ("00001.parquet" -> "00001")."""
+    return os.path.splitext(loc.name)[0]
+
+
+def read_json(loc: Location) -> dict | None:
     """A JSON file's object, None when the file is absent; a broken file is a ValueError naming it."""
-    if not path.is_file():
+    if not loc.is_file():
         return None
     try:
-        obj = json.loads(path.read_text(encoding="utf-8"))
+        obj = json.loads(loc.read_bytes().decode("utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"{path}: not valid JSON ({e})") from None
+        raise ValueError(f"{loc}: not valid JSON ({e})") from None
     if not isinstance(obj, dict):
-        raise ValueError(f"{path}: expected a JSON object, got {type(obj).__name__}")
+        raise ValueError(f"{loc}: expected a JSON object, got {type(obj).__name__}")
     return obj
 
 
-def read_sample(files: Iterable[Path], columns: Iterable[str], limit: int) -> tuple[pd.DataFrame, int]:
+def parquet_file(loc: Location) -> pq.ParquetFile:
+    """A ParquetFile read through the Location's filesystem (close it, or use it in a `with`)."""
+    return pq.ParquetFile(loc.path, filesystem=loc.fs)
+
+
+def read_sample(files: Iterable[Location], columns: Iterable[str], limit: int) -> tuple[pd.DataFrame, int]:
     """Up to `limit` rows of `columns` (those a file has), the first rows of every file in turn so that
     a sample of many files covers all of them, and the total number of rows of the files."""
     files, columns = list(files), list(columns)
@@ -123,12 +157,12 @@ def read_sample(files: Iterable[Path], columns: Iterable[str], limit: int) -> tu
     quota = max(1, -(-limit // len(files)))
     frames, total, taken = [], 0, 0
     for f in files:
-        pf = pq.ParquetFile(f)
-        total += pf.metadata.num_rows
-        if taken >= limit or pf.metadata.num_rows == 0:
-            continue
-        cols = [c for c in columns if c in pf.schema_arrow.names]
-        batch = next(pf.iter_batches(batch_size=min(quota, limit - taken), columns=cols), None)
+        with parquet_file(f) as pf:
+            total += pf.metadata.num_rows
+            if taken >= limit or pf.metadata.num_rows == 0:
+                continue
+            cols = [c for c in columns if c in pf.schema_arrow.names]
+            batch = next(pf.iter_batches(batch_size=min(quota, limit - taken), columns=cols), None)
         if batch is not None and batch.num_rows:
             frames.append(batch.to_pandas())
             taken += batch.num_rows
@@ -136,23 +170,25 @@ def read_sample(files: Iterable[Path], columns: Iterable[str], limit: int) -> tu
     return df, total
 
 
-def rows_for_keys(directory: Path, keys_by_shard: Mapping[str, Iterable[str]]) -> dict[str, dict]:
+def rows_for_keys(directory: Location, keys_by_shard: Mapping[str, Iterable[str]]) -> dict[str, dict]:
     """key -> row of the per-shard Parquet files `directory/{shard}.parquet` (captions, truth)."""
     out: dict[str, dict] = {}
     for shard, keys in keys_by_shard.items():
-        path = directory / f"{shard}.parquet"
-        if shard_contract.shard_name_ok(shard) and path.is_file():
-            table = pq.read_table(path, filters=[("key", "in", sorted(set(keys)))])
+        if not shard_contract.shard_name_ok(shard):
+            continue
+        loc = directory.join(f"{shard}.parquet")
+        if loc.is_file():
+            table = pq.read_table(loc.path, filesystem=loc.fs, filters=[("key", "in", sorted(set(keys)))])
             out.update({r["key"]: r for r in table.to_pylist()})
     return out
 
 
-def caption_levels_languages(files: list[Path]) -> tuple[list[str], list[str]]:
+def caption_levels_languages(files: list[Location]) -> tuple[list[str], list[str]]:
     """The levels and languages caption files declare (metadata), else read from their column names."""
     levels: list[str] = []
     languages: list[str] = []
     for f in files[:50]:
-        schema = pq.read_schema(f)
+        schema = pq.read_schema(f.path, filesystem=f.fs)
         try:
             lv, lang = caption_record.levels_languages(schema)
         except caption_record.SchemaError:

@@ -7,11 +7,18 @@ from collections.abc import Mapping, Sequence
 
 import pandas as pd
 
-from unicap.atomic import visible_parquet_files
 from unicap.contract import manifest
 from unicap.report import plots
 from unicap.report.markup import Section, esc, figure, num, section_head, table
-from unicap.report.run_folder import SCORE_SAMPLE, RunFolder, empty_section, how_to, read_json, read_sample
+from unicap.report.run_folder import (
+    SCORE_SAMPLE,
+    RunFolder,
+    empty_section,
+    how_to,
+    parquet_files,
+    read_json,
+    read_sample,
+)
 from unicap.stage_rules import StageRules
 
 # ---------------------------------------------------------------- collect
@@ -30,12 +37,12 @@ def _finite(s: pd.Series) -> list[float]:
 def collect_scores(run: RunFolder, funnel: dict | None) -> dict:
     """CLIP and aesthetic distributions of the scored pool and of each stage's manifest."""
     sec = empty_section(series={}, counts={}, clip_columns=[], clip_model=None, summary=None)
-    score_files = visible_parquet_files(run.scores) if run.scores.is_dir() else []
+    score_files = parquet_files(run.scores)
     composite = (funnel or {}).get("composite") or {}
     clip_cols = list(composite.get("clip_columns") or StageRules().composite.clip_columns)
     sec["clip_columns"] = clip_cols
     if score_files:
-        sec["summary"] = read_json(run.scores / "_summary.json")
+        sec["summary"] = read_json(run.scores.join("_summary.json"))
         df, total = read_sample(score_files, ["decode_error", "aesthetic", "clip_model", *clip_cols], SCORE_SAMPLE)
         decoded = df[df["decode_error"].isna()] if "decode_error" in df else df
         clip = _clip_score(decoded, clip_cols)
@@ -49,7 +56,7 @@ def collect_scores(run: RunFolder, funnel: dict | None) -> dict:
     else:
         sec["missing"].append((f"score Parquet in {run.scores}", how_to(run)["scores"]))
     for stage in manifest.STAGES:
-        path = manifest.manifest_path(run.stages, stage)
+        path = run.manifest(stage)
         if path.is_file():
             df, total = read_sample([path], ["clip_score", "aesthetic"], SCORE_SAMPLE)
             sec["series"][stage] = {"clip": _finite(df["clip_score"]), "aesthetic": _finite(df["aesthetic"])}

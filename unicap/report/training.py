@@ -1,5 +1,6 @@
 """The Training and Samples sections, both read from runs/stageN/: the loss curve and final state of each
-stage, and its latest sample grid with the prompts it was drawn from (one collect for the two)."""
+stage, and its latest sample grid with the prompts it was drawn from (one collect for the two). Every file is
+read through unicap.storage, so runs/ in a bucket reads as on a local disk."""
 
 from __future__ import annotations
 
@@ -7,14 +8,16 @@ import json
 import math
 import re
 from collections.abc import Mapping
-from pathlib import Path
 
-from unicap import config
+import yaml
+
+from unicap.config import ConfigError
 from unicap.contract import manifest
 from unicap.report import plots
 from unicap.report.images import image_inline
 from unicap.report.markup import Section, esc, figure, num, section_head, table
-from unicap.report.run_folder import RunFolder, empty_section, how_to, read_json
+from unicap.report.run_folder import RunFolder, empty_section, how_to, read_json, stem
+from unicap.storage import Location
 
 MAX_INLINE_SIDE = 1536  # sample grids are shrunk to this before they are inlined
 SAMPLE_WIDTH = 640  # px: sample grids narrower than this are enlarged (pixelated) to it
@@ -22,18 +25,18 @@ SAMPLE_WIDTH = 640  # px: sample grids narrower than this are enlarged (pixelate
 # ---------------------------------------------------------------- collect
 
 
-def _step_of(path: Path) -> int:
-    m = re.search(r"(\d+)", path.stem)
+def _step_of(grid: Location) -> int:
+    m = re.search(r"(\d+)", stem(grid))
     return int(m.group(1)) if m else -1
 
 
-def read_metrics(path: Path) -> tuple[list[int], list[float], int]:
+def read_metrics(loc: Location) -> tuple[list[int], list[float], int]:
     """(steps, losses, lines that are not a step's JSON) of a metrics.jsonl; steps without a finite loss
     are left out."""
     steps: list[int] = []
     losses: list[float] = []
     bad_lines = 0
-    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+    for line in loc.read_bytes().decode("utf-8", errors="replace").splitlines():
         try:
             m = json.loads(line)
             step, loss = int(m["step"]), m.get("loss")
@@ -46,28 +49,42 @@ def read_metrics(path: Path) -> tuple[list[int], list[float], int]:
     return steps, losses, bad_lines
 
 
-def _sample_prompts(d: Path, state: dict | None) -> list[str]:
+def _read_yaml(loc: Location) -> dict:
+    """A YAML file's mapping (as unicap.config.read_yaml reads a local one)."""
+    try:
+        data = yaml.safe_load(loc.read_bytes().decode("utf-8", errors="replace")) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{loc}: not valid YAML ({e})") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{loc}: the top level must be a mapping")
+    return data
+
+
+def _sample_prompts(d: Location, state: dict | None) -> list[str]:
     """run.sample_prompts of the config saved in the final state, else of the stage's config.yaml."""
     run_cfg = ((state or {}).get("config") or {}).get("run")
-    if run_cfg is None and (d / "config.yaml").is_file():
-        run_cfg = config.read_yaml(d / "config.yaml").get("run")
+    if run_cfg is None and d.join("config.yaml").is_file():
+        run_cfg = _read_yaml(d.join("config.yaml")).get("run")
     return [str(p) for p in (run_cfg or {}).get("sample_prompts") or []]
 
 
-def read_stage(d: Path) -> dict:
+def read_stage(d: Location) -> dict:
     """One stage's run folder: the loss curve, the final state, the latest sample grid that decodes and its
     prompts, and what is missing."""
-    metrics = d / "metrics.jsonl"
+    metrics = d.join("metrics.jsonl")
     missing: list[str] = []
-    steps, loss, bad_lines = read_metrics(metrics) if metrics.is_file() else ([], [], 0)
-    if not metrics.is_file():
+    has_metrics = metrics.is_file()
+    steps, loss, bad_lines = read_metrics(metrics) if has_metrics else ([], [], 0)
+    if not has_metrics:
         missing.append(f"{metrics} (the trainer writes one line per step)")
-    state = read_json(d / "final" / "state.json")
+    state_file = d.join("final", "state.json")
+    state = read_json(state_file)
     if state is None:
-        missing.append(f"{d / 'final' / 'state.json'} (written when the stage finishes)")
+        missing.append(f"{state_file} (written when the stage finishes)")
     info = {"steps": steps, "loss": loss, "bad_lines": bad_lines, "state": state, "sample": None, "sample_step": None}
     prompts = _sample_prompts(d, state)
-    grids = sorted((d / "samples").glob("step-*.png"), key=_step_of) if (d / "samples").is_dir() else []
+    samples = d.join("samples")
+    grids = sorted((g for g in samples.files(".png") if g.name.startswith("step-")), key=_step_of)
     info.update(sample_steps=[_step_of(g) for g in grids], prompts=prompts, missing=missing)
     for grid in reversed(grids):  # the latest step that decodes
         inlined = image_inline(grid.read_bytes(), MAX_INLINE_SIDE, keep_png=True)
@@ -76,7 +93,7 @@ def read_stage(d: Path) -> dict:
             info["sample_step"] = _step_of(grid)
             break
     if info["sample"] is None:
-        missing.append(f"sample grids in {d / 'samples'} (run.sample_every, and at the end)")
+        missing.append(f"sample grids in {samples} (run.sample_every, and at the end)")
     return info
 
 
@@ -84,7 +101,7 @@ def collect_training(run: RunFolder) -> dict:
     """Per stage: the loss curve (metrics.jsonl), the final state, the latest sample grid and its prompts."""
     sec = empty_section(stages={})
     for stage in manifest.STAGES:
-        d = run.runs / stage
+        d = run.runs.join(stage)
         if d.is_dir():
             sec["stages"][stage] = read_stage(d)
         else:
