@@ -164,7 +164,6 @@ def throughput_leg(where: str, work: Path) -> dict:
     from pipelines.caption import run_job as caption
     from pipelines.score import ScoreConfig
     from pipelines.score import run_job as score
-    from unicap import storage
     from unicap.captioner import CaptionConfig
     from unicap.engines import EngineConfig
     from unicap.runtime import init_ray
@@ -173,6 +172,7 @@ def throughput_leg(where: str, work: Path) -> dict:
     server = None
     if where == "bucket":
         from tests.s3_server import S3Server
+        from unicap import storage
 
         server = S3Server()
         os.environ.update(server.env)
@@ -279,16 +279,22 @@ def main() -> int:
     if "requests" not in skip:
         results["requests"] = child(["requests"], ROOT)
     if "throughput" not in skip:
-        legs = {"local": [], "bucket": []}
+        # local and bucket on this tree, and local on the old tree (the runner as it was) when --old is given
+        legs = {("local", "now"): [], ("bucket", "now"): []} | ({("local", "old"): []} if args.old else {})
         for _ in range(args.rounds):
-            for where in legs:
-                legs[where].append(child(["throughput", where], ROOT))
-        ratio = {
-            k: spread([b[k] / a[k] for a, b in zip(legs["local"], legs["bucket"], strict=True)])
-            for k in ("caption_rows_per_s", "score_rows_per_s")
-        }
-        medians = {w: {k: statistics.median(r[k] for r in rs) for k in rs[0]} for w, rs in legs.items()}
-        results["throughput"] = {"medians": medians, "bucket_over_local": ratio}
+            for where, tree in legs:
+                legs[where, tree].append(
+                    child(["throughput", where], trees[f"at {args.old}"] if tree == "old" else ROOT)
+                )
+
+        def ratio(num: tuple[str, str], den: tuple[str, str]) -> dict:
+            pairs = list(zip(legs[den], legs[num], strict=True))
+            return {k: spread([b[k] / a[k] for a, b in pairs]) for k in ("caption_rows_per_s", "score_rows_per_s")}
+
+        medians = {f"{w} ({t})": {k: statistics.median(r[k] for r in rs) for k in rs[0]} for (w, t), rs in legs.items()}
+        results["throughput"] = {"medians": medians, "bucket_over_local": ratio(("bucket", "now"), ("local", "now"))}
+        if args.old:
+            results["throughput"]["local_now_over_old"] = ratio(("local", "now"), ("local", "old"))
     save(results, args.out)
     return 0
 
