@@ -99,13 +99,15 @@ bench: $(STAMP)
 
 # Training: each stage packs its manifest (once) and launches DeepSpeed ranks; stage2/3 start from the
 # previous stage's final weights. Defaults: CPU-sized configs on the demo's data (built when missing), 2 ranks.
+# DATA may be a URI (s3://bucket/unicap): the packed stage and the run folder then live in the bucket.
 #   make stage1 CONFIG=train/configs/stage1_2b.yaml DATA=/data/unicap NPROC=8 HOSTFILE=hosts ARGS="optim.lr=1e-4"
 DATA ?= demo
 NPROC ?= 2
 HOSTFILE ?=
 ARGS ?=
 stage1 stage2 stage3: $(STAMP)
-	@test -f $(DATA)/stages/$@.parquet || { test "$(DATA)" = demo && $(MAKE) --no-print-directory demo; }
+	@# a URI (s3://...): train.launch checks the manifest; a missing local demo folder is built first
+	@case "$(DATA)" in *://*) ;; *) test -f $(DATA)/stages/$@.parquet || { test "$(DATA)" = demo && $(MAKE) --no-print-directory demo; } ;; esac
 	$(PY) -m train.launch --stage $@ --config $(or $(CONFIG),train/configs/$@_cpu.yaml) --data $(DATA) \
 		--nproc $(NPROC) $(if $(HOSTFILE),--hostfile $(HOSTFILE)) -- $(ARGS)
 

@@ -4,7 +4,7 @@
     .venv/bin/python bench/bench_stages.py --sizes 1M,100M    # the 100M leg, with its 1M baseline
 
 Each size is generated once under WORKDIR/scores_ROWS (files already there are reused: 100M takes
-minutes to generate, ~11 GB of Parquet) by a process of its own, then selected in a fresh process, so
+minutes to generate, ~2.2 GB of Parquet) by a process of its own, then selected in a fresh process, so
 the peak RSS reported is the selection's (DuckDB and Python together), not the generator's. Targets in
 the paper's proportions (stage1 = all, stage2 = 10%, stage3 = 1%); the growth from the first size is
 reported: time_ratio_vs_smallest against rows_ratio_vs_smallest (linear: equal). The manifests stay

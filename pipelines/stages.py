@@ -21,7 +21,11 @@ NaN and +-inf scores are missing values (as null: 0 in the mean), counted per co
 a NaN composite would rank the pool in key order.
 
 Engine: DuckDB, chosen because selection over a 100M-row table needs out-of-core sorting and
-top-K with a hard memory cap: `memory_limit` bounds it, and DuckDB spills to `temp_directory`.
+top-K with a hard memory cap: the rules' `memory_limit` bounds the whole process (DuckDB's buffer pool gets
+a share of it, StageRules.duckdb_memory_limit), and DuckDB spills to `temp_directory`. The work, in passes
+over the pool table: filter into it, drop repeated keys and duplicates (ranking only the keys and hashes
+found twice), the moments, then one out-of-core sort that streams stage1.parquet; stage2 is the first rows
+of stage1's stage2-eligible rows and stage3 the first of stage2's, read back from those files in order.
 Values (rule numbers, statuses, paths) reach DuckDB as prepared-statement parameters, never as SQL
 text; the only names put into SQL are clip columns, checked against the score-column pattern and quoted.
 The manifests follow unicap.contract.manifest. Every output is written under a temporary name and
@@ -173,8 +177,8 @@ def _write_manifest(con, query: str, params: dict, target: Location, scratch: Pa
 
 
 def _view(con, name: str, manifest_file: Path) -> None:
-    """A view over a manifest just written, whose rows DuckDB reads in file order (best first): a stage's
-    prefix is a LIMIT of it, with insertion order preserved (it is, for every query but the pool's)."""
+    """A view over a manifest just written, whose rows DuckDB reads in file order (best first, insertion order
+    preserved): the next stage is a LIMIT of it, no second sort."""
     con.read_parquet(str(manifest_file)).create_view(name)
 
 
@@ -235,9 +239,14 @@ def select_stages(
         tmp, dbfile = scratch / ".duckdb_tmp", scratch / ".stages.duckdb"
         dbfile.unlink(missing_ok=True)
         con = duckdb.connect(str(dbfile))  # file-backed: tables larger than memory_limit live on disk
-        con.execute("SET memory_limit = ?", [rules.memory_limit.strip()])
+        con.execute("SET memory_limit = ?", [rules.duckdb_memory_limit()])  # a share of the rules' limit
         con.execute("SET temp_directory = ?", [str(tmp)])
-        con.execute("SET preserve_insertion_order = false")
+        # insertion order is kept (DuckDB's default): the pool's rows are in file order, so its moments, summed on
+        # one thread, are the same every run (a parallel sum differs in the last bit, enough to swap two rows whose
+        # composites differ by 1e-14); a manifest read back streams in file order (a stage is a LIMIT of the one
+        # before); late materialization would fetch a LIMIT's rows by row number, re-sort them and lose the no-null
+        # statistics the Parquet writer marks columns required by
+        con.execute("SET disabled_optimizers = 'late_materialization'")
         if threads:
             con.execute("SET threads = ?", [int(threads)])
         # views over the files as relations: paths never become SQL text
@@ -312,8 +321,13 @@ def select_stages(
             funnel["stage1_rules"][name] = {"removed": prev - n, "remaining": n}
             prev = n
         pool = prev
+        # the deletes' version data stays in memory until a checkpoint, the sort below wants that memory
+        con.execute("CHECKPOINT")
         moments = "avg(clip_score), coalesce(stddev_pop(clip_score), 0), avg(aes), coalesce(stddev_pop(aes), 0)"
+        workers = con.execute("SELECT current_setting('threads')").fetchone()[0]
+        con.execute("SET threads = 1")  # in the pool's (file) order: the same sums every run
         mc, sc, ma, sa = con.execute(f"SELECT {moments} FROM pool").fetchone()
+        con.execute("SET threads = ?", [int(workers)])
         for name, mean, std in (("clip", mc, sc), ("aesthetic", ma, sa)):
             if not all(v is None or math.isfinite(v) for v in (mean, std)):
                 con.close()
@@ -343,8 +357,9 @@ def select_stages(
         n1 = min(want[0], pool)
         limit1 = "LIMIT $n" if n1 < pool else ""  # a LIMIT of the whole pool would only cost a check
         query1 = f"SELECT {select} FROM ({ranked}) {best_first} {limit1}"
+        con.execute("SET preserve_insertion_order = false")  # an ORDER BY is written in its order either way
         s1, size1 = _write_manifest(con, query1, {**p, "n": n1}, _manifest_location(output, "stage1"), scratch)
-        con.execute("SET preserve_insertion_order = true")  # from here on, LIMIT takes the first rows in file order
+        con.execute("SET preserve_insertion_order = true")
         _view(con, "s1", s1)
         where2 = "WHERE min_side >= $min_side2"
         eligible2 = _sql(con, f"SELECT count(*) FROM s1 {where2}", p).fetchone()[0]

@@ -22,7 +22,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 LAYER = {"unicap": 0, "datagen": 1, "pipelines": 2, "train": 2}
 ENTRY_POINTS = {"unicap.cli", "pipelines.demo", "train.launch"}
-CONTRACT_MAY_IMPORT = ("unicap.contract", "unicap.atomic", "unicap.config")
+CONTRACT_MAY_IMPORT = ("unicap.contract", "unicap.atomic", "unicap.config", "unicap.storage", "unicap.storage_errors")
 NOT_IMPORTABLE = ("tests", "bench", "tools")  # code that runs the packages; the packages never import it
 # Cycles known when this check was written, to untangle; a new cycle fails, and so does a known one that
 # is gone (remove it here). train.checkpoint <-> train.convert: export_diffusers / convert's main.

@@ -43,6 +43,7 @@ from PIL import Image
 from datagen import scene_judge, synth
 from datagen.shards import iter_shard, list_shards
 from train.codecs import VAE
+from train.run_store import local_weights
 from train.sample import from_images, generate, load_for_sampling, to_images
 from unicap import runtime
 from unicap.atomic import atomic_path, visible_parquet_files
@@ -343,8 +344,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    weights = {name: local_weights(folder) for name, folder in parse_weights(args.weights).items()}  # URIs: downloaded
     result = adherence(
-        parse_weights(args.weights),
+        weights,
         Path(args.truth),
         Path(args.out),
         n=args.n,

@@ -59,8 +59,9 @@ def _write_folder(final: Path, files: dict[str, dict[str, torch.Tensor]], state:
     return final
 
 
-def save_checkpoint(engine, ema, run_dir: str | Path, state: dict, keep_last: int) -> Path:
-    """Write checkpoints/step-N (collective); keep the newest `keep_last`; returns the folder."""
+def save_checkpoint(engine, ema, run_dir: str | Path, state: dict, keep_last: int, publish=None) -> Path:
+    """Write checkpoints/step-N (collective); keep the newest `keep_last`; returns the folder. `publish`
+    (a train.run_store.RunStore): rank 0 then uploads the folder to the run's URI, state.json last."""
     tensors = gather_training_state(engine, ema)
     folder = Path(run_dir) / contract.CHECKPOINTS_DIR / contract.step_dir_name(state["step"])
     if _rank() == 0:
@@ -70,6 +71,8 @@ def save_checkpoint(engine, ema, run_dir: str | Path, state: dict, keep_last: in
         for stale in folder.parent.glob(".step-*.tmp-*"):  # temporaries of killed saves: exactly our names
             if STALE_SAVE.fullmatch(stale.name) and stale.is_dir() and not stale.is_symlink():
                 shutil.rmtree(stale, ignore_errors=True)
+        if publish is not None:
+            publish.publish_checkpoint(folder, keep_last)
     _barrier()
     return folder
 

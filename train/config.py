@@ -58,6 +58,10 @@ class DataConfig:
     # one micro-batch then have similar lengths, so less padding where attention pads (sdpa; not varlen flash-attn)
     group_caption_levels: bool = False
     latent_cache_mb: int = 0  # per rank: VAE latents of samples seen before (train/latent_cache.py); 0 = off
+    # data.packed a URI (s3://...): each node caches the packed files its ranks read (train/packed_cache.py)
+    cache_dir: str | None = None  # node-local, shared by the node's ranks; unset: $UNICAP_CACHE/packed or ~/.cache/...
+    cache_gb: float | None = None  # LRU limit of cache_dir in GB; unset: the whole stage (no file fetched twice)
+    cache_prefetch: int = 8  # this rank's upcoming micro-batches whose files its loader workers fetch ahead
 
 
 @dataclass
@@ -118,6 +122,11 @@ class RunConfig:
     # after SIGTERM/SIGINT, seconds to reach a step boundary (and checkpoint) before the rank exits without one:
     # a launcher whose other rank died sends SIGTERM to ranks stuck in a collective that can never complete
     term_grace_s: float = 20.0  # (torchrun SIGKILLs its ranks 30 s after its own SIGTERM)
+    # seconds a collective waits for its peers (unicap.distributed.set_timeout): init_timeout_s at start-up, around
+    # checkpoints and the final export (full tensors gathered and written), collective_timeout_s after the first
+    # step (torchtitan's 300 / 100). Past it the rank exits naming the rank that stopped answering.
+    collective_timeout_s: float = 100.0
+    init_timeout_s: float = 300.0
     log_keys: bool = False  # write the keys each rank trains on to run_dir/keys/ (coverage audits, tests)
     tensorboard: bool = True
 

@@ -7,6 +7,12 @@ same in both: the batch arithmetic, the DeepSpeed checks and the DeepSpeed confi
 Batch arithmetic: global batch = data.micro_batch x grad_accum x world size. With `data.global_batch` set,
 grad_accum follows from the world size (a run resumed on another number of ranks keeps its global batch);
 unset, `optim.grad_accum` is used.
+
+Timeouts (unicap.distributed.set_timeout, as torchtitan's comm.init_timeout_seconds / train_timeout_seconds):
+a collective waits at most run.init_timeout_s for its peers at start-up, around checkpoints and the final
+export (full tensors are gathered and written), and run.collective_timeout_s once the first step is done; then
+the rank exits naming the rank that stopped answering, and the launcher ends the job. Loader workers get
+run.init_timeout_s per batch (a fetch that never returns is an error, not a hang).
 """
 
 from __future__ import annotations
@@ -22,7 +28,7 @@ PRECISIONS = ("auto", "bf16", "fp32")  # auto: bf16 on CUDA and bf16-native CPUs
 class TrainerConfig:
     """A trainer config's shared methods; the subclass is a dataclass with data, optim, deepspeed and run sections
     (data.micro_batch, data.global_batch, optim.grad_accum, optim.grad_clip, deepspeed.zero_stage and .precision,
-    run.steps, run.save_every, run.keep_last)."""
+    run.steps, run.save_every, run.keep_last, run.collective_timeout_s, run.init_timeout_s)."""
 
     ZERO_STAGES: ClassVar[tuple[int, ...]] = (0, 1, 2, 3)  # the ZeRO stages this trainer runs under
 
@@ -39,6 +45,8 @@ class TrainerConfig:
         """data.micro_batch, run.steps, run.save_every, run.keep_last, optim.grad_accum, then `names`: each >= 1."""
         common = ("data.micro_batch", "run.steps", "run.save_every", "run.keep_last", "optim.grad_accum")
         uconfig.check_at_least(1, {name: self._get(name) for name in (*common, *names)})
+        timeouts = ("run.collective_timeout_s", "run.init_timeout_s")
+        uconfig.check_at_least(1, {name: self._get(name) for name in timeouts})
 
     def _get(self, dotted: str) -> Any:
         section, name = dotted.split(".")

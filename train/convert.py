@@ -27,6 +27,7 @@ from safetensors.torch import save_file
 
 from train.checkpoint import load_weights, save_weights
 from train.model import NextDiT, NextDiTConfig
+from train.run_store import is_uri, local_weights
 from unicap.contract import checkpoint as contract
 
 # (ours, diffusers) key fragments, applied in order; block-level renames work for every block kind
@@ -225,8 +226,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("dst")
     args = p.parse_args(argv)
     if args.to == "diffusers":
-        if Path(args.src).is_dir():
-            model, _ = load_weights(args.src, args.weights)
+        if is_uri(args.src) or Path(args.src).is_dir():  # a weights folder; a URI is downloaded first
+            model, _ = load_weights(local_weights(args.src), args.weights)
         else:
             state = from_original(_release_state(args.src))  # refused here, before a 2.6B model is built
             model = NextDiT(NextDiT_configs[args.config])

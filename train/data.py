@@ -26,23 +26,39 @@ of a few files (LRU) and their open file descriptors; no per-row Python object e
 Bad data is skipped and counted, never a crash: a missing packed file at start-up (logged), and per
 batch a missing or truncated tar, undecodable image bytes, unreadable captions (`skipped`, with
 reasons, in every batch; the trainer sums them into its log and TensorBoard).
+
+A remote stage (`data.packed` a URI, e.g. s3://bucket/packed/stage1; nodes that share no disk): at start-up
+each rank lists the folder once (every file's size and modification time), reads `_pack.json` and the
+indexes' bucket columns through unicap.storage, and opens a node-local cache (train/packed_cache.py:
+data.cache_dir, bounded by data.cache_gb, LRU, shared by the node's ranks and workers). A batch's tar and
+index are read from the cache. The sampler gives every BatchRef the files of this rank's next
+data.cache_prefetch batches (`ahead`, within half the cache's share of this rank); the worker that reads the
+batch starts fetching those in background threads, so a file is usually cached before its batch is read, and
+the training step never waits on a fetch its worker could have started earlier. A file cached and unchanged
+is never fetched again (the next epoch, the next run on the node). A fetch that fails after retries skips
+the batch's rows, counted as "fetch_failed". The order, resume and skip counts are those of a local stage;
+with a local `data.packed` nothing of this runs (no cache, no copy).
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import io
 import json
 import logging
 import os
+import queue
 import signal
-from collections import Counter, OrderedDict
+import threading
+from collections import Counter, OrderedDict, deque
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import NamedTuple
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import torch
 from PIL import Image
@@ -50,6 +66,8 @@ from PIL import Image
 from train.buckets import resize_to_bucket
 from train.captions import CaptionPicker, sample_uniforms
 from train.config import DataConfig
+from train.packed_cache import FetchError, PackedCache, RemoteFile
+from unicap import storage
 from unicap.contract import packed
 
 log = logging.getLogger(__name__)
@@ -58,10 +76,11 @@ log = logging.getLogger(__name__)
 # ---------------------------------------------------------------- the stage: files and bucket runs
 
 
-def _file_runs(path: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
+def _file_runs(path: Path | str, filesystem=None) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
     """(bucket, first row, rows) of each run of ok rows in one packed index; None if unreadable."""
     try:
-        b = pq.read_table(path, columns=packed.RUN_COLUMNS).column("bucket").to_numpy()  # (n,) int16
+        table = pq.read_table(path, columns=packed.RUN_COLUMNS, filesystem=filesystem)
+        b = table.column("bucket").to_numpy()  # (n,) int16
     except (OSError, ValueError) as e:  # a missing or broken index: the file's rows are skipped
         log.warning("packed index %s unreadable (%s): its rows are skipped", path, e)
         return None
@@ -78,26 +97,38 @@ def _cat(arrays: list[np.ndarray], dtype) -> np.ndarray:
     return np.concatenate(arrays).astype(dtype, copy=False) if arrays else np.zeros(0, dtype)
 
 
+class NotAPackedStage(FileNotFoundError, ValueError):
+    """data.packed names a folder without `_pack.json` (a FileNotFoundError, and a ValueError: bad input)."""
+
+
 class PackedStage:
     """A packed stage's layout: file list, bucket table, and its bucket runs (one per file x bucket).
 
-    Reads `_pack.json` and each index's int16 `bucket` column once; keeps only the run table."""
+    Reads `_pack.json` and each index's int16 `bucket` column once; keeps only the run table.
+    `packdir` may be a URI: then `remote` maps each file name to its RemoteFile (size, mtime) from one listing,
+    `file_bytes` gives each file id's bytes (tar + index), and batches are read through a PackedCache."""
 
     def __init__(self, packdir: str | Path, threads: int = 8):
-        self.packdir = Path(packdir)
-        meta_path = self.packdir / packed.PACK_META
-        if not meta_path.exists():
-            raise FileNotFoundError(f"{self.packdir} is not a packed stage (no {packed.PACK_META}): unicap pack")
-        meta = json.loads(meta_path.read_text())
+        self.loc = storage.resolve(packdir)
+        self.is_remote = not self.loc.is_local
+        self.remote: dict[str, RemoteFile] = {}
+        if self.is_remote:
+            self.packdir: Path | str = self.loc.uri
+            meta = self._remote_meta()
+        else:
+            self.packdir = Path(packdir)
+            meta_path = self.packdir / packed.PACK_META
+            if not meta_path.exists():
+                raise NotAPackedStage(f"{self.packdir} is not a packed stage (no {packed.PACK_META}): unicap pack")
+            meta = json.loads(meta_path.read_text())
         self.resolution: int = meta["resolution"]
         self.buckets: list[tuple[int, int]] = [tuple(b) for b in meta["buckets"]]
         self.levels: tuple[str, ...] = tuple(meta["levels"])
         self.languages: tuple[str, ...] = tuple(meta["languages"])
         self.complete: bool = meta.get("complete", False)
         self.files: list[str] = list(meta["shards"])  # file id = position here (fixed by the pack)
-        paths = [packed.index_path(self.packdir, s) for s in self.files]
         with ThreadPoolExecutor(threads) as pool:  # Parquet reads release the GIL
-            found = list(pool.map(lambda p: _file_runs(p) if p.exists() else None, paths))
+            found = list(pool.map(self._runs, self.files))
         pa.default_memory_pool().release_unused()  # the read buffers: a rank keeps only the run table
         self.missing: list[str] = [s for s, r in zip(self.files, found, strict=True) if r is None]
         runs = [(i, r) for i, r in enumerate(found) if r is not None]
@@ -116,6 +147,35 @@ class PackedStage:
             )
         if not self.complete:
             log.warning("packed stage %s is incomplete (the pack job has not finished)", self.packdir)
+
+    def _remote_meta(self) -> dict:
+        """One listing of the stage folder (every file's version) and _pack.json; one-line errors for a missing
+        bucket, refused credentials (storage.check_readable) or a folder that is not a packed stage."""
+        storage.check_readable(self.loc)
+        selector = pafs.FileSelector(self.loc.path, recursive=False, allow_not_found=True)
+        for info in self.loc.fs.get_file_info(selector):
+            if info.type == pafs.FileType.File:
+                name = info.path.rstrip("/").rsplit("/", 1)[-1]
+                self.remote[name] = RemoteFile(name, int(info.size), int(info.mtime_ns or 0))
+        if packed.PACK_META not in self.remote:
+            raise NotAPackedStage(
+                f"{self.loc.uri} is not a packed stage (no {packed.PACK_META}): unicap pack --output {self.loc.uri}"
+            )
+        return self.loc.join(packed.PACK_META).read_json()
+
+    def _runs(self, shard: str) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
+        if not self.is_remote:
+            path = packed.index_path(self.packdir, shard)
+            return _file_runs(path) if path.exists() else None
+        if packed.index_name(shard) not in self.remote:
+            return None
+        return _file_runs(self.loc.join(packed.index_name(shard)).path, filesystem=self.loc.fs)
+
+    @functools.cached_property
+    def file_bytes(self) -> np.ndarray:
+        """(files,) int64 bytes of each file id's tar and index in the remote folder (0 where absent)."""
+        sizes = [sum(self.remote[n].size for n in packed.shard_files(s) if n in self.remote) for s in self.files]
+        return np.asarray(sizes, dtype=np.int64)
 
     @property
     def fingerprint(self) -> str:
@@ -141,6 +201,7 @@ class BatchRef(NamedTuple):
     run_length: int
     chunk_start: int  # position of the batch's first row in the run's permutation
     count: int
+    ahead: tuple[int, ...] = ()  # a remote stage: files of this rank's next batches, for the worker to prefetch
 
 
 class EpochPlan:
@@ -208,36 +269,78 @@ def batch_rows(ref: BatchRef, seed: int) -> np.ndarray:
 class RankBatchSampler(torch.utils.data.Sampler):
     """This rank's share of the global batch stream: g = start + k * world_size + rank, as BatchRefs.
 
-    Infinite. `start` is the trainer's batches_consumed (global batches, all ranks together)."""
+    Infinite. `start` is the trainer's batches_consumed (global batches, all ranks together).
+    With `ahead` > 0 (a remote stage), each BatchRef also names the distinct files of this rank's next `ahead`
+    batches, as many as fit in `ahead_bytes` (stage.file_bytes): the files its worker prefetches."""
 
-    def __init__(self, stage: PackedStage, micro_batch: int, seed: int, rank: int, world_size: int, start: int = 0):
+    def __init__(
+        self,
+        stage: PackedStage,
+        micro_batch: int,
+        seed: int,
+        rank: int,
+        world_size: int,
+        start: int = 0,
+        ahead: int = 0,
+        ahead_bytes: int = 0,
+    ):
         assert 0 <= rank < world_size, f"rank {rank} of world size {world_size}"
         self.planner = BatchPlanner(stage, micro_batch, seed)
         self.rank, self.world_size, self.start = rank, world_size, start
+        self.ahead, self.ahead_bytes = ahead, ahead_bytes
+        self.file_bytes = stage.file_bytes if ahead else None
 
     def __iter__(self):
         g = self.start + self.rank
+        if not self.ahead:
+            while True:
+                yield self.planner.ref(g)
+                g += self.world_size
+        window = deque(self.planner.ref(g + k * self.world_size) for k in range(self.ahead + 1))  # this, then ahead
         while True:
-            yield self.planner.ref(g)
-            g += self.world_size
+            ref = window.popleft()
+            window.append(self.planner.ref(ref.g + (self.ahead + 1) * self.world_size))
+            yield ref._replace(ahead=self._files_ahead(ref.file, window))
+
+    def _files_ahead(self, current: int, window: deque) -> tuple[int, ...]:
+        files, budget = [], self.ahead_bytes
+        for ref in window:
+            if ref.file == current or ref.file in files:
+                continue
+            budget -= int(self.file_bytes[ref.file])
+            if budget < 0:
+                break
+            files.append(ref.file)
+        return tuple(files)
 
 
 # ---------------------------------------------------------------- reading batches
 
 
 class PackedBatches(torch.utils.data.Dataset):
-    """Map-style dataset of whole micro-batches: dataset[BatchRef or global batch index g] -> batch dict."""
+    """Map-style dataset of whole micro-batches: dataset[BatchRef or global batch index g] -> batch dict.
+
+    A remote stage needs `cache`: a batch's files are read from it (fetched if missing), and the files its
+    BatchRef names `ahead` are fetched by PREFETCH_THREADS background threads of the reading process."""
 
     POSITIONS_CACHED = 16  # files whose tar positions a worker keeps (about 32 bytes per row each)
     FDS_CACHED = 64
+    PREFETCH_THREADS = 2  # per loader worker (per rank when num_workers is 0)
+    OPEN_TRIES = 3  # a cached file evicted by another process between its lookup and its open is asked again
 
-    def __init__(self, stage: PackedStage, cfg: DataConfig, seed: int):
-        self.stage, self.cfg, self.seed = stage, cfg, seed
+    def __init__(self, stage: PackedStage, cfg: DataConfig, seed: int, cache: PackedCache | None = None):
+        if stage.is_remote and cache is None:
+            raise ValueError(f"{stage.packdir} is a remote stage: its batches are read through a PackedCache")
+        self.stage, self.cfg, self.seed, self.cache = stage, cfg, seed, cache
         self.picker = CaptionPicker(cfg, stage.levels, stage.languages)
         self._planner: BatchPlanner | None = None  # only for integer indices
         self._positions: OrderedDict[int, np.ndarray | None] = OrderedDict()
         self._fds: OrderedDict[int, int | None] = OrderedDict()
         self._pid = os.getpid()
+        self._prefetcher: _Prefetcher | None = None  # made in the process that reads (a worker), on first use
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_prefetcher": None}  # threads do not travel to a spawned worker
 
     def __getitem__(self, index: BatchRef | int) -> dict:
         if not isinstance(index, BatchRef):
@@ -256,25 +359,29 @@ class PackedBatches(torch.utils.data.Dataset):
             # micro-batch is a function of (seed, epoch, micro_batch), not of the world size: a resume draws the same
             u[:, 2:4] = u[0, 2:4]
         images, captions, keys, reasons = [], [], [], Counter()
-        positions, fd = self._file_positions(ref.file), self._fd(ref.file)
-        for row, ui in zip(rows, u, strict=True):
-            if positions is None or fd is None:
-                reasons["missing_file"] += 1
-                continue
-            sample = self._read_sample(fd, positions[row], (w, h))
-            if isinstance(sample, str):
-                reasons[sample] += 1
-                log.warning("skipped row %d of %s: %s", row, shard, sample)
-                continue
-            image, text = sample
-            caption = self.picker(text, ui)
-            if caption is None:
-                reasons["no_caption"] += 1
-                log.warning("skipped %s of %s: no caption", text.get("key"), shard)
-                continue
-            images.append(image)
-            captions.append(caption)
-            keys.append(text["key"])
+        positions, fd, failure = self._open_remote(ref) if self.cache else self._open_local(ref.file)
+        try:
+            for row, ui in zip(rows, u, strict=True):
+                if failure:
+                    reasons[failure] += 1
+                    continue
+                sample = self._read_sample(fd, positions[row], (w, h))
+                if isinstance(sample, str):
+                    reasons[sample] += 1
+                    log.warning("skipped row %d of %s: %s", row, shard, sample)
+                    continue
+                image, text = sample
+                caption = self.picker(text, ui)
+                if caption is None:
+                    reasons["no_caption"] += 1
+                    log.warning("skipped %s of %s: no caption", text.get("key"), shard)
+                    continue
+                images.append(image)
+                captions.append(caption)
+                keys.append(text["key"])
+        finally:
+            if self.cache is not None and fd is not None:
+                os.close(fd)  # a remote stage's tar is opened per batch: the cache may evict it afterwards
         return {
             "images": _to_tensor(images, w, h),
             "captions": captions,
@@ -309,16 +416,72 @@ class PackedBatches(torch.utils.data.Dataset):
             im = resize_to_bucket(im, size)
         return np.asarray(im), text  # (H, W, 3) uint8
 
-    def _file_positions(self, file: int) -> np.ndarray | None:
-        """(rows, 4) int64 [offset, size, json_offset, json_size] of a file; None if its index is gone."""
+    def _open_local(self, file: int) -> tuple[np.ndarray | None, int | None, str | None]:
+        """(positions, tar descriptor, None), or a skip reason in place of the None when either is missing."""
+        positions, fd = self._file_positions(file), self._fd(file)
+        return positions, fd, ("missing_file" if positions is None or fd is None else None)
+
+    def _open_remote(self, ref: BatchRef) -> tuple[np.ndarray | None, int | None, str | None]:
+        """As _open_local, through the cache (fetching what is missing); first the prefetch of `ref.ahead`.
+        The descriptor is the caller's to close."""
+        self._prefetch(ref.ahead)
+        shard = self.stage.files[ref.file]
+        tar, index = (self.stage.remote.get(name) for name in packed.shard_files(shard))
+        if tar is None or index is None:
+            return None, None, "missing_file"  # not in the bucket at start-up
+        try:
+            for _ in range(self.OPEN_TRIES):
+                try:
+                    positions = self._file_positions(ref.file, index)
+                    if positions is None:
+                        return None, None, "missing_file"
+                    return positions, os.open(self.cache.get(self.stage.loc, tar), os.O_RDONLY), None
+                except FileNotFoundError:  # evicted by another process since its lookup: ask again
+                    continue
+            raise FetchError(f"{shard}: evicted {self.OPEN_TRIES} times before it could be opened (cache too small?)")
+        except FetchError as e:
+            log.warning("packed shard %s not fetched (%s): its samples are skipped", shard, e)
+            return None, None, "fetch_failed"
+
+    def _prefetch(self, files: tuple[int, ...]) -> None:
+        if not files:
+            return
+        if self._prefetcher is None or self._prefetcher.pid != os.getpid():
+            self._prefetcher = _Prefetcher(self.PREFETCH_THREADS)
+        for file in files:
+            names = packed.shard_files(self.stage.files[file])
+            remote = [self.stage.remote[n] for n in names if n in self.stage.remote]
+            self._prefetcher.submit(file, lambda remote=remote: self._fetch_quietly(remote))
+
+    def _fetch_quietly(self, remote: list[RemoteFile]) -> None:
+        for f in remote:
+            try:
+                self.cache.get(self.stage.loc, f, wait=False)  # busy elsewhere or no room now: the read will wait
+            except FetchError as e:
+                log.info("prefetch of %s failed (%s); the batch that needs it will try again", f.name, e)
+
+    def _file_positions(self, file: int, index: RemoteFile | None = None) -> np.ndarray | None:
+        """(rows, 4) int64 [offset, size, json_offset, json_size] of a file; None if its index is gone.
+
+        `index`: a remote stage's index, read from the cache (a FetchError, or a FileNotFoundError when another
+        process evicted it before it was opened)."""
         if file in self._positions:
             self._positions.move_to_end(file)
             return self._positions[file]
-        path = packed.index_path(self.stage.packdir, self.stage.files[file])
+        if index is None:
+            path = packed.index_path(self.stage.packdir, self.stage.files[file])
+        else:
+            path = self.cache.get(self.stage.loc, index)
         try:
-            t = pq.read_table(path, columns=packed.POSITION_COLUMNS)
+            with open(path, "rb") as f:
+                t = pq.read_table(f, columns=packed.POSITION_COLUMNS)
             pos = np.stack([t.column(c).fill_null(0).to_numpy() for c in packed.POSITION_COLUMNS], axis=1)
             pos = pos.astype(np.int64)
+        except FileNotFoundError as e:
+            if index is not None:
+                raise
+            log.warning("packed index %s unreadable (%s): its samples are skipped", path, e)
+            pos = None
         except (OSError, ValueError) as e:
             log.warning("packed index %s unreadable (%s): its samples are skipped", path, e)
             pos = None
@@ -347,6 +510,35 @@ class PackedBatches(torch.utils.data.Dataset):
         return fd
 
 
+class _Prefetcher:
+    """Daemon threads that run fetches in the background of one process, one pending fetch per file id.
+
+    Daemon threads: a worker that exits does not wait for a fetch in flight (its part file is cleaned up by the
+    next process that scans the cache)."""
+
+    def __init__(self, threads: int):
+        self.pid = os.getpid()
+        self.pending: set[int] = set()
+        self.queue: queue.SimpleQueue = queue.SimpleQueue()
+        for _ in range(threads):
+            threading.Thread(target=self._run, daemon=True, name="packed-prefetch").start()
+
+    def submit(self, file: int, fetch) -> None:
+        if file not in self.pending:
+            self.pending.add(file)
+            self.queue.put((file, fetch))
+
+    def _run(self) -> None:
+        while True:
+            file, fetch = self.queue.get()
+            try:
+                fetch()
+            except Exception:  # noqa: BLE001 - a prefetch never fails a batch: the read fetches again and counts
+                log.exception("prefetch of file %d failed", file)
+            finally:
+                self.pending.discard(file)
+
+
 def _to_tensor(images: list[np.ndarray], w: int, h: int) -> torch.Tensor:
     """(B, H, W, 3) uint8 -> (B, 3, H, W) float32 in [-1, 1]; B may be 0 when every sample was skipped."""
     if not images:
@@ -367,21 +559,41 @@ def _worker_init(_: int) -> None:
 
 
 def make_loader(cfg: DataConfig, seed: int, rank: int, world_size: int, start: int = 0) -> torch.utils.data.DataLoader:
-    """This rank's infinite loader over the packed stage `cfg.packed`, starting at global batch `start`
-    (the trainer's batches_consumed). Each item is one micro-batch dict (see the module docstring)."""
+    """This rank's infinite loader over the packed stage `cfg.packed` (a folder or a URI), starting at global batch
+    `start` (the trainer's batches_consumed). Each item is one micro-batch dict (see the module docstring).
+
+    Bad input is refused here, in one line, before the first batch: no _pack.json (NotAPackedStage), and for
+    a URI a missing bucket or credentials (StorageError), a cache limit below one micro-batch's files or a cache
+    folder on a disk too small for it (ValueError)."""
     stage = PackedStage(cfg.packed)
     if stage.resolution != cfg.resolution:
         raise ValueError(
             f"{cfg.packed} was packed at {stage.resolution} px but data.resolution is {cfg.resolution}: "
             f"pack the stage at {cfg.resolution} (unicap pack --resolution {cfg.resolution})"
         )
+    cache, ahead, ahead_bytes = None, 0, 0
+    if stage.is_remote:
+        cache = PackedCache.open(cfg.cache_dir, cfg.cache_gb, stage)
+        local_ranks = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))  # ranks of this node, sharing the cache
+        ahead, ahead_bytes = cfg.cache_prefetch, cache.limit // (2 * local_ranks)
     workers = cfg.num_workers
+    sampler = RankBatchSampler(stage, cfg.micro_batch, seed, rank, world_size, start, ahead, ahead_bytes)
     return torch.utils.data.DataLoader(
-        PackedBatches(stage, cfg, seed),
+        PackedBatches(stage, cfg, seed, cache),
         batch_size=None,
-        sampler=RankBatchSampler(stage, cfg.micro_batch, seed, rank, world_size, start),
+        sampler=sampler,
         num_workers=workers,
         prefetch_factor=cfg.prefetch_factor if workers else None,
         persistent_workers=workers > 0,
         worker_init_fn=_worker_init if workers else None,
     )
+
+
+def check_packed(packdir: str) -> None:
+    """Fail fast, before any rank starts, when `data.packed` (a folder or a URI) is no packed stage: a one-line
+    NotAPackedStage, or a StorageError for a missing bucket or credentials. Reads no index."""
+    loc = storage.resolve(packdir or ".")
+    if not loc.is_local:
+        storage.check_readable(loc)
+    if not packdir or not loc.join(packed.PACK_META).is_file():
+        raise NotAPackedStage(f"data.packed {packdir!r} is not a packed stage (no {packed.PACK_META}): unicap pack")

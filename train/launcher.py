@@ -9,11 +9,14 @@ starts the same command on every node over ssh/pdsh. Either way the trainer runs
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import shlex
 import subprocess
 import sys
 from pathlib import Path
+
+import psutil
 
 from unicap import runtime
 
@@ -44,9 +47,38 @@ def launcher_command(args: argparse.Namespace, module: str, port: int, trainer_a
 
 def launch(cmd: list[str], *, dry_run: bool, env_defaults: dict[str, str] | None = None) -> int:
     """Print the command; unless a dry run, run it and return its exit status. Its environment: this one, with
-    the working directory (this checkout) on PYTHONPATH and `env_defaults` for variables not set."""
+    the working directory (this checkout) on PYTHONPATH and `env_defaults` for variables not set.
+
+    Nothing of the run outlives it: torchrun starts each rank in a session of its own, and a rank it could not
+    stop (a frozen one, or any when torchrun itself is killed) would be left to init; the ranks seen while the
+    run was going are killed when the launcher command ends, whatever its exit status."""
     print("[launch] " + shlex.join(cmd), flush=True)
     if dry_run:
         return 0
     pythonpath = os.pathsep.join(filter(None, [os.getcwd(), os.environ.get("PYTHONPATH")]))
-    return subprocess.call(cmd, env={**(env_defaults or {}), **os.environ, "PYTHONPATH": pythonpath})
+    proc = subprocess.Popen(cmd, env={**(env_defaults or {}), **os.environ, "PYTHONPATH": pythonpath})
+    seen: dict[int, psutil.Process] = {}
+    try:
+        while proc.poll() is None:
+            seen |= {p.pid: p for p in _descendants(proc.pid) if p.pid not in seen}
+            try:
+                proc.wait(timeout=1.0)
+            except subprocess.TimeoutExpired:
+                pass
+    except KeyboardInterrupt:  # Ctrl-C reached torchrun too (same process group): let it stop its ranks
+        proc.wait()
+    finally:
+        left = [p for p in seen.values() if p.is_running()]  # is_running: not a reused pid
+        for p in left:
+            with contextlib.suppress(psutil.Error):
+                p.kill()
+        if left:
+            print(f"[launch] killed {len(left)} process(es) of the run left running", file=sys.stderr, flush=True)
+    return proc.returncode
+
+
+def _descendants(pid: int) -> list[psutil.Process]:
+    try:
+        return psutil.Process(pid).children(recursive=True)
+    except psutil.Error:
+        return []

@@ -4,8 +4,9 @@
         --steps 30 --cfg 4.0 --renorm-cfg 1.0 --cfg-trunc 1.0 --size 1024x1024 --seed 0
 
 --ckpt is a weights folder (unicap.contract.checkpoint): a stage's final/ (EMA weights by default), a
-checkpoint step folder, or one `train.checkpoint.save_weights` wrote. It holds safetensors and JSON only:
-nothing is unpickled, so a folder from anywhere cannot run code when loaded.
+checkpoint step folder, or one `train.checkpoint.save_weights` wrote, on a local disk or behind a URI
+(s3://bucket/runs/stage3/final: downloaded once into $UNICAP_CACHE/weights). It holds safetensors and JSON
+only: nothing is unpickled, so a folder from anywhere cannot run code when loaded.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from train.codecs import VAE, TextEncoder
 from train.codecs import text_encoder as load_text_encoder
 from train.flow import shift_mu
 from train.model import NextDiT
+from train.run_store import local_weights
 from train.sampler import sample
 from unicap import runtime
 from unicap.contract import checkpoint as contract
@@ -122,7 +124,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    folder = Path(args.ckpt)
+    folder = local_weights(args.ckpt)  # a URI (s3://.../final) is downloaded to $UNICAP_CACHE/weights first
     default = contract.EMA_FILE if (folder / contract.EMA_FILE).exists() else contract.MODEL_FILE
     model, te, vae = load_for_sampling(folder, args.weights or default, args.device)
     width, height = (int(v) for v in args.size.lower().split("x"))

@@ -21,6 +21,7 @@ import argparse
 import dataclasses
 import json
 import math
+import os
 import sys
 import time
 from pathlib import Path
@@ -28,6 +29,7 @@ from pathlib import Path
 import torch
 
 from train import checkpoint as ckpt
+from train import run_store
 from train.config import STAGES, TrainConfig, deepspeed_config
 from train.config import load as load_config
 from train.ema import ShardedEMA
@@ -48,8 +50,8 @@ class TrainingError(RuntimeError):
 # ---------------------------------------------------------------- setup
 
 
-def previous_stage_final(cfg: TrainConfig) -> Path | None:
-    """Where this stage's initial weights come from: None (random init) or a final/ folder."""
+def previous_stage_final(cfg: TrainConfig) -> run_store.Folder | None:
+    """Where this stage's initial weights come from: None (random init) or a final/ folder (local or a URI)."""
     src = cfg.run.init_from
     if src in (None, "none"):
         return None
@@ -57,25 +59,26 @@ def previous_stage_final(cfg: TrainConfig) -> Path | None:
         i = STAGES.index(cfg.run.stage)
         if i == 0:
             return None
-        folder = Path(cfg.run.out) / STAGES[i - 1] / contract.FINAL_DIR
-        if not (folder / contract.STATE_FILE).is_file():
+        folder = run_store.stage_final(cfg.run.out, STAGES[i - 1])
+        if not run_store.has_state(folder):
             raise TrainingError(
                 f"{cfg.run.stage} starts from {STAGES[i - 1]}'s final weights, but {folder} "
                 f"holds none: run `make {STAGES[i - 1]}` first (or set run.init_from)"
             )
         return folder
-    folder = Path(src)
-    if not (folder / contract.STATE_FILE).is_file():
+    folder = run_store.folder(src)
+    if not run_store.has_state(folder):
         raise TrainingError(f"run.init_from {src}: not a checkpoint or final folder (no {contract.STATE_FILE})")
     return folder
 
 
-def resume_folder(cfg: TrainConfig) -> Path | None:
+def resume_folder(cfg: TrainConfig, store: run_store.RunStore | None = None) -> run_store.Folder | None:
+    """The checkpoint to resume from: the run folder's latest complete one (in the bucket, for a URI run.out)."""
     if cfg.run.resume == "never":
         return None
     if cfg.run.resume == "auto":
-        return contract.latest_checkpoint(cfg.run_dir)
-    folder = Path(cfg.run.resume)
+        return contract.latest_checkpoint((store or run_store.RunStore(cfg.run.out, cfg.run.stage)).run_dir)
+    folder = run_store.folder(cfg.run.resume)
     contract.read_state(folder)
     return folder
 
@@ -146,24 +149,29 @@ def sample_grid(cfg: TrainConfig, ema_state: dict, model_cfg, codecs: Codecs, pa
 def train(cfg: TrainConfig) -> int:
     import deepspeed
 
-    from train.data import make_loader
+    from train.data import check_packed, make_loader
 
     device = runtime.resolve_device("auto")
     # auto -> bf16 on CUDA and bf16-native CPUs, else fp32 (emulated bf16 is ~30x slower): config.yaml says which
     cfg.deepspeed.precision = runtime.resolve_precision(cfg.deepspeed.precision, device)
-    run_dir = cfg.run_dir
-    final = run_dir / contract.FINAL_DIR
+    store = run_store.RunStore(cfg.run.out, cfg.run.stage)  # run.out a URI: a local working copy, published
+    run_dir = store.local
     # refusals first: before any rank starts a process group or loads a model
-    if not ((final / contract.STATE_FILE).is_file() and contract.read_state(final)["step"] >= cfg.run.steps):
-        resume = resume_folder(cfg)
+    if store.remote is not None and os.environ.get("RANK", "0") == "0":
+        store.check_writable()  # a missing bucket, no credentials, no permission: one line, before training
+    done = store.final_state()
+    if not (done and done["step"] >= cfg.run.steps):
+        resume = resume_folder(cfg, store)
         init = None if resume else previous_stage_final(cfg)
-        if not cfg.data.packed or not Path(cfg.data.packed).is_dir():
-            raise TrainingError(f"data.packed {cfg.data.packed!r} is not a folder: pack the stage first (unicap pack)")
-    rank, world = distributed.init(device)
-    if (final / contract.STATE_FILE).is_file() and contract.read_state(final)["step"] >= cfg.run.steps:
+        check_packed(cfg.data.packed)  # a folder or a URI holding a packed stage, else one line
+    rank, world = distributed.init(device, timeout_s=cfg.run.init_timeout_s)  # collective_timeout_s after step 1
+    if done and done["step"] >= cfg.run.steps:
         if rank == 0:
+            final = store.run_dir_join(contract.FINAL_DIR)
             print(f"[{cfg.run.stage}] already trained: {final} (delete it to train again)")
         return 0
+    origin = {name: run_store.describe(f) if f else None for name, f in (("resume", resume), ("init", init))}
+    resume, init = store.fetch(resume, init)  # local folders (collective: a URI's are downloaded per node)
 
     codecs = load_codecs(cfg, device)
     model = build_model(cfg, codecs.text.dim)
@@ -183,6 +191,7 @@ def train(cfg: TrainConfig) -> int:
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg, start_step))
     ds_config = deepspeed_config(cfg, world, device)
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=opt, lr_scheduler=sched, config=ds_config)
+    distributed.set_timeout(cfg.run.init_timeout_s)  # DeepSpeed's own groups start at torch's default
     ema = ShardedEMA(engine.module, cfg.optim.ema_decay)
     if resume:
         ckpt.load_training_state(engine, ema, resume, optimizer=True)
@@ -194,11 +203,12 @@ def train(cfg: TrainConfig) -> int:
     }
     base = ckpt.base_state(cfg, engine.module, world)
     # the weights this stage started from (kept across resumes): the stage chain is auditable from state.json
-    base["initialised_from"] = start.get("initialised_from") if start else (str(init.resolve()) if init else None)
+    base["initialised_from"] = start.get("initialised_from") if start else origin["init"]
     if rank == 0:
         run_dir.mkdir(parents=True, exist_ok=True)
         uconfig.save(cfg, run_dir / "config.yaml")
-        how = f"resuming {resume}" if resume else f"from {init}" if init else "from random init"
+        store.publish_logs()  # a URI run folder: config.yaml there from the start
+        how = f"resuming {origin['resume']}" if resume else f"from {origin['init']}" if init else "from random init"
         global_batch = f"{cfg.data.micro_batch} x {accum} x {world} = {cfg.global_batch(world)}"
         print(
             f"[{cfg.run.stage}] {cfg.model.name} on {world} rank(s) ({device}), global batch {global_batch}, "
@@ -207,8 +217,11 @@ def train(cfg: TrainConfig) -> int:
         )
 
     loader = make_loader(cfg.data, seed=cfg.run.seed, rank=rank, world_size=world, start=counters["batches_consumed"])
+    loader.timeout = cfg.run.init_timeout_s if loader.num_workers else 0  # a worker's fetch that never returns raises
     batches = iter(loader)
     writer = _tensorboard(cfg, run_dir) if rank == 0 else None
+    if writer is not None:
+        store.flush_before_publish.append(writer.flush)  # the events published with each checkpoint are whole
     metrics = open(run_dir / "metrics.jsonl", "a") if rank == 0 else None  # noqa: SIM115 - one line per step
     bar = _progress(cfg, start_step) if rank == 0 else None
     with StopFlag(cfg.run.stop_file, grace_s=cfg.run.term_grace_s) as stop:  # signals act as before after it
@@ -228,6 +241,9 @@ def train(cfg: TrainConfig) -> int:
             if key_log is not None:
                 key_log.flush()
             step += 1
+            distributed.heartbeat(step)  # the step a peer names if this rank stops answering
+            if step == start_step + 1:  # start-up is over: a peer that stops answering ends the job within seconds
+                distributed.set_timeout(cfg.run.collective_timeout_s)
             counters["batches_consumed"] += accum * world
             counters["samples_seen"] += res.samples
             counters["skipped_samples"] += res.skipped_samples
@@ -243,7 +259,8 @@ def train(cfg: TrainConfig) -> int:
                         flush=True,
                     )
                 if bad_in_row >= cfg.run.max_nonfinite:
-                    ckpt.save_checkpoint(engine, ema, run_dir, state(), cfg.run.keep_last)
+                    with distributed.patient(cfg.run.init_timeout_s):
+                        ckpt.save_checkpoint(engine, ema, run_dir, state(), cfg.run.keep_last, publish=store)
                     raise TrainingError(
                         f"{bad_in_row} non-finite steps in a row (run.max_nonfinite): stopping; the "
                         "last good weights are in the checkpoint. Lower optim.lr or check the data."
@@ -254,14 +271,16 @@ def train(cfg: TrainConfig) -> int:
                 _log(writer, bar, step, res, rate, engine.get_lr()[0], counters, metrics)
             t_last = now
             if cfg.run.sample_every and step % cfg.run.sample_every == 0 and step < cfg.run.steps:
-                _samples(cfg, ema, engine, codecs, run_dir, step, writer, rank)
+                with distributed.patient(cfg.run.init_timeout_s):
+                    _samples(cfg, ema, engine, codecs, run_dir, step, writer, rank)
             stopping = res.stop
             if step % cfg.run.save_every == 0 or stopping:
-                folder = ckpt.save_checkpoint(engine, ema, run_dir, state(), cfg.run.keep_last)
+                with distributed.patient(cfg.run.init_timeout_s):  # full tensors gathered and written
+                    folder = ckpt.save_checkpoint(engine, ema, run_dir, state(), cfg.run.keep_last, publish=store)
                 last_saved = step
                 if rank == 0 and stopping:
                     print(
-                        f"[{cfg.run.stage}] stopped {stop.why()} at step {step}; checkpoint {folder}; "
+                        f"[{cfg.run.stage}] stopped {stop.why()} at step {step}; checkpoint {store.show(folder)}; "
                         "run the same command to resume",
                         flush=True,
                     )
@@ -271,8 +290,9 @@ def train(cfg: TrainConfig) -> int:
                     return 0
     if bar is not None:
         bar.close()
+    distributed.set_timeout(cfg.run.init_timeout_s)  # the last checkpoint, final/, its export and the samples
     if last_saved != step:
-        ckpt.save_checkpoint(engine, ema, run_dir, state(), cfg.run.keep_last)
+        ckpt.save_checkpoint(engine, ema, run_dir, state(), cfg.run.keep_last, publish=store)
 
     out = ckpt.save_final(engine, ema, run_dir, state())
     if rank == 0:
@@ -284,9 +304,11 @@ def train(cfg: TrainConfig) -> int:
             export_diffusers(out)
     _samples(cfg, ema, engine, codecs, run_dir, step, writer, rank)
     if rank == 0:
+        store.publish_final()  # a URI run folder: the logs, then final/ with its state.json last
         print(
             f"[{cfg.run.stage}] done: {step} steps, {counters['samples_seen']} samples "
-            f"({counters['skipped_samples']} skipped), {counters['skipped_steps']} steps skipped; weights {out}",
+            f"({counters['skipped_samples']} skipped), {counters['skipped_steps']} steps skipped; "
+            f"weights {store.show(out)}",
             flush=True,
         )
         if writer is not None:

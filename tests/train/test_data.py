@@ -25,6 +25,7 @@ from train.data import (
     make_loader,
     sample_uniforms,
 )
+from unicap import storage
 from unicap.atomic import write_json
 from unicap.contract import caption as caption_record
 from unicap.contract import packed
@@ -56,7 +57,8 @@ def write_stage(root, rows_per_file=ROWS, resolution=64, seed=0):
             colour = tuple(int(v) for v in rng.integers(0, 255, 3))
             ok = {"key": key, "shard": shard, "bucket": b, "width": table[b][0], "height": table[b][1], "status": "ok"}
             rows.append({**ok, **text, "original_caption": f"alt {key}", "image": _jpeg(table[b], colour)})
-        write_packed_shard(root, shard, pa.Table.from_pylist(rows, schema=row_schema(LEVELS, LANGUAGES)))
+        shard_rows = pa.Table.from_pylist(rows, schema=row_schema(LEVELS, LANGUAGES))
+        write_packed_shard(storage.resolve(root), shard, shard_rows)
     bucket_sizes = [list(b) for b in table]
     meta = {"version": packed.PACKED_VERSION, "resolution": resolution, "multiple": 16, "buckets": bucket_sizes}
     meta |= {"levels": list(LEVELS), "languages": list(LANGUAGES), "shards": shards, "complete": True}

@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+pytest_plugins = ["tests.s3_server"]
 REPO = Path(__file__).resolve().parents[2]
 
 
@@ -31,7 +32,8 @@ def test_one_node_uses_torchrun_with_the_stage_paths(tmp_path):
     out = run_dry(tmp_path, "--nproc", "4", "--", "optim.lr=1e-4")
     assert "torchrun --nnodes 1 --node_rank 0 --nproc_per_node 4" in out
     assert "-m train.trainer --config train/configs/stage2_cpu.yaml run.stage=stage2" in out
-    assert "data.packed=DATA/packed/stage2 run.out=DATA/runs optim.lr=1e-4" in out
+    data = REPO / "DATA"  # the data folder as an absolute path (or a URI): every rank reads the same
+    assert f"data.packed={data}/packed/stage2 run.out={data}/runs optim.lr=1e-4" in out
     # one node: a free port each time, so two runs on one machine (the demo, a make stage1) do not collide
     port = int(out.split("--master_port ")[1].split()[0])
     assert port != 29500 and 1024 < port < 65536
@@ -90,3 +92,12 @@ def test_launch_runs_the_command_with_this_checkout_on_pythonpath(tmp_path, monk
     out = capfd.readouterr().out.splitlines()
     assert out[0].startswith("[launch] ") and out[1] == f"{tmp_path}{os.pathsep}elsewhere set-by-user default"
     assert run_launch(["false"], dry_run=True) == 0  # printed, not run
+
+
+def test_a_data_folder_in_a_bucket_puts_the_packed_stage_and_the_runs_there(s3):
+    cli = ["--stage", "stage2", "--config", "train/configs/stage2_cpu.yaml", "--dry-run"]
+    r = launch(*cli, "--data", f"{s3}/unicap")
+    assert r.returncode == 0, r.stderr
+    assert f"data.packed={s3}/unicap/packed/stage2 run.out={s3}/unicap/runs" in r.stdout
+    missing = launch(*cli, "--data", f"{s3}-missing/unicap")
+    assert missing.returncode == 2 and missing.stderr.count("\n") == 1 and "does not exist" in missing.stderr

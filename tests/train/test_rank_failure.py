@@ -8,6 +8,7 @@ own kill comes after 30 s) and that no rank process is left.
 
 from __future__ import annotations
 
+import re
 import signal
 import subprocess
 import time
@@ -43,6 +44,7 @@ def faulty_loss(*a, **k):  # once per micro-batch: once per step at accumulation
         if mode == "hang":
             while True:
                 time.sleep(1)
+        # mode "mark": only the time; the test acts on the rank (SIGSTOP)
     return real_loss(*a, **k)
 def faulty_generate(*a, **k):
     (marks / "failed_at").write_text(repr(time.time()))
@@ -133,3 +135,38 @@ def test_sigterm_to_ranks_stuck_in_a_step_ends_them_after_the_grace(packed_stage
     assert "no step boundary within 3s" in out, out[-3000:]
     assert took < WITHIN_S, (took, out[-3000:])
     assert len(pids) == 2 and not _left_running(pids)
+
+
+def test_a_rank_that_stops_answering_ends_the_job_after_the_collective_timeout(packed_stage, tmp_path):
+    """SIGSTOP of one rank mid-run (a hung node, a loader that never returns): the other gives up after
+    run.collective_timeout_s (not gloo's 30 minutes), names the stopped rank, kills it (a stopped process ignores
+    torchrun's SIGTERM), and the launcher returns non-zero; a rerun resumes from the last complete checkpoint."""
+    timeout_s, pids = 5, []
+
+    def freeze(proc) -> float:
+        pids.append(int((tmp_path / "marks" / "pid1").read_text()))
+        psutil.Process(pids[0]).send_signal(signal.SIGSTOP)
+        return time.time()
+
+    extra = ["run.save_every=2", f"run.collective_timeout_s={timeout_s}"]
+    try:
+        rc, took, out, ranks = _run_with_fault(
+            packed_stage, tmp_path, "mark", nproc=2, fail_rank=1, at_step=4, extra=extra, on_fail=freeze
+        )
+        left = _left_running(ranks)
+    finally:
+        for pid in pids:  # whatever happened, nothing stays stopped
+            for sig in (signal.SIGCONT, signal.SIGKILL):
+                try:
+                    psutil.Process(pid).send_signal(sig)
+                except psutil.NoSuchProcess:
+                    pass
+    print(f"SIGSTOP -> launcher exit: {took:.1f}s")
+    assert rc != 0, out[-3000:]
+    assert re.search(r"rank 1 (last reached step \d+|had not finished its first step); no heartbeat", out), out[-3000:]
+    assert took < timeout_s + WITHIN_S, (took, out[-3000:])
+    assert len(ranks) == 2 and not left, left
+    from unicap.contract import checkpoint as contract
+
+    run_dir = tmp_path / "out" / "stage1"
+    assert contract.read_state(contract.latest_checkpoint(run_dir))["step"] == 2  # steps 3-4 never saved

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 import signal
 import subprocess
@@ -19,6 +20,7 @@ from tests.conftest import free_port
 from tests.train.conftest import ROOT, env, keys_seen, metrics, run_trainer, trainer_cmd
 from unicap.contract import checkpoint as contract
 
+pytest_plugins = ["tests.s3_server"]
 pytestmark = pytest.mark.slow
 REF_STEPS = 8  # 8 steps x global batch 4 = 32 samples: more than the stage's epoch, so every sample is read
 
@@ -274,3 +276,38 @@ def test_the_grad_guard_flags_and_zeroes_a_non_finite_entry(bad):
     if bad is not None:
         assert layer.weight.grad[:, 2].eq(0).all()  # the non-finite entries were zeroed, the rest kept
         assert layer.weight.grad[:, 0].eq(4).all()
+
+
+def test_a_stage_and_its_run_in_a_bucket_stop_then_resume_on_one_rank_on_an_empty_node(
+    reference, packed_stage, s3, tmp_path, monkeypatch
+):
+    """No shared disk: the packed stage and the run folder in a bucket, a SIGTERM mid-run on 2 ranks, then the resume
+    on 1 rank of "another node" (empty working copy, empty packed-file cache): the losses and the multiset of samples
+    of the uninterrupted local run."""
+    from train import run_store
+    from unicap import storage
+
+    packed = storage.resolve(f"{s3}/packed")
+    for f in sorted(p for p in packed_stage.rglob("*") if p.is_file()):
+        packed.join(f.relative_to(packed_stage).as_posix()).write_bytes(f.read_bytes())
+    out, steps = f"{s3}/runs", [f"run.steps={REF_STEPS}", "run.log_keys=true"]
+    nodes = {}
+    for node in ("a", "b"):
+        monkeypatch.setenv("UNICAP_CACHE", str(tmp_path / node))  # the node's working copy of the run folder
+        nodes[node] = run_store.RunStore(out, "stage1").local
+        cache = f"data.cache_dir={tmp_path / node / 'packed-cache'}"
+        if node == "a":
+            assert _sigterm_at(trainer_cmd(packed.uri, out, [*steps, cache]), nodes[node], 2) == 0
+            stopped = contract.latest_checkpoint(storage.resolve(f"{out}/stage1"))
+            assert stopped is not None and 2 <= contract.read_state(stopped)["step"] < REF_STEPS
+        else:
+            r = run_trainer(packed.uri, out, [*steps, cache], nproc=1)
+            assert f"resuming {stopped.uri}" in r.stdout, r.stdout[-2000:]
+    run = storage.resolve(f"{out}/stage1")
+    got = {m["step"]: m["loss"] for m in map(json.loads, run.join("metrics.jsonl").read_text().splitlines())}
+    ref = losses(reference)
+    assert sorted(got) == list(range(1, REF_STEPS + 1))
+    for s in range(1, REF_STEPS + 1):
+        assert got[s] == pytest.approx(ref[s], rel=1e-4), (s, got, ref)  # 1 rank after 2: the reduction order
+    assert Counter(keys_seen(nodes["a"]) + keys_seen(nodes["b"])) == Counter(keys_seen(reference))
+    assert contract.read_state(run.join(contract.FINAL_DIR))["step"] == REF_STEPS

@@ -165,3 +165,50 @@ def test_run_main_ends_a_failed_process_at_once(tmp_path):
     argv, env = [sys.executable, str(script), "raise"], {"PYTHONPATH": str(ROOT)}
     r = subprocess.run(argv, cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
     assert r.returncode == 1 and "RuntimeError: boom" in r.stderr, r.stderr
+
+
+def test_timeouts_switch_from_start_up_to_collective_and_back_around_checkpoints(monkeypatch):
+    """The process groups' timeout: the start-up one until the trainer's first step, then the collective one,
+    the long one again inside `patient` (checkpoints), on every group (DeepSpeed makes its own)."""
+    import datetime
+
+    import torch.distributed as dist
+
+    from tests.conftest import free_port
+
+    def waits() -> list[float]:
+        groups = list(dist.distributed_c10d._world.pg_map)
+        return [g._get_backend(torch.device("cpu")).options._timeout.total_seconds() for g in groups]
+
+    monkeypatch.setattr(distributed, "_timeout_s", 300.0)
+    init = f"tcp://127.0.0.1:{free_port()}"
+    dist.init_process_group("gloo", init_method=init, rank=0, world_size=1, timeout=datetime.timedelta(seconds=300))
+    try:
+        dist.new_group(ranks=[0])  # as DeepSpeed's data-parallel group: torch's default timeout, not the world's
+        distributed.set_timeout(300.0)
+        assert waits() == [300.0, 300.0]
+        distributed.set_timeout(5.0)  # after the first step
+        assert waits() == [5.0, 5.0] and distributed.timeout_s() == 5.0
+        with distributed.patient(300.0):
+            assert waits() == [300.0, 300.0]
+        assert waits() == [5.0, 5.0]
+    finally:
+        dist.destroy_process_group()
+
+
+def test_the_stuck_report_names_the_rank_that_stopped_answering():
+    import json
+    import time
+
+    import torch.distributed as dist
+
+    store = dist.HashStore()
+    beat = distributed.Heartbeat(store, rank=0, world=3)
+    beat.step = 12
+    far = {"host": "another-host", "pid": 1}
+    store.set(beat.key(1), json.dumps({"step": 12, "t": time.time() - 60, **far}))  # frozen at step 12
+    store.set(beat.key(2), json.dumps({"step": 11, "t": time.time(), **far}))  # alive, behind
+    text = distributed.describe(beat, beat.peers())
+    assert "rank 1 last reached step 12; no heartbeat for 60s: it stopped answering" in text, text
+    assert "rank 2 is alive but still at step 11" in text, text
+    assert distributed.is_timeout(RuntimeError("[gloo] Timed out waiting 5000ms for recv operation to complete"))

@@ -65,3 +65,8 @@ def test_targets_and_counts():
         parse_count("0.5")
     with pytest.raises(ValueError, match="stage target"):
         parse_target("-3")
+
+
+def test_the_memory_limit_is_the_process_budget_and_duckdb_gets_a_share():
+    assert StageRules().duckdb_memory_limit() == "1400000000B"  # 70% of 2GB: the rest is Python and Arrow
+    assert StageRules(memory_limit="1 GiB").duckdb_memory_limit() == f"{int(0.7 * 2**30)}B"

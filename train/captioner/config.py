@@ -89,6 +89,11 @@ class RunConfig:
     # stop at the next step with a checkpoint, as on SIGTERM, once this file exists (none: no file is watched)
     stop_file: str | None = None
     term_grace_s: float = 20.0  # after SIGTERM, seconds to reach a step boundary before exiting (train.stop)
+    # seconds a collective waits for its peers (unicap.distributed.set_timeout): init_timeout_s at start-up, around
+    # checkpoints and the final export (full tensors gathered and written), collective_timeout_s after the first
+    # step (torchtitan's 300 / 100). Past it the rank exits naming the rank that stopped answering.
+    collective_timeout_s: float = 100.0
+    init_timeout_s: float = 300.0
     max_minutes: float = 0.0  # a wall-clock cap on training (0: none): stop there, save and export what there is
 
 

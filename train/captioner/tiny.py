@@ -37,6 +37,8 @@ NOT_RECIPE = (
     "run.threads",
     "run.stop_file",
     "run.term_grace_s",
+    "run.collective_timeout_s",
+    "run.init_timeout_s",
     "run.max_minutes",
     "run.save_every",
     "run.keep_last",

@@ -269,7 +269,7 @@ def train(cfg: CaptionerConfig) -> int:
     elif cfg.run.resume != "never":
         resume = Path(cfg.run.resume)
         read_state(resume)
-    rank, world = distributed.init(device)
+    rank, world = distributed.init(device, timeout_s=cfg.run.init_timeout_s)  # collective_timeout_s after step 1
     if cfg.run.threads and not device.startswith("cuda"):
         torch.set_num_threads(cfg.run.threads)
     base = read_state(resume)["base"] if resume else resolve_base(cfg.model.init, cfg.model.arch, cfg.model.seed)
@@ -297,6 +297,7 @@ def train(cfg: CaptionerConfig) -> int:
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: lr_factor(cfg, start_step + i))
     ds_config = deepspeed_config(cfg, world, device)
     engine, _, _, _ = deepspeed.initialize(model=module, optimizer=opt, lr_scheduler=sched, config=ds_config)
+    distributed.set_timeout(cfg.run.init_timeout_s)  # DeepSpeed's own groups start at torch's default
     # AdamW's state exists from the start and is linked to ZeRO's fragments now: a parameter group without
     # gradients at the first step (the language model during optim.ground_first_steps) would stay unlinked
     zero.ensure_optimizer_state(engine)
@@ -317,6 +318,7 @@ def train(cfg: CaptionerConfig) -> int:
         num_workers=cfg.data.num_workers,
         persistent_workers=False,
         multiprocessing_context="spawn" if cfg.data.num_workers else None,
+        timeout=cfg.run.init_timeout_s if cfg.data.num_workers else 0,  # a fetch that never returns raises
     )
     batches = iter(loader)
     fixed = {"base": base, "world_size": world, "config": uconfig.to_dict(cfg)}
@@ -360,6 +362,9 @@ def train(cfg: CaptionerConfig) -> int:
             out_of_time, stopping = res.pop("flags")
             stop.answer(stopping)  # every rank reached this boundary: progress for the SIGTERM watchdog
             step += 1
+            distributed.heartbeat(step)  # the step a peer names if this rank stops answering
+            if step == start_step + 1:  # start-up is over: a peer that stops answering ends the job within seconds
+                distributed.set_timeout(cfg.run.collective_timeout_s)
             state["samples_consumed"] += cfg.global_batch(world)
             now = time.time()
             seconds += now - t_last
@@ -392,7 +397,8 @@ def train(cfg: CaptionerConfig) -> int:
                 fixed["stopped_early"] = True
                 break
             if step % cfg.run.save_every == 0 or stopping:
-                folder = save_checkpoint(engine, run_dir, current(), cfg.run.keep_last)
+                with distributed.patient(cfg.run.init_timeout_s):  # full tensors gathered and written
+                    folder = save_checkpoint(engine, run_dir, current(), cfg.run.keep_last)
                 if stopping:
                     if rank == 0:
                         print(
@@ -402,6 +408,7 @@ def train(cfg: CaptionerConfig) -> int:
                     return 0
     if bar is not None:
         bar.close()
+    distributed.set_timeout(cfg.run.init_timeout_s)  # the last checkpoint and the export gather full tensors
     save_checkpoint(engine, run_dir, current(), cfg.run.keep_last)
     params = {n: zero.full_master(p) for n, p in zero.trainable(engine.module)}
     if rank == 0:

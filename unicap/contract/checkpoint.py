@@ -20,12 +20,21 @@ A run folder (train.config.TrainConfig.run_dir, e.g. runs/stage1):
 Everything is consolidated (full tensors per parameter name), so a checkpoint resumes on any number of
 ranks and under ZeRO-2 or ZeRO-3 alike. Nothing is unpickled to read it: tensors are safetensors, the
 rest is JSON.
+
+The run folder may also be a URI (run.out = s3://bucket/runs; train.run_store publishes it). There no
+folder is renamed into place, so state.json is the commit object: it is uploaded last, and a checkpoint or
+final/ folder in a bucket counts only once its state.json exists (a kill mid-upload leaves the previous one
+the latest). The readers below apply that rule to a local path and a URI alike.
 """
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from unicap.storage import Location
 
 CHECKPOINT_VERSION = 1
 CHECKPOINTS_DIR = "checkpoints"
@@ -81,24 +90,42 @@ def validate_state(state: dict, where: str = "state.json") -> dict:
     return state
 
 
-def read_state(folder: str | Path) -> dict:
-    path = Path(folder) / STATE_FILE
+def _remote(folder) -> Location | None:
+    """The Location of a URI (or a remote Location); None for a local path, which keeps its pathlib code."""
+    if isinstance(folder, Path) or "://" not in str(folder):
+        return None
+    from unicap import storage
+
+    loc = storage.resolve(folder)
+    return None if loc.is_local else loc
+
+
+def read_state(folder: str | Path | Location) -> dict:
+    remote = _remote(folder)
+    path = remote.join(STATE_FILE) if remote else Path(folder) / STATE_FILE
     if not path.is_file():
         raise CheckpointError(f"{folder} is not a complete checkpoint: no {STATE_FILE}")
+    text = path.read_bytes().decode() if remote else path.read_text()
     try:
-        return validate_state(json.loads(path.read_text()), str(path))
+        return validate_state(json.loads(text), str(path))
     except json.JSONDecodeError as e:
         raise CheckpointError(f"{path}: not JSON ({e})") from None
 
 
-def complete_checkpoints(run_dir: str | Path) -> list[Path]:
-    """The run's complete checkpoint folders, oldest first (hidden temporaries are ignored)."""
+def complete_checkpoints(run_dir: str | Path | Location) -> list[Path] | list[Location]:
+    """The run's complete checkpoint folders, oldest first (hidden temporaries are ignored; in a bucket,
+    a step folder without its state.json, an upload that did not finish, is not one)."""
+    remote = _remote(run_dir)
+    if remote is not None:
+        root = remote.join(CHECKPOINTS_DIR)
+        committed = [f.path[len(root.path) :].strip("/").split("/") for f in root.files(STATE_FILE, recursive=True)]
+        return [root.join(p[0]) for p in committed if len(p) == 2 and p[0].startswith("step-") and p[1] == STATE_FILE]
     root = Path(run_dir) / CHECKPOINTS_DIR
     if not root.is_dir():
         return []
     return sorted(p for p in root.glob("step-*") if p.is_dir() and (p / STATE_FILE).is_file())
 
 
-def latest_checkpoint(run_dir: str | Path) -> Path | None:
+def latest_checkpoint(run_dir: str | Path | Location) -> Path | Location | None:
     found = complete_checkpoints(run_dir)
     return found[-1] if found else None

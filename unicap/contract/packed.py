@@ -54,12 +54,25 @@ RUN_COLUMNS = ["bucket"]
 POSITION_COLUMNS = ["offset", "size", "json_offset", "json_size"]
 
 
+def tar_name(shard: str) -> str:
+    return f"{shard}.tar"
+
+
+def index_name(shard: str) -> str:
+    return f"{shard}.parquet"
+
+
+def shard_files(shard: str) -> tuple[str, str]:
+    """The names of a packed shard's two files, (tar, index): what a reader of a remote stage fetches."""
+    return tar_name(shard), index_name(shard)
+
+
 def tar_path(packdir: str | Path, shard: str) -> Path:
-    return Path(packdir) / f"{shard}.tar"
+    return Path(packdir) / tar_name(shard)
 
 
 def index_path(packdir: str | Path, shard: str) -> Path:
-    return Path(packdir) / f"{shard}.parquet"
+    return Path(packdir) / index_name(shard)
 
 
 def index_files(packdir: str | Path) -> list[Path]:
