@@ -33,7 +33,6 @@ from unicap.contract import caption as caption_record
 from unicap.contract.shards import INDEX_SCHEMA, STATS_SUFFIX, SUCCESS
 from unicap.storage import Location
 
-
 READ_BUFFER = 16 << 20  # bytes a shard's tar is read by
 
 
