@@ -123,6 +123,7 @@ def _tar_members(data: bytes) -> dict[str, bytes]:
         return {m.name: tar.extractfile(m).read() for m in tar.getmembers() if m.isfile()}
 
 
+@pytest.mark.slow  # img2dataset's download processes, twice: make test runs it, make test-fast does not
 def test_ingest_to_a_bucket_records_what_a_local_ingest_does(http_server, s3, s3_server, tmp_path):
     root, base = http_server
     rows = []

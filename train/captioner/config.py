@@ -77,7 +77,7 @@ class DeepSpeedConfig:
 
 @dataclass
 class RunConfig:
-    out: str = "runs/captioner"
+    out: str = "runs/captioner"  # the run folder: a local path or a URI, s3://bucket/runs/x (train.captioner.store)
     steps: int = 1000  # optimizer steps
     seed: int = 0
     save_every: int = 200  # steps between checkpoints (also on SIGTERM/SIGINT and at the end)

@@ -10,7 +10,7 @@ plus the grounding losses when configured; ZeRO with a torch AdamW, gradient cli
 then cosine or constant. The data position is one global count of images consumed, every sample a pure
 function of its index, so a resumed run (also on another number of ranks) continues exactly.
 
-Run folder (run.out):
+Run folder (run.out: a local folder, or a URI such as s3://bucket/runs/captioner):
     config.yaml                          the resolved config
     metrics.jsonl                        one line per logged step
     checkpoints/step-00000200/           model.safetensors (fp32 master weights, module names), optimizer.safetensors
@@ -18,6 +18,12 @@ Run folder (run.out):
     final/                               the trained model: a folder vLLM and transformers load as they are
                                          (train.captioner.export), with unicap_captioner.json (provenance)
 A re-run resumes from the latest checkpoint; a run whose final/ holds run.steps is not trained twice.
+
+With a URI run.out the nodes share no disk (train.captioner.store, after train.run_store): every node trains in a
+local working copy under $UNICAP_CACHE/runs/, rank 0 uploads each checkpoint with its state.json last (the commit
+object: a step folder without it does not count) and final/ with unicap_captioner.json last; a run resumes from
+the bucket's latest committed checkpoint, also on a node that never saw it. A bucket that is missing or cannot be
+written is refused in one line at start-up.
 """
 
 from __future__ import annotations
@@ -35,15 +41,18 @@ from pathlib import Path
 
 import torch
 
-from train import zero
+from train import run_store, zero
 from train.captioner import data as cdata
 from train.captioner.base import resolve_base
 from train.captioner.config import CaptionerConfig, deepspeed_config
 from train.captioner.config import load as load_config
 from train.captioner.model import PART_NAMES, CaptionerModule
+from train.captioner.store import CaptionerRunStore
 from train.stop import StopFlag
 from unicap import config as uconfig
 from unicap import distributed, runtime
+from unicap.contract import checkpoint as contract
+from unicap.storage import Location
 
 CHECKPOINTS_DIR, FINAL_DIR = "checkpoints", "final"
 MODEL_FILE, OPTIMIZER_FILE, STATE_FILE = "model.safetensors", "optimizer.safetensors", "state.json"
@@ -62,11 +71,12 @@ def complete_checkpoints(run_dir: Path) -> list[Path]:
     return sorted(p for p in root.glob("step-*") if (p / STATE_FILE).is_file()) if root.is_dir() else []
 
 
-def read_state(folder: Path) -> dict:
-    path = Path(folder) / STATE_FILE
+def read_state(folder: Path | Location) -> dict:
+    """A checkpoint's state.json, local or in a bucket (where the file's presence is the commit)."""
+    path = folder.join(STATE_FILE) if isinstance(folder, Location) else Path(folder) / STATE_FILE
     if not path.is_file():
         raise TrainingError(f"{folder} is not a complete captioner checkpoint: no {STATE_FILE}")
-    state = json.loads(path.read_text())
+    state = json.loads(path.read_bytes())
     missing = [k for k in ("version", "step", "samples_consumed", "train_seconds", "base", "config") if k not in state]
     if missing or state["version"] != STATE_VERSION:
         raise TrainingError(
@@ -75,8 +85,11 @@ def read_state(folder: Path) -> dict:
     return state
 
 
-def save_checkpoint(engine, run_dir: Path, state: dict, keep_last: int) -> Path:
-    """checkpoints/step-N (collective: full tensors gathered from ZeRO's shards); rank 0 writes."""
+def save_checkpoint(
+    engine, run_dir: Path, state: dict, keep_last: int, publish: CaptionerRunStore | None = None
+) -> Path:
+    """checkpoints/step-N (collective: full tensors gathered from ZeRO's shards); rank 0 writes, then with
+    `publish` uploads it to the run's URI, state.json last, and prunes the bucket to keep_last."""
     from safetensors.torch import save_file
 
     params = zero.trainable(engine.module)
@@ -96,6 +109,8 @@ def save_checkpoint(engine, run_dir: Path, state: dict, keep_last: int) -> Path:
             shutil.rmtree(old, ignore_errors=True)
         for stale in folder.parent.glob(".step-*.tmp-*"):
             shutil.rmtree(stale, ignore_errors=True)
+        if publish is not None:
+            publish.publish_checkpoint(folder, keep_last)
     distributed.barrier()
     return folder
 
@@ -128,6 +143,34 @@ def checkpoint_weights(folder: Path) -> dict[str, torch.Tensor]:
 
 
 # ---------------------------------------------------------------- setup
+
+
+def resume_folder(cfg: CaptionerConfig, store: CaptionerRunStore) -> Path | Location | None:
+    """The checkpoint to resume from: the run folder's latest complete one (in the bucket, for a URI run.out)."""
+    if cfg.run.resume == "never":
+        return None
+    if cfg.run.resume == "auto":
+        return contract.latest_checkpoint(store.run_dir)
+    folder = run_store.folder(cfg.run.resume)
+    read_state(folder)
+    return folder
+
+
+def resume_base(recorded: str, cfg: CaptionerConfig) -> str:
+    """The base model a checkpoint was trained from, on this machine. A tiny base lives in each machine's cache
+    under a name that hashes its spec, so a run resumed on a node that never saw it (a URI run.out) builds the
+    same one here; a local folder that only another machine holds is refused in one line."""
+    path = Path(recorded)
+    if not path.is_absolute() or path.is_dir():
+        return recorded  # a hub id, or a folder this machine has
+    if cfg.model.init == "tiny":
+        here = resolve_base(cfg.model.init, cfg.model.arch, cfg.model.seed)
+        if Path(here).name == path.name:
+            return here
+    raise TrainingError(
+        f"the checkpoint was trained from the base model {recorded}, which this machine lacks: "
+        "put that folder there (or set model.init to the same tiny base)"
+    )
 
 
 def load_vlm(path: str, cfg: CaptionerConfig):
@@ -256,23 +299,26 @@ def train(cfg: CaptionerConfig) -> int:
     device = runtime.resolve_device("auto")
     # auto -> bf16 on CUDA and bf16-native CPUs, else fp32 (emulated bf16 is ~30x slower): config.yaml says which
     cfg.deepspeed.precision = runtime.resolve_precision(cfg.deepspeed.precision, device)
-    run_dir = cfg.run_dir
-    final = run_dir / FINAL_DIR
-    done = final / "unicap_captioner.json"
-    if done.is_file() and json.loads(done.read_text())["step"] >= cfg.run.steps:
-        print(f"[captioner] already trained: {final} (delete it to train again)")
+    store = CaptionerRunStore(cfg.run.out)  # run.out a URI: a local working copy, published by rank 0
+    run_dir, final = store.local, store.local / FINAL_DIR
+    # refusals first: before any rank starts a process group or loads a model
+    if store.remote is not None and os.environ.get("RANK", "0") == "0":
+        store.check_writable()  # a missing bucket, no credentials, no permission: one line, before training
+    done = store.final_provenance()
+    if done and done["step"] >= cfg.run.steps:
+        shown = run_store.describe(store.run_dir_join(FINAL_DIR))
+        print(f"[captioner] already trained: {shown} (delete it to train again)")
         return 0
-    resume = None
-    if cfg.run.resume == "auto":
-        found = complete_checkpoints(run_dir)
-        resume = found[-1] if found else None
-    elif cfg.run.resume != "never":
-        resume = Path(cfg.run.resume)
-        read_state(resume)
+    resume = resume_folder(cfg, store)
     rank, world = distributed.init(device, timeout_s=cfg.run.init_timeout_s)  # collective_timeout_s after step 1
+    origin = run_store.describe(resume) if resume else None
+    resume, _ = store.fetch(resume, None)  # a checkpoint in a bucket: downloaded once per node (collective)
     if cfg.run.threads and not device.startswith("cuda"):
         torch.set_num_threads(cfg.run.threads)
-    base = read_state(resume)["base"] if resume else resolve_base(cfg.model.init, cfg.model.arch, cfg.model.seed)
+    if resume:
+        base = resume_base(read_state(resume)["base"], cfg)
+    else:
+        base = resolve_base(cfg.model.init, cfg.model.arch, cfg.model.seed)
     torch.manual_seed(cfg.run.seed)  # the same grounding-head init on every rank
     module = CaptionerModule(load_vlm(base, cfg), grounding=cfg.model.grounding, cell_layer=cfg.model.cell_layer)
     if resume:
@@ -325,8 +371,9 @@ def train(cfg: CaptionerConfig) -> int:
     if rank == 0:
         run_dir.mkdir(parents=True, exist_ok=True)
         uconfig.save(cfg, run_dir / "config.yaml")
+        store.publish_logs()  # a URI run folder: config.yaml there from the start
         n_params = sum(p.numel() for p in module.vlm.parameters())
-        how = f"resuming {resume}" if resume else f"from {base}"
+        how = f"resuming {origin}" if resume else f"from {base}"
         global_batch = f"{cfg.data.micro_batch} x {accum} x {world} = {cfg.global_batch(world)} images"
         print(
             f"[captioner] {n_params / 1e6:.2f}M-parameter Qwen2-VL on {world} rank(s) ({device}), "
@@ -398,26 +445,28 @@ def train(cfg: CaptionerConfig) -> int:
                 break
             if step % cfg.run.save_every == 0 or stopping:
                 with distributed.patient(cfg.run.init_timeout_s):  # full tensors gathered and written
-                    folder = save_checkpoint(engine, run_dir, current(), cfg.run.keep_last)
+                    folder = save_checkpoint(engine, run_dir, current(), cfg.run.keep_last, publish=store)
                 if stopping:
                     if rank == 0:
                         print(
-                            f"[captioner] stopped {stop.why()} at step {step}; checkpoint {folder}; rerun to resume",
+                            f"[captioner] stopped {stop.why()} at step {step}; checkpoint {store.show(folder)}; "
+                            "rerun to resume",
                             flush=True,
                         )
                     return 0
     if bar is not None:
         bar.close()
     distributed.set_timeout(cfg.run.init_timeout_s)  # the last checkpoint and the export gather full tensors
-    save_checkpoint(engine, run_dir, current(), cfg.run.keep_last)
+    save_checkpoint(engine, run_dir, current(), cfg.run.keep_last, publish=store)
     params = {n: zero.full_master(p) for n, p in zero.trainable(engine.module)}
     if rank == 0:
         full = {n: t.detach().float().cpu() for n, t in module.state_dict().items()} | params
         vlm_weights = {k.removeprefix("vlm."): v for k, v in full.items() if k.startswith("vlm.")}
         out = export_folder(base, vlm_weights, final, provenance=current(), dtype=cfg.model.export_dtype)
+        store.publish_final()  # a URI run folder: the logs, then final/ with unicap_captioner.json last
         print(
             f"[captioner] done: {step} steps, {state['samples_consumed']} images, {seconds:.0f}s of training; "
-            f"model folder {out}",
+            f"model folder {store.show(out)}",
             flush=True,
         )
     distributed.barrier()
