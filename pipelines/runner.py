@@ -257,6 +257,10 @@ def _schedule(job: ShardJob, source: ShardFolder, output: Location, shards: list
     # a task that dies (a worker killed) costs its shard, not the job: its result never arrives, the
     # driver names it, the other shards are written
     ds.context.max_errored_blocks = -1
+    # the per-shard lines are the job's progress: Ray Data's own progress logging costs the driver ~40% of its
+    # CPU on a long job (bench/bench_scale.py's note), every few seconds, whatever the rows
+    ds.context.enable_progress_bars = False
+    ds.context.print_on_execution_start = False
     return ds
 
 
