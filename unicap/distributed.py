@@ -151,7 +151,15 @@ class Heartbeat:
         self.step: int | None = None
         self.last_progress = time.monotonic()
         self.me = {"host": socket.gethostname(), "pid": os.getpid()}
-        threading.Thread(target=self._run, name="unicap-heartbeat", daemon=True).start()
+        self._stopped = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="unicap-heartbeat", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        """End the thread and wait for it: a thread still inside a store call when the process group and the
+        interpreter go away aborts the process ("terminate called without an active exception")."""
+        self._stopped.set()
+        self._thread.join(timeout=10 * BEAT_S)
 
     @staticmethod
     def key(rank: int) -> str:
@@ -161,7 +169,7 @@ class Heartbeat:
         self.last_progress = time.monotonic()
 
     def _run(self) -> None:
-        while True:
+        while not self._stopped.is_set():
             try:
                 self.store.set(self.key(self.rank), json.dumps({"step": self.step, "t": time.time(), **self.me}))
                 if time.monotonic() - self.last_progress > _timeout_s + BEAT_S:
@@ -170,7 +178,7 @@ class Heartbeat:
                         exit_now(1, f"rank {self.rank}: no progress for {_timeout_s:g}s; {describe(self, peers)}")
             except Exception:  # noqa: BLE001 - the store is gone: the job is ending anyway
                 return
-            time.sleep(BEAT_S)
+            self._stopped.wait(BEAT_S)
 
     def peers(self) -> list[dict]:
         """The other ranks' last heartbeats: rank, step, age (seconds), host, pid."""
@@ -264,6 +272,10 @@ def barrier() -> None:
 def shutdown() -> None:
     """Leave the process group after a successful run (an NCCL group left to the interpreter's exit warns,
     and can wait on work that will never finish)."""
+    global _heartbeat
+    if _heartbeat is not None:  # before the process group: the thread writes to its store
+        _heartbeat.stop()
+        _heartbeat = None
     if initialized():
         dist.destroy_process_group()
 
