@@ -181,6 +181,8 @@ def test_timeouts_switch_from_start_up_to_collective_and_back_around_checkpoints
         return [g._get_backend(torch.device("cpu")).options._timeout.total_seconds() for g in groups]
 
     monkeypatch.setattr(distributed, "_timeout_s", 300.0)
+    if dist.is_initialized():  # a group an earlier test of this process left behind
+        dist.destroy_process_group()
     init = f"tcp://127.0.0.1:{free_port()}"
     dist.init_process_group("gloo", init_method=init, rank=0, world_size=1, timeout=datetime.timedelta(seconds=300))
     try:
