@@ -100,17 +100,19 @@ def download(remote: Location, dest: Path) -> Path:
     return dest
 
 
-def upload(local: Path, remote: Location) -> None:
-    """A local checkpoint / final folder (recursively) to `remote`, its state.json last. A folder already
-    there (a re-save of the same step) is un-committed first: its state.json goes, then files we do not have."""
-    remote.join(contract.STATE_FILE).delete()
+def upload(local: Path, remote: Location, commit: str = contract.STATE_FILE) -> None:
+    """A local checkpoint / final / model folder (recursively) to `remote`, its `commit` file last (a checkpoint's
+    state.json). A folder already there (a re-save of the same step) is un-committed first: its commit file goes,
+    then the files we do not have."""
+    remote.join(commit).delete()
     ours = {p.relative_to(local).as_posix() for p in local.rglob("*") if p.is_file() and not _hidden(p, local)}
+    if commit not in ours:
+        raise FileNotFoundError(f"{local} is not complete: no {commit}")
     for old in remote.files(recursive=True):
         if old.path[len(remote.path) :].strip("/") not in ours:
             old.delete()
-    for name in sorted(ours - {contract.STATE_FILE}):
+    for name in [*sorted(ours - {commit}), commit]:
         _put(local / name, remote.join(name))
-    _put(local / contract.STATE_FILE, remote.join(contract.STATE_FILE))
 
 
 def _put(src: Path, dst: Location) -> None:

@@ -58,19 +58,8 @@ class CaptionerRunStore(run_store.RunStore):
 
 
 def upload(local: Path, remote: Location, commit: str) -> None:
-    """A local folder (recursively) to `remote`, its `commit` file last. A folder already there is un-committed
-    first (its commit file goes), then the files we do not have."""
-    remote.join(commit).delete()
-    ours = {
-        p.relative_to(local).as_posix() for p in local.rglob("*") if p.is_file() and not run_store._hidden(p, local)
-    }
-    if commit not in ours:
-        raise FileNotFoundError(f"{local} is not complete: no {commit}")
-    for old in remote.files(recursive=True):
-        if old.path[len(remote.path) :].strip("/") not in ours:
-            old.delete()
-    for name in sorted(ours - {commit}) + [commit]:
-        pafs.copy_files(str(local / name), remote.join(name).path, pafs.LocalFileSystem(), remote.fs)
+    """A local model folder to `remote`, its `commit` file last (train.run_store.upload)."""
+    run_store.upload(local, remote, commit)
 
 
 def download(remote: Location, dest: Path, commit: str) -> Path:
