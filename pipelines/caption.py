@@ -3,11 +3,14 @@
     unicap caption --input data/shards --output data/captions --model tiny
     python -m pipelines.caption --input ... --output ... --model Qwen/Qwen2.5-VL-7B-Instruct
     ray job submit --working-dir . -- python -m pipelines.caption --input ... --output ...
+    unicap caption --input s3://b/shards --output s3://b/captions --model s3://b/runs/captioner/final
 
 Ray Data reads the shards (datagen.shards.read_shards), an actor pool runs the captioner
 (vLLM in each actor, or `--server URL` to call an OpenAI-compatible vLLM server), and the driver
 writes each shard's Parquet the moment it is complete (pipelines.sink). Re-running skips complete
 shards: a job killed at any moment loses nothing and writes nothing twice.
+A model given as a URI (train-captioner's final/ in a bucket) is downloaded by each actor that loads it into its
+node's weights cache, once per committed content: nodes that share only a bucket need no copy beforehand.
 Outputs: OUTPUT/{shard}.parquet, OUTPUT/_stats/{shard}.json, OUTPUT/_summary.json.
 Before Ray or an engine starts, the options, the input (complete shards) and the output folder (new,
 empty or this job's own) are checked: a bad one is a one-line error (unicap.preflight.UsageError).
@@ -18,7 +21,7 @@ from __future__ import annotations
 import argparse
 import sys
 from collections import Counter
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Literal
 
@@ -28,6 +31,9 @@ import pyarrow.compute  # noqa: F401  (pa.compute)
 from datagen.shards import ShardFolder
 from pipelines.runner import IncompleteJobError, ShardJob, exit_status, run_sharded, summarise
 from pipelines.sink import STATS_DIR
+from train import run_store
+from train.captioner import store as captioner_store
+from train.captioner.export import PROVENANCE_FILE
 from unicap import config, preflight, runtime, storage
 from unicap.captioner import CaptionConfig, Captioner
 from unicap.contract import caption as caption_record
@@ -49,7 +55,8 @@ class CaptionJobConfig:
     input: str = field(metadata=_help("folder of image shards (ingest / ingest-folder / synth)"))
     output: str = field(metadata=_help("folder for the caption Parquet files"))
     model: str = field(
-        default=EngineConfig.model, metadata=_help("HF id, local folder, or 'tiny' (offline random Qwen2-VL)")
+        default=EngineConfig.model,
+        metadata=_help("HF id, local folder, a captioner's final/ in a bucket (s3://...), or 'tiny' (random Qwen2-VL)"),
     )
     server: str | None = field(
         default=None, metadata=_help("base URL of an OpenAI-compatible vLLM server (server mode)")
@@ -141,11 +148,39 @@ def check_folders(input_dir: str | Path, output: str | Path) -> None:
     preflight.check_output_folder(out, _is_caption_output, "caption")
 
 
+def check_model(engine_cfg: EngineConfig) -> None:
+    """A model given as a URI is a complete captioner folder there (its commit file, unicap_captioner.json, which
+    train-captioner uploads last), or a one-line error before Ray starts. Server mode names the server's model."""
+    if engine_cfg.server or not run_store.is_uri(engine_cfg.model):
+        return
+    loc = storage.resolve(engine_cfg.model)
+    try:
+        storage.check_readable(loc)  # a missing bucket, missing or refused credentials, nothing under the prefix
+    except storage.StorageError as e:
+        raise storage.StorageError(f"--model {e}") from None
+    if not loc.join(PROVENANCE_FILE).is_file():
+        raise preflight.UsageError(
+            f"--model {loc.uri} is not a complete captioner folder (no {PROVENANCE_FILE}, which "
+            "train-captioner uploads last): give a captioner run's final/, a local folder or a Hugging Face id"
+        )
+
+
+def model_folder(engine_cfg: EngineConfig) -> str:
+    """The model the engine loads on this node: a URI (nodes that share only a bucket) downloaded into the node's
+    weights cache, once per committed content (train.captioner.store.local_model); anything else as given."""
+    if engine_cfg.server or not run_store.is_uri(engine_cfg.model):
+        return engine_cfg.model
+    return str(captioner_store.local_model(engine_cfg.model))
+
+
 class CaptionStage:
     """Ray Data actor: one engine per actor, loaded once; batches of shard rows -> caption rows."""
 
     def __init__(self, engine_cfg: dict, caption_cfg: dict):
-        self.captioner = Captioner(make_engine(EngineConfig(**engine_cfg)), CaptionConfig(**caption_cfg))
+        cfg = EngineConfig(**engine_cfg)
+        engine = make_engine(replace(cfg, model=model_folder(cfg)))
+        engine.model_name = cfg.model  # the records name the model as the user gave it (a URI), not this node's copy
+        self.captioner = Captioner(engine, CaptionConfig(**caption_cfg))
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         items = batch.select([f for f in ITEM_FIELDS if f in batch.column_names]).to_pylist()
@@ -185,6 +220,7 @@ def run_job(
 ) -> dict:
     check_run_options(batch_size, concurrency, cpus_per_actor, threads_per_actor, limit_shards)
     check_folders(input_dir, output)  # before Ray or an engine starts
+    check_model(engine_cfg)
     # in-process engines go where the cluster's GPUs are, one actor per tensor-parallel group
     if engine_cfg.server:
         gpus = 0

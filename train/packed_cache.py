@@ -15,8 +15,12 @@ Sharing between processes (ranks and their DataLoader workers), without a daemon
   renames it onto the entry: an entry that exists is complete;
 - a part of a live process means "being fetched": another process that needs the same file waits for the
   rename instead of fetching it twice (a prefetch just moves on); a dead process's parts are deleted;
-- choosing what to evict and creating the part happen under one flock on CACHE_DIR/.lock, so the cache folder
-  (entries + parts at their full size) never holds more than the limit, whatever the number of processes.
+- every change of the folder's names happens under one flock on CACHE_DIR/.lock: a claim (evict the least recently
+  used entries, then create the part), a publication (rename the part onto its entry), a failed or dead fetch's
+  part deleted. So a claim's scan sees every byte the folder holds, and the cache folder (entries + parts at their
+  full size) never holds more than the limit, whatever the number of processes. (A rename outside the lock once
+  hid a file from a scan running beside it: the scan read the names, the part was renamed, its stat failed, the
+  entry's name had not been read; one file uncounted, and the claim overfilled the cache by that file.)
 LRU: every use of an entry sets its mtime to now; room is made by deleting the entries least recently used.
 A process still reading an entry that another evicted keeps its open descriptor (POSIX unlink); one that
 had not opened it yet gets FileNotFoundError and asks again (`get` re-fetches).
@@ -36,6 +40,7 @@ import os
 import re
 import shutil
 import socket
+import stat
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -84,9 +89,23 @@ def stage_folder_name(uri: str) -> str:
     return f"{stem}-{hashlib.sha256(uri.encode()).hexdigest()[:12]}"
 
 
-def folder_bytes(root: Path) -> int:
-    """Bytes the cache folder holds (entries and parts at their full size): what its limit bounds."""
-    return sum(f.stat().st_size for f in Path(root).rglob("*") if f.is_file())
+def folder_bytes(root: str | Path) -> int:
+    """Bytes the cache folder holds (entries and parts at their full size): what its limit bounds. Counted under
+    the cache's lock when the folder exists, so that no claim, eviction or publication happens while it counts."""
+    root = Path(root)
+    if not root.is_dir():
+        return 0
+    with _FileLock(root / LOCK_NAME):
+        return sum(_size(f) for f in root.rglob("*"))
+
+
+def _size(path: Path) -> int:
+    """A file's size; 0 for a folder or for a file gone since the folder was listed."""
+    try:
+        st = path.stat()
+    except FileNotFoundError:
+        return 0
+    return st.st_size if stat.S_ISREG(st.st_mode) else 0
 
 
 @dataclass
@@ -240,9 +259,11 @@ class PackedCache:
 
         try:
             with_retries(download, attempts=FETCH_ATTEMPTS, what=f"fetch {src.uri}")
-            os.replace(part, self.path(file))
+            with self._locked():  # published under the lock: a scan never misses it (module docstring)
+                os.replace(part, self.path(file))
         except Exception as e:
-            part.unlink(missing_ok=True)
+            with self._locked():
+                part.unlink(missing_ok=True)
             if isinstance(e, OSError):
                 raise FetchError(f"{src.uri}: fetch failed: {first_line(e)}") from e
             raise

@@ -24,6 +24,7 @@ from __future__ import annotations
 import hashlib
 import os
 import shutil
+import time
 import uuid
 from pathlib import Path
 
@@ -32,6 +33,11 @@ import pyarrow.fs as pafs
 from unicap import distributed, storage
 from unicap.contract import checkpoint as contract
 from unicap.storage import Location
+
+# tests only (tests/train/test_trainer.py, kill -9 of every rank mid-save): the upload of the folder this names, e.g.
+# step-00000004, stops between its files and its commit file, where the test kills the job. Unset in real runs.
+PAUSE_BEFORE_COMMIT = "UNICAP_TEST_PAUSE_BEFORE_COMMIT"
+PAUSE_S = 600.0
 
 LOG_FILES = ("config.yaml", "metrics.jsonl")
 LOG_DIRS = ("samples", "tb")
@@ -111,8 +117,11 @@ def upload(local: Path, remote: Location, commit: str = contract.STATE_FILE) -> 
     for old in remote.files(recursive=True):
         if old.path[len(remote.path) :].strip("/") not in ours:
             old.delete()
-    for name in [*sorted(ours - {commit}), commit]:
+    for name in sorted(ours - {commit}):
         _put(local / name, remote.join(name))
+    if os.environ.get(PAUSE_BEFORE_COMMIT) == remote.name:
+        time.sleep(PAUSE_S)  # tests only (PAUSE_BEFORE_COMMIT): the files are up, the folder not yet committed
+    _put(local / commit, remote.join(commit))
 
 
 def _put(src: Path, dst: Location) -> None:

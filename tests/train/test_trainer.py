@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import signal
 import subprocess
@@ -311,3 +312,68 @@ def test_a_stage_and_its_run_in_a_bucket_stop_then_resume_on_one_rank_on_an_empt
         assert got[s] == pytest.approx(ref[s], rel=1e-4), (s, got, ref)  # 1 rank after 2: the reduction order
     assert Counter(keys_seen(nodes["a"]) + keys_seen(nodes["b"])) == Counter(keys_seen(reference))
     assert contract.read_state(run.join(contract.FINAL_DIR))["step"] == REF_STEPS
+
+
+def test_kill_9_of_every_rank_mid_save_in_a_bucket_resumes_from_the_previous_checkpoint(
+    reference, packed_stage, s3, tmp_path, monkeypatch
+):
+    """kill -9 of the launcher's whole process group (torchrun and both ranks) while rank 0 uploads checkpoint step 4:
+    its files are in the bucket, its state.json is not (the upload is held there by run_store's test-only
+    PAUSE_BEFORE_COMMIT, so that the kill lands mid-save every time). The same command again, on the same node,
+    resumes from step 2, the last committed checkpoint (not from the working copy's step 4, complete on the local
+    disk), and ends as the uninterrupted run: its losses, its samples and its final weights."""
+    from train import run_store
+    from unicap import storage
+
+    monkeypatch.setenv("UNICAP_CACHE", str(tmp_path / "node"))  # the node's working copy of the run folder
+    out, overrides = f"{s3}/runs", [f"run.steps={REF_STEPS}", "run.log_keys=true", "run.save_every=2"]
+    run = storage.resolve(f"{out}/stage1")
+    committed, cut = (run.join(contract.CHECKPOINTS_DIR, contract.step_dir_name(s)) for s in (2, 4))
+
+    def names(folder) -> set[str]:
+        return {f.path[len(folder.path) + 1 :] for f in folder.files(recursive=True)}
+
+    log = tmp_path / "killed.log"
+    with open(log, "w") as sink:
+        proc = subprocess.Popen(
+            trainer_cmd(packed_stage, out, overrides),
+            env={**env(), run_store.PAUSE_BEFORE_COMMIT: cut.name},
+            stdout=sink,
+            stderr=subprocess.STDOUT,
+            cwd=ROOT,
+            start_new_session=True,  # its own process group: torchrun and the ranks
+        )
+        try:
+            deadline = time.time() + 600
+            while not (
+                committed.join(contract.STATE_FILE).is_file() and names(cut) == names(committed) - {contract.STATE_FILE}
+            ):
+                assert proc.poll() is None and time.time() < deadline, log.read_text()[-3000:]
+                time.sleep(0.2)
+        finally:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=60)
+    assert [c.name for c in contract.complete_checkpoints(run)] == [committed.name]
+    assert names(cut) and not cut.join(contract.STATE_FILE).is_file()  # uploaded, never committed
+    node = run_store.RunStore(out, "stage1").local
+    assert contract.latest_checkpoint(node).name == cut.name  # complete on the node's disk: the bucket decides
+    killed_keys = []  # the killed run logged steps 1 to 4; those after step 2 are trained again below
+    for f in sorted((node / "keys").glob("*-from0.txt")):
+        killed_keys += " ".join(f.read_text().splitlines()[:2]).split()  # 1 line per step: micro 2 x accum 1 x 2
+
+    r = run_trainer(packed_stage, out, overrides)
+    assert f"resuming {committed.uri}" in r.stdout, r.stdout[-2000:]
+    got = {}
+    for line in run.join("metrics.jsonl").read_text().splitlines():  # the bucket's: continued from step 2
+        got[json.loads(line)["step"]] = json.loads(line)["loss"]  # the last line of a step logged twice
+    ref = losses(reference)
+    assert sorted(got) == list(range(1, REF_STEPS + 1))
+    for s in range(1, REF_STEPS + 1):
+        assert got[s] == pytest.approx(ref[s], rel=1e-5, abs=1e-7), (s, got, ref)
+    resumed_keys = [k for f in sorted((node / "keys").glob("*-from2.txt")) for k in f.read_text().split()]
+    assert Counter(killed_keys + resumed_keys) == Counter(keys_seen(reference))
+    final = run_store.local_weights(run.join(contract.FINAL_DIR))
+    for name in (contract.MODEL_FILE, contract.RAW_FILE):  # the tolerance of the bucket resume test's weights
+        a, b = load_file(str(reference / contract.FINAL_DIR / name)), load_file(str(final / name))
+        assert a.keys() == b.keys() and all(torch.allclose(b[k], a[k], rtol=1e-5, atol=1e-7) for k in a), name
+    assert [c.name for c in contract.complete_checkpoints(run)][-1] == contract.step_dir_name(REF_STEPS)
