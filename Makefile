@@ -61,14 +61,19 @@ lint: $(STAMP)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 
+# two pytest-xdist workers, a test file each at a time (its module fixtures built once), the longest files first
+# (tests/conftest.py LONGEST_FIRST): most end-to-end tests wait on subprocesses, servers and rendezvous, so two share
+# 2 cores well. PYTEST_WORKERS=0 runs them in this process, one after another.
+PYTEST_WORKERS ?= 2
+PYTEST_PAR := $(if $(filter 0,$(PYTEST_WORKERS)),,-n $(PYTEST_WORKERS) --dist loadfile)
 test: lint
 	bash tools/ensure_chromium.sh
-	$(PY) -m pytest -q -ra --durations=30 $(PYTEST_ARGS)
+	$(PY) -m pytest -q -ra --durations=30 $(PYTEST_PAR) $(PYTEST_ARGS)
 
 # the edit loop: lint + every test not marked slow (no end-to-end runs); CI runs `make test`, all of them
 test-fast: lint
 	bash tools/ensure_chromium.sh
-	$(PY) -m pytest -q -ra -m "not slow" --durations=15 $(PYTEST_ARGS)
+	$(PY) -m pytest -q -ra -m "not slow" --durations=15 $(PYTEST_PAR) $(PYTEST_ARGS)
 
 # make demo [PRESET=quick] [DEMO_DIR=demo]: quick is the same flow on less data and training (the tests run it)
 PRESET ?= full
