@@ -62,10 +62,11 @@ lint: $(STAMP)
 	$(VENV)/bin/ruff format --check .
 
 # two pytest-xdist workers, a test file each at a time (its module fixtures built once), the longest files first
-# (tests/conftest.py LONGEST_FIRST): most end-to-end tests wait on subprocesses, servers and rendezvous, so two share
-# 2 cores well. PYTEST_WORKERS=0 runs them in this process, one after another.
+# (tests/conftest.py LONGEST_FIRST; --no-loadscope-reorder keeps that order instead of files by test count): most
+# end-to-end tests wait on subprocesses, servers and rendezvous, so two share 2 cores well. PYTEST_WORKERS=0 runs
+# them in this process, one after another.
 PYTEST_WORKERS ?= 2
-PYTEST_PAR := $(if $(filter 0,$(PYTEST_WORKERS)),,-n $(PYTEST_WORKERS) --dist loadfile)
+PYTEST_PAR := $(if $(filter 0,$(PYTEST_WORKERS)),,-n $(PYTEST_WORKERS) --dist loadfile --no-loadscope-reorder)
 test: lint
 	bash tools/ensure_chromium.sh
 	$(PY) -m pytest -q -ra --durations=30 $(PYTEST_PAR) $(PYTEST_ARGS)

@@ -239,7 +239,27 @@ def part_sample(ctx: dict) -> dict:
     drawing = ["--out", str(out), "--size", f"{ctx['size']}x{ctx['size']}", "--steps", "8"]
     r = sh(cli("sample", "--ckpt", str(ctx["final"]), *prompts, *drawing), ctx["timeout"])
     n = len(list(out.glob("*.png")))
-    return result(r.returncode == 0 and n == 2, r, images=n, seconds=round(time.time() - t0, 1))
+    speed = sampling_speed(ctx)
+    ok = r.returncode == 0 and n == 2 and "why" not in speed
+    return result(ok, r, images=n, speedup=speed.get("speedup"), seconds=round(time.time() - t0, 1), speed=speed)
+
+
+def sampling_speed(ctx: dict) -> dict:
+    """The speed row: bench/bench_sampling.py --speed-only, the reference (Euler, 50 steps, no cache) against the
+    default sampler on a random NextDiT_2B-width model at 1024 px on CUDA; on CPU (--allow-cpu) a tiny model for a
+    few steps, so that the command the GPU runs is the one tested."""
+    out = ctx["work"] / "sampling_speed.json"
+    if cuda_available():
+        sizing = ["--device", "cuda", "--model", "NextDiT_2B", "--size", "1024", "--batch", "1", "--rounds", "3"]
+    else:
+        sizing = ["--device", "cpu", "--model", "NextDiT_XS", "--size", "64", "--batch", "2", "--rounds", "1"]
+        sizing += ["--ref-steps", "8", "--default-steps", "4"]
+    r = sh([sys.executable, "bench/bench_sampling.py", "--speed-only", *sizing, "--out", str(out)], ctx["timeout"])
+    if r.returncode != 0 or not out.exists():
+        return {"why": tail(r)}
+    res = json.loads(out.read_text())
+    evals = res["evaluations_per_image"]
+    return {"speedup": res["default"]["speedup"], "args": res["default"]["args"], "evaluations_per_image": evals}
 
 
 def part_adherence(ctx: dict) -> dict:

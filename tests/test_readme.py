@@ -111,7 +111,7 @@ def substitutions(ws: Path, ray_dashboard: str, captioner: Path, max_pixels: int
         "/models/sac+logos+ava1-l14-linearMSE.pth": "tiny",
         # sampling: the CPU configs train at 64-128 px; 2 Euler steps
         "--size 1024x1024": "--size 64x64",
-        "--steps 50": "--steps 2",
+        "--steps 15": "--steps 2",
         # the data folder -> this test's temporary workspace (last: the keys above contain it)
         DATA: str(ws / "unicap"),
     }

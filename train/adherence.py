@@ -2,7 +2,7 @@
 
     unicap adherence --weights stage1=RUN/runs/stage1/final --weights stage3=RUN/runs/stage3/final \
         --truth RUN/heldout --out RUN/adherence --n 32 --size 64x64 --level short --language en \
-        --steps 20 --cfg 4.0 --seed 0
+        --steps 20 --cfg 4.0 --seed 0 [--solver dpm++2m --cache-threshold 0.3]
 
 The first --n rows of the held-out set's truth (RUN/heldout/truth, in key order) give the prompts: each
 row's caption at --level / --language, and its scene graph (regenerated from the row's `source` by
@@ -20,6 +20,11 @@ Each weights folder draws at its training resolution (a 128 px stage at 128 x 12
 loses the shapes) and its images are resized to --size, the size every row is judged at (--draw judge: drawn at
 --size). The control row "<last weights>, shuffled prompts" (off with --no-control) gives the last weights folder image
 i+1's prompt and judges the image against scene i: the chance level of a model that draws its usual pictures.
+
+Sampling: --solver, --steps, --cache-threshold as `unicap sample` (train/sample.py), but off by default (Euler, no
+cache: earlier results stay comparable); a threshold above 0 needs every weights folder calibrated
+(`unicap calibrate-cache`). adherence.json's "sampling" records the settings and each weights' transformer
+evaluations per image.
 
 Writes OUT/adherence.json (accuracy = facts that held / facts judged, per attribute; null when none was
 judged), OUT/<weights>/NNNNN.png, OUT/truth/NNNNN.png and OUT/vae-WxH/NNNNN.png, and prints the table.
@@ -44,7 +49,16 @@ from datagen import scene_judge, synth
 from datagen.shards import iter_shard, list_shards
 from train.codecs import VAE
 from train.run_store import local_weights
-from train.sample import from_images, generate, load_for_sampling, to_images
+from train.sample import (
+    add_sampling_arguments,
+    from_images,
+    generate,
+    load_for_sampling,
+    resolve_cache,
+    sampling_of,
+    to_images,
+)
+from train.sampler import check_settings
 from unicap import runtime
 from unicap.atomic import atomic_path, visible_parquet_files
 from unicap.contract import caption as caption_record
@@ -150,18 +164,28 @@ def generate_all(
     batch: int,
     codecs: dict,
     device: str = "auto",
+    solver: str = "euler",
+    cache_threshold: float = 0.0,
 ) -> list[Image.Image]:
     """One image per prompt from a weights folder (EMA weights of a checkpoint folder, as `unicap sample`)."""
     weights = contract.EMA_FILE if (folder / contract.EMA_FILE).exists() else contract.MODEL_FILE
+    threshold, coefficients = resolve_cache(folder, cache_threshold, 0.0)
     model, te, vae = load_for_sampling(folder, weights, device, codecs)  # folders of one run share codecs
     width, height = size
+    sampling = dict(steps=steps, solver=solver, cache_threshold=threshold, cache_coefficients=coefficients)
     images: list[Image.Image] = []
     for start in range(0, len(prompts), batch):  # image i always gets the noise of seed + i
         chunk = prompts[start : start + batch]
         images += generate(
-            model, te, vae, chunk, width=width, height=height, steps=steps, cfg_scale=cfg, seed=seed + start
+            model, te, vae, chunk, width=width, height=height, cfg_scale=cfg, seed=seed + start, **sampling
         )
     return images
+
+
+def evaluations_per_image(images: list[Image.Image]) -> float:
+    """The mean transformer evaluations (forwards whose block stack ran) that drew each image."""
+    counts = [sampling_of(im)["evaluations"] for im in images]
+    return round(sum(counts) / max(len(counts), 1), 2)
 
 
 def _trained_size(state: dict, size: tuple[int, int]) -> tuple[int, int]:
@@ -212,8 +236,11 @@ def adherence(
     device: str = "auto",
     control: bool = True,
     draw: str = "trained",
+    solver: str = "euler",
+    cache_threshold: float = 0.0,
 ) -> dict:
     """Generate, judge and write OUT/adherence.json (see the module doc); returns what it wrote."""
+    check_settings(solver, steps, cache_threshold)
     if level not in caption_record.LEVELS or language not in caption_record.LANGUAGES:
         raise ValueError(
             f"--level {level!r} / --language {language!r}: levels {caption_record.LEVELS}, "
@@ -258,6 +285,8 @@ def adherence(
             save(images, sub)
             rows[row], facts[row] = accuracy(judge_row(images, prompts, attributes))
     sampling = {"steps": steps, "cfg": cfg, "seed": seed, "batch": batch, "codecs": {}, "device": device}
+    sampling |= {"solver": solver, "cache_threshold": cache_threshold}
+    evaluations: dict[str, float] = {}
 
     def drawn(name: str, folder: Path, prompt_texts: list[str]) -> list[Image.Image]:
         """The weights' images of prompt_texts, drawn at their draw size and resized to the judging size."""
@@ -266,6 +295,7 @@ def adherence(
 
     for name, folder in weights.items():
         images = drawn(name, folder, texts)
+        evaluations[name] = evaluations_per_image(images)
         paths = save(images, name)
         judgements = judge_row(images, prompts, attributes)
         rows[name], facts[name] = accuracy(judgements)
@@ -290,6 +320,16 @@ def adherence(
         "rows": rows,
         "facts": facts,
         "examples": example_list,
+        "sampling": {
+            "solver": solver,
+            "steps": steps,
+            "cache_threshold": cache_threshold,
+            "cfg": cfg,
+            "seed": seed,
+            "batch": batch,
+            "args": f"--solver {solver} --steps {steps} --cache-threshold {cache_threshold:g} --cfg {cfg:g}",
+            "evaluations_per_image": evaluations,
+        },
     }
     with atomic_path(out / "adherence.json") as tmp:  # in this order: the truth row first, attributes as listed
         tmp.write_text(json.dumps(result, indent=1, ensure_ascii=False) + "\n")
@@ -322,7 +362,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--size", default="64x64", help="WIDTHxHEIGHT of the generated images (default 64x64)")
     p.add_argument("--level", default="short", choices=caption_record.LEVELS, help="caption level of the prompts")
     p.add_argument("--language", default="en", choices=caption_record.LANGUAGES, help="prompt language")
-    p.add_argument("--steps", type=int, default=20, help="sampling steps (default 20)")
+    add_sampling_arguments(p, {"solver": "euler", "steps": 20, "cache_threshold": 0.0}, "default 0: off")
     p.add_argument("--cfg", type=float, default=4.0, help="guidance scale (default 4.0)")
     p.add_argument("--seed", type=int, default=0, help="image i gets the noise of seed + i (default 0)")
     p.add_argument("--examples", type=int, default=8, help="prompts listed with images in the JSON (default 8)")
@@ -361,6 +401,8 @@ def run(args: argparse.Namespace) -> int:
         device=args.device,
         control=args.control,
         draw=args.draw,
+        solver=args.solver,
+        cache_threshold=args.cache_threshold or 0.0,
     )
     p = result["prompts"]
     print(f"adherence: {p['n']} prompts ({p['level']}, {p['language']}) at {args.size}; accuracy (facts judged):")

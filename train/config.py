@@ -112,7 +112,11 @@ class RunConfig:
             "a small green triangle in the top left",
         ]
     )
+    # the grids' sampler (train/sample.py DEFAULT_SAMPLING, chosen in bench/results/sampling.json); the step cache
+    # only with calibrated coefficients: the stage's final/ or its init weights' teacache.json (unicap calibrate-cache)
+    sample_solver: str = "ab2"
     sample_steps: int = 20
+    sample_cache_threshold: float = 0.0
     sample_cfg: float = 4.0
     max_nonfinite: int = 5  # consecutive non-finite losses/gradients before the run stops
     resume: str = "auto"  # auto (latest checkpoint of the run, if any) | never | a checkpoint folder
@@ -151,6 +155,13 @@ class TrainConfig(TrainerConfig):
             raise ValueError(f"data.caption_dropout {self.data.caption_dropout}: in [0, 1)")
         if not 0.0 <= self.optim.ema_decay < 1.0:
             raise ValueError(f"optim.ema_decay {self.optim.ema_decay}: in [0, 1)")
+        if self.run.sample_prompts:  # a grid that cannot be drawn is refused before training, not after it
+            from train.sampler import check_settings
+
+            try:
+                check_settings(self.run.sample_solver, self.run.sample_steps, self.run.sample_cache_threshold)
+            except ValueError as e:
+                raise ValueError(f"run.sample_solver / sample_steps / sample_cache_threshold: {e}") from None
 
     @property
     def run_dir(self) -> Path:

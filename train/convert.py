@@ -181,6 +181,19 @@ def nextdit_from_diffusers(ref) -> NextDiT:
     return model
 
 
+def diffusers_velocity(transformer, branches: dict[bool, tuple[torch.Tensor, torch.Tensor]]):
+    """A train.sampler VelocityFn over diffusers' Lumina2Transformer2DModel: the solvers of train/sampler.py drive
+    an exported (or any Lumina2) transformer as they drive NextDiT (the same time and velocity convention, tested).
+    branches: {conditional: (caption features, prefix mask)}. The step cache hooks NextDiT's block stack and does
+    not apply here; cache-dit does that for diffusers' pipeline."""
+
+    def velocity(x, t, conditional):
+        feats, mask = branches[bool(conditional)]
+        return transformer(x, t, feats, mask, return_dict=False)[0]
+
+    return velocity
+
+
 def export_diffusers(folder: str | Path, weights: str = contract.MODEL_FILE) -> Path:
     """`folder`/diffusers: a Lumina2Transformer2DModel folder (config.json + safetensors), written atomically
     beside the weights folder's own files; what `Lumina2Transformer2DModel.from_pretrained` loads."""

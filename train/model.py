@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from train.attention import BACKENDS, SeqBatch, resolve_backend
+from train.rope import RopeND, apply_rope, frame_code  # noqa: F401  (frame_code: a public name of this module)
 
 # ---------------------------------------------------------------- configs
 
@@ -110,23 +111,6 @@ def timestep_embedding(t: torch.Tensor, dim: int = 256, max_period: float = 10_0
     return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
 
 
-def frame_code(gh: int, gw: int, dim: int, device=None) -> torch.Tensor:
-    """(gh*gw, dim) sin-cos features of each token's place in the frame, row-major: the row's and the column's
-    centre as a fraction of the image, u = (r + 0.5) / gh in (0, 1), at dim/4 frequencies from pi to 32 pi each
-    (features [sin, cos](u f) for rows, then for columns). Absolute and resolution-free: "the top left" is the
-    same code at 4x4 and 8x8 tokens. RoPE gives a token only its offsets to others."""
-    if dim % 4:
-        raise ValueError(f"frame_code: dim {dim} must be a multiple of 4")
-    k = torch.arange(dim // 4, device=device, dtype=torch.float32)
-    f = math.pi * 32.0 ** (k / max(1, dim // 4 - 1))
-
-    def axis(n: int) -> torch.Tensor:
-        a = ((torch.arange(n, device=device, dtype=torch.float32) + 0.5) / n)[:, None] * f
-        return torch.cat([a.sin(), a.cos()], dim=-1)  # (n, dim/2)
-
-    return torch.cat([axis(gh).repeat_interleave(gw, 0), axis(gw).repeat(gh, 1)], dim=-1)
-
-
 class TimestepEmbedder(nn.Module):
     def __init__(self, out_dim: int, freq_dim: int = 256):
         super().__init__()
@@ -135,32 +119,6 @@ class TimestepEmbedder(nn.Module):
 
     def forward(self, t: torch.Tensor) -> torch.Tensor:
         return self.mlp(timestep_embedding(t, self.freq_dim).to(self.mlp[0].weight.dtype))
-
-
-class RopeND(nn.Module):
-    """Multi-axis rotary embedding: per axis a table of angles pos * theta^(-2k/d), concatenated."""
-
-    def __init__(self, axes_dims, theta: float):
-        super().__init__()
-        self.axes_dims = tuple(axes_dims)
-        self.theta = theta
-
-    def forward(self, pos: torch.Tensor) -> torch.Tensor:
-        """pos (B, S, 3) int -> rotations (B, S, 1, head_dim/2, 2) as [cos, sin], angles in float64."""
-        angles = []
-        for axis, d in enumerate(self.axes_dims):
-            inv = 1.0 / (self.theta ** (torch.arange(0, d, 2, dtype=torch.float64, device=pos.device) / d))
-            angles.append(pos[..., axis : axis + 1].double() * inv)
-        a = torch.cat(angles, dim=-1)
-        return torch.stack([a.cos(), a.sin()], dim=-1).float()[:, :, None]
-
-
-def apply_rope(x: torch.Tensor, rot: torch.Tensor) -> torch.Tensor:
-    """x (B, S, H, Dh): interleaved pairs (x[2k], x[2k+1]) rotated by rot (B, S, 1, Dh/2, 2) = [cos, sin],
-    i.e. the complex product (x[2k] + i x[2k+1]) * e^{i angle_k} in real arithmetic (fusable by compilers)."""
-    x0, x1 = x.float().unflatten(-1, (-1, 2)).unbind(-1)
-    cos, sin = rot.unbind(-1)
-    return torch.stack([x0 * cos - x1 * sin, x0 * sin + x1 * cos], dim=-1).flatten(-2).type_as(x)
 
 
 class Attention(nn.Module):
@@ -207,6 +165,12 @@ class JointBlock(nn.Module):
         if modulation:
             self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(min(cfg.dim, 1024), 4 * cfg.dim))
 
+    def modulated_input(self, x, adaln) -> torch.Tensor:
+        """What the attention of a modulated block reads: attention_norm1(x) * (1 + scale_msa), (B, S, D). The
+        step cache (train/step_cache.py) watches it on the first block of the stack."""
+        scale_msa = self.adaLN_modulation(adaln).unsqueeze(1).chunk(4, dim=-1)[0]
+        return self.attention_norm1(x) * (1 + scale_msa)
+
     def forward(self, x, seqs: SeqBatch, rot, adaln=None):
         if not self.modulation:
             x = x + self.attention_norm2(self.attention(self.attention_norm1(x), seqs, rot))
@@ -231,6 +195,22 @@ class FinalLayer(nn.Module):
 
 
 # ---------------------------------------------------------------- the model
+
+
+@dataclass
+class Layout:
+    """The t-independent part of a forward (NextDiT.layout): a sampler's steps share it."""
+
+    cap: torch.Tensor  # (B, L, D) the context-refined caption
+    cap_lens: list[int]
+    grids: list[tuple[int, int]]  # image tokens (rows, cols) per sample
+    img_lens: list[int]
+    N: int  # image tokens, padded
+    img_rot: torch.Tensor
+    img_seqs: SeqBatch
+    S: int  # joint tokens, padded
+    rot: torch.Tensor
+    seqs: SeqBatch
 
 
 class NextDiT(nn.Module):
@@ -303,40 +283,78 @@ class NextDiT(nn.Module):
         t: torch.Tensor,
         cap_feats: torch.Tensor,
         cap_mask: torch.Tensor,
+        cache=None,
     ) -> torch.Tensor | list[torch.Tensor]:
         """x: (B, C, H, W) or a list of (C, H_i, W_i); t: (B,); cap_feats: (B, L, cap_feat_dim);
-        cap_mask: (B, L) bool, a prefix mask (valid length = sum). Returns the velocity, shaped as x."""
+        cap_mask: (B, L) bool, a prefix mask (valid length = sum). Returns the velocity, shaped as x.
+        cache: a train.step_cache.BranchCache (sampling only): it keeps what does not depend on t (the refined
+        caption, positions, rotations) across steps and may reuse the block stack's residual."""
         as_list = isinstance(x, list | tuple)
         xs = list(x) if as_list else list(x.unbind(0))
         B, dev = len(xs), cap_feats.device
+        sizes = [tuple(xi.shape[-2:]) for xi in xs]
+        if cache is None:
+            lay = self.layout(cap_feats, cap_mask, sizes)
+        else:  # the same caption tensors and sizes as the last step: the same layout, computed once
+            lay = cache.memo((cap_feats, cap_mask, tuple(sizes)), lambda: self.layout(cap_feats, cap_mask, sizes))
+        cap = lay.cap
+
+        adaln = self.t_embedder(t)  # (B, min(D, 1024))
+        # image tokens, right-padded to N (B, N, D)
+        # ONE x_embedder call for the whole batch: every module runs once per forward whatever B is, so ZeRO-3
+        # gathers the same parameters on every rank even when a bucket's last micro-batch is smaller on one
+        # of them (a call per image made the ranks' collectives differ: a gloo size mismatch, an NCCL hang)
+        tokens = self.x_embedder(torch.cat([self.patchify(xi) for xi in xs]).to(cap.dtype))  # (sum n_i, D)
+        img = torch.zeros(B, lay.N, self.cfg.dim, device=dev, dtype=cap.dtype)
+        for i, (part, (gh, gw)) in enumerate(zip(tokens.split(lay.img_lens), lay.grids, strict=True)):
+            n = gh * gw
+            img[i, :n] = part + frame_code(gh, gw, self.cfg.dim, dev).to(part.dtype) if self.cfg.frame_pos else part
+        for blk in self.noise_refiner:
+            img = blk(img, lay.img_seqs, lay.img_rot, adaln)
+
+        # joint sequence [caption (valid) ; image (valid)], right-padded (B, S, D)
+        h = torch.zeros(B, lay.S, self.cfg.dim, device=dev, dtype=cap.dtype)
+        for i, (c, n) in enumerate(zip(lay.cap_lens, lay.img_lens, strict=True)):
+            h[i, :c], h[i, c : c + n] = cap[i, :c], img[i, :n]
+        h = self.run_layers(h, lay.seqs, lay.rot, adaln) if cache is None else cache.run_layers(self, h, lay, adaln)
+        h = self.final_layer(h, adaln)  # (B, S, p*p*C)
+
+        pairs = zip(lay.cap_lens, lay.img_lens, strict=True)
+        out = [self.unpatchify(h[i, c : c + n], *sizes[i]) for i, (c, n) in enumerate(pairs)]
+        return out if as_list else torch.stack(out)
+
+    def run_layers(self, h: torch.Tensor, seqs: SeqBatch, rot, adaln) -> torch.Tensor:
+        """The joint block stack, (B, S, D) -> (B, S, D)."""
+        for j, blk in enumerate(self.layers):
+            if j in self.checkpoint_blocks and torch.is_grad_enabled():
+                h = checkpoint(blk, h, seqs, rot, adaln, use_reentrant=False)
+            else:
+                h = blk(h, seqs, rot, adaln)
+        return h
+
+    def layout(self, cap_feats: torch.Tensor, cap_mask: torch.Tensor, sizes: list[tuple[int, int]]) -> Layout:
+        """Everything of a forward that does not depend on the image or t: the embedded and context-refined
+        caption, the image and joint sequences' lengths, positions, rotations and attention layouts."""
+        dev = cap_feats.device
         cap_mask = cap_mask.bool()
         cap_lens = cap_mask.sum(1).tolist()
         prefix = torch.arange(cap_mask.shape[1], device=dev)[None] < cap_mask.sum(1, keepdim=True)
         if not torch.equal(cap_mask, prefix):
             raise ValueError("cap_mask must be a prefix mask: valid tokens first, padding after")
-        sizes = [tuple(xi.shape[-2:]) for xi in xs]
         p = self.cfg.patch_size
         grids = [(h // p, w // p) for h, w in sizes]
         img_lens = [gh * gw for gh, gw in grids]
+        B = len(sizes)
 
-        adaln = self.t_embedder(t)  # (B, min(D, 1024))
         cap = self.cap_embedder(cap_feats)  # (B, L, D)
         L, N = cap.shape[1], max(img_lens)
         backend = resolve_backend(self.attention_backend, cap.device, cap.dtype)
-
-        # image tokens, right-padded to N (B, N, D) and their positions (L_text_i, row, col)
-        # ONE x_embedder call for the whole batch: every module runs once per forward whatever B is, so ZeRO-3
-        # gathers the same parameters on every rank even when a bucket's last micro-batch is smaller on one
-        # of them (a call per image made the ranks' collectives differ: a gloo size mismatch, an NCCL hang)
-        tokens = self.x_embedder(torch.cat([self.patchify(xi) for xi in xs]).to(cap.dtype))  # (sum n_i, D)
-        img = torch.zeros(B, N, self.cfg.dim, device=dev, dtype=cap.dtype)
+        # image token positions (L_text_i, row, col)
         img_pos = torch.zeros(B, N, 3, dtype=torch.long, device=dev)
-        for i, (part, (gh, gw)) in enumerate(zip(tokens.split(img_lens), grids, strict=True)):
-            n = gh * gw
-            img[i, :n] = part + frame_code(gh, gw, self.cfg.dim, dev).to(part.dtype) if self.cfg.frame_pos else part
+        for i, (gh, gw) in enumerate(grids):
             rows = torch.arange(gh, device=dev).repeat_interleave(gw)
             cols = torch.arange(gw, device=dev).repeat(gh)
-            img_pos[i, :n] = torch.stack([torch.full_like(rows, cap_lens[i]), rows, cols], dim=-1)
+            img_pos[i, : gh * gw] = torch.stack([torch.full_like(rows, cap_lens[i]), rows, cols], dim=-1)
         cap_pos = torch.zeros(B, L, 3, dtype=torch.long, device=dev)
         cap_pos[..., 0] = torch.arange(L, device=dev)[None] * cap_mask  # padding positions: (0, 0, 0)
 
@@ -344,32 +362,15 @@ class NextDiT(nn.Module):
         seqs = SeqBatch.build(cap_lens, L, dev, backend)
         for blk in self.context_refiner:
             cap = blk(cap, seqs, rot)
-        rot = self.rope(img_pos)
-        seqs = SeqBatch.build(img_lens, N, dev, backend)
-        for blk in self.noise_refiner:
-            img = blk(img, seqs, rot, adaln)
 
-        # joint sequence [caption (valid) ; image (valid)], right-padded (B, S, D)
         seq_lens = [c + n for c, n in zip(cap_lens, img_lens, strict=True)]
         S = max(seq_lens)
-        h = torch.zeros(B, S, self.cfg.dim, device=dev, dtype=cap.dtype)
         pos = torch.zeros(B, S, 3, dtype=torch.long, device=dev)
         for i, (c, n) in enumerate(zip(cap_lens, img_lens, strict=True)):
-            h[i, :c], h[i, c : c + n] = cap[i, :c], img[i, :n]
             pos[i, :c], pos[i, c : c + n] = cap_pos[i, :c], img_pos[i, :n]
-        rot = self.rope(pos)
+        img_seqs = SeqBatch.build(img_lens, N, dev, backend)
         seqs = SeqBatch.build(seq_lens, S, dev, backend)
-        for j, blk in enumerate(self.layers):
-            if j in self.checkpoint_blocks and torch.is_grad_enabled():
-                h = checkpoint(blk, h, seqs, rot, adaln, use_reentrant=False)
-            else:
-                h = blk(h, seqs, rot, adaln)
-        h = self.final_layer(h, adaln)  # (B, S, p*p*C)
-
-        out = [
-            self.unpatchify(h[i, c : c + n], *sizes[i]) for i, (c, n) in enumerate(zip(cap_lens, img_lens, strict=True))
-        ]
-        return out if as_list else torch.stack(out)
+        return Layout(cap, cap_lens, grids, img_lens, N, self.rope(img_pos), img_seqs, S, self.rope(pos), seqs)
 
 
 def build_model(name_or_cfg: str | NextDiTConfig, **overrides) -> NextDiT:

@@ -123,24 +123,43 @@ def lr_lambda(cfg: TrainConfig, start_step: int):
 
 
 def sample_grid(cfg: TrainConfig, ema_state: dict, model_cfg, codecs: Codecs, path: Path):
-    """A grid of samples from the fixed prompts with the EMA weights (rank 0); returns the PIL image."""
+    """A grid of samples from the fixed prompts with the EMA weights (rank 0); returns the PIL image. Its sampling
+    settings and transformer evaluations go into the PNG (train.sample.SAMPLING_KEY)."""
     from PIL import Image
 
-    from train.sample import generate
+    from train.sample import SAMPLING_KEY, generate, save_png
 
     codec = next(codecs.vae.parameters())
     model = NextDiT(model_cfg)
     model.load_state_dict(ema_state)
     model = model.to(codec.device, codec.dtype).eval()  # where the codecs are, in their dtype (bf16 on GPUs)
     side = cfg.data.resolution
-    sampling = dict(steps=cfg.run.sample_steps, cfg_scale=cfg.run.sample_cfg, seed=cfg.run.seed)
+    coefficients = grid_cache_coefficients(cfg, path.parent.parent)
+    threshold = cfg.run.sample_cache_threshold if coefficients is not None else 0.0
+    sampling = dict(steps=cfg.run.sample_steps, solver=cfg.run.sample_solver, cfg_scale=cfg.run.sample_cfg)
+    sampling |= dict(cache_threshold=threshold, cache_coefficients=coefficients, seed=cfg.run.seed)
     images = generate(model, codecs.text, codecs.vae, list(cfg.run.sample_prompts), width=side, height=side, **sampling)
     grid = Image.new("RGB", (side * len(images), side), "white")
     for i, im in enumerate(images):
         grid.paste(im, (i * side, 0))
+    grid.info[SAMPLING_KEY] = images[0].info[SAMPLING_KEY]  # one batch: the same settings and counts for all
     path.parent.mkdir(parents=True, exist_ok=True)
-    grid.save(path)
+    save_png(grid, path)
     return grid
+
+
+def grid_cache_coefficients(cfg: TrainConfig, run_dir: Path) -> list[float] | None:
+    """The step cache's coefficients for the grids: the stage's own final/ (calibrated earlier) or else its init
+    weights' (a close relative), when local and calibrated; None: the grid runs without the cache."""
+    from train.step_cache import load_coefficients
+
+    if cfg.run.sample_cache_threshold <= 0:
+        return None
+    init = previous_stage_final(cfg)
+    for folder in (run_dir / contract.FINAL_DIR, init):
+        if folder is not None and not run_store.is_uri(folder) and (c := load_coefficients(Path(folder))):
+            return c
+    return None
 
 
 # ---------------------------------------------------------------- the run

@@ -37,6 +37,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "eval-captions": ("datagen.answer_key", "score captions against the synthetic answer key (recall, hallucination)"),
     "report": ("unicap.report", "one self-contained HTML page about a run folder (funnel, captions, scores, training)"),
     "sample": ("train.sample", "generate images from a Next-DiT checkpoint"),
+    "calibrate-cache": ("train.calibrate_cache", "fit the sampling step cache's coefficients on a weights folder"),
     "adherence": (
         "train.adherence",
         "prompt adherence of Next-DiT weights, judged against the synthetic answer key (GenEval-style)",

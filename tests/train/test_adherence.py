@@ -21,7 +21,7 @@ from unicap.cli import module_main
 
 ROOT = Path(__file__).resolve().parents[2]
 N, EXAMPLES = 4, 2
-KEYS = {"version", "size", "draw_sizes", "prompts", "attributes", "rows", "facts", "examples"}
+KEYS = {"version", "size", "draw_sizes", "prompts", "attributes", "rows", "facts", "examples", "sampling"}
 ATTRIBUTES = ["background", "colour", "shape", "count", "position"]
 
 

@@ -14,7 +14,7 @@ def test_euler_and_midpoint_are_exact_on_straight_paths():
         return (x1 - x) / (1 - t).view(-1, 1, 1, 1).clamp_min(1e-6)
 
     for method in ("euler", "midpoint"):
-        out = sampler.sample(fn, noise, steps=7, method=method, mu=1.0, cfg_scale=1.0)
+        out = sampler.sample(fn, noise, steps=7, solver=method, mu=1.0, cfg_scale=1.0)
         torch.testing.assert_close(out, x1, rtol=1e-4, atol=1e-4)
 
 
@@ -25,7 +25,7 @@ def test_euler_hand_computed():
 
     x = torch.zeros(1, 1)
     assert sampler.sample(fn, x, steps=2, cfg_scale=1.0).item() == 0.5
-    assert abs(sampler.sample(fn, x, steps=2, method="midpoint", cfg_scale=1.0).item() - 1.0) < 1e-6
+    assert abs(sampler.sample(fn, x, steps=2, solver="midpoint", cfg_scale=1.0).item() - 1.0) < 1e-6
 
 
 def test_renormalisation_caps_the_guided_norm():

@@ -4,12 +4,14 @@ read through unicap.storage, so runs/ in a bucket reads as on a local disk."""
 
 from __future__ import annotations
 
+import io
 import json
 import math
 import re
 from collections.abc import Mapping
 
 import yaml
+from PIL import Image
 
 from unicap.config import ConfigError
 from unicap.contract import manifest
@@ -19,6 +21,7 @@ from unicap.report.markup import Section, esc, figure, num, section_head, table
 from unicap.report.run_folder import RunFolder, empty_section, how_to, read_json, stem
 from unicap.storage import Location
 
+SAMPLING_KEY = "unicap_sampling"  # train.sample.SAMPLING_KEY (the report does not import the trainer)
 MAX_INLINE_SIDE = 1536  # sample grids are shrunk to this before they are inlined
 SAMPLE_WIDTH = 640  # px: sample grids narrower than this are enlarged (pixelated) to it
 
@@ -68,6 +71,31 @@ def _sample_prompts(d: Location, state: dict | None) -> list[str]:
     return [str(p) for p in (run_cfg or {}).get("sample_prompts") or []]
 
 
+def grid_sampling(data: bytes) -> dict | None:
+    """The sampler settings a grid PNG records (train.sample.SAMPLING_KEY, a text chunk), or None."""
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            text = (getattr(im, "text", None) or {}).get(SAMPLING_KEY)
+        value = json.loads(text) if text else None
+    except (OSError, ValueError):
+        return None
+    return value if isinstance(value, dict) else None
+
+
+def sampling_line(sampling: Mapping | None) -> str:
+    """One sentence naming a grid's sampler settings."""
+    if not sampling:
+        return "Sampler settings not recorded (a grid drawn before they were)."
+    cache = sampling.get("cache_threshold") or 0
+    cached = f"step cache threshold {cache:g} ({sampling.get('cache')})" if cache else "no step cache"
+    evals = sampling.get("evaluations")
+    return (
+        f"Sampler: {sampling.get('solver')}, {sampling.get('steps')} steps, {cached}, guidance "
+        f"{sampling.get('cfg_scale')}; {evals} transformer evaluations per image "
+        f"(<code>unicap sample {esc(sampling.get('args', ''))}</code> redraws with these)."
+    )
+
+
 def read_stage(d: Location) -> dict:
     """One stage's run folder: the loss curve, the final state, the latest sample grid that decodes and its
     prompts, and what is missing."""
@@ -82,15 +110,18 @@ def read_stage(d: Location) -> dict:
     if state is None:
         missing.append(f"{state_file} (written when the stage finishes)")
     info = {"steps": steps, "loss": loss, "bad_lines": bad_lines, "state": state, "sample": None, "sample_step": None}
+    info["sampling"] = None
     prompts = _sample_prompts(d, state)
     samples = d.join("samples")
     grids = sorted((g for g in samples.files(".png") if g.name.startswith("step-")), key=_step_of)
     info.update(sample_steps=[_step_of(g) for g in grids], prompts=prompts, missing=missing)
     for grid in reversed(grids):  # the latest step that decodes
-        inlined = image_inline(grid.read_bytes(), MAX_INLINE_SIDE, keep_png=True)
+        data = grid.read_bytes()
+        inlined = image_inline(data, MAX_INLINE_SIDE, keep_png=True)
         if inlined:
             info["sample"], info["sample_width"], _ = inlined
             info["sample_step"] = _step_of(grid)
+            info["sampling"] = grid_sampling(data)
             break
     if info["sample"] is None:
         missing.append(f"sample grids in {samples} (run.sample_every, and at the end)")
@@ -161,7 +192,8 @@ def _sample_grid(stage: str, info: Mapping) -> str:
     return (
         f"<h3>{esc(stage)} · step {esc(info['sample_step'])}</h3>"
         f'<figure style="max-width:{shown}px">{img}{grid}</figure>'
-        f'<p class="legend">{len(steps)} grid(s) saved; the latest shown. {PROMPTS_LEGEND}</p>'
+        f'<p class="legend">{len(steps)} grid(s) saved; the latest shown. {PROMPTS_LEGEND} '
+        f"{sampling_line(info.get('sampling'))}</p>"
     )
 
 
