@@ -121,9 +121,9 @@ class RayHead:
 
 
 # The files whose tests take longest (seconds, serial, 2 cores, pytest --durations on 2026-12-07): run first, so that
-# `make test`'s two workers (pytest-xdist, --dist loadfile: a file's tests and module fixtures stay on one worker)
-# start the long runs at once and share the short ones at the end (longest-first scheduling), instead of one worker
-# meeting the quick demo last. A file not listed keeps its place after these, in collection order.
+# `make test PYTEST_WORKERS=2`'s workers (pytest-xdist, --dist loadfile: a file's tests and module fixtures stay on
+# one worker) start the long runs at once and share the short ones at the end (longest-first scheduling), instead of
+# one worker meeting the quick demo last. A file not listed keeps its place after these, in collection order.
 LONGEST_FIRST = {
     "tests/pipelines/test_demo.py": 449,
     "tests/test_readme.py": 214,
