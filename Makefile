@@ -63,8 +63,8 @@ lint: $(STAMP)
 
 # PYTEST_WORKERS=2: two pytest-xdist workers, a test file each at a time (its module fixtures built once), the
 # longest files first (tests/conftest.py LONGEST_FIRST; --no-loadscope-reorder keeps that order instead of files by
-# test count). Opt-in, not CI's default: in two full runs on 2 cores (2026-12-07) a worker died mid-file (an
-# end-to-end test with vLLM in a subprocess; it passes alone, under -n 1 too) and xdist then hung (issue 30).
+# test count). Opt-in until a full run on it passes: in two runs a worker died 30 minutes in, ended by a Heartbeat an
+# early test had left running (its 1800 s timeout; fixed in tests/unicap/test_distributed.py), and xdist then hung.
 PYTEST_WORKERS ?= 0
 PYTEST_PAR := $(if $(filter 0,$(PYTEST_WORKERS)),,-n $(PYTEST_WORKERS) --dist loadfile --no-loadscope-reorder)
 test: lint

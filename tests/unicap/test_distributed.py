@@ -206,11 +206,17 @@ def test_the_stuck_report_names_the_rank_that_stopped_answering():
 
     store = dist.HashStore()
     beat = distributed.Heartbeat(store, rank=0, world=3)
-    beat.step = 12
-    far = {"host": "another-host", "pid": 1}
-    store.set(beat.key(1), json.dumps({"step": 12, "t": time.time() - 60, **far}))  # frozen at step 12
-    store.set(beat.key(2), json.dumps({"step": 11, "t": time.time(), **far}))  # alive, behind
-    text = distributed.describe(beat, beat.peers())
+    # stopped before the test ends: a heartbeat left running in the pytest process meets its frozen rank 1 once the
+    # timeout has passed and ends this process (exit_now), tests and all (seen as a dead xdist worker)
+    try:
+        beat.step = 12
+        far = {"host": "another-host", "pid": 1}
+        store.set(beat.key(1), json.dumps({"step": 12, "t": time.time() - 60, **far}))  # frozen at step 12
+        store.set(beat.key(2), json.dumps({"step": 11, "t": time.time(), **far}))  # alive, behind
+        text = distributed.describe(beat, beat.peers())
+    finally:
+        beat.stop()
+    assert not beat._thread.is_alive()
     assert "rank 1 last reached step 12; no heartbeat for 60s: it stopped answering" in text, text
     assert "rank 2 is alive but still at step 11" in text, text
     assert distributed.is_timeout(RuntimeError("[gloo] Timed out waiting 5000ms for recv operation to complete"))
