@@ -8,6 +8,7 @@ own kill comes after 30 s) and that no rank process is left.
 
 from __future__ import annotations
 
+import contextlib
 import re
 import signal
 import subprocess
@@ -76,8 +77,13 @@ def _run_with_fault(
     try:
         out, _ = proc.communicate(timeout=120)
     finally:
-        for p in psutil.Process().children(recursive=True):
-            p.kill()
+        # the launcher's own tree only: every child of this process would include the session's Ray and S3
+        # servers (fixtures of earlier tests), and a Ray driver whose raylet is killed ends this process
+        with contextlib.suppress(psutil.NoSuchProcess):
+            launcher = psutil.Process(proc.pid)
+            for p in [*launcher.children(recursive=True), launcher]:
+                with contextlib.suppress(psutil.NoSuchProcess):
+                    p.kill()
     ended = time.time()
     assert (marks / "failed_at").exists(), out[-4000:]
     pids = [int((marks / f"pid{r}").read_text()) for r in range(nproc) if (marks / f"pid{r}").exists()]
