@@ -18,9 +18,20 @@ os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
 
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    return free_ports(1)[0]
+
+
+def free_ports(count: int) -> list[int]:
+    """`count` distinct free ports on 127.0.0.1: every socket stays bound until all are chosen (ports chosen one at a
+    time can repeat, since the kernel may hand a just-closed port out again)."""
+    sockets = [socket.socket() for _ in range(count)]
+    try:
+        for s in sockets:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in sockets]
+    finally:
+        for s in sockets:
+            s.close()
 
 
 @pytest.fixture(scope="session")
@@ -83,11 +94,20 @@ class RayHead:
     session and temp dir by their ids (never `ray stop`, which would stop every Ray on the machine)."""
 
     def __init__(self, env: dict[str, str]):
+        for attempt in range(3):  # a chosen port can be taken by another process before Ray binds it: choose again
+            out = self.start(env)
+            if out is None:
+                return
+            if "port" not in out.lower() or attempt == 2:
+                raise RuntimeError(f"ray start failed: {out[-3000:]}")
+
+    def start(self, env: dict[str, str]) -> str | None:
+        """One `ray start --head` on fresh ports; None once it is up, else its output (after stopping what it left)."""
         BIN = Path(sys.executable).parent  # noqa: N806 - the venv's bin, where `ray` lives
         self.temp = tempfile.mkdtemp(prefix="rr", dir="/tmp")  # short: Ray's socket paths are length-limited
-        self.dashboard = free_port()
-        agents = [f"--{name}={free_port()}" for name in RAY_AGENT_PORTS]
-        head = ["--head", "--node-ip-address=127.0.0.1", f"--port={free_port()}", "--num-cpus=4"]
+        self.dashboard, gcs, *ports = free_ports(2 + len(RAY_AGENT_PORTS))
+        agents = [f"--{name}={port}" for name, port in zip(RAY_AGENT_PORTS, ports, strict=True)]
+        head = ["--head", "--node-ip-address=127.0.0.1", f"--port={gcs}", "--num-cpus=4"]
         dashboard = ["--dashboard-host=127.0.0.1", f"--dashboard-port={self.dashboard}", "--include-dashboard=true"]
         local = [f"--temp-dir={self.temp}", "--disable-usage-stats"]
         cmd = [str(BIN / "ray"), "start", *head, *dashboard, *local, *agents]
@@ -96,9 +116,10 @@ class RayHead:
         )
         self.session = proc.pid  # every process `ray start` spawns stays in this session
         out, _ = proc.communicate(timeout=180)
-        if proc.returncode != 0:
-            self.stop()
-            raise RuntimeError(f"ray start failed: {out[-3000:]}")
+        if proc.returncode == 0:
+            return None
+        self.stop()
+        return out
 
     @property
     def address(self) -> str:
