@@ -70,8 +70,10 @@ def packed_texture_stage(workdir: Path, images: int) -> Path:
 
 
 def loader_rate(packdir: Path, workers: int, micro_batch: int, epochs: int) -> dict:
+    from train.batch_plan import BatchPlanner
     from train.config import DataConfig
-    from train.data import BatchPlanner, PackedStage, make_loader
+    from train.data import make_loader
+    from train.packed_stage import PackedStage
     from unicap.contract import packed
 
     cfg = DataConfig(packed=str(packdir), resolution=256, micro_batch=micro_batch, num_workers=workers)
@@ -160,7 +162,8 @@ def peak_rss() -> int:
 def scale_child(packdir: Path, micro_batch: int) -> dict:
     import psutil
 
-    from train.data import BatchPlanner, PackedStage, RankBatchSampler, _file_runs, batch_rows
+    from train.batch_plan import BatchPlanner, RankBatchSampler, batch_rows
+    from train.packed_stage import PackedStage, _file_runs
     from unicap.contract import packed
 
     proc = psutil.Process()

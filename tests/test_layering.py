@@ -157,6 +157,8 @@ def test_no_import_cycles():
         ("unicap.clip", "def f():\n    from pipelines.score import ScoreStage", "layer 2"),
         ("datagen.score_tables", "from pipelines.stages import parse_target", "layer 2"),
         ("train.data", "import pipelines.pack", "through unicap.contract"),
+        ("train.packed_stage", "import pipelines.pack", "through unicap.contract"),
+        ("train.batch_plan", "from pipelines.pack_manifest import manifest_keys", "through unicap.contract"),
         ("unicap.contract.scores", "from unicap.decode import decode_image", "the contract imports only"),
         ("pipelines.score", "from pipelines.demo import main", "command line"),
         ("unicap.engines", "from tests.conftest import free_port", "never import tests"),

@@ -7,6 +7,9 @@ order that is a pure function of (seed, epoch), split over ranks, resumable on a
         batch["captions"]  # list[str], B of them; "" for a dropped caption (classifier-free guidance)
         batch["keys"], batch["g"], batch["epoch"], batch["skipped"], batch["skip_reasons"]
 
+Three modules: the stage's layout and its bucket runs (train/packed_stage.py), the order g -> BatchRef and each
+rank's share of it (train/batch_plan.py), and here the reading of batches (PackedBatches, make_loader).
+
 The order. Epoch e's batch list depends on (seed, e, micro_batch) only, never on the world size:
   - every packed file holds its ok rows in runs, one per bucket (the pack sorts rows by bucket);
     each run is permuted (rng seeded by seed, e, file id, bucket) and cut into chunks of micro_batch
@@ -42,8 +45,6 @@ with a local `data.packed` nothing of this runs (no cache, no copy).
 
 from __future__ import annotations
 
-import functools
-import hashlib
 import io
 import json
 import logging
@@ -51,267 +52,22 @@ import os
 import queue
 import signal
 import threading
-from collections import Counter, OrderedDict, deque
-from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
-from typing import NamedTuple
+from collections import Counter, OrderedDict
 
 import numpy as np
-import pyarrow as pa
-import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import torch
 from PIL import Image
 
+from train.batch_plan import BatchPlanner, BatchRef, RankBatchSampler, batch_rows
 from train.buckets import resize_to_bucket
 from train.captions import CaptionPicker, sample_uniforms
 from train.config import DataConfig
 from train.packed_cache import FetchError, PackedCache, RemoteFile
-from unicap import storage
+from train.packed_stage import PackedStage
 from unicap.contract import packed
 
 log = logging.getLogger(__name__)
-
-
-# ---------------------------------------------------------------- the stage: files and bucket runs
-
-
-def _file_runs(path: Path | str, filesystem=None) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
-    """(bucket, first row, rows) of each run of ok rows in one packed index; None if unreadable."""
-    try:
-        table = pq.read_table(path, columns=packed.RUN_COLUMNS, filesystem=filesystem)
-        b = table.column("bucket").to_numpy()  # (n,) int16
-    except (OSError, ValueError) as e:  # a missing or broken index: the file's rows are skipped
-        log.warning("packed index %s unreadable (%s): its rows are skipped", path, e)
-        return None
-    step = np.diff(b.astype(np.int32))
-    if np.any(step < 0):
-        raise ValueError(f"{path}: rows are not sorted by bucket; re-pack the stage (unicap pack)")
-    starts = np.flatnonzero(np.concatenate([[len(b) > 0], step != 0]))  # (runs,) first row of each run
-    lengths = np.diff(np.append(starts, len(b)))
-    keep = b[starts] >= 0  # failed rows (bucket -1) sort first and are no run
-    return b[starts][keep].astype(np.int16), starts[keep].astype(np.int64), lengths[keep].astype(np.int64)
-
-
-def _cat(arrays: list[np.ndarray], dtype) -> np.ndarray:
-    return np.concatenate(arrays).astype(dtype, copy=False) if arrays else np.zeros(0, dtype)
-
-
-class NotAPackedStage(FileNotFoundError, ValueError):
-    """data.packed names a folder without `_pack.json` (a FileNotFoundError, and a ValueError: bad input)."""
-
-
-class PackedStage:
-    """A packed stage's layout: file list, bucket table, and its bucket runs (one per file x bucket).
-
-    Reads `_pack.json` and each index's int16 `bucket` column once; keeps only the run table.
-    `packdir` may be a URI: then `remote` maps each file name to its RemoteFile (size, mtime) from one listing,
-    `file_bytes` gives each file id's bytes (tar + index), and batches are read through a PackedCache."""
-
-    def __init__(self, packdir: str | Path, threads: int = 8):
-        self.loc = storage.resolve(packdir)
-        self.is_remote = not self.loc.is_local
-        self.remote: dict[str, RemoteFile] = {}
-        if self.is_remote:
-            self.packdir: Path | str = self.loc.uri
-            meta = self._remote_meta()
-        else:
-            self.packdir = Path(packdir)
-            meta_path = self.packdir / packed.PACK_META
-            if not meta_path.exists():
-                raise NotAPackedStage(f"{self.packdir} is not a packed stage (no {packed.PACK_META}): unicap pack")
-            meta = json.loads(meta_path.read_text())
-        self.resolution: int = meta["resolution"]
-        self.buckets: list[tuple[int, int]] = [tuple(b) for b in meta["buckets"]]
-        self.levels: tuple[str, ...] = tuple(meta["levels"])
-        self.languages: tuple[str, ...] = tuple(meta["languages"])
-        self.complete: bool = meta.get("complete", False)
-        self.files: list[str] = list(meta["shards"])  # file id = position here (fixed by the pack)
-        with ThreadPoolExecutor(threads) as pool:  # Parquet reads release the GIL
-            found = list(pool.map(self._runs, self.files))
-        pa.default_memory_pool().release_unused()  # the read buffers: a rank keeps only the run table
-        self.missing: list[str] = [s for s, r in zip(self.files, found, strict=True) if r is None]
-        runs = [(i, r) for i, r in enumerate(found) if r is not None]
-        self.run_file = _cat([np.full(len(r[0]), i, np.int32) for i, r in runs], np.int32)  # (R,) file id
-        self.run_bucket = _cat([r[0] for _, r in runs], np.int16)  # (R,)
-        self.run_start = _cat([r[1] for _, r in runs], np.int64)  # (R,) first row in the file
-        self.run_length = _cat([r[2] for _, r in runs], np.int64)  # (R,) rows
-        self.rows = int(self.run_length.sum())  # ok rows, the samples of one epoch
-        if self.missing:
-            log.warning(
-                "packed stage %s: %d of %d files missing or unreadable, skipped: %s",
-                self.packdir,
-                len(self.missing),
-                len(self.files),
-                self.missing[:10],
-            )
-        if not self.complete:
-            log.warning("packed stage %s is incomplete (the pack job has not finished)", self.packdir)
-
-    def _remote_meta(self) -> dict:
-        """One listing of the stage folder (every file's version) and _pack.json; one-line errors for a missing
-        bucket, refused credentials (storage.check_readable) or a folder that is not a packed stage."""
-        storage.check_readable(self.loc)
-        selector = pafs.FileSelector(self.loc.path, recursive=False, allow_not_found=True)
-        for info in self.loc.fs.get_file_info(selector):
-            if info.type == pafs.FileType.File:
-                name = info.path.rstrip("/").rsplit("/", 1)[-1]
-                self.remote[name] = RemoteFile(name, int(info.size), int(info.mtime_ns or 0))
-        if packed.PACK_META not in self.remote:
-            raise NotAPackedStage(
-                f"{self.loc.uri} is not a packed stage (no {packed.PACK_META}): unicap pack --output {self.loc.uri}"
-            )
-        return self.loc.join(packed.PACK_META).read_json()
-
-    def _runs(self, shard: str) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
-        if not self.is_remote:
-            path = packed.index_path(self.packdir, shard)
-            return _file_runs(path) if path.exists() else None
-        if packed.index_name(shard) not in self.remote:
-            return None
-        return _file_runs(self.loc.join(packed.index_name(shard)).path, filesystem=self.loc.fs)
-
-    @functools.cached_property
-    def file_bytes(self) -> np.ndarray:
-        """(files,) int64 bytes of each file id's tar and index in the remote folder (0 where absent)."""
-        sizes = [sum(self.remote[n].size for n in packed.shard_files(s) if n in self.remote) for s in self.files]
-        return np.asarray(sizes, dtype=np.int64)
-
-    @property
-    def fingerprint(self) -> str:
-        """Identity of the sample set (files, runs): equal fingerprints, equal orders for equal seeds."""
-        h = hashlib.sha256(json.dumps([self.files, self.buckets]).encode())
-        for a in (self.run_file, self.run_bucket, self.run_start, self.run_length):
-            h.update(a.tobytes())
-        return h.hexdigest()[:16]
-
-
-# ---------------------------------------------------------------- the order: g -> BatchRef
-
-
-class BatchRef(NamedTuple):
-    """Everything a worker needs to read global batch g: rows [chunk_start, +count) of the run's
-    permutation (seeded by seed, epoch, file, bucket), offset by the run's first row in the file."""
-
-    g: int
-    epoch: int
-    file: int
-    bucket: int
-    run_start: int  # first row of the run in the file's index
-    run_length: int
-    chunk_start: int  # position of the batch's first row in the run's permutation
-    count: int
-    ahead: tuple[int, ...] = ()  # a remote stage: files of this rank's next batches, for the worker to prefetch
-
-
-class EpochPlan:
-    """Epoch e's batch list: chunk ids permuted by rng(seed, e); a chunk id names (run, chunk in run)."""
-
-    def __init__(self, stage: PackedStage, micro_batch: int, seed: int, epoch: int):
-        chunks = -(-stage.run_length // micro_batch)  # (R,) batches per run
-        self.first_chunk = np.concatenate([[0], np.cumsum(chunks)]).astype(np.int64)  # (R+1,)
-        n = int(self.first_chunk[-1])
-        self.order = np.arange(n, dtype=np.int32 if n < 2**31 else np.int64)  # (N,) 4 bytes per batch
-        np.random.default_rng([seed, epoch, 0x5EED]).shuffle(self.order)
-
-    def __len__(self) -> int:
-        return len(self.order)
-
-    def locate(self, position: int) -> tuple[int, int]:
-        """(run, chunk index within the run) of the batch at `position` of the epoch."""
-        c = int(self.order[position])
-        run = int(np.searchsorted(self.first_chunk, c, side="right")) - 1
-        return run, c - int(self.first_chunk[run])
-
-
-class BatchPlanner:
-    """g -> BatchRef over the infinite stream of epochs; keeps the current epoch's plan only."""
-
-    def __init__(self, stage: PackedStage, micro_batch: int, seed: int):
-        if stage.rows == 0:
-            raise ValueError(f"packed stage {stage.packdir} has no ok rows to train on (see its _pack.json counts)")
-        self.stage, self.micro_batch, self.seed = stage, micro_batch, seed
-        self.batches_per_epoch = int((-(-stage.run_length // micro_batch)).sum())
-        self._plan: EpochPlan | None = None
-        self._epoch: int | None = None
-
-    def plan(self, epoch: int) -> EpochPlan:
-        if epoch != self._epoch:
-            self._plan = None  # free the old plan first: one epoch's plan in memory at a time
-            self._plan, self._epoch = EpochPlan(self.stage, self.micro_batch, self.seed, epoch), epoch
-        return self._plan
-
-    def ref(self, g: int) -> BatchRef:
-        if g < 0:
-            raise ValueError(f"global batch index {g} < 0")
-        epoch, position = divmod(int(g), self.batches_per_epoch)
-        run, chunk = self.plan(epoch).locate(position)
-        s, mb = self.stage, self.micro_batch
-        length = int(s.run_length[run])
-        return BatchRef(
-            g=int(g),
-            epoch=epoch,
-            file=int(s.run_file[run]),
-            bucket=int(s.run_bucket[run]),
-            run_start=int(s.run_start[run]),
-            run_length=length,
-            chunk_start=chunk * mb,
-            count=min(mb, length - chunk * mb),
-        )
-
-
-def batch_rows(ref: BatchRef, seed: int) -> np.ndarray:
-    """The file rows of a batch: (count,) int64, from the run's permutation for (seed, epoch, file, bucket)."""
-    perm = np.random.default_rng([seed, ref.epoch, ref.file, ref.bucket]).permutation(ref.run_length)
-    return ref.run_start + perm[ref.chunk_start : ref.chunk_start + ref.count]
-
-
-class RankBatchSampler(torch.utils.data.Sampler):
-    """This rank's share of the global batch stream: g = start + k * world_size + rank, as BatchRefs.
-
-    Infinite. `start` is the trainer's batches_consumed (global batches, all ranks together).
-    With `ahead` > 0 (a remote stage), each BatchRef also names the distinct files of this rank's next `ahead`
-    batches, as many as fit in `ahead_bytes` (stage.file_bytes): the files its worker prefetches."""
-
-    def __init__(
-        self,
-        stage: PackedStage,
-        micro_batch: int,
-        seed: int,
-        rank: int,
-        world_size: int,
-        start: int = 0,
-        ahead: int = 0,
-        ahead_bytes: int = 0,
-    ):
-        assert 0 <= rank < world_size, f"rank {rank} of world size {world_size}"
-        self.planner = BatchPlanner(stage, micro_batch, seed)
-        self.rank, self.world_size, self.start = rank, world_size, start
-        self.ahead, self.ahead_bytes = ahead, ahead_bytes
-        self.file_bytes = stage.file_bytes if ahead else None
-
-    def __iter__(self):
-        g = self.start + self.rank
-        if not self.ahead:
-            while True:
-                yield self.planner.ref(g)
-                g += self.world_size
-        window = deque(self.planner.ref(g + k * self.world_size) for k in range(self.ahead + 1))  # this, then ahead
-        while True:
-            ref = window.popleft()
-            window.append(self.planner.ref(ref.g + (self.ahead + 1) * self.world_size))
-            yield ref._replace(ahead=self._files_ahead(ref.file, window))
-
-    def _files_ahead(self, current: int, window: deque) -> tuple[int, ...]:
-        files, budget = [], self.ahead_bytes
-        for ref in window:
-            if ref.file == current or ref.file in files:
-                continue
-            budget -= int(self.file_bytes[ref.file])
-            if budget < 0:
-                break
-            files.append(ref.file)
-        return tuple(files)
 
 
 # ---------------------------------------------------------------- reading batches
@@ -587,13 +343,3 @@ def make_loader(cfg: DataConfig, seed: int, rank: int, world_size: int, start: i
         persistent_workers=workers > 0,
         worker_init_fn=_worker_init if workers else None,
     )
-
-
-def check_packed(packdir: str) -> None:
-    """Fail fast, before any rank starts, when `data.packed` (a folder or a URI) is no packed stage: a one-line
-    NotAPackedStage, or a StorageError for a missing bucket or credentials. Reads no index."""
-    loc = storage.resolve(packdir or ".")
-    if not loc.is_local:
-        storage.check_readable(loc)
-    if not packdir or not loc.join(packed.PACK_META).is_file():
-        raise NotAPackedStage(f"data.packed {packdir!r} is not a packed stage (no {packed.PACK_META}): unicap pack")

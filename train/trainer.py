@@ -168,7 +168,8 @@ def grid_cache_coefficients(cfg: TrainConfig, run_dir: Path) -> list[float] | No
 def train(cfg: TrainConfig) -> int:
     import deepspeed
 
-    from train.data import check_packed, make_loader
+    from train.data import make_loader
+    from train.packed_stage import check_packed
 
     device = runtime.resolve_device("auto")
     # auto -> bf16 on CUDA and bf16-native CPUs, else fp32 (emulated bf16 is ~30x slower): config.yaml says which

@@ -17,7 +17,8 @@ from PIL import Image
 
 from datagen.shards import ShardItem, write_shard
 from datagen.synth import synth, synth_item
-from pipelines.pack import manifest_keys, pack_stage, shards_dir_of, split_manifest
+from pipelines.pack import pack_stage
+from pipelines.pack_manifest import manifest_keys, shards_dir_of, split_manifest
 from tests.conftest import snapshot
 from train.buckets import bucket_table
 from unicap import storage
@@ -141,8 +142,10 @@ def test_rerun_writes_nothing_and_a_lost_shard_is_redone(stage, packed_stage):
 
 
 def test_the_loader_serves_every_ok_row_of_the_packed_stage(packed_stage):
+    from train.batch_plan import BatchPlanner
     from train.config import DataConfig
-    from train.data import BatchPlanner, PackedBatches, PackedStage
+    from train.data import PackedBatches
+    from train.packed_stage import PackedStage
 
     out, meta = packed_stage
     stage = PackedStage(out)

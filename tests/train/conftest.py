@@ -1,17 +1,28 @@
-"""Fixtures of the trainer tests: a packed synthetic stage and a runner for real DeepSpeed ranks."""
+"""Fixtures of the trainer tests: a packed synthetic stage (packed by the real Ray job, or written without Ray by
+the pack job's own writer) and a runner for real DeepSpeed ranks."""
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
+import pyarrow as pa
 import pytest
+from PIL import Image
 
+from pipelines.pack import row_schema, write_packed_shard
 from tests.conftest import free_port
+from train.buckets import bucket_table
+from unicap import storage
+from unicap.atomic import write_json
+from unicap.contract import caption as caption_record
+from unicap.contract import packed
 
 PY = sys.executable
 BIN = Path(sys.executable).parent
@@ -22,6 +33,10 @@ CPU_CONFIG = "train/configs/stage1_cpu.yaml"
 FAST = ["model.vae=tiny", "data.resolution=64", "data.micro_batch=2", "data.global_batch=4", "data.num_workers=0"]
 FAST += ["run.sample_prompts=[]", "run.progress=false", "run.tensorboard=false", "run.save_every=1000"]
 N_IMAGES = 24
+# the stage write_stage writes (pipelines.pack's writer, no Ray)
+LEVELS, LANGUAGES = caption_record.LEVELS, caption_record.LANGUAGES
+ROWS = [30, 25, 0, 17, 9]  # per file; file 00002 has only failed rows
+MB = 4
 
 
 @pytest.fixture(scope="session")
@@ -62,6 +77,47 @@ def corrupt_one_image(packed: Path) -> str:
         f.seek(row["offset"])
         f.write(b"\0" * row["size"])
     return row["key"]
+
+
+def _jpeg(size: tuple[int, int], colour: tuple[int, int, int]) -> bytes:
+    buf = io.BytesIO()
+    Image.new("RGB", size, colour).save(buf, format="JPEG", quality=95)
+    return buf.getvalue()
+
+
+def write_stage(root, rows_per_file=ROWS, resolution=64, seed=0):
+    """A packed stage of solid-colour images in 3 buckets, every caption "<column> <key>", and one
+    failed row per file (which the loader must never serve)."""
+    rng = np.random.default_rng(seed)
+    table = bucket_table(resolution)
+    buckets = [0, len(table) // 2, len(table) - 1]
+    shards = [f"{i:05d}" for i in range(len(rows_per_file))]
+    for shard, n in zip(shards, rows_per_file, strict=True):
+        failed = {"key": f"f{shard}_failed", "shard": shard, "bucket": -1, "status": "failed"}
+        rows = [{**failed, "error": "undecodable_image: synthetic"}]
+        for i in range(n):
+            key, b = f"f{shard}_{i:04d}", int(rng.choice(buckets))
+            text = {c: f"{c} {key}" for c in caption_record.caption_columns(LEVELS, LANGUAGES)}
+            colour = tuple(int(v) for v in rng.integers(0, 255, 3))
+            ok = {"key": key, "shard": shard, "bucket": b, "width": table[b][0], "height": table[b][1], "status": "ok"}
+            rows.append({**ok, **text, "original_caption": f"alt {key}", "image": _jpeg(table[b], colour)})
+        shard_rows = pa.Table.from_pylist(rows, schema=row_schema(LEVELS, LANGUAGES))
+        write_packed_shard(storage.resolve(root), shard, shard_rows)
+    bucket_sizes = [list(b) for b in table]
+    meta = {"version": packed.PACKED_VERSION, "resolution": resolution, "multiple": 16, "buckets": bucket_sizes}
+    meta |= {"levels": list(LEVELS), "languages": list(LANGUAGES), "shards": shards, "complete": True}
+    write_json(meta, root / packed.PACK_META)
+    return root
+
+
+def ok_keys(root) -> set[str]:
+    t = packed.read_index(root, columns=["key", "status"]).to_pydict()
+    return {k for k, s in zip(t["key"], t["status"], strict=True) if s == "ok"}
+
+
+@pytest.fixture(scope="module")
+def stage_dir(tmp_path_factory):
+    return write_stage(tmp_path_factory.mktemp("packed"))
 
 
 def env() -> dict:

@@ -1,146 +1,22 @@
-"""The loader over a packed stage: order, coverage per epoch on any world size, resume on another
-world size, caption draws, bad data skipped and counted. The stage is written with the pack job's
-own writer (pipelines.pack.write_packed_shard), without Ray."""
+"""The loader over a packed stage (train.data): batches of one bucket with their captions, two ranks with
+workers covering the epoch, caption draws, bad data skipped and counted. The stage is written with the pack
+job's own writer (pipelines.pack.write_packed_shard; tests/train/conftest.py: write_stage), without Ray."""
 
-import io
 from collections import Counter
 
 import numpy as np
-import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
-from PIL import Image
 
-from pipelines.pack import row_schema, write_packed_shard
-from train.buckets import bucket_table
+from tests.train.conftest import LANGUAGES, LEVELS, MB, ok_keys, write_stage
+from train.batch_plan import BatchPlanner
+from train.captions import CaptionPicker, sample_uniforms
 from train.config import DataConfig
-from train.data import (
-    BatchPlanner,
-    CaptionPicker,
-    PackedBatches,
-    PackedStage,
-    RankBatchSampler,
-    batch_rows,
-    make_loader,
-    sample_uniforms,
-)
-from unicap import storage
-from unicap.atomic import write_json
+from train.data import PackedBatches, make_loader
+from train.packed_stage import PackedStage
 from unicap.contract import caption as caption_record
 from unicap.contract import packed
-
-LEVELS, LANGUAGES = caption_record.LEVELS, caption_record.LANGUAGES
-ROWS = [30, 25, 0, 17, 9]  # per file; file 00002 has only failed rows
-MB = 4
-
-
-def _jpeg(size: tuple[int, int], colour: tuple[int, int, int]) -> bytes:
-    buf = io.BytesIO()
-    Image.new("RGB", size, colour).save(buf, format="JPEG", quality=95)
-    return buf.getvalue()
-
-
-def write_stage(root, rows_per_file=ROWS, resolution=64, seed=0):
-    """A packed stage of solid-colour images in 3 buckets, every caption "<column> <key>", and one
-    failed row per file (which the loader must never serve)."""
-    rng = np.random.default_rng(seed)
-    table = bucket_table(resolution)
-    buckets = [0, len(table) // 2, len(table) - 1]
-    shards = [f"{i:05d}" for i in range(len(rows_per_file))]
-    for shard, n in zip(shards, rows_per_file, strict=True):
-        failed = {"key": f"f{shard}_failed", "shard": shard, "bucket": -1, "status": "failed"}
-        rows = [{**failed, "error": "undecodable_image: synthetic"}]
-        for i in range(n):
-            key, b = f"f{shard}_{i:04d}", int(rng.choice(buckets))
-            text = {c: f"{c} {key}" for c in caption_record.caption_columns(LEVELS, LANGUAGES)}
-            colour = tuple(int(v) for v in rng.integers(0, 255, 3))
-            ok = {"key": key, "shard": shard, "bucket": b, "width": table[b][0], "height": table[b][1], "status": "ok"}
-            rows.append({**ok, **text, "original_caption": f"alt {key}", "image": _jpeg(table[b], colour)})
-        shard_rows = pa.Table.from_pylist(rows, schema=row_schema(LEVELS, LANGUAGES))
-        write_packed_shard(storage.resolve(root), shard, shard_rows)
-    bucket_sizes = [list(b) for b in table]
-    meta = {"version": packed.PACKED_VERSION, "resolution": resolution, "multiple": 16, "buckets": bucket_sizes}
-    meta |= {"levels": list(LEVELS), "languages": list(LANGUAGES), "shards": shards, "complete": True}
-    write_json(meta, root / packed.PACK_META)
-    return root
-
-
-def ok_keys(root) -> set[str]:
-    t = packed.read_index(root, columns=["key", "status"]).to_pydict()
-    return {k for k, s in zip(t["key"], t["status"], strict=True) if s == "ok"}
-
-
-@pytest.fixture(scope="module")
-def stage_dir(tmp_path_factory):
-    return write_stage(tmp_path_factory.mktemp("packed"))
-
-
-def epoch_batches(stage, seed, epoch, mb=MB):
-    planner = BatchPlanner(stage, mb, seed)
-    n = planner.batches_per_epoch
-    return [(r.file, r.bucket, tuple(batch_rows(r, seed))) for r in map(planner.ref, range(epoch * n, (epoch + 1) * n))]
-
-
-def test_stage_runs_are_small_and_cover_the_ok_rows(stage_dir):
-    stage = PackedStage(stage_dir)
-    assert stage.rows == sum(ROWS) and stage.missing == [] and stage.resolution == 64
-    assert len(stage.run_file) <= 3 * len(ROWS) and stage.run_length.min() >= 1
-    assert 2 not in set(stage.run_file)  # the file with failed rows only has no run
-    assert stage.fingerprint == PackedStage(stage_dir).fingerprint
-
-
-def test_epoch_order_is_a_pure_function_of_seed_and_epoch(stage_dir):
-    a, b = PackedStage(stage_dir), PackedStage(stage_dir)
-    e0 = epoch_batches(a, 7, 0)
-    assert e0 == epoch_batches(b, 7, 0)  # another process, the same order
-    assert e0 != epoch_batches(a, 7, 1) and e0 != epoch_batches(a, 8, 0)
-    planner = BatchPlanner(a, MB, 7)
-    n = planner.batches_per_epoch
-    assert n == sum(-(-int(x) // MB) for x in a.run_length)
-    for f, bucket, rows in e0:  # one bucket, one file, at most micro_batch rows per batch
-        t = pq.read_table(packed.index_path(stage_dir, a.files[f]), columns=["bucket", "status"]).to_pydict()
-        assert {t["bucket"][r] for r in rows} == {bucket} and {t["status"][r] for r in rows} == {"ok"}
-        assert 1 <= len(rows) <= MB
-
-
-@pytest.mark.parametrize("world_size", [1, 2, 3])
-def test_every_ok_sample_is_seen_once_per_epoch(stage_dir, world_size):
-    stage = PackedStage(stage_dir)
-    n = BatchPlanner(stage, MB, 0).batches_per_epoch
-    for epoch in (0, 1):
-        seen = Counter()
-        for rank in range(world_size):
-            sampler = RankBatchSampler(stage, MB, 0, rank, world_size, start=epoch * n)
-            for ref in sampler:
-                if ref.g >= (epoch + 1) * n:
-                    break
-                assert (ref.g - epoch * n) % world_size == rank and ref.epoch == epoch
-                seen.update((ref.file, int(r)) for r in batch_rows(ref, 0))
-        assert len(seen) == sum(ROWS) and set(seen.values()) == {1}
-
-
-@pytest.mark.parametrize("fraction", [0.2, 0.5, 0.9])
-def test_resume_on_another_world_size_sees_each_sample_once(stage_dir, fraction):
-    """W=2 trains until `consumed` global batches (a multiple of W: the trainer saves at step ends),
-    then W=3 resumes from there; the epoch is covered exactly once, as the uninterrupted run covers it."""
-    stage = PackedStage(stage_dir)
-    n = BatchPlanner(stage, MB, 0).batches_per_epoch
-    consumed = 2 * int(fraction * n / 2)
-    seen, gs = Counter(), []
-    for world, start, stop in ((2, 0, consumed), (3, consumed, n)):
-        for rank in range(world):
-            for ref in RankBatchSampler(stage, MB, 0, rank, world, start=start):
-                if ref.g >= stop:
-                    break
-                gs.append(ref.g)
-                seen.update((ref.file, int(r)) for r in batch_rows(ref, 0))
-    assert sorted(gs) == list(range(n))
-    assert len(seen) == sum(ROWS) and set(seen.values()) == {1}
-    uninterrupted = Counter()
-    for ref in map(BatchPlanner(stage, MB, 0).ref, range(n)):
-        uninterrupted.update((ref.file, int(r)) for r in batch_rows(ref, 0))
-    assert uninterrupted == seen
 
 
 def test_a_batch_holds_one_bucket_of_images_and_their_captions(stage_dir):
@@ -226,14 +102,6 @@ def test_bad_data_is_skipped_and_counted(tmp_path, caplog):
     assert not {bad["key"], last["key"]} & served and len(served) == 10
     assert all(k.startswith("f00000") for k in served)
     assert any("00001.tar" in r.message for r in caplog.records)
-
-
-def test_missing_metadata_and_an_empty_stage_are_clear_errors(tmp_path):
-    with pytest.raises(FileNotFoundError, match="unicap pack"):
-        PackedStage(tmp_path)
-    root = write_stage(tmp_path / "empty", rows_per_file=[0])
-    with pytest.raises(ValueError, match="no ok rows"):
-        BatchPlanner(PackedStage(root), MB, 0)
 
 
 def test_grouped_levels_give_a_micro_batch_one_column_and_each_sample_its_odds(stage_dir):

@@ -11,11 +11,13 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 import torch
 
-from tests.train.test_data import MB, ok_keys, write_stage
+from tests.train.conftest import MB, ok_keys, write_stage
 from train import packed_cache
+from train.batch_plan import BatchPlanner
 from train.config import DataConfig
-from train.data import BatchPlanner, NotAPackedStage, PackedStage, check_packed, make_loader
+from train.data import make_loader
 from train.packed_cache import folder_bytes
+from train.packed_stage import NotAPackedStage, PackedStage, check_packed
 from unicap import storage
 from unicap.contract import packed
 from unicap.storage_errors import StorageError

@@ -1,6 +1,6 @@
 """The packed training shard: a stage's images resized to its buckets, with the captions it trains on.
 
-Written by `pipelines.pack` (one pair per input image shard), read by `train.data`:
+Written by `pipelines.pack` (one pair per input image shard), read by `train.packed_stage` and `train.data`:
 
     PACKDIR/{shard}.tar      members {key}.jpg (RGB, resized and centre-cropped to the row's bucket,
                              JPEG quality 95) and {key}.json (the row's captions, for the loader)

@@ -69,8 +69,9 @@ def test_a_captioner_run_folder_in_a_missing_bucket_is_refused_in_one_line(s3, c
 
 
 def test_a_base_model_only_another_machine_holds_is_refused_in_one_line():
+    from train.captioner.checkpoint import TrainingError
     from train.captioner.config import load
-    from train.captioner.trainer import TrainingError, resume_base
+    from train.captioner.trainer import resume_base
 
     cfg = load("train/configs/captioner_tiny.yaml", ["model.init=/elsewhere/qwen2-vl-2b"])
     assert resume_base("Qwen/Qwen2-VL-2B-Instruct", cfg) == "Qwen/Qwen2-VL-2B-Instruct"  # a hub id as it is
