@@ -14,10 +14,13 @@ UNICAP = str(Path(sys.executable).with_name("unicap"))
 
 def test_help_lists_every_subcommand_and_each_has_help():
     out = subprocess.run([UNICAP, "--help"], capture_output=True, text=True, check=True).stdout
-    for name in COMMANDS:
-        assert name in out
-        sub = subprocess.run([UNICAP, name, "--help"], capture_output=True, text=True)
-        assert sub.returncode == 0 and "usage: unicap " + name in sub.stdout, sub.stderr
+    assert all(name in out for name in COMMANDS), out
+    # every subcommand's --help at once (each is its own Python start-up): the same checks, in half the wall time
+    pipes = {"stdout": subprocess.PIPE, "stderr": subprocess.PIPE, "text": True}
+    helps = {name: subprocess.Popen([UNICAP, name, "--help"], **pipes) for name in COMMANDS}
+    for name, proc in helps.items():
+        stdout, stderr = proc.communicate(timeout=300)
+        assert proc.returncode == 0 and "usage: unicap " + name in stdout, (name, stderr)
 
 
 def test_synth_then_validate_from_the_command_line(tmp_path):
