@@ -63,9 +63,10 @@ lint: $(STAMP)
 
 # PYTEST_WORKERS=N: N pytest-xdist workers, a test file each at a time (its module fixtures built once), the longest
 # files first (tests/conftest.py LONGEST_FIRST; --no-loadscope-reorder keeps that order instead of files by test count).
-# `make test` (CI) runs one process: on 2 cores the whole suite is CPU-bound (a fresh clone on 2 workers, 2026-12-07:
-# 647 passed in 1796 s, 49 CPU-minutes in 32.5 wall-minutes; one process: 1867 s). `make test-fast` runs 2 workers:
-# its short tests wait more than they compute (586 tests, 3 interleaved rounds: 1.22x, 1.16-1.42, 187-205 s).
+# `make test` (CI) runs one process: its end-to-end tests each size their processes to the whole machine (2 ranks,
+# 2 Ray CPUs), so two workers over-subscribe 2 cores (fresh clones, 2026-12-07: one process 1880 s of pytest and 34
+# CPU-minutes in 34 wall-minutes; 2 workers 1796 s and 49 CPU-minutes in 32.5). `make test-fast` runs 2 workers: its
+# short tests wait more than they compute (586 tests, 3 interleaved rounds: 1.22x, 1.16-1.42, 187-205 s).
 test: PYTEST_WORKERS ?= 0
 test-fast: PYTEST_WORKERS ?= 2
 PYTEST_PAR = $(if $(filter 0,$(PYTEST_WORKERS)),,-n $(PYTEST_WORKERS) --dist loadfile --no-loadscope-reorder)
